@@ -1,0 +1,372 @@
+//! Configuration, loaded in layers with figment: built-in defaults, then an optional TOML
+//! file, then `TESSERA_`-prefixed environment variables (`__` separates nested keys, e.g.
+//! `TESSERA_DATABASE__URL`), then validated once at start. One struct serves every service
+//! and the all-in-one process; each service reads only the sections it needs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with the `TESSERA_` prefix that are not configuration keys
+/// (they steer the test suite) and are therefore ignored by the loader.
+const NON_CONFIG_ENV: &[&str] = &["test_database_url", "test_redis_url", "require_backends"];
+
+/// The whole configuration. Every field has a default suitable for `tessera up`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on (`TESSERA_GRPC_ADDR`).
+    pub grpc_addr: SocketAddr,
+    /// Address the HTTP gateway listens on (`TESSERA_HTTP_ADDR`).
+    pub http_addr: SocketAddr,
+    /// Directory for the embedded SQLite files (`TESSERA_DATA_DIR`).
+    pub data_dir: PathBuf,
+    /// API key to install as the bootstrap admin key of the `default` tenant
+    /// (`TESSERA_BOOTSTRAP_ADMIN_KEY`). When unset, `tessera up` generates one on first start.
+    pub bootstrap_admin_key: Option<String>,
+    /// Seconds between health flipping to NOT_SERVING and the listeners closing on shutdown,
+    /// so load balancers stop routing before connections are refused.
+    pub shutdown_drain_secs: u64,
+    pub database: DatabaseConfig,
+    pub cache: CacheConfig,
+    pub telemetry: TelemetryConfig,
+    pub peers: PeersConfig,
+    pub outbox: OutboxConfig,
+    pub idempotency: IdempotencyConfig,
+    pub gateway: GatewayConfig,
+}
+
+/// Where a service keeps its tables.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://…` for production. Unset: one SQLite file per service under `data_dir`.
+    pub url: Option<String>,
+    /// PostgreSQL only: each service keeps its tables in the schema
+    /// `<schema_prefix><service>` (e.g. `wallet`), so services sharing one database never
+    /// see each other's tables.
+    pub schema_prefix: String,
+    /// Connection pool size per service.
+    pub max_connections: u32,
+    /// Seconds to keep retrying the first connection before giving up.
+    pub connect_timeout_secs: u64,
+}
+
+/// The segment cache.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// `redis://host:port/db`. Unset: the in-process cache (embedded default).
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key, so several deployments (or tests) can share one Redis.
+    pub key_prefix: String,
+    /// Seconds a cached segment membership lives.
+    pub ttl_secs: u64,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, for a terminal.
+    Pretty,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Logs and traces.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    /// `tracing` env-filter directive, e.g. `info,tessera_wallet=debug`. `RUST_LOG` wins when set.
+    pub log_filter: String,
+    /// OTLP/gRPC collector endpoint, e.g. `http://otel-collector:4317`. Unset: no export
+    /// (trace ids are still generated and propagated).
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Where the other services are. In the all-in-one process they all point at `grpc_addr`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeersConfig {
+    pub catalog_url: String,
+    pub eligibility_url: String,
+    pub wallet_url: String,
+    pub scheduler_url: String,
+    pub notification_url: String,
+    /// Deadline of every service-to-service call, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// The transactional outbox relay.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Milliseconds between polls when no commit has woken the relay.
+    pub poll_interval_ms: u64,
+    /// Events delivered per batch.
+    pub batch_size: u32,
+    /// Seconds a relay owns a claimed batch; after that another relay may take it over.
+    pub lease_secs: u64,
+}
+
+/// Idempotency keys.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// Seconds an in-flight request owns its key; after that (the owner died) a retry may run.
+    pub in_flight_lease_secs: u64,
+}
+
+/// The HTTP gateway.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Largest accepted request body, in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Per-request timeout, in milliseconds.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./tessera-data"),
+            bootstrap_admin_key: None,
+            shutdown_drain_secs: 0,
+            database: DatabaseConfig::default(),
+            cache: CacheConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            peers: PeersConfig::default(),
+            outbox: OutboxConfig::default(),
+            idempotency: IdempotencyConfig::default(),
+            gateway: GatewayConfig::default(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            schema_prefix: String::new(),
+            max_connections: 10,
+            connect_timeout_secs: 30,
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            key_prefix: "tessera".into(),
+            ttl_secs: 3600,
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Pretty,
+            log_filter: "info".into(),
+            otlp_endpoint: None,
+        }
+    }
+}
+
+impl Default for PeersConfig {
+    fn default() -> Self {
+        let local = "http://127.0.0.1:50051".to_string();
+        Self {
+            catalog_url: local.clone(),
+            eligibility_url: local.clone(),
+            wallet_url: local.clone(),
+            scheduler_url: local.clone(),
+            notification_url: local,
+            timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 500,
+            batch_size: 100,
+            lease_secs: 30,
+        }
+    }
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            in_flight_lease_secs: 30,
+        }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A configuration that failed to load or validate.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: `{field}` {problem}")]
+    Invalid { field: &'static str, problem: String },
+}
+
+impl Config {
+    /// Defaults → optional TOML file → `TESSERA_*` environment, validated.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(
+            Env::prefixed("TESSERA_")
+                .split("__")
+                .filter(|key| !NON_CONFIG_ENV.contains(&key.as_str())),
+        );
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that cannot be expressed in the types.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, problem: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                problem: problem.to_string(),
+            })
+        };
+        if let Some(url) = &self.database.url
+            && !(url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.starts_with("sqlite:"))
+        {
+            return invalid(
+                "database.url",
+                "must start with postgres://, postgresql:// or sqlite:",
+            );
+        }
+        if !self
+            .database
+            .schema_prefix
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return invalid(
+                "database.schema_prefix",
+                "may contain only a-z, 0-9 and _",
+            );
+        }
+        if self.database.max_connections == 0 {
+            return invalid("database.max_connections", "must be at least 1");
+        }
+        if let Some(url) = &self.cache.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return invalid("cache.redis_url", "must start with redis:// or rediss://");
+        }
+        if self.cache.key_prefix.is_empty() {
+            return invalid("cache.key_prefix", "must not be empty");
+        }
+        if self.outbox.batch_size == 0 || self.outbox.batch_size > 1000 {
+            return invalid("outbox.batch_size", "must be within 1..=1000");
+        }
+        if self.outbox.poll_interval_ms == 0 {
+            return invalid("outbox.poll_interval_ms", "must be at least 1");
+        }
+        if self.gateway.max_body_bytes < 1024 {
+            return invalid("gateway.max_body_bytes", "must be at least 1024");
+        }
+        if let Some(key) = &self.bootstrap_admin_key
+            && key.len() < 24
+        {
+            return invalid("bootstrap_admin_key", "must be at least 24 characters");
+        }
+        for (field, url) in [
+            ("peers.catalog_url", &self.peers.catalog_url),
+            ("peers.eligibility_url", &self.peers.eligibility_url),
+            ("peers.wallet_url", &self.peers.wallet_url),
+            ("peers.scheduler_url", &self.peers.scheduler_url),
+            ("peers.notification_url", &self.peers.notification_url),
+        ] {
+            if url.parse::<http::Uri>().map(|u| u.host().is_none()).unwrap_or(true) {
+                return invalid(field, "must be an absolute URL such as http://wallet:50051");
+            }
+        }
+        Ok(())
+    }
+
+    /// Points every peer URL at one local gRPC address (the all-in-one process).
+    pub fn with_all_peers_at(mut self, addr: SocketAddr) -> Self {
+        let url = format!("http://{addr}");
+        self.peers.catalog_url = url.clone();
+        self.peers.eligibility_url = url.clone();
+        self.peers.wallet_url = url.clone();
+        self.peers.scheduler_url = url.clone();
+        self.peers.notification_url = url;
+        self
+    }
+
+    /// Deadline for service-to-service calls.
+    pub fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.peers.timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn env_overrides_nested_keys_and_ignores_test_switches() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TESSERA_DATABASE__MAX_CONNECTIONS", "3");
+            jail.set_env("TESSERA_GRPC_ADDR", "0.0.0.0:6000");
+            jail.set_env("TESSERA_TEST_DATABASE_URL", "postgres://x");
+            let config = Config::load(None).expect("loads");
+            assert_eq!(config.database.max_connections, 3);
+            assert_eq!(config.grpc_addr.port(), 6000);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected_with_the_field() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("t.toml", "[database]\nurll = \"x\"\n")?;
+            let err = Config::load(Some(Path::new("t.toml"))).unwrap_err();
+            assert!(err.to_string().contains("urll"), "{err}");
+            jail.create_file("u.toml", "[database]\nurl = \"mysql://x\"\n")?;
+            let err = Config::load(Some(Path::new("u.toml"))).unwrap_err();
+            assert!(err.to_string().contains("database.url"), "{err}");
+            Ok(())
+        });
+    }
+}

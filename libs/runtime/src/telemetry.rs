@@ -1,0 +1,240 @@
+//! Logs and traces for every service, set up once per process by [`init`] (or
+//! [`init_for_tests`], which records spans in memory). A tracer provider is always installed,
+//! so every request gets a trace id that is logged and propagated; spans are exported over
+//! OTLP only when an endpoint is configured. W3C trace context crosses process boundaries in
+//! gRPC metadata ([`inject_metadata`], [`server_span`]) and HTTP headers ([`extract_headers`]).
+
+use std::sync::OnceLock;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::{LogFormat, TelemetryConfig};
+
+/// Flushes and shuts the tracer provider down when dropped (end of `main`).
+#[must_use = "dropping the guard shuts telemetry down"]
+pub struct TelemetryGuard {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Err(err) = self.provider.force_flush() {
+            eprintln!("telemetry: flush failed: {err}");
+        }
+        if let Err(err) = self.provider.shutdown() {
+            eprintln!("telemetry: shutdown failed: {err}");
+        }
+    }
+}
+
+fn resource(service: &str) -> opentelemetry_sdk::Resource {
+    opentelemetry_sdk::Resource::builder()
+        .with_service_name(service.to_string())
+        .build()
+}
+
+/// Installs the global subscriber: env filter, fmt (pretty or JSON) and the OpenTelemetry
+/// layer. `service` becomes the `service.name` resource attribute.
+pub fn init(config: &TelemetryConfig, service: &str) -> anyhow::Result<TelemetryGuard> {
+    let mut builder = SdkTracerProvider::builder().with_resource(resource(service));
+    if let Some(endpoint) = &config.otlp_endpoint {
+        use opentelemetry_otlp::WithExportConfig;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .build()?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    let tracer = provider.tracer("tessera");
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log_filter))?;
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    match config.log_format {
+        LogFormat::Pretty => registry
+            .with(tracing_subscriber::fmt::layer().compact())
+            .try_init()?,
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true),
+            )
+            .try_init()?,
+    }
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    Ok(TelemetryGuard { provider })
+}
+
+/// Test mode: installs (once per process) a subscriber whose spans are exported
+/// synchronously to an in-memory exporter, and returns that exporter. Logs go to the test
+/// writer at the level `RUST_LOG` asks for (default: warnings).
+#[cfg(feature = "testing")]
+pub fn init_for_tests() -> opentelemetry_sdk::trace::InMemorySpanExporter {
+    static EXPORTER: OnceLock<opentelemetry_sdk::trace::InMemorySpanExporter> = OnceLock::new();
+    EXPORTER
+        .get_or_init(|| {
+            let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+            let provider = SdkTracerProvider::builder()
+                .with_resource(resource("tessera-tests"))
+                .with_simple_exporter(exporter.clone())
+                .build();
+            let tracer = provider.tracer("tessera");
+            let filter = EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("warn,tessera=info"));
+            // The OTel layer sees every span (its own filter), logs are filtered separately.
+            let otel = tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+            let fmt = tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(filter);
+            use tracing_subscriber::Layer as _;
+            let _ = tracing_subscriber::registry().with(otel).with(fmt).try_init();
+            // Keep the provider alive for the whole process.
+            std::mem::forget(provider);
+            exporter
+        })
+        .clone()
+}
+
+fn propagator() -> &'static TraceContextPropagator {
+    static PROPAGATOR: OnceLock<TraceContextPropagator> = OnceLock::new();
+    PROPAGATOR.get_or_init(TraceContextPropagator::new)
+}
+
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+/// Writes the current span's trace context into outgoing gRPC metadata.
+pub fn inject_metadata(metadata: &mut MetadataMap) {
+    let cx = tracing::Span::current().context();
+    propagator().inject_context(&cx, &mut MetadataInjector(metadata));
+}
+
+/// Writes the current span's trace context into HTTP headers (responses, webhooks).
+pub fn inject_headers(headers: &mut http::HeaderMap) {
+    let cx = tracing::Span::current().context();
+    propagator().inject_context(&cx, &mut HeaderInjector(headers));
+}
+
+/// Reads a W3C trace context from HTTP headers (gRPC metadata travels as HTTP/2 headers).
+pub fn extract_headers(headers: &http::HeaderMap) -> opentelemetry::Context {
+    propagator().extract(&HeaderExtractor(headers))
+}
+
+/// The current span's context as a `traceparent` value, for storing with an outbox event.
+pub fn current_traceparent() -> String {
+    let mut headers = http::HeaderMap::new();
+    inject_headers(&mut headers);
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Makes `span` a child of the context in a stored `traceparent` (empty: left as is).
+pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: &str) {
+    if traceparent.is_empty() {
+        return;
+    }
+    let mut headers = http::HeaderMap::new();
+    if let Ok(value) = http::HeaderValue::from_str(traceparent) {
+        headers.insert("traceparent", value);
+    }
+    set_remote_parent(span, extract_headers(&headers));
+}
+
+/// Sets a remote parent, ignoring contexts without a valid span (no incoming trace).
+pub fn set_remote_parent(span: &tracing::Span, cx: opentelemetry::Context) {
+    if cx.span().span_context().is_valid() {
+        // Fails only when the span is disabled, in which case there is nothing to link.
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// The trace id of the current span, hex encoded, for logs and response headers.
+pub fn current_trace_id() -> String {
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    if sc.is_valid() {
+        sc.trace_id().to_string()
+    } else {
+        String::new()
+    }
+}
+
+/// The span for one incoming gRPC request (used as tonic's `trace_fn`): named after the
+/// method, parented to the caller's trace context.
+pub fn server_span(request: &http::Request<()>) -> tracing::Span {
+    let path = request.uri().path().trim_start_matches('/');
+    let (service, method) = path.split_once('/').unwrap_or((path, ""));
+    let span = tracing::info_span!(
+        "grpc.server",
+        otel.name = %path,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+    );
+    set_remote_parent(&span, extract_headers(request.headers()));
+    span
+}
+
+/// A tonic interceptor that adds the current trace context to every outgoing call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PropagateContext;
+
+impl tonic::service::Interceptor for PropagateContext {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        inject_metadata(request.metadata_mut());
+        Ok(request)
+    }
+}

@@ -1,0 +1,216 @@
+//! One database handle for both backends. Each service keeps its tables apart: on SQLite in
+//! its own file (`<data_dir>/<service>.db`), on PostgreSQL in its own schema
+//! (`<schema_prefix><service>`), so no service can read another's tables by accident.
+
+use std::time::{Duration, Instant};
+
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbErr,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+};
+use tessera_runtime::{Code, Config, Error};
+
+/// Which engine is behind a [`Db`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A service's database: a pooled connection plus what the backend needs to know.
+#[derive(Debug, Clone)]
+pub struct Db {
+    conn: DatabaseConnection,
+    backend: Backend,
+    /// PostgreSQL schema holding this service's tables.
+    schema: Option<String>,
+    /// URL without the schema, for maintenance connections.
+    url: String,
+}
+
+/// Microseconds since the Unix epoch, UTC: how every timestamp is stored.
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Maps a database error to the API error: lock conflicts and serialization failures are
+/// retryable (`ABORTED`), a lost connection is `UNAVAILABLE`, the rest is internal.
+#[track_caller]
+pub fn db_error(err: DbErr) -> Error {
+    let text = err.to_string();
+    if text.contains("could not serialize")
+        || text.contains("deadlock detected")
+        || text.contains("database is locked")
+        || text.contains("SQLITE_BUSY")
+    {
+        tracing::warn!(error = %text, "database conflict");
+        return Error::new(Code::Aborted, "concurrent update, retry");
+    }
+    if matches!(err, DbErr::ConnectionAcquire(_) | DbErr::Conn(_)) {
+        return Error::unavailable(text);
+    }
+    Error::internal(text)
+}
+
+impl Db {
+    /// Connects the service `service` according to `config.database`, retrying until
+    /// `connect_timeout_secs` has passed (the database may start after us).
+    pub async fn connect(config: &Config, service: &str) -> anyhow::Result<Self> {
+        let (url, backend) = match &config.database.url {
+            Some(url) if url.starts_with("sqlite:") => (url.clone(), Backend::Sqlite),
+            Some(url) => (url.clone(), Backend::Postgres),
+            None => {
+                std::fs::create_dir_all(&config.data_dir)?;
+                let path = config.data_dir.join(format!("{service}.db"));
+                (
+                    format!("sqlite://{}?mode=rwc", path.display()),
+                    Backend::Sqlite,
+                )
+            }
+        };
+        let schema = (backend == Backend::Postgres)
+            .then(|| format!("{}{}", config.database.schema_prefix, service.replace('-', "_")));
+        let deadline = Instant::now() + Duration::from_secs(config.database.connect_timeout_secs);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match Self::try_connect(&url, backend, schema.as_deref(), config).await {
+                Ok(conn) => {
+                    tracing::info!(service, ?backend, schema = ?schema, "database connected");
+                    return Ok(Self {
+                        conn,
+                        backend,
+                        schema,
+                        url,
+                    });
+                }
+                Err(err) if Instant::now() < deadline => {
+                    tracing::warn!(service, error = %err, ?delay, "database not reachable, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
+    async fn try_connect(
+        url: &str,
+        backend: Backend,
+        schema: Option<&str>,
+        config: &Config,
+    ) -> Result<DatabaseConnection, DbErr> {
+        if let Some(schema) = schema {
+            // The schema must exist before connections select it.
+            let admin = Database::connect(Self::options(url, 1)).await?;
+            let created = admin
+                .execute_unprepared(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+                .await;
+            // Two processes creating the same schema at once: the loser sees a unique
+            // violation, and the schema exists, which is all we need.
+            if let Err(e) = created
+                && !e.to_string().contains("duplicate key")
+            {
+                return Err(e);
+            }
+            admin.close().await?;
+        }
+        let mut options = Self::options(url, config.database.max_connections);
+        match backend {
+            Backend::Postgres => {
+                if let Some(schema) = schema {
+                    options.set_schema_search_path(schema.to_string());
+                }
+            }
+            Backend::Sqlite => {
+                options.map_sqlx_sqlite_opts(|o| {
+                    use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+                    o.journal_mode(SqliteJournalMode::Wal)
+                        .synchronous(SqliteSynchronous::Normal)
+                        .busy_timeout(Duration::from_secs(30))
+                        .foreign_keys(true)
+                });
+            }
+        }
+        Database::connect(options).await
+    }
+
+    fn options(url: &str, max_connections: u32) -> ConnectOptions {
+        let mut options = ConnectOptions::new(url.to_string());
+        options
+            .max_connections(max_connections)
+            .min_connections(0)
+            .connect_timeout(Duration::from_secs(5))
+            .acquire_timeout(Duration::from_secs(30))
+            .sqlx_logging(false);
+        options
+    }
+
+    /// The pooled connection.
+    pub fn conn(&self) -> &DatabaseConnection {
+        &self.conn
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// PostgreSQL schema of this service (None on SQLite).
+    pub fn schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
+
+    /// A transaction that will write. On SQLite it takes the write lock at BEGIN
+    /// (`BEGIN IMMEDIATE`), so two writers never deadlock upgrading a read lock.
+    pub async fn begin_write(&self) -> Result<DatabaseTransaction, Error> {
+        let options = TransactionOptions {
+            sqlite_transaction_mode: (self.backend == Backend::Sqlite)
+                .then_some(SqliteTransactionMode::Immediate),
+            ..Default::default()
+        };
+        self.conn.begin_with_options(options).await.map_err(db_error)
+    }
+
+    /// Cheap round trip, for readiness checks.
+    pub async fn ping(&self) -> Result<(), Error> {
+        self.conn.ping().await.map_err(db_error)
+    }
+
+    /// A single-connection handle to the same database and schema, for work that must stay
+    /// on one session (advisory locks around migrations).
+    pub(crate) async fn single_session(&self) -> Result<DatabaseConnection, DbErr> {
+        let mut options = Self::options(&self.url, 1);
+        if let Some(schema) = &self.schema {
+            options.set_schema_search_path(schema.clone());
+        }
+        Database::connect(options).await
+    }
+
+    /// Positional placeholder `n` (1-based) in this backend's SQL dialect. Both backends
+    /// accept `$n`; kept as a function so call sites stay dialect-neutral.
+    pub fn placeholders(from: usize, count: usize) -> String {
+        (from..from + count)
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Drops this service's PostgreSQL schema and everything in it (tests).
+    pub async fn drop_schema(&self) -> Result<(), DbErr> {
+        if let Some(schema) = &self.schema {
+            self.conn
+                .execute_unprepared(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A raw statement for whatever backend `conn` is. SQL uses `$1, $2, …` placeholders, which
+/// both SQLite and PostgreSQL accept.
+pub fn stmt<C: ConnectionTrait>(
+    conn: &C,
+    sql: &str,
+    values: impl IntoIterator<Item = sea_orm::Value>,
+) -> sea_orm::Statement {
+    sea_orm::Statement::from_sql_and_values(conn.get_database_backend(), sql, values)
+}

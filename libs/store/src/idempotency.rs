@@ -1,0 +1,381 @@
+//! Idempotency keys for every mutating RPC, with the semantics of the IETF
+//! `Idempotency-Key` draft:
+//!
+//! * same key, same request → the stored response (or the stored error, when the first
+//!   attempt failed for a reason that replaying cannot change);
+//! * same key, different request → `FAILED_PRECONDITION`, reason `IDEMPOTENCY_KEY_REUSED`;
+//! * same key while the first request is still running → `ABORTED`, reason
+//!   `IDEMPOTENCY_KEY_IN_FLIGHT`.
+//!
+//! A request claims its key in a short committed write (so a concurrent duplicate sees it),
+//! then does its work and records the response in the *same* transaction as the work, so the
+//! stored response exists exactly when the effects do. A claim is a lease: if its owner dies,
+//! a retry after `in_flight_lease_secs` takes the key over, and the dead owner's late commit
+//! is refused by the fencing check on `owner`.
+
+use std::time::Duration;
+
+use prost::Message;
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
+use sha2::{Digest, Sha256};
+use tessera_runtime::{Code, Error, RequestContext};
+
+use crate::db::{Db, db_error, now_micros, stmt};
+
+const IN_FLIGHT: &str = "in_flight";
+const DONE: &str = "done";
+
+/// Checks the shape of a key: 1..=255 visible ASCII characters.
+pub fn validate_key(key: &str) -> Result<(), Error> {
+    if key.is_empty() {
+        return Err(Error::invalid_field("idempotency_key", "is required"));
+    }
+    if key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::invalid_field(
+            "idempotency_key",
+            "must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    Ok(())
+}
+
+/// A key this request owns until it completes or fails.
+#[derive(Debug)]
+pub struct Claim {
+    tenant_id: String,
+    scope: String,
+    key: String,
+    owner: String,
+}
+
+/// What claiming a key found.
+#[derive(Debug)]
+pub enum Begin<R> {
+    /// The key is new (or its previous owner died): do the work.
+    Fresh(Claim),
+    /// The key was used for this same request before: return this.
+    Replay(Result<R, Error>),
+}
+
+fn fingerprint(scope: &str, request: &impl Message) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(scope.as_bytes());
+    hasher.update([0]);
+    hasher.update(request.encode_to_vec());
+    hex::encode(hasher.finalize())
+}
+
+/// Encodes a stored error: code name, reason and violations as a small JSON document.
+fn encode_error(err: &Error) -> Vec<u8> {
+    serde_json::json!({
+        "code": err.code.as_str(),
+        "message": err.message,
+        "reason": err.reason,
+        "violations": err.field_violations,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn decode_error(code: i32, bytes: &[u8]) -> Error {
+    let value: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+    let status = tonic::Status::new(tonic::Code::from(code), "");
+    let mut err = Error::new(
+        Code::from_grpc(status.code()),
+        value["message"].as_str().unwrap_or_default(),
+    );
+    err.reason = value["reason"].as_str().map(str::to_owned);
+    if let Some(violations) = value["violations"].as_array() {
+        err.field_violations = violations
+            .iter()
+            .map(|v| {
+                tessera_runtime::FieldViolation::new(
+                    v["field"].as_str().unwrap_or_default(),
+                    v["description"].as_str().unwrap_or_default(),
+                )
+            })
+            .collect();
+    }
+    err
+}
+
+/// Idempotency for one service's database.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    db: Db,
+    lease: Duration,
+}
+
+impl Idempotency {
+    pub fn new(db: Db, lease: Duration) -> Self {
+        Self { db, lease }
+    }
+
+    /// Claims `key` for `request` under `scope` (the RPC name).
+    pub async fn begin<R: Message + Default>(
+        &self,
+        ctx: &RequestContext,
+        scope: &str,
+        key: &str,
+        request: &impl Message,
+    ) -> Result<Begin<R>, Error> {
+        validate_key(key)?;
+        let fingerprint = fingerprint(scope, request);
+        let owner = uuid::Uuid::new_v4().to_string();
+        let now = now_micros();
+        let lease_until = now + i64::try_from(self.lease.as_micros()).unwrap_or(i64::MAX);
+        let conn = self.db.conn();
+        let inserted = conn
+            .execute_raw(stmt(
+                conn,
+                "INSERT INTO idempotency_keys \
+                 (tenant_id, scope, key, fingerprint, state, owner, locked_until, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (tenant_id, scope, key) DO NOTHING",
+                [
+                    ctx.tenant_id.clone().into(),
+                    scope.into(),
+                    key.into(),
+                    fingerprint.clone().into(),
+                    IN_FLIGHT.into(),
+                    owner.clone().into(),
+                    lease_until.into(),
+                    now.into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        let claim = Claim {
+            tenant_id: ctx.tenant_id.clone(),
+            scope: scope.to_string(),
+            key: key.to_string(),
+            owner,
+        };
+        if inserted.rows_affected() == 1 {
+            return Ok(Begin::Fresh(claim));
+        }
+        let row = conn
+            .query_one_raw(stmt(
+                conn,
+                "SELECT fingerprint, state, locked_until, response_code, response \
+                 FROM idempotency_keys WHERE tenant_id = $1 AND scope = $2 AND key = $3",
+                [ctx.tenant_id.clone().into(), scope.into(), key.into()],
+            ))
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Error::new(Code::Aborted, "idempotency key changed, retry"))?;
+        let stored: String = row.try_get_by_index(0).map_err(db_error)?;
+        let state: String = row.try_get_by_index(1).map_err(db_error)?;
+        let locked_until: i64 = row.try_get_by_index(2).map_err(db_error)?;
+        if stored != fingerprint {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                "idempotency key was already used with a different request",
+            )
+            .with_reason("IDEMPOTENCY_KEY_REUSED"));
+        }
+        if state == DONE {
+            let code: Option<i32> = row.try_get_by_index(3).map_err(db_error)?;
+            let body: Option<Vec<u8>> = row.try_get_by_index(4).map_err(db_error)?;
+            let body = body.unwrap_or_default();
+            return Ok(Begin::Replay(match code.unwrap_or(0) {
+                0 => R::decode(body.as_slice()).map_err(Error::internal),
+                code => Err(decode_error(code, &body)),
+            }));
+        }
+        if locked_until > now {
+            return Err(Error::new(
+                Code::Aborted,
+                "a request with this idempotency key is in flight, retry later",
+            )
+            .with_reason("IDEMPOTENCY_KEY_IN_FLIGHT"));
+        }
+        // The owner's lease ran out (it died): take the key over, fenced on the old owner.
+        let taken = conn
+            .execute_raw(stmt(
+                conn,
+                "UPDATE idempotency_keys SET owner = $1, locked_until = $2 \
+                 WHERE tenant_id = $3 AND scope = $4 AND key = $5 AND state = $6 \
+                 AND locked_until = $7",
+                [
+                    claim.owner.clone().into(),
+                    lease_until.into(),
+                    ctx.tenant_id.clone().into(),
+                    scope.into(),
+                    key.into(),
+                    IN_FLIGHT.into(),
+                    locked_until.into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        if taken.rows_affected() == 1 {
+            Ok(Begin::Fresh(claim))
+        } else {
+            Err(Error::new(
+                Code::Aborted,
+                "a request with this idempotency key is in flight, retry later",
+            )
+            .with_reason("IDEMPOTENCY_KEY_IN_FLIGHT"))
+        }
+    }
+
+    /// Records the response inside the work's transaction. Fails (and the caller must roll
+    /// back) if this claim lost its lease to a retry.
+    pub async fn complete<R: Message>(
+        &self,
+        txn: &DatabaseTransaction,
+        claim: &Claim,
+        response: &R,
+    ) -> Result<(), Error> {
+        self.finish(txn, claim, 0, response.encode_to_vec()).await
+    }
+
+    async fn finish<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        claim: &Claim,
+        code: i32,
+        body: Vec<u8>,
+    ) -> Result<(), Error> {
+        let done = conn
+            .execute_raw(stmt(
+                conn,
+                "UPDATE idempotency_keys SET state = $1, response_code = $2, response = $3 \
+                 WHERE tenant_id = $4 AND scope = $5 AND key = $6 AND owner = $7 AND state = $8",
+                [
+                    DONE.into(),
+                    code.into(),
+                    body.into(),
+                    claim.tenant_id.clone().into(),
+                    claim.scope.clone().into(),
+                    claim.key.clone().into(),
+                    claim.owner.clone().into(),
+                    IN_FLIGHT.into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(Error::new(
+                Code::Aborted,
+                "idempotency lease lost to a retry of the same request",
+            ))
+        }
+    }
+
+    /// The work failed. A deterministic error is stored (a replay gets the same answer); a
+    /// transient one releases the key so the client can retry.
+    pub async fn fail(&self, claim: &Claim, err: &Error) {
+        let result = if err.is_deterministic() {
+            self.finish(
+                self.db.conn(),
+                claim,
+                err.code.grpc() as i32,
+                encode_error(err),
+            )
+            .await
+        } else {
+            let conn = self.db.conn();
+            conn.execute_raw(stmt(
+                conn,
+                "DELETE FROM idempotency_keys \
+                 WHERE tenant_id = $1 AND scope = $2 AND key = $3 AND owner = $4",
+                [
+                    claim.tenant_id.clone().into(),
+                    claim.scope.clone().into(),
+                    claim.key.clone().into(),
+                    claim.owner.clone().into(),
+                ],
+            ))
+            .await
+            .map(|_| ())
+            .map_err(db_error)
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, key = %claim.key, "could not settle idempotency key");
+        }
+    }
+
+    /// Runs `work` at most once per (tenant, scope, key): claims the key, runs `work` in a
+    /// write transaction, stores its response in that transaction and commits.
+    pub async fn run<Req, R, F>(
+        &self,
+        ctx: &RequestContext,
+        scope: &str,
+        key: &str,
+        request: &Req,
+        work: F,
+    ) -> Result<R, Error>
+    where
+        Req: Message,
+        R: Message + Default,
+        F: for<'t> FnOnce(&'t DatabaseTransaction) -> futures::future::BoxFuture<'t, Result<R, Error>>,
+    {
+        let claim = match self.begin::<R>(ctx, scope, key, request).await? {
+            Begin::Replay(result) => return result,
+            Begin::Fresh(claim) => claim,
+        };
+        let outcome = self.run_claimed(&claim, work).await;
+        if let Err(err) = &outcome {
+            self.fail(&claim, err).await;
+        }
+        outcome
+    }
+
+    async fn run_claimed<R, F>(&self, claim: &Claim, work: F) -> Result<R, Error>
+    where
+        R: Message + Default,
+        F: for<'t> FnOnce(&'t DatabaseTransaction) -> futures::future::BoxFuture<'t, Result<R, Error>>,
+    {
+        let txn = self.db.begin_write().await?;
+        let response = match work(&txn).await {
+            Ok(response) => response,
+            Err(err) => {
+                txn.rollback().await.map_err(db_error)?;
+                return Err(err);
+            }
+        };
+        self.complete(&txn, claim, &response).await?;
+        txn.commit().await.map_err(db_error)?;
+        Ok(response)
+    }
+
+    /// Deletes settled keys older than `age` (they can no longer be replayed). Returns how
+    /// many were removed.
+    pub async fn purge_older_than(&self, age: Duration) -> Result<u64, Error> {
+        let cutoff = now_micros() - i64::try_from(age.as_micros()).unwrap_or(i64::MAX);
+        let conn = self.db.conn();
+        let result = conn
+            .execute_raw(stmt(
+                conn,
+                "DELETE FROM idempotency_keys WHERE state = $1 AND created_at < $2",
+                [DONE.into(), cutoff.into()],
+            ))
+            .await
+            .map_err(db_error)?;
+        Ok(result.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_validated() {
+        assert!(validate_key("order-123").is_ok());
+        assert_eq!(validate_key("").unwrap_err().field_violations[0].field, "idempotency_key");
+        assert!(validate_key("has space").is_err());
+        assert!(validate_key(&"k".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn stored_errors_round_trip() {
+        let err = Error::invalid_field("amount", "must be positive").with_reason("R");
+        let back = decode_error(err.code.grpc() as i32, &encode_error(&err));
+        assert_eq!(back, err);
+    }
+}

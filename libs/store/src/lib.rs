@@ -1,0 +1,11 @@
+//! Storage plumbing shared by the services: one connection type for SQLite and PostgreSQL
+//! chosen by URL ([`db`]), migrations run at start ([`migrate`]), idempotency keys
+//! ([`idempotency`]) and the transactional outbox with its relay ([`outbox`]). Tables that
+//! belong to a domain live in the service that owns them.
+
+pub mod db;
+pub mod idempotency;
+pub mod migrate;
+pub mod outbox;
+
+pub use db::{Backend, Db, db_error, now_micros, stmt};

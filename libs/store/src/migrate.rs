@@ -1,0 +1,195 @@
+//! Migrations. Each service declares its own list (the plumbing tables from [`plumbing`]
+//! first, then its domain tables) as [`Migration`]s built with sea-query's schema builder,
+//! so one definition produces correct DDL for SQLite and PostgreSQL. [`run`] applies them at
+//! start and from `tessera migrate`; on PostgreSQL it holds an advisory lock so replicas
+//! starting together migrate once.
+
+use sea_orm::ConnectionTrait;
+use sea_orm_migration::sea_query::{
+    Alias, ColumnDef, Index, IndexCreateStatement, Table, TableCreateStatement,
+};
+use sea_orm_migration::{MigrationName, MigrationTrait, MigratorTrait, SchemaManager};
+
+use crate::db::{Backend, Db};
+
+/// One migration: tables and indexes created in order, each `IF NOT EXISTS`.
+pub struct Migration {
+    pub name: &'static str,
+    pub tables: fn() -> Vec<TableCreateStatement>,
+    pub indexes: fn() -> Vec<IndexCreateStatement>,
+}
+
+impl MigrationName for Migration {
+    fn name(&self) -> &str {
+        self.name
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), sea_orm::DbErr> {
+        for table in (self.tables)() {
+            manager.create_table(table).await?;
+        }
+        for index in (self.indexes)() {
+            manager.create_index(index).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Column helpers, so table definitions read like DDL.
+pub mod col {
+    use super::{Alias, ColumnDef};
+
+    pub fn text(name: &str) -> ColumnDef {
+        ColumnDef::new(Alias::new(name)).text().not_null().to_owned()
+    }
+    pub fn text_null(name: &str) -> ColumnDef {
+        ColumnDef::new(Alias::new(name)).text().null().to_owned()
+    }
+    pub fn big(name: &str) -> ColumnDef {
+        ColumnDef::new(Alias::new(name)).big_integer().not_null().to_owned()
+    }
+    pub fn big_null(name: &str) -> ColumnDef {
+        ColumnDef::new(Alias::new(name)).big_integer().null().to_owned()
+    }
+    pub fn int(name: &str) -> ColumnDef {
+        ColumnDef::new(Alias::new(name)).integer().not_null().to_owned()
+    }
+    pub fn int_null(name: &str) -> ColumnDef {
+        ColumnDef::new(Alias::new(name)).integer().null().to_owned()
+    }
+    pub fn blob_null(name: &str) -> ColumnDef {
+        ColumnDef::new(Alias::new(name)).blob().null().to_owned()
+    }
+    pub fn blob(name: &str) -> ColumnDef {
+        ColumnDef::new(Alias::new(name)).blob().not_null().to_owned()
+    }
+    /// Auto-increment 64-bit primary key.
+    pub fn serial(name: &str) -> ColumnDef {
+        ColumnDef::new(Alias::new(name))
+            .big_integer()
+            .not_null()
+            .auto_increment()
+            .primary_key()
+            .to_owned()
+    }
+}
+
+/// `CREATE TABLE IF NOT EXISTS name (columns…, PRIMARY KEY (pk…))`; an empty `pk` means a
+/// column carries its own primary key.
+pub fn table(name: &str, columns: Vec<ColumnDef>, pk: &[&str]) -> TableCreateStatement {
+    let mut t = Table::create();
+    t.table(Alias::new(name)).if_not_exists();
+    for mut c in columns {
+        t.col(&mut c);
+    }
+    if !pk.is_empty() {
+        let mut index = Index::create();
+        for c in pk {
+            index.col(Alias::new(*c));
+        }
+        t.primary_key(&mut index);
+    }
+    t.to_owned()
+}
+
+/// `CREATE [UNIQUE] INDEX IF NOT EXISTS name ON table (columns…)`.
+pub fn index(name: &str, table: &str, columns: &[&str], unique: bool) -> IndexCreateStatement {
+    let mut i = Index::create();
+    i.name(name).table(Alias::new(table)).if_not_exists();
+    for c in columns {
+        i.col(Alias::new(*c));
+    }
+    if unique {
+        i.unique();
+    }
+    i.to_owned()
+}
+
+/// The plumbing tables every service has: idempotency keys and the outbox.
+pub fn plumbing() -> Vec<Box<dyn MigrationTrait>> {
+    vec![
+        Box::new(Migration {
+            name: "m0001_idempotency_keys",
+            tables: || {
+                vec![table(
+                    "idempotency_keys",
+                    vec![
+                        col::text("tenant_id"),
+                        col::text("scope"),
+                        col::text("key"),
+                        col::text("fingerprint"),
+                        col::text("state"),
+                        col::text("owner"),
+                        col::big("locked_until"),
+                        col::int_null("response_code"),
+                        col::blob_null("response"),
+                        col::big("created_at"),
+                    ],
+                    &["tenant_id", "scope", "key"],
+                )]
+            },
+            indexes: || vec![index("idempotency_keys_created", "idempotency_keys", &["created_at"], false)],
+        }),
+        Box::new(Migration {
+            name: "m0002_outbox",
+            tables: || {
+                vec![table(
+                    "outbox",
+                    vec![
+                        col::serial("id"),
+                        col::text("event_id"),
+                        col::text("tenant_id"),
+                        col::text("event_type"),
+                        col::blob("payload"),
+                        col::text("traceparent"),
+                        col::big("occurred_at"),
+                        col::int("attempts"),
+                        col::big("next_attempt_at"),
+                        col::big_null("lease_until"),
+                        col::text_null("lease_owner"),
+                        col::big_null("delivered_at"),
+                        col::text_null("last_error"),
+                    ],
+                    &[],
+                )]
+            },
+            indexes: || {
+                vec![
+                    index("outbox_event_id", "outbox", &["event_id"], true),
+                    index("outbox_pending", "outbox", &["delivered_at", "next_attempt_at"], false),
+                ]
+            },
+        }),
+    ]
+}
+
+/// Applies the pending migrations of `M`. On PostgreSQL, serialised across processes with an
+/// advisory lock keyed by the schema.
+pub async fn run<M: MigratorTrait>(db: &Db) -> anyhow::Result<()> {
+    match db.backend() {
+        Backend::Sqlite => M::up(db.conn(), None).await?,
+        Backend::Postgres => {
+            let session = db.single_session().await?;
+            let key = db.schema().unwrap_or("public").to_string();
+            let lock = sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT pg_advisory_lock(hashtext($1))",
+                [key.clone().into()],
+            );
+            session.execute_raw(lock).await?;
+            let result = M::up(&session, None).await;
+            let unlock = sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT pg_advisory_unlock(hashtext($1))",
+                [key.into()],
+            );
+            session.execute_raw(unlock).await?;
+            session.close().await?;
+            result?;
+        }
+    }
+    Ok(())
+}

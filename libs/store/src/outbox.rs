@@ -1,0 +1,368 @@
+//! The transactional outbox. A service writes its events with [`enqueue`] inside the same
+//! transaction as the change they describe, so an event exists exactly when the change does.
+//! The [`Relay`] then delivers them to notification's intake RPC and marks them sent.
+//!
+//! Delivery is at least once: a relay claims a batch under a lease (with
+//! `FOR UPDATE SKIP LOCKED` on PostgreSQL, so replicas share the work), publishes it, and
+//! marks it delivered. If the process dies in between, the lease runs out and the batch is
+//! delivered again; notification de-duplicates by event id. Failed deliveries are retried
+//! with exponential backoff. Each event carries the `traceparent` of the request that
+//! caused it, and its delivery span is that request's child, so one trace covers the request
+//! and the event's arrival.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use sea_orm::{ConnectionTrait, Value};
+use tessera_proto::notification::v1 as pb;
+use tessera_proto::notification::v1::notification_service_client::NotificationServiceClient;
+use tessera_runtime::config::OutboxConfig;
+use tessera_runtime::grpc::Channel;
+use tessera_runtime::{Error, RequestContext, telemetry};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::db::{Backend, Db, db_error, now_micros, stmt};
+
+/// An event stored in the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEvent {
+    pub id: i64,
+    pub event_id: String,
+    pub tenant_id: String,
+    pub event_type: String,
+    pub payload: Vec<u8>,
+    pub traceparent: String,
+    pub occurred_at: i64,
+    /// Delivery attempts so far, this one included.
+    pub attempts: i32,
+}
+
+/// Writes an event in the caller's transaction. Returns the event id.
+pub async fn enqueue<C: ConnectionTrait>(
+    txn: &C,
+    tenant_id: &str,
+    event_type: &str,
+    data: &serde_json::Value,
+) -> Result<String, Error> {
+    let event_id = uuid::Uuid::now_v7().to_string();
+    let now = now_micros();
+    txn.execute_raw(stmt(
+        txn,
+        "INSERT INTO outbox (event_id, tenant_id, event_type, payload, traceparent, \
+         occurred_at, attempts, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, 0, $7)",
+        [
+            event_id.clone().into(),
+            tenant_id.into(),
+            event_type.into(),
+            serde_json::to_vec(data).map_err(Error::internal)?.into(),
+            telemetry::current_traceparent().into(),
+            now.into(),
+            now.into(),
+        ],
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(event_id)
+}
+
+/// Where the relay sends events.
+#[async_trait::async_trait]
+pub trait Publisher: Send + Sync {
+    /// Publishes events that all belong to one tenant and one originating request.
+    async fn publish(&self, source: &str, events: &[OutboxEvent]) -> Result<(), Error>;
+}
+
+/// Publishes to the notification service's `PublishEvents` RPC.
+#[derive(Debug, Clone)]
+pub struct NotificationPublisher {
+    client: NotificationServiceClient<Channel>,
+}
+
+impl NotificationPublisher {
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            client: NotificationServiceClient::new(channel),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Publisher for NotificationPublisher {
+    async fn publish(&self, source: &str, events: &[OutboxEvent]) -> Result<(), Error> {
+        let Some(first) = events.first() else {
+            return Ok(());
+        };
+        let ctx = RequestContext::system(first.tenant_id.clone(), source);
+        let request = pb::PublishEventsRequest {
+            events: events
+                .iter()
+                .map(|e| pb::Event {
+                    id: e.event_id.clone(),
+                    tenant_id: e.tenant_id.clone(),
+                    r#type: e.event_type.clone(),
+                    source: source.to_string(),
+                    occurred_at: Some(micros_to_timestamp(e.occurred_at)),
+                    data: e.payload.clone(),
+                    traceparent: e.traceparent.clone(),
+                })
+                .collect(),
+        };
+        self.client
+            .clone()
+            .publish_events(ctx.request(request))
+            .await
+            .map(|_| ())
+            .map_err(|s| Error::from_status(&s))
+    }
+}
+
+/// Microseconds since the epoch → protobuf timestamp.
+pub fn micros_to_timestamp(micros: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1_000).unwrap_or(0),
+    }
+}
+
+/// Delivers a service's outbox.
+#[derive(Clone)]
+pub struct Relay {
+    db: Db,
+    source: &'static str,
+    publisher: Arc<dyn Publisher>,
+    config: OutboxConfig,
+    wake: Arc<Notify>,
+    owner: String,
+}
+
+/// Backoff after `attempts` failed deliveries: 1 s, 2 s, 4 s … capped at 5 minutes.
+fn backoff(attempts: i32) -> Duration {
+    let exp = u32::try_from(attempts.clamp(1, 10) - 1).unwrap_or(0);
+    Duration::from_secs(1u64 << exp).min(Duration::from_secs(300))
+}
+
+impl Relay {
+    pub fn new(
+        db: Db,
+        source: &'static str,
+        publisher: Arc<dyn Publisher>,
+        config: OutboxConfig,
+    ) -> Self {
+        Self {
+            db,
+            source,
+            publisher,
+            config,
+            wake: Arc::new(Notify::new()),
+            owner: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+
+    /// Handle to wake the relay right after a commit, instead of waiting for the next poll.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Delivers until `shutdown`; the batch in hand is finished first.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let poll = Duration::from_millis(self.config.poll_interval_ms);
+        loop {
+            let delivered = match self.run_once().await {
+                Ok(n) => n,
+                Err(err) => {
+                    tracing::warn!(source = self.source, error = %err, "outbox relay pass failed");
+                    0
+                }
+            };
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if delivered < self.config.batch_size as usize {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = self.wake.notified() => {},
+                    () = tokio::time::sleep(poll) => {},
+                }
+            }
+        }
+        tracing::info!(source = self.source, "outbox relay stopped");
+    }
+
+    /// One pass: claim a batch, publish it, settle it. Returns how many were delivered.
+    pub async fn run_once(&self) -> Result<usize, Error> {
+        let batch = self.claim().await?;
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        // Group by tenant and originating request so each delivery is a child of its trace.
+        let mut groups: Vec<Vec<OutboxEvent>> = Vec::new();
+        for event in batch {
+            match groups.last_mut() {
+                Some(g) if g[0].tenant_id == event.tenant_id && g[0].traceparent == event.traceparent => {
+                    g.push(event);
+                }
+                _ => groups.push(vec![event]),
+            }
+        }
+        let results: Vec<(Vec<OutboxEvent>, Result<(), Error>)> = futures::stream::iter(groups)
+            .map(|group| async move {
+                let span = tracing::info_span!(
+                    "outbox.publish",
+                    otel.kind = "producer",
+                    source = self.source,
+                    tenant = %group[0].tenant_id,
+                    events = group.len(),
+                );
+                telemetry::set_parent_from_traceparent(&span, &group[0].traceparent);
+                let result = self
+                    .publisher
+                    .publish(self.source, &group)
+                    .instrument(span)
+                    .await;
+                (group, result)
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        let mut delivered = Vec::new();
+        for (group, result) in results {
+            match result {
+                Ok(()) => delivered.extend(group.iter().map(|e| e.id)),
+                Err(err) => {
+                    tracing::warn!(source = self.source, error = %err, events = group.len(), "outbox delivery failed, will retry");
+                    self.retry_later(&group, &err.to_string()).await?;
+                }
+            }
+        }
+        self.mark_delivered(&delivered).await?;
+        Ok(delivered.len())
+    }
+
+    async fn claim(&self) -> Result<Vec<OutboxEvent>, Error> {
+        let now = now_micros();
+        let lease_until =
+            now + i64::try_from(Duration::from_secs(self.config.lease_secs).as_micros()).unwrap_or(i64::MAX);
+        let lock = match self.db.backend() {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE outbox SET lease_owner = $1, lease_until = $2, attempts = attempts + 1 \
+             WHERE id IN (SELECT id FROM outbox WHERE delivered_at IS NULL \
+             AND next_attempt_at <= $3 AND (lease_until IS NULL OR lease_until < $3) \
+             ORDER BY id LIMIT $4{lock}) \
+             RETURNING id, event_id, tenant_id, event_type, payload, traceparent, occurred_at, attempts"
+        );
+        let txn = self.db.begin_write().await?;
+        let rows = txn
+            .query_all_raw(stmt(
+                &txn,
+                &sql,
+                [
+                    self.owner.clone().into(),
+                    lease_until.into(),
+                    now.into(),
+                    i64::from(self.config.batch_size).into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)?;
+        let mut events = rows
+            .iter()
+            .map(|row| {
+                Ok(OutboxEvent {
+                    id: row.try_get_by_index(0)?,
+                    event_id: row.try_get_by_index(1)?,
+                    tenant_id: row.try_get_by_index(2)?,
+                    event_type: row.try_get_by_index(3)?,
+                    payload: row.try_get_by_index(4)?,
+                    traceparent: row.try_get_by_index(5)?,
+                    occurred_at: row.try_get_by_index(6)?,
+                    attempts: row.try_get_by_index(7)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sea_orm::DbErr>>()
+            .map_err(db_error)?;
+        events.sort_by_key(|e| e.id);
+        Ok(events)
+    }
+
+    async fn mark_delivered(&self, ids: &[i64]) -> Result<(), Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let conn = self.db.conn();
+        let sql = format!(
+            "UPDATE outbox SET delivered_at = $1, lease_until = NULL, last_error = NULL \
+             WHERE lease_owner = $2 AND id IN ({})",
+            Db::placeholders(3, ids.len())
+        );
+        let mut values: Vec<Value> = vec![now_micros().into(), self.owner.clone().into()];
+        values.extend(ids.iter().map(|id| Value::from(*id)));
+        conn.execute_raw(stmt(conn, &sql, values))
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn retry_later(&self, group: &[OutboxEvent], error: &str) -> Result<(), Error> {
+        let conn = self.db.conn();
+        let sql = format!(
+            "UPDATE outbox SET lease_until = NULL, lease_owner = NULL, last_error = $1, \
+             next_attempt_at = $2 WHERE lease_owner = $3 AND id IN ({})",
+            Db::placeholders(4, group.len())
+        );
+        let attempts = group.iter().map(|e| e.attempts).max().unwrap_or(1);
+        let delay = i64::try_from(backoff(attempts).as_micros()).unwrap_or(i64::MAX);
+        let mut values: Vec<Value> = vec![
+            error.chars().take(500).collect::<String>().into(),
+            (now_micros() + delay).into(),
+            self.owner.clone().into(),
+        ];
+        values.extend(group.iter().map(|e| Value::from(e.id)));
+        conn.execute_raw(stmt(conn, &sql, values))
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Events not yet delivered (for metrics and tests).
+    pub async fn pending(&self) -> Result<i64, Error> {
+        let conn = self.db.conn();
+        let row = conn
+            .query_one_raw(stmt(
+                conn,
+                "SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL",
+                [],
+            ))
+            .await
+            .map_err(db_error)?;
+        row.map(|r| r.try_get_by_index::<i64>(0))
+            .transpose()
+            .map_err(db_error)
+            .map(Option::unwrap_or_default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(3), Duration::from_secs(4));
+        assert_eq!(backoff(50), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn timestamps_convert_exactly() {
+        let ts = micros_to_timestamp(1_700_000_000_123_456);
+        assert_eq!(ts.seconds, 1_700_000_000);
+        assert_eq!(ts.nanos, 123_456_000);
+    }
+}
