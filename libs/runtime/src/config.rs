@@ -243,7 +243,11 @@ impl Config {
         figment = figment.merge(
             Env::prefixed("TESSERA_")
                 .split("__")
-                .filter(|key| !NON_CONFIG_ENV.contains(&key.as_str())),
+                .filter(|key| {
+                    !NON_CONFIG_ENV
+                        .iter()
+                        .any(|k| key.as_str().eq_ignore_ascii_case(k))
+                }),
         );
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;

@@ -1,4 +1,5 @@
-//! Serving and calling gRPC. [`serve`] runs a set of routes with the standard health service
+//! Serving and calling gRPC. [`serve`] (normally reached through
+//! [`crate::component::serve`]) runs a set of routes with the standard health service
 //! (one entry per registered service, flipped to NOT_SERVING on shutdown) and reflection (v1
 //! and v1alpha), a server span per request parented to the caller's trace, and graceful
 //! shutdown. [`channel`] opens a lazily connecting client channel that propagates the trace
@@ -13,6 +14,8 @@ use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Endpoint, Server};
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::HealthReporter;
 
 use crate::telemetry::{PropagateContext, server_span};
 
@@ -37,14 +40,17 @@ pub fn channel(url: &str, timeout: Duration) -> anyhow::Result<Channel> {
 /// qualified gRPC service names reported on the health service (the overall "" entry is
 /// added). On shutdown every entry flips to NOT_SERVING, the server waits `drain`, then
 /// stops accepting and lets in-flight calls finish.
-pub async fn serve(
+pub async fn serve<H>(
     listener: TcpListener,
     routes: Routes,
+    (reporter, health_service): (HealthReporter, HealthServer<H>),
     health_names: Vec<String>,
     drain: Duration,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let (reporter, health_service) = tonic_health::server::health_reporter();
+) -> anyhow::Result<()>
+where
+    H: tonic_health::pb::health_server::Health,
+{
     reporter.set_service_status("", ServingStatus::Serving).await;
     for name in &health_names {
         reporter

@@ -1,9 +1,10 @@
 //! Runtime plumbing every Tessera service shares, so each service crate holds only its domain:
 //! configuration ([`config`]), telemetry and W3C trace propagation ([`telemetry`]), the error
 //! model mapped to gRPC and HTTP ([`error`]), the tenant/principal request context
-//! ([`context`]), graceful shutdown ([`shutdown`]) and the gRPC server with health and
-//! reflection ([`grpc`]).
+//! ([`context`]), graceful shutdown ([`shutdown`]), the gRPC server with health and
+//! reflection ([`grpc`]) and the unit a service hands to it ([`component`]).
 
+pub mod component;
 pub mod config;
 pub mod context;
 pub mod error;

@@ -214,3 +214,24 @@ pub fn stmt<C: ConnectionTrait>(
 ) -> sea_orm::Statement {
     sea_orm::Statement::from_sql_and_values(conn.get_database_backend(), sql, values)
 }
+
+impl Db {
+    /// Connects the service and applies its migrations `M`: what every service does at start.
+    pub async fn open<M: sea_orm_migration::MigratorTrait>(
+        config: &Config,
+        service: &str,
+    ) -> anyhow::Result<Self> {
+        let db = Self::connect(config, service).await?;
+        crate::migrate::run::<M>(&db).await?;
+        Ok(db)
+    }
+
+    /// A readiness probe that pings this database.
+    pub fn probe(&self) -> tessera_runtime::component::Probe {
+        let db = self.clone();
+        std::sync::Arc::new(move || {
+            let db = db.clone();
+            Box::pin(async move { db.ping().await.map_err(|e| e.to_string()) })
+        })
+    }
+}

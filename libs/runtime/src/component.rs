@@ -1,0 +1,160 @@
+//! A service as the runtime sees it: the gRPC services it registers, the names it reports on
+//! the health service, background tasks (outbox relay, jobs) and readiness probes (database,
+//! cache). The same [`Component`] runs alone on its own listener (production: one Deployment
+//! per service) or merged with the others on one server (`tessera up`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::service::RoutesBuilder;
+
+/// A readiness probe: `Err` carries what is not ready.
+pub type Probe = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+type Register = Box<dyn FnOnce(&mut RoutesBuilder) + Send>;
+
+/// One service, ready to serve.
+pub struct Component {
+    /// Short name (`wallet`), used in logs.
+    pub name: &'static str,
+    /// Fully qualified gRPC service names reported on the health service.
+    pub health_names: Vec<String>,
+    register: Vec<Register>,
+    tasks: Vec<JoinHandle<()>>,
+    probes: Vec<Probe>,
+}
+
+impl Component {
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            health_names: Vec::new(),
+            register: Vec::new(),
+            tasks: Vec::new(),
+            probes: Vec::new(),
+        }
+    }
+
+    /// Adds a gRPC service; `health_name` is its fully qualified name.
+    pub fn grpc(
+        mut self,
+        health_name: &str,
+        register: impl FnOnce(&mut RoutesBuilder) + Send + 'static,
+    ) -> Self {
+        self.health_names.push(health_name.to_string());
+        self.register.push(Box::new(register));
+        self
+    }
+
+    /// Adds a background task, already spawned; it must stop when the shutdown token fires.
+    pub fn task(mut self, handle: JoinHandle<()>) -> Self {
+        self.tasks.push(handle);
+        self
+    }
+
+    /// Adds a readiness probe.
+    pub fn probe(mut self, probe: Probe) -> Self {
+        self.probes.push(probe);
+        self
+    }
+}
+
+/// Serves `components` on one listener until `shutdown`, then waits for their tasks.
+/// Probes run every `probe_interval`; a failing probe flips the component's health entries
+/// to NOT_SERVING until it passes again.
+pub async fn serve(
+    listener: TcpListener,
+    components: Vec<Component>,
+    drain: Duration,
+    probe_interval: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut routes = RoutesBuilder::default();
+    let mut tasks = Vec::new();
+    let mut checks = Vec::new();
+    let mut names = Vec::new();
+    for component in components {
+        for register in component.register {
+            register(&mut routes);
+        }
+        tasks.extend(component.tasks);
+        if !component.probes.is_empty() {
+            checks.push((component.name, component.health_names.clone(), component.probes));
+        }
+        names.extend(component.health_names);
+    }
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let prober = {
+        let reporter = reporter.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(probe_interval) => {},
+                }
+                for (component, names, probes) in &checks {
+                    let mut problem = None;
+                    for probe in probes {
+                        if let Err(e) = probe().await {
+                            problem = Some(e);
+                            break;
+                        }
+                    }
+                    if shutdown.is_cancelled() {
+                        break;
+                    }
+                    let status = if let Some(problem) = &problem {
+                        tracing::warn!(component, %problem, "not ready");
+                        tonic_health::ServingStatus::NotServing
+                    } else {
+                        tonic_health::ServingStatus::Serving
+                    };
+                    for name in names {
+                        reporter.set_service_status(name.as_str(), status).await;
+                    }
+                }
+            }
+        })
+    };
+    let result = crate::grpc::serve(
+        listener,
+        routes.routes(),
+        (reporter, health_service),
+        names,
+        drain,
+        shutdown,
+    )
+    .await;
+    prober.abort();
+    for task in tasks {
+        if let Err(err) = task.await {
+            tracing::error!(%err, "background task failed");
+        }
+    }
+    result
+}
+
+/// Serves one component alone (its own Deployment), with the drain time from `config`.
+pub async fn serve_one(
+    config: &crate::Config,
+    listener: TcpListener,
+    component: Component,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    serve(
+        listener,
+        vec![component],
+        Duration::from_secs(config.shutdown_drain_secs),
+        PROBE_INTERVAL,
+        shutdown,
+    )
+    .await
+}
+
+/// How often readiness probes run.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);

@@ -1,0 +1,198 @@
+//! Event intake and the event log.
+
+use sea_orm::ConnectionTrait;
+use tessera_proto::common::v1::PageResponse;
+use tessera_proto::notification::v1::{self as pb, notification_service_server::NotificationService};
+use tessera_runtime::context::context_of;
+use tessera_runtime::error::Violations;
+use tessera_runtime::{Code, Error};
+use tessera_store::outbox::micros_to_timestamp;
+use tessera_store::{Db, db_error, now_micros, stmt};
+use tonic::{Request, Response, Status};
+
+/// Most events accepted in one `PublishEvents` call.
+const MAX_BATCH: usize = 1000;
+
+pub struct Notification {
+    pub db: Db,
+}
+
+/// Event types: dot-separated lower-case words, e.g. `points.credited`.
+fn valid_event_type(t: &str) -> bool {
+    t.len() <= 100
+        && t.contains('.')
+        && t.split('.').all(|part| {
+            !part.is_empty() && part.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        })
+}
+
+fn validate(tenant: &str, request: &pb::PublishEventsRequest) -> Result<(), Error> {
+    let mut v = Violations::new();
+    if request.events.is_empty() {
+        v.add("events", "must contain at least one event");
+    }
+    if request.events.len() > MAX_BATCH {
+        v.add("events", format!("must contain at most {MAX_BATCH} events"));
+    }
+    for (i, e) in request.events.iter().enumerate() {
+        if uuid::Uuid::parse_str(&e.id).is_err() {
+            v.add(format!("events[{i}].id"), "must be a UUID");
+        }
+        if e.tenant_id != tenant {
+            v.add(format!("events[{i}].tenant_id"), "must be the caller's tenant");
+        }
+        if !valid_event_type(&e.r#type) {
+            v.add(format!("events[{i}].type"), "must be dot-separated lower-case words, e.g. points.credited");
+        }
+        if e.source.is_empty() || e.source.len() > 64 {
+            v.add(format!("events[{i}].source"), "must be 1 to 64 characters");
+        }
+        if e.occurred_at.is_none() {
+            v.add(format!("events[{i}].occurred_at"), "is required");
+        }
+        if serde_json::from_slice::<serde_json::Value>(&e.data).is_err() {
+            v.add(format!("events[{i}].data"), "must be a JSON document");
+        }
+    }
+    v.finish()
+}
+
+fn timestamp_micros(ts: Option<&prost_types::Timestamp>) -> i64 {
+    ts.map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000)
+}
+
+#[tonic::async_trait]
+impl NotificationService for Notification {
+    async fn publish_events(
+        &self,
+        request: Request<pb::PublishEventsRequest>,
+    ) -> Result<Response<pb::PublishEventsResponse>, Status> {
+        let ctx = context_of(&request)?;
+        if ctx.role != "system" {
+            return Err(Error::new(Code::PermissionDenied, "only services may publish events").into());
+        }
+        let request = request.into_inner();
+        validate(&ctx.tenant_id, &request)?;
+        let received_at = now_micros();
+        let txn = self.db.begin_write().await?;
+        let mut accepted = 0u32;
+        for e in &request.events {
+            let result = txn
+                .execute_raw(stmt(
+                    &txn,
+                    "INSERT INTO events (tenant_id, event_id, event_type, source, occurred_at, \
+                     received_at, data, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                     ON CONFLICT (tenant_id, event_id) DO NOTHING",
+                    [
+                        ctx.tenant_id.clone().into(),
+                        e.id.clone().into(),
+                        e.r#type.clone().into(),
+                        e.source.clone().into(),
+                        timestamp_micros(e.occurred_at.as_ref()).into(),
+                        received_at.into(),
+                        e.data.clone().into(),
+                        e.traceparent.clone().into(),
+                    ],
+                ))
+                .await
+                .map_err(db_error)?;
+            accepted += u32::try_from(result.rows_affected()).unwrap_or(0);
+        }
+        txn.commit().await.map_err(db_error)?;
+        let total = u32::try_from(request.events.len()).unwrap_or(u32::MAX);
+        tracing::info!(accepted, duplicates = total - accepted, "events received");
+        Ok(Response::new(pb::PublishEventsResponse {
+            accepted,
+            duplicates: total - accepted,
+        }))
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let page = request.page.unwrap_or_default();
+        let mut v = Violations::new();
+        let limit = match page.limit {
+            0 => 20,
+            n @ 1..=100 => n,
+            _ => {
+                v.add("page.limit", "must be within 1..=100");
+                20
+            }
+        };
+        let after = if page.starting_after.is_empty() {
+            i64::MAX
+        } else {
+            page.starting_after.parse::<i64>().unwrap_or_else(|_| {
+                v.add("page.starting_after", "is not a cursor returned by this API");
+                0
+            })
+        };
+        if !request.r#type.is_empty() && !valid_event_type(&request.r#type) {
+            v.add("type", "must be dot-separated lower-case words, e.g. points.credited");
+        }
+        v.finish()?;
+        let conn = self.db.conn();
+        let rows = conn
+            .query_all_raw(stmt(
+                conn,
+                "SELECT seq, event_id, event_type, source, occurred_at, data, traceparent \
+                 FROM events WHERE tenant_id = $1 AND seq < $2 AND ($3 = '' OR event_type = $3) \
+                 ORDER BY seq DESC LIMIT $4",
+                [
+                    ctx.tenant_id.clone().into(),
+                    after.into(),
+                    request.r#type.clone().into(),
+                    i64::from(limit + 1).into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        let has_more = rows.len() > limit as usize;
+        let mut events = Vec::new();
+        let mut last_seq = 0i64;
+        for row in rows.iter().take(limit as usize) {
+            let get = || -> Result<(i64, pb::Event), sea_orm::DbErr> {
+                Ok((
+                    row.try_get_by_index(0)?,
+                    pb::Event {
+                        id: row.try_get_by_index(1)?,
+                        tenant_id: ctx.tenant_id.clone(),
+                        r#type: row.try_get_by_index(2)?,
+                        source: row.try_get_by_index(3)?,
+                        occurred_at: Some(micros_to_timestamp(row.try_get_by_index(4)?)),
+                        data: row.try_get_by_index(5)?,
+                        traceparent: row.try_get_by_index(6)?,
+                    },
+                ))
+            };
+            let (seq, event) = get().map_err(db_error)?;
+            last_seq = seq;
+            events.push(event);
+        }
+        Ok(Response::new(pb::ListEventsResponse {
+            events,
+            page: Some(PageResponse {
+                next_cursor: if has_more { last_seq.to_string() } else { String::new() },
+                has_more,
+            }),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_types() {
+        assert!(valid_event_type("points.credited"));
+        assert!(valid_event_type("redemption.rolled_back"));
+        assert!(!valid_event_type("points"));
+        assert!(!valid_event_type("Points.Credited"));
+        assert!(!valid_event_type("points..x"));
+    }
+}
