@@ -11,9 +11,14 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-/// Environment variables with the `TESSERA_` prefix that are not configuration keys
-/// (they steer the test suite) and are therefore ignored by the loader.
-const NON_CONFIG_ENV: &[&str] = &["test_database_url", "test_redis_url", "require_backends"];
+/// Environment variables with the `TESSERA_` prefix that are not configuration keys (the
+/// config file path, and switches of the test suite), so the loader ignores them.
+const NON_CONFIG_ENV: &[&str] = &[
+    "config_file",
+    "test_database_url",
+    "test_redis_url",
+    "require_backends",
+];
 
 /// The whole configuration. Every field has a default suitable for `tessera up`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -177,7 +182,7 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
             log_format: LogFormat::Pretty,
-            log_filter: "info".into(),
+            log_filter: "info,sea_orm_migration=warn,opentelemetry=warn".into(),
             otlp_endpoint: None,
         }
     }

@@ -4,6 +4,7 @@
 //! ([`context`]), graceful shutdown ([`shutdown`]), the gRPC server with health and
 //! reflection ([`grpc`]) and the unit a service hands to it ([`component`]).
 
+pub mod bin;
 pub mod component;
 pub mod config;
 pub mod context;

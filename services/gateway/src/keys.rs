@@ -1,0 +1,220 @@
+//! API keys: one per integration, bound to a tenant and a role, shown once and stored only
+//! as a SHA-256 hash (keys are 192-bit random, so a fast hash is enough to make a leaked
+//! table useless), revocable.
+
+use rand::RngCore;
+use sea_orm::ConnectionTrait;
+use sha2::{Digest, Sha256};
+use tessera_runtime::Error;
+use tessera_store::migrate::{Migration, col, index, table};
+use tessera_store::{Db, db_error, now_micros, stmt};
+
+/// Tenant the bootstrap admin key belongs to.
+pub const DEFAULT_TENANT: &str = "default";
+const KEY_PREFIX: &str = "tsk_";
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Marketer,
+    JuniorMarketer,
+    SupportAgent,
+    Touchpoint,
+    Analyst,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Marketer => "marketer",
+            Role::JuniorMarketer => "junior_marketer",
+            Role::SupportAgent => "support_agent",
+            Role::Touchpoint => "touchpoint",
+            Role::Analyst => "analyst",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "admin" => Role::Admin,
+            "marketer" => Role::Marketer,
+            "junior_marketer" => Role::JuniorMarketer,
+            "support_agent" => Role::SupportAgent,
+            "touchpoint" => Role::Touchpoint,
+            "analyst" => Role::Analyst,
+            _ => return None,
+        })
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub key_id: String,
+    pub tenant_id: String,
+    pub role: Role,
+}
+
+pub fn migration() -> Migration {
+    Migration {
+        name: "m0100_api_keys",
+        tables: || {
+            vec![table(
+                "api_keys",
+                vec![
+                    col::text("id"),
+                    col::text("tenant_id"),
+                    col::text("name"),
+                    col::text("role"),
+                    col::text("key_hash"),
+                    col::big("created_at"),
+                    col::big_null("revoked_at"),
+                ],
+                &["id"],
+            )]
+        },
+        indexes: || {
+            vec![
+                index("api_keys_hash", "api_keys", &["key_hash"], true),
+                index("api_keys_tenant", "api_keys", &["tenant_id"], false),
+            ]
+        },
+    }
+}
+
+fn hash(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// A new random key: `tsk_` + 48 hex characters.
+pub fn generate() -> String {
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("{KEY_PREFIX}{}", hex::encode(bytes))
+}
+
+/// The API key store.
+#[derive(Debug, Clone)]
+pub struct ApiKeys {
+    db: Db,
+}
+
+impl ApiKeys {
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// Stores `key` for `tenant` with `role`. Returns the key id.
+    pub async fn insert(&self, tenant: &str, name: &str, role: Role, key: &str) -> Result<String, Error> {
+        let id = format!("key_{}", uuid::Uuid::now_v7().simple());
+        let conn = self.db.conn();
+        conn.execute_raw(stmt(
+            conn,
+            "INSERT INTO api_keys (id, tenant_id, name, role, key_hash, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key_hash) DO NOTHING",
+            [
+                id.clone().into(),
+                tenant.into(),
+                name.into(),
+                role.as_str().into(),
+                hash(key).into(),
+                now_micros().into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+        Ok(id)
+    }
+
+    /// Makes sure an admin key exists for the default tenant. With `configured`, that key is
+    /// installed (idempotently). Without it, a key is generated on the very first start and
+    /// returned so the operator can be shown it once.
+    pub async fn bootstrap(&self, configured: Option<&str>) -> Result<Option<String>, Error> {
+        if let Some(key) = configured {
+            self.insert(DEFAULT_TENANT, "bootstrap admin", Role::Admin, key).await?;
+            return Ok(None);
+        }
+        let conn = self.db.conn();
+        let existing = conn
+            .query_one_raw(stmt(conn, "SELECT COUNT(*) FROM api_keys", []))
+            .await
+            .map_err(db_error)?
+            .map(|r| r.try_get_by_index::<i64>(0))
+            .transpose()
+            .map_err(db_error)?
+            .unwrap_or(0);
+        if existing > 0 {
+            return Ok(None);
+        }
+        let key = generate();
+        self.insert(DEFAULT_TENANT, "bootstrap admin", Role::Admin, &key).await?;
+        Ok(Some(key))
+    }
+
+    /// The principal behind a presented key, if the key is known and not revoked.
+    pub async fn authenticate(&self, key: &str) -> Result<Option<Principal>, Error> {
+        if !key.starts_with(KEY_PREFIX) || key.len() > 128 {
+            return Ok(None);
+        }
+        let conn = self.db.conn();
+        let row = conn
+            .query_one_raw(stmt(
+                conn,
+                "SELECT id, tenant_id, role FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+                [hash(key).into()],
+            ))
+            .await
+            .map_err(db_error)?;
+        let Some(row) = row else { return Ok(None) };
+        let role: String = row.try_get_by_index(2).map_err(db_error)?;
+        Ok(Some(Principal {
+            key_id: row.try_get_by_index(0).map_err(db_error)?,
+            tenant_id: row.try_get_by_index(1).map_err(db_error)?,
+            role: Role::parse(&role).ok_or_else(|| Error::internal(format!("stored role {role}")))?,
+        }))
+    }
+
+    /// Revokes a key of `tenant`. Returns whether a key was revoked.
+    pub async fn revoke(&self, tenant: &str, key_id: &str) -> Result<bool, Error> {
+        let conn = self.db.conn();
+        let result = conn
+            .execute_raw(stmt(
+                conn,
+                "UPDATE api_keys SET revoked_at = $1 WHERE tenant_id = $2 AND id = $3 AND revoked_at IS NULL",
+                [now_micros().into(), tenant.into(), key_id.into()],
+            ))
+            .await
+            .map_err(db_error)?;
+        Ok(result.rows_affected() == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_round_trip() {
+        for role in [
+            Role::Admin,
+            Role::Marketer,
+            Role::JuniorMarketer,
+            Role::SupportAgent,
+            Role::Touchpoint,
+            Role::Analyst,
+        ] {
+            assert_eq!(Role::parse(role.as_str()), Some(role));
+        }
+        assert_eq!(Role::parse("root"), None);
+    }
+
+    #[test]
+    fn generated_keys_are_unique_and_prefixed() {
+        let (a, b) = (generate(), generate());
+        assert_ne!(a, b);
+        assert!(a.starts_with(KEY_PREFIX) && a.len() == 52);
+        assert_ne!(hash(&a), hash(&b));
+    }
+}

@@ -1,0 +1,108 @@
+//! The HTTP gateway: REST/JSON for touchpoints and consoles, translated to the services'
+//! gRPC APIs. Thin by design: it authenticates API keys (tenant + role), checks the role,
+//! validates and parses JSON strictly, passes the `Idempotency-Key`, request id and trace
+//! context on, and renders errors in one JSON shape. Business rules live in the services.
+
+mod error;
+mod extract;
+mod keys;
+mod observe;
+mod routes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use sea_orm_migration::{MigrationTrait, MigratorTrait};
+use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
+use tessera_runtime::{Config, grpc};
+use tessera_store::Db;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use keys::{ApiKeys, Role};
+
+/// Service name: SQLite file / PostgreSQL schema and log label.
+pub const SERVICE: &str = "gateway";
+
+/// The gateway's migrations: API keys (plus the shared plumbing tables).
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        let mut all = tessera_store::migrate::plumbing();
+        all.push(Box::new(keys::migration()));
+        all
+    }
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) keys: ApiKeys,
+    pub(crate) db: Db,
+    pub(crate) wallet: WalletServiceClient<grpc::Channel>,
+    pub(crate) wallet_channel: grpc::Channel,
+    pub(crate) max_body_bytes: usize,
+}
+
+/// A gateway ready to serve.
+pub struct Gateway {
+    router: Router,
+    /// The admin API key created by [`Gateway::build`] on first start, to show the operator
+    /// once (it is stored hashed).
+    pub new_admin_key: Option<String>,
+}
+
+/// Applies the gateway's migrations.
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    Db::open::<Migrator>(config, SERVICE).await.map(|_| ())
+}
+
+impl Gateway {
+    /// Connects, migrates, installs the bootstrap admin key and builds the router.
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let db = Db::open::<Migrator>(config, SERVICE).await?;
+        let keys = ApiKeys::new(db.clone());
+        let new_admin_key = keys
+            .bootstrap(config.bootstrap_admin_key.as_deref())
+            .await
+            .map_err(|e| anyhow::anyhow!("bootstrap admin key: {e}"))?;
+        let wallet_channel = grpc::channel(&config.peers.wallet_url, config.peer_timeout())?;
+        let state = AppState {
+            keys,
+            db,
+            wallet: WalletServiceClient::new(wallet_channel.clone()),
+            wallet_channel,
+            max_body_bytes: config.gateway.max_body_bytes,
+        };
+        let router = routes::router(
+            Arc::new(state),
+            Duration::from_millis(config.gateway.request_timeout_ms),
+        );
+        Ok(Self {
+            router,
+            new_admin_key,
+        })
+    }
+
+    /// Serves HTTP on `listener` until `shutdown`; in-flight requests finish.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "HTTP gateway listening");
+        axum::serve(listener, self.router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await?;
+        tracing::info!(%addr, "HTTP gateway stopped");
+        Ok(())
+    }
+}
+
+/// Runs the gateway alone on `listener` until `shutdown`.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let gateway = Gateway::build(&config).await?;
+    if let Some(key) = &gateway.new_admin_key {
+        tracing::warn!("created bootstrap admin API key for tenant `default`: {key} (shown once)");
+    }
+    gateway.serve(listener, shutdown).await
+}

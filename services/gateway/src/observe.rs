@@ -1,0 +1,56 @@
+//! Per-request observability: a server span parented to the caller's `traceparent`, a
+//! request id (taken from `X-Request-Id` or generated), both returned in the response
+//! headers, and the final rendering of errors with that request id.
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use tessera_runtime::telemetry;
+use tracing::Instrument;
+
+use crate::error::{PendingError, render};
+
+/// The request id of the current request.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+pub async fn observe(mut req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| format!("req_{}", uuid::Uuid::new_v4().simple()), str::to_owned);
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = req.method().clone();
+    let span = tracing::info_span!(
+        "http.server",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        request_id = %request_id,
+    );
+    telemetry::set_remote_parent(&span, telemetry::extract_headers(req.headers()));
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let mut response = next.run(req).instrument(span.clone()).await;
+    if let Some(PendingError(error)) = response.extensions_mut().remove::<PendingError>() {
+        response = render(&error, &request_id);
+    }
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    span.in_scope(|| {
+        if status.is_server_error() {
+            tracing::error!(%status, "request failed");
+        }
+        telemetry::inject_headers(response.headers_mut());
+    });
+    if let Ok(value) = http::HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}

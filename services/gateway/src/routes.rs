@@ -1,0 +1,189 @@
+//! Routes. Each handler: authenticate, check the role, parse strictly, call one service.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tessera_proto::wallet::v1::{self as pb, AssetKind};
+use tessera_runtime::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::extract::{IdempotencyKey, StrictJson};
+use crate::keys::{Principal, Role};
+use crate::observe::{RequestId, observe};
+
+/// Health name of the wallet's gRPC service.
+const WALLET_GRPC_NAME: &str = "tessera.wallet.v1.WalletService";
+
+pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/customers/{id}/points", post(credit_points))
+        .route("/v1/customers/{id}/wallet", get(wallet))
+        .fallback(not_found)
+        .with_state(state)
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            deadline(timeout, req, next)
+        }))
+        .layer(middleware::from_fn(observe))
+}
+
+async fn deadline(timeout: Duration, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(Code::DeadlineExceeded, "the request took too long").into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(Code::NotFound, "no such route")
+}
+
+/// Liveness: the process answers.
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Readiness: the gateway's database and the services it calls are serving.
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let mut checks = serde_json::Map::new();
+    let db = state.db.ping().await.map_err(|e| e.to_string());
+    checks.insert("database".into(), json!(db.as_ref().map_or_else(|e| e.as_str(), |()| "ok")));
+    let wallet = HealthClient::new(state.wallet_channel.clone())
+        .check(HealthCheckRequest {
+            service: WALLET_GRPC_NAME.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status() == ServingStatus::Serving);
+    let wallet_ok = matches!(wallet, Ok(true));
+    checks.insert("wallet".into(), json!(if wallet_ok { "ok" } else { "unavailable" }));
+    let ready = db.is_ok() && wallet_ok;
+    let status = if ready {
+        http::StatusCode::OK
+    } else {
+        http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({ "status": if ready { "ready" } else { "not_ready" }, "checks": checks })))
+        .into_response()
+}
+
+/// Body of `POST /v1/customers/{id}/points`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreditPoints {
+    /// Points to credit: a positive integer.
+    amount: i64,
+    /// Why, shown in the customer's history.
+    #[serde(default)]
+    reason: String,
+    /// Loyalty programme id (default `default`).
+    #[serde(default = "default_program")]
+    program: String,
+}
+
+fn default_program() -> String {
+    "default".into()
+}
+
+fn asset_json(asset: Option<&pb::Asset>) -> Value {
+    let asset = asset.cloned().unwrap_or_default();
+    let kind = match AssetKind::try_from(asset.kind).unwrap_or(AssetKind::Unspecified) {
+        AssetKind::Points => "points",
+        AssetKind::Cashback => "cashback",
+        AssetKind::GiftCard => "gift_card",
+        AssetKind::Unspecified => "unspecified",
+    };
+    json!({ "kind": kind, "code": asset.code })
+}
+
+fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Value {
+    ts.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+        .map_or(Value::Null, |t| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)))
+}
+
+fn balance_json(b: &pb::Balance) -> Value {
+    json!({ "asset": asset_json(b.asset.as_ref()), "available": b.available })
+}
+
+/// Credits loyalty points to a customer (admin and support agents).
+async fn credit_points(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(customer_id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<CreditPoints>,
+) -> Result<(http::StatusCode, Json<Value>), ApiError> {
+    principal.require(&[Role::Admin, Role::SupportAgent])?;
+    let ctx = principal.context(&request_id);
+    let response = state
+        .wallet
+        .clone()
+        .credit(ctx.request(pb::CreditRequest {
+            idempotency_key: key,
+            customer_id,
+            asset: Some(pb::Asset {
+                kind: AssetKind::Points as i32,
+                code: body.program,
+            }),
+            amount: body.amount,
+            reason: body.reason,
+        }))
+        .await?
+        .into_inner();
+    let tx = response.transaction.unwrap_or_default();
+    Ok((
+        http::StatusCode::CREATED,
+        Json(json!({
+            "transaction": {
+                "id": tx.id,
+                "customer_id": tx.customer_id,
+                "asset": asset_json(tx.asset.as_ref()),
+                "amount": tx.amount,
+                "kind": tx.kind,
+                "reason": tx.reason,
+                "created_at": rfc3339(tx.created_at.as_ref()),
+            },
+            "balance": response.balance.as_ref().map(balance_json),
+        })),
+    ))
+}
+
+/// A customer's balances (every role that serves customers).
+async fn wallet(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(customer_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    principal.require(&[
+        Role::Admin,
+        Role::Marketer,
+        Role::JuniorMarketer,
+        Role::SupportAgent,
+        Role::Touchpoint,
+        Role::Analyst,
+    ])?;
+    let ctx = principal.context(&request_id);
+    let response = state
+        .wallet
+        .clone()
+        .get_balance(ctx.request(pb::GetBalanceRequest { customer_id }))
+        .await?
+        .into_inner();
+    Ok(Json(json!({
+        "customer_id": response.customer_id,
+        "balances": response.balances.iter().map(balance_json).collect::<Vec<_>>(),
+    })))
+}

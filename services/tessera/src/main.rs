@@ -1,0 +1,106 @@
+//! `tessera up | serve <service> | migrate [<service>…]`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tessera::Service;
+use tessera_runtime::bin::{bind, load_config};
+use tessera_runtime::{shutdown, telemetry};
+
+/// Tessera: self-hostable, API-first loyalty and cashback platform.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file (defaults → this file → TESSERA_* environment).
+    #[arg(long, global = true, env = "TESSERA_CONFIG_FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole suite in this process on embedded defaults (SQLite, in-process cache).
+    Up {
+        /// Directory for the SQLite files [env: TESSERA_DATA_DIR, default ./tessera-data].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// gRPC listen address [env: TESSERA_GRPC_ADDR, default 127.0.0.1:50051].
+        #[arg(long)]
+        grpc_addr: Option<SocketAddr>,
+        /// HTTP gateway listen address [env: TESSERA_HTTP_ADDR, default 127.0.0.1:8080].
+        #[arg(long)]
+        http_addr: Option<SocketAddr>,
+    },
+    /// Run one service (production shape: one Deployment per service).
+    Serve {
+        #[arg(value_enum)]
+        service: Service,
+    },
+    /// Apply database migrations (all services when none is named).
+    Migrate {
+        #[arg(value_enum)]
+        services: Vec<Service>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut config = load_config(cli.config)?;
+    if let Command::Up {
+        data_dir,
+        grpc_addr,
+        http_addr,
+    } = &cli.command
+    {
+        if let Some(dir) = data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(addr) = grpc_addr {
+            config.grpc_addr = *addr;
+        }
+        if let Some(addr) = http_addr {
+            config.http_addr = *addr;
+        }
+        config.validate()?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let service_name = match &cli.command {
+            Command::Serve { service } => service.name(),
+            _ => "tessera",
+        };
+        let _telemetry = telemetry::init(&config.telemetry, service_name)?;
+        match cli.command {
+            Command::Up { .. } => up(config).await,
+            Command::Serve { service } => tessera::serve(service, config, shutdown::on_signal()).await,
+            Command::Migrate { services } => {
+                let services = if services.is_empty() { Service::ALL.to_vec() } else { services };
+                for service in services {
+                    tessera::migrate(service, &config).await?;
+                    tracing::info!(service = service.name(), "migrated");
+                }
+                Ok(())
+            }
+        }
+    })
+}
+
+#[allow(clippy::print_stdout)]
+async fn up(config: tessera_runtime::Config) -> anyhow::Result<()> {
+    let shutdown = shutdown::on_signal();
+    let grpc = bind(config.grpc_addr).await?;
+    let http = bind(config.http_addr).await?;
+    let data_dir = config.data_dir.clone();
+    let suite = tessera::start(config, grpc, http, shutdown).await?;
+    println!("Tessera is up (embedded: SQLite in {}, in-process cache)", data_dir.display());
+    println!("  gRPC    {}  (catalog, eligibility, wallet, scheduler, notification; health + reflection)", suite.grpc_addr);
+    println!("  HTTP    http://{}", suite.http_addr);
+    match &suite.new_admin_key {
+        Some(key) => println!("  admin API key (tenant `default`, shown once): {key}"),
+        None => println!("  admin API key: created on first start (or TESSERA_BOOTSTRAP_ADMIN_KEY)"),
+    }
+    println!("Press Ctrl-C to stop.");
+    suite.wait().await
+}
