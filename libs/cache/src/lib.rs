@@ -47,7 +47,12 @@ pub trait SegmentCache: Send + Sync + 'static {
     async fn get(&self, tenant: &str, customer: &str) -> Result<Option<Membership>, CacheError>;
     /// Stores a membership unless a newer one (higher `facts_version`) of the current
     /// generation is already cached. Returns whether it was stored.
-    async fn put(&self, tenant: &str, customer: &str, membership: &Membership) -> Result<bool, CacheError>;
+    async fn put(
+        &self,
+        tenant: &str,
+        customer: &str,
+        membership: &Membership,
+    ) -> Result<bool, CacheError>;
     /// Forgets one customer (their facts changed).
     async fn invalidate(&self, tenant: &str, customer: &str) -> Result<(), CacheError>;
     /// Makes every entry of the tenant stale (a segment definition changed).
@@ -80,7 +85,9 @@ impl MemoryCache {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemoryInner> {
         // A panic while holding the lock leaves plain data; keep serving it.
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -96,7 +103,12 @@ impl SegmentCache for MemoryCache {
             .map(|(_, _, m)| m.clone()))
     }
 
-    async fn put(&self, tenant: &str, customer: &str, membership: &Membership) -> Result<bool, CacheError> {
+    async fn put(
+        &self,
+        tenant: &str,
+        customer: &str,
+        membership: &Membership,
+    ) -> Result<bool, CacheError> {
         let mut inner = self.lock();
         let generation = inner.generations.get(tenant).copied().unwrap_or(0);
         let key = (tenant.to_string(), customer.to_string());
@@ -107,9 +119,10 @@ impl SegmentCache for MemoryCache {
         {
             return Ok(false);
         }
-        inner
-            .entries
-            .insert(key, (Instant::now() + self.ttl, generation, membership.clone()));
+        inner.entries.insert(
+            key,
+            (Instant::now() + self.ttl, generation, membership.clone()),
+        );
         Ok(true)
     }
 
@@ -198,7 +211,12 @@ impl SegmentCache for RedisCache {
         Ok((entry.generation == generation.unwrap_or(0)).then_some(entry.membership))
     }
 
-    async fn put(&self, tenant: &str, customer: &str, membership: &Membership) -> Result<bool, CacheError> {
+    async fn put(
+        &self,
+        tenant: &str,
+        customer: &str,
+        membership: &Membership,
+    ) -> Result<bool, CacheError> {
         let mut conn = self.conn.clone();
         let written: i64 = redis::Script::new(PUT_SCRIPT)
             .key(self.entry_key(tenant, customer))
@@ -277,8 +295,16 @@ mod tests {
     async fn contract(cache: &dyn SegmentCache) {
         let t = format!("t{}", uuid::Uuid::new_v4().simple());
         assert_eq!(cache.get(&t, "c1").await.unwrap(), None);
-        assert!(cache.put(&t, "c1", &membership(2, &["vip", "uk"])).await.unwrap());
-        assert_eq!(cache.get(&t, "c1").await.unwrap(), Some(membership(2, &["vip", "uk"])));
+        assert!(
+            cache
+                .put(&t, "c1", &membership(2, &["vip", "uk"]))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            cache.get(&t, "c1").await.unwrap(),
+            Some(membership(2, &["vip", "uk"]))
+        );
         // An older computation never overwrites a newer one.
         assert!(!cache.put(&t, "c1", &membership(1, &["old"])).await.unwrap());
         assert_eq!(cache.get(&t, "c1").await.unwrap().unwrap().facts_version, 2);
@@ -294,7 +320,10 @@ mod tests {
         assert_eq!(cache.get(&t, "c1").await.unwrap(), None);
         assert_eq!(cache.get(&t, "c2").await.unwrap(), None);
         assert!(cache.put(&t, "c1", &membership(3, &["c"])).await.unwrap());
-        assert_eq!(cache.get(&t, "c1").await.unwrap(), Some(membership(3, &["c"])));
+        assert_eq!(
+            cache.get(&t, "c1").await.unwrap(),
+            Some(membership(3, &["c"]))
+        );
         cache.ping().await.unwrap();
     }
 

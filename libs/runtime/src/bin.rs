@@ -34,11 +34,18 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let config = load_config(None)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let _telemetry = telemetry::init(&config.telemetry, service)?;
         let shutdown = shutdown::on_signal();
-        let listener = bind(if http { config.http_addr } else { config.grpc_addr }).await?;
+        let listener = bind(if http {
+            config.http_addr
+        } else {
+            config.grpc_addr
+        })
+        .await?;
         run(config, listener, shutdown).await
     })
 }

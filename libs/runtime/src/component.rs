@@ -83,7 +83,11 @@ pub async fn serve(
         }
         tasks.extend(component.tasks);
         if !component.probes.is_empty() {
-            checks.push((component.name, component.health_names.clone(), component.probes));
+            checks.push((
+                component.name,
+                component.health_names.clone(),
+                component.probes,
+            ));
         }
         names.extend(component.health_names);
     }

@@ -235,7 +235,10 @@ pub enum ConfigError {
     #[error("configuration: {0}")]
     Load(#[from] Box<figment::Error>),
     #[error("configuration: `{field}` {problem}")]
-    Invalid { field: &'static str, problem: String },
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 impl Config {
@@ -245,15 +248,11 @@ impl Config {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment = figment.merge(
-            Env::prefixed("TESSERA_")
-                .split("__")
-                .filter(|key| {
-                    !NON_CONFIG_ENV
-                        .iter()
-                        .any(|k| key.as_str().eq_ignore_ascii_case(k))
-                }),
-        );
+        figment = figment.merge(Env::prefixed("TESSERA_").split("__").filter(|key| {
+            !NON_CONFIG_ENV
+                .iter()
+                .any(|k| key.as_str().eq_ignore_ascii_case(k))
+        }));
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)
@@ -283,10 +282,7 @@ impl Config {
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         {
-            return invalid(
-                "database.schema_prefix",
-                "may contain only a-z, 0-9 and _",
-            );
+            return invalid("database.schema_prefix", "may contain only a-z, 0-9 and _");
         }
         if self.database.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1");
@@ -320,7 +316,11 @@ impl Config {
             ("peers.scheduler_url", &self.peers.scheduler_url),
             ("peers.notification_url", &self.peers.notification_url),
         ] {
-            if url.parse::<http::Uri>().map(|u| u.host().is_none()).unwrap_or(true) {
+            if url
+                .parse::<http::Uri>()
+                .map(|u| u.host().is_none())
+                .unwrap_or(true)
+            {
                 return invalid(field, "must be an absolute URL such as http://wallet:50051");
             }
         }

@@ -110,7 +110,10 @@ mod tests {
             request_id: "req-1".into(),
         };
         let request = ctx.request(());
-        assert_eq!(RequestContext::from_metadata(request.metadata()).unwrap(), ctx);
+        assert_eq!(
+            RequestContext::from_metadata(request.metadata()).unwrap(),
+            ctx
+        );
     }
 
     #[test]

@@ -199,7 +199,10 @@ impl Error {
     pub fn unavailable(cause: impl fmt::Display) -> Self {
         let location = std::panic::Location::caller();
         tracing::warn!(%location, error = %cause, "dependency unavailable");
-        Self::new(Code::Unavailable, "a dependency is unavailable, retry later")
+        Self::new(
+            Code::Unavailable,
+            "a dependency is unavailable, retry later",
+        )
     }
 
     /// True for outcomes that depend only on the request and the state it met, so a replay

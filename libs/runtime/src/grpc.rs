@@ -51,7 +51,9 @@ pub async fn serve<H>(
 where
     H: tonic_health::pb::health_server::Health,
 {
-    reporter.set_service_status("", ServingStatus::Serving).await;
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
     for name in &health_names {
         reporter
             .set_service_status(name.as_str(), ServingStatus::Serving)
@@ -74,7 +76,9 @@ where
     tracing::info!(%addr, services = ?health_names, "gRPC server listening");
     let stop = async move {
         shutdown.cancelled().await;
-        reporter.set_service_status("", ServingStatus::NotServing).await;
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         for name in &health_names {
             reporter
                 .set_service_status(name.as_str(), ServingStatus::NotServing)

@@ -55,8 +55,8 @@ pub fn init(config: &TelemetryConfig, service: &str) -> anyhow::Result<Telemetry
     }
     let provider = builder.build();
     let tracer = provider.tracer("tessera");
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.log_filter))?;
+    let filter =
+        EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&config.log_filter))?;
     let otel = tracing_opentelemetry::layer().with_tracer(tracer);
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     match config.log_format {
@@ -100,7 +100,10 @@ pub fn init_for_tests() -> opentelemetry_sdk::trace::InMemorySpanExporter {
                 .with_test_writer()
                 .with_filter(filter);
             use tracing_subscriber::Layer as _;
-            let _ = tracing_subscriber::registry().with(otel).with(fmt).try_init();
+            let _ = tracing_subscriber::registry()
+                .with(otel)
+                .with(fmt)
+                .try_init();
             // Keep the provider alive for the whole process.
             std::mem::forget(provider);
             exporter
@@ -239,7 +242,10 @@ pub fn server_span(request: &http::Request<()>) -> tracing::Span {
 pub struct PropagateContext;
 
 impl tonic::service::Interceptor for PropagateContext {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         inject_metadata(request.metadata_mut());
         Ok(request)
     }

@@ -68,8 +68,13 @@ impl Db {
                 )
             }
         };
-        let schema = (backend == Backend::Postgres)
-            .then(|| format!("{}{}", config.database.schema_prefix, service.replace('-', "_")));
+        let schema = (backend == Backend::Postgres).then(|| {
+            format!(
+                "{}{}",
+                config.database.schema_prefix,
+                service.replace('-', "_")
+            )
+        });
         let deadline = Instant::now() + Duration::from_secs(config.database.connect_timeout_secs);
         let mut delay = Duration::from_millis(100);
         loop {
@@ -167,7 +172,10 @@ impl Db {
                 .then_some(SqliteTransactionMode::Immediate),
             ..Default::default()
         };
-        self.conn.begin_with_options(options).await.map_err(db_error)
+        self.conn
+            .begin_with_options(options)
+            .await
+            .map_err(db_error)
     }
 
     /// Cheap round trip, for readiness checks.
@@ -176,11 +184,14 @@ impl Db {
     }
 
     /// A single-connection handle to the same database and schema, for work that must stay
-    /// on one session (advisory locks around migrations).
+    /// on one session (migrations: the advisory lock, and SQLite's per-connection schema).
     pub(crate) async fn single_session(&self) -> Result<DatabaseConnection, DbErr> {
         let mut options = Self::options(&self.url, 1);
         if let Some(schema) = &self.schema {
             options.set_schema_search_path(schema.clone());
+        }
+        if self.backend == Backend::Sqlite {
+            options.map_sqlx_sqlite_opts(|o| o.busy_timeout(Duration::from_secs(30)));
         }
         Database::connect(options).await
     }
@@ -217,13 +228,16 @@ pub fn stmt<C: ConnectionTrait>(
 
 impl Db {
     /// Connects the service and applies its migrations `M`: what every service does at start.
+    /// The pool is opened after the migrations: an SQLite connection that cached the schema
+    /// before a migration resolves `ON CONFLICT` targets against the stale copy.
     pub async fn open<M: sea_orm_migration::MigratorTrait>(
         config: &Config,
         service: &str,
     ) -> anyhow::Result<Self> {
-        let db = Self::connect(config, service).await?;
-        crate::migrate::run::<M>(&db).await?;
-        Ok(db)
+        let migrating = Self::connect(config, service).await?;
+        crate::migrate::run::<M>(&migrating).await?;
+        migrating.conn.close().await?;
+        Ok(Self::connect(config, service).await?)
     }
 
     /// A readiness probe that pings this database.

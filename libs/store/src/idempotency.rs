@@ -312,7 +312,9 @@ impl Idempotency {
     where
         Req: Message,
         R: Message + Default,
-        F: for<'t> FnOnce(&'t DatabaseTransaction) -> futures::future::BoxFuture<'t, Result<R, Error>>,
+        F: for<'t> FnOnce(
+            &'t DatabaseTransaction,
+        ) -> futures::future::BoxFuture<'t, Result<R, Error>>,
     {
         let claim = match self.begin::<R>(ctx, scope, key, request).await? {
             Begin::Replay(result) => return result,
@@ -328,7 +330,9 @@ impl Idempotency {
     async fn run_claimed<R, F>(&self, claim: &Claim, work: F) -> Result<R, Error>
     where
         R: Message + Default,
-        F: for<'t> FnOnce(&'t DatabaseTransaction) -> futures::future::BoxFuture<'t, Result<R, Error>>,
+        F: for<'t> FnOnce(
+            &'t DatabaseTransaction,
+        ) -> futures::future::BoxFuture<'t, Result<R, Error>>,
     {
         let txn = self.db.begin_write().await?;
         let response = match work(&txn).await {
@@ -367,7 +371,10 @@ mod tests {
     #[test]
     fn keys_are_validated() {
         assert!(validate_key("order-123").is_ok());
-        assert_eq!(validate_key("").unwrap_err().field_violations[0].field, "idempotency_key");
+        assert_eq!(
+            validate_key("").unwrap_err().field_violations[0].field,
+            "idempotency_key"
+        );
         assert!(validate_key("has space").is_err());
         assert!(validate_key(&"k".repeat(256)).is_err());
     }

@@ -43,19 +43,31 @@ pub mod col {
     use super::{Alias, ColumnDef};
 
     pub fn text(name: &str) -> ColumnDef {
-        ColumnDef::new(Alias::new(name)).text().not_null().to_owned()
+        ColumnDef::new(Alias::new(name))
+            .text()
+            .not_null()
+            .to_owned()
     }
     pub fn text_null(name: &str) -> ColumnDef {
         ColumnDef::new(Alias::new(name)).text().null().to_owned()
     }
     pub fn big(name: &str) -> ColumnDef {
-        ColumnDef::new(Alias::new(name)).big_integer().not_null().to_owned()
+        ColumnDef::new(Alias::new(name))
+            .big_integer()
+            .not_null()
+            .to_owned()
     }
     pub fn big_null(name: &str) -> ColumnDef {
-        ColumnDef::new(Alias::new(name)).big_integer().null().to_owned()
+        ColumnDef::new(Alias::new(name))
+            .big_integer()
+            .null()
+            .to_owned()
     }
     pub fn int(name: &str) -> ColumnDef {
-        ColumnDef::new(Alias::new(name)).integer().not_null().to_owned()
+        ColumnDef::new(Alias::new(name))
+            .integer()
+            .not_null()
+            .to_owned()
     }
     pub fn int_null(name: &str) -> ColumnDef {
         ColumnDef::new(Alias::new(name)).integer().null().to_owned()
@@ -64,7 +76,10 @@ pub mod col {
         ColumnDef::new(Alias::new(name)).blob().null().to_owned()
     }
     pub fn blob(name: &str) -> ColumnDef {
-        ColumnDef::new(Alias::new(name)).blob().not_null().to_owned()
+        ColumnDef::new(Alias::new(name))
+            .blob()
+            .not_null()
+            .to_owned()
     }
     /// Auto-increment 64-bit primary key.
     pub fn serial(name: &str) -> ColumnDef {
@@ -131,7 +146,14 @@ pub fn plumbing() -> Vec<Box<dyn MigrationTrait>> {
                     &["tenant_id", "scope", "key"],
                 )]
             },
-            indexes: || vec![index("idempotency_keys_created", "idempotency_keys", &["created_at"], false)],
+            indexes: || {
+                vec![index(
+                    "idempotency_keys_created",
+                    "idempotency_keys",
+                    &["created_at"],
+                    false,
+                )]
+            },
         }),
         Box::new(Migration {
             name: "m0002_outbox",
@@ -159,37 +181,43 @@ pub fn plumbing() -> Vec<Box<dyn MigrationTrait>> {
             indexes: || {
                 vec![
                     index("outbox_event_id", "outbox", &["event_id"], true),
-                    index("outbox_pending", "outbox", &["delivered_at", "next_attempt_at"], false),
+                    index(
+                        "outbox_pending",
+                        "outbox",
+                        &["delivered_at", "next_attempt_at"],
+                        false,
+                    ),
                 ]
             },
         }),
     ]
 }
 
-/// Applies the pending migrations of `M`. On PostgreSQL, serialised across processes with an
-/// advisory lock keyed by the schema.
+/// Applies the pending migrations of `M` on one dedicated connection. On PostgreSQL,
+/// serialised across processes with an advisory lock keyed by the schema.
 pub async fn run<M: MigratorTrait>(db: &Db) -> anyhow::Result<()> {
-    match db.backend() {
-        Backend::Sqlite => M::up(db.conn(), None).await?,
+    let session = db.single_session().await?;
+    let result = match db.backend() {
+        Backend::Sqlite => M::up(&session, None).await,
         Backend::Postgres => {
-            let session = db.single_session().await?;
             let key = db.schema().unwrap_or("public").to_string();
-            let lock = sea_orm::Statement::from_sql_and_values(
-                sea_orm::DbBackend::Postgres,
-                "SELECT pg_advisory_lock(hashtext($1))",
-                [key.clone().into()],
-            );
-            session.execute_raw(lock).await?;
+            let lock = |sql: &str| {
+                sea_orm::Statement::from_sql_and_values(
+                    sea_orm::DbBackend::Postgres,
+                    sql,
+                    [key.clone().into()],
+                )
+            };
+            session
+                .execute_raw(lock("SELECT pg_advisory_lock(hashtext($1))"))
+                .await?;
             let result = M::up(&session, None).await;
-            let unlock = sea_orm::Statement::from_sql_and_values(
-                sea_orm::DbBackend::Postgres,
-                "SELECT pg_advisory_unlock(hashtext($1))",
-                [key.into()],
-            );
-            session.execute_raw(unlock).await?;
-            session.close().await?;
-            result?;
+            session
+                .execute_raw(lock("SELECT pg_advisory_unlock(hashtext($1))"))
+                .await?;
+            result
         }
-    }
-    Ok(())
+    };
+    session.close().await?;
+    Ok(result?)
 }

@@ -201,7 +201,10 @@ impl Relay {
         let mut groups: Vec<Vec<OutboxEvent>> = Vec::new();
         for event in batch {
             match groups.last_mut() {
-                Some(g) if g[0].tenant_id == event.tenant_id && g[0].traceparent == event.traceparent => {
+                Some(g)
+                    if g[0].tenant_id == event.tenant_id
+                        && g[0].traceparent == event.traceparent =>
+                {
                     g.push(event);
                 }
                 _ => groups.push(vec![event]),
@@ -243,8 +246,9 @@ impl Relay {
 
     async fn claim(&self) -> Result<Vec<OutboxEvent>, Error> {
         let now = now_micros();
-        let lease_until =
-            now + i64::try_from(Duration::from_secs(self.config.lease_secs).as_micros()).unwrap_or(i64::MAX);
+        let lease_until = now
+            + i64::try_from(Duration::from_secs(self.config.lease_secs).as_micros())
+                .unwrap_or(i64::MAX);
         let lock = match self.db.backend() {
             Backend::Postgres => " FOR UPDATE SKIP LOCKED",
             Backend::Sqlite => "",

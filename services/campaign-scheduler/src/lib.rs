@@ -3,7 +3,9 @@
 //! arrive with the issue that builds them.
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
-use tessera_proto::scheduler::v1::scheduler_service_server::{SchedulerService, SchedulerServiceServer};
+use tessera_proto::scheduler::v1::scheduler_service_server::{
+    SchedulerService, SchedulerServiceServer,
+};
 use tessera_runtime::Config;
 use tessera_runtime::component::{self, Component};
 use tessera_store::Db;
@@ -44,7 +46,11 @@ pub async fn build(config: &Config, _shutdown: CancellationToken) -> anyhow::Res
 }
 
 /// Runs the campaign-scheduler alone on `listener` until `shutdown`.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let component = build(&config, shutdown.clone()).await?;
     component::serve_one(&config, listener, component, shutdown).await
 }

@@ -44,7 +44,11 @@ pub async fn build(config: &Config, _shutdown: CancellationToken) -> anyhow::Res
 }
 
 /// Runs the catalog alone on `listener` until `shutdown`.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let component = build(&config, shutdown.clone()).await?;
     component::serve_one(&config, listener, component, shutdown).await
 }

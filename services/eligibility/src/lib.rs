@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
-use tessera_proto::eligibility::v1::eligibility_service_server::{EligibilityService, EligibilityServiceServer};
+use tessera_proto::eligibility::v1::eligibility_service_server::{
+    EligibilityService, EligibilityServiceServer,
+};
 use tessera_runtime::Config;
 use tessera_runtime::component::{self, Component};
 use tessera_store::Db;
@@ -59,7 +61,11 @@ pub async fn build(config: &Config, _shutdown: CancellationToken) -> anyhow::Res
 }
 
 /// Runs the eligibility alone on `listener` until `shutdown`.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let component = build(&config, shutdown.clone()).await?;
     component::serve_one(&config, listener, component, shutdown).await
 }

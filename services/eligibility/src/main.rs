@@ -2,5 +2,9 @@
 //! `TESSERA_*` environment variables and the optional `TESSERA_CONFIG_FILE`.
 
 fn main() -> anyhow::Result<()> {
-    tessera_runtime::bin::service_main(tessera_eligibility::SERVICE, false, tessera_eligibility::run)
+    tessera_runtime::bin::service_main(
+        tessera_eligibility::SERVICE,
+        false,
+        tessera_eligibility::run,
+    )
 }

@@ -46,16 +46,37 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for StrictJson<T> {
         let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            let field = if path == "." { "body".to_string() } else { path };
-            let description = if inner.is_syntax() || inner.is_eof() {
+            let syntax = inner.is_syntax() || inner.is_eof();
+            let mut field = if path == "." || syntax {
+                "body".to_string()
+            } else {
+                path
+            };
+            // A missing field is reported at its parent; name the field itself.
+            if let Some(name) = inner
+                .to_string()
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split('`').next())
+            {
+                field = if field == "body" {
+                    name.to_string()
+                } else {
+                    format!("{field}.{name}")
+                };
+            }
+            let description = if syntax {
                 format!("is not valid JSON: {inner}")
             } else {
                 inner.to_string()
             };
             ApiError(Error::invalid_field(field, description))
         })?;
-        de.end()
-            .map_err(|e| ApiError(Error::invalid_field("body", format!("trailing characters: {e}"))))?;
+        de.end().map_err(|e| {
+            ApiError(Error::invalid_field(
+                "body",
+                format!("trailing characters: {e}"),
+            ))
+        })?;
         Ok(Self(value))
     }
 }
@@ -64,8 +85,16 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for StrictJson<T> {
 impl FromRequestParts<Arc<AppState>> for Principal {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
-        let header = |name| parts.headers.get(name).and_then(|v: &http::HeaderValue| v.to_str().ok());
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let header = |name| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v: &http::HeaderValue| v.to_str().ok())
+        };
         let key = header(http::header::AUTHORIZATION.as_str())
             .and_then(|v| v.strip_prefix("Bearer "))
             .or_else(|| header("x-api-key"))
@@ -115,15 +144,18 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let value = parts
-            .headers
-            .get("idempotency-key")
-            .ok_or_else(|| Error::invalid_field("Idempotency-Key", "header is required on writes"))?;
+        let value = parts.headers.get("idempotency-key").ok_or_else(|| {
+            Error::invalid_field("Idempotency-Key", "header is required on writes")
+        })?;
         let value = value
             .to_str()
             .map_err(|_| Error::invalid_field("Idempotency-Key", "must be visible ASCII"))?;
-        tessera_store::idempotency::validate_key(value)
-            .map_err(|_| Error::invalid_field("Idempotency-Key", "must be 1 to 255 visible ASCII characters"))?;
+        tessera_store::idempotency::validate_key(value).map_err(|_| {
+            Error::invalid_field(
+                "Idempotency-Key",
+                "must be 1 to 255 visible ASCII characters",
+            )
+        })?;
         Ok(Self(value.to_string()))
     }
 }

@@ -107,7 +107,13 @@ impl ApiKeys {
     }
 
     /// Stores `key` for `tenant` with `role`. Returns the key id.
-    pub async fn insert(&self, tenant: &str, name: &str, role: Role, key: &str) -> Result<String, Error> {
+    pub async fn insert(
+        &self,
+        tenant: &str,
+        name: &str,
+        role: Role,
+        key: &str,
+    ) -> Result<String, Error> {
         let id = format!("key_{}", uuid::Uuid::now_v7().simple());
         let conn = self.db.conn();
         conn.execute_raw(stmt(
@@ -133,7 +139,8 @@ impl ApiKeys {
     /// returned so the operator can be shown it once.
     pub async fn bootstrap(&self, configured: Option<&str>) -> Result<Option<String>, Error> {
         if let Some(key) = configured {
-            self.insert(DEFAULT_TENANT, "bootstrap admin", Role::Admin, key).await?;
+            self.insert(DEFAULT_TENANT, "bootstrap admin", Role::Admin, key)
+                .await?;
             return Ok(None);
         }
         let conn = self.db.conn();
@@ -149,7 +156,8 @@ impl ApiKeys {
             return Ok(None);
         }
         let key = generate();
-        self.insert(DEFAULT_TENANT, "bootstrap admin", Role::Admin, &key).await?;
+        self.insert(DEFAULT_TENANT, "bootstrap admin", Role::Admin, &key)
+            .await?;
         Ok(Some(key))
     }
 
@@ -172,7 +180,8 @@ impl ApiKeys {
         Ok(Some(Principal {
             key_id: row.try_get_by_index(0).map_err(db_error)?,
             tenant_id: row.try_get_by_index(1).map_err(db_error)?,
-            role: Role::parse(&role).ok_or_else(|| Error::internal(format!("stored role {role}")))?,
+            role: Role::parse(&role)
+                .ok_or_else(|| Error::internal(format!("stored role {role}")))?,
         }))
     }
 

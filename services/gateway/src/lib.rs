@@ -87,7 +87,11 @@ impl Gateway {
     }
 
     /// Serves HTTP on `listener` until `shutdown`; in-flight requests finish.
-    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "HTTP gateway listening");
         axum::serve(listener, self.router)
@@ -99,7 +103,11 @@ impl Gateway {
 }
 
 /// Runs the gateway alone on `listener` until `shutdown`.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let gateway = Gateway::build(&config).await?;
     if let Some(key) = &gateway.new_admin_key {
         tracing::warn!("created bootstrap admin API key for tenant `default`: {key} (shown once)");

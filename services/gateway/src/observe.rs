@@ -20,7 +20,10 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| format!("req_{}", uuid::Uuid::new_v4().simple()), str::to_owned);
+        .map_or_else(
+            || format!("req_{}", uuid::Uuid::new_v4().simple()),
+            str::to_owned,
+        );
     let route = req
         .extensions()
         .get::<MatchedPath>()

@@ -42,7 +42,9 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
 async fn deadline(timeout: Duration, req: Request, next: Next) -> Response {
     match tokio::time::timeout(timeout, next.run(req)).await {
         Ok(response) => response,
-        Err(_) => ApiError::new(Code::DeadlineExceeded, "the request took too long").into_response(),
+        Err(_) => {
+            ApiError::new(Code::DeadlineExceeded, "the request took too long").into_response()
+        }
     }
 }
 
@@ -59,7 +61,10 @@ async fn healthz() -> Json<Value> {
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let mut checks = serde_json::Map::new();
     let db = state.db.ping().await.map_err(|e| e.to_string());
-    checks.insert("database".into(), json!(db.as_ref().map_or_else(|e| e.as_str(), |()| "ok")));
+    checks.insert(
+        "database".into(),
+        json!(db.as_ref().map_or_else(|e| e.as_str(), |()| "ok")),
+    );
     let wallet = HealthClient::new(state.wallet_channel.clone())
         .check(HealthCheckRequest {
             service: WALLET_GRPC_NAME.into(),
@@ -67,14 +72,20 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         .await
         .map(|r| r.into_inner().status() == ServingStatus::Serving);
     let wallet_ok = matches!(wallet, Ok(true));
-    checks.insert("wallet".into(), json!(if wallet_ok { "ok" } else { "unavailable" }));
+    checks.insert(
+        "wallet".into(),
+        json!(if wallet_ok { "ok" } else { "unavailable" }),
+    );
     let ready = db.is_ok() && wallet_ok;
     let status = if ready {
         http::StatusCode::OK
     } else {
         http::StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(json!({ "status": if ready { "ready" } else { "not_ready" }, "checks": checks })))
+    (
+        status,
+        Json(json!({ "status": if ready { "ready" } else { "not_ready" }, "checks": checks })),
+    )
         .into_response()
 }
 
@@ -108,8 +119,12 @@ fn asset_json(asset: Option<&pb::Asset>) -> Value {
 }
 
 fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Value {
-    ts.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
-        .map_or(Value::Null, |t| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)))
+    ts.and_then(|t| {
+        chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+    })
+    .map_or(Value::Null, |t| {
+        json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+    })
 }
 
 fn balance_json(b: &pb::Balance) -> Value {

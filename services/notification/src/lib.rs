@@ -45,8 +45,18 @@ impl MigratorTrait for Migrator {
             },
             indexes: || {
                 vec![
-                    index("events_tenant_event", "events", &["tenant_id", "event_id"], true),
-                    index("events_tenant_type", "events", &["tenant_id", "event_type", "seq"], false),
+                    index(
+                        "events_tenant_event",
+                        "events",
+                        &["tenant_id", "event_id"],
+                        true,
+                    ),
+                    index(
+                        "events_tenant_type",
+                        "events",
+                        &["tenant_id", "event_type", "seq"],
+                        false,
+                    ),
                 ]
             },
         }));
@@ -71,7 +81,11 @@ pub async fn build(config: &Config, _shutdown: CancellationToken) -> anyhow::Res
 }
 
 /// Runs notification alone on `listener` until `shutdown`.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let component = build(&config, shutdown.clone()).await?;
     component::serve_one(&config, listener, component, shutdown).await
 }

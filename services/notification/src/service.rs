@@ -2,7 +2,9 @@
 
 use sea_orm::ConnectionTrait;
 use tessera_proto::common::v1::PageResponse;
-use tessera_proto::notification::v1::{self as pb, notification_service_server::NotificationService};
+use tessera_proto::notification::v1::{
+    self as pb, notification_service_server::NotificationService,
+};
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
 use tessera_runtime::{Code, Error};
@@ -39,10 +41,16 @@ fn validate(tenant: &str, request: &pb::PublishEventsRequest) -> Result<(), Erro
             v.add(format!("events[{i}].id"), "must be a UUID");
         }
         if e.tenant_id != tenant {
-            v.add(format!("events[{i}].tenant_id"), "must be the caller's tenant");
+            v.add(
+                format!("events[{i}].tenant_id"),
+                "must be the caller's tenant",
+            );
         }
         if !valid_event_type(&e.r#type) {
-            v.add(format!("events[{i}].type"), "must be dot-separated lower-case words, e.g. points.credited");
+            v.add(
+                format!("events[{i}].type"),
+                "must be dot-separated lower-case words, e.g. points.credited",
+            );
         }
         if e.source.is_empty() || e.source.len() > 64 {
             v.add(format!("events[{i}].source"), "must be 1 to 64 characters");
@@ -69,7 +77,9 @@ impl NotificationService for Notification {
     ) -> Result<Response<pb::PublishEventsResponse>, Status> {
         let ctx = context_of(&request)?;
         if ctx.role != "system" {
-            return Err(Error::new(Code::PermissionDenied, "only services may publish events").into());
+            return Err(
+                Error::new(Code::PermissionDenied, "only services may publish events").into(),
+            );
         }
         let request = request.into_inner();
         validate(&ctx.tenant_id, &request)?;
@@ -127,12 +137,18 @@ impl NotificationService for Notification {
             i64::MAX
         } else {
             page.starting_after.parse::<i64>().unwrap_or_else(|_| {
-                v.add("page.starting_after", "is not a cursor returned by this API");
+                v.add(
+                    "page.starting_after",
+                    "is not a cursor returned by this API",
+                );
                 0
             })
         };
         if !request.r#type.is_empty() && !valid_event_type(&request.r#type) {
-            v.add("type", "must be dot-separated lower-case words, e.g. points.credited");
+            v.add(
+                "type",
+                "must be dot-separated lower-case words, e.g. points.credited",
+            );
         }
         v.finish()?;
         let conn = self.db.conn();
@@ -176,7 +192,11 @@ impl NotificationService for Notification {
         Ok(Response::new(pb::ListEventsResponse {
             events,
             page: Some(PageResponse {
-                next_cursor: if has_more { last_seq.to_string() } else { String::new() },
+                next_cursor: if has_more {
+                    last_seq.to_string()
+                } else {
+                    String::new()
+                },
                 has_more,
             }),
         }))

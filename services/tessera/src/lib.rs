@@ -80,9 +80,20 @@ pub async fn start(
     http: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Suite> {
+    let config = config.with_all_peers_at(grpc.local_addr()?);
+    start_with_peers(config, grpc, http, shutdown).await
+}
+
+/// Like [`start`], but keeps `config.peers` as given (tests point a peer elsewhere to
+/// simulate it being down).
+pub async fn start_with_peers(
+    config: Config,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Suite> {
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
-    let config = config.with_all_peers_at(grpc_addr);
     let components = vec![
         tessera_catalog::build(&config, shutdown.clone()).await?,
         tessera_eligibility::build(&config, shutdown.clone()).await?,
@@ -112,9 +123,18 @@ pub async fn start(
 }
 
 /// Runs one service on the listener its kind uses.
-pub async fn serve(service: Service, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    service: Service,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let http = service == Service::Gateway;
-    let listener = tessera_runtime::bin::bind(if http { config.http_addr } else { config.grpc_addr }).await?;
+    let listener = tessera_runtime::bin::bind(if http {
+        config.http_addr
+    } else {
+        config.grpc_addr
+    })
+    .await?;
     match service {
         Service::Catalog => tessera_catalog::run(config, listener, shutdown).await,
         Service::Eligibility => tessera_eligibility::run(config, listener, shutdown).await,

@@ -65,7 +65,9 @@ fn main() -> anyhow::Result<()> {
         }
         config.validate()?;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let service_name = match &cli.command {
             Command::Serve { service } => service.name(),
@@ -74,9 +76,15 @@ fn main() -> anyhow::Result<()> {
         let _telemetry = telemetry::init(&config.telemetry, service_name)?;
         match cli.command {
             Command::Up { .. } => up(config).await,
-            Command::Serve { service } => tessera::serve(service, config, shutdown::on_signal()).await,
+            Command::Serve { service } => {
+                tessera::serve(service, config, shutdown::on_signal()).await
+            }
             Command::Migrate { services } => {
-                let services = if services.is_empty() { Service::ALL.to_vec() } else { services };
+                let services = if services.is_empty() {
+                    Service::ALL.to_vec()
+                } else {
+                    services
+                };
                 for service in services {
                     tessera::migrate(service, &config).await?;
                     tracing::info!(service = service.name(), "migrated");
@@ -94,12 +102,20 @@ async fn up(config: tessera_runtime::Config) -> anyhow::Result<()> {
     let http = bind(config.http_addr).await?;
     let data_dir = config.data_dir.clone();
     let suite = tessera::start(config, grpc, http, shutdown).await?;
-    println!("Tessera is up (embedded: SQLite in {}, in-process cache)", data_dir.display());
-    println!("  gRPC    {}  (catalog, eligibility, wallet, scheduler, notification; health + reflection)", suite.grpc_addr);
+    println!(
+        "Tessera is up (embedded: SQLite in {}, in-process cache)",
+        data_dir.display()
+    );
+    println!(
+        "  gRPC    {}  (catalog, eligibility, wallet, scheduler, notification; health + reflection)",
+        suite.grpc_addr
+    );
     println!("  HTTP    http://{}", suite.http_addr);
     match &suite.new_admin_key {
         Some(key) => println!("  admin API key (tenant `default`, shown once): {key}"),
-        None => println!("  admin API key: created on first start (or TESSERA_BOOTSTRAP_ADMIN_KEY)"),
+        None => {
+            println!("  admin API key: created on first start (or TESSERA_BOOTSTRAP_ADMIN_KEY)")
+        }
     }
     println!("Press Ctrl-C to stop.");
     suite.wait().await

@@ -77,7 +77,10 @@ pub fn check_asset(v: &mut Violations, field: &str, asset: Option<&pb::Asset>) -
     let code = asset.code.as_str();
     let code_ok = match kind {
         AssetKind::Unspecified => {
-            v.add(format!("{field}.kind"), "must be POINTS, CASHBACK or GIFT_CARD");
+            v.add(
+                format!("{field}.kind"),
+                "must be POINTS, CASHBACK or GIFT_CARD",
+            );
             return None;
         }
         AssetKind::Points => {
@@ -217,7 +220,13 @@ pub async fn credit(
     let tenant = ctx.tenant_id.as_str();
     let now = now_micros();
     let transaction_id = uuid::Uuid::now_v7().to_string();
-    let customer = account(txn, tenant, Owner::Customer(&credit.customer_id), &credit.asset).await?;
+    let customer = account(
+        txn,
+        tenant,
+        Owner::Customer(&credit.customer_id),
+        &credit.asset,
+    )
+    .await?;
     let issuance = account(txn, tenant, Owner::System("issuance"), &credit.asset).await?;
     txn.execute_raw(stmt(
         txn,

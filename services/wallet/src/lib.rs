@@ -38,7 +38,12 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         &config.peers.notification_url,
         config.peer_timeout(),
     )?);
-    let relay = Relay::new(db.clone(), SERVICE, Arc::new(publisher), config.outbox.clone());
+    let relay = Relay::new(
+        db.clone(),
+        SERVICE,
+        Arc::new(publisher),
+        config.outbox.clone(),
+    );
     let service = service::Wallet {
         db: db.clone(),
         idempotency: Idempotency::new(
@@ -56,7 +61,11 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
 }
 
 /// Runs the wallet alone on `listener` until `shutdown`.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let component = build(&config, shutdown.clone()).await?;
     component::serve_one(&config, listener, component, shutdown).await
 }

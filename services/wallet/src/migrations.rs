@@ -65,11 +65,27 @@ impl MigratorTrait for Migrator {
                     index(
                         "accounts_owner_asset",
                         "accounts",
-                        &["tenant_id", "owner_kind", "owner_id", "asset_kind", "asset_code"],
+                        &[
+                            "tenant_id",
+                            "owner_kind",
+                            "owner_id",
+                            "asset_kind",
+                            "asset_code",
+                        ],
                         true,
                     ),
-                    index("postings_transaction", "postings", &["tenant_id", "transaction_id"], false),
-                    index("postings_account", "postings", &["tenant_id", "account_id"], false),
+                    index(
+                        "postings_transaction",
+                        "postings",
+                        &["tenant_id", "transaction_id"],
+                        false,
+                    ),
+                    index(
+                        "postings_account",
+                        "postings",
+                        &["tenant_id", "account_id"],
+                        false,
+                    ),
                     index(
                         "transactions_customer",
                         "transactions",

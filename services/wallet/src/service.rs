@@ -76,7 +76,8 @@ impl WalletService for Wallet {
         let mut v = Violations::new();
         ledger::check_customer_id(&mut v, "customer_id", &request.customer_id);
         v.finish()?;
-        let balances = ledger::balances(self.db.conn(), &ctx.tenant_id, &request.customer_id).await?;
+        let balances =
+            ledger::balances(self.db.conn(), &ctx.tenant_id, &request.customer_id).await?;
         Ok(Response::new(pb::GetBalanceResponse {
             customer_id: request.customer_id,
             balances,

@@ -1,0 +1,106 @@
+//! Health and reflection: every gRPC service reports SERVING on the standard health
+//! service and is listed by reflection; on shutdown health flips to NOT_SERVING before the
+//! listener closes; the HTTP probes answer. Services refuse calls without a tenant.
+
+use std::time::Duration;
+
+use tessera_proto::wallet::v1 as pb;
+use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
+use tessera_tests::{TestSuite, backend_tests};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+backend_tests!(every_service_is_serving_and_flips_on_shutdown);
+
+const SERVICES: [&str; 5] = [
+    "tessera.catalog.v1.CatalogService",
+    "tessera.eligibility.v1.EligibilityService",
+    "tessera.wallet.v1.WalletService",
+    "tessera.scheduler.v1.SchedulerService",
+    "tessera.notification.v1.NotificationService",
+];
+
+async fn status(suite: &TestSuite, service: &str) -> ServingStatus {
+    HealthClient::new(suite.channel())
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status()
+}
+
+async fn every_service_is_serving_and_flips_on_shutdown(mut suite: TestSuite) {
+    for service in SERVICES.iter().copied().chain([""]) {
+        assert_eq!(
+            status(&suite, service).await,
+            ServingStatus::Serving,
+            "{service}"
+        );
+    }
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = ServerReflectionClient::new(suite.channel())
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("list services response expected")
+    };
+    let listed: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in SERVICES {
+        assert!(
+            listed.iter().any(|l| l == service),
+            "{service} in {listed:?}"
+        );
+    }
+
+    let unauthenticated = WalletServiceClient::new(suite.channel())
+        .get_balance(pb::GetBalanceRequest {
+            customer_id: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unauthenticated.code(), tonic::Code::Unauthenticated);
+
+    for (path, expected) in [("/healthz", 200), ("/readyz", 200)] {
+        let response = suite
+            .http
+            .get(format!("{}{path}", suite.base_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), expected, "{path}");
+    }
+
+    // Restart with a drain period, trigger shutdown, and watch health flip before the
+    // listener goes away.
+    suite.stop().await;
+    let mut config = suite.config.clone();
+    config.shutdown_drain_secs = 2;
+    let mut draining = TestSuite::start_with(suite.backend, config, false).await;
+    assert_eq!(status(&draining, SERVICES[2]).await, ServingStatus::Serving);
+    draining.shutdown_token().cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for service in SERVICES.iter().copied().chain([""]) {
+        assert_eq!(
+            status(&draining, service).await,
+            ServingStatus::NotServing,
+            "{service}"
+        );
+    }
+    draining.take_suite().unwrap().wait().await.unwrap();
+    suite.cleanup().await;
+}

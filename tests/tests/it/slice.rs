@@ -1,0 +1,112 @@
+//! The thin slice: points credited through the gateway land in the wallet's ledger, the
+//! balance reads back, and the wallet's event reaches notification through the outbox.
+
+use std::time::Duration;
+
+use sea_orm::ConnectionTrait;
+use serde_json::json;
+use tessera_store::stmt;
+use tessera_tests::{TENANT, TestSuite, backend_tests, eventually};
+
+use crate::{data, events, points};
+
+backend_tests!(
+    credit_points_reads_back_and_reaches_notification,
+    ledger_stays_balanced_under_concurrent_credits
+);
+
+async fn credit_points_reads_back_and_reaches_notification(suite: TestSuite) {
+    let response = suite
+        .post(
+            "/v1/customers/alice/points",
+            Some("slice-1"),
+            &json!({"amount": 150, "reason": "welcome"}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["balance"]["available"], 150);
+    assert_eq!(body["transaction"]["amount"], 150);
+    let transaction_id = body["transaction"]["id"].as_str().unwrap().to_string();
+
+    let second = suite
+        .post(
+            "/v1/customers/alice/points",
+            Some("slice-2"),
+            &json!({"amount": 50}),
+        )
+        .await;
+    assert_eq!(second.status(), 201);
+    assert_eq!(points(&suite, "alice").await, 200);
+
+    let delivered = eventually(
+        Duration::from_secs(10),
+        "points.credited events",
+        || async {
+            let found = events(&suite, TENANT, "points.credited").await;
+            (found.len() == 2).then_some(found)
+        },
+    )
+    .await;
+    let first = delivered
+        .iter()
+        .find(|e| data(e)["transaction_id"] == transaction_id)
+        .expect("event of the first credit");
+    assert_eq!(data(first)["amount"], 150);
+    assert_eq!(data(first)["customer_id"], "alice");
+    assert_eq!(first.source, "wallet");
+    assert!(
+        !first.traceparent.is_empty(),
+        "event carries its trace context"
+    );
+    suite.cleanup().await;
+}
+
+async fn ledger_stays_balanced_under_concurrent_credits(suite: TestSuite) {
+    let credits = futures::future::join_all((1..=40).map(|i| {
+        let suite = &suite;
+        async move {
+            suite
+                .post(
+                    "/v1/customers/bob/points",
+                    Some(&format!("conc-{i}")),
+                    &json!({"amount": i}),
+                )
+                .await
+                .status()
+        }
+    }))
+    .await;
+    assert!(credits.iter().all(|s| *s == 201), "{credits:?}");
+    assert_eq!(points(&suite, "bob").await, (1..=40).sum::<i64>());
+
+    // Double entry: postings sum to zero per asset, and every balance equals its postings.
+    let db = suite.db("wallet").await;
+    let conn = db.conn();
+    let sum = conn
+        .query_one_raw(stmt(
+            conn,
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM postings WHERE tenant_id = $1",
+            [TENANT.into()],
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get_by_index::<i64>(0)
+        .unwrap();
+    assert_eq!(sum, 0);
+    let mismatched = conn
+        .query_one_raw(stmt(
+            conn,
+            "SELECT COUNT(*) FROM accounts a WHERE a.tenant_id = $1 AND a.balance <> \
+             (SELECT CAST(COALESCE(SUM(p.amount), 0) AS BIGINT) FROM postings p WHERE p.tenant_id = a.tenant_id AND p.account_id = a.id)",
+            [TENANT.into()],
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get_by_index::<i64>(0)
+        .unwrap();
+    assert_eq!(mismatched, 0);
+    suite.cleanup().await;
+}
