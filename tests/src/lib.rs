@@ -48,9 +48,11 @@ fn required() -> bool {
 /// The configuration for a fresh, isolated suite on `backend`, or None to skip.
 pub fn test_config(backend: Backend) -> Option<Config> {
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let mut config = Config::default();
-    config.data_dir = std::env::temp_dir().join(format!("tessera-test-{id}"));
-    config.bootstrap_admin_key = Some(format!("tsk_test_admin_{id}"));
+    let mut config = Config {
+        data_dir: std::env::temp_dir().join(format!("tessera-test-{id}")),
+        bootstrap_admin_key: Some(format!("tsk_test_admin_{id}")),
+        ..Config::default()
+    };
     config.outbox.poll_interval_ms = 50;
     config.database.connect_timeout_secs = 5;
     if backend == Backend::Production {

@@ -91,7 +91,7 @@ pub fn init_for_tests() -> opentelemetry_sdk::trace::InMemorySpanExporter {
                 .build();
             let tracer = provider.tracer("tessera");
             let filter = EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("warn,tessera=info"));
+                .unwrap_or_else(|_| EnvFilter::new("warn"));
             // The OTel layer sees every span (its own filter), logs are filtered separately.
             let otel = tracing_opentelemetry::layer()
                 .with_tracer(tracer)

@@ -237,7 +237,7 @@ impl Db {
         let migrating = Self::connect(config, service).await?;
         crate::migrate::run::<M>(&migrating).await?;
         migrating.conn.close().await?;
-        Ok(Self::connect(config, service).await?)
+        Self::connect(config, service).await
     }
 
     /// A readiness probe that pings this database.

@@ -110,7 +110,7 @@ impl NotificationService for Notification {
         }
         txn.commit().await.map_err(db_error)?;
         let total = u32::try_from(request.events.len()).unwrap_or(u32::MAX);
-        tracing::info!(accepted, duplicates = total - accepted, "events received");
+        tracing::debug!(accepted, duplicates = total - accepted, "events received");
         Ok(Response::new(pb::PublishEventsResponse {
             accepted,
             duplicates: total - accepted,

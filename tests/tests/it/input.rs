@@ -35,7 +35,9 @@ fn field(body: &Value) -> &str {
 
 async fn bad_input_is_refused_naming_the_field(suite: TestSuite) {
     let json = "application/json";
-    let cases: Vec<(&str, Option<&str>, &str, Vec<u8>, u16, &str)> = vec![
+    // (what, idempotency key, content type, body, expected status, expected field)
+    type Case<'a> = (&'a str, Option<&'a str>, &'a str, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "malformed JSON",
             Some("bad-1"),

@@ -1,0 +1,37 @@
+# Tessera developer tasks. `just --list` shows them all.
+
+# Backends for the production-shape test run (local PostgreSQL and Redis).
+export TESSERA_TEST_DATABASE_URL := env_var_or_default("TESSERA_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+export TESSERA_TEST_REDIS_URL := env_var_or_default("TESSERA_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+default:
+    @just --list
+
+# Format the code.
+fmt:
+    cargo fmt --all
+
+# Lints: rustfmt check and clippy with warnings denied.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# The whole test suite, on SQLite + in-process cache and on PostgreSQL + Redis.
+test:
+    TESSERA_REQUIRE_BACKENDS=1 cargo test --workspace
+
+# Lint, proto lint and test: what CI checks.
+verify: lint proto-lint test
+
+# Run the whole suite in one process on embedded defaults.
+up:
+    cargo run --release -p tessera -- up
+
+# Lint the protobuf definitions with buf (installed locally from npm on first use).
+proto-lint:
+    test -x .tools/node_modules/.bin/buf || (mkdir -p .tools && cd .tools && npm install --no-audit --no-fund --silent @bufbuild/buf)
+    cd proto && ../.tools/node_modules/.bin/buf lint
+
+# Benchmarks (release build): wallet credits through gRPC on SQLite and PostgreSQL.
+bench:
+    cargo run --release -p tessera-tests --bin bench
