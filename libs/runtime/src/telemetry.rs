@@ -90,8 +90,8 @@ pub fn init_for_tests() -> opentelemetry_sdk::trace::InMemorySpanExporter {
                 .with_simple_exporter(exporter.clone())
                 .build();
             let tracer = provider.tracer("tessera");
-            let filter = EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("warn"));
+            let filter =
+                EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
             // The OTel layer sees every span (its own filter), logs are filtered separately.
             let otel = tracing_opentelemetry::layer()
                 .with_tracer(tracer)

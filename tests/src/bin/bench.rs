@@ -64,7 +64,9 @@ async fn credits(suite: &TestSuite, label: &str) {
 
 #[tokio::main]
 async fn main() {
-    println!("wallet Credit via gRPC (idempotency key + ledger postings + outbox event per credit)");
+    println!(
+        "wallet Credit via gRPC (idempotency key + ledger postings + outbox event per credit)"
+    );
     for (backend, label) in [
         (Backend::Embedded, "SQLite + in-process cache"),
         (Backend::Production, "PostgreSQL + Redis"),
