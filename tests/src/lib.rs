@@ -201,6 +201,18 @@ impl TestSuite {
     }
 }
 
+/// Runs a query returning one integer (a count or a sum) on `db`.
+pub async fn scalar(db: &Db, sql: &str, values: Vec<sea_orm::Value>) -> i64 {
+    use sea_orm::ConnectionTrait;
+    let conn = db.conn();
+    conn.query_one_raw(tessera_store::stmt(conn, sql, values))
+        .await
+        .expect("query runs")
+        .expect("one row")
+        .try_get_by_index::<i64>(0)
+        .expect("an integer")
+}
+
 /// Polls `check` every 20 ms until it returns Some, or panics after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

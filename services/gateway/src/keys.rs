@@ -25,6 +25,16 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role.
+    pub const ALL: [Role; 6] = [
+        Role::Admin,
+        Role::Marketer,
+        Role::JuniorMarketer,
+        Role::SupportAgent,
+        Role::Touchpoint,
+        Role::Analyst,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Admin => "admin",
@@ -206,14 +216,7 @@ mod tests {
 
     #[test]
     fn roles_round_trip() {
-        for role in [
-            Role::Admin,
-            Role::Marketer,
-            Role::JuniorMarketer,
-            Role::SupportAgent,
-            Role::Touchpoint,
-            Role::Analyst,
-        ] {
+        for role in Role::ALL {
             assert_eq!(Role::parse(role.as_str()), Some(role));
         }
         assert_eq!(Role::parse("root"), None);

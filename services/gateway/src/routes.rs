@@ -182,14 +182,7 @@ async fn wallet(
     principal: Principal,
     Path(customer_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    principal.require(&[
-        Role::Admin,
-        Role::Marketer,
-        Role::JuniorMarketer,
-        Role::SupportAgent,
-        Role::Touchpoint,
-        Role::Analyst,
-    ])?;
+    principal.require(&Role::ALL)?;
     let ctx = principal.context(&request_id);
     let response = state
         .wallet

@@ -14,7 +14,7 @@ use tessera_runtime::config::OutboxConfig;
 use tessera_runtime::{Error, RequestContext};
 use tessera_store::outbox::{self, OutboxEvent, Publisher, Relay};
 use tessera_store::{Db, stmt};
-use tessera_tests::{TENANT, TestSuite, backend_tests, eventually};
+use tessera_tests::{TENANT, TestSuite, backend_tests, eventually, scalar};
 
 use crate::events;
 
@@ -25,17 +25,12 @@ backend_tests!(
 );
 
 async fn undelivered(db: &Db) -> i64 {
-    let conn = db.conn();
-    conn.query_one_raw(stmt(
-        conn,
+    scalar(
+        db,
         "SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL",
-        [],
-    ))
+        vec![],
+    )
     .await
-    .unwrap()
-    .unwrap()
-    .try_get_by_index::<i64>(0)
-    .unwrap()
 }
 
 async fn events_survive_a_restart_while_notification_is_down(suite: TestSuite) {

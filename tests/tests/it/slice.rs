@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use sea_orm::ConnectionTrait;
 use serde_json::json;
-use tessera_store::stmt;
-use tessera_tests::{TENANT, TestSuite, backend_tests, eventually};
+use tessera_tests::{TENANT, TestSuite, backend_tests, eventually, scalar};
 
 use crate::{data, events, points};
 
@@ -82,31 +80,21 @@ async fn ledger_stays_balanced_under_concurrent_credits(suite: TestSuite) {
 
     // Double entry: postings sum to zero per asset, and every balance equals its postings.
     let db = suite.db("wallet").await;
-    let conn = db.conn();
-    let sum = conn
-        .query_one_raw(stmt(
-            conn,
-            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM postings WHERE tenant_id = $1",
-            [TENANT.into()],
-        ))
-        .await
-        .unwrap()
-        .unwrap()
-        .try_get_by_index::<i64>(0)
-        .unwrap();
+    let sum = scalar(
+        &db,
+        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM postings WHERE tenant_id = $1",
+        vec![TENANT.into()],
+    )
+    .await;
     assert_eq!(sum, 0);
-    let mismatched = conn
-        .query_one_raw(stmt(
-            conn,
-            "SELECT COUNT(*) FROM accounts a WHERE a.tenant_id = $1 AND a.balance <> \
-             (SELECT CAST(COALESCE(SUM(p.amount), 0) AS BIGINT) FROM postings p WHERE p.tenant_id = a.tenant_id AND p.account_id = a.id)",
-            [TENANT.into()],
-        ))
-        .await
-        .unwrap()
-        .unwrap()
-        .try_get_by_index::<i64>(0)
-        .unwrap();
+    let mismatched = scalar(
+        &db,
+        "SELECT COUNT(*) FROM accounts a WHERE a.tenant_id = $1 AND a.balance <> \
+         (SELECT CAST(COALESCE(SUM(p.amount), 0) AS BIGINT) FROM postings p \
+         WHERE p.tenant_id = a.tenant_id AND p.account_id = a.id)",
+        vec![TENANT.into()],
+    )
+    .await;
     assert_eq!(mismatched, 0);
     suite.cleanup().await;
 }
