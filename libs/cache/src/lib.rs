@@ -34,6 +34,13 @@ pub enum CacheError {
     Corrupt(#[from] serde_json::Error),
 }
 
+/// Counts a lookup in `tessera_segment_cache_requests_total{backend, result}`.
+fn count_lookup(backend: &'static str, found: &Option<Membership>) {
+    let result = if found.is_some() { "hit" } else { "miss" };
+    metrics::counter!("tessera_segment_cache_requests_total", "backend" => backend, "result" => result)
+        .increment(1);
+}
+
 #[derive(Serialize, Deserialize)]
 struct Entry {
     generation: u64,
@@ -96,11 +103,13 @@ impl SegmentCache for MemoryCache {
     async fn get(&self, tenant: &str, customer: &str) -> Result<Option<Membership>, CacheError> {
         let inner = self.lock();
         let generation = inner.generations.get(tenant).copied().unwrap_or(0);
-        Ok(inner
+        let found = inner
             .entries
             .get(&(tenant.to_string(), customer.to_string()))
             .filter(|(expires, entry_gen, _)| *expires > Instant::now() && *entry_gen == generation)
-            .map(|(_, _, m)| m.clone()))
+            .map(|(_, _, m)| m.clone());
+        count_lookup("memory", &found);
+        Ok(found)
     }
 
     async fn put(
@@ -206,9 +215,15 @@ impl SegmentCache for RedisCache {
             .get(self.generation_key(tenant))
             .query_async(&mut conn)
             .await?;
-        let Some(entry) = entry else { return Ok(None) };
-        let entry: Entry = serde_json::from_str(&entry)?;
-        Ok((entry.generation == generation.unwrap_or(0)).then_some(entry.membership))
+        let found = match entry {
+            None => None,
+            Some(entry) => {
+                let entry: Entry = serde_json::from_str(&entry)?;
+                (entry.generation == generation.unwrap_or(0)).then_some(entry.membership)
+            }
+        };
+        count_lookup("redis", &found);
+        Ok(found)
     }
 
     async fn put(

@@ -33,6 +33,10 @@ pub struct Config {
     /// API key to install as the bootstrap admin key of the `default` tenant
     /// (`TESSERA_BOOTSTRAP_ADMIN_KEY`). When unset, `tessera up` generates one on first start.
     pub bootstrap_admin_key: Option<String>,
+    /// Where a gRPC service running alone serves Prometheus `/metrics`
+    /// (`TESSERA_METRICS_ADDR`). Unset: not served. The gateway always serves `/metrics` on
+    /// `http_addr`, which in `tessera up` covers the whole process.
+    pub metrics_addr: Option<SocketAddr>,
     /// Seconds between health flipping to NOT_SERVING and the listeners closing on shutdown,
     /// so load balancers stop routing before connections are refused.
     pub shutdown_drain_secs: u64,
@@ -145,6 +149,7 @@ impl Default for Config {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./tessera-data"),
             bootstrap_admin_key: None,
+            metrics_addr: None,
             shutdown_drain_secs: 0,
             database: DatabaseConfig::default(),
             cache: CacheConfig::default(),

@@ -89,6 +89,7 @@ where
     };
     Server::builder()
         .trace_fn(server_span)
+        .layer(crate::metrics::GrpcMetricsLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await?;

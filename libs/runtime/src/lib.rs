@@ -2,7 +2,8 @@
 //! configuration ([`config`]), telemetry and W3C trace propagation ([`telemetry`]), the error
 //! model mapped to gRPC and HTTP ([`error`]), the tenant/principal request context
 //! ([`context`]), graceful shutdown ([`shutdown`]), the gRPC server with health and
-//! reflection ([`grpc`]) and the unit a service hands to it ([`component`]).
+//! reflection ([`grpc`]), Prometheus metrics ([`metrics`]) and the unit a service hands to it
+//! ([`component`]).
 
 pub mod bin;
 pub mod component;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
 

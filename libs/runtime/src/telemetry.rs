@@ -1,4 +1,4 @@
-//! Logs and traces for every service, set up once per process by [`init`] (or
+//! Logs, traces (and the metrics recorder) for every service, set up once per process by [`init`] (or
 //! [`init_for_tests`], which records spans in memory). A tracer provider is always installed,
 //! so every request gets a trace id that is logged and propagated; spans are exported over
 //! OTLP only when an endpoint is configured. W3C trace context crosses process boundaries in
@@ -73,6 +73,7 @@ pub fn init(config: &TelemetryConfig, service: &str) -> anyhow::Result<Telemetry
             .try_init()?,
     }
     opentelemetry::global::set_tracer_provider(provider.clone());
+    crate::metrics::install();
     Ok(TelemetryGuard { provider })
 }
 
@@ -104,6 +105,7 @@ pub fn init_for_tests() -> opentelemetry_sdk::trace::InMemorySpanExporter {
                 .with(otel)
                 .with(fmt)
                 .try_init();
+            crate::metrics::install();
             // Keep the provider alive for the whole process.
             std::mem::forget(provider);
             exporter

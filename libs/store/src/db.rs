@@ -21,6 +21,8 @@ pub enum Backend {
 #[derive(Debug, Clone)]
 pub struct Db {
     conn: DatabaseConnection,
+    /// Owning service, for metric labels.
+    service: String,
     backend: Backend,
     /// PostgreSQL schema holding this service's tables.
     schema: Option<String>,
@@ -83,6 +85,7 @@ impl Db {
                     tracing::info!(service, ?backend, schema = ?schema, "database connected");
                     return Ok(Self {
                         conn,
+                        service: service.to_string(),
                         backend,
                         schema,
                         url,
@@ -240,12 +243,40 @@ impl Db {
         Self::connect(config, service).await
     }
 
-    /// A readiness probe that pings this database.
+    /// A readiness probe that pings this database and records the pool gauges
+    /// `tessera_db_pool_connections{service, state="idle"|"in_use"}`.
     pub fn probe(&self) -> tessera_runtime::component::Probe {
         let db = self.clone();
         std::sync::Arc::new(move || {
             let db = db.clone();
-            Box::pin(async move { db.ping().await.map_err(|e| e.to_string()) })
+            Box::pin(async move {
+                db.record_pool_gauges();
+                db.ping().await.map_err(|e| e.to_string())
+            })
         })
+    }
+
+    fn record_pool_gauges(&self) {
+        let (size, idle) = match self.backend {
+            Backend::Postgres => {
+                let pool = self.conn.get_postgres_connection_pool();
+                (pool.size(), pool.num_idle())
+            }
+            Backend::Sqlite => {
+                let pool = self.conn.get_sqlite_connection_pool();
+                (pool.size(), pool.num_idle())
+            }
+        };
+        let idle = u32::try_from(idle).unwrap_or(u32::MAX);
+        let gauge = |state: &'static str, value: u32| {
+            metrics::gauge!(
+                "tessera_db_pool_connections",
+                "service" => self.service.clone(),
+                "state" => state
+            )
+            .set(f64::from(value));
+        };
+        gauge("idle", idle);
+        gauge("in_use", size.saturating_sub(idle));
     }
 }

@@ -138,6 +138,9 @@ pub struct Relay {
     owner: String,
 }
 
+/// How often the relay measures its backlog for the lag gauges.
+const LAG_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Backoff after `attempts` failed deliveries: 1 s, 2 s, 4 s … capped at 5 minutes.
 fn backoff(attempts: i32) -> Duration {
     let exp = u32::try_from(attempts.clamp(1, 10) - 1).unwrap_or(0);
@@ -169,7 +172,14 @@ impl Relay {
     /// Delivers until `shutdown`; the batch in hand is finished first.
     pub async fn run(self, shutdown: CancellationToken) {
         let poll = Duration::from_millis(self.config.poll_interval_ms);
+        let mut last_report: Option<std::time::Instant> = None;
         loop {
+            if last_report.is_none_or(|t| t.elapsed() >= LAG_REPORT_INTERVAL) {
+                if let Err(err) = self.report_lag().await {
+                    tracing::warn!(source = self.source, error = %err, "outbox lag not measured");
+                }
+                last_report = Some(std::time::Instant::now());
+            }
             let delivered = match self.run_once().await {
                 Ok(n) => n,
                 Err(err) => {
@@ -232,6 +242,17 @@ impl Relay {
             .await;
         let mut delivered = Vec::new();
         for (group, result) in results {
+            let outcome = if result.is_ok() {
+                "delivered"
+            } else {
+                "failed"
+            };
+            metrics::counter!(
+                "tessera_outbox_deliveries_total",
+                "service" => self.source,
+                "outcome" => outcome
+            )
+            .increment(group.len() as u64);
             match result {
                 Ok(()) => delivered.extend(group.iter().map(|e| e.id)),
                 Err(err) => {
@@ -334,21 +355,25 @@ impl Relay {
         Ok(())
     }
 
-    /// Events not yet delivered (for metrics and tests).
-    pub async fn pending(&self) -> Result<i64, Error> {
+    /// Records `tessera_outbox_pending{service}` (events not yet delivered) and
+    /// `tessera_outbox_lag_seconds{service}` (age of the oldest of them).
+    async fn report_lag(&self) -> Result<(), Error> {
         let conn = self.db.conn();
         let row = conn
             .query_one_raw(stmt(
                 conn,
-                "SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL",
+                "SELECT COUNT(*), MIN(occurred_at) FROM outbox WHERE delivered_at IS NULL",
                 [],
             ))
             .await
-            .map_err(db_error)?;
-        row.map(|r| r.try_get_by_index::<i64>(0))
-            .transpose()
-            .map_err(db_error)
-            .map(Option::unwrap_or_default)
+            .map_err(db_error)?
+            .ok_or_else(|| Error::internal("aggregate returned no row"))?;
+        let pending: i64 = row.try_get_by_index(0).map_err(db_error)?;
+        let oldest: Option<i64> = row.try_get_by_index(1).map_err(db_error)?;
+        let lag = oldest.map_or(0.0, |t| (now_micros() - t).max(0) as f64 / 1e6);
+        metrics::gauge!("tessera_outbox_pending", "service" => self.source).set(pending as f64);
+        metrics::gauge!("tessera_outbox_lag_seconds", "service" => self.source).set(lag);
+        Ok(())
     }
 }
 

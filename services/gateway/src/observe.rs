@@ -1,6 +1,6 @@
 //! Per-request observability: a server span parented to the caller's `traceparent`, a
 //! request id (taken from `X-Request-Id` or generated), both returned in the response
-//! headers, and the final rendering of errors with that request id.
+//! headers, RED metrics per route, and the final rendering of errors with that request id.
 
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
@@ -40,12 +40,25 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
     );
     telemetry::set_remote_parent(&span, telemetry::extract_headers(req.headers()));
     req.extensions_mut().insert(RequestId(request_id.clone()));
+    let started = std::time::Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
     if let Some(PendingError(error)) = response.extensions_mut().remove::<PendingError>() {
         response = render(&error, &request_id);
     }
     let status = response.status();
     span.record("http.response.status_code", status.as_u16());
+    let labels = [("method", method.to_string()), ("route", route.clone())];
+    metrics::counter!(
+        "tessera_http_requests_total",
+        &[
+            labels[0].clone(),
+            labels[1].clone(),
+            ("status", status.as_u16().to_string())
+        ]
+    )
+    .increment(1);
+    metrics::histogram!("tessera_http_request_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
     span.in_scope(|| {
         if status.is_server_error() {
             tracing::error!(%status, "request failed");

@@ -33,6 +33,7 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
         .route("/v1/customers/{id}/wallet", get(wallet))
         .fallback(not_found)
         .with_state(state)
+        .merge(tessera_runtime::metrics::router())
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             deadline(timeout, req, next)
         }))

@@ -5,6 +5,7 @@ mod auth;
 mod health;
 mod idempotency;
 mod input;
+mod metrics;
 mod outbox;
 mod slice;
 mod trace;

@@ -1,0 +1,142 @@
+//! Prometheus metrics. One recorder per process ([`install`]); every service records
+//! through the `metrics` facade and the text exposition is served at `/metrics` (the gateway's
+//! HTTP port, or `metrics_addr` for a gRPC service running alone). The metric names are
+//! documented in `docs/metrics.md`.
+//!
+//! [`GrpcMetricsLayer`] records RED metrics for every gRPC call the server handles.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+/// Latency buckets (seconds) for every `*_duration_seconds` histogram: 0.5 ms … 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the process-wide Prometheus recorder (once) and returns its handle.
+pub fn install() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), LATENCY_BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Another recorder already installed (only possible in tests embedding us): keep ours
+        // rendering whatever reaches it.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// The Prometheus text exposition of every metric recorded so far.
+pub fn render() -> String {
+    install().render()
+}
+
+/// The `/metrics` endpoint as an axum router (mounted by the gateway, or served alone).
+pub fn router<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                render(),
+            )
+        }),
+    )
+}
+
+/// Binds `addr` and serves `/metrics` there until `shutdown` (for gRPC services running
+/// alone). Fails at once when the address cannot be bound.
+pub async fn spawn(
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = crate::bin::bind(addr).await?;
+    tracing::info!(%addr, "metrics listening");
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, router::<()>())
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(err) = served {
+            tracing::error!(%err, "metrics server failed");
+        }
+    }))
+}
+
+/// Tower layer for the gRPC server: counts calls by service, method and status code and
+/// records their latency.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcMetricsLayer;
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetrics { inner }
+    }
+}
+
+/// The service [`GrpcMetricsLayer`] wraps around the routes.
+#[derive(Debug, Clone)]
+pub struct GrpcMetrics<S> {
+    inner: S,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for GrpcMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().trim_start_matches('/').to_string();
+        let started = Instant::now();
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let result = future.await;
+            let (service, method) = path.split_once('/').unwrap_or((path.as_str(), ""));
+            // Unary errors travel in a trailers-only response, so `grpc-status` is a header;
+            // a success puts it in the trailers, which is code 0.
+            let code = match &result {
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or(tonic::Code::Ok, tonic::Code::from),
+                Err(_) => tonic::Code::Internal,
+            };
+            let labels = [
+                ("service", service.to_string()),
+                ("method", method.to_string()),
+            ];
+            metrics::counter!(
+                "tessera_grpc_server_requests_total",
+                &[
+                    labels[0].clone(),
+                    labels[1].clone(),
+                    ("code", format!("{code:?}")),
+                ]
+            )
+            .increment(1);
+            metrics::histogram!("tessera_grpc_server_request_duration_seconds", &labels)
+                .record(started.elapsed().as_secs_f64());
+            result
+        })
+    }
+}
