@@ -46,6 +46,9 @@ where
             config.grpc_addr
         })
         .await?;
+        if let (Some(addr), false) = (config.metrics_addr, http) {
+            crate::metrics::spawn(addr, shutdown.clone()).await?;
+        }
         run(config, listener, shutdown).await
     })
 }

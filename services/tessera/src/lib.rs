@@ -135,6 +135,11 @@ pub async fn serve(
         config.grpc_addr
     })
     .await?;
+    // A gRPC service running alone serves its metrics on their own port; the gateway
+    // serves them on its HTTP port.
+    if let (Some(addr), false) = (config.metrics_addr, http) {
+        tessera_runtime::metrics::spawn(addr, shutdown.clone()).await?;
+    }
     match service {
         Service::Catalog => tessera_catalog::run(config, listener, shutdown).await,
         Service::Eligibility => tessera_eligibility::run(config, listener, shutdown).await,

@@ -1,0 +1,100 @@
+{{/* Release-qualified name, 63 characters at most. */}}
+{{- define "tessera.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of one service's objects: <fullname>-<service>. */}}
+{{- define "tessera.componentName" -}}
+{{- printf "%s-%s" (include "tessera.fullname" .root) .name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tessera.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: tessera
+{{- end -}}
+
+{{- define "tessera.selectorLabels" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .name }}
+{{- end -}}
+
+{{/* The global defaults with one service's overrides applied. */}}
+{{- define "tessera.settings" -}}
+{{- $overrides := omit .svc "enabled" "service" -}}
+{{- toYaml (mergeOverwrite (deepCopy .root.Values.global) $overrides) -}}
+{{- end -}}
+
+{{- define "tessera.image" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+
+{{/* gRPC health service name of a gRPC service; empty for the gateway. */}}
+{{- define "tessera.grpcName" -}}
+{{- $names := dict "catalog" "tessera.catalog.v1.CatalogService" "eligibility" "tessera.eligibility.v1.EligibilityService" "wallet" "tessera.wallet.v1.WalletService" "campaign-scheduler" "tessera.scheduler.v1.SchedulerService" "notification" "tessera.notification.v1.NotificationService" -}}
+{{- get $names . -}}
+{{- end -}}
+
+{{- define "tessera.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "tessera.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Environment shared by every container: secrets and peers. */}}
+{{- define "tessera.secretEnv" -}}
+- name: TESSERA_DATABASE__URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.database.existingSecret }}
+      key: {{ .Values.database.urlKey }}
+- name: TESSERA_CACHE__REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.cache.existingSecret }}
+      key: {{ .Values.cache.urlKey }}
+{{- end -}}
+
+{{/* Restricted pod security (Pod Security Standards "restricted"). */}}
+{{- define "tessera.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "tessera.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: ["ALL"]
+{{- end -}}
+
+{{/* Egress every Tessera pod needs: DNS, the other services, and the configured backends. */}}
+{{- define "tessera.egress" -}}
+- ports:
+    - {port: 53, protocol: UDP}
+    - {port: 53, protocol: TCP}
+- to:
+    - podSelector:
+        matchLabels:
+          app.kubernetes.io/instance: {{ .Release.Name }}
+  ports:
+    - {port: 50051, protocol: TCP}
+{{- with .Values.networkPolicy.externalEgress }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}

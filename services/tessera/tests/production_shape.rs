@@ -1,0 +1,279 @@
+//! The production shape, as the Helm chart deploys it: `tessera migrate` (the hook Job), then
+//! one `tessera serve <service>` process per service, configured only through `TESSERA_*`
+//! environment variables, on PostgreSQL + Redis. The points flow crosses real process
+//! boundaries, each gRPC service reports SERVING, a service's metrics port answers, and every
+//! process exits cleanly on SIGTERM.
+//!
+//! Needs `TESSERA_TEST_DATABASE_URL` and `TESSERA_TEST_REDIS_URL`; skipped without them
+//! unless `TESSERA_REQUIRE_BACKENDS=1`.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tessera_proto::notification::v1 as npb;
+use tessera_proto::notification::v1::notification_service_client::NotificationServiceClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const GRPC_SERVICES: [(&str, &str, &str); 5] = [
+    ("catalog", "CATALOG", "tessera.catalog.v1.CatalogService"),
+    (
+        "eligibility",
+        "ELIGIBILITY",
+        "tessera.eligibility.v1.EligibilityService",
+    ),
+    ("wallet", "WALLET", "tessera.wallet.v1.WalletService"),
+    (
+        "campaign-scheduler",
+        "SCHEDULER",
+        "tessera.scheduler.v1.SchedulerService",
+    ),
+    (
+        "notification",
+        "NOTIFICATION",
+        "tessera.notification.v1.NotificationService",
+    ),
+];
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the processes that are still running when the test ends, whatever happened.
+struct Processes(Vec<(String, Child)>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+        }
+    }
+}
+
+fn tessera(env: &HashMap<String, String>, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    command
+        .args(args)
+        .env_clear()
+        .envs(env)
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
+    let (Ok(database), Ok(redis)) = (
+        std::env::var("TESSERA_TEST_DATABASE_URL"),
+        std::env::var("TESSERA_TEST_REDIS_URL"),
+    ) else {
+        assert!(
+            std::env::var("TESSERA_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+            "TESSERA_REQUIRE_BACKENDS=1 but the PostgreSQL/Redis URLs are not set"
+        );
+        eprintln!("skipped: PostgreSQL/Redis not configured");
+        return;
+    };
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let prefix = format!("p{}_", &id[..12]);
+    let admin_key = format!("tsk_production_shape_{id}");
+    let ports: HashMap<&str, u16> = GRPC_SERVICES
+        .iter()
+        .map(|(name, _, _)| (*name, free_port()))
+        .chain([("gateway", free_port()), ("metrics", free_port())])
+        .collect();
+    let mut env: HashMap<String, String> = HashMap::from([
+        ("TESSERA_DATABASE__URL".into(), database),
+        ("TESSERA_DATABASE__SCHEMA_PREFIX".into(), prefix.clone()),
+        ("TESSERA_DATABASE__MAX_CONNECTIONS".into(), "4".into()),
+        ("TESSERA_CACHE__REDIS_URL".into(), redis),
+        (
+            "TESSERA_CACHE__KEY_PREFIX".into(),
+            format!("tessera-shape-{id}"),
+        ),
+        ("TESSERA_BOOTSTRAP_ADMIN_KEY".into(), admin_key.clone()),
+        ("TESSERA_SHUTDOWN_DRAIN_SECS".into(), "1".into()),
+        ("TESSERA_TELEMETRY__LOG_FORMAT".into(), "json".into()),
+        ("TESSERA_TELEMETRY__LOG_FILTER".into(), "warn".into()),
+        (
+            "TESSERA_HTTP_ADDR".into(),
+            format!("127.0.0.1:{}", ports["gateway"]),
+        ),
+    ]);
+    for (name, var, _) in GRPC_SERVICES {
+        env.insert(
+            format!("TESSERA_PEERS__{var}_URL"),
+            format!("http://127.0.0.1:{}", ports[name]),
+        );
+    }
+
+    // The migrations hook.
+    let migrated = tessera(&env, &["migrate"])
+        .status()
+        .expect("tessera migrate runs");
+    assert!(migrated.success(), "tessera migrate failed");
+
+    let mut processes = Processes(Vec::new());
+    for (name, _, _) in GRPC_SERVICES {
+        let mut service_env = env.clone();
+        service_env.insert(
+            "TESSERA_GRPC_ADDR".into(),
+            format!("127.0.0.1:{}", ports[name]),
+        );
+        if name == "wallet" {
+            service_env.insert(
+                "TESSERA_METRICS_ADDR".into(),
+                format!("127.0.0.1:{}", ports["metrics"]),
+            );
+        }
+        let child = tessera(&service_env, &["serve", name])
+            .spawn()
+            .expect("spawn service");
+        processes.0.push((name.to_string(), child));
+    }
+    let gateway = tessera(&env, &["serve", "gateway"])
+        .spawn()
+        .expect("spawn gateway");
+    processes.0.push(("gateway".into(), gateway));
+
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{}", ports["gateway"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = http.get(format!("{base}/readyz")).send().await;
+        if ready.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the gateway never became ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    for (name, _, grpc_name) in GRPC_SERVICES {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", ports[name]))
+                .unwrap()
+                .connect()
+                .await
+                .expect("service reachable");
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: grpc_name.into(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::Serving, "{name}");
+    }
+
+    let credited = http
+        .post(format!("{base}/v1/customers/zoe/points"))
+        .bearer_auth(&admin_key)
+        .header("Idempotency-Key", "shape-1")
+        .json(&json!({"amount": 150, "reason": "welcome"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(credited.status(), 201);
+    let wallet: Value = http
+        .get(format!("{base}/v1/customers/zoe/wallet"))
+        .bearer_auth(&admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(wallet["balances"][0]["available"], 150);
+
+    // The wallet process's outbox reaches the notification process.
+    let channel = tonic::transport::Endpoint::from_shared(format!(
+        "http://127.0.0.1:{}",
+        ports["notification"]
+    ))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let mut notification = NotificationServiceClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut request = tonic::Request::new(npb::ListEventsRequest {
+            r#type: "points.credited".into(),
+            page: None,
+        });
+        request
+            .metadata_mut()
+            .insert("x-tessera-tenant", "default".parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("x-tessera-principal", "test".parse().unwrap());
+        let events = notification
+            .list_events(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        if events.len() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the event never reached notification"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let metrics = http
+        .get(format!("http://127.0.0.1:{}/metrics", ports["metrics"]))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"method="Credit""#),
+        "wallet metrics: {metrics}"
+    );
+
+    // SIGTERM: every process drains and exits 0.
+    for (_, child) in &processes.0 {
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (name, child) in &mut processes.0 {
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "{name} exited with {status}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{name} did not stop on SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // Clean up the schemas.
+    let mut config = tessera_runtime::Config::default();
+    config.database.url = env.get("TESSERA_DATABASE__URL").cloned();
+    config.database.schema_prefix = prefix;
+    for service in tessera::Service::ALL {
+        let db = tessera_store::Db::connect(&config, service.name())
+            .await
+            .unwrap();
+        db.drop_schema().await.unwrap();
+    }
+}
