@@ -155,6 +155,7 @@ async fn credit_points(
             }),
             amount: body.amount,
             reason: body.reason,
+            expires_at: None,
         }))
         .await?
         .into_inner();

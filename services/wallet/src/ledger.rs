@@ -1,11 +1,15 @@
 //! Ledger writes and reads. Every function takes the tenant and filters on it; writes run
-//! inside the caller's transaction.
+//! inside the caller's transaction. Every credit creates a lot; debits and expiry consume
+//! lots (recorded in `lot_consumptions`), so a balance always equals its postings and the
+//! remaining value of its lots.
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use tessera_proto::wallet::v1::{self as pb, AssetKind};
 use tessera_runtime::error::Violations;
-use tessera_runtime::{Error, RequestContext};
-use tessera_store::{db_error, now_micros, outbox, stmt};
+use tessera_runtime::{Code, Error, RequestContext};
+use tessera_store::{Backend, db_error, now_micros, outbox, stmt};
+
+use crate::programs;
 
 /// Largest single amount accepted (points or minor units); far above any real credit, far
 /// below where sums could overflow 64 bits.
@@ -208,10 +212,98 @@ pub struct Credit {
     pub asset: Asset,
     pub amount: i64,
     pub reason: String,
+    /// Explicit lot expiry (µs since the epoch); None: the programme's policy.
+    pub expires_at: Option<i64>,
 }
 
-/// Posts a credit: customer account +amount, tenant issuance account −amount, one
-/// transaction row, one outbox event.
+/// A validated debit.
+#[derive(Debug, Clone)]
+pub struct Debit {
+    pub customer_id: String,
+    pub asset: Asset,
+    pub amount: i64,
+    pub reason: String,
+}
+
+/// Records a transaction row.
+#[allow(clippy::too_many_arguments)]
+async fn transaction_row(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    id: &str,
+    kind: &str,
+    customer_id: &str,
+    asset: &Asset,
+    amount: i64,
+    reason: &str,
+    now: i64,
+) -> Result<(), Error> {
+    txn.execute_raw(stmt(
+        txn,
+        "INSERT INTO transactions (id, tenant_id, kind, customer_id, asset_kind, asset_code, \
+         amount, reason, principal, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        [
+            id.into(),
+            ctx.tenant_id.clone().into(),
+            kind.into(),
+            customer_id.into(),
+            (asset.kind as i32).into(),
+            asset.code.clone().into(),
+            amount.into(),
+            reason.into(),
+            ctx.principal.clone().into(),
+            now.into(),
+        ],
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+fn transaction_proto(
+    id: String,
+    kind: &str,
+    customer_id: &str,
+    asset: &Asset,
+    amount: i64,
+    reason: &str,
+    now: i64,
+) -> pb::Transaction {
+    pb::Transaction {
+        id,
+        customer_id: customer_id.to_string(),
+        asset: Some(asset.to_proto()),
+        amount,
+        kind: kind.into(),
+        reason: reason.to_string(),
+        created_at: Some(outbox::micros_to_timestamp(now)),
+    }
+}
+
+/// When the lot of a credit expires: the explicit expiry, else for points the programme's
+/// policy on the programme's calendar; other assets do not expire by default.
+async fn lot_expiry(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    credit: &Credit,
+    now: i64,
+) -> Result<Option<i64>, Error> {
+    if credit.expires_at.is_some() || credit.asset.kind != AssetKind::Points {
+        return Ok(credit.expires_at);
+    }
+    let program = programs::find(txn, tenant, &credit.asset.code)
+        .await?
+        .unwrap_or_else(|| programs::Program::unconfigured(&credit.asset.code));
+    let earned =
+        chrono::DateTime::from_timestamp_micros(now).ok_or_else(|| Error::internal("clock"))?;
+    Ok(program
+        .expiry
+        .expires_at(earned, program.time_zone)
+        .map(|t| t.timestamp_micros()))
+}
+
+/// Posts a credit: customer account +amount, tenant issuance account −amount, a lot with its
+/// expiry, one transaction row, one outbox event.
 pub async fn credit(
     txn: &DatabaseTransaction,
     ctx: &RequestContext,
@@ -228,26 +320,37 @@ pub async fn credit(
     )
     .await?;
     let issuance = account(txn, tenant, Owner::System("issuance"), &credit.asset).await?;
+    transaction_row(
+        txn,
+        ctx,
+        &transaction_id,
+        "credit",
+        &credit.customer_id,
+        &credit.asset,
+        credit.amount,
+        &credit.reason,
+        now,
+    )
+    .await?;
+    let expires_at = lot_expiry(txn, tenant, credit, now).await?;
     txn.execute_raw(stmt(
         txn,
-        "INSERT INTO transactions (id, tenant_id, kind, customer_id, asset_kind, asset_code, \
-         amount, reason, principal, created_at) VALUES ($1, $2, 'credit', $3, $4, $5, $6, $7, $8, $9)",
+        "INSERT INTO lots (tenant_id, account_id, transaction_id, amount, remaining, earned_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $4, $5, $6)",
         [
-            transaction_id.clone().into(),
             tenant.into(),
-            credit.customer_id.clone().into(),
-            (credit.asset.kind as i32).into(),
-            credit.asset.code.clone().into(),
+            customer.clone().into(),
+            transaction_id.clone().into(),
             credit.amount.into(),
-            credit.reason.clone().into(),
-            ctx.principal.clone().into(),
             now.into(),
+            expires_at.into(),
         ],
     ))
     .await
     .map_err(db_error)?;
-    let balance = post(txn, tenant, &transaction_id, &customer, credit.amount, now).await?;
+    post(txn, tenant, &transaction_id, &customer, credit.amount, now).await?;
     post(txn, tenant, &transaction_id, &issuance, -credit.amount, now).await?;
+    let balance = account_balance(txn, tenant, &credit.customer_id, &credit.asset, now).await?;
     outbox::enqueue(
         txn,
         tenant,
@@ -257,52 +360,344 @@ pub async fn credit(
             "customer_id": credit.customer_id,
             "asset": { "kind": credit.asset.event_prefix(), "code": credit.asset.code },
             "amount": credit.amount,
-            "balance": balance,
+            "balance": balance.available,
+            "expires_at": expires_at.and_then(chrono::DateTime::from_timestamp_micros),
             "reason": credit.reason,
         }),
     )
     .await?;
     Ok(pb::CreditResponse {
-        transaction: Some(pb::Transaction {
-            id: transaction_id,
-            customer_id: credit.customer_id.clone(),
-            asset: Some(credit.asset.to_proto()),
-            amount: credit.amount,
-            kind: "credit".into(),
-            reason: credit.reason.clone(),
-            created_at: Some(outbox::micros_to_timestamp(now)),
-        }),
-        balance: Some(pb::Balance {
-            asset: Some(credit.asset.to_proto()),
-            available: balance,
-        }),
+        transaction: Some(transaction_proto(
+            transaction_id,
+            "credit",
+            &credit.customer_id,
+            &credit.asset,
+            credit.amount,
+            &credit.reason,
+            now,
+        )),
+        balance: Some(balance),
     })
 }
 
-/// Balances of every account of one customer.
+/// Spends from a customer's account, consuming spendable lots first-to-expire first. On
+/// PostgreSQL the account row is locked for the transaction, so concurrent debits of one
+/// account run one after the other and can never overspend; SQLite's write transaction
+/// (`BEGIN IMMEDIATE`) gives the same guarantee.
+pub async fn debit(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    backend: Backend,
+    debit: &Debit,
+) -> Result<pb::DebitResponse, Error> {
+    let tenant = ctx.tenant_id.as_str();
+    let now = now_micros();
+    let lock = if backend == Backend::Postgres {
+        " FOR UPDATE"
+    } else {
+        ""
+    };
+    let account_row = txn
+        .query_one_raw(stmt(
+            txn,
+            &format!(
+                "SELECT id FROM accounts WHERE tenant_id = $1 AND owner_kind = 'customer' \
+                 AND owner_id = $2 AND asset_kind = $3 AND asset_code = $4{lock}"
+            ),
+            [
+                tenant.into(),
+                debit.customer_id.clone().into(),
+                (debit.asset.kind as i32).into(),
+                debit.asset.code.clone().into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+    let insufficient = |available: i64| {
+        Error::new(
+            Code::FailedPrecondition,
+            format!(
+                "insufficient balance: {available} available, {} requested",
+                debit.amount
+            ),
+        )
+        .with_reason("INSUFFICIENT_BALANCE")
+    };
+    let Some(account_row) = account_row else {
+        return Err(insufficient(0));
+    };
+    let customer: String = account_row.try_get_by_index(0).map_err(db_error)?;
+    let lots = txn
+        .query_all_raw(stmt(
+            txn,
+            "SELECT id, remaining FROM lots WHERE tenant_id = $1 AND account_id = $2 \
+             AND remaining > 0 AND (expires_at IS NULL OR expires_at > $3) \
+             ORDER BY CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END, expires_at, earned_at, id",
+            [tenant.into(), customer.clone().into(), now.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    let lots: Vec<(i64, i64)> = lots
+        .iter()
+        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
+        .collect::<Result<_, sea_orm::DbErr>>()
+        .map_err(db_error)?;
+    let available: i64 = lots.iter().map(|(_, remaining)| remaining).sum();
+    if available < debit.amount {
+        return Err(insufficient(available));
+    }
+    let transaction_id = uuid::Uuid::now_v7().to_string();
+    transaction_row(
+        txn,
+        ctx,
+        &transaction_id,
+        "debit",
+        &debit.customer_id,
+        &debit.asset,
+        -debit.amount,
+        &debit.reason,
+        now,
+    )
+    .await?;
+    let mut left = debit.amount;
+    for (lot, remaining) in lots {
+        if left == 0 {
+            break;
+        }
+        let take = remaining.min(left);
+        left -= take;
+        txn.execute_raw(stmt(
+            txn,
+            "UPDATE lots SET remaining = remaining - $1 WHERE tenant_id = $2 AND id = $3",
+            [take.into(), tenant.into(), lot.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+        txn.execute_raw(stmt(
+            txn,
+            "INSERT INTO lot_consumptions (tenant_id, transaction_id, lot_id, amount) VALUES ($1, $2, $3, $4)",
+            [tenant.into(), transaction_id.clone().into(), lot.into(), take.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    }
+    let redemption = account(txn, tenant, Owner::System("redemption"), &debit.asset).await?;
+    post(txn, tenant, &transaction_id, &customer, -debit.amount, now).await?;
+    post(txn, tenant, &transaction_id, &redemption, debit.amount, now).await?;
+    let balance = account_balance(txn, tenant, &debit.customer_id, &debit.asset, now).await?;
+    outbox::enqueue(
+        txn,
+        tenant,
+        &format!("{}.debited", debit.asset.event_prefix()),
+        &serde_json::json!({
+            "transaction_id": transaction_id,
+            "customer_id": debit.customer_id,
+            "asset": { "kind": debit.asset.event_prefix(), "code": debit.asset.code },
+            "amount": debit.amount,
+            "balance": balance.available,
+            "reason": debit.reason,
+        }),
+    )
+    .await?;
+    Ok(pb::DebitResponse {
+        transaction: Some(transaction_proto(
+            transaction_id,
+            "debit",
+            &debit.customer_id,
+            &debit.asset,
+            -debit.amount,
+            &debit.reason,
+            now,
+        )),
+        balance: Some(balance),
+    })
+}
+
+/// Most accounts one `ExpireDue` call sweeps; a caller repeats the call until it reports
+/// nothing expired.
+pub const EXPIRE_BATCH: i64 = 5_000;
+
+/// Expires the due lots of the tenant (of up to [`EXPIRE_BATCH`] accounts): per account, one expiry
+/// transaction moving the remaining value to the tenant's expiry account, and one event.
+/// Accounts are locked (PostgreSQL) in id order before their lots, like debits do, so a sweep
+/// and a debit never deadlock.
+pub async fn expire_due(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    backend: Backend,
+) -> Result<pb::ExpireDueResponse, Error> {
+    let tenant = ctx.tenant_id.as_str();
+    let now = now_micros();
+    let accounts = txn
+        .query_all_raw(stmt(
+            txn,
+            "SELECT DISTINCT account_id FROM lots WHERE tenant_id = $1 AND remaining > 0 \
+             AND expires_at IS NOT NULL AND expires_at <= $2 ORDER BY account_id LIMIT $3",
+            [tenant.into(), now.into(), EXPIRE_BATCH.into()],
+        ))
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(|r| r.try_get_by_index::<String>(0))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_error)?;
+    let lock = if backend == Backend::Postgres {
+        " FOR UPDATE"
+    } else {
+        ""
+    };
+    let mut response = pb::ExpireDueResponse::default();
+    for account_id in accounts {
+        let row = txn
+            .query_one_raw(stmt(
+                txn,
+                &format!(
+                    "SELECT owner_id, asset_kind, asset_code FROM accounts \
+                     WHERE tenant_id = $1 AND id = $2{lock}"
+                ),
+                [tenant.into(), account_id.clone().into()],
+            ))
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Error::internal("lot of a missing account"))?;
+        let customer_id: String = row.try_get_by_index(0).map_err(db_error)?;
+        let asset = Asset {
+            kind: AssetKind::try_from(row.try_get_by_index::<i32>(1).map_err(db_error)?)
+                .unwrap_or(AssetKind::Unspecified),
+            code: row.try_get_by_index(2).map_err(db_error)?,
+        };
+        let due = txn
+            .query_all_raw(stmt(
+                txn,
+                "SELECT id, remaining FROM lots WHERE tenant_id = $1 AND account_id = $2 \
+                 AND remaining > 0 AND expires_at IS NOT NULL AND expires_at <= $3",
+                [tenant.into(), account_id.clone().into(), now.into()],
+            ))
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(|r| Ok((r.try_get_by_index::<i64>(0)?, r.try_get_by_index::<i64>(1)?)))
+            .collect::<Result<Vec<_>, sea_orm::DbErr>>()
+            .map_err(db_error)?;
+        let amount: i64 = due.iter().map(|(_, remaining)| remaining).sum();
+        if amount == 0 {
+            continue;
+        }
+        let transaction_id = uuid::Uuid::now_v7().to_string();
+        transaction_row(
+            txn,
+            ctx,
+            &transaction_id,
+            "expiry",
+            &customer_id,
+            &asset,
+            -amount,
+            "expired",
+            now,
+        )
+        .await?;
+        for (lot, remaining) in &due {
+            txn.execute_raw(stmt(
+                txn,
+                "UPDATE lots SET remaining = 0 WHERE tenant_id = $1 AND id = $2",
+                [tenant.into(), (*lot).into()],
+            ))
+            .await
+            .map_err(db_error)?;
+            txn.execute_raw(stmt(
+                txn,
+                "INSERT INTO lot_consumptions (tenant_id, transaction_id, lot_id, amount) VALUES ($1, $2, $3, $4)",
+                [tenant.into(), transaction_id.clone().into(), (*lot).into(), (*remaining).into()],
+            ))
+            .await
+            .map_err(db_error)?;
+        }
+        let expiry = account(txn, tenant, Owner::System("expiry"), &asset).await?;
+        post(txn, tenant, &transaction_id, &account_id, -amount, now).await?;
+        post(txn, tenant, &transaction_id, &expiry, amount, now).await?;
+        outbox::enqueue(
+            txn,
+            tenant,
+            &format!("{}.expired", asset.event_prefix()),
+            &serde_json::json!({
+                "transaction_id": transaction_id,
+                "customer_id": customer_id,
+                "asset": { "kind": asset.event_prefix(), "code": asset.code },
+                "amount": amount,
+                "lots": due.len(),
+            }),
+        )
+        .await?;
+        response.lots_expired += u32::try_from(due.len()).unwrap_or(u32::MAX);
+        response.accounts += 1;
+        response.amount_expired += amount;
+    }
+    Ok(response)
+}
+
+/// The balance of one customer account (zero when it does not exist).
+async fn account_balance<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &str,
+    customer_id: &str,
+    asset: &Asset,
+    now: i64,
+) -> Result<pb::Balance, Error> {
+    Ok(balances(conn, tenant, customer_id, now)
+        .await?
+        .into_iter()
+        .find(|b| b.asset.as_ref() == Some(&asset.to_proto()))
+        .unwrap_or_else(|| pb::Balance {
+            asset: Some(asset.to_proto()),
+            ..Default::default()
+        }))
+}
+
+/// Balances of every account of one customer, as of `now`: the balance row less value that
+/// has expired but not been swept yet, and what expires within 30/60/90 days.
 pub async fn balances<C: ConnectionTrait>(
     conn: &C,
     tenant: &str,
     customer_id: &str,
+    now: i64,
 ) -> Result<Vec<pb::Balance>, Error> {
+    const DAY: i64 = 86_400 * 1_000_000;
     let rows = conn
         .query_all_raw(stmt(
             conn,
-            "SELECT asset_kind, asset_code, balance FROM accounts \
-             WHERE tenant_id = $1 AND owner_kind = 'customer' AND owner_id = $2 \
-             ORDER BY asset_kind, asset_code",
-            [tenant.into(), customer_id.into()],
+            "SELECT a.asset_kind, a.asset_code, a.balance, \
+             CAST(COALESCE(SUM(CASE WHEN l.expires_at <= $3 THEN l.remaining ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN l.expires_at > $3 AND l.expires_at <= $4 THEN l.remaining ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN l.expires_at > $3 AND l.expires_at <= $5 THEN l.remaining ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN l.expires_at > $3 AND l.expires_at <= $6 THEN l.remaining ELSE 0 END), 0) AS BIGINT) \
+             FROM accounts a LEFT JOIN lots l ON l.tenant_id = a.tenant_id AND l.account_id = a.id \
+             AND l.remaining > 0 AND l.expires_at IS NOT NULL \
+             WHERE a.tenant_id = $1 AND a.owner_kind = 'customer' AND a.owner_id = $2 \
+             GROUP BY a.asset_kind, a.asset_code, a.balance ORDER BY a.asset_kind, a.asset_code",
+            [
+                tenant.into(),
+                customer_id.into(),
+                now.into(),
+                (now + 30 * DAY).into(),
+                (now + 60 * DAY).into(),
+                (now + 90 * DAY).into(),
+            ],
         ))
         .await
         .map_err(db_error)?;
     rows.iter()
         .map(|row| {
+            let balance: i64 = row.try_get_by_index(2)?;
+            let expired: i64 = row.try_get_by_index(3)?;
             Ok(pb::Balance {
                 asset: Some(pb::Asset {
                     kind: row.try_get_by_index(0)?,
                     code: row.try_get_by_index(1)?,
                 }),
-                available: row.try_get_by_index(2)?,
+                available: balance - expired,
+                expiring_30d: row.try_get_by_index(4)?,
+                expiring_60d: row.try_get_by_index(5)?,
+                expiring_90d: row.try_get_by_index(6)?,
             })
         })
         .collect::<Result<_, sea_orm::DbErr>>()

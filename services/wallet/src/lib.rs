@@ -3,8 +3,10 @@
 //! system account, written together with its balance update, its idempotency record and its
 //! outbox event in one database transaction.
 
+mod expiry;
 mod ledger;
 mod migrations;
+mod programs;
 mod service;
 
 use std::sync::Arc;

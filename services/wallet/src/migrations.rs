@@ -1,5 +1,7 @@
 //! The wallet's tables: accounts (one per owner and asset, with a balance kept in step with
-//! the postings), transactions and their postings; plus the shared plumbing tables.
+//! the postings), transactions and their postings, lots (what each credit added and what is
+//! left of it, with its expiry) and which lots each debit consumed, programmes; plus the
+//! shared plumbing tables.
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 use tessera_store::migrate::{Migration, col, index, plumbing, table};
@@ -92,6 +94,60 @@ impl MigratorTrait for Migrator {
                         &["tenant_id", "customer_id", "created_at"],
                         false,
                     ),
+                ]
+            },
+        }));
+        all.push(Box::new(Migration {
+            name: "m0101_lots_and_programs",
+            tables: || {
+                vec![
+                    table(
+                        "programs",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("id"),
+                            col::text("time_zone"),
+                            col::text("expiry"),
+                            col::big("created_at"),
+                            col::big("updated_at"),
+                        ],
+                        &["tenant_id", "id"],
+                    ),
+                    table(
+                        "lots",
+                        vec![
+                            col::serial("id"),
+                            col::text("tenant_id"),
+                            col::text("account_id"),
+                            col::text("transaction_id"),
+                            col::big("amount"),
+                            col::big("remaining"),
+                            col::big("earned_at"),
+                            col::big_null("expires_at"),
+                        ],
+                        &[],
+                    ),
+                    table(
+                        "lot_consumptions",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("transaction_id"),
+                            col::big("lot_id"),
+                            col::big("amount"),
+                        ],
+                        &["tenant_id", "transaction_id", "lot_id"],
+                    ),
+                ]
+            },
+            indexes: || {
+                vec![
+                    index(
+                        "lots_account",
+                        "lots",
+                        &["tenant_id", "account_id", "remaining"],
+                        false,
+                    ),
+                    index("lots_due", "lots", &["tenant_id", "expires_at"], false),
                 ]
             },
         }));

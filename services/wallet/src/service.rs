@@ -4,14 +4,16 @@
 use std::sync::Arc;
 
 use tessera_proto::wallet::v1::{self as pb, wallet_service_server::WalletService};
+use tessera_runtime::Error;
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
-use tessera_store::Db;
 use tessera_store::idempotency::Idempotency;
+use tessera_store::{Db, now_micros};
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
-use crate::ledger::{self, Credit};
+use crate::ledger::{self, Credit, Debit};
+use crate::programs::{self, Program};
 
 pub struct Wallet {
     pub db: Db,
@@ -22,16 +24,19 @@ pub struct Wallet {
 impl Wallet {
     fn validate_credit(request: &pb::CreditRequest) -> Result<Credit, Status> {
         let mut v = Violations::new();
-        if let Err(e) = tessera_store::idempotency::validate_key(&request.idempotency_key) {
-            for violation in e.field_violations {
-                v.add(violation.field, violation.description);
-            }
-        }
+        check_idempotency_key(&mut v, &request.idempotency_key);
         ledger::check_customer_id(&mut v, "customer_id", &request.customer_id);
         let asset = ledger::check_asset(&mut v, "asset", request.asset.as_ref());
         ledger::check_amount(&mut v, "amount", request.amount);
         if request.reason.chars().count() > 500 {
             v.add("reason", "must be at most 500 characters");
+        }
+        let expires_at = request
+            .expires_at
+            .as_ref()
+            .map(|t| t.seconds.saturating_mul(1_000_000) + i64::from(t.nanos) / 1_000);
+        if expires_at.is_some_and(|t| t <= now_micros()) {
+            v.add("expires_at", "must be in the future");
         }
         v.finish()?;
         Ok(Credit {
@@ -39,7 +44,34 @@ impl Wallet {
             asset: asset.ok_or_else(|| Status::internal("asset validated but missing"))?,
             amount: request.amount,
             reason: request.reason.clone(),
+            expires_at,
         })
+    }
+
+    fn validate_debit(request: &pb::DebitRequest) -> Result<Debit, Status> {
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        ledger::check_customer_id(&mut v, "customer_id", &request.customer_id);
+        let asset = ledger::check_asset(&mut v, "asset", request.asset.as_ref());
+        ledger::check_amount(&mut v, "amount", request.amount);
+        if request.reason.chars().count() > 500 {
+            v.add("reason", "must be at most 500 characters");
+        }
+        v.finish()?;
+        Ok(Debit {
+            customer_id: request.customer_id.clone(),
+            asset: asset.ok_or_else(|| Status::internal("asset validated but missing"))?,
+            amount: request.amount,
+            reason: request.reason.clone(),
+        })
+    }
+}
+
+fn check_idempotency_key(v: &mut Violations, key: &str) {
+    if let Err(e) = tessera_store::idempotency::validate_key(key) {
+        for violation in e.field_violations {
+            v.add(violation.field, violation.description);
+        }
     }
 }
 
@@ -76,11 +108,111 @@ impl WalletService for Wallet {
         let mut v = Violations::new();
         ledger::check_customer_id(&mut v, "customer_id", &request.customer_id);
         v.finish()?;
-        let balances =
-            ledger::balances(self.db.conn(), &ctx.tenant_id, &request.customer_id).await?;
+        let balances = ledger::balances(
+            self.db.conn(),
+            &ctx.tenant_id,
+            &request.customer_id,
+            now_micros(),
+        )
+        .await?;
         Ok(Response::new(pb::GetBalanceResponse {
             customer_id: request.customer_id,
             balances,
+        }))
+    }
+
+    async fn debit(
+        &self,
+        request: Request<pb::DebitRequest>,
+    ) -> Result<Response<pb::DebitResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let debit = Self::validate_debit(&request)?;
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "wallet.Debit",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move { ledger::debit(txn, &work_ctx, backend, &debit).await })
+                },
+            )
+            .await?;
+        self.relay_wake.notify_one();
+        Ok(Response::new(response))
+    }
+
+    async fn expire_due(
+        &self,
+        request: Request<pb::ExpireDueRequest>,
+    ) -> Result<Response<pb::ExpireDueResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        v.finish()?;
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "wallet.ExpireDue",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move { ledger::expire_due(txn, &work_ctx, backend).await })
+                },
+            )
+            .await?;
+        self.relay_wake.notify_one();
+        Ok(Response::new(response))
+    }
+
+    async fn upsert_program(
+        &self,
+        request: Request<pb::UpsertProgramRequest>,
+    ) -> Result<Response<pb::UpsertProgramResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        v.finish()?;
+        let program = Program::from_proto(request.program.as_ref())?;
+        let tenant = ctx.tenant_id.clone();
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "wallet.UpsertProgram",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        programs::upsert(txn, &tenant, &program).await?;
+                        Ok(pb::UpsertProgramResponse {
+                            program: Some(program.to_proto()),
+                        })
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_program(
+        &self,
+        request: Request<pb::GetProgramRequest>,
+    ) -> Result<Response<pb::GetProgramResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let id = request.into_inner().id;
+        let program = programs::find(self.db.conn(), &ctx.tenant_id, &id)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("programme `{id}`")))?;
+        Ok(Response::new(pb::GetProgramResponse {
+            program: Some(program.to_proto()),
         }))
     }
 }

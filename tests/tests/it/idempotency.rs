@@ -29,6 +29,7 @@ fn credit_request(key: &str, customer: &str, amount: i64) -> pb::CreditRequest {
         }),
         amount,
         reason: String::new(),
+        expires_at: None,
     }
 }
 

@@ -9,6 +9,7 @@ mod metrics;
 mod outbox;
 mod slice;
 mod trace;
+mod wallet;
 
 use serde_json::Value;
 use tessera_proto::notification::v1 as npb;
