@@ -225,6 +225,32 @@ pub struct Debit {
     pub reason: String,
 }
 
+/// Takes `amount` out of a lot for a transaction (a debit or an expiry), recording which lot
+/// paid for it so a reversal can restore it.
+async fn consume_lot(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    transaction_id: &str,
+    lot: i64,
+    amount: i64,
+) -> Result<(), Error> {
+    txn.execute_raw(stmt(
+        txn,
+        "UPDATE lots SET remaining = remaining - $1 WHERE tenant_id = $2 AND id = $3",
+        [amount.into(), tenant.into(), lot.into()],
+    ))
+    .await
+    .map_err(db_error)?;
+    txn.execute_raw(stmt(
+        txn,
+        "INSERT INTO lot_consumptions (tenant_id, transaction_id, lot_id, amount) VALUES ($1, $2, $3, $4)",
+        [tenant.into(), transaction_id.into(), lot.into(), amount.into()],
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
 /// Records a transaction row.
 #[allow(clippy::too_many_arguments)]
 async fn transaction_row(
@@ -466,20 +492,7 @@ pub async fn debit(
         }
         let take = remaining.min(left);
         left -= take;
-        txn.execute_raw(stmt(
-            txn,
-            "UPDATE lots SET remaining = remaining - $1 WHERE tenant_id = $2 AND id = $3",
-            [take.into(), tenant.into(), lot.into()],
-        ))
-        .await
-        .map_err(db_error)?;
-        txn.execute_raw(stmt(
-            txn,
-            "INSERT INTO lot_consumptions (tenant_id, transaction_id, lot_id, amount) VALUES ($1, $2, $3, $4)",
-            [tenant.into(), transaction_id.clone().into(), lot.into(), take.into()],
-        ))
-        .await
-        .map_err(db_error)?;
+        consume_lot(txn, tenant, &transaction_id, lot, take).await?;
     }
     let redemption = account(txn, tenant, Owner::System("redemption"), &debit.asset).await?;
     post(txn, tenant, &transaction_id, &customer, -debit.amount, now).await?;
@@ -597,20 +610,7 @@ pub async fn expire_due(
         )
         .await?;
         for (lot, remaining) in &due {
-            txn.execute_raw(stmt(
-                txn,
-                "UPDATE lots SET remaining = 0 WHERE tenant_id = $1 AND id = $2",
-                [tenant.into(), (*lot).into()],
-            ))
-            .await
-            .map_err(db_error)?;
-            txn.execute_raw(stmt(
-                txn,
-                "INSERT INTO lot_consumptions (tenant_id, transaction_id, lot_id, amount) VALUES ($1, $2, $3, $4)",
-                [tenant.into(), transaction_id.clone().into(), (*lot).into(), (*remaining).into()],
-            ))
-            .await
-            .map_err(db_error)?;
+            consume_lot(txn, tenant, &transaction_id, *lot, *remaining).await?;
         }
         let expiry = account(txn, tenant, Owner::System("expiry"), &asset).await?;
         post(txn, tenant, &transaction_id, &account_id, -amount, now).await?;

@@ -3,10 +3,12 @@
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
+use sea_orm::DatabaseTransaction;
 use tessera_proto::wallet::v1::{self as pb, wallet_service_server::WalletService};
-use tessera_runtime::Error;
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
+use tessera_runtime::{Error, RequestContext};
 use tessera_store::idempotency::Idempotency;
 use tessera_store::{Db, now_micros};
 use tokio::sync::Notify;
@@ -22,6 +24,26 @@ pub struct Wallet {
 }
 
 impl Wallet {
+    /// Runs a ledger mutation at most once per idempotency key, then wakes the outbox relay
+    /// so the events it wrote leave at once.
+    async fn mutate<Req, R, F>(
+        &self,
+        ctx: &RequestContext,
+        scope: &str,
+        key: &str,
+        request: &Req,
+        work: F,
+    ) -> Result<R, Status>
+    where
+        Req: prost::Message,
+        R: prost::Message + Default,
+        F: for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<R, Error>>,
+    {
+        let response = self.idempotency.run(ctx, scope, key, request, work).await?;
+        self.relay_wake.notify_one();
+        Ok(response)
+    }
+
     fn validate_credit(request: &pb::CreditRequest) -> Result<Credit, Status> {
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
@@ -86,8 +108,7 @@ impl WalletService for Wallet {
         let credit = Self::validate_credit(&request)?;
         let work_ctx = ctx.clone();
         let response = self
-            .idempotency
-            .run(
+            .mutate(
                 &ctx,
                 "wallet.Credit",
                 &request.idempotency_key,
@@ -95,7 +116,6 @@ impl WalletService for Wallet {
                 move |txn| Box::pin(async move { ledger::credit(txn, &work_ctx, &credit).await }),
             )
             .await?;
-        self.relay_wake.notify_one();
         Ok(Response::new(response))
     }
 
@@ -130,8 +150,7 @@ impl WalletService for Wallet {
         let debit = Self::validate_debit(&request)?;
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
-            .idempotency
-            .run(
+            .mutate(
                 &ctx,
                 "wallet.Debit",
                 &request.idempotency_key,
@@ -141,7 +160,6 @@ impl WalletService for Wallet {
                 },
             )
             .await?;
-        self.relay_wake.notify_one();
         Ok(Response::new(response))
     }
 
@@ -156,8 +174,7 @@ impl WalletService for Wallet {
         v.finish()?;
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
-            .idempotency
-            .run(
+            .mutate(
                 &ctx,
                 "wallet.ExpireDue",
                 &request.idempotency_key,
@@ -167,7 +184,6 @@ impl WalletService for Wallet {
                 },
             )
             .await?;
-        self.relay_wake.notify_one();
         Ok(Response::new(response))
     }
 
@@ -183,8 +199,7 @@ impl WalletService for Wallet {
         let program = Program::from_proto(request.program.as_ref())?;
         let tenant = ctx.tenant_id.clone();
         let response = self
-            .idempotency
-            .run(
+            .mutate(
                 &ctx,
                 "wallet.UpsertProgram",
                 &request.idempotency_key,

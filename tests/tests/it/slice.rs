@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tessera_tests::{TENANT, TestSuite, backend_tests, eventually, scalar};
+use tessera_tests::{TENANT, TestSuite, backend_tests, eventually};
 
-use crate::{data, events, points};
+use crate::{assert_ledger_invariants, data, events, points};
 
 backend_tests!(
     credit_points_reads_back_and_reaches_notification,
@@ -78,23 +78,6 @@ async fn ledger_stays_balanced_under_concurrent_credits(suite: TestSuite) {
     assert!(credits.iter().all(|s| *s == 201), "{credits:?}");
     assert_eq!(points(&suite, "bob").await, (1..=40).sum::<i64>());
 
-    // Double entry: postings sum to zero per asset, and every balance equals its postings.
-    let db = suite.db("wallet").await;
-    let sum = scalar(
-        &db,
-        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM postings WHERE tenant_id = $1",
-        vec![TENANT.into()],
-    )
-    .await;
-    assert_eq!(sum, 0);
-    let mismatched = scalar(
-        &db,
-        "SELECT COUNT(*) FROM accounts a WHERE a.tenant_id = $1 AND a.balance <> \
-         (SELECT CAST(COALESCE(SUM(p.amount), 0) AS BIGINT) FROM postings p \
-         WHERE p.tenant_id = a.tenant_id AND p.account_id = a.id)",
-        vec![TENANT.into()],
-    )
-    .await;
-    assert_eq!(mismatched, 0);
+    assert_ledger_invariants(&suite).await;
     suite.cleanup().await;
 }

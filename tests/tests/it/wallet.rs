@@ -9,9 +9,9 @@ use std::time::Duration;
 use tessera_proto::wallet::v1 as pb;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::grpc::Channel;
-use tessera_tests::{TENANT, TestSuite, backend_tests, eventually, scalar};
+use tessera_tests::{TENANT, TestSuite, backend_tests, eventually};
 
-use crate::events;
+use crate::{assert_ledger_invariants, events};
 
 backend_tests!(
     debits_spend_first_to_expire_and_never_overdraw,
@@ -84,32 +84,6 @@ async fn balance(
         .into_iter()
         .next()
         .unwrap_or_default()
-}
-
-/// Postings sum to zero; every customer balance equals its postings and its lots' remainder.
-async fn assert_ledger_invariants(suite: &TestSuite) {
-    let db = suite.db("wallet").await;
-    let sum = scalar(
-        &db,
-        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM postings WHERE tenant_id = $1",
-        vec![TENANT.into()],
-    )
-    .await;
-    assert_eq!(sum, 0, "postings balance");
-    let wrong = scalar(
-        &db,
-        "SELECT COUNT(*) FROM accounts a WHERE a.tenant_id = $1 AND a.owner_kind = 'customer' AND (\
-         a.balance <> (SELECT CAST(COALESCE(SUM(p.amount), 0) AS BIGINT) FROM postings p \
-                       WHERE p.tenant_id = a.tenant_id AND p.account_id = a.id) OR \
-         a.balance <> (SELECT CAST(COALESCE(SUM(l.remaining), 0) AS BIGINT) FROM lots l \
-                       WHERE l.tenant_id = a.tenant_id AND l.account_id = a.id) OR a.balance < 0)",
-        vec![TENANT.into()],
-    )
-    .await;
-    assert_eq!(
-        wrong, 0,
-        "balances equal their postings and lots, never negative"
-    );
 }
 
 async fn debits_spend_first_to_expire_and_never_overdraw(suite: TestSuite) {
