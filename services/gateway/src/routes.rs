@@ -31,6 +31,8 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/customers/{id}/points", post(credit_points))
         .route("/v1/customers/{id}/wallet", get(wallet))
+        .route("/v1/customers/{id}/wallet/transactions", get(transactions))
+        .route("/v1/customers/{id}/wallet/adjustments", post(adjust))
         .fallback(not_found)
         .with_state(state)
         .merge(tessera_runtime::metrics::router())
@@ -129,7 +131,30 @@ fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Value {
 }
 
 fn balance_json(b: &pb::Balance) -> Value {
-    json!({ "asset": asset_json(b.asset.as_ref()), "available": b.available })
+    json!({
+        "asset": asset_json(b.asset.as_ref()),
+        "available": b.available,
+        "expiring": { "30d": b.expiring_30d, "60d": b.expiring_60d, "90d": b.expiring_90d },
+    })
+}
+
+fn transaction_json(tx: &pb::Transaction) -> Value {
+    json!({
+        "id": tx.id,
+        "customer_id": tx.customer_id,
+        "asset": asset_json(tx.asset.as_ref()),
+        "amount": tx.amount,
+        "kind": tx.kind,
+        "reason": tx.reason,
+        "created_at": rfc3339(tx.created_at.as_ref()),
+    })
+}
+
+fn points_asset(program: String) -> Option<pb::Asset> {
+    Some(pb::Asset {
+        kind: AssetKind::Points as i32,
+        code: program,
+    })
 }
 
 /// Credits loyalty points to a customer (admin and support agents).
@@ -149,29 +174,17 @@ async fn credit_points(
         .credit(ctx.request(pb::CreditRequest {
             idempotency_key: key,
             customer_id,
-            asset: Some(pb::Asset {
-                kind: AssetKind::Points as i32,
-                code: body.program,
-            }),
+            asset: points_asset(body.program),
             amount: body.amount,
             reason: body.reason,
             expires_at: None,
         }))
         .await?
         .into_inner();
-    let tx = response.transaction.unwrap_or_default();
     Ok((
         http::StatusCode::CREATED,
         Json(json!({
-            "transaction": {
-                "id": tx.id,
-                "customer_id": tx.customer_id,
-                "asset": asset_json(tx.asset.as_ref()),
-                "amount": tx.amount,
-                "kind": tx.kind,
-                "reason": tx.reason,
-                "created_at": rfc3339(tx.created_at.as_ref()),
-            },
+            "transaction": response.transaction.as_ref().map(transaction_json),
             "balance": response.balance.as_ref().map(balance_json),
         })),
     ))
@@ -196,4 +209,101 @@ async fn wallet(
         "customer_id": response.customer_id,
         "balances": response.balances.iter().map(balance_json).collect::<Vec<_>>(),
     })))
+}
+
+/// Query of `GET /v1/customers/{id}/wallet/transactions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransactionsQuery {
+    /// Page size, 1..=100 (default 20).
+    #[serde(default)]
+    limit: u32,
+    /// Cursor: the `next_cursor` of the previous page.
+    #[serde(default)]
+    starting_after: String,
+    /// Only this kind: credit, debit, expiry, adjustment.
+    #[serde(default)]
+    kind: String,
+}
+
+/// A customer's wallet history, newest first.
+async fn transactions(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(customer_id): Path<String>,
+    query: Result<
+        axum::extract::Query<TransactionsQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<Json<Value>, ApiError> {
+    principal.require(&Role::ALL)?;
+    let axum::extract::Query(query) =
+        query.map_err(|e| tessera_runtime::Error::invalid_field("query", e.body_text()))?;
+    let ctx = principal.context(&request_id);
+    let response = state
+        .wallet
+        .clone()
+        .list_transactions(ctx.request(pb::ListTransactionsRequest {
+            customer_id,
+            kind: query.kind,
+            page: Some(tessera_proto::common::v1::PageRequest {
+                limit: query.limit,
+                starting_after: query.starting_after,
+            }),
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    let page = response.page.unwrap_or_default();
+    Ok(Json(json!({
+        "data": response.transactions.iter().map(transaction_json).collect::<Vec<_>>(),
+        "has_more": page.has_more,
+        "next_cursor": if page.has_more { Some(page.next_cursor) } else { None },
+    })))
+}
+
+/// Body of `POST /v1/customers/{id}/wallet/adjustments`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Adjustment {
+    /// Signed, non-zero points: positive credits, negative debits.
+    amount: i64,
+    /// Why; required.
+    reason: String,
+    /// Loyalty programme id (default `default`).
+    #[serde(default = "default_program")]
+    program: String,
+}
+
+/// An agent's correction of a customer's points (admin and support agents).
+async fn adjust(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(customer_id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Adjustment>,
+) -> Result<(http::StatusCode, Json<Value>), ApiError> {
+    principal.require(&[Role::Admin, Role::SupportAgent])?;
+    let ctx = principal.context(&request_id);
+    let response = state
+        .wallet
+        .clone()
+        .adjust(ctx.request(pb::AdjustRequest {
+            idempotency_key: key,
+            customer_id,
+            asset: points_asset(body.program),
+            amount: body.amount,
+            reason: body.reason,
+        }))
+        .await?
+        .into_inner();
+    Ok((
+        http::StatusCode::CREATED,
+        Json(json!({
+            "transaction": response.transaction.as_ref().map(transaction_json),
+            "balance": response.balance.as_ref().map(balance_json),
+        })),
+    ))
 }

@@ -205,9 +205,36 @@ async fn post(
     row.try_get_by_index(0).map_err(db_error)
 }
 
+/// What kind of ledger movement a credit or debit is: its transaction kind, the tenant system
+/// account on the other side, and the event verb (`points.<verb>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Movement {
+    pub kind: &'static str,
+    pub counter_account: &'static str,
+    pub event: &'static str,
+}
+
+pub const CREDIT: Movement = Movement {
+    kind: "credit",
+    counter_account: "issuance",
+    event: "credited",
+};
+pub const DEBIT: Movement = Movement {
+    kind: "debit",
+    counter_account: "redemption",
+    event: "debited",
+};
+/// An agent's correction, either way; the principal and mandatory reason are recorded.
+pub const ADJUSTMENT: Movement = Movement {
+    kind: "adjustment",
+    counter_account: "adjustment",
+    event: "adjusted",
+};
+
 /// A validated credit.
 #[derive(Debug, Clone)]
 pub struct Credit {
+    pub movement: Movement,
     pub customer_id: String,
     pub asset: Asset,
     pub amount: i64,
@@ -219,6 +246,7 @@ pub struct Credit {
 /// A validated debit.
 #[derive(Debug, Clone)]
 pub struct Debit {
+    pub movement: Movement,
     pub customer_id: String,
     pub asset: Asset,
     pub amount: i64,
@@ -345,12 +373,18 @@ pub async fn credit(
         &credit.asset,
     )
     .await?;
-    let issuance = account(txn, tenant, Owner::System("issuance"), &credit.asset).await?;
+    let issuance = account(
+        txn,
+        tenant,
+        Owner::System(credit.movement.counter_account),
+        &credit.asset,
+    )
+    .await?;
     transaction_row(
         txn,
         ctx,
         &transaction_id,
-        "credit",
+        credit.movement.kind,
         &credit.customer_id,
         &credit.asset,
         credit.amount,
@@ -380,7 +414,7 @@ pub async fn credit(
     outbox::enqueue(
         txn,
         tenant,
-        &format!("{}.credited", credit.asset.event_prefix()),
+        &format!("{}.{}", credit.asset.event_prefix(), credit.movement.event),
         &serde_json::json!({
             "transaction_id": transaction_id,
             "customer_id": credit.customer_id,
@@ -395,7 +429,7 @@ pub async fn credit(
     Ok(pb::CreditResponse {
         transaction: Some(transaction_proto(
             transaction_id,
-            "credit",
+            credit.movement.kind,
             &credit.customer_id,
             &credit.asset,
             credit.amount,
@@ -477,7 +511,7 @@ pub async fn debit(
         txn,
         ctx,
         &transaction_id,
-        "debit",
+        debit.movement.kind,
         &debit.customer_id,
         &debit.asset,
         -debit.amount,
@@ -494,14 +528,20 @@ pub async fn debit(
         left -= take;
         consume_lot(txn, tenant, &transaction_id, lot, take).await?;
     }
-    let redemption = account(txn, tenant, Owner::System("redemption"), &debit.asset).await?;
+    let redemption = account(
+        txn,
+        tenant,
+        Owner::System(debit.movement.counter_account),
+        &debit.asset,
+    )
+    .await?;
     post(txn, tenant, &transaction_id, &customer, -debit.amount, now).await?;
     post(txn, tenant, &transaction_id, &redemption, debit.amount, now).await?;
     let balance = account_balance(txn, tenant, &debit.customer_id, &debit.asset, now).await?;
     outbox::enqueue(
         txn,
         tenant,
-        &format!("{}.debited", debit.asset.event_prefix()),
+        &format!("{}.{}", debit.asset.event_prefix(), debit.movement.event),
         &serde_json::json!({
             "transaction_id": transaction_id,
             "customer_id": debit.customer_id,
@@ -515,7 +555,7 @@ pub async fn debit(
     Ok(pb::DebitResponse {
         transaction: Some(transaction_proto(
             transaction_id,
-            "debit",
+            debit.movement.kind,
             &debit.customer_id,
             &debit.asset,
             -debit.amount,
@@ -702,4 +742,71 @@ pub async fn balances<C: ConnectionTrait>(
         })
         .collect::<Result<_, sea_orm::DbErr>>()
         .map_err(db_error)
+}
+
+/// One page of a customer's transactions, newest first. Transaction ids are UUIDv7 (time
+/// ordered), so the cursor is the last id of the previous page.
+pub async fn transactions<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &str,
+    filter: &TransactionFilter,
+) -> Result<(Vec<pb::Transaction>, bool), Error> {
+    let rows = conn
+        .query_all_raw(stmt(
+            conn,
+            "SELECT id, kind, asset_kind, asset_code, amount, reason, created_at FROM transactions \
+             WHERE tenant_id = $1 AND customer_id = $2 AND ($3 = '' OR id < $3) \
+             AND ($4 = 0 OR asset_kind = $4) AND ($5 = '' OR asset_code = $5) \
+             AND ($6 = '' OR kind = $6) AND created_at >= $7 AND created_at < $8 \
+             ORDER BY id DESC LIMIT $9",
+            [
+                tenant.into(),
+                filter.customer_id.clone().into(),
+                filter.starting_after.clone().into(),
+                filter.asset_kind.into(),
+                filter.asset_code.clone().into(),
+                filter.kind.clone().into(),
+                filter.from.into(),
+                filter.until.into(),
+                i64::from(filter.limit + 1).into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+    let has_more = rows.len() > filter.limit as usize;
+    let page = rows
+        .iter()
+        .take(filter.limit as usize)
+        .map(|row| {
+            Ok(pb::Transaction {
+                id: row.try_get_by_index(0)?,
+                customer_id: filter.customer_id.clone(),
+                kind: row.try_get_by_index(1)?,
+                asset: Some(pb::Asset {
+                    kind: row.try_get_by_index(2)?,
+                    code: row.try_get_by_index(3)?,
+                }),
+                amount: row.try_get_by_index(4)?,
+                reason: row.try_get_by_index(5)?,
+                created_at: Some(outbox::micros_to_timestamp(row.try_get_by_index(6)?)),
+            })
+        })
+        .collect::<Result<Vec<_>, sea_orm::DbErr>>()
+        .map_err(db_error)?;
+    Ok((page, has_more))
+}
+
+/// Validated filters of `ListTransactions`.
+#[derive(Debug, Clone)]
+pub struct TransactionFilter {
+    pub customer_id: String,
+    pub asset_kind: i32,
+    pub asset_code: String,
+    pub kind: String,
+    /// Inclusive lower bound, µs since the epoch.
+    pub from: i64,
+    /// Exclusive upper bound, µs since the epoch.
+    pub until: i64,
+    pub starting_after: String,
+    pub limit: u32,
 }

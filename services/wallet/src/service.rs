@@ -62,6 +62,7 @@ impl Wallet {
         }
         v.finish()?;
         Ok(Credit {
+            movement: ledger::CREDIT,
             customer_id: request.customer_id.clone(),
             asset: asset.ok_or_else(|| Status::internal("asset validated but missing"))?,
             amount: request.amount,
@@ -81,12 +82,17 @@ impl Wallet {
         }
         v.finish()?;
         Ok(Debit {
+            movement: ledger::DEBIT,
             customer_id: request.customer_id.clone(),
             asset: asset.ok_or_else(|| Status::internal("asset validated but missing"))?,
             amount: request.amount,
             reason: request.reason.clone(),
         })
     }
+}
+
+fn timestamp_micros(t: &prost_types::Timestamp) -> i64 {
+    t.seconds.saturating_mul(1_000_000) + i64::from(t.nanos) / 1_000
 }
 
 fn check_idempotency_key(v: &mut Violations, key: &str) {
@@ -228,6 +234,141 @@ impl WalletService for Wallet {
             .ok_or_else(|| Error::not_found(format!("programme `{id}`")))?;
         Ok(Response::new(pb::GetProgramResponse {
             program: Some(program.to_proto()),
+        }))
+    }
+
+    async fn adjust(
+        &self,
+        request: Request<pb::AdjustRequest>,
+    ) -> Result<Response<pb::AdjustResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        ledger::check_customer_id(&mut v, "customer_id", &request.customer_id);
+        let asset = ledger::check_asset(&mut v, "asset", request.asset.as_ref());
+        if request.amount == 0 {
+            v.add("amount", "must not be zero");
+        } else {
+            ledger::check_amount(&mut v, "amount", request.amount.saturating_abs());
+        }
+        let reason = request.reason.trim();
+        if reason.is_empty() || reason.chars().count() > 500 {
+            v.add("reason", "is required (1 to 500 characters)");
+        }
+        v.finish()?;
+        let asset = asset.ok_or_else(|| Status::internal("asset validated but missing"))?;
+        let (customer_id, amount, reason) = (
+            request.customer_id.clone(),
+            request.amount,
+            reason.to_string(),
+        );
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let response = self
+            .mutate(
+                &ctx,
+                "wallet.Adjust",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        if amount > 0 {
+                            let credit = Credit {
+                                movement: ledger::ADJUSTMENT,
+                                customer_id,
+                                asset,
+                                amount,
+                                reason,
+                                expires_at: None,
+                            };
+                            let r = ledger::credit(txn, &work_ctx, &credit).await?;
+                            Ok(pb::AdjustResponse {
+                                transaction: r.transaction,
+                                balance: r.balance,
+                            })
+                        } else {
+                            let debit = Debit {
+                                movement: ledger::ADJUSTMENT,
+                                customer_id,
+                                asset,
+                                amount: -amount,
+                                reason,
+                            };
+                            let r = ledger::debit(txn, &work_ctx, backend, &debit).await?;
+                            Ok(pb::AdjustResponse {
+                                transaction: r.transaction,
+                                balance: r.balance,
+                            })
+                        }
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn list_transactions(
+        &self,
+        request: Request<pb::ListTransactionsRequest>,
+    ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        ledger::check_customer_id(&mut v, "customer_id", &request.customer_id);
+        let asset = match &request.asset {
+            Some(_) => ledger::check_asset(&mut v, "asset", request.asset.as_ref()),
+            None => None,
+        };
+        if !["", "credit", "debit", "expiry", "adjustment"].contains(&request.kind.as_str()) {
+            v.add("kind", "must be credit, debit, expiry or adjustment");
+        }
+        let page = request.page.unwrap_or_default();
+        let limit = match page.limit {
+            0 => 20,
+            n @ 1..=100 => n,
+            _ => {
+                v.add("page.limit", "must be within 1..=100");
+                20
+            }
+        };
+        if !page.starting_after.is_empty() && uuid::Uuid::parse_str(&page.starting_after).is_err() {
+            v.add(
+                "page.starting_after",
+                "is not a cursor returned by this API",
+            );
+        }
+        let from = request.from.as_ref().map_or(i64::MIN, timestamp_micros);
+        let until = request.until.as_ref().map_or(i64::MAX, timestamp_micros);
+        if from >= until {
+            v.add("until", "must be after `from`");
+        }
+        v.finish()?;
+        let filter = ledger::TransactionFilter {
+            customer_id: request.customer_id,
+            asset_kind: asset.as_ref().map_or(0, |a| a.kind as i32),
+            asset_code: asset.map(|a| a.code).unwrap_or_default(),
+            kind: request.kind,
+            from,
+            until,
+            starting_after: page.starting_after,
+            limit,
+        };
+        let (transactions, has_more) =
+            ledger::transactions(self.db.conn(), &ctx.tenant_id, &filter).await?;
+        let next_cursor = if has_more {
+            transactions
+                .last()
+                .map(|t| t.id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListTransactionsResponse {
+            transactions,
+            page: Some(tessera_proto::common::v1::PageResponse {
+                next_cursor,
+                has_more,
+            }),
         }))
     }
 }

@@ -10,6 +10,7 @@ mod outbox;
 mod slice;
 mod trace;
 mod wallet;
+mod wallet_http;
 
 use serde_json::Value;
 use tessera_proto::notification::v1 as npb;

@@ -18,6 +18,7 @@ backend_tests!(
     concurrent_debits_never_overspend,
     expired_value_is_never_spendable_and_is_swept,
     programmes_are_validated,
+    adjustments_and_history,
 );
 
 fn points() -> Option<pb::Asset> {
@@ -324,5 +325,101 @@ async fn programmes_are_validated(suite: TestSuite) {
         .into_inner();
     let b = credited.balance.unwrap();
     assert_eq!((b.available, b.expiring_90d), (70, 0));
+    suite.cleanup().await;
+}
+
+async fn adjustments_and_history(suite: TestSuite) {
+    let mut wallet = WalletServiceClient::new(suite.channel());
+    credit(&mut wallet, &suite, "c1", "rex", 100, None).await;
+    wallet
+        .debit(suite.ctx(TENANT).request(debit_request("d1", "rex", 30)))
+        .await
+        .unwrap();
+    let adjust = |key: &str, amount: i64, reason: &str| {
+        suite.ctx(TENANT).request(pb::AdjustRequest {
+            idempotency_key: key.into(),
+            customer_id: "rex".into(),
+            asset: points(),
+            amount,
+            reason: reason.into(),
+        })
+    };
+    let down = wallet
+        .adjust(adjust("a1", -20, "duplicate order"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(down.balance.unwrap().available, 50);
+    let up = wallet
+        .adjust(adjust("a2", 5, "sorry for the delay"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(up.transaction.as_ref().unwrap().kind, "adjustment");
+    assert_eq!(up.balance.unwrap().available, 55);
+    let zero = wallet.adjust(adjust("a3", 0, "x")).await.unwrap_err();
+    assert!(zero.message().contains("amount"), "{}", zero.message());
+    let no_reason = wallet.adjust(adjust("a4", 5, "  ")).await.unwrap_err();
+    assert_eq!(no_reason.code(), tonic::Code::InvalidArgument);
+    assert!(
+        no_reason.message().contains("reason"),
+        "{}",
+        no_reason.message()
+    );
+    let overdraw = wallet
+        .adjust(adjust("a5", -1_000, "typo"))
+        .await
+        .unwrap_err();
+    assert_eq!(overdraw.code(), tonic::Code::FailedPrecondition);
+
+    let list = |kind: &str, starting_after: String| {
+        suite.ctx(TENANT).request(pb::ListTransactionsRequest {
+            customer_id: "rex".into(),
+            asset: None,
+            kind: kind.into(),
+            from: None,
+            until: None,
+            page: Some(tessera_proto::common::v1::PageRequest {
+                limit: 2,
+                starting_after,
+            }),
+        })
+    };
+    let first = wallet
+        .list_transactions(list("", String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    let amounts: Vec<i64> = first.transactions.iter().map(|t| t.amount).collect();
+    assert_eq!(amounts, vec![5, -20], "newest first");
+    let page = first.page.unwrap();
+    assert!(page.has_more);
+    let second = wallet
+        .list_transactions(list("", page.next_cursor))
+        .await
+        .unwrap()
+        .into_inner();
+    let amounts: Vec<i64> = second.transactions.iter().map(|t| t.amount).collect();
+    assert_eq!(amounts, vec![-30, 100]);
+    assert!(!second.page.unwrap().has_more);
+    let adjustments = wallet
+        .list_transactions(list("adjustment", String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(adjustments.transactions.len(), 2);
+    let other_tenant = wallet
+        .list_transactions(suite.ctx("other").request(pb::ListTransactionsRequest {
+            customer_id: "rex".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        other_tenant.transactions.is_empty(),
+        "history is tenant-scoped"
+    );
+    assert_ledger_invariants(&suite).await;
     suite.cleanup().await;
 }
