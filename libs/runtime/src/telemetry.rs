@@ -210,18 +210,6 @@ pub fn set_remote_parent(span: &tracing::Span, cx: opentelemetry::Context) {
     }
 }
 
-/// The trace id of the current span, hex encoded, for logs and response headers.
-pub fn current_trace_id() -> String {
-    let cx = tracing::Span::current().context();
-    let span = cx.span();
-    let sc = span.span_context();
-    if sc.is_valid() {
-        sc.trace_id().to_string()
-    } else {
-        String::new()
-    }
-}
-
 /// The span for one incoming gRPC request (used as tonic's `trace_fn`): named after the
 /// method, parented to the caller's trace context.
 pub fn server_span(request: &http::Request<()>) -> tracing::Span {

@@ -346,22 +346,6 @@ impl Idempotency {
         txn.commit().await.map_err(db_error)?;
         Ok(response)
     }
-
-    /// Deletes settled keys older than `age` (they can no longer be replayed). Returns how
-    /// many were removed.
-    pub async fn purge_older_than(&self, age: Duration) -> Result<u64, Error> {
-        let cutoff = now_micros() - i64::try_from(age.as_micros()).unwrap_or(i64::MAX);
-        let conn = self.db.conn();
-        let result = conn
-            .execute_raw(stmt(
-                conn,
-                "DELETE FROM idempotency_keys WHERE state = $1 AND created_at < $2",
-                [DONE.into(), cutoff.into()],
-            ))
-            .await
-            .map_err(db_error)?;
-        Ok(result.rows_affected())
-    }
 }
 
 #[cfg(test)]
