@@ -292,6 +292,19 @@ impl Violations {
         self.0.push(FieldViolation::new(field, description));
     }
 
+    /// The page size of a list request: 0 means the default of 20, 1..=100 as given,
+    /// anything else is a violation of `page.limit`.
+    pub fn page_limit(&mut self, limit: u32) -> u32 {
+        match limit {
+            0 => 20,
+            1..=100 => limit,
+            _ => {
+                self.add("page.limit", "must be within 1..=100");
+                20
+            }
+        }
+    }
+
     /// `Ok(())` when nothing was added, else INVALID_ARGUMENT with every violation.
     pub fn finish(self) -> Result<()> {
         if self.0.is_empty() {

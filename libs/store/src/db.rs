@@ -17,6 +17,18 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// The clause that locks the selected rows for the rest of the transaction: `FOR UPDATE`
+    /// on PostgreSQL; nothing on SQLite, whose write transactions (`BEGIN IMMEDIATE`) already
+    /// exclude every other writer.
+    pub fn row_lock(self) -> &'static str {
+        match self {
+            Backend::Postgres => " FOR UPDATE",
+            Backend::Sqlite => "",
+        }
+    }
+}
+
 /// A service's database: a pooled connection plus what the backend needs to know.
 #[derive(Debug, Clone)]
 pub struct Db {

@@ -127,6 +127,12 @@ pub fn micros_to_timestamp(micros: i64) -> prost_types::Timestamp {
     }
 }
 
+/// Protobuf timestamp → microseconds since the epoch (the inverse of
+/// [`micros_to_timestamp`]).
+pub fn timestamp_to_micros(ts: &prost_types::Timestamp) -> i64 {
+    ts.seconds.saturating_mul(1_000_000) + i64::from(ts.nanos) / 1_000
+}
+
 /// Delivers a service's outbox.
 #[derive(Clone)]
 pub struct Relay {

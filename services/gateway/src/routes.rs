@@ -150,6 +150,20 @@ fn transaction_json(tx: &pb::Transaction) -> Value {
     })
 }
 
+/// `201 Created` with a posted transaction and the account's new balance.
+fn created(
+    transaction: Option<&pb::Transaction>,
+    balance: Option<&pb::Balance>,
+) -> (http::StatusCode, Json<Value>) {
+    (
+        http::StatusCode::CREATED,
+        Json(json!({
+            "transaction": transaction.map(transaction_json),
+            "balance": balance.map(balance_json),
+        })),
+    )
+}
+
 fn points_asset(program: String) -> Option<pb::Asset> {
     Some(pb::Asset {
         kind: AssetKind::Points as i32,
@@ -181,12 +195,9 @@ async fn credit_points(
         }))
         .await?
         .into_inner();
-    Ok((
-        http::StatusCode::CREATED,
-        Json(json!({
-            "transaction": response.transaction.as_ref().map(transaction_json),
-            "balance": response.balance.as_ref().map(balance_json),
-        })),
+    Ok(created(
+        response.transaction.as_ref(),
+        response.balance.as_ref(),
     ))
 }
 
@@ -299,11 +310,8 @@ async fn adjust(
         }))
         .await?
         .into_inner();
-    Ok((
-        http::StatusCode::CREATED,
-        Json(json!({
-            "transaction": response.transaction.as_ref().map(transaction_json),
-            "balance": response.balance.as_ref().map(balance_json),
-        })),
+    Ok(created(
+        response.transaction.as_ref(),
+        response.balance.as_ref(),
     ))
 }

@@ -8,7 +8,7 @@ use tessera_proto::notification::v1::{
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
 use tessera_runtime::{Code, Error};
-use tessera_store::outbox::micros_to_timestamp;
+use tessera_store::outbox::{micros_to_timestamp, timestamp_to_micros};
 use tessera_store::{Db, db_error, now_micros, stmt};
 use tonic::{Request, Response, Status};
 
@@ -65,10 +65,6 @@ fn validate(tenant: &str, request: &pb::PublishEventsRequest) -> Result<(), Erro
     v.finish()
 }
 
-fn timestamp_micros(ts: Option<&prost_types::Timestamp>) -> i64 {
-    ts.map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000)
-}
-
 #[tonic::async_trait]
 impl NotificationService for Notification {
     async fn publish_events(
@@ -98,7 +94,7 @@ impl NotificationService for Notification {
                         e.id.clone().into(),
                         e.r#type.clone().into(),
                         e.source.clone().into(),
-                        timestamp_micros(e.occurred_at.as_ref()).into(),
+                        e.occurred_at.as_ref().map_or(0, timestamp_to_micros).into(),
                         received_at.into(),
                         e.data.clone().into(),
                         e.traceparent.clone().into(),
@@ -125,14 +121,7 @@ impl NotificationService for Notification {
         let request = request.into_inner();
         let page = request.page.unwrap_or_default();
         let mut v = Violations::new();
-        let limit = match page.limit {
-            0 => 20,
-            n @ 1..=100 => n,
-            _ => {
-                v.add("page.limit", "must be within 1..=100");
-                20
-            }
-        };
+        let limit = v.page_limit(page.limit);
         let after = if page.starting_after.is_empty() {
             i64::MAX
         } else {

@@ -452,11 +452,7 @@ pub async fn debit(
 ) -> Result<pb::DebitResponse, Error> {
     let tenant = ctx.tenant_id.as_str();
     let now = now_micros();
-    let lock = if backend == Backend::Postgres {
-        " FOR UPDATE"
-    } else {
-        ""
-    };
+    let lock = backend.row_lock();
     let account_row = txn
         .query_one_raw(stmt(
             txn,
@@ -594,11 +590,7 @@ pub async fn expire_due(
         .map(|r| r.try_get_by_index::<String>(0))
         .collect::<Result<Vec<_>, _>>()
         .map_err(db_error)?;
-    let lock = if backend == Backend::Postgres {
-        " FOR UPDATE"
-    } else {
-        ""
-    };
+    let lock = backend.row_lock();
     let mut response = pb::ExpireDueResponse::default();
     for account_id in accounts {
         let row = txn
@@ -683,7 +675,7 @@ async fn account_balance<C: ConnectionTrait>(
     asset: &Asset,
     now: i64,
 ) -> Result<pb::Balance, Error> {
-    Ok(balances(conn, tenant, customer_id, now)
+    Ok(balances_of(conn, tenant, customer_id, Some(asset), now)
         .await?
         .into_iter()
         .find(|b| b.asset.as_ref() == Some(&asset.to_proto()))
@@ -701,6 +693,17 @@ pub async fn balances<C: ConnectionTrait>(
     customer_id: &str,
     now: i64,
 ) -> Result<Vec<pb::Balance>, Error> {
+    balances_of(conn, tenant, customer_id, None, now).await
+}
+
+/// [`balances`], restricted to one asset when `only` is given (what a write returns).
+async fn balances_of<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &str,
+    customer_id: &str,
+    only: Option<&Asset>,
+    now: i64,
+) -> Result<Vec<pb::Balance>, Error> {
     const DAY: i64 = 86_400 * 1_000_000;
     let rows = conn
         .query_all_raw(stmt(
@@ -713,6 +716,7 @@ pub async fn balances<C: ConnectionTrait>(
              FROM accounts a LEFT JOIN lots l ON l.tenant_id = a.tenant_id AND l.account_id = a.id \
              AND l.remaining > 0 AND l.expires_at IS NOT NULL \
              WHERE a.tenant_id = $1 AND a.owner_kind = 'customer' AND a.owner_id = $2 \
+             AND ($7 = 0 OR (a.asset_kind = $7 AND a.asset_code = $8)) \
              GROUP BY a.asset_kind, a.asset_code, a.balance ORDER BY a.asset_kind, a.asset_code",
             [
                 tenant.into(),
@@ -721,6 +725,8 @@ pub async fn balances<C: ConnectionTrait>(
                 (now + 30 * DAY).into(),
                 (now + 60 * DAY).into(),
                 (now + 90 * DAY).into(),
+                only.map_or(0, |a| a.kind as i32).into(),
+                only.map_or(String::new(), |a| a.code.clone()).into(),
             ],
         ))
         .await

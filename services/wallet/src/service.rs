@@ -10,6 +10,7 @@ use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
 use tessera_runtime::{Error, RequestContext};
 use tessera_store::idempotency::Idempotency;
+use tessera_store::outbox::timestamp_to_micros;
 use tessera_store::{Db, now_micros};
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
@@ -46,17 +47,15 @@ impl Wallet {
 
     fn validate_credit(request: &pb::CreditRequest) -> Result<Credit, Status> {
         let mut v = Violations::new();
-        check_idempotency_key(&mut v, &request.idempotency_key);
-        ledger::check_customer_id(&mut v, "customer_id", &request.customer_id);
-        let asset = ledger::check_asset(&mut v, "asset", request.asset.as_ref());
+        let asset = check_movement(
+            &mut v,
+            &request.idempotency_key,
+            &request.customer_id,
+            request.asset.as_ref(),
+        );
         ledger::check_amount(&mut v, "amount", request.amount);
-        if request.reason.chars().count() > 500 {
-            v.add("reason", "must be at most 500 characters");
-        }
-        let expires_at = request
-            .expires_at
-            .as_ref()
-            .map(|t| t.seconds.saturating_mul(1_000_000) + i64::from(t.nanos) / 1_000);
+        check_reason(&mut v, &request.reason, false);
+        let expires_at = request.expires_at.as_ref().map(timestamp_to_micros);
         if expires_at.is_some_and(|t| t <= now_micros()) {
             v.add("expires_at", "must be in the future");
         }
@@ -73,13 +72,14 @@ impl Wallet {
 
     fn validate_debit(request: &pb::DebitRequest) -> Result<Debit, Status> {
         let mut v = Violations::new();
-        check_idempotency_key(&mut v, &request.idempotency_key);
-        ledger::check_customer_id(&mut v, "customer_id", &request.customer_id);
-        let asset = ledger::check_asset(&mut v, "asset", request.asset.as_ref());
+        let asset = check_movement(
+            &mut v,
+            &request.idempotency_key,
+            &request.customer_id,
+            request.asset.as_ref(),
+        );
         ledger::check_amount(&mut v, "amount", request.amount);
-        if request.reason.chars().count() > 500 {
-            v.add("reason", "must be at most 500 characters");
-        }
+        check_reason(&mut v, &request.reason, false);
         v.finish()?;
         Ok(Debit {
             movement: ledger::DEBIT,
@@ -91,8 +91,25 @@ impl Wallet {
     }
 }
 
-fn timestamp_micros(t: &prost_types::Timestamp) -> i64 {
-    t.seconds.saturating_mul(1_000_000) + i64::from(t.nanos) / 1_000
+/// The fields every ledger movement has: idempotency key, customer and asset.
+fn check_movement(
+    v: &mut Violations,
+    key: &str,
+    customer_id: &str,
+    asset: Option<&pb::Asset>,
+) -> Option<ledger::Asset> {
+    check_idempotency_key(v, key);
+    ledger::check_customer_id(v, "customer_id", customer_id);
+    ledger::check_asset(v, "asset", asset)
+}
+
+/// At most 500 characters; `required` also refuses a blank reason.
+fn check_reason(v: &mut Violations, reason: &str, required: bool) {
+    if reason.chars().count() > 500 {
+        v.add("reason", "must be at most 500 characters");
+    } else if required && reason.trim().is_empty() {
+        v.add("reason", "is required");
+    }
 }
 
 fn check_idempotency_key(v: &mut Violations, key: &str) {
@@ -244,18 +261,19 @@ impl WalletService for Wallet {
         let ctx = context_of(&request)?;
         let request = request.into_inner();
         let mut v = Violations::new();
-        check_idempotency_key(&mut v, &request.idempotency_key);
-        ledger::check_customer_id(&mut v, "customer_id", &request.customer_id);
-        let asset = ledger::check_asset(&mut v, "asset", request.asset.as_ref());
+        let asset = check_movement(
+            &mut v,
+            &request.idempotency_key,
+            &request.customer_id,
+            request.asset.as_ref(),
+        );
         if request.amount == 0 {
             v.add("amount", "must not be zero");
         } else {
             ledger::check_amount(&mut v, "amount", request.amount.saturating_abs());
         }
         let reason = request.reason.trim();
-        if reason.is_empty() || reason.chars().count() > 500 {
-            v.add("reason", "is required (1 to 500 characters)");
-        }
+        check_reason(&mut v, reason, true);
         v.finish()?;
         let asset = asset.ok_or_else(|| Status::internal("asset validated but missing"))?;
         let (customer_id, amount, reason) = (
@@ -323,22 +341,15 @@ impl WalletService for Wallet {
             v.add("kind", "must be credit, debit, expiry or adjustment");
         }
         let page = request.page.unwrap_or_default();
-        let limit = match page.limit {
-            0 => 20,
-            n @ 1..=100 => n,
-            _ => {
-                v.add("page.limit", "must be within 1..=100");
-                20
-            }
-        };
+        let limit = v.page_limit(page.limit);
         if !page.starting_after.is_empty() && uuid::Uuid::parse_str(&page.starting_after).is_err() {
             v.add(
                 "page.starting_after",
                 "is not a cursor returned by this API",
             );
         }
-        let from = request.from.as_ref().map_or(i64::MIN, timestamp_micros);
-        let until = request.until.as_ref().map_or(i64::MAX, timestamp_micros);
+        let from = request.from.as_ref().map_or(i64::MIN, timestamp_to_micros);
+        let until = request.until.as_ref().map_or(i64::MAX, timestamp_to_micros);
         if from >= until {
             v.add("until", "must be after `from`");
         }
