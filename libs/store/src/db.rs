@@ -231,6 +231,44 @@ impl Db {
     }
 }
 
+/// Most bind parameters one bulk statement carries: under SQLite's limit (32,766) and
+/// PostgreSQL's (65,535).
+const MAX_PARAMS: usize = 30_000;
+
+/// `(\$1, \$2), (\$3, \$4)`: `rows` tuples of `arity` placeholders numbered from `from`.
+pub fn tuples(from: usize, arity: usize, rows: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", Db::placeholders(from + r * arity, arity)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A multi-row statement `{head} VALUES (…), (…) {tail}` over `rows` (all of one arity),
+/// sent in as few chunks as the parameter limits allow. Returns the rows affected.
+pub async fn insert_rows<C: ConnectionTrait>(
+    conn: &C,
+    head: &str,
+    tail: &str,
+    rows: Vec<Vec<sea_orm::Value>>,
+) -> Result<u64, Error> {
+    let Some(arity) = rows.first().map(Vec::len) else {
+        return Ok(0);
+    };
+    let per_chunk = (MAX_PARAMS / arity.max(1)).max(1);
+    let mut affected = 0;
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<Vec<sea_orm::Value>> = rows.by_ref().take(per_chunk).collect();
+        let sql = format!("{head} VALUES {} {tail}", tuples(1, arity, chunk.len()));
+        affected += conn
+            .execute_raw(stmt(conn, &sql, chunk.into_iter().flatten()))
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+    }
+    Ok(affected)
+}
+
 /// A raw statement for whatever backend `conn` is. SQL uses `$1, $2, …` placeholders, which
 /// both SQLite and PostgreSQL accept.
 pub fn stmt<C: ConnectionTrait>(

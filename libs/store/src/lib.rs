@@ -8,4 +8,4 @@ pub mod idempotency;
 pub mod migrate;
 pub mod outbox;
 
-pub use db::{Backend, Db, db_error, now_micros, stmt};
+pub use db::{Backend, Db, db_error, insert_rows, now_micros, stmt, tuples};

@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::db::{Backend, Db, db_error, now_micros, stmt};
+use crate::db::{Backend, Db, db_error, insert_rows, now_micros, stmt};
 
 /// An event stored in the outbox.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,25 +47,44 @@ pub async fn enqueue<C: ConnectionTrait>(
     event_type: &str,
     data: &serde_json::Value,
 ) -> Result<String, Error> {
-    let event_id = uuid::Uuid::now_v7().to_string();
+    let mut ids = enqueue_many(txn, tenant_id, [(event_type, data)]).await?;
+    ids.pop().ok_or_else(|| Error::internal("no event id"))
+}
+
+/// Writes many events in the caller's transaction with multi-row inserts (group commits).
+/// Returns their ids, in order.
+pub async fn enqueue_many<'a, C: ConnectionTrait>(
+    txn: &C,
+    tenant_id: &str,
+    events: impl IntoIterator<Item = (&'a str, &'a serde_json::Value)>,
+) -> Result<Vec<String>, Error> {
     let now = now_micros();
-    txn.execute_raw(stmt(
-        txn,
-        "INSERT INTO outbox (event_id, tenant_id, event_type, payload, traceparent, \
-         occurred_at, attempts, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, 0, $7)",
-        [
+    let traceparent = telemetry::current_traceparent();
+    let mut ids = Vec::new();
+    let mut rows = Vec::new();
+    for (event_type, data) in events {
+        let event_id = uuid::Uuid::now_v7().to_string();
+        rows.push(vec![
             event_id.clone().into(),
             tenant_id.into(),
             event_type.into(),
             serde_json::to_vec(data).map_err(Error::internal)?.into(),
-            telemetry::current_traceparent().into(),
+            traceparent.clone().into(),
             now.into(),
+            0i32.into(),
             now.into(),
-        ],
-    ))
-    .await
-    .map_err(db_error)?;
-    Ok(event_id)
+        ]);
+        ids.push(event_id);
+    }
+    insert_rows(
+        txn,
+        "INSERT INTO outbox (event_id, tenant_id, event_type, payload, traceparent, \
+         occurred_at, attempts, next_attempt_at)",
+        "",
+        rows,
+    )
+    .await?;
+    Ok(ids)
 }
 
 /// Where the relay sends events.

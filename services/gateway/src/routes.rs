@@ -192,6 +192,7 @@ async fn credit_points(
             amount: body.amount,
             reason: body.reason,
             expires_at: None,
+            pending: None,
         }))
         .await?
         .into_inner();

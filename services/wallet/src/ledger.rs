@@ -17,7 +17,7 @@ pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
 
 /// Who owns an account.
 #[derive(Debug, Clone, Copy)]
-pub enum Owner<'a> {
+pub(crate) enum Owner<'a> {
     Customer(&'a str),
     /// A tenant system account (`issuance`, `redemption`, `expiry`, `payout`).
     System(&'static str),
@@ -53,7 +53,11 @@ impl Asset {
         }
     }
 
-    fn event_prefix(&self) -> &'static str {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "kind": self.event_prefix(), "code": self.code })
+    }
+
+    pub fn event_prefix(&self) -> &'static str {
         match self.kind {
             AssetKind::Points | AssetKind::Unspecified => "points",
             AssetKind::Cashback => "cashback",
@@ -126,7 +130,7 @@ pub fn check_amount(v: &mut Violations, field: &str, amount: i64) {
 }
 
 /// The account of `owner` for `asset`, created on first use. Returns its id.
-async fn account(
+pub(crate) async fn account(
     txn: &DatabaseTransaction,
     tenant: &str,
     owner: Owner<'_>,
@@ -169,15 +173,17 @@ async fn account(
     row.try_get_by_index(0).map_err(db_error)
 }
 
-/// Writes one posting and moves the account's balance by `amount`. Returns the new balance.
-async fn post(
+/// Writes one posting to a tenant system account. System accounts keep no balance row (every
+/// credit would queue on the issuance account's row lock): their balances are the sums of
+/// their postings, which is what `GetLiability` reports.
+pub(crate) async fn post_system(
     txn: &DatabaseTransaction,
     tenant: &str,
     transaction_id: &str,
     account_id: &str,
     amount: i64,
     now: i64,
-) -> Result<i64, Error> {
+) -> Result<(), Error> {
     txn.execute_raw(stmt(
         txn,
         "INSERT INTO postings (tenant_id, transaction_id, account_id, amount, created_at) \
@@ -192,17 +198,32 @@ async fn post(
     ))
     .await
     .map_err(db_error)?;
-    let row = txn
-        .query_one_raw(stmt(
+    Ok(())
+}
+
+/// Writes one posting to a customer account and moves its balance row by `amount`.
+pub(crate) async fn post_customer(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    transaction_id: &str,
+    account_id: &str,
+    amount: i64,
+    now: i64,
+) -> Result<(), Error> {
+    post_system(txn, tenant, transaction_id, account_id, amount, now).await?;
+    let updated = txn
+        .execute_raw(stmt(
             txn,
             "UPDATE accounts SET balance = balance + $1, version = version + 1, updated_at = $2 \
-             WHERE tenant_id = $3 AND id = $4 RETURNING balance",
+             WHERE tenant_id = $3 AND id = $4",
             [amount.into(), now.into(), tenant.into(), account_id.into()],
         ))
         .await
-        .map_err(db_error)?
-        .ok_or_else(|| Error::internal("posting to a missing account"))?;
-    row.try_get_by_index(0).map_err(db_error)
+        .map_err(db_error)?;
+    if updated.rows_affected() != 1 {
+        return Err(Error::internal("posting to a missing account"));
+    }
+    Ok(())
 }
 
 /// What kind of ledger movement a credit or debit is: its transaction kind, the tenant system
@@ -230,6 +251,18 @@ pub const ADJUSTMENT: Movement = Movement {
     counter_account: "adjustment",
     event: "adjusted",
 };
+/// A pending credit confirmed: the value comes from the tenant's pending account.
+pub const CONFIRMATION: Movement = Movement {
+    kind: "credit",
+    counter_account: "pending",
+    event: "credited",
+};
+/// Cashback paid out to the customer.
+pub const PAYOUT: Movement = Movement {
+    kind: "payout",
+    counter_account: "payout",
+    event: "paid_out",
+};
 
 /// A validated credit.
 #[derive(Debug, Clone)]
@@ -253,60 +286,254 @@ pub struct Debit {
     pub reason: String,
 }
 
-/// Takes `amount` out of a lot for a transaction (a debit or an expiry), recording which lot
-/// paid for it so a reversal can restore it.
-async fn consume_lot(
+/// A lot with value left.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lot {
+    pub id: i64,
+    pub remaining: i64,
+    pub expires_at: Option<i64>,
+}
+
+/// A customer account, read (and on PostgreSQL locked) by [`lock_account`].
+#[derive(Debug, Clone)]
+pub(crate) struct AccountRow {
+    pub customer_id: String,
+    pub asset: Asset,
+}
+
+/// Locks a customer account by id for the rest of the transaction (PostgreSQL; SQLite's write
+/// transaction already excludes other writers). Every operation that takes value out of an
+/// account or restores lots into it locks the account first, so they run one at a time per
+/// account and can never overspend. Accounts are locked before holds and lots, never after.
+pub(crate) async fn lock_account(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    backend: Backend,
+    account_id: &str,
+) -> Result<AccountRow, Error> {
+    let lock = backend.row_lock();
+    let row = txn
+        .query_one_raw(stmt(
+            txn,
+            &format!(
+                "SELECT owner_id, asset_kind, asset_code FROM accounts \
+                 WHERE tenant_id = $1 AND id = $2{lock}"
+            ),
+            [tenant.into(), account_id.into()],
+        ))
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| Error::internal("reference to a missing account"))?;
+    Ok(AccountRow {
+        customer_id: row.try_get_by_index(0).map_err(db_error)?,
+        asset: Asset {
+            kind: AssetKind::try_from(row.try_get_by_index::<i32>(1).map_err(db_error)?)
+                .unwrap_or(AssetKind::Unspecified),
+            code: row.try_get_by_index(2).map_err(db_error)?,
+        },
+    })
+}
+
+/// The id of a customer's account for `asset`, if it exists.
+pub(crate) async fn find_customer_account(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    customer_id: &str,
+    asset: &Asset,
+) -> Result<Option<String>, Error> {
+    let row = txn
+        .query_one_raw(stmt(
+            txn,
+            "SELECT id FROM accounts WHERE tenant_id = $1 AND owner_kind = 'customer' \
+             AND owner_id = $2 AND asset_kind = $3 AND asset_code = $4",
+            [
+                tenant.into(),
+                customer_id.into(),
+                (asset.kind as i32).into(),
+                asset.code.clone().into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+    row.map(|r| r.try_get_by_index(0).map_err(db_error))
+        .transpose()
+}
+
+/// Refusal of a spend larger than what is available.
+pub(crate) fn insufficient(available: i64, requested: i64) -> Error {
+    Error::new(
+        Code::FailedPrecondition,
+        format!("insufficient balance: {available} available, {requested} requested"),
+    )
+    .with_reason("INSUFFICIENT_BALANCE")
+}
+
+/// The spendable lots of an account (value left, not expired as of `now`), in the order they
+/// are spent: lots of `prefer` (a transaction) first, then first-to-expire first, never-expiring
+/// last.
+pub(crate) async fn spendable_lots(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    account_id: &str,
+    prefer: Option<&str>,
+    now: i64,
+) -> Result<Vec<Lot>, Error> {
+    let rows = txn
+        .query_all_raw(stmt(
+            txn,
+            "SELECT id, remaining, expires_at FROM lots WHERE tenant_id = $1 AND account_id = $2 \
+             AND remaining > 0 AND (expires_at IS NULL OR expires_at > $3) \
+             ORDER BY CASE WHEN transaction_id = $4 THEN 0 ELSE 1 END, \
+             CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END, expires_at, earned_at, id",
+            [
+                tenant.into(),
+                account_id.into(),
+                now.into(),
+                prefer.unwrap_or("").into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+    rows.iter()
+        .map(|r| {
+            Ok(Lot {
+                id: r.try_get_by_index(0)?,
+                remaining: r.try_get_by_index(1)?,
+                expires_at: r.try_get_by_index(2)?,
+            })
+        })
+        .collect::<Result<_, sea_orm::DbErr>>()
+        .map_err(db_error)
+}
+
+/// Takes `amount` out of `lots` in their order for a transaction, recording which lot paid
+/// for it so a refund or release can restore it. Returns what each lot gave. The caller has
+/// checked that the lots hold enough.
+pub(crate) async fn take(
     txn: &DatabaseTransaction,
     tenant: &str,
     transaction_id: &str,
-    lot: i64,
+    lots: &[Lot],
     amount: i64,
-) -> Result<(), Error> {
-    txn.execute_raw(stmt(
-        txn,
-        "UPDATE lots SET remaining = remaining - $1 WHERE tenant_id = $2 AND id = $3",
-        [amount.into(), tenant.into(), lot.into()],
-    ))
-    .await
-    .map_err(db_error)?;
-    txn.execute_raw(stmt(
-        txn,
-        "INSERT INTO lot_consumptions (tenant_id, transaction_id, lot_id, amount) VALUES ($1, $2, $3, $4)",
-        [tenant.into(), transaction_id.into(), lot.into(), amount.into()],
-    ))
-    .await
-    .map_err(db_error)?;
-    Ok(())
+) -> Result<Vec<(Lot, i64)>, Error> {
+    let mut left = amount;
+    let mut taken = Vec::new();
+    for lot in lots {
+        if left == 0 {
+            break;
+        }
+        let part = lot.remaining.min(left);
+        left -= part;
+        txn.execute_raw(stmt(
+            txn,
+            "UPDATE lots SET remaining = remaining - $1 WHERE tenant_id = $2 AND id = $3",
+            [part.into(), tenant.into(), lot.id.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+        txn.execute_raw(stmt(
+            txn,
+            "INSERT INTO lot_consumptions (tenant_id, transaction_id, lot_id, amount) \
+             VALUES ($1, $2, $3, $4)",
+            [
+                tenant.into(),
+                transaction_id.into(),
+                lot.id.into(),
+                part.into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+        taken.push((*lot, part));
+    }
+    if left != 0 {
+        return Err(Error::internal("lots short of a checked amount"));
+    }
+    Ok(taken)
 }
 
-/// Records a transaction row.
-#[allow(clippy::too_many_arguments)]
-async fn transaction_row(
+/// Gives back up to `amount` of what transaction `source` took from lots (net of what earlier
+/// restorations gave back), latest-to-expire first, each lot keeping its original expiry.
+/// Returns the amount restored.
+pub(crate) async fn restore(
     txn: &DatabaseTransaction,
-    ctx: &RequestContext,
-    id: &str,
-    kind: &str,
-    customer_id: &str,
-    asset: &Asset,
+    tenant: &str,
+    transaction_id: &str,
+    source: &str,
     amount: i64,
-    reason: &str,
-    now: i64,
+) -> Result<i64, Error> {
+    let rows = txn
+        .query_all_raw(stmt(
+            txn,
+            "SELECT c.lot_id, c.amount - CAST(COALESCE((SELECT SUM(r.amount) FROM lot_restorations r \
+             WHERE r.tenant_id = c.tenant_id AND r.source_transaction_id = c.transaction_id \
+             AND r.lot_id = c.lot_id), 0) AS BIGINT) \
+             FROM lot_consumptions c JOIN lots l ON l.tenant_id = c.tenant_id AND l.id = c.lot_id \
+             WHERE c.tenant_id = $1 AND c.transaction_id = $2 \
+             ORDER BY CASE WHEN l.expires_at IS NULL THEN 0 ELSE 1 END, l.expires_at DESC, l.id DESC",
+            [tenant.into(), source.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    let mut left = amount;
+    for row in rows {
+        if left == 0 {
+            break;
+        }
+        let lot: i64 = row.try_get_by_index(0).map_err(db_error)?;
+        let net: i64 = row.try_get_by_index(1).map_err(db_error)?;
+        let part = net.min(left);
+        if part <= 0 {
+            continue;
+        }
+        left -= part;
+        txn.execute_raw(stmt(
+            txn,
+            "UPDATE lots SET remaining = remaining + $1 WHERE tenant_id = $2 AND id = $3",
+            [part.into(), tenant.into(), lot.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+        txn.execute_raw(stmt(
+            txn,
+            "INSERT INTO lot_restorations (tenant_id, transaction_id, source_transaction_id, \
+             lot_id, amount) VALUES ($1, $2, $3, $4, $5)",
+            [
+                tenant.into(),
+                transaction_id.into(),
+                source.into(),
+                lot.into(),
+                part.into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(amount - left)
+}
+
+/// A new lot: `amount` of value earned `earned_at`, expiring `expires_at`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn insert_lot(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    account_id: &str,
+    transaction_id: &str,
+    amount: i64,
+    earned_at: i64,
+    expires_at: Option<i64>,
 ) -> Result<(), Error> {
     txn.execute_raw(stmt(
         txn,
-        "INSERT INTO transactions (id, tenant_id, kind, customer_id, asset_kind, asset_code, \
-         amount, reason, principal, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "INSERT INTO lots (tenant_id, account_id, transaction_id, amount, remaining, earned_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $4, $5, $6)",
         [
-            id.into(),
-            ctx.tenant_id.clone().into(),
-            kind.into(),
-            customer_id.into(),
-            (asset.kind as i32).into(),
-            asset.code.clone().into(),
+            tenant.into(),
+            account_id.into(),
+            transaction_id.into(),
             amount.into(),
-            reason.into(),
-            ctx.principal.clone().into(),
-            now.into(),
+            earned_at.into(),
+            expires_at.into(),
         ],
     ))
     .await
@@ -314,40 +541,115 @@ async fn transaction_row(
     Ok(())
 }
 
-fn transaction_proto(
-    id: String,
-    kind: &str,
-    customer_id: &str,
-    asset: &Asset,
-    amount: i64,
-    reason: &str,
-    now: i64,
-) -> pb::Transaction {
-    pb::Transaction {
-        id,
-        customer_id: customer_id.to_string(),
-        asset: Some(asset.to_proto()),
-        amount,
-        kind: kind.into(),
-        reason: reason.to_string(),
-        created_at: Some(outbox::micros_to_timestamp(now)),
+/// One ledger transaction as the customer's history shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry<'a> {
+    pub id: String,
+    pub kind: &'a str,
+    pub customer_id: &'a str,
+    pub asset: &'a Asset,
+    pub amount: i64,
+    pub reason: &'a str,
+    pub at: i64,
+}
+
+impl<'a> Entry<'a> {
+    /// A new transaction (fresh time-ordered id) happening `at`.
+    pub fn new(
+        kind: &'a str,
+        customer_id: &'a str,
+        asset: &'a Asset,
+        amount: i64,
+        reason: &'a str,
+        at: i64,
+    ) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            kind,
+            customer_id,
+            asset,
+            amount,
+            reason,
+            at,
+        }
+    }
+
+    /// Records the transaction row (with the acting principal).
+    pub async fn write(
+        &self,
+        txn: &DatabaseTransaction,
+        ctx: &RequestContext,
+    ) -> Result<(), Error> {
+        txn.execute_raw(stmt(
+            txn,
+            "INSERT INTO transactions (id, tenant_id, kind, customer_id, asset_kind, asset_code, \
+             amount, reason, principal, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            [
+                self.id.clone().into(),
+                ctx.tenant_id.clone().into(),
+                self.kind.into(),
+                self.customer_id.into(),
+                (self.asset.kind as i32).into(),
+                self.asset.code.clone().into(),
+                self.amount.into(),
+                self.reason.into(),
+                ctx.principal.clone().into(),
+                self.at.into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    pub fn to_proto(&self) -> pb::Transaction {
+        pb::Transaction {
+            id: self.id.clone(),
+            customer_id: self.customer_id.to_string(),
+            asset: Some(self.asset.to_proto()),
+            amount: self.amount,
+            kind: self.kind.into(),
+            reason: self.reason.to_string(),
+            created_at: Some(outbox::micros_to_timestamp(self.at)),
+        }
     }
 }
 
-/// When the lot of a credit expires: the explicit expiry, else for points the programme's
-/// policy on the programme's calendar; other assets do not expire by default.
-async fn lot_expiry(
+/// Writes the outbox event `<asset prefix>.<verb>` (e.g. `points.credited`) with `data` plus
+/// the asset.
+pub(crate) async fn emit(
     txn: &DatabaseTransaction,
     tenant: &str,
-    credit: &Credit,
+    asset: &Asset,
+    verb: &str,
+    mut data: serde_json::Value,
+) -> Result<(), Error> {
+    data["asset"] = asset.to_json();
+    outbox::enqueue(
+        txn,
+        tenant,
+        &format!("{}.{verb}", asset.event_prefix()),
+        &data,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// When the lot of a credit earned at `now` expires: the explicit expiry, else for points the
+/// programme's policy on the programme's calendar; other assets do not expire by default.
+pub(crate) async fn lot_expiry(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    asset: &Asset,
+    explicit: Option<i64>,
     now: i64,
 ) -> Result<Option<i64>, Error> {
-    if credit.expires_at.is_some() || credit.asset.kind != AssetKind::Points {
-        return Ok(credit.expires_at);
+    if explicit.is_some() || asset.kind != AssetKind::Points {
+        return Ok(explicit);
     }
-    let program = programs::find(txn, tenant, &credit.asset.code)
+    let program = programs::find(txn, tenant, &asset.code)
         .await?
-        .unwrap_or_else(|| programs::Program::unconfigured(&credit.asset.code));
+        .unwrap_or_else(|| programs::Program::unconfigured(&asset.code));
     let earned =
         chrono::DateTime::from_timestamp_micros(now).ok_or_else(|| Error::internal("clock"))?;
     Ok(program
@@ -356,8 +658,8 @@ async fn lot_expiry(
         .map(|t| t.timestamp_micros()))
 }
 
-/// Posts a credit: customer account +amount, tenant issuance account −amount, a lot with its
-/// expiry, one transaction row, one outbox event.
+/// Posts a credit: customer account +amount, the movement's system account −amount, a lot
+/// with its expiry, one transaction row, one outbox event.
 pub async fn credit(
     txn: &DatabaseTransaction,
     ctx: &RequestContext,
@@ -365,7 +667,6 @@ pub async fn credit(
 ) -> Result<pb::CreditResponse, Error> {
     let tenant = ctx.tenant_id.as_str();
     let now = now_micros();
-    let transaction_id = uuid::Uuid::now_v7().to_string();
     let customer = account(
         txn,
         tenant,
@@ -373,52 +674,44 @@ pub async fn credit(
         &credit.asset,
     )
     .await?;
-    let issuance = account(
+    let counter = account(
         txn,
         tenant,
         Owner::System(credit.movement.counter_account),
         &credit.asset,
     )
     .await?;
-    transaction_row(
-        txn,
-        ctx,
-        &transaction_id,
+    let entry = Entry::new(
         credit.movement.kind,
         &credit.customer_id,
         &credit.asset,
         credit.amount,
         &credit.reason,
         now,
-    )
-    .await?;
-    let expires_at = lot_expiry(txn, tenant, credit, now).await?;
-    txn.execute_raw(stmt(
-        txn,
-        "INSERT INTO lots (tenant_id, account_id, transaction_id, amount, remaining, earned_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $4, $5, $6)",
-        [
-            tenant.into(),
-            customer.clone().into(),
-            transaction_id.clone().into(),
-            credit.amount.into(),
-            now.into(),
-            expires_at.into(),
-        ],
-    ))
-    .await
-    .map_err(db_error)?;
-    post(txn, tenant, &transaction_id, &customer, credit.amount, now).await?;
-    post(txn, tenant, &transaction_id, &issuance, -credit.amount, now).await?;
-    let balance = account_balance(txn, tenant, &credit.customer_id, &credit.asset, now).await?;
-    outbox::enqueue(
+    );
+    entry.write(txn, ctx).await?;
+    let expires_at = lot_expiry(txn, tenant, &credit.asset, credit.expires_at, now).await?;
+    insert_lot(
         txn,
         tenant,
-        &format!("{}.{}", credit.asset.event_prefix(), credit.movement.event),
-        &serde_json::json!({
-            "transaction_id": transaction_id,
+        &customer,
+        &entry.id,
+        credit.amount,
+        now,
+        expires_at,
+    )
+    .await?;
+    post_customer(txn, tenant, &entry.id, &customer, credit.amount, now).await?;
+    post_system(txn, tenant, &entry.id, &counter, -credit.amount, now).await?;
+    let balance = account_balance(txn, tenant, &credit.customer_id, &credit.asset, now).await?;
+    emit(
+        txn,
+        tenant,
+        &credit.asset,
+        credit.movement.event,
+        serde_json::json!({
+            "transaction_id": entry.id,
             "customer_id": credit.customer_id,
-            "asset": { "kind": credit.asset.event_prefix(), "code": credit.asset.code },
             "amount": credit.amount,
             "balance": balance.available,
             "expires_at": expires_at.and_then(chrono::DateTime::from_timestamp_micros),
@@ -427,23 +720,13 @@ pub async fn credit(
     )
     .await?;
     Ok(pb::CreditResponse {
-        transaction: Some(transaction_proto(
-            transaction_id,
-            credit.movement.kind,
-            &credit.customer_id,
-            &credit.asset,
-            credit.amount,
-            &credit.reason,
-            now,
-        )),
+        transaction: Some(entry.to_proto()),
         balance: Some(balance),
     })
 }
 
-/// Spends from a customer's account, consuming spendable lots first-to-expire first. On
-/// PostgreSQL the account row is locked for the transaction, so concurrent debits of one
-/// account run one after the other and can never overspend; SQLite's write transaction
-/// (`BEGIN IMMEDIATE`) gives the same guarantee.
+/// Spends from a customer's account, consuming spendable lots first-to-expire first, under
+/// the account's lock (see [`lock_account`]).
 pub async fn debit(
     txn: &DatabaseTransaction,
     ctx: &RequestContext,
@@ -452,96 +735,45 @@ pub async fn debit(
 ) -> Result<pb::DebitResponse, Error> {
     let tenant = ctx.tenant_id.as_str();
     let now = now_micros();
-    let lock = backend.row_lock();
-    let account_row = txn
-        .query_one_raw(stmt(
-            txn,
-            &format!(
-                "SELECT id FROM accounts WHERE tenant_id = $1 AND owner_kind = 'customer' \
-                 AND owner_id = $2 AND asset_kind = $3 AND asset_code = $4{lock}"
-            ),
-            [
-                tenant.into(),
-                debit.customer_id.clone().into(),
-                (debit.asset.kind as i32).into(),
-                debit.asset.code.clone().into(),
-            ],
-        ))
-        .await
-        .map_err(db_error)?;
-    let insufficient = |available: i64| {
-        Error::new(
-            Code::FailedPrecondition,
-            format!(
-                "insufficient balance: {available} available, {} requested",
-                debit.amount
-            ),
-        )
-        .with_reason("INSUFFICIENT_BALANCE")
+    let Some(customer) =
+        find_customer_account(txn, tenant, &debit.customer_id, &debit.asset).await?
+    else {
+        return Err(insufficient(0, debit.amount));
     };
-    let Some(account_row) = account_row else {
-        return Err(insufficient(0));
-    };
-    let customer: String = account_row.try_get_by_index(0).map_err(db_error)?;
-    let lots = txn
-        .query_all_raw(stmt(
-            txn,
-            "SELECT id, remaining FROM lots WHERE tenant_id = $1 AND account_id = $2 \
-             AND remaining > 0 AND (expires_at IS NULL OR expires_at > $3) \
-             ORDER BY CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END, expires_at, earned_at, id",
-            [tenant.into(), customer.clone().into(), now.into()],
-        ))
-        .await
-        .map_err(db_error)?;
-    let lots: Vec<(i64, i64)> = lots
-        .iter()
-        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
-        .collect::<Result<_, sea_orm::DbErr>>()
-        .map_err(db_error)?;
-    let available: i64 = lots.iter().map(|(_, remaining)| remaining).sum();
+    lock_account(txn, tenant, backend, &customer).await?;
+    let lots = spendable_lots(txn, tenant, &customer, None, now).await?;
+    let available: i64 = lots.iter().map(|l| l.remaining).sum();
     if available < debit.amount {
-        return Err(insufficient(available));
+        return Err(insufficient(available, debit.amount));
     }
-    let transaction_id = uuid::Uuid::now_v7().to_string();
-    transaction_row(
-        txn,
-        ctx,
-        &transaction_id,
+    let entry = Entry::new(
         debit.movement.kind,
         &debit.customer_id,
         &debit.asset,
         -debit.amount,
         &debit.reason,
         now,
-    )
-    .await?;
-    let mut left = debit.amount;
-    for (lot, remaining) in lots {
-        if left == 0 {
-            break;
-        }
-        let take = remaining.min(left);
-        left -= take;
-        consume_lot(txn, tenant, &transaction_id, lot, take).await?;
-    }
-    let redemption = account(
+    );
+    entry.write(txn, ctx).await?;
+    take(txn, tenant, &entry.id, &lots, debit.amount).await?;
+    let counter = account(
         txn,
         tenant,
         Owner::System(debit.movement.counter_account),
         &debit.asset,
     )
     .await?;
-    post(txn, tenant, &transaction_id, &customer, -debit.amount, now).await?;
-    post(txn, tenant, &transaction_id, &redemption, debit.amount, now).await?;
+    post_customer(txn, tenant, &entry.id, &customer, -debit.amount, now).await?;
+    post_system(txn, tenant, &entry.id, &counter, debit.amount, now).await?;
     let balance = account_balance(txn, tenant, &debit.customer_id, &debit.asset, now).await?;
-    outbox::enqueue(
+    emit(
         txn,
         tenant,
-        &format!("{}.{}", debit.asset.event_prefix(), debit.movement.event),
-        &serde_json::json!({
-            "transaction_id": transaction_id,
+        &debit.asset,
+        debit.movement.event,
+        serde_json::json!({
+            "transaction_id": entry.id,
             "customer_id": debit.customer_id,
-            "asset": { "kind": debit.asset.event_prefix(), "code": debit.asset.code },
             "amount": debit.amount,
             "balance": balance.available,
             "reason": debit.reason,
@@ -549,15 +781,7 @@ pub async fn debit(
     )
     .await?;
     Ok(pb::DebitResponse {
-        transaction: Some(transaction_proto(
-            transaction_id,
-            debit.movement.kind,
-            &debit.customer_id,
-            &debit.asset,
-            -debit.amount,
-            &debit.reason,
-            now,
-        )),
+        transaction: Some(entry.to_proto()),
         balance: Some(balance),
     })
 }
@@ -566,16 +790,17 @@ pub async fn debit(
 /// nothing expired.
 pub const EXPIRE_BATCH: i64 = 5_000;
 
-/// Expires the due lots of the tenant (of up to [`EXPIRE_BATCH`] accounts): per account, one expiry
-/// transaction moving the remaining value to the tenant's expiry account, and one event.
-/// Accounts are locked (PostgreSQL) in id order before their lots, like debits do, so a sweep
-/// and a debit never deadlock.
+/// Releases the tenant's lapsed holds, then expires the due lots (of up to [`EXPIRE_BATCH`]
+/// accounts): per account, one expiry transaction moving the remaining value to the tenant's
+/// expiry account, and one event. Accounts are locked (PostgreSQL) in id order before their
+/// lots, like debits do, so a sweep and a debit never deadlock.
 pub async fn expire_due(
     txn: &DatabaseTransaction,
     ctx: &RequestContext,
     backend: Backend,
 ) -> Result<pb::ExpireDueResponse, Error> {
     let tenant = ctx.tenant_id.as_str();
+    let holds_released = crate::holds::release_lapsed(txn, ctx, backend).await?;
     let now = now_micros();
     let accounts = txn
         .query_all_raw(stmt(
@@ -590,71 +815,56 @@ pub async fn expire_due(
         .map(|r| r.try_get_by_index::<String>(0))
         .collect::<Result<Vec<_>, _>>()
         .map_err(db_error)?;
-    let lock = backend.row_lock();
-    let mut response = pb::ExpireDueResponse::default();
+    let mut response = pb::ExpireDueResponse {
+        holds_released,
+        ..Default::default()
+    };
     for account_id in accounts {
-        let row = txn
-            .query_one_raw(stmt(
-                txn,
-                &format!(
-                    "SELECT owner_id, asset_kind, asset_code FROM accounts \
-                     WHERE tenant_id = $1 AND id = $2{lock}"
-                ),
-                [tenant.into(), account_id.clone().into()],
-            ))
-            .await
-            .map_err(db_error)?
-            .ok_or_else(|| Error::internal("lot of a missing account"))?;
-        let customer_id: String = row.try_get_by_index(0).map_err(db_error)?;
-        let asset = Asset {
-            kind: AssetKind::try_from(row.try_get_by_index::<i32>(1).map_err(db_error)?)
-                .unwrap_or(AssetKind::Unspecified),
-            code: row.try_get_by_index(2).map_err(db_error)?,
-        };
+        let account_row = lock_account(txn, tenant, backend, &account_id).await?;
         let due = txn
             .query_all_raw(stmt(
                 txn,
-                "SELECT id, remaining FROM lots WHERE tenant_id = $1 AND account_id = $2 \
+                "SELECT id, remaining, expires_at FROM lots WHERE tenant_id = $1 AND account_id = $2 \
                  AND remaining > 0 AND expires_at IS NOT NULL AND expires_at <= $3",
                 [tenant.into(), account_id.clone().into(), now.into()],
             ))
             .await
             .map_err(db_error)?
             .iter()
-            .map(|r| Ok((r.try_get_by_index::<i64>(0)?, r.try_get_by_index::<i64>(1)?)))
+            .map(|r| {
+                Ok(Lot {
+                    id: r.try_get_by_index(0)?,
+                    remaining: r.try_get_by_index(1)?,
+                    expires_at: r.try_get_by_index(2)?,
+                })
+            })
             .collect::<Result<Vec<_>, sea_orm::DbErr>>()
             .map_err(db_error)?;
-        let amount: i64 = due.iter().map(|(_, remaining)| remaining).sum();
+        let amount: i64 = due.iter().map(|l| l.remaining).sum();
         if amount == 0 {
             continue;
         }
-        let transaction_id = uuid::Uuid::now_v7().to_string();
-        transaction_row(
-            txn,
-            ctx,
-            &transaction_id,
+        let entry = Entry::new(
             "expiry",
-            &customer_id,
-            &asset,
+            &account_row.customer_id,
+            &account_row.asset,
             -amount,
             "expired",
             now,
-        )
-        .await?;
-        for (lot, remaining) in &due {
-            consume_lot(txn, tenant, &transaction_id, *lot, *remaining).await?;
-        }
-        let expiry = account(txn, tenant, Owner::System("expiry"), &asset).await?;
-        post(txn, tenant, &transaction_id, &account_id, -amount, now).await?;
-        post(txn, tenant, &transaction_id, &expiry, amount, now).await?;
-        outbox::enqueue(
+        );
+        entry.write(txn, ctx).await?;
+        take(txn, tenant, &entry.id, &due, amount).await?;
+        let expiry = account(txn, tenant, Owner::System("expiry"), &account_row.asset).await?;
+        post_customer(txn, tenant, &entry.id, &account_id, -amount, now).await?;
+        post_system(txn, tenant, &entry.id, &expiry, amount, now).await?;
+        emit(
             txn,
             tenant,
-            &format!("{}.expired", asset.event_prefix()),
-            &serde_json::json!({
-                "transaction_id": transaction_id,
-                "customer_id": customer_id,
-                "asset": { "kind": asset.event_prefix(), "code": asset.code },
+            &account_row.asset,
+            "expired",
+            serde_json::json!({
+                "transaction_id": entry.id,
+                "customer_id": account_row.customer_id,
                 "amount": amount,
                 "lots": due.len(),
             }),
@@ -668,7 +878,7 @@ pub async fn expire_due(
 }
 
 /// The balance of one customer account (zero when it does not exist).
-async fn account_balance<C: ConnectionTrait>(
+pub(crate) async fn account_balance<C: ConnectionTrait>(
     conn: &C,
     tenant: &str,
     customer_id: &str,
@@ -712,12 +922,16 @@ async fn balances_of<C: ConnectionTrait>(
              CAST(COALESCE(SUM(CASE WHEN l.expires_at <= $3 THEN l.remaining ELSE 0 END), 0) AS BIGINT), \
              CAST(COALESCE(SUM(CASE WHEN l.expires_at > $3 AND l.expires_at <= $4 THEN l.remaining ELSE 0 END), 0) AS BIGINT), \
              CAST(COALESCE(SUM(CASE WHEN l.expires_at > $3 AND l.expires_at <= $5 THEN l.remaining ELSE 0 END), 0) AS BIGINT), \
-             CAST(COALESCE(SUM(CASE WHEN l.expires_at > $3 AND l.expires_at <= $6 THEN l.remaining ELSE 0 END), 0) AS BIGINT) \
+             CAST(COALESCE(SUM(CASE WHEN l.expires_at > $3 AND l.expires_at <= $6 THEN l.remaining ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE((SELECT SUM(h.amount) FROM holds h WHERE h.tenant_id = a.tenant_id \
+               AND h.account_id = a.id AND h.status = 'active'), 0) AS BIGINT), \
+             CAST(COALESCE((SELECT SUM(pc.amount) FROM pending_credits pc WHERE pc.tenant_id = a.tenant_id \
+               AND pc.account_id = a.id AND pc.status = 'pending'), 0) AS BIGINT) \
              FROM accounts a LEFT JOIN lots l ON l.tenant_id = a.tenant_id AND l.account_id = a.id \
              AND l.remaining > 0 AND l.expires_at IS NOT NULL \
              WHERE a.tenant_id = $1 AND a.owner_kind = 'customer' AND a.owner_id = $2 \
              AND ($7 = 0 OR (a.asset_kind = $7 AND a.asset_code = $8)) \
-             GROUP BY a.asset_kind, a.asset_code, a.balance ORDER BY a.asset_kind, a.asset_code",
+             GROUP BY a.tenant_id, a.id, a.asset_kind, a.asset_code, a.balance ORDER BY a.asset_kind, a.asset_code",
             [
                 tenant.into(),
                 customer_id.into(),
@@ -744,6 +958,8 @@ async fn balances_of<C: ConnectionTrait>(
                 expiring_30d: row.try_get_by_index(4)?,
                 expiring_60d: row.try_get_by_index(5)?,
                 expiring_90d: row.try_get_by_index(6)?,
+                held: row.try_get_by_index(7)?,
+                pending: row.try_get_by_index(8)?,
             })
         })
         .collect::<Result<_, sea_orm::DbErr>>()

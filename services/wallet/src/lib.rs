@@ -3,10 +3,15 @@
 //! system account, written together with its balance update, its idempotency record and its
 //! outbox event in one database transaction.
 
+mod batch;
 mod expiry;
+mod holds;
 mod ledger;
+mod liability;
 mod migrations;
+mod pending;
 mod programs;
+mod reversal;
 mod service;
 
 use std::sync::Arc;

@@ -1,7 +1,8 @@
 //! The wallet's tables: accounts (one per owner and asset, with a balance kept in step with
 //! the postings), transactions and their postings, lots (what each credit added and what is
-//! left of it, with its expiry) and which lots each debit consumed, programmes; plus the
-//! shared plumbing tables.
+//! left of it, with its expiry) and which lots each debit consumed, programmes; holds,
+//! restorations of consumed lots (refunds, releases), reversals, pending credits and their
+//! status history; plus the shared plumbing tables.
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 use tessera_store::migrate::{Migration, col, index, plumbing, table};
@@ -148,6 +149,150 @@ impl MigratorTrait for Migrator {
                         false,
                     ),
                     index("lots_due", "lots", &["tenant_id", "expires_at"], false),
+                ]
+            },
+        }));
+        all.push(Box::new(Migration {
+            name: "m0102_holds_pending_reversals",
+            tables: || {
+                vec![
+                    table(
+                        "holds",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("id"),
+                            col::text("customer_id"),
+                            col::text("account_id"),
+                            col::int("asset_kind"),
+                            col::text("asset_code"),
+                            col::big("amount"),
+                            col::big("captured"),
+                            col::text("status"),
+                            col::big("expires_at"),
+                            col::text_null("capture_transaction_id"),
+                            col::big("created_at"),
+                            col::big("updated_at"),
+                        ],
+                        &["tenant_id", "id"],
+                    ),
+                    table(
+                        "lot_restorations",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("transaction_id"),
+                            col::text("source_transaction_id"),
+                            col::big("lot_id"),
+                            col::big("amount"),
+                        ],
+                        &["tenant_id", "transaction_id", "lot_id"],
+                    ),
+                    table(
+                        "reversals",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("transaction_id"),
+                            col::text("original_id"),
+                            col::big("amount"),
+                        ],
+                        &["tenant_id", "transaction_id"],
+                    ),
+                    table(
+                        "pending_credits",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("id"),
+                            col::text("customer_id"),
+                            col::text("account_id"),
+                            col::int("asset_kind"),
+                            col::text("asset_code"),
+                            col::big("amount"),
+                            col::text("reason"),
+                            col::big_null("expires_at"),
+                            col::big_null("activate_at"),
+                            col::text("status"),
+                            col::text_null("credit_transaction_id"),
+                            col::big("created_at"),
+                            col::big("updated_at"),
+                        ],
+                        &["tenant_id", "id"],
+                    ),
+                    table(
+                        "credit_status_history",
+                        vec![
+                            col::serial("id"),
+                            col::text("tenant_id"),
+                            col::text("credit_id"),
+                            col::text("status"),
+                            col::text("reason"),
+                            col::text("principal"),
+                            col::big("at"),
+                        ],
+                        &[],
+                    ),
+                ]
+            },
+            indexes: || {
+                vec![
+                    index(
+                        "holds_account",
+                        "holds",
+                        &["tenant_id", "account_id", "status"],
+                        false,
+                    ),
+                    index(
+                        "holds_due",
+                        "holds",
+                        &["tenant_id", "status", "expires_at"],
+                        false,
+                    ),
+                    index(
+                        "holds_capture",
+                        "holds",
+                        &["tenant_id", "capture_transaction_id"],
+                        false,
+                    ),
+                    index(
+                        "lot_restorations_source",
+                        "lot_restorations",
+                        &["tenant_id", "source_transaction_id"],
+                        false,
+                    ),
+                    index(
+                        "reversals_original",
+                        "reversals",
+                        &["tenant_id", "original_id"],
+                        false,
+                    ),
+                    index(
+                        "pending_credits_customer",
+                        "pending_credits",
+                        &["tenant_id", "customer_id", "id"],
+                        false,
+                    ),
+                    index(
+                        "pending_credits_account",
+                        "pending_credits",
+                        &["tenant_id", "account_id", "status"],
+                        false,
+                    ),
+                    index(
+                        "pending_credits_due",
+                        "pending_credits",
+                        &["tenant_id", "status", "activate_at"],
+                        false,
+                    ),
+                    index(
+                        "credit_status_history_credit",
+                        "credit_status_history",
+                        &["tenant_id", "credit_id"],
+                        false,
+                    ),
+                    index(
+                        "lots_transaction",
+                        "lots",
+                        &["tenant_id", "transaction_id"],
+                        false,
+                    ),
                 ]
             },
         }));

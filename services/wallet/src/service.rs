@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::ledger::{self, Credit, Debit};
 use crate::programs::{self, Program};
+use crate::{batch, holds, liability, pending, reversal};
 
 pub struct Wallet {
     pub db: Db,
@@ -54,10 +55,13 @@ impl Wallet {
             request.asset.as_ref(),
         );
         ledger::check_amount(&mut v, "amount", request.amount);
-        check_reason(&mut v, &request.reason, false);
+        check_reason(&mut v, "reason", &request.reason, false);
+        let now = now_micros();
         let expires_at = request.expires_at.as_ref().map(timestamp_to_micros);
-        if expires_at.is_some_and(|t| t <= now_micros()) {
-            v.add("expires_at", "must be in the future");
+        check_future(&mut v, "expires_at", expires_at, now, None);
+        if let Some(pending) = &request.pending {
+            let activate_at = pending.activate_at.as_ref().map(timestamp_to_micros);
+            check_future(&mut v, "pending.activate_at", activate_at, now, None);
         }
         v.finish()?;
         Ok(Credit {
@@ -79,7 +83,7 @@ impl Wallet {
             request.asset.as_ref(),
         );
         ledger::check_amount(&mut v, "amount", request.amount);
-        check_reason(&mut v, &request.reason, false);
+        check_reason(&mut v, "reason", &request.reason, false);
         v.finish()?;
         Ok(Debit {
             movement: ledger::DEBIT,
@@ -89,6 +93,40 @@ impl Wallet {
             reason: request.reason.clone(),
         })
     }
+}
+
+/// Transaction kinds, as `ListTransactions` filters them.
+const KINDS: [&str; 14] = [
+    "credit",
+    "debit",
+    "adjustment",
+    "expiry",
+    "hold",
+    "release",
+    "capture",
+    "refund",
+    "clawback",
+    "transfer_out",
+    "transfer_in",
+    "pending_credit",
+    "pending_cancelled",
+    "payout",
+];
+
+/// The fields of a pending credit's status change: key, credit id and reason (trimmed).
+fn check_credit_change(
+    key: &str,
+    credit_id: &str,
+    reason: &str,
+    reason_required: bool,
+) -> Result<(String, String), Status> {
+    let mut v = Violations::new();
+    check_idempotency_key(&mut v, key);
+    check_id(&mut v, "credit_id", credit_id);
+    let reason = reason.trim();
+    check_reason(&mut v, "reason", reason, reason_required);
+    v.finish()?;
+    Ok((credit_id.to_string(), reason.to_string()))
 }
 
 /// The fields every ledger movement has: idempotency key, customer and asset.
@@ -104,11 +142,43 @@ fn check_movement(
 }
 
 /// At most 500 characters; `required` also refuses a blank reason.
-fn check_reason(v: &mut Violations, reason: &str, required: bool) {
+fn check_reason(v: &mut Violations, field: &str, reason: &str, required: bool) {
     if reason.chars().count() > 500 {
-        v.add("reason", "must be at most 500 characters");
+        v.add(field, "must be at most 500 characters");
     } else if required && reason.trim().is_empty() {
-        v.add("reason", "is required");
+        v.add(field, "is required");
+    }
+}
+
+/// Ids this API returned (UUIDs).
+fn check_id(v: &mut Violations, field: &str, id: &str) {
+    if id.is_empty() {
+        v.add(field, "is required");
+    } else if uuid::Uuid::parse_str(id).is_err() {
+        v.add(field, "is not an id returned by this API");
+    }
+}
+
+/// A future time, at most `max_ahead` µs ahead when given.
+fn check_future(
+    v: &mut Violations,
+    field: &str,
+    at: Option<i64>,
+    now: i64,
+    max_ahead: Option<i64>,
+) {
+    match at {
+        Some(t) if t <= now => v.add(field, "must be in the future"),
+        Some(t) if max_ahead.is_some_and(|m| t > now + m) => {
+            v.add(
+                field,
+                format!(
+                    "must be at most {} days ahead",
+                    max_ahead.unwrap_or(0) / 86_400_000_000
+                ),
+            );
+        }
+        _ => {}
     }
 }
 
@@ -130,13 +200,27 @@ impl WalletService for Wallet {
         let request = request.into_inner();
         let credit = Self::validate_credit(&request)?;
         let work_ctx = ctx.clone();
+        // Some(None): pending until confirmed; Some(Some(t)): pending until `t`.
+        let activate_at = request
+            .pending
+            .as_ref()
+            .map(|p| p.activate_at.as_ref().map(timestamp_to_micros));
         let response = self
             .mutate(
                 &ctx,
                 "wallet.Credit",
                 &request.idempotency_key,
                 &request,
-                move |txn| Box::pin(async move { ledger::credit(txn, &work_ctx, &credit).await }),
+                move |txn| {
+                    Box::pin(async move {
+                        match activate_at {
+                            Some(activate_at) => {
+                                pending::create(txn, &work_ctx, &credit, activate_at).await
+                            }
+                            None => ledger::credit(txn, &work_ctx, &credit).await,
+                        }
+                    })
+                },
             )
             .await?;
         Ok(Response::new(response))
@@ -273,7 +357,7 @@ impl WalletService for Wallet {
             ledger::check_amount(&mut v, "amount", request.amount.saturating_abs());
         }
         let reason = request.reason.trim();
-        check_reason(&mut v, reason, true);
+        check_reason(&mut v, "reason", reason, true);
         v.finish()?;
         let asset = asset.ok_or_else(|| Status::internal("asset validated but missing"))?;
         let (customer_id, amount, reason) = (
@@ -337,8 +421,8 @@ impl WalletService for Wallet {
             Some(_) => ledger::check_asset(&mut v, "asset", request.asset.as_ref()),
             None => None,
         };
-        if !["", "credit", "debit", "expiry", "adjustment"].contains(&request.kind.as_str()) {
-            v.add("kind", "must be credit, debit, expiry or adjustment");
+        if !(request.kind.is_empty() || KINDS.contains(&request.kind.as_str())) {
+            v.add("kind", format!("must be one of {}", KINDS.join(", ")));
         }
         let page = request.page.unwrap_or_default();
         let limit = v.page_limit(page.limit);
@@ -381,5 +465,434 @@ impl WalletService for Wallet {
                 has_more,
             }),
         }))
+    }
+
+    async fn batch_credit(
+        &self,
+        request: Request<pb::BatchCreditRequest>,
+    ) -> Result<Response<pb::BatchCreditResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        if request.entries.is_empty() || request.entries.len() > batch::MAX_ENTRIES {
+            v.add(
+                "entries",
+                format!("must hold 1 to {} credits", batch::MAX_ENTRIES),
+            );
+        }
+        let now = now_micros();
+        let mut credits = Vec::with_capacity(request.entries.len());
+        for (i, e) in request.entries.iter().enumerate() {
+            let f = |name: &str| format!("entries[{i}].{name}");
+            ledger::check_customer_id(&mut v, &f("customer_id"), &e.customer_id);
+            let asset = ledger::check_asset(&mut v, &f("asset"), e.asset.as_ref());
+            ledger::check_amount(&mut v, &f("amount"), e.amount);
+            check_reason(&mut v, &f("reason"), &e.reason, false);
+            let expires_at = e.expires_at.as_ref().map(timestamp_to_micros);
+            check_future(&mut v, &f("expires_at"), expires_at, now, None);
+            if let Some(asset) = asset {
+                credits.push(Credit {
+                    movement: ledger::CREDIT,
+                    customer_id: e.customer_id.clone(),
+                    asset,
+                    amount: e.amount,
+                    reason: e.reason.clone(),
+                    expires_at,
+                });
+            }
+        }
+        v.finish()?;
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let response = self
+            .mutate(
+                &ctx,
+                "wallet.BatchCredit",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(
+                        async move { batch::batch_credit(txn, &work_ctx, backend, &credits).await },
+                    )
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn hold(
+        &self,
+        request: Request<pb::HoldRequest>,
+    ) -> Result<Response<pb::HoldResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let asset = check_movement(
+            &mut v,
+            &request.idempotency_key,
+            &request.customer_id,
+            request.asset.as_ref(),
+        );
+        ledger::check_amount(&mut v, "amount", request.amount);
+        check_reason(&mut v, "reason", &request.reason, false);
+        let now = now_micros();
+        let expires_at = request.expires_at.as_ref().map(timestamp_to_micros);
+        check_future(
+            &mut v,
+            "expires_at",
+            expires_at,
+            now,
+            Some(holds::MAX_HOLD_SECS * 1_000_000),
+        );
+        v.finish()?;
+        let new = holds::NewHold {
+            customer_id: request.customer_id.clone(),
+            asset: asset.ok_or_else(|| Status::internal("asset validated but missing"))?,
+            amount: request.amount,
+            reason: request.reason.clone(),
+            expires_at: expires_at.unwrap_or(now + holds::DEFAULT_HOLD_SECS * 1_000_000),
+        };
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let response = self
+            .mutate(
+                &ctx,
+                "wallet.Hold",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move { holds::hold(txn, &work_ctx, backend, &new).await })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn capture(
+        &self,
+        request: Request<pb::CaptureRequest>,
+    ) -> Result<Response<pb::CaptureResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        check_id(&mut v, "hold_id", &request.hold_id);
+        if request.amount != 0 {
+            ledger::check_amount(&mut v, "amount", request.amount);
+        }
+        v.finish()?;
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let (hold_id, amount) = (request.hold_id.clone(), request.amount);
+        let response = self
+            .mutate(
+                &ctx,
+                "wallet.Capture",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        holds::capture(txn, &work_ctx, backend, &hold_id, amount).await
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        check_id(&mut v, "hold_id", &request.hold_id);
+        v.finish()?;
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let hold_id = request.hold_id.clone();
+        let response = self
+            .mutate(
+                &ctx,
+                "wallet.Release",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move { holds::release(txn, &work_ctx, backend, &hold_id).await })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn reverse(
+        &self,
+        request: Request<pb::ReverseRequest>,
+    ) -> Result<Response<pb::ReverseResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        check_id(&mut v, "transaction_id", &request.transaction_id);
+        if request.amount != 0 {
+            ledger::check_amount(&mut v, "amount", request.amount);
+        }
+        let reason = request.reason.trim().to_string();
+        check_reason(&mut v, "reason", &reason, true);
+        v.finish()?;
+        let reversal = reversal::Reversal {
+            transaction_id: request.transaction_id.clone(),
+            amount: request.amount,
+            reason,
+        };
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let response = self
+            .mutate(
+                &ctx,
+                "wallet.Reverse",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(
+                        async move { reversal::reverse(txn, &work_ctx, backend, &reversal).await },
+                    )
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn transfer(
+        &self,
+        request: Request<pb::TransferRequest>,
+    ) -> Result<Response<pb::TransferResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        ledger::check_customer_id(&mut v, "from_customer_id", &request.from_customer_id);
+        ledger::check_customer_id(&mut v, "to_customer_id", &request.to_customer_id);
+        if !request.to_customer_id.is_empty() && request.to_customer_id == request.from_customer_id
+        {
+            v.add("to_customer_id", "must differ from from_customer_id");
+        }
+        let asset = ledger::check_asset(&mut v, "asset", request.asset.as_ref());
+        ledger::check_amount(&mut v, "amount", request.amount);
+        check_reason(&mut v, "reason", &request.reason, false);
+        v.finish()?;
+        let transfer = reversal::Transfer {
+            from: request.from_customer_id.clone(),
+            to: request.to_customer_id.clone(),
+            asset: asset.ok_or_else(|| Status::internal("asset validated but missing"))?,
+            amount: request.amount,
+            reason: request.reason.clone(),
+        };
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let response = self
+            .mutate(
+                &ctx,
+                "wallet.Transfer",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(
+                        async move { reversal::transfer(txn, &work_ctx, backend, &transfer).await },
+                    )
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn activate_pending(
+        &self,
+        request: Request<pb::ActivatePendingRequest>,
+    ) -> Result<Response<pb::ActivatePendingResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let (id, reason) = check_credit_change(
+            &request.idempotency_key,
+            &request.credit_id,
+            &request.reason,
+            false,
+        )?;
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let reason = if reason.is_empty() {
+            "confirmed".to_string()
+        } else {
+            reason
+        };
+        let response = self
+            .mutate(
+                &ctx,
+                "wallet.ActivatePending",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let credit =
+                            pending::activate(txn, &work_ctx, backend, &id, &reason).await?;
+                        Ok(pb::ActivatePendingResponse {
+                            credit: Some(credit),
+                        })
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn cancel_pending(
+        &self,
+        request: Request<pb::CancelPendingRequest>,
+    ) -> Result<Response<pb::CancelPendingResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let (id, reason) = check_credit_change(
+            &request.idempotency_key,
+            &request.credit_id,
+            &request.reason,
+            true,
+        )?;
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let response = self
+            .mutate(
+                &ctx,
+                "wallet.CancelPending",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let credit = pending::cancel(txn, &work_ctx, backend, &id, &reason).await?;
+                        Ok(pb::CancelPendingResponse {
+                            credit: Some(credit),
+                        })
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn activate_due(
+        &self,
+        request: Request<pb::ActivateDueRequest>,
+    ) -> Result<Response<pb::ActivateDueResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        v.finish()?;
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let response = self
+            .mutate(
+                &ctx,
+                "wallet.ActivateDue",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let activated = pending::activate_due(txn, &work_ctx, backend).await?;
+                        Ok(pb::ActivateDueResponse { activated })
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn pay_out_cashback(
+        &self,
+        request: Request<pb::PayOutCashbackRequest>,
+    ) -> Result<Response<pb::PayOutCashbackResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let (id, reason) = check_credit_change(
+            &request.idempotency_key,
+            &request.credit_id,
+            &request.reason,
+            false,
+        )?;
+        let reason = if reason.is_empty() {
+            "paid out".to_string()
+        } else {
+            reason
+        };
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let response = self
+            .mutate(
+                &ctx,
+                "wallet.PayOutCashback",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let credit =
+                            pending::pay_out(txn, &work_ctx, backend, &id, &reason).await?;
+                        Ok(pb::PayOutCashbackResponse {
+                            credit: Some(credit),
+                        })
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_cashback_status(
+        &self,
+        request: Request<pb::GetCashbackStatusRequest>,
+    ) -> Result<Response<pb::GetCashbackStatusResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        ledger::check_customer_id(&mut v, "customer_id", &request.customer_id);
+        if !request.credit_id.is_empty() {
+            check_id(&mut v, "credit_id", &request.credit_id);
+        }
+        let page = request.page.unwrap_or_default();
+        let limit = v.page_limit(page.limit);
+        if !page.starting_after.is_empty() {
+            check_id(&mut v, "page.starting_after", &page.starting_after);
+        }
+        v.finish()?;
+        let credit_id = Some(request.credit_id.as_str()).filter(|id| !id.is_empty());
+        let (credits, has_more) = pending::list(
+            self.db.conn(),
+            &ctx.tenant_id,
+            Some(&request.customer_id),
+            credit_id,
+            &page.starting_after,
+            limit,
+        )
+        .await?;
+        let next_cursor = match (has_more, credits.last()) {
+            (true, Some(last)) => last.id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::GetCashbackStatusResponse {
+            credits,
+            page: Some(tessera_proto::common::v1::PageResponse {
+                next_cursor,
+                has_more,
+            }),
+        }))
+    }
+
+    async fn get_liability(
+        &self,
+        request: Request<pb::GetLiabilityRequest>,
+    ) -> Result<Response<pb::GetLiabilityResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let from = request.from.as_ref().map_or(i64::MIN, timestamp_to_micros);
+        let until = request
+            .until
+            .as_ref()
+            .map_or_else(now_micros, timestamp_to_micros);
+        if from >= until {
+            return Err(Error::invalid_field("until", "must be after `from`").into());
+        }
+        let assets = liability::liability(self.db.conn(), &ctx.tenant_id, from, until).await?;
+        Ok(Response::new(pb::GetLiabilityResponse { assets }))
     }
 }

@@ -40,6 +40,7 @@ async fn credits(suite: &TestSuite, label: &str) {
                     amount: 10,
                     reason: "bench".into(),
                     expires_at: None,
+                    pending: None,
                 };
                 let t = Instant::now();
                 client.credit(ctx.request(request)).await.expect("credit");

@@ -30,6 +30,7 @@ fn credit_request(key: &str, customer: &str, amount: i64) -> pb::CreditRequest {
         amount,
         reason: String::new(),
         expires_at: None,
+        pending: None,
     }
 }
 

@@ -10,6 +10,7 @@ mod outbox;
 mod slice;
 mod trace;
 mod wallet;
+mod wallet_flows;
 mod wallet_http;
 
 use serde_json::Value;
@@ -55,28 +56,62 @@ pub async fn points(suite: &TestSuite, customer: &str) -> i64 {
         .map_or(0, |b| b["available"].as_i64().expect("integer"))
 }
 
-/// Postings sum to zero; every customer balance equals its postings and its lots' remainder.
+/// The ledger's invariants: every transaction's postings sum to zero; every customer balance
+/// equals its postings and its lots' remainder and is never negative; every lot's remainder is
+/// what it earned less what was taken plus what was given back, within `0..=amount`; nothing
+/// gives back more of a lot than its source took; the `holds` and `pending` accounts hold
+/// exactly the active holds and pending credits.
 pub async fn assert_ledger_invariants(suite: &TestSuite) {
     let db = suite.db("wallet").await;
-    let sum = scalar(
-        &db,
-        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM postings WHERE tenant_id = $1",
-        vec![TENANT.into()],
-    )
-    .await;
-    assert_eq!(sum, 0, "postings balance");
-    let wrong = scalar(
-        &db,
-        "SELECT COUNT(*) FROM accounts a WHERE a.tenant_id = $1 AND a.owner_kind = 'customer' AND (\
-         a.balance <> (SELECT CAST(COALESCE(SUM(p.amount), 0) AS BIGINT) FROM postings p \
-                       WHERE p.tenant_id = a.tenant_id AND p.account_id = a.id) OR \
-         a.balance <> (SELECT CAST(COALESCE(SUM(l.remaining), 0) AS BIGINT) FROM lots l \
-                       WHERE l.tenant_id = a.tenant_id AND l.account_id = a.id) OR a.balance < 0)",
-        vec![TENANT.into()],
-    )
-    .await;
-    assert_eq!(
-        wrong, 0,
-        "balances equal their postings and lots, never negative"
-    );
+    let checks = [
+        (
+            "transactions whose postings do not sum to zero",
+            "SELECT COUNT(*) FROM (SELECT transaction_id FROM postings WHERE tenant_id = $1 \
+             GROUP BY transaction_id HAVING SUM(amount) <> 0) t",
+        ),
+        (
+            "customer balances off their postings or lots, or negative",
+            "SELECT COUNT(*) FROM accounts a WHERE a.tenant_id = $1 AND a.owner_kind = 'customer' AND (\
+             a.balance <> (SELECT CAST(COALESCE(SUM(p.amount), 0) AS BIGINT) FROM postings p \
+                           WHERE p.tenant_id = a.tenant_id AND p.account_id = a.id) OR \
+             a.balance <> (SELECT CAST(COALESCE(SUM(l.remaining), 0) AS BIGINT) FROM lots l \
+                           WHERE l.tenant_id = a.tenant_id AND l.account_id = a.id) OR a.balance < 0)",
+        ),
+        (
+            "lots whose remainder is not earned - taken + given back, or out of range",
+            "SELECT COUNT(*) FROM lots l WHERE l.tenant_id = $1 AND (l.remaining < 0 \
+             OR l.remaining > l.amount OR l.remaining <> l.amount \
+             - (SELECT CAST(COALESCE(SUM(c.amount), 0) AS BIGINT) FROM lot_consumptions c \
+                WHERE c.tenant_id = l.tenant_id AND c.lot_id = l.id) \
+             + (SELECT CAST(COALESCE(SUM(r.amount), 0) AS BIGINT) FROM lot_restorations r \
+                WHERE r.tenant_id = l.tenant_id AND r.lot_id = l.id))",
+        ),
+        (
+            "restorations exceeding what their source took",
+            "SELECT COUNT(*) FROM (SELECT r.source_transaction_id, r.lot_id, SUM(r.amount) AS given \
+             FROM lot_restorations r WHERE r.tenant_id = $1 \
+             GROUP BY r.source_transaction_id, r.lot_id) g WHERE g.given > \
+             (SELECT CAST(COALESCE(SUM(c.amount), 0) AS BIGINT) FROM lot_consumptions c \
+              WHERE c.tenant_id = $1 AND c.transaction_id = g.source_transaction_id AND c.lot_id = g.lot_id)",
+        ),
+        (
+            "holds account off the active holds",
+            "SELECT (SELECT CAST(COALESCE(SUM(p.amount), 0) AS BIGINT) FROM postings p JOIN accounts a \
+               ON a.tenant_id = p.tenant_id AND a.id = p.account_id \
+               WHERE p.tenant_id = $1 AND a.owner_kind = 'system' AND a.owner_id = 'holds') \
+             - (SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM holds \
+               WHERE tenant_id = $1 AND status = 'active')",
+        ),
+        (
+            "pending account off the pending credits",
+            "SELECT (SELECT CAST(COALESCE(SUM(p.amount), 0) AS BIGINT) FROM postings p JOIN accounts a \
+               ON a.tenant_id = p.tenant_id AND a.id = p.account_id \
+               WHERE p.tenant_id = $1 AND a.owner_kind = 'system' AND a.owner_id = 'pending') \
+             - (SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM pending_credits \
+               WHERE tenant_id = $1 AND status = 'pending')",
+        ),
+    ];
+    for (what, sql) in checks {
+        assert_eq!(scalar(&db, sql, vec![TENANT.into()]).await, 0, "{what}");
+    }
 }

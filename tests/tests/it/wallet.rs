@@ -21,14 +21,14 @@ backend_tests!(
     adjustments_and_history,
 );
 
-fn points() -> Option<pb::Asset> {
+pub(crate) fn points() -> Option<pb::Asset> {
     Some(pb::Asset {
         kind: pb::AssetKind::Points as i32,
         code: "default".into(),
     })
 }
 
-fn in_future(d: Duration) -> prost_types::Timestamp {
+pub(crate) fn in_future(d: Duration) -> prost_types::Timestamp {
     let t = std::time::SystemTime::now() + d;
     let since = t.duration_since(std::time::UNIX_EPOCH).unwrap();
     prost_types::Timestamp {
@@ -37,7 +37,7 @@ fn in_future(d: Duration) -> prost_types::Timestamp {
     }
 }
 
-async fn credit(
+pub(crate) async fn credit(
     wallet: &mut WalletServiceClient<Channel>,
     suite: &TestSuite,
     key: &str,
@@ -53,13 +53,14 @@ async fn credit(
             amount,
             reason: "test".into(),
             expires_at,
+            pending: None,
         }))
         .await
         .expect("credit")
         .into_inner()
 }
 
-fn debit_request(key: &str, customer: &str, amount: i64) -> pb::DebitRequest {
+pub(crate) fn debit_request(key: &str, customer: &str, amount: i64) -> pb::DebitRequest {
     pb::DebitRequest {
         idempotency_key: key.into(),
         customer_id: customer.into(),
@@ -69,7 +70,7 @@ fn debit_request(key: &str, customer: &str, amount: i64) -> pb::DebitRequest {
     }
 }
 
-async fn balance(
+pub(crate) async fn balance(
     wallet: &mut WalletServiceClient<Channel>,
     suite: &TestSuite,
     customer: &str,
@@ -232,6 +233,7 @@ async fn expired_value_is_never_spendable_and_is_swept(suite: TestSuite) {
                 seconds: 1,
                 nanos: 0,
             }),
+            pending: None,
         }))
         .await
         .unwrap_err();
@@ -319,6 +321,7 @@ async fn programmes_are_validated(suite: TestSuite) {
             amount: 70,
             reason: String::new(),
             expires_at: None,
+            pending: None,
         }))
         .await
         .unwrap()

@@ -1,0 +1,252 @@
+//! `BatchCredit`: many credits in one database transaction (a group commit), written with a
+//! handful of multi-row statements instead of a dozen statements per credit. Every entry is
+//! still its own balanced transaction with its own lot and event.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
+use tessera_proto::wallet::v1 as pb;
+use tessera_runtime::{Error, RequestContext};
+use tessera_store::{Backend, db_error, insert_rows, now_micros, outbox, stmt, tuples};
+
+use crate::ledger::{Asset, CREDIT, Credit, lot_expiry};
+
+/// Most entries one `BatchCredit` carries.
+pub const MAX_ENTRIES: usize = 1_000;
+
+type AccountKey = (&'static str, String, i32, String);
+
+fn key(owner_kind: &'static str, owner_id: &str, asset: &Asset) -> AccountKey {
+    (
+        owner_kind,
+        owner_id.to_string(),
+        asset.kind as i32,
+        asset.code.clone(),
+    )
+}
+
+/// Posts every entry (all validated, at most [`MAX_ENTRIES`]) or none.
+pub async fn batch_credit(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    backend: Backend,
+    entries: &[Credit],
+) -> Result<pb::BatchCreditResponse, Error> {
+    let tenant = ctx.tenant_id.as_str();
+    let now = now_micros();
+
+    // Accounts: every customer's, and the issuance account of every asset.
+    let mut wanted: BTreeSet<AccountKey> = BTreeSet::new();
+    for e in entries {
+        wanted.insert(key("customer", &e.customer_id, &e.asset));
+        wanted.insert(key("system", CREDIT.counter_account, &e.asset));
+    }
+    insert_rows(
+        txn,
+        "INSERT INTO accounts (id, tenant_id, owner_kind, owner_id, asset_kind, asset_code, \
+         balance, version, created_at, updated_at)",
+        "ON CONFLICT (tenant_id, owner_kind, owner_id, asset_kind, asset_code) DO NOTHING",
+        wanted
+            .iter()
+            .map(|(kind, owner, asset_kind, code)| {
+                vec![
+                    uuid::Uuid::now_v7().to_string().into(),
+                    tenant.into(),
+                    (*kind).into(),
+                    owner.clone().into(),
+                    (*asset_kind).into(),
+                    code.clone().into(),
+                    0i64.into(),
+                    0i64.into(),
+                    now.into(),
+                    now.into(),
+                ]
+            })
+            .collect(),
+    )
+    .await?;
+    let owners: BTreeSet<&str> = wanted.iter().map(|k| k.1.as_str()).collect();
+    let rows = txn
+        .query_all_raw(stmt(
+            txn,
+            &format!(
+                "SELECT id, owner_kind, owner_id, asset_kind, asset_code FROM accounts \
+                 WHERE tenant_id = $1 AND owner_id IN {}",
+                tuples(2, owners.len(), 1)
+            ),
+            std::iter::once(tenant.into()).chain(owners.iter().map(|o| (*o).into())),
+        ))
+        .await
+        .map_err(db_error)?;
+    let mut ids: HashMap<AccountKey, String> = HashMap::new();
+    for row in rows {
+        let kind: String = row.try_get_by_index(1).map_err(db_error)?;
+        let kind = if kind == "customer" {
+            "customer"
+        } else {
+            "system"
+        };
+        ids.insert(
+            (
+                kind,
+                row.try_get_by_index(2).map_err(db_error)?,
+                row.try_get_by_index(3).map_err(db_error)?,
+                row.try_get_by_index(4).map_err(db_error)?,
+            ),
+            row.try_get_by_index(0).map_err(db_error)?,
+        );
+    }
+    let id_of = |k: AccountKey| {
+        ids.get(&k)
+            .cloned()
+            .ok_or_else(|| Error::internal("account vanished after insert"))
+    };
+
+    // Balance changes per customer account; the accounts are locked in id order first so
+    // concurrent batches (and single debits) cannot deadlock.
+    let mut deltas: BTreeMap<String, i64> = BTreeMap::new();
+    let mut expiries: HashMap<String, Option<i64>> = HashMap::new();
+    let mut transactions = Vec::with_capacity(entries.len());
+    let mut lots = Vec::with_capacity(entries.len());
+    let mut postings = Vec::with_capacity(entries.len() * 2);
+    let mut response = pb::BatchCreditResponse::default();
+    for e in entries {
+        let customer = id_of(key("customer", &e.customer_id, &e.asset))?;
+        let issuance = id_of(key("system", CREDIT.counter_account, &e.asset))?;
+        *deltas.entry(customer.clone()).or_default() += e.amount;
+        let expires_at = match e.expires_at {
+            Some(at) => Some(at),
+            None => match expiries.get(&e.asset.code) {
+                Some(policy) if e.asset.kind == pb::AssetKind::Points => *policy,
+                _ => {
+                    let at = lot_expiry(txn, tenant, &e.asset, None, now).await?;
+                    if e.asset.kind == pb::AssetKind::Points {
+                        expiries.insert(e.asset.code.clone(), at);
+                    }
+                    at
+                }
+            },
+        };
+        let id = uuid::Uuid::now_v7().to_string();
+        transactions.push(vec![
+            id.clone().into(),
+            tenant.into(),
+            CREDIT.kind.into(),
+            e.customer_id.clone().into(),
+            (e.asset.kind as i32).into(),
+            e.asset.code.clone().into(),
+            e.amount.into(),
+            e.reason.clone().into(),
+            ctx.principal.clone().into(),
+            now.into(),
+        ]);
+        lots.push(vec![
+            tenant.into(),
+            customer.clone().into(),
+            id.clone().into(),
+            e.amount.into(),
+            e.amount.into(),
+            now.into(),
+            expires_at.into(),
+        ]);
+        for (account, amount) in [(customer, e.amount), (issuance, -e.amount)] {
+            postings.push(vec![
+                tenant.into(),
+                id.clone().into(),
+                account.into(),
+                amount.into(),
+                now.into(),
+            ]);
+        }
+        response.transaction_ids.push(id);
+    }
+    if backend == Backend::Postgres {
+        txn.execute_raw(stmt(
+            txn,
+            &format!(
+                "SELECT id FROM accounts WHERE tenant_id = $1 AND id IN {} ORDER BY id FOR UPDATE",
+                tuples(2, deltas.len(), 1)
+            ),
+            std::iter::once(tenant.into()).chain(deltas.keys().map(|k| k.clone().into())),
+        ))
+        .await
+        .map_err(db_error)?;
+    }
+    insert_rows(
+        txn,
+        "INSERT INTO transactions (id, tenant_id, kind, customer_id, asset_kind, asset_code, \
+         amount, reason, principal, created_at)",
+        "",
+        transactions,
+    )
+    .await?;
+    insert_rows(
+        txn,
+        "INSERT INTO lots (tenant_id, account_id, transaction_id, amount, remaining, earned_at, \
+         expires_at)",
+        "",
+        lots,
+    )
+    .await?;
+    insert_rows(
+        txn,
+        "INSERT INTO postings (tenant_id, transaction_id, account_id, amount, created_at)",
+        "",
+        postings,
+    )
+    .await?;
+    let updated = txn
+        .query_all_raw(stmt(
+            txn,
+            &format!(
+                "UPDATE accounts SET balance = balance + v.column2, version = version + 1, \
+                 updated_at = $2 FROM (VALUES {}) AS v \
+                 WHERE accounts.tenant_id = $1 AND accounts.id = v.column1 RETURNING id, balance",
+                tuples(3, 2, deltas.len())
+            ),
+            [tenant.into(), now.into()].into_iter().chain(
+                deltas
+                    .iter()
+                    .flat_map(|(id, delta)| [id.clone().into(), (*delta).into()]),
+            ),
+        ))
+        .await
+        .map_err(db_error)?;
+    if updated.len() != deltas.len() {
+        return Err(Error::internal("batch posting to a missing account"));
+    }
+    let mut balances: HashMap<String, i64> = HashMap::new();
+    for row in updated {
+        balances.insert(
+            row.try_get_by_index(0).map_err(db_error)?,
+            row.try_get_by_index(1).map_err(db_error)?,
+        );
+    }
+
+    // One event per credit, as a single Credit writes.
+    let mut events = Vec::with_capacity(entries.len());
+    for (e, id) in entries.iter().zip(&response.transaction_ids) {
+        let customer = id_of(key("customer", &e.customer_id, &e.asset))?;
+        events.push((
+            format!("{}.{}", e.asset.event_prefix(), CREDIT.event),
+            serde_json::json!({
+                "transaction_id": id,
+                "customer_id": e.customer_id,
+                "asset": e.asset.to_json(),
+                "amount": e.amount,
+                "balance": balances.get(&customer),
+                "reason": e.reason,
+                "batch": true,
+            }),
+        ));
+    }
+    outbox::enqueue_many(
+        txn,
+        tenant,
+        events
+            .iter()
+            .map(|(event_type, data)| (event_type.as_str(), data)),
+    )
+    .await?;
+    Ok(response)
+}

@@ -1,0 +1,423 @@
+//! Two-phase spends. A hold takes value out of the customer's account at once (first-to-expire
+//! lots first, into the tenant's `holds` account), so nothing else can spend it; a capture
+//! moves all or part of it on to `redemption` and releases the rest; a release (or the sweep,
+//! once the hold lapses) gives it back to the very lots it came from, with their expiry.
+
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
+use tessera_proto::wallet::v1 as pb;
+use tessera_runtime::{Code, Error, RequestContext};
+use tessera_store::{Backend, db_error, now_micros, outbox, stmt};
+
+use crate::ledger::{
+    self, Asset, Entry, Owner, account, account_balance, emit, insufficient, lock_account,
+    post_customer, post_system,
+};
+
+/// Default life of a hold nobody captures.
+pub const DEFAULT_HOLD_SECS: i64 = 7 * 86_400;
+/// Longest life a caller may give a hold.
+pub const MAX_HOLD_SECS: i64 = 30 * 86_400;
+/// Most lapsed holds one sweep releases.
+const RELEASE_BATCH: i64 = 5_000;
+
+/// A validated hold request.
+#[derive(Debug, Clone)]
+pub struct NewHold {
+    pub customer_id: String,
+    pub asset: Asset,
+    pub amount: i64,
+    pub reason: String,
+    pub expires_at: i64,
+}
+
+/// A stored hold.
+#[derive(Debug, Clone)]
+struct HoldRow {
+    id: String,
+    customer_id: String,
+    account_id: String,
+    asset: Asset,
+    amount: i64,
+    captured: i64,
+    status: String,
+    expires_at: i64,
+    capture_transaction_id: Option<String>,
+}
+
+impl HoldRow {
+    fn to_proto(&self) -> pb::Hold {
+        pb::Hold {
+            id: self.id.clone(),
+            customer_id: self.customer_id.clone(),
+            asset: Some(self.asset.to_proto()),
+            amount: self.amount,
+            status: match self.status.as_str() {
+                "active" => pb::HoldStatus::Active,
+                "captured" => pb::HoldStatus::Captured,
+                _ => pb::HoldStatus::Released,
+            } as i32,
+            captured: self.captured,
+            expires_at: Some(outbox::micros_to_timestamp(self.expires_at)),
+            capture_transaction_id: self.capture_transaction_id.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Reads a hold; with `backend`, locks it (after locking its account: accounts before holds).
+async fn load(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    id: &str,
+    backend: Option<Backend>,
+) -> Result<Option<HoldRow>, Error> {
+    let lock = backend.map_or("", Backend::row_lock);
+    let row = txn
+        .query_one_raw(stmt(
+            txn,
+            &format!(
+                "SELECT id, customer_id, account_id, asset_kind, asset_code, amount, captured, \
+                 status, expires_at, capture_transaction_id FROM holds \
+                 WHERE tenant_id = $1 AND id = $2{lock}"
+            ),
+            [tenant.into(), id.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    let Some(row) = row else { return Ok(None) };
+    let hold = (|| {
+        Ok::<_, sea_orm::DbErr>(HoldRow {
+            id: row.try_get_by_index(0)?,
+            customer_id: row.try_get_by_index(1)?,
+            account_id: row.try_get_by_index(2)?,
+            asset: Asset {
+                kind: pb::AssetKind::try_from(row.try_get_by_index::<i32>(3)?)
+                    .unwrap_or(pb::AssetKind::Unspecified),
+                code: row.try_get_by_index(4)?,
+            },
+            amount: row.try_get_by_index(5)?,
+            captured: row.try_get_by_index(6)?,
+            status: row.try_get_by_index(7)?,
+            expires_at: row.try_get_by_index(8)?,
+            capture_transaction_id: row.try_get_by_index(9)?,
+        })
+    })()
+    .map_err(db_error)?;
+    Ok(Some(hold))
+}
+
+/// Locks the hold's account, then the hold, and checks the hold is still active.
+async fn lock_active(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    backend: Backend,
+    id: &str,
+) -> Result<HoldRow, Error> {
+    let hold = load(txn, tenant, id, None)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("hold `{id}`")))?;
+    lock_account(txn, tenant, backend, &hold.account_id).await?;
+    let hold = load(txn, tenant, id, Some(backend))
+        .await?
+        .ok_or_else(|| Error::internal("hold vanished under lock"))?;
+    if hold.status != "active" {
+        return Err(Error::new(
+            Code::FailedPrecondition,
+            format!("hold `{id}` is {}, not active", hold.status),
+        )
+        .with_reason("HOLD_NOT_ACTIVE"));
+    }
+    Ok(hold)
+}
+
+/// Places a hold.
+pub async fn hold(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    backend: Backend,
+    new: &NewHold,
+) -> Result<pb::HoldResponse, Error> {
+    let tenant = ctx.tenant_id.as_str();
+    let now = now_micros();
+    let Some(customer) =
+        ledger::find_customer_account(txn, tenant, &new.customer_id, &new.asset).await?
+    else {
+        return Err(insufficient(0, new.amount));
+    };
+    lock_account(txn, tenant, backend, &customer).await?;
+    let lots = ledger::spendable_lots(txn, tenant, &customer, None, now).await?;
+    let available: i64 = lots.iter().map(|l| l.remaining).sum();
+    if available < new.amount {
+        return Err(insufficient(available, new.amount));
+    }
+    let entry = Entry::new(
+        "hold",
+        &new.customer_id,
+        &new.asset,
+        -new.amount,
+        &new.reason,
+        now,
+    );
+    entry.write(txn, ctx).await?;
+    ledger::take(txn, tenant, &entry.id, &lots, new.amount).await?;
+    let holds = account(txn, tenant, Owner::System("holds"), &new.asset).await?;
+    post_customer(txn, tenant, &entry.id, &customer, -new.amount, now).await?;
+    post_system(txn, tenant, &entry.id, &holds, new.amount, now).await?;
+    txn.execute_raw(stmt(
+        txn,
+        "INSERT INTO holds (tenant_id, id, customer_id, account_id, asset_kind, asset_code, \
+         amount, captured, status, expires_at, capture_transaction_id, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 'active', $8, NULL, $9, $9)",
+        [
+            tenant.into(),
+            entry.id.clone().into(),
+            new.customer_id.clone().into(),
+            customer.clone().into(),
+            (new.asset.kind as i32).into(),
+            new.asset.code.clone().into(),
+            new.amount.into(),
+            new.expires_at.into(),
+            now.into(),
+        ],
+    ))
+    .await
+    .map_err(db_error)?;
+    emit(
+        txn,
+        tenant,
+        &new.asset,
+        "held",
+        serde_json::json!({
+            "hold_id": entry.id,
+            "customer_id": new.customer_id,
+            "amount": new.amount,
+            "reason": new.reason,
+        }),
+    )
+    .await?;
+    let hold = load(txn, tenant, &entry.id, None)
+        .await?
+        .ok_or_else(|| Error::internal("hold vanished"))?;
+    Ok(pb::HoldResponse {
+        hold: Some(hold.to_proto()),
+        balance: Some(account_balance(txn, tenant, &new.customer_id, &new.asset, now).await?),
+    })
+}
+
+/// Gives `amount` of a hold back to the lots it came from: one `release` transaction.
+async fn give_back(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    hold: &HoldRow,
+    amount: i64,
+    now: i64,
+) -> Result<(), Error> {
+    let tenant = ctx.tenant_id.as_str();
+    let entry = Entry::new(
+        "release",
+        &hold.customer_id,
+        &hold.asset,
+        amount,
+        "hold released",
+        now,
+    );
+    entry.write(txn, ctx).await?;
+    let restored = ledger::restore(txn, tenant, &entry.id, &hold.id, amount).await?;
+    if restored != amount {
+        return Err(Error::internal("hold lots short of the held amount"));
+    }
+    let holds = account(txn, tenant, Owner::System("holds"), &hold.asset).await?;
+    post_system(txn, tenant, &entry.id, &holds, -amount, now).await?;
+    post_customer(txn, tenant, &entry.id, &hold.account_id, amount, now).await
+}
+
+/// Marks a hold captured or released.
+async fn settle(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    hold: &HoldRow,
+    status: &str,
+    captured: i64,
+    capture_transaction_id: Option<&str>,
+    now: i64,
+) -> Result<(), Error> {
+    txn.execute_raw(stmt(
+        txn,
+        "UPDATE holds SET status = $1, captured = $2, capture_transaction_id = $3, updated_at = $4 \
+         WHERE tenant_id = $5 AND id = $6",
+        [
+            status.into(),
+            captured.into(),
+            capture_transaction_id.map(str::to_string).into(),
+            now.into(),
+            tenant.into(),
+            hold.id.clone().into(),
+        ],
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// Captures `amount` of a hold (0: all of it) and releases the rest.
+pub async fn capture(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    backend: Backend,
+    hold_id: &str,
+    amount: i64,
+) -> Result<pb::CaptureResponse, Error> {
+    let tenant = ctx.tenant_id.as_str();
+    let now = now_micros();
+    let hold = lock_active(txn, tenant, backend, hold_id).await?;
+    if hold.expires_at <= now {
+        return Err(Error::new(
+            Code::FailedPrecondition,
+            format!("hold `{hold_id}` lapsed; place a new one"),
+        )
+        .with_reason("HOLD_EXPIRED"));
+    }
+    let amount = if amount == 0 { hold.amount } else { amount };
+    if amount > hold.amount {
+        return Err(Error::invalid_field(
+            "amount",
+            format!("must be at most the held amount {}", hold.amount),
+        ));
+    }
+    let entry = Entry::new(
+        "capture",
+        &hold.customer_id,
+        &hold.asset,
+        -amount,
+        "hold captured",
+        now,
+    );
+    entry.write(txn, ctx).await?;
+    let holds = account(txn, tenant, Owner::System("holds"), &hold.asset).await?;
+    let redemption = account(txn, tenant, Owner::System("redemption"), &hold.asset).await?;
+    post_system(txn, tenant, &entry.id, &holds, -amount, now).await?;
+    post_system(txn, tenant, &entry.id, &redemption, amount, now).await?;
+    if amount < hold.amount {
+        give_back(txn, ctx, &hold, hold.amount - amount, now).await?;
+    }
+    settle(txn, tenant, &hold, "captured", amount, Some(&entry.id), now).await?;
+    emit(
+        txn,
+        tenant,
+        &hold.asset,
+        "captured",
+        serde_json::json!({
+            "hold_id": hold.id,
+            "transaction_id": entry.id,
+            "customer_id": hold.customer_id,
+            "amount": amount,
+            "released": hold.amount - amount,
+        }),
+    )
+    .await?;
+    let settled = load(txn, tenant, hold_id, None)
+        .await?
+        .ok_or_else(|| Error::internal("hold vanished"))?;
+    Ok(pb::CaptureResponse {
+        hold: Some(settled.to_proto()),
+        balance: Some(account_balance(txn, tenant, &hold.customer_id, &hold.asset, now).await?),
+    })
+}
+
+/// Releases a hold locked by [`lock_active`].
+async fn release_locked(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    hold: &HoldRow,
+    why: &str,
+    now: i64,
+) -> Result<(), Error> {
+    give_back(txn, ctx, hold, hold.amount, now).await?;
+    settle(txn, &ctx.tenant_id, hold, "released", 0, None, now).await?;
+    emit(
+        txn,
+        &ctx.tenant_id,
+        &hold.asset,
+        "released",
+        serde_json::json!({
+            "hold_id": hold.id,
+            "customer_id": hold.customer_id,
+            "amount": hold.amount,
+            "reason": why,
+        }),
+    )
+    .await
+}
+
+/// Releases a hold.
+pub async fn release(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    backend: Backend,
+    hold_id: &str,
+) -> Result<pb::ReleaseResponse, Error> {
+    let tenant = ctx.tenant_id.as_str();
+    let now = now_micros();
+    let hold = lock_active(txn, tenant, backend, hold_id).await?;
+    release_locked(txn, ctx, &hold, "released", now).await?;
+    let settled = load(txn, tenant, hold_id, None)
+        .await?
+        .ok_or_else(|| Error::internal("hold vanished"))?;
+    Ok(pb::ReleaseResponse {
+        hold: Some(settled.to_proto()),
+        balance: Some(account_balance(txn, tenant, &hold.customer_id, &hold.asset, now).await?),
+    })
+}
+
+/// Releases the tenant's holds past their expiry (up to a batch). Returns how many.
+pub async fn release_lapsed(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    backend: Backend,
+) -> Result<u32, Error> {
+    let tenant = ctx.tenant_id.as_str();
+    let now = now_micros();
+    let ids = txn
+        .query_all_raw(stmt(
+            txn,
+            "SELECT id FROM holds WHERE tenant_id = $1 AND status = 'active' AND expires_at <= $2 \
+             ORDER BY account_id, id LIMIT $3",
+            [tenant.into(), now.into(), RELEASE_BATCH.into()],
+        ))
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(|r| r.try_get_by_index::<String>(0))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_error)?;
+    let mut released = 0;
+    for id in ids {
+        match lock_active(txn, tenant, backend, &id).await {
+            Ok(hold) => {
+                release_locked(txn, ctx, &hold, "lapsed", now).await?;
+                released += 1;
+            }
+            // Captured or released meanwhile: nothing to do.
+            Err(e) if e.code == Code::FailedPrecondition => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(released)
+}
+
+/// The hold a capture transaction settled, for refunds.
+pub async fn captured_by(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    capture_transaction_id: &str,
+) -> Result<String, Error> {
+    let row = txn
+        .query_one_raw(stmt(
+            txn,
+            "SELECT id FROM holds WHERE tenant_id = $1 AND capture_transaction_id = $2",
+            [tenant.into(), capture_transaction_id.into()],
+        ))
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| Error::internal("capture without its hold"))?;
+    row.try_get_by_index(0).map_err(db_error)
+}

@@ -1,0 +1,534 @@
+//! The wallet's two-phase spends, reversals, transfers, pending credits (cashback's status
+//! history), batch credits and liability report. After each scenario the ledger's invariants
+//! hold (see `assert_ledger_invariants`).
+
+use std::time::Duration;
+
+use tessera_proto::wallet::v1 as pb;
+use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
+use tessera_runtime::grpc::Channel;
+use tessera_tests::{TENANT, TestSuite, backend_tests, eventually};
+
+use crate::wallet::{balance, credit, debit_request, in_future, points};
+use crate::{assert_ledger_invariants, events};
+
+backend_tests!(
+    holds_capture_release_and_refunds,
+    reversals_refund_debits_and_claw_back_credits,
+    transfers_keep_the_senders_expiry,
+    pending_cashback_lifecycle,
+    batch_credit_posts_all_or_nothing,
+);
+
+type Wallet = WalletServiceClient<Channel>;
+
+fn cashback() -> Option<pb::Asset> {
+    Some(pb::Asset {
+        kind: pb::AssetKind::Cashback as i32,
+        code: "EUR".into(),
+    })
+}
+
+fn field_of(status: &tonic::Status) -> String {
+    status.message().to_string()
+}
+
+async fn hold(
+    wallet: &mut Wallet,
+    suite: &TestSuite,
+    key: &str,
+    customer: &str,
+    amount: i64,
+    expires_at: Option<prost_types::Timestamp>,
+) -> Result<pb::HoldResponse, tonic::Status> {
+    wallet
+        .hold(suite.ctx(TENANT).request(pb::HoldRequest {
+            idempotency_key: key.into(),
+            customer_id: customer.into(),
+            asset: points(),
+            amount,
+            reason: "checkout".into(),
+            expires_at,
+        }))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn reverse(
+    wallet: &mut Wallet,
+    suite: &TestSuite,
+    key: &str,
+    transaction_id: &str,
+    amount: i64,
+) -> Result<pb::ReverseResponse, tonic::Status> {
+    wallet
+        .reverse(suite.ctx(TENANT).request(pb::ReverseRequest {
+            idempotency_key: key.into(),
+            transaction_id: transaction_id.into(),
+            amount,
+            reason: "order returned".into(),
+        }))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn holds_capture_release_and_refunds(suite: TestSuite) {
+    let mut wallet = WalletServiceClient::new(suite.channel());
+    let ten_days = Some(in_future(Duration::from_secs(10 * 86_400)));
+    credit(&mut wallet, &suite, "c1", "hana", 100, ten_days).await;
+    credit(&mut wallet, &suite, "c2", "hana", 100, None).await;
+
+    let held = hold(&mut wallet, &suite, "h1", "hana", 150, None)
+        .await
+        .unwrap();
+    let b = held.balance.unwrap();
+    assert_eq!((b.available, b.held, b.expiring_30d), (50, 150, 0));
+    let h = held.hold.unwrap();
+    assert_eq!(h.status, pb::HoldStatus::Active as i32);
+    // Held value is not spendable.
+    let refused = wallet
+        .debit(suite.ctx(TENANT).request(debit_request("d1", "hana", 60)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+
+    // Capture 120 of 150: the first-to-expire value is what is spent, 30 comes back.
+    let too_much = wallet
+        .capture(suite.ctx(TENANT).request(pb::CaptureRequest {
+            idempotency_key: "cap0".into(),
+            hold_id: h.id.clone(),
+            amount: 151,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(too_much.code(), tonic::Code::InvalidArgument);
+    assert!(field_of(&too_much).contains("amount"), "{too_much:?}");
+    let captured = wallet
+        .capture(suite.ctx(TENANT).request(pb::CaptureRequest {
+            idempotency_key: "cap1".into(),
+            hold_id: h.id.clone(),
+            amount: 120,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let settled = captured.hold.unwrap();
+    assert_eq!(
+        (settled.status, settled.captured),
+        (pb::HoldStatus::Captured as i32, 120)
+    );
+    let b = captured.balance.unwrap();
+    assert_eq!((b.available, b.held, b.expiring_30d), (80, 0, 0));
+    let again = wallet
+        .release(suite.ctx(TENANT).request(pb::ReleaseRequest {
+            idempotency_key: "rel0".into(),
+            hold_id: h.id.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+
+    // Refund 20 of the capture, then the rest: lots come back with their own expiry, the
+    // latest-to-expire first.
+    let capture_id = settled.capture_transaction_id;
+    let part = reverse(&mut wallet, &suite, "r1", &capture_id, 20)
+        .await
+        .unwrap();
+    let b = part.balance.unwrap();
+    assert_eq!((b.available, b.expiring_30d), (100, 0));
+    let over = reverse(&mut wallet, &suite, "r2", &capture_id, 101)
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), tonic::Code::InvalidArgument, "{over:?}");
+    let rest = reverse(&mut wallet, &suite, "r3", &capture_id, 0)
+        .await
+        .unwrap();
+    let b = rest.balance.unwrap();
+    assert_eq!((b.available, b.expiring_30d), (200, 100));
+    assert_eq!(rest.transaction.unwrap().amount, 100);
+    let done = reverse(&mut wallet, &suite, "r4", &capture_id, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(done.code(), tonic::Code::FailedPrecondition);
+
+    // Release gives everything back; a lapsed hold is released by the sweep.
+    let small = hold(&mut wallet, &suite, "h2", "hana", 10, None)
+        .await
+        .unwrap();
+    let released = wallet
+        .release(suite.ctx(TENANT).request(pb::ReleaseRequest {
+            idempotency_key: "rel1".into(),
+            hold_id: small.hold.unwrap().id,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.balance.unwrap().available, 200);
+    hold(
+        &mut wallet,
+        &suite,
+        "h3",
+        "hana",
+        30,
+        Some(in_future(Duration::from_millis(600))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(balance(&mut wallet, &suite, "hana").await.held, 30);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let swept = wallet
+        .expire_due(suite.ctx(TENANT).request(pb::ExpireDueRequest {
+            idempotency_key: "sweep".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(swept.holds_released, 1);
+    let b = balance(&mut wallet, &suite, "hana").await;
+    assert_eq!((b.available, b.held), (200, 0));
+    let far = hold(
+        &mut wallet,
+        &suite,
+        "h4",
+        "hana",
+        1,
+        Some(in_future(Duration::from_secs(31 * 86_400))),
+    )
+    .await
+    .unwrap_err();
+    assert!(field_of(&far).contains("expires_at"), "{far:?}");
+    assert_ledger_invariants(&suite).await;
+    suite.cleanup().await;
+}
+
+async fn reversals_refund_debits_and_claw_back_credits(suite: TestSuite) {
+    let mut wallet = WalletServiceClient::new(suite.channel());
+    let earned = credit(&mut wallet, &suite, "c1", "ines", 100, None).await;
+    let spent = wallet
+        .debit(suite.ctx(TENANT).request(debit_request("d1", "ines", 30)))
+        .await
+        .unwrap()
+        .into_inner();
+    let spent_id = spent.transaction.unwrap().id;
+    let refund = reverse(&mut wallet, &suite, "r1", &spent_id, 10)
+        .await
+        .unwrap();
+    let t = refund.transaction.unwrap();
+    assert_eq!((t.kind.as_str(), t.amount), ("refund", 10));
+    assert_eq!(refund.balance.unwrap().available, 80);
+    // A replay returns the stored answer, not a second refund.
+    let replay = reverse(&mut wallet, &suite, "r1", &spent_id, 10)
+        .await
+        .unwrap();
+    assert_eq!(replay.transaction.unwrap().id, t.id);
+
+    // Claw back the credit: never below zero.
+    let earned_id = earned.transaction.unwrap().id;
+    let short = reverse(&mut wallet, &suite, "r2", &earned_id, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(short.code(), tonic::Code::FailedPrecondition);
+    let clawed = reverse(&mut wallet, &suite, "r3", &earned_id, 50)
+        .await
+        .unwrap();
+    let t = clawed.transaction.unwrap();
+    assert_eq!((t.kind.as_str(), t.amount), ("clawback", -50));
+    assert_eq!(clawed.balance.unwrap().available, 30);
+
+    let not_reversible = reverse(&mut wallet, &suite, "r4", &t.id, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(not_reversible.code(), tonic::Code::FailedPrecondition);
+    let unknown = reverse(
+        &mut wallet,
+        &suite,
+        "r5",
+        &uuid::Uuid::now_v7().to_string(),
+        0,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    let bad = wallet
+        .reverse(suite.ctx(TENANT).request(pb::ReverseRequest {
+            idempotency_key: "r6".into(),
+            transaction_id: "nope".into(),
+            amount: -1,
+            reason: " ".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    for field in ["transaction_id", "amount", "reason"] {
+        assert!(field_of(&bad).contains(field), "{field}: {bad:?}");
+    }
+    assert_ledger_invariants(&suite).await;
+    suite.cleanup().await;
+}
+
+async fn transfers_keep_the_senders_expiry(suite: TestSuite) {
+    let mut wallet = WalletServiceClient::new(suite.channel());
+    let ten_days = Some(in_future(Duration::from_secs(10 * 86_400)));
+    credit(&mut wallet, &suite, "c1", "ivo", 50, ten_days).await;
+    credit(&mut wallet, &suite, "c2", "ivo", 50, None).await;
+    let transfer = |key: &str, to: &str, amount: i64| pb::TransferRequest {
+        idempotency_key: key.into(),
+        from_customer_id: "ivo".into(),
+        to_customer_id: to.into(),
+        asset: points(),
+        amount,
+        reason: "gift".into(),
+    };
+    let moved = wallet
+        .transfer(suite.ctx(TENANT).request(transfer("t1", "jon", 70)))
+        .await
+        .unwrap()
+        .into_inner();
+    let (from, to) = (moved.from_balance.unwrap(), moved.to_balance.unwrap());
+    assert_eq!((from.available, from.expiring_30d), (30, 0));
+    assert_eq!((to.available, to.expiring_30d), (70, 50));
+    assert_eq!(moved.outgoing.unwrap().kind, "transfer_out");
+    assert_eq!(moved.incoming.unwrap().kind, "transfer_in");
+
+    let short = wallet
+        .transfer(suite.ctx(TENANT).request(transfer("t2", "jon", 31)))
+        .await
+        .unwrap_err();
+    assert_eq!(short.code(), tonic::Code::FailedPrecondition);
+    let to_self = wallet
+        .transfer(suite.ctx(TENANT).request(transfer("t3", "ivo", 1)))
+        .await
+        .unwrap_err();
+    assert_eq!(to_self.code(), tonic::Code::InvalidArgument);
+    assert!(field_of(&to_self).contains("to_customer_id"));
+    assert_ledger_invariants(&suite).await;
+    suite.cleanup().await;
+}
+
+async fn pending_credit(
+    wallet: &mut Wallet,
+    suite: &TestSuite,
+    key: &str,
+    amount: i64,
+    activate_at: Option<prost_types::Timestamp>,
+) -> String {
+    wallet
+        .credit(suite.ctx(TENANT).request(pb::CreditRequest {
+            idempotency_key: key.into(),
+            customer_id: "kai".into(),
+            asset: cashback(),
+            amount,
+            reason: "order 42".into(),
+            expires_at: None,
+            pending: Some(pb::PendingOptions { activate_at }),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .transaction
+        .unwrap()
+        .id
+}
+
+async fn pending_cashback_lifecycle(suite: TestSuite) {
+    let mut wallet = WalletServiceClient::new(suite.channel());
+    let first = pending_credit(&mut wallet, &suite, "p1", 500, None).await;
+    let eur = |b: pb::GetBalanceResponse| {
+        b.balances
+            .into_iter()
+            .find(|b| b.asset == cashback())
+            .unwrap()
+    };
+    let get_balance = |wallet: &mut Wallet| {
+        let request = suite.ctx(TENANT).request(pb::GetBalanceRequest {
+            customer_id: "kai".into(),
+        });
+        let mut wallet = wallet.clone();
+        async move { wallet.get_balance(request).await.unwrap().into_inner() }
+    };
+    let b = eur(get_balance(&mut wallet).await);
+    assert_eq!((b.available, b.pending), (0, 500));
+
+    let confirmed = wallet
+        .activate_pending(suite.ctx(TENANT).request(pb::ActivatePendingRequest {
+            idempotency_key: "a1".into(),
+            credit_id: first.clone(),
+            reason: "return window over".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .credit
+        .unwrap();
+    assert_eq!(confirmed.status, pb::CreditStatus::Confirmed as i32);
+    let b = eur(get_balance(&mut wallet).await);
+    assert_eq!((b.available, b.pending), (500, 0));
+    let twice = wallet
+        .activate_pending(suite.ctx(TENANT).request(pb::ActivatePendingRequest {
+            idempotency_key: "a2".into(),
+            credit_id: first.clone(),
+            reason: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), tonic::Code::FailedPrecondition);
+
+    let paid = wallet
+        .pay_out_cashback(suite.ctx(TENANT).request(pb::PayOutCashbackRequest {
+            idempotency_key: "po1".into(),
+            credit_id: first.clone(),
+            reason: "bank transfer".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .credit
+        .unwrap();
+    let history: Vec<i32> = paid.history.iter().map(|h| h.status).collect();
+    assert_eq!(
+        history,
+        [
+            pb::CreditStatus::Pending as i32,
+            pb::CreditStatus::Confirmed as i32,
+            pb::CreditStatus::PaidOut as i32
+        ]
+    );
+    assert!(paid.history.iter().all(|h| !h.principal.is_empty()));
+    assert_eq!(eur(get_balance(&mut wallet).await).available, 0);
+
+    // Cancelled in the return window: the reason is mandatory.
+    let second = pending_credit(&mut wallet, &suite, "p2", 300, None).await;
+    let cancel = |key: &str, reason: &str| pb::CancelPendingRequest {
+        idempotency_key: key.into(),
+        credit_id: second.clone(),
+        reason: reason.into(),
+    };
+    let no_reason = wallet
+        .cancel_pending(suite.ctx(TENANT).request(cancel("x1", "")))
+        .await
+        .unwrap_err();
+    assert!(field_of(&no_reason).contains("reason"), "{no_reason:?}");
+    let cancelled = wallet
+        .cancel_pending(suite.ctx(TENANT).request(cancel("x2", "order returned")))
+        .await
+        .unwrap()
+        .into_inner()
+        .credit
+        .unwrap();
+    assert_eq!(cancelled.status, pb::CreditStatus::Cancelled as i32);
+
+    // Confirmed by the sweep once its date passes.
+    pending_credit(
+        &mut wallet,
+        &suite,
+        "p3",
+        300,
+        Some(in_future(Duration::from_millis(500))),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let due = wallet
+        .activate_due(suite.ctx(TENANT).request(pb::ActivateDueRequest {
+            idempotency_key: "due1".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(due.activated, 1);
+    let b = eur(get_balance(&mut wallet).await);
+    assert_eq!((b.available, b.pending), (300, 0));
+
+    let listed = wallet
+        .get_cashback_status(suite.ctx(TENANT).request(pb::GetCashbackStatusRequest {
+            customer_id: "kai".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let statuses: Vec<i32> = listed.credits.iter().map(|c| c.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            pb::CreditStatus::Confirmed as i32,
+            pb::CreditStatus::Cancelled as i32,
+            pb::CreditStatus::PaidOut as i32
+        ],
+        "newest first"
+    );
+
+    let liability = wallet
+        .get_liability(
+            suite
+                .ctx(TENANT)
+                .request(pb::GetLiabilityRequest::default()),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let eur = liability
+        .assets
+        .iter()
+        .find(|l| l.asset == cashback())
+        .unwrap();
+    assert_eq!(
+        (eur.outstanding, eur.pending, eur.issued, eur.paid_out),
+        (300, 0, 800, 500)
+    );
+    let changes = eventually(Duration::from_secs(10), "status events", || async {
+        let found = events(&suite, TENANT, "cashback.status_changed").await;
+        (found.len() == 7).then_some(found)
+    })
+    .await;
+    assert_eq!(changes.len(), 7);
+    assert_ledger_invariants(&suite).await;
+    suite.cleanup().await;
+}
+
+async fn batch_credit_posts_all_or_nothing(suite: TestSuite) {
+    let mut wallet = WalletServiceClient::new(suite.channel());
+    let entry = |customer: &str, amount: i64| pb::BatchCreditEntry {
+        customer_id: customer.into(),
+        asset: points(),
+        amount,
+        reason: "campaign".into(),
+        expires_at: None,
+    };
+    let bad = wallet
+        .batch_credit(suite.ctx(TENANT).request(pb::BatchCreditRequest {
+            idempotency_key: "b0".into(),
+            entries: vec![entry("lea", 10), entry("max", 0)],
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(field_of(&bad).contains("entries[1].amount"), "{bad:?}");
+    assert_eq!(balance(&mut wallet, &suite, "lea").await.available, 0);
+
+    let request = pb::BatchCreditRequest {
+        idempotency_key: "b1".into(),
+        entries: vec![entry("lea", 10), entry("max", 20), entry("lea", 5)],
+    };
+    let done = wallet
+        .batch_credit(suite.ctx(TENANT).request(request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.transaction_ids.len(), 3);
+    let replay = wallet
+        .batch_credit(suite.ctx(TENANT).request(request))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replay, done);
+    assert_eq!(balance(&mut wallet, &suite, "lea").await.available, 15);
+    assert_eq!(balance(&mut wallet, &suite, "max").await.available, 20);
+    let credited = eventually(Duration::from_secs(10), "batch events", || async {
+        let found = events(&suite, TENANT, "points.credited").await;
+        (found.len() == 3).then_some(found)
+    })
+    .await;
+    assert_eq!(credited.len(), 3);
+    assert_ledger_invariants(&suite).await;
+    suite.cleanup().await;
+}
