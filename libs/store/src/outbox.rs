@@ -1,10 +1,10 @@
 //! The transactional outbox. A service writes its events with [`enqueue`] inside the same
 //! transaction as the change they describe, so an event exists exactly when the change does.
-//! The [`Relay`] then delivers them to notification's intake RPC and marks them sent.
+//! The [`Relay`] then delivers them to notification's intake RPC and deletes them.
 //!
 //! Delivery is at least once: a relay claims a batch under a lease (with
 //! `FOR UPDATE SKIP LOCKED` on PostgreSQL, so replicas share the work), publishes it, and
-//! marks it delivered. If the process dies in between, the lease runs out and the batch is
+//! deletes it. If the process dies in between, the lease runs out and the batch is
 //! delivered again; notification de-duplicates by event id. Failed deliveries are retried
 //! with exponential backoff. Each event carries the `traceparent` of the request that
 //! caused it, and its delivery span is that request's child, so one trace covers the request
@@ -341,17 +341,18 @@ impl Relay {
         Ok(events)
     }
 
+    /// Delivered events leave the outbox (notification keeps them): the table holds only
+    /// what is still to send, so claims stay cheap however many events went through.
     async fn mark_delivered(&self, ids: &[i64]) -> Result<(), Error> {
         if ids.is_empty() {
             return Ok(());
         }
         let conn = self.db.conn();
         let sql = format!(
-            "UPDATE outbox SET delivered_at = $1, lease_until = NULL, last_error = NULL \
-             WHERE lease_owner = $2 AND id IN ({})",
-            Db::placeholders(3, ids.len())
+            "DELETE FROM outbox WHERE lease_owner = $1 AND id IN ({})",
+            Db::placeholders(2, ids.len())
         );
-        let mut values: Vec<Value> = vec![now_micros().into(), self.owner.clone().into()];
+        let mut values: Vec<Value> = vec![self.owner.clone().into()];
         values.extend(ids.iter().map(|id| Value::from(*id)));
         conn.execute_raw(stmt(conn, &sql, values))
             .await

@@ -33,6 +33,8 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
         .route("/v1/customers/{id}/wallet", get(wallet))
         .route("/v1/customers/{id}/wallet/transactions", get(transactions))
         .route("/v1/customers/{id}/wallet/adjustments", post(adjust))
+        .route("/v1/customers/{id}/wallet/refunds", post(refund))
+        .route("/v1/customers/{id}/wallet/cashback", get(cashback))
         .fallback(not_found)
         .with_state(state)
         .merge(tessera_runtime::metrics::router())
@@ -134,6 +136,8 @@ fn balance_json(b: &pb::Balance) -> Value {
     json!({
         "asset": asset_json(b.asset.as_ref()),
         "available": b.available,
+        "held": b.held,
+        "pending": b.pending,
         "expiring": { "30d": b.expiring_30d, "60d": b.expiring_60d, "90d": b.expiring_90d },
     })
 }
@@ -233,9 +237,50 @@ struct TransactionsQuery {
     /// Cursor: the `next_cursor` of the previous page.
     #[serde(default)]
     starting_after: String,
-    /// Only this kind: credit, debit, expiry, adjustment.
+    /// Only this kind (credit, debit, refund, …).
     #[serde(default)]
     kind: String,
+}
+
+/// Cursor pagination parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    /// Page size, 1..=100 (default 20).
+    #[serde(default)]
+    limit: u32,
+    /// Cursor: the `next_cursor` of the previous page.
+    #[serde(default)]
+    starting_after: String,
+}
+
+fn page_request(
+    limit: u32,
+    starting_after: String,
+) -> Option<tessera_proto::common::v1::PageRequest> {
+    Some(tessera_proto::common::v1::PageRequest {
+        limit,
+        starting_after,
+    })
+}
+
+/// A page as JSON.
+fn page_json(data: Vec<Value>, page: Option<tessera_proto::common::v1::PageResponse>) -> Value {
+    let page = page.unwrap_or_default();
+    json!({
+        "data": data,
+        "has_more": page.has_more,
+        "next_cursor": if page.has_more { Some(page.next_cursor) } else { None },
+    })
+}
+
+/// Parses a query string strictly, naming the fault.
+fn strict_query<T>(
+    query: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    query
+        .map(|q| q.0)
+        .map_err(|e| tessera_runtime::Error::invalid_field("query", e.body_text()).into())
 }
 
 /// A customer's wallet history, newest first.
@@ -250,8 +295,7 @@ async fn transactions(
     >,
 ) -> Result<Json<Value>, ApiError> {
     principal.require(&Role::ALL)?;
-    let axum::extract::Query(query) =
-        query.map_err(|e| tessera_runtime::Error::invalid_field("query", e.body_text()))?;
+    let query = strict_query(query)?;
     let ctx = principal.context(&request_id);
     let response = state
         .wallet
@@ -259,20 +303,111 @@ async fn transactions(
         .list_transactions(ctx.request(pb::ListTransactionsRequest {
             customer_id,
             kind: query.kind,
-            page: Some(tessera_proto::common::v1::PageRequest {
-                limit: query.limit,
-                starting_after: query.starting_after,
-            }),
+            page: page_request(query.limit, query.starting_after),
             ..Default::default()
         }))
         .await?
         .into_inner();
-    let page = response.page.unwrap_or_default();
-    Ok(Json(json!({
-        "data": response.transactions.iter().map(transaction_json).collect::<Vec<_>>(),
-        "has_more": page.has_more,
-        "next_cursor": if page.has_more { Some(page.next_cursor) } else { None },
-    })))
+    Ok(Json(page_json(
+        response.transactions.iter().map(transaction_json).collect(),
+        response.page,
+    )))
+}
+
+fn credit_status_name(status: i32) -> &'static str {
+    match pb::CreditStatus::try_from(status).unwrap_or(pb::CreditStatus::Unspecified) {
+        pb::CreditStatus::Pending => "pending",
+        pb::CreditStatus::Confirmed => "confirmed",
+        pb::CreditStatus::PaidOut => "paid_out",
+        pb::CreditStatus::Cancelled => "cancelled",
+        pb::CreditStatus::Unspecified => "unspecified",
+    }
+}
+
+/// A customer's pending-value credits (cashback) with their status history, newest first.
+async fn cashback(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(customer_id): Path<String>,
+    query: Result<axum::extract::Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    principal.require(&Role::ALL)?;
+    let query = strict_query(query)?;
+    let ctx = principal.context(&request_id);
+    let response = state
+        .wallet
+        .clone()
+        .get_cashback_status(ctx.request(pb::GetCashbackStatusRequest {
+            customer_id,
+            credit_id: String::new(),
+            page: page_request(query.limit, query.starting_after),
+        }))
+        .await?
+        .into_inner();
+    let data = response
+        .credits
+        .iter()
+        .map(|c| {
+            json!({
+                "id": c.id,
+                "asset": asset_json(c.asset.as_ref()),
+                "amount": c.amount,
+                "status": credit_status_name(c.status),
+                "reason": c.reason,
+                "activate_at": rfc3339(c.activate_at.as_ref()),
+                "history": c.history.iter().map(|h| json!({
+                    "status": credit_status_name(h.status),
+                    "at": rfc3339(h.at.as_ref()),
+                    "reason": h.reason,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(page_json(data, response.page)))
+}
+
+/// Body of `POST /v1/customers/{id}/wallet/refunds`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Refund {
+    /// The customer's credit, debit or capture to reverse.
+    transaction_id: String,
+    /// How much; absent or 0: all that is left.
+    #[serde(default)]
+    amount: i64,
+    /// Why; required.
+    reason: String,
+}
+
+/// An agent's refund (of a spend) or claw-back (of a credit) for a customer (admin and
+/// support agents).
+async fn refund(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(customer_id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Refund>,
+) -> Result<(http::StatusCode, Json<Value>), ApiError> {
+    principal.require(&[Role::Admin, Role::SupportAgent])?;
+    let ctx = principal.context(&request_id);
+    let response = state
+        .wallet
+        .clone()
+        .reverse(ctx.request(pb::ReverseRequest {
+            idempotency_key: key,
+            transaction_id: body.transaction_id,
+            amount: body.amount,
+            reason: body.reason,
+            customer_id,
+        }))
+        .await?
+        .into_inner();
+    Ok(created(
+        response.transaction.as_ref(),
+        response.balance.as_ref(),
+    ))
 }
 
 /// Body of `POST /v1/customers/{id}/wallet/adjustments`.

@@ -14,6 +14,8 @@ use crate::ledger::{
 #[derive(Debug, Clone)]
 pub struct Reversal {
     pub transaction_id: String,
+    /// When given, the transaction must be this customer's.
+    pub customer_id: Option<String>,
     /// 0: all that is left to reverse.
     pub amount: i64,
     pub reason: String,
@@ -94,6 +96,12 @@ pub async fn reverse(
     let id = reversal.transaction_id.as_str();
     let orig = original(txn, tenant, id)
         .await?
+        .filter(|o| {
+            reversal
+                .customer_id
+                .as_ref()
+                .is_none_or(|c| *c == o.customer_id)
+        })
         .ok_or_else(|| Error::not_found(format!("transaction `{id}`")))?;
     // Refunds give back what the source transaction took from lots (a capture's lots were
     // taken by its hold); claw-backs take value out again.

@@ -638,9 +638,13 @@ impl WalletService for Wallet {
         }
         let reason = request.reason.trim().to_string();
         check_reason(&mut v, "reason", &reason, true);
+        if !request.customer_id.is_empty() {
+            ledger::check_customer_id(&mut v, "customer_id", &request.customer_id);
+        }
         v.finish()?;
         let reversal = reversal::Reversal {
             transaction_id: request.transaction_id.clone(),
+            customer_id: Some(request.customer_id.clone()).filter(|c| !c.is_empty()),
             amount: request.amount,
             reason,
         };

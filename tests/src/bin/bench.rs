@@ -1,49 +1,63 @@
-//! `just bench`: wallet credits through gRPC against the whole suite in this process, on
-//! SQLite (embedded) and on PostgreSQL (when `TESSERA_TEST_DATABASE_URL` and
-//! `TESSERA_TEST_REDIS_URL` are set). Prints throughput and latency percentiles.
-//! A benchmark, not a test: nothing here asserts a speed.
+//! `just bench`: the wallet through gRPC against the whole suite in this process, on SQLite
+//! (embedded) and on PostgreSQL (when `TESSERA_TEST_DATABASE_URL` and `TESSERA_TEST_REDIS_URL`
+//! are set). Prints throughput and latency percentiles of single credits, batch credits and
+//! debits. A benchmark, not a test: nothing here asserts a speed.
 
 #![allow(clippy::print_stdout)]
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tessera_proto::wallet::v1 as pb;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
+use tessera_runtime::RequestContext;
+use tessera_runtime::grpc::Channel;
 use tessera_tests::{Backend, TENANT, TestSuite};
 
-const REQUESTS: usize = 4_000;
 const CONCURRENCY: usize = 16;
+const CREDITS: usize = 4_000;
+const DEBITS: usize = 4_000;
+const BATCH: usize = 500;
+const BATCHES: usize = 40;
+const BATCH_CLIENTS: usize = 4;
+
+type Client = WalletServiceClient<Channel>;
+
+fn points() -> Option<pb::Asset> {
+    Some(pb::Asset {
+        kind: pb::AssetKind::Points as i32,
+        code: "default".into(),
+    })
+}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index]
 }
 
-async fn credits(suite: &TestSuite, label: &str) {
+/// Runs `per_client` calls of `call(client, ctx, worker, i)` on each of `clients` workers
+/// and returns every call's latency plus the wall time.
+async fn drive<F, Fut>(
+    suite: &TestSuite,
+    clients: usize,
+    per_client: usize,
+    call: F,
+) -> (Vec<Duration>, Duration)
+where
+    F: Fn(Client, RequestContext, usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
     let client = WalletServiceClient::new(suite.channel());
     let ctx = suite.ctx(TENANT);
     let started = Instant::now();
     let mut workers = Vec::new();
-    for worker in 0..CONCURRENCY {
-        let mut client = client.clone();
-        let ctx = ctx.clone();
+    for worker in 0..clients {
+        let (client, ctx, call) = (client.clone(), ctx.clone(), call.clone());
         workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(REQUESTS / CONCURRENCY);
-            for i in 0..REQUESTS / CONCURRENCY {
-                let request = pb::CreditRequest {
-                    idempotency_key: format!("bench-{worker}-{i}"),
-                    customer_id: format!("customer-{}", i % 500),
-                    asset: Some(pb::Asset {
-                        kind: pb::AssetKind::Points as i32,
-                        code: "default".into(),
-                    }),
-                    amount: 10,
-                    reason: "bench".into(),
-                    expires_at: None,
-                    pending: None,
-                };
+            let mut latencies = Vec::with_capacity(per_client);
+            for i in 0..per_client {
                 let t = Instant::now();
-                client.credit(ctx.request(request)).await.expect("credit");
+                call(client.clone(), ctx.clone(), worker, i).await;
                 latencies.push(t.elapsed());
             }
             latencies
@@ -55,19 +69,132 @@ async fn credits(suite: &TestSuite, label: &str) {
     }
     let elapsed = started.elapsed();
     latencies.sort();
+    (latencies, elapsed)
+}
+
+fn report(label: &str, what: &str, units: usize, latencies: &[Duration], elapsed: Duration) {
     println!(
-        "{label:<28} {:>6} credits  {:>8.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({CONCURRENCY} clients)",
+        "  {label:<28} {what:<22} {:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
+        units as f64 / elapsed.as_secs_f64(),
+        percentile(latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(latencies, 0.99).as_secs_f64() * 1e3,
+    );
+}
+
+async fn credits(suite: &TestSuite, label: &str) {
+    let (latencies, elapsed) = drive(
+        suite,
+        CONCURRENCY,
+        CREDITS / CONCURRENCY,
+        |mut client, ctx, worker, i| async move {
+            let request = pb::CreditRequest {
+                idempotency_key: format!("credit-{worker}-{i}"),
+                customer_id: format!("customer-{}", i % 500),
+                asset: points(),
+                amount: 10,
+                reason: "bench".into(),
+                expires_at: None,
+                pending: None,
+            };
+            client.credit(ctx.request(request)).await.expect("credit");
+        },
+    )
+    .await;
+    report(
+        label,
+        &format!("Credit ({CONCURRENCY} clients)"),
         latencies.len(),
-        latencies.len() as f64 / elapsed.as_secs_f64(),
-        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        &latencies,
+        elapsed,
+    );
+}
+
+async fn batch_credits(suite: &TestSuite, label: &str) {
+    let (latencies, elapsed) = drive(
+        suite,
+        BATCH_CLIENTS,
+        BATCHES / BATCH_CLIENTS,
+        |mut client, ctx, worker, i| async move {
+            let entries = (0..BATCH)
+                .map(|n| pb::BatchCreditEntry {
+                    customer_id: format!("member-{}", (worker * 7919 + i * BATCH + n) % 20_000),
+                    asset: points(),
+                    amount: 5,
+                    reason: "campaign".into(),
+                    expires_at: None,
+                })
+                .collect();
+            let request = pb::BatchCreditRequest {
+                idempotency_key: format!("batch-{worker}-{i}"),
+                entries,
+            };
+            client
+                .batch_credit(ctx.request(request))
+                .await
+                .expect("batch credit");
+        },
+    )
+    .await;
+    // Two postings per credit.
+    report(
+        label,
+        &format!("BatchCredit x{BATCH} postings"),
+        latencies.len() * BATCH * 2,
+        &latencies,
+        elapsed,
+    );
+}
+
+async fn debits(suite: &TestSuite, label: &str) {
+    // Each client spends from its own member, funded up front.
+    let mut client = WalletServiceClient::new(suite.channel());
+    let entries = (0..CONCURRENCY)
+        .map(|worker| pb::BatchCreditEntry {
+            customer_id: format!("spender-{worker}"),
+            asset: points(),
+            amount: 1_000_000,
+            reason: "funding".into(),
+            expires_at: None,
+        })
+        .collect();
+    client
+        .batch_credit(suite.ctx(TENANT).request(pb::BatchCreditRequest {
+            idempotency_key: "funding".into(),
+            entries,
+        }))
+        .await
+        .expect("funding");
+    let (latencies, elapsed) = drive(
+        suite,
+        CONCURRENCY,
+        DEBITS / CONCURRENCY,
+        |mut client, ctx, worker, i| async move {
+            let request = pb::DebitRequest {
+                idempotency_key: format!("debit-{worker}-{i}"),
+                customer_id: format!("spender-{worker}"),
+                asset: points(),
+                amount: 3,
+                reason: "bench".into(),
+            };
+            client.debit(ctx.request(request)).await.expect("debit");
+        },
+    )
+    .await;
+    report(
+        label,
+        &format!("Debit ({CONCURRENCY} clients)"),
+        latencies.len(),
+        &latencies,
+        elapsed,
     );
 }
 
 #[tokio::main]
 async fn main() {
     println!(
-        "wallet Credit via gRPC (idempotency key + ledger postings + outbox event per credit)"
+        "wallet via gRPC, whole suite in one process (idempotency record + ledger postings + \
+         outbox event per request). Targets: BatchCredit >= 5,000 postings/s on PostgreSQL, \
+         >= 3,000/s on SQLite; Debit p99 <= 20 ms at {CONCURRENCY} clients."
     );
     for (backend, label) in [
         (Backend::Embedded, "SQLite + in-process cache"),
@@ -76,9 +203,11 @@ async fn main() {
         match TestSuite::start(backend).await {
             Some(suite) => {
                 credits(&suite, label).await;
+                batch_credits(&suite, label).await;
+                debits(&suite, label).await;
                 suite.cleanup().await;
             }
-            None => println!("{label:<28} skipped (backend not configured)"),
+            None => println!("  {label:<28} skipped (backend not configured)"),
         }
     }
 }

@@ -12,6 +12,7 @@ mod trace;
 mod wallet;
 mod wallet_flows;
 mod wallet_http;
+mod wallet_props;
 
 use serde_json::Value;
 use tessera_proto::notification::v1 as npb;
@@ -62,7 +63,11 @@ pub async fn points(suite: &TestSuite, customer: &str) -> i64 {
 /// gives back more of a lot than its source took; the `holds` and `pending` accounts hold
 /// exactly the active holds and pending credits.
 pub async fn assert_ledger_invariants(suite: &TestSuite) {
-    let db = suite.db("wallet").await;
+    assert_tenant_ledger(&suite.db("wallet").await, TENANT).await;
+}
+
+/// [`assert_ledger_invariants`] for one tenant of a wallet database.
+pub async fn assert_tenant_ledger(db: &tessera_store::Db, tenant: &str) {
     let checks = [
         (
             "transactions whose postings do not sum to zero",
@@ -112,6 +117,6 @@ pub async fn assert_ledger_invariants(suite: &TestSuite) {
         ),
     ];
     for (what, sql) in checks {
-        assert_eq!(scalar(&db, sql, vec![TENANT.into()]).await, 0, "{what}");
+        assert_eq!(scalar(db, sql, vec![tenant.into()]).await, 0, "{what}");
     }
 }

@@ -67,6 +67,7 @@ async fn reverse(
             transaction_id: transaction_id.into(),
             amount,
             reason: "order returned".into(),
+            customer_id: String::new(),
         }))
         .await
         .map(tonic::Response::into_inner)
@@ -255,6 +256,7 @@ async fn reversals_refund_debits_and_claw_back_credits(suite: TestSuite) {
             transaction_id: "nope".into(),
             amount: -1,
             reason: " ".into(),
+            customer_id: String::new(),
         }))
         .await
         .unwrap_err();

@@ -3,9 +3,16 @@
 
 use serde_json::{Value, json};
 use tessera_gateway::{ApiKeys, Role};
-use tessera_tests::{TestSuite, backend_tests};
+use tessera_proto::wallet::v1 as pb;
+use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
+use tessera_tests::{TENANT, TestSuite, backend_tests};
 
-backend_tests!(history_and_adjustments_over_http);
+use crate::wallet::debit_request;
+
+backend_tests!(
+    history_and_adjustments_over_http,
+    refunds_and_cashback_over_http,
+);
 
 async fn history_and_adjustments_over_http(suite: TestSuite) {
     for (i, amount) in [10, 20, 30].into_iter().enumerate() {
@@ -115,5 +122,93 @@ async fn history_and_adjustments_over_http(suite: TestSuite) {
         .await
         .unwrap();
     assert_eq!(anonymous.status(), 401);
+    suite.cleanup().await;
+}
+
+async fn refunds_and_cashback_over_http(suite: TestSuite) {
+    let r = suite
+        .post(
+            "/v1/customers/ula/points",
+            Some("p1"),
+            &json!({ "amount": 100 }),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let mut wallet = WalletServiceClient::new(suite.channel());
+    let spent = wallet
+        .debit(suite.ctx(TENANT).request(debit_request("d1", "ula", 40)))
+        .await
+        .unwrap()
+        .into_inner()
+        .transaction
+        .unwrap()
+        .id;
+    let refund = |customer: &str, key: &str, body: Value| {
+        let path = format!("/v1/customers/{customer}/wallet/refunds");
+        let key = key.to_string();
+        let suite = &suite;
+        async move { suite.post(&path, Some(&key), &body).await }
+    };
+    let other = refund(
+        "vic",
+        "r0",
+        json!({"transaction_id": spent, "reason": "returned"}),
+    )
+    .await;
+    assert_eq!(other.status(), 404, "another customer's transaction");
+    let no_reason = refund("ula", "r1", json!({"transaction_id": spent})).await;
+    assert_eq!(no_reason.status(), 400);
+    let refunded = refund(
+        "ula",
+        "r2",
+        json!({"transaction_id": spent, "amount": 15, "reason": "returned"}),
+    )
+    .await;
+    assert_eq!(refunded.status(), 201);
+    let body: Value = refunded.json().await.unwrap();
+    assert_eq!(body["transaction"]["kind"], "refund");
+    assert_eq!(body["balance"]["available"], 75);
+    assert_eq!(crate::points(&suite, "ula").await, 75);
+
+    wallet
+        .credit(suite.ctx(TENANT).request(pb::CreditRequest {
+            idempotency_key: "cb1".into(),
+            customer_id: "ula".into(),
+            asset: Some(pb::Asset {
+                kind: pb::AssetKind::Cashback as i32,
+                code: "EUR".into(),
+            }),
+            amount: 250,
+            reason: "order 7".into(),
+            expires_at: None,
+            pending: Some(pb::PendingOptions { activate_at: None }),
+        }))
+        .await
+        .unwrap();
+    let page: Value = suite
+        .get("/v1/customers/ula/wallet/cashback")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["data"][0]["status"], "pending");
+    assert_eq!(page["data"][0]["amount"], 250);
+    assert_eq!(page["data"][0]["history"].as_array().unwrap().len(), 1);
+    let balances: Value = suite
+        .get("/v1/customers/ula/wallet")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let eur = balances["balances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["asset"]["kind"] == "cashback")
+        .unwrap();
+    assert_eq!(
+        (eur["available"].as_i64(), eur["pending"].as_i64()),
+        (Some(0), Some(250))
+    );
     suite.cleanup().await;
 }
