@@ -134,7 +134,14 @@ impl Db {
             }
             admin.close().await?;
         }
-        let mut options = Self::options(url, config.database.max_connections);
+        // SQLite has one writer at a time; with several connections the losers of the write
+        // lock sleep in SQLite's busy handler (tail latencies of hundreds of ms). One
+        // connection turns that into a fair async queue, and its statements take microseconds.
+        let max_connections = match backend {
+            Backend::Postgres => config.database.max_connections,
+            Backend::Sqlite => 1,
+        };
+        let mut options = Self::options(url, max_connections);
         match backend {
             Backend::Postgres => {
                 if let Some(schema) = schema {
