@@ -292,6 +292,11 @@ impl Violations {
         self.0.push(FieldViolation::new(field, description));
     }
 
+    /// How many violations were added so far.
+    pub fn count(&self) -> usize {
+        self.0.len()
+    }
+
     /// The page size of a list request: 0 means the default of 20, 1..=100 as given,
     /// anything else is a violation of `page.limit`.
     pub fn page_limit(&mut self, limit: u32) -> u32 {

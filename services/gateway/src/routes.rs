@@ -35,6 +35,7 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
         .route("/v1/customers/{id}/wallet/adjustments", post(adjust))
         .route("/v1/customers/{id}/wallet/refunds", post(refund))
         .route("/v1/customers/{id}/wallet/cashback", get(cashback))
+        .route("/v1/customers/{id}/wallet/tier", get(tier))
         .fallback(not_found)
         .with_state(state)
         .merge(tessera_runtime::metrics::router())
@@ -197,6 +198,8 @@ async fn credit_points(
             reason: body.reason,
             expires_at: None,
             pending: None,
+            spent_amount: 0,
+            apply_tier_multiplier: false,
         }))
         .await?
         .into_inner();
@@ -365,6 +368,74 @@ async fn cashback(
         })
         .collect();
     Ok(Json(page_json(data, response.page)))
+}
+
+/// Query of `GET /v1/customers/{id}/wallet/tier`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TierQuery {
+    /// Loyalty programme id (default `default`).
+    #[serde(default = "default_program")]
+    program: String,
+}
+
+fn tier_json(t: Option<&pb::Tier>) -> Value {
+    t.map_or(Value::Null, |t| {
+        json!({
+            "id": t.id,
+            "name": t.name,
+            "threshold": t.threshold,
+            "earn_multiplier_permille": t.earn_multiplier_permille,
+            "expiry_extension_days": t.expiry_extension_days,
+        })
+    })
+}
+
+/// A customer's tier in a programme, what qualifies them, what the next tier needs, and the
+/// latest tier changes.
+async fn tier(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(customer_id): Path<String>,
+    query: Result<axum::extract::Query<TierQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    principal.require(&Role::ALL)?;
+    let query = strict_query(query)?;
+    let ctx = principal.context(&request_id);
+    let mut wallet = state.wallet.clone();
+    let status = wallet
+        .get_tier(ctx.request(pb::GetTierRequest {
+            customer_id: customer_id.clone(),
+            program_id: query.program.clone(),
+        }))
+        .await?
+        .into_inner();
+    let history = wallet
+        .list_tier_history(ctx.request(pb::ListTierHistoryRequest {
+            customer_id,
+            program_id: query.program,
+            page: None,
+        }))
+        .await?
+        .into_inner();
+    Ok(Json(json!({
+        "customer_id": status.customer_id,
+        "program": status.program_id,
+        "tier": tier_json(status.tier.as_ref()),
+        "qualifying": status.qualifying,
+        "since": rfc3339(status.since.as_ref()),
+        "grace_until": rfc3339(status.grace_until.as_ref()),
+        "next_tier": tier_json(status.next_tier.as_ref()),
+        "to_next_tier": status.to_next_tier,
+        "history": history.changes.iter().map(|c| json!({
+            "from": c.from_tier,
+            "to": c.to_tier,
+            "direction": c.direction,
+            "qualifying": c.qualifying,
+            "at": rfc3339(c.at.as_ref()),
+        })).collect::<Vec<_>>(),
+    })))
 }
 
 /// Body of `POST /v1/customers/{id}/wallet/refunds`.

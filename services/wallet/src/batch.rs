@@ -9,7 +9,9 @@ use tessera_proto::wallet::v1 as pb;
 use tessera_runtime::{Error, RequestContext};
 use tessera_store::{Backend, db_error, insert_rows, now_micros, outbox, stmt, tuples};
 
-use crate::ledger::{Asset, CREDIT, Credit, lot_expiry};
+use crate::ledger::{Asset, CREDIT, Credit, earning_terms, programme_of};
+use crate::programs::Program;
+use crate::tiers;
 
 /// Most entries one `BatchCredit` carries.
 pub const MAX_ENTRIES: usize = 1_000;
@@ -105,7 +107,9 @@ pub async fn batch_credit(
     // Balance changes per customer account; the accounts are locked in id order first so
     // concurrent batches (and single debits) cannot deadlock.
     let mut deltas: BTreeMap<String, i64> = BTreeMap::new();
-    let mut expiries: HashMap<String, Option<i64>> = HashMap::new();
+    let mut programmes: HashMap<String, Program> = HashMap::new();
+    let mut activity = Vec::new();
+    let mut tiered: BTreeSet<(String, String)> = BTreeSet::new();
     let mut transactions = Vec::with_capacity(entries.len());
     let mut lots = Vec::with_capacity(entries.len());
     let mut postings = Vec::with_capacity(entries.len() * 2);
@@ -114,19 +118,37 @@ pub async fn batch_credit(
         let customer = id_of(key("customer", &e.customer_id, &e.asset))?;
         let issuance = id_of(key("system", CREDIT.counter_account, &e.asset))?;
         *deltas.entry(customer.clone()).or_default() += e.amount;
-        let expires_at = match e.expires_at {
-            Some(at) => Some(at),
-            None => match expiries.get(&e.asset.code) {
-                Some(policy) if e.asset.kind == pb::AssetKind::Points => *policy,
-                _ => {
-                    let at = lot_expiry(txn, tenant, &e.asset, None, now).await?;
-                    if e.asset.kind == pb::AssetKind::Points {
-                        expiries.insert(e.asset.code.clone(), at);
-                    }
-                    at
-                }
-            },
-        };
+        // Points: the programme's expiry, extended by the member's tier when it has tiers;
+        // the credit counts toward the tier, re-evaluated once per member below.
+        let mut expires_at = e.expires_at;
+        if e.asset.kind == pb::AssetKind::Points {
+            if !programmes.contains_key(&e.asset.code) {
+                let programme = programme_of(txn, tenant, &e.asset).await?;
+                programmes.insert(e.asset.code.clone(), programme);
+            }
+            let programme = &programmes[&e.asset.code];
+            if programme.tiers.is_some() {
+                tiered.insert((e.asset.code.clone(), e.customer_id.clone()));
+            }
+            expires_at = earning_terms(
+                txn,
+                tenant,
+                Some(programme),
+                &e.customer_id,
+                e.expires_at,
+                now,
+            )
+            .await?
+            .1;
+            activity.push(vec![
+                tenant.into(),
+                e.asset.code.clone().into(),
+                e.customer_id.clone().into(),
+                e.amount.into(),
+                0i64.into(),
+                now.into(),
+            ]);
+        }
         let id = uuid::Uuid::now_v7().to_string();
         transactions.push(vec![
             id.clone().into(),
@@ -214,6 +236,18 @@ pub async fn batch_credit(
         .map_err(db_error)?;
     if updated.len() != deltas.len() {
         return Err(Error::internal("batch posting to a missing account"));
+    }
+    insert_rows(
+        txn,
+        "INSERT INTO tier_activity (tenant_id, program_id, customer_id, points, spent, at)",
+        "",
+        activity,
+    )
+    .await?;
+    for (program_id, customer_id) in &tiered {
+        if let Some(policy) = &programmes[program_id].tiers {
+            tiers::evaluate(txn, ctx, backend, program_id, policy, customer_id).await?;
+        }
     }
     let mut balances: HashMap<String, i64> = HashMap::new();
     for row in updated {

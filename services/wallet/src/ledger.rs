@@ -9,7 +9,7 @@ use tessera_runtime::error::Violations;
 use tessera_runtime::{Code, Error, RequestContext};
 use tessera_store::{Backend, db_error, now_micros, outbox, stmt};
 
-use crate::programs;
+use crate::{programs, tiers};
 
 /// Largest single amount accepted (points or minor units); far above any real credit, far
 /// below where sums could overflow 64 bits.
@@ -75,6 +75,14 @@ pub fn check_customer_id(v: &mut Violations, field: &str, id: &str) {
     }
 }
 
+/// Programme and tier ids: 1 to 64 of a-z, 0-9, _ and -.
+pub fn is_slug(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
 /// Validates an asset: the kind must be set and the code must fit the kind.
 pub fn check_asset(v: &mut Violations, field: &str, asset: Option<&pb::Asset>) -> Option<Asset> {
     let Some(asset) = asset else {
@@ -91,12 +99,7 @@ pub fn check_asset(v: &mut Violations, field: &str, asset: Option<&pb::Asset>) -
             );
             return None;
         }
-        AssetKind::Points => {
-            (1..=64).contains(&code.len())
-                && code
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-        }
+        AssetKind::Points => is_slug(code),
         AssetKind::Cashback => code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase()),
         AssetKind::GiftCard => {
             (1..=64).contains(&code.len())
@@ -274,6 +277,33 @@ pub struct Credit {
     pub reason: String,
     /// Explicit lot expiry (µs since the epoch); None: the programme's policy.
     pub expires_at: Option<i64>,
+    /// Purchase amount behind a points credit (tiers on amount spent).
+    pub spent_amount: i64,
+    /// Multiply the amount by the member's tier earn rate.
+    pub apply_tier_multiplier: bool,
+}
+
+impl Credit {
+    /// A plain credit of `amount`: no spend recorded, no tier multiplier.
+    pub fn plain(
+        movement: Movement,
+        customer_id: String,
+        asset: Asset,
+        amount: i64,
+        reason: String,
+        expires_at: Option<i64>,
+    ) -> Self {
+        Self {
+            movement,
+            customer_id,
+            asset,
+            amount,
+            reason,
+            expires_at,
+            spent_amount: 0,
+            apply_tier_multiplier: false,
+        }
+    }
 }
 
 /// A validated debit.
@@ -635,21 +665,8 @@ pub(crate) async fn emit(
     .map(|_| ())
 }
 
-/// When the lot of a credit earned at `now` expires: the explicit expiry, else for points the
-/// programme's policy on the programme's calendar; other assets do not expire by default.
-pub(crate) async fn lot_expiry(
-    txn: &DatabaseTransaction,
-    tenant: &str,
-    asset: &Asset,
-    explicit: Option<i64>,
-    now: i64,
-) -> Result<Option<i64>, Error> {
-    if explicit.is_some() || asset.kind != AssetKind::Points {
-        return Ok(explicit);
-    }
-    let program = programs::find(txn, tenant, &asset.code)
-        .await?
-        .unwrap_or_else(|| programs::Program::unconfigured(&asset.code));
+/// When value earned at `now` expires under a programme's policy, on its calendar.
+fn programme_expiry(program: &programs::Program, now: i64) -> Result<Option<i64>, Error> {
     let earned =
         chrono::DateTime::from_timestamp_micros(now).ok_or_else(|| Error::internal("clock"))?;
     Ok(program
@@ -658,15 +675,76 @@ pub(crate) async fn lot_expiry(
         .map(|t| t.timestamp_micros()))
 }
 
+/// The programme of a points asset (a programme nobody configured when absent).
+pub(crate) async fn programme_of(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    asset: &Asset,
+) -> Result<programs::Program, Error> {
+    Ok(programs::find(txn, tenant, &asset.code)
+        .await?
+        .unwrap_or_else(|| programs::Program::unconfigured(&asset.code)))
+}
+
+/// The terms a credit earns under: for points, the member's tier when the programme has
+/// tiers (before this credit), and the lot's expiry: the explicit one, else the programme's
+/// policy on its calendar, extended by the tier. Other assets do not expire by default.
+pub(crate) async fn earning_terms(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    program: Option<&programs::Program>,
+    customer_id: &str,
+    explicit: Option<i64>,
+    now: i64,
+) -> Result<(Option<tiers::Level>, Option<i64>), Error> {
+    let Some(program) = program else {
+        return Ok((None, explicit));
+    };
+    let level = match &program.tiers {
+        Some(policy) => {
+            Some(tiers::current_level(txn, tenant, &program.id, policy, customer_id).await?)
+        }
+        None => None,
+    };
+    let expires_at = match explicit {
+        Some(at) => Some(at),
+        None => programme_expiry(program, now)?
+            .map(|at| at + level.as_ref().map_or(0, tiers::Level::extension)),
+    };
+    Ok((level, expires_at))
+}
+
 /// Posts a credit: customer account +amount, the movement's system account −amount, a lot
-/// with its expiry, one transaction row, one outbox event.
+/// with its expiry, one transaction row, one outbox event. A points credit (not an
+/// adjustment) also counts toward the member's tier, which is re-evaluated when the
+/// programme has tiers; the tier held before the credit sets its earn rate (when asked) and
+/// extends its expiry.
 pub async fn credit(
     txn: &DatabaseTransaction,
     ctx: &RequestContext,
+    backend: Backend,
     credit: &Credit,
 ) -> Result<pb::CreditResponse, Error> {
     let tenant = ctx.tenant_id.as_str();
     let now = now_micros();
+    let program = match credit.asset.kind {
+        AssetKind::Points => Some(programme_of(txn, tenant, &credit.asset).await?),
+        _ => None,
+    };
+    let tier_policy = program.as_ref().and_then(|p| p.tiers.as_ref());
+    let (level, expires_at) = earning_terms(
+        txn,
+        tenant,
+        program.as_ref(),
+        &credit.customer_id,
+        credit.expires_at,
+        now,
+    )
+    .await?;
+    let amount = match &level {
+        Some(level) if credit.apply_tier_multiplier => level.multiply(credit.amount),
+        _ => credit.amount,
+    };
     let customer = account(
         txn,
         tenant,
@@ -685,24 +763,37 @@ pub async fn credit(
         credit.movement.kind,
         &credit.customer_id,
         &credit.asset,
-        credit.amount,
+        amount,
         &credit.reason,
         now,
     );
     entry.write(txn, ctx).await?;
-    let expires_at = lot_expiry(txn, tenant, &credit.asset, credit.expires_at, now).await?;
-    insert_lot(
-        txn,
-        tenant,
-        &customer,
-        &entry.id,
-        credit.amount,
-        now,
-        expires_at,
-    )
-    .await?;
-    post_customer(txn, tenant, &entry.id, &customer, credit.amount, now).await?;
-    post_system(txn, tenant, &entry.id, &counter, -credit.amount, now).await?;
+    insert_lot(txn, tenant, &customer, &entry.id, amount, now, expires_at).await?;
+    post_customer(txn, tenant, &entry.id, &customer, amount, now).await?;
+    post_system(txn, tenant, &entry.id, &counter, -amount, now).await?;
+    if program.is_some() && credit.movement.kind == CREDIT.kind {
+        tiers::record_activity(
+            txn,
+            tenant,
+            &credit.asset.code,
+            &credit.customer_id,
+            amount,
+            credit.spent_amount,
+            now,
+        )
+        .await?;
+        if let Some(policy) = tier_policy {
+            tiers::evaluate(
+                txn,
+                ctx,
+                backend,
+                &credit.asset.code,
+                policy,
+                &credit.customer_id,
+            )
+            .await?;
+        }
+    }
     let balance = account_balance(txn, tenant, &credit.customer_id, &credit.asset, now).await?;
     emit(
         txn,
@@ -712,7 +803,7 @@ pub async fn credit(
         serde_json::json!({
             "transaction_id": entry.id,
             "customer_id": credit.customer_id,
-            "amount": credit.amount,
+            "amount": amount,
             "balance": balance.available,
             "expires_at": expires_at.and_then(chrono::DateTime::from_timestamp_micros),
             "reason": credit.reason,

@@ -13,6 +13,7 @@ mod pending;
 mod programs;
 mod reversal;
 mod service;
+mod tiers;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -294,6 +294,78 @@ impl MigratorTrait for Migrator {
                 ]
             },
         }));
+        all.push(Box::new(Migration {
+            name: "m0103_tiers",
+            tables: || {
+                vec![
+                    table(
+                        "program_tiers",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("program_id"),
+                            col::text("policy"),
+                        ],
+                        &["tenant_id", "program_id"],
+                    ),
+                    table(
+                        "tier_activity",
+                        vec![
+                            col::serial("id"),
+                            col::text("tenant_id"),
+                            col::text("program_id"),
+                            col::text("customer_id"),
+                            col::big("points"),
+                            col::big("spent"),
+                            col::big("at"),
+                        ],
+                        &[],
+                    ),
+                    table(
+                        "member_tiers",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("program_id"),
+                            col::text("customer_id"),
+                            col::text("tier_id"),
+                            col::big("since"),
+                            col::big_null("grace_until"),
+                        ],
+                        &["tenant_id", "program_id", "customer_id"],
+                    ),
+                    table(
+                        "tier_history",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("id"),
+                            col::text("program_id"),
+                            col::text("customer_id"),
+                            col::text("from_tier"),
+                            col::text("to_tier"),
+                            col::text("direction"),
+                            col::big("qualifying"),
+                            col::big("at"),
+                        ],
+                        &["tenant_id", "id"],
+                    ),
+                ]
+            },
+            indexes: || {
+                vec![
+                    index(
+                        "tier_activity_member",
+                        "tier_activity",
+                        &["tenant_id", "program_id", "customer_id", "at"],
+                        false,
+                    ),
+                    index(
+                        "tier_history_member",
+                        "tier_history",
+                        &["tenant_id", "program_id", "customer_id", "id"],
+                        false,
+                    ),
+                ]
+            },
+        }));
         all
     }
 }

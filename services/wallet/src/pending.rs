@@ -280,14 +280,15 @@ pub async fn activate(
     let credited = ledger::credit(
         txn,
         ctx,
-        &Credit {
-            movement: ledger::CONFIRMATION,
-            customer_id: row.customer_id.clone(),
-            asset: row.asset.clone(),
-            amount: row.amount,
-            reason: row.reason.clone(),
-            expires_at: row.expires_at,
-        },
+        backend,
+        &Credit::plain(
+            ledger::CONFIRMATION,
+            row.customer_id.clone(),
+            row.asset.clone(),
+            row.amount,
+            row.reason.clone(),
+            row.expires_at,
+        ),
     )
     .await?;
     let transaction_id = credited.transaction.map(|t| t.id).unwrap_or_default();

@@ -10,6 +10,7 @@ use tessera_runtime::error::Violations;
 use tessera_store::{db_error, now_micros, stmt};
 
 use crate::expiry::{ExpiryPolicy, Period};
+use crate::tiers::{self, TierPolicy};
 
 /// A programme's settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +18,7 @@ pub struct Program {
     pub id: String,
     pub time_zone: Tz,
     pub expiry: ExpiryPolicy,
+    pub tiers: Option<TierPolicy>,
 }
 
 impl Program {
@@ -26,6 +28,7 @@ impl Program {
             id: id.to_string(),
             time_zone: chrono_tz::UTC,
             expiry: ExpiryPolicy::Never,
+            tiers: None,
         }
     }
 
@@ -50,6 +53,7 @@ impl Program {
             expiry: Some(pb::ExpiryPolicy {
                 policy: Some(policy),
             }),
+            tiers: self.tiers.as_ref().map(TierPolicy::to_proto),
         }
     }
 
@@ -60,12 +64,7 @@ impl Program {
             v.add("program", "is required");
             return Err(v.finish().expect_err("a violation was added"));
         };
-        let id_ok = (1..=64).contains(&program.id.len())
-            && program
-                .id
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-        if !id_ok {
+        if !crate::ledger::is_slug(&program.id) {
             v.add("program.id", "must be 1 to 64 of a-z, 0-9, _ and -");
         }
         let time_zone = program.time_zone.parse::<Tz>().ok();
@@ -120,11 +119,16 @@ impl Program {
         {
             v.add("program.expiry", problem);
         }
+        let tiers = program
+            .tiers
+            .as_ref()
+            .map(|t| TierPolicy::from_proto(&mut v, "program.tiers", t));
         v.finish()?;
         Ok(Self {
             id: program.id.clone(),
             time_zone: time_zone.expect("validated"),
             expiry: expiry.expect("validated"),
+            tiers: tiers.map(|t| t.expect("validated")),
         })
     }
 }
@@ -152,7 +156,7 @@ pub async fn upsert(
     ))
     .await
     .map_err(db_error)?;
-    Ok(())
+    tiers::store_policy(txn, tenant, &program.id, program.tiers.as_ref()).await
 }
 
 /// A programme of `tenant`, if configured.
@@ -178,5 +182,6 @@ pub async fn find<C: ConnectionTrait>(
             .parse()
             .map_err(|_| Error::internal(format!("stored zone {time_zone}")))?,
         expiry: serde_json::from_str(&expiry).map_err(Error::internal)?,
+        tiers: tiers::load_policy(conn, tenant, id).await?,
     }))
 }

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::ledger::{self, Credit, Debit};
 use crate::programs::{self, Program};
-use crate::{batch, holds, liability, pending, reversal};
+use crate::{batch, holds, liability, pending, reversal, tiers};
 
 pub struct Wallet {
     pub db: Db,
@@ -62,6 +62,30 @@ impl Wallet {
         if let Some(pending) = &request.pending {
             let activate_at = pending.activate_at.as_ref().map(timestamp_to_micros);
             check_future(&mut v, "pending.activate_at", activate_at, now, None);
+            // A pending credit keeps its final amount; its confirmation earns toward tiers.
+            if request.apply_tier_multiplier {
+                v.add(
+                    "apply_tier_multiplier",
+                    "is not supported for pending credits",
+                );
+            }
+            if request.spent_amount != 0 {
+                v.add("spent_amount", "is not supported for pending credits");
+            }
+        }
+        let points = asset
+            .as_ref()
+            .is_some_and(|a| a.kind == pb::AssetKind::Points);
+        if request.spent_amount < 0 || request.spent_amount > ledger::MAX_AMOUNT {
+            v.add(
+                "spent_amount",
+                format!("must be 0 to {}", ledger::MAX_AMOUNT),
+            );
+        } else if request.spent_amount != 0 && !points {
+            v.add("spent_amount", "applies to points credits only");
+        }
+        if request.apply_tier_multiplier && !points {
+            v.add("apply_tier_multiplier", "applies to points credits only");
         }
         v.finish()?;
         Ok(Credit {
@@ -71,6 +95,8 @@ impl Wallet {
             amount: request.amount,
             reason: request.reason.clone(),
             expires_at,
+            spent_amount: request.spent_amount,
+            apply_tier_multiplier: request.apply_tier_multiplier,
         })
     }
 
@@ -150,6 +176,16 @@ fn check_reason(v: &mut Violations, field: &str, reason: &str, required: bool) {
     }
 }
 
+/// Programme ids: the code of a points asset.
+fn check_program_id(v: &mut Violations, id: &str) {
+    if !ledger::is_slug(id) {
+        v.add(
+            "program_id",
+            "must be a programme id: 1 to 64 of a-z, 0-9, _ and -",
+        );
+    }
+}
+
 /// Ids this API returned (UUIDs).
 fn check_id(v: &mut Violations, field: &str, id: &str) {
     if id.is_empty() {
@@ -199,7 +235,7 @@ impl WalletService for Wallet {
         let ctx = context_of(&request)?;
         let request = request.into_inner();
         let credit = Self::validate_credit(&request)?;
-        let work_ctx = ctx.clone();
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         // Some(None): pending until confirmed; Some(Some(t)): pending until `t`.
         let activate_at = request
             .pending
@@ -217,7 +253,7 @@ impl WalletService for Wallet {
                             Some(activate_at) => {
                                 pending::create(txn, &work_ctx, &credit, activate_at).await
                             }
-                            None => ledger::credit(txn, &work_ctx, &credit).await,
+                            None => ledger::credit(txn, &work_ctx, backend, &credit).await,
                         }
                     })
                 },
@@ -375,15 +411,15 @@ impl WalletService for Wallet {
                 move |txn| {
                     Box::pin(async move {
                         if amount > 0 {
-                            let credit = Credit {
-                                movement: ledger::ADJUSTMENT,
+                            let credit = Credit::plain(
+                                ledger::ADJUSTMENT,
                                 customer_id,
                                 asset,
                                 amount,
                                 reason,
-                                expires_at: None,
-                            };
-                            let r = ledger::credit(txn, &work_ctx, &credit).await?;
+                                None,
+                            );
+                            let r = ledger::credit(txn, &work_ctx, backend, &credit).await?;
                             Ok(pb::AdjustResponse {
                                 transaction: r.transaction,
                                 balance: r.balance,
@@ -492,14 +528,14 @@ impl WalletService for Wallet {
             let expires_at = e.expires_at.as_ref().map(timestamp_to_micros);
             check_future(&mut v, &f("expires_at"), expires_at, now, None);
             if let Some(asset) = asset {
-                credits.push(Credit {
-                    movement: ledger::CREDIT,
-                    customer_id: e.customer_id.clone(),
+                credits.push(Credit::plain(
+                    ledger::CREDIT,
+                    e.customer_id.clone(),
                     asset,
-                    amount: e.amount,
-                    reason: e.reason.clone(),
+                    e.amount,
+                    e.reason.clone(),
                     expires_at,
-                });
+                ));
             }
         }
         v.finish()?;
@@ -898,5 +934,90 @@ impl WalletService for Wallet {
         }
         let assets = liability::liability(self.db.conn(), &ctx.tenant_id, from, until).await?;
         Ok(Response::new(pb::GetLiabilityResponse { assets }))
+    }
+
+    async fn get_tier(
+        &self,
+        request: Request<pb::GetTierRequest>,
+    ) -> Result<Response<pb::GetTierResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        ledger::check_customer_id(&mut v, "customer_id", &request.customer_id);
+        check_program_id(&mut v, &request.program_id);
+        v.finish()?;
+        let status = tiers::status(
+            self.db.conn(),
+            &ctx.tenant_id,
+            &request.program_id,
+            &request.customer_id,
+        )
+        .await?;
+        Ok(Response::new(status))
+    }
+
+    async fn list_tier_history(
+        &self,
+        request: Request<pb::ListTierHistoryRequest>,
+    ) -> Result<Response<pb::ListTierHistoryResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        ledger::check_customer_id(&mut v, "customer_id", &request.customer_id);
+        check_program_id(&mut v, &request.program_id);
+        let page = request.page.unwrap_or_default();
+        let limit = v.page_limit(page.limit);
+        if !page.starting_after.is_empty() {
+            check_id(&mut v, "page.starting_after", &page.starting_after);
+        }
+        v.finish()?;
+        let (changes, has_more) = tiers::history(
+            self.db.conn(),
+            &ctx.tenant_id,
+            &request.program_id,
+            &request.customer_id,
+            &page.starting_after,
+            limit,
+        )
+        .await?;
+        let next_cursor = match (has_more, changes.last()) {
+            (true, Some(last)) => last.id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListTierHistoryResponse {
+            changes,
+            page: Some(tessera_proto::common::v1::PageResponse {
+                next_cursor,
+                has_more,
+            }),
+        }))
+    }
+
+    async fn evaluate_tiers(
+        &self,
+        request: Request<pb::EvaluateTiersRequest>,
+    ) -> Result<Response<pb::EvaluateTiersResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        check_program_id(&mut v, &request.program_id);
+        v.finish()?;
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let program_id = request.program_id.clone();
+        let response = self
+            .mutate(
+                &ctx,
+                "wallet.EvaluateTiers",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        tiers::evaluate_all(txn, &work_ctx, backend, &program_id).await
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
     }
 }

@@ -95,6 +95,8 @@ async fn credits(suite: &TestSuite, label: &str) {
                 reason: "bench".into(),
                 expires_at: None,
                 pending: None,
+                spent_amount: 0,
+                apply_tier_multiplier: false,
             };
             client.credit(ctx.request(request)).await.expect("credit");
         },

@@ -31,6 +31,8 @@ fn credit_request(key: &str, customer: &str, amount: i64) -> pb::CreditRequest {
         reason: String::new(),
         expires_at: None,
         pending: None,
+        spent_amount: 0,
+        apply_tier_multiplier: false,
     }
 }
 

@@ -13,6 +13,7 @@ mod wallet;
 mod wallet_flows;
 mod wallet_http;
 mod wallet_props;
+mod wallet_tiers;
 
 use serde_json::Value;
 use tessera_proto::notification::v1 as npb;

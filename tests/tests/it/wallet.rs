@@ -54,6 +54,8 @@ pub(crate) async fn credit(
             reason: "test".into(),
             expires_at,
             pending: None,
+            spent_amount: 0,
+            apply_tier_multiplier: false,
         }))
         .await
         .expect("credit")
@@ -234,6 +236,8 @@ async fn expired_value_is_never_spendable_and_is_swept(suite: TestSuite) {
                 nanos: 0,
             }),
             pending: None,
+            spent_amount: 0,
+            apply_tier_multiplier: false,
         }))
         .await
         .unwrap_err();
@@ -250,6 +254,7 @@ async fn programmes_are_validated(suite: TestSuite) {
         expiry: Some(pb::ExpiryPolicy {
             policy: Some(policy),
         }),
+        tiers: None,
     };
     let quarterly = pb::expiry_policy::Policy::EndOfPeriod(pb::EndOfPeriod {
         period: pb::Period::Quarter as i32,
@@ -322,6 +327,8 @@ async fn programmes_are_validated(suite: TestSuite) {
             reason: String::new(),
             expires_at: None,
             pending: None,
+            spent_amount: 0,
+            apply_tier_multiplier: false,
         }))
         .await
         .unwrap()

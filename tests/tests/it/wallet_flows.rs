@@ -323,6 +323,8 @@ async fn pending_credit(
             reason: "order 42".into(),
             expires_at: None,
             pending: Some(pb::PendingOptions { activate_at }),
+            spent_amount: 0,
+            apply_tier_multiplier: false,
         }))
         .await
         .unwrap()

@@ -182,6 +182,8 @@ async fn refunds_and_cashback_over_http(suite: TestSuite) {
             reason: "order 7".into(),
             expires_at: None,
             pending: Some(pb::PendingOptions { activate_at: None }),
+            spent_amount: 0,
+            apply_tier_multiplier: false,
         }))
         .await
         .unwrap();

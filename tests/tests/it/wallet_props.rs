@@ -143,6 +143,8 @@ async fn step(
                     reason: "prop".into(),
                     expires_at,
                     pending: None,
+                    spent_amount: 0,
+                    apply_tier_multiplier: false,
                 }))
                 .await?;
             made.reversible
@@ -263,6 +265,8 @@ async fn step(
                     reason: "prop".into(),
                     expires_at: None,
                     pending: Some(pb::PendingOptions { activate_at: None }),
+                    spent_amount: 0,
+                    apply_tier_multiplier: false,
                 }))
                 .await?;
             made.pending
