@@ -11,7 +11,7 @@ use tessera_store::{Backend, db_error, insert_rows, now_micros, outbox, stmt, tu
 
 use crate::ledger::{Asset, CREDIT, Credit, earning_terms, programme_of};
 use crate::programs::Program;
-use crate::tiers;
+use crate::{rules, tiers};
 
 /// Most entries one `BatchCredit` carries.
 pub const MAX_ENTRIES: usize = 1_000;
@@ -114,7 +114,15 @@ pub async fn batch_credit(
     let mut lots = Vec::with_capacity(entries.len());
     let mut postings = Vec::with_capacity(entries.len() * 2);
     let mut response = pb::BatchCreditResponse::default();
-    for e in entries {
+    for (i, e) in entries.iter().enumerate() {
+        rules::check_expiry(
+            txn,
+            tenant,
+            &e.asset,
+            e.expires_at,
+            &format!("entries[{i}].expires_at"),
+        )
+        .await?;
         let customer = id_of(key("customer", &e.customer_id, &e.asset))?;
         let issuance = id_of(key("system", CREDIT.counter_account, &e.asset))?;
         *deltas.entry(customer.clone()).or_default() += e.amount;

@@ -9,7 +9,7 @@ use tessera_runtime::error::Violations;
 use tessera_runtime::{Code, Error, RequestContext};
 use tessera_store::{Backend, db_error, now_micros, outbox, stmt};
 
-use crate::{programs, tiers};
+use crate::{programs, rules, tiers};
 
 /// Largest single amount accepted (points or minor units); far above any real credit, far
 /// below where sums could overflow 64 bits.
@@ -727,6 +727,7 @@ pub async fn credit(
 ) -> Result<pb::CreditResponse, Error> {
     let tenant = ctx.tenant_id.as_str();
     let now = now_micros();
+    rules::check_expiry(txn, tenant, &credit.asset, credit.expires_at, "expires_at").await?;
     let program = match credit.asset.kind {
         AssetKind::Points => Some(programme_of(txn, tenant, &credit.asset).await?),
         _ => None,

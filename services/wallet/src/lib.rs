@@ -12,6 +12,7 @@ mod migrations;
 mod pending;
 mod programs;
 mod reversal;
+mod rules;
 mod service;
 mod tiers;
 

@@ -366,6 +366,17 @@ impl MigratorTrait for Migrator {
                 ]
             },
         }));
+        all.push(Box::new(Migration {
+            name: "m0104_tenant_rules",
+            tables: || {
+                vec![table(
+                    "tenant_rules",
+                    vec![col::text("tenant_id"), col::int("forbid_gift_card_expiry")],
+                    &["tenant_id"],
+                )]
+            },
+            indexes: Vec::new,
+        }));
         all
     }
 }

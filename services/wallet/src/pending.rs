@@ -193,6 +193,7 @@ pub async fn create(
 ) -> Result<pb::CreditResponse, Error> {
     let tenant = ctx.tenant_id.as_str();
     let now = now_micros();
+    crate::rules::check_expiry(txn, tenant, &credit.asset, credit.expires_at, "expires_at").await?;
     let customer = account(
         txn,
         tenant,

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::ledger::{self, Credit, Debit};
 use crate::programs::{self, Program};
-use crate::{batch, holds, liability, pending, reversal, tiers};
+use crate::{batch, holds, liability, pending, reversal, rules, tiers};
 
 pub struct Wallet {
     pub db: Db,
@@ -1019,5 +1019,46 @@ impl WalletService for Wallet {
             )
             .await?;
         Ok(Response::new(response))
+    }
+
+    async fn set_wallet_rules(
+        &self,
+        request: Request<pb::SetWalletRulesRequest>,
+    ) -> Result<Response<pb::SetWalletRulesResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        if request.rules.is_none() {
+            v.add("rules", "is required");
+        }
+        v.finish()?;
+        let (tenant, rules) = (ctx.tenant_id.clone(), request.rules.unwrap_or_default());
+        let response = self
+            .mutate(
+                &ctx,
+                "wallet.SetWalletRules",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        rules::set(txn, &tenant, &rules).await?;
+                        Ok(pb::SetWalletRulesResponse { rules: Some(rules) })
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_wallet_rules(
+        &self,
+        request: Request<pb::GetWalletRulesRequest>,
+    ) -> Result<Response<pb::GetWalletRulesResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let rules = rules::get(self.db.conn(), &ctx.tenant_id).await?;
+        Ok(Response::new(pb::GetWalletRulesResponse {
+            rules: Some(rules),
+        }))
     }
 }

@@ -18,6 +18,8 @@ backend_tests!(
     transfers_keep_the_senders_expiry,
     pending_cashback_lifecycle,
     batch_credit_posts_all_or_nothing,
+    gift_card_expiry_can_be_forbidden,
+    concurrent_transfers_holds_and_debits_stay_consistent,
 );
 
 type Wallet = WalletServiceClient<Channel>;
@@ -533,6 +535,154 @@ async fn batch_credit_posts_all_or_nothing(suite: TestSuite) {
     })
     .await;
     assert_eq!(credited.len(), 3);
+    assert_ledger_invariants(&suite).await;
+    suite.cleanup().await;
+}
+
+async fn gift_card_expiry_can_be_forbidden(suite: TestSuite) {
+    let mut wallet = WalletServiceClient::new(suite.channel());
+    let card = || {
+        Some(pb::Asset {
+            kind: pb::AssetKind::GiftCard as i32,
+            code: "GC-1".into(),
+        })
+    };
+    let load = |key: &str, expires_at| pb::CreditRequest {
+        idempotency_key: key.into(),
+        customer_id: "gus".into(),
+        asset: card(),
+        amount: 5_000,
+        reason: "gift card".into(),
+        expires_at,
+        ..Default::default()
+    };
+    let ten_days = Some(in_future(Duration::from_secs(10 * 86_400)));
+    let loaded = wallet
+        .credit(suite.ctx(TENANT).request(load("g1", ten_days)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(loaded.balance.unwrap().expiring_30d, 5_000);
+
+    let rules = wallet
+        .set_wallet_rules(suite.ctx(TENANT).request(pb::SetWalletRulesRequest {
+            idempotency_key: "r1".into(),
+            rules: Some(pb::WalletRules {
+                forbid_gift_card_expiry: true,
+            }),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(rules.rules.unwrap().forbid_gift_card_expiry);
+    // The value already held no longer expires.
+    let held = wallet
+        .get_balance(suite.ctx(TENANT).request(pb::GetBalanceRequest {
+            customer_id: "gus".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .balances;
+    assert_eq!((held[0].available, held[0].expiring_90d), (5_000, 0));
+    let refused = wallet
+        .credit(suite.ctx(TENANT).request(load("g2", ten_days)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(field_of(&refused).contains("expires_at"), "{refused:?}");
+    wallet
+        .credit(suite.ctx(TENANT).request(load("g3", None)))
+        .await
+        .unwrap();
+    let stored = wallet
+        .get_wallet_rules(suite.ctx(TENANT).request(pb::GetWalletRulesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stored.rules.unwrap().forbid_gift_card_expiry);
+    assert_ledger_invariants(&suite).await;
+    suite.cleanup().await;
+}
+
+/// Transfers both ways between two members, holds, captures and debits, all at once: no
+/// deadlock, no overspend, and the ledger balances.
+async fn concurrent_transfers_holds_and_debits_stay_consistent(suite: TestSuite) {
+    let mut wallet = WalletServiceClient::new(suite.channel());
+    credit(&mut wallet, &suite, "c1", "ada", 1_000, None).await;
+    credit(&mut wallet, &suite, "c2", "bob", 1_000, None).await;
+    let calls = (0..60).map(|i| {
+        let mut wallet = wallet.clone();
+        let ctx = suite.ctx(TENANT);
+        let (from, to) = if i % 2 == 0 {
+            ("ada", "bob")
+        } else {
+            ("bob", "ada")
+        };
+        async move {
+            let outcome = match i % 3 {
+                0 => wallet
+                    .transfer(ctx.request(pb::TransferRequest {
+                        idempotency_key: format!("t{i}"),
+                        from_customer_id: from.into(),
+                        to_customer_id: to.into(),
+                        asset: points(),
+                        amount: 40,
+                        reason: "race".into(),
+                    }))
+                    .await
+                    .map(|_| ()),
+                1 => {
+                    let held = wallet
+                        .hold(ctx.request(pb::HoldRequest {
+                            idempotency_key: format!("h{i}"),
+                            customer_id: from.into(),
+                            asset: points(),
+                            amount: 30,
+                            reason: "race".into(),
+                            expires_at: None,
+                        }))
+                        .await;
+                    match held {
+                        Ok(h) => wallet
+                            .capture(ctx.request(pb::CaptureRequest {
+                                idempotency_key: format!("cap{i}"),
+                                hold_id: h.into_inner().hold.unwrap().id,
+                                amount: 20,
+                            }))
+                            .await
+                            .map(|_| ()),
+                        Err(e) => Err(e),
+                    }
+                }
+                _ => wallet
+                    .debit(ctx.request(debit_request(&format!("d{i}"), from, 25)))
+                    .await
+                    .map(|_| ()),
+            };
+            outcome.map_err(|s| s.code())
+        }
+    });
+    let outcomes = futures::future::join_all(calls).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.is_ok() || *o == Err(tonic::Code::FailedPrecondition)),
+        "{outcomes:?}"
+    );
+    let total = balance(&mut wallet, &suite, "ada").await.available
+        + balance(&mut wallet, &suite, "bob").await.available;
+    let spent: i64 = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.is_ok())
+        .map(|(i, _)| match i % 3 {
+            0 => 0,
+            1 => 20,
+            _ => 25,
+        })
+        .sum();
+    assert_eq!(total, 2_000 - spent, "value is conserved");
     assert_ledger_invariants(&suite).await;
     suite.cleanup().await;
 }
