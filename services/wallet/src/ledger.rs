@@ -53,6 +53,14 @@ impl Asset {
         }
     }
 
+    /// An asset as stored: its kind's number and its code.
+    pub fn stored(kind: i32, code: String) -> Self {
+        Self {
+            kind: AssetKind::try_from(kind).unwrap_or(AssetKind::Unspecified),
+            code,
+        }
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({ "kind": self.event_prefix(), "code": self.code })
     }
@@ -356,11 +364,10 @@ pub(crate) async fn lock_account(
         .ok_or_else(|| Error::internal("reference to a missing account"))?;
     Ok(AccountRow {
         customer_id: row.try_get_by_index(0).map_err(db_error)?,
-        asset: Asset {
-            kind: AssetKind::try_from(row.try_get_by_index::<i32>(1).map_err(db_error)?)
-                .unwrap_or(AssetKind::Unspecified),
-            code: row.try_get_by_index(2).map_err(db_error)?,
-        },
+        asset: Asset::stored(
+            row.try_get_by_index(1).map_err(db_error)?,
+            row.try_get_by_index(2).map_err(db_error)?,
+        ),
     })
 }
 

@@ -61,11 +61,7 @@ fn row_of(row: &sea_orm::QueryResult) -> Result<PendingRow, Error> {
             id: row.try_get_by_index(0)?,
             customer_id: row.try_get_by_index(1)?,
             account_id: row.try_get_by_index(2)?,
-            asset: Asset {
-                kind: pb::AssetKind::try_from(row.try_get_by_index::<i32>(3)?)
-                    .unwrap_or(pb::AssetKind::Unspecified),
-                code: row.try_get_by_index(4)?,
-            },
+            asset: Asset::stored(row.try_get_by_index(3)?, row.try_get_by_index(4)?),
             amount: row.try_get_by_index(5)?,
             reason: row.try_get_by_index(6)?,
             expires_at: row.try_get_by_index(7)?,

@@ -48,11 +48,7 @@ async fn original(
         Ok::<_, sea_orm::DbErr>(Some(Original {
             kind: row.try_get_by_index(0)?,
             customer_id: row.try_get_by_index(1)?,
-            asset: Asset {
-                kind: pb::AssetKind::try_from(row.try_get_by_index::<i32>(2)?)
-                    .unwrap_or(pb::AssetKind::Unspecified),
-                code: row.try_get_by_index(3)?,
-            },
+            asset: Asset::stored(row.try_get_by_index(2)?, row.try_get_by_index(3)?),
             amount: row.try_get_by_index(4)?,
         }))
     })()

@@ -176,6 +176,17 @@ fn check_reason(v: &mut Violations, field: &str, reason: &str, required: bool) {
     }
 }
 
+/// The page part of a list response: the cursor is the last id when more follow.
+fn page_response(
+    has_more: bool,
+    last_id: Option<&str>,
+) -> Option<tessera_proto::common::v1::PageResponse> {
+    Some(tessera_proto::common::v1::PageResponse {
+        next_cursor: last_id.filter(|_| has_more).unwrap_or_default().to_string(),
+        has_more,
+    })
+}
+
 /// Programme ids: the code of a points asset.
 fn check_program_id(v: &mut Violations, id: &str) {
     if !ledger::is_slug(id) {
@@ -486,20 +497,10 @@ impl WalletService for Wallet {
         };
         let (transactions, has_more) =
             ledger::transactions(self.db.conn(), &ctx.tenant_id, &filter).await?;
-        let next_cursor = if has_more {
-            transactions
-                .last()
-                .map(|t| t.id.clone())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let page = page_response(has_more, transactions.last().map(|t| t.id.as_str()));
         Ok(Response::new(pb::ListTransactionsResponse {
             transactions,
-            page: Some(tessera_proto::common::v1::PageResponse {
-                next_cursor,
-                has_more,
-            }),
+            page,
         }))
     }
 
@@ -905,16 +906,10 @@ impl WalletService for Wallet {
             limit,
         )
         .await?;
-        let next_cursor = match (has_more, credits.last()) {
-            (true, Some(last)) => last.id.clone(),
-            _ => String::new(),
-        };
+        let page = page_response(has_more, credits.last().map(|c| c.id.as_str()));
         Ok(Response::new(pb::GetCashbackStatusResponse {
             credits,
-            page: Some(tessera_proto::common::v1::PageResponse {
-                next_cursor,
-                has_more,
-            }),
+            page,
         }))
     }
 
@@ -980,17 +975,8 @@ impl WalletService for Wallet {
             limit,
         )
         .await?;
-        let next_cursor = match (has_more, changes.last()) {
-            (true, Some(last)) => last.id.clone(),
-            _ => String::new(),
-        };
-        Ok(Response::new(pb::ListTierHistoryResponse {
-            changes,
-            page: Some(tessera_proto::common::v1::PageResponse {
-                next_cursor,
-                has_more,
-            }),
-        }))
+        let page = page_response(has_more, changes.last().map(|c| c.id.as_str()));
+        Ok(Response::new(pb::ListTierHistoryResponse { changes, page }))
     }
 
     async fn evaluate_tiers(
