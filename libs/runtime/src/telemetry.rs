@@ -190,16 +190,32 @@ pub fn current_traceparent() -> String {
         .to_string()
 }
 
+/// The trace context in a stored `traceparent` (empty or malformed: an empty context).
+fn context_of_traceparent(traceparent: &str) -> opentelemetry::Context {
+    let mut headers = http::HeaderMap::new();
+    if let Ok(value) = http::HeaderValue::from_str(traceparent) {
+        headers.insert("traceparent", value);
+    }
+    extract_headers(&headers)
+}
+
 /// Makes `span` a child of the context in a stored `traceparent` (empty: left as is).
 pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: &str) {
     if traceparent.is_empty() {
         return;
     }
-    let mut headers = http::HeaderMap::new();
-    if let Ok(value) = http::HeaderValue::from_str(traceparent) {
-        headers.insert("traceparent", value);
+    set_remote_parent(span, context_of_traceparent(traceparent));
+}
+
+/// Links `span` to the context in a stored `traceparent`: for work done on behalf of several
+/// requests at once (one outbox delivery carrying many requests' events), whose first
+/// request is the parent and the others are links.
+pub fn add_link_from_traceparent(span: &tracing::Span, traceparent: &str) {
+    let cx = context_of_traceparent(traceparent);
+    let linked = cx.span().span_context().clone();
+    if linked.is_valid() {
+        span.add_link(linked);
     }
-    set_remote_parent(span, extract_headers(&headers));
 }
 
 /// Sets a remote parent, ignoring contexts without a valid span (no incoming trace).

@@ -165,6 +165,10 @@ pub struct Relay {
 
 /// How often the relay measures its backlog for the lag gauges.
 const LAG_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a woken relay waits for more commits before it claims a batch.
+const LINGER: Duration = Duration::from_millis(5);
+/// Most other requests one delivery span links to.
+const MAX_LINKS: usize = 64;
 
 /// Backoff after `attempts` failed deliveries: 1 s, 2 s, 4 s … capped at 5 minutes.
 fn backoff(attempts: i32) -> Duration {
@@ -218,7 +222,9 @@ impl Relay {
             if delivered < self.config.batch_size as usize {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    () = self.wake.notified() => {},
+                    // Woken by a commit: linger a moment so the events of requests
+                    // committing together leave in one delivery.
+                    () = self.wake.notified() => tokio::time::sleep(LINGER).await,
                     () = tokio::time::sleep(poll) => {},
                 }
             }
@@ -232,19 +238,17 @@ impl Relay {
         if batch.is_empty() {
             return Ok(0);
         }
-        // Group by tenant and originating request so each delivery is a child of its trace.
-        let mut groups: Vec<Vec<OutboxEvent>> = Vec::new();
+        // One delivery per tenant: its span is a child of the first event's request and
+        // links to the other requests it carries events of.
+        let mut by_tenant: std::collections::BTreeMap<String, Vec<OutboxEvent>> =
+            std::collections::BTreeMap::new();
         for event in batch {
-            match groups.last_mut() {
-                Some(g)
-                    if g[0].tenant_id == event.tenant_id
-                        && g[0].traceparent == event.traceparent =>
-                {
-                    g.push(event);
-                }
-                _ => groups.push(vec![event]),
-            }
+            by_tenant
+                .entry(event.tenant_id.clone())
+                .or_default()
+                .push(event);
         }
+        let groups: Vec<Vec<OutboxEvent>> = by_tenant.into_values().collect();
         let results: Vec<(Vec<OutboxEvent>, Result<(), Error>)> = futures::stream::iter(groups)
             .map(|group| async move {
                 let span = tracing::info_span!(
@@ -255,6 +259,15 @@ impl Relay {
                     events = group.len(),
                 );
                 telemetry::set_parent_from_traceparent(&span, &group[0].traceparent);
+                let mut linked = std::collections::HashSet::new();
+                for event in &group[1..] {
+                    if event.traceparent != group[0].traceparent
+                        && linked.len() < MAX_LINKS
+                        && linked.insert(event.traceparent.as_str())
+                    {
+                        telemetry::add_link_from_traceparent(&span, &event.traceparent);
+                    }
+                }
                 let result = self
                     .publisher
                     .publish(self.source, &group)

@@ -9,7 +9,7 @@ use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
 use tessera_runtime::{Code, Error};
 use tessera_store::outbox::{micros_to_timestamp, timestamp_to_micros};
-use tessera_store::{Db, db_error, now_micros, stmt};
+use tessera_store::{Db, db_error, insert_rows, now_micros, stmt};
 use tonic::{Request, Response, Status};
 
 /// Most events accepted in one `PublishEvents` call.
@@ -81,29 +81,34 @@ impl NotificationService for Notification {
         validate(&ctx.tenant_id, &request)?;
         let received_at = now_micros();
         let txn = self.db.begin_write().await?;
-        let mut accepted = 0u32;
-        for e in &request.events {
-            let result = txn
-                .execute_raw(stmt(
-                    &txn,
-                    "INSERT INTO events (tenant_id, event_id, event_type, source, occurred_at, \
-                     received_at, data, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                     ON CONFLICT (tenant_id, event_id) DO NOTHING",
-                    [
-                        ctx.tenant_id.clone().into(),
-                        e.id.clone().into(),
-                        e.r#type.clone().into(),
-                        e.source.clone().into(),
-                        e.occurred_at.as_ref().map_or(0, timestamp_to_micros).into(),
-                        received_at.into(),
-                        e.data.clone().into(),
-                        e.traceparent.clone().into(),
-                    ],
-                ))
-                .await
-                .map_err(db_error)?;
-            accepted += u32::try_from(result.rows_affected()).unwrap_or(0);
-        }
+        // One multi-row insert; a redelivered event id is skipped.
+        let rows = request
+            .events
+            .iter()
+            .map(|e| {
+                vec![
+                    ctx.tenant_id.clone().into(),
+                    e.id.clone().into(),
+                    e.r#type.clone().into(),
+                    e.source.clone().into(),
+                    e.occurred_at.as_ref().map_or(0, timestamp_to_micros).into(),
+                    received_at.into(),
+                    e.data.clone().into(),
+                    e.traceparent.clone().into(),
+                ]
+            })
+            .collect();
+        let accepted = u32::try_from(
+            insert_rows(
+                &txn,
+                "INSERT INTO events (tenant_id, event_id, event_type, source, occurred_at, \
+                 received_at, data, traceparent)",
+                "ON CONFLICT (tenant_id, event_id) DO NOTHING",
+                rows,
+            )
+            .await?,
+        )
+        .unwrap_or(u32::MAX);
         txn.commit().await.map_err(db_error)?;
         let total = u32::try_from(request.events.len()).unwrap_or(u32::MAX);
         tracing::debug!(accepted, duplicates = total - accepted, "events received");

@@ -9,8 +9,8 @@ use tessera_runtime::{Code, Error, RequestContext};
 use tessera_store::{Backend, db_error, now_micros, outbox, stmt};
 
 use crate::ledger::{
-    self, Asset, Entry, Owner, account, account_balance, emit, insufficient, lock_account,
-    post_customer, post_system,
+    self, Asset, Entry, Leg, Owner, account, account_balance, emit, insufficient, lock_account,
+    post,
 };
 
 /// Default life of a hold nobody captures.
@@ -135,11 +135,11 @@ pub async fn hold(
     let tenant = ctx.tenant_id.as_str();
     let now = now_micros();
     let Some(customer) =
-        ledger::find_customer_account(txn, tenant, &new.customer_id, &new.asset).await?
+        ledger::find_customer_account(txn, tenant, &new.customer_id, &new.asset, Some(backend))
+            .await?
     else {
         return Err(insufficient(0, new.amount));
     };
-    lock_account(txn, tenant, backend, &customer).await?;
     let lots = ledger::spendable_lots(txn, tenant, &customer, None, now).await?;
     let available: i64 = lots.iter().map(|l| l.remaining).sum();
     if available < new.amount {
@@ -156,8 +156,17 @@ pub async fn hold(
     entry.write(txn, ctx).await?;
     ledger::take(txn, tenant, &entry.id, &lots, new.amount).await?;
     let holds = account(txn, tenant, Owner::System("holds"), &new.asset).await?;
-    post_customer(txn, tenant, &entry.id, &customer, -new.amount, now).await?;
-    post_system(txn, tenant, &entry.id, &holds, new.amount, now).await?;
+    post(
+        txn,
+        tenant,
+        &entry.id,
+        &[
+            Leg::Customer(&customer, -new.amount),
+            Leg::System(&holds, new.amount),
+        ],
+        now,
+    )
+    .await?;
     txn.execute_raw(stmt(
         txn,
         "INSERT INTO holds (tenant_id, id, customer_id, account_id, asset_kind, asset_code, \
@@ -222,8 +231,17 @@ async fn give_back(
         return Err(Error::internal("hold lots short of the held amount"));
     }
     let holds = account(txn, tenant, Owner::System("holds"), &hold.asset).await?;
-    post_system(txn, tenant, &entry.id, &holds, -amount, now).await?;
-    post_customer(txn, tenant, &entry.id, &hold.account_id, amount, now).await
+    post(
+        txn,
+        tenant,
+        &entry.id,
+        &[
+            Leg::System(&holds, -amount),
+            Leg::Customer(&hold.account_id, amount),
+        ],
+        now,
+    )
+    .await
 }
 
 /// Marks a hold captured or released.
@@ -290,8 +308,17 @@ pub async fn capture(
     entry.write(txn, ctx).await?;
     let holds = account(txn, tenant, Owner::System("holds"), &hold.asset).await?;
     let redemption = account(txn, tenant, Owner::System("redemption"), &hold.asset).await?;
-    post_system(txn, tenant, &entry.id, &holds, -amount, now).await?;
-    post_system(txn, tenant, &entry.id, &redemption, amount, now).await?;
+    post(
+        txn,
+        tenant,
+        &entry.id,
+        &[
+            Leg::System(&holds, -amount),
+            Leg::System(&redemption, amount),
+        ],
+        now,
+    )
+    .await?;
     if amount < hold.amount {
         give_back(txn, ctx, &hold, hold.amount - amount, now).await?;
     }

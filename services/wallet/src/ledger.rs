@@ -7,7 +7,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use tessera_proto::wallet::v1::{self as pb, AssetKind};
 use tessera_runtime::error::Violations;
 use tessera_runtime::{Code, Error, RequestContext};
-use tessera_store::{Backend, db_error, now_micros, outbox, stmt};
+use tessera_store::{Backend, db_error, insert_rows, now_micros, outbox, stmt};
 
 use crate::{programs, rules, tiers};
 
@@ -184,55 +184,61 @@ pub(crate) async fn account(
     row.try_get_by_index(0).map_err(db_error)
 }
 
-/// Writes one posting to a tenant system account. System accounts keep no balance row (every
-/// credit would queue on the issuance account's row lock): their balances are the sums of
-/// their postings, which is what `GetLiability` reports.
-pub(crate) async fn post_system(
-    txn: &DatabaseTransaction,
-    tenant: &str,
-    transaction_id: &str,
-    account_id: &str,
-    amount: i64,
-    now: i64,
-) -> Result<(), Error> {
-    txn.execute_raw(stmt(
-        txn,
-        "INSERT INTO postings (tenant_id, transaction_id, account_id, amount, created_at) \
-         VALUES ($1, $2, $3, $4, $5)",
-        [
-            tenant.into(),
-            transaction_id.into(),
-            account_id.into(),
-            amount.into(),
-            now.into(),
-        ],
-    ))
-    .await
-    .map_err(db_error)?;
-    Ok(())
+/// One leg of a ledger transaction: an account and the amount it moves by.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Leg<'a> {
+    /// A customer account: its balance row moves with the posting.
+    Customer(&'a str, i64),
+    /// A tenant system account. System accounts keep no balance row (every credit would
+    /// queue on the issuance account's row lock): their balances are the sums of their
+    /// postings, which is what `GetLiability` reports.
+    System(&'a str, i64),
 }
 
-/// Writes one posting to a customer account and moves its balance row by `amount`.
-pub(crate) async fn post_customer(
+/// Writes a transaction's postings (one statement) and moves the customer balance rows.
+pub(crate) async fn post(
     txn: &DatabaseTransaction,
     tenant: &str,
     transaction_id: &str,
-    account_id: &str,
-    amount: i64,
+    legs: &[Leg<'_>],
     now: i64,
 ) -> Result<(), Error> {
-    post_system(txn, tenant, transaction_id, account_id, amount, now).await?;
-    let updated = txn
-        .execute_raw(stmt(
-            txn,
-            "UPDATE accounts SET balance = balance + $1, version = version + 1, updated_at = $2 \
-             WHERE tenant_id = $3 AND id = $4",
-            [amount.into(), now.into(), tenant.into(), account_id.into()],
-        ))
-        .await
-        .map_err(db_error)?;
-    if updated.rows_affected() != 1 {
-        return Err(Error::internal("posting to a missing account"));
+    let rows = legs
+        .iter()
+        .map(|leg| {
+            let (Leg::Customer(account, amount) | Leg::System(account, amount)) = *leg;
+            vec![
+                tenant.into(),
+                transaction_id.into(),
+                account.into(),
+                amount.into(),
+                now.into(),
+            ]
+        })
+        .collect();
+    insert_rows(
+        txn,
+        "INSERT INTO postings (tenant_id, transaction_id, account_id, amount, created_at)",
+        "",
+        rows,
+    )
+    .await?;
+    for leg in legs {
+        let Leg::Customer(account, amount) = *leg else {
+            continue;
+        };
+        let updated = txn
+            .execute_raw(stmt(
+                txn,
+                "UPDATE accounts SET balance = balance + $1, version = version + 1, \
+                 updated_at = $2 WHERE tenant_id = $3 AND id = $4",
+                [amount.into(), now.into(), tenant.into(), account.into()],
+            ))
+            .await
+            .map_err(db_error)?;
+        if updated.rows_affected() != 1 {
+            return Err(Error::internal("posting to a missing account"));
+        }
     }
     Ok(())
 }
@@ -371,18 +377,23 @@ pub(crate) async fn lock_account(
     })
 }
 
-/// The id of a customer's account for `asset`, if it exists.
+/// The id of a customer's account for `asset`, if it exists; with `lock`, locked as
+/// [`lock_account`] does.
 pub(crate) async fn find_customer_account(
     txn: &DatabaseTransaction,
     tenant: &str,
     customer_id: &str,
     asset: &Asset,
+    lock: Option<Backend>,
 ) -> Result<Option<String>, Error> {
+    let lock = lock.map_or("", Backend::row_lock);
     let row = txn
         .query_one_raw(stmt(
             txn,
-            "SELECT id FROM accounts WHERE tenant_id = $1 AND owner_kind = 'customer' \
-             AND owner_id = $2 AND asset_kind = $3 AND asset_code = $4",
+            &format!(
+                "SELECT id FROM accounts WHERE tenant_id = $1 AND owner_kind = 'customer' \
+                 AND owner_id = $2 AND asset_kind = $3 AND asset_code = $4{lock}"
+            ),
             [
                 tenant.into(),
                 customer_id.into(),
@@ -777,8 +788,17 @@ pub async fn credit(
     );
     entry.write(txn, ctx).await?;
     insert_lot(txn, tenant, &customer, &entry.id, amount, now, expires_at).await?;
-    post_customer(txn, tenant, &entry.id, &customer, amount, now).await?;
-    post_system(txn, tenant, &entry.id, &counter, -amount, now).await?;
+    post(
+        txn,
+        tenant,
+        &entry.id,
+        &[
+            Leg::Customer(&customer, amount),
+            Leg::System(&counter, -amount),
+        ],
+        now,
+    )
+    .await?;
     if program.is_some() && credit.movement.kind == CREDIT.kind {
         tiers::record_activity(
             txn,
@@ -835,11 +855,10 @@ pub async fn debit(
     let tenant = ctx.tenant_id.as_str();
     let now = now_micros();
     let Some(customer) =
-        find_customer_account(txn, tenant, &debit.customer_id, &debit.asset).await?
+        find_customer_account(txn, tenant, &debit.customer_id, &debit.asset, Some(backend)).await?
     else {
         return Err(insufficient(0, debit.amount));
     };
-    lock_account(txn, tenant, backend, &customer).await?;
     let lots = spendable_lots(txn, tenant, &customer, None, now).await?;
     let available: i64 = lots.iter().map(|l| l.remaining).sum();
     if available < debit.amount {
@@ -862,8 +881,17 @@ pub async fn debit(
         &debit.asset,
     )
     .await?;
-    post_customer(txn, tenant, &entry.id, &customer, -debit.amount, now).await?;
-    post_system(txn, tenant, &entry.id, &counter, debit.amount, now).await?;
+    post(
+        txn,
+        tenant,
+        &entry.id,
+        &[
+            Leg::Customer(&customer, -debit.amount),
+            Leg::System(&counter, debit.amount),
+        ],
+        now,
+    )
+    .await?;
     let balance = account_balance(txn, tenant, &debit.customer_id, &debit.asset, now).await?;
     emit(
         txn,
@@ -954,8 +982,17 @@ pub async fn expire_due(
         entry.write(txn, ctx).await?;
         take(txn, tenant, &entry.id, &due, amount).await?;
         let expiry = account(txn, tenant, Owner::System("expiry"), &account_row.asset).await?;
-        post_customer(txn, tenant, &entry.id, &account_id, -amount, now).await?;
-        post_system(txn, tenant, &entry.id, &expiry, amount, now).await?;
+        post(
+            txn,
+            tenant,
+            &entry.id,
+            &[
+                Leg::Customer(&account_id, -amount),
+                Leg::System(&expiry, amount),
+            ],
+            now,
+        )
+        .await?;
         emit(
             txn,
             tenant,

@@ -11,8 +11,7 @@ use tessera_runtime::{Code, Error, RequestContext};
 use tessera_store::{Backend, db_error, now_micros, outbox, stmt, tuples};
 
 use crate::ledger::{
-    self, Asset, Credit, Entry, Owner, account, account_balance, emit, lock_account, post_customer,
-    post_system,
+    self, Asset, Credit, Entry, Leg, Owner, account, account_balance, emit, lock_account, post,
 };
 
 /// Most due credits one `ActivateDue` call confirms.
@@ -208,8 +207,17 @@ pub async fn create(
         now,
     );
     entry.write(txn, ctx).await?;
-    post_system(txn, tenant, &entry.id, &issuance, -credit.amount, now).await?;
-    post_system(txn, tenant, &entry.id, &pending, credit.amount, now).await?;
+    post(
+        txn,
+        tenant,
+        &entry.id,
+        &[
+            Leg::System(&issuance, -credit.amount),
+            Leg::System(&pending, credit.amount),
+        ],
+        now,
+    )
+    .await?;
     txn.execute_raw(stmt(
         txn,
         "INSERT INTO pending_credits (tenant_id, id, customer_id, account_id, asset_kind, \
@@ -328,8 +336,17 @@ pub async fn cancel(
     entry.write(txn, ctx).await?;
     let pending = account(txn, tenant, Owner::System("pending"), &row.asset).await?;
     let issuance = account(txn, tenant, Owner::System("issuance"), &row.asset).await?;
-    post_system(txn, tenant, &entry.id, &pending, -row.amount, now).await?;
-    post_system(txn, tenant, &entry.id, &issuance, row.amount, now).await?;
+    post(
+        txn,
+        tenant,
+        &entry.id,
+        &[
+            Leg::System(&pending, -row.amount),
+            Leg::System(&issuance, row.amount),
+        ],
+        now,
+    )
+    .await?;
     change_status(txn, ctx, &row, CreditStatus::Cancelled, reason, None, now).await?;
     get(txn, tenant, id).await
 }
@@ -400,8 +417,17 @@ pub async fn pay_out(
         &row.asset,
     )
     .await?;
-    post_customer(txn, tenant, &entry.id, &row.account_id, -amount, now).await?;
-    post_system(txn, tenant, &entry.id, &payout, amount, now).await?;
+    post(
+        txn,
+        tenant,
+        &entry.id,
+        &[
+            Leg::Customer(&row.account_id, -amount),
+            Leg::System(&payout, amount),
+        ],
+        now,
+    )
+    .await?;
     change_status(txn, ctx, &row, CreditStatus::PaidOut, reason, None, now).await?;
     get(txn, tenant, id).await
 }

@@ -6,8 +6,8 @@ use tessera_runtime::{Code, Error, RequestContext};
 use tessera_store::{Backend, db_error, now_micros, stmt};
 
 use crate::ledger::{
-    self, Asset, Entry, Owner, account, account_balance, emit, insufficient, lock_account,
-    post_customer, post_system,
+    self, Asset, Entry, Leg, Owner, account, account_balance, emit, insufficient, lock_account,
+    post,
 };
 
 /// A validated reversal request.
@@ -116,10 +116,10 @@ pub async fn reverse(
             .with_reason("NOT_REVERSIBLE"));
         }
     };
-    let customer = ledger::find_customer_account(txn, tenant, &orig.customer_id, &orig.asset)
-        .await?
-        .ok_or_else(|| Error::internal("transaction of a missing account"))?;
-    lock_account(txn, tenant, backend, &customer).await?;
+    let customer =
+        ledger::find_customer_account(txn, tenant, &orig.customer_id, &orig.asset, Some(backend))
+            .await?
+            .ok_or_else(|| Error::internal("transaction of a missing account"))?;
     let reversed: i64 = txn
         .query_one_raw(stmt(
             txn,
@@ -166,8 +166,17 @@ pub async fn reverse(
         if restored != amount {
             return Err(Error::internal("refund larger than the lots taken"));
         }
-        post_customer(txn, tenant, &entry.id, &customer, amount, now).await?;
-        post_system(txn, tenant, &entry.id, &counter, -amount, now).await?;
+        post(
+            txn,
+            tenant,
+            &entry.id,
+            &[
+                Leg::Customer(&customer, amount),
+                Leg::System(&counter, -amount),
+            ],
+            now,
+        )
+        .await?;
         entry
     } else {
         let lots = ledger::spendable_lots(txn, tenant, &customer, Some(&source), now).await?;
@@ -185,8 +194,17 @@ pub async fn reverse(
         );
         entry.write(txn, ctx).await?;
         ledger::take(txn, tenant, &entry.id, &lots, amount).await?;
-        post_customer(txn, tenant, &entry.id, &customer, -amount, now).await?;
-        post_system(txn, tenant, &entry.id, &counter, amount, now).await?;
+        post(
+            txn,
+            tenant,
+            &entry.id,
+            &[
+                Leg::Customer(&customer, -amount),
+                Leg::System(&counter, amount),
+            ],
+            now,
+        )
+        .await?;
         entry
     };
     txn.execute_raw(stmt(
@@ -243,7 +261,8 @@ pub async fn transfer(
 ) -> Result<pb::TransferResponse, Error> {
     let tenant = ctx.tenant_id.as_str();
     let now = now_micros();
-    let Some(sender) = ledger::find_customer_account(txn, tenant, &t.from, &t.asset).await? else {
+    let Some(sender) = ledger::find_customer_account(txn, tenant, &t.from, &t.asset, None).await?
+    else {
         return Err(insufficient(0, t.amount));
     };
     let receiver = account(txn, tenant, Owner::Customer(&t.to), &t.asset).await?;
@@ -275,10 +294,28 @@ pub async fn transfer(
         .await?;
     }
     let transfer = account(txn, tenant, Owner::System("transfer"), &t.asset).await?;
-    post_customer(txn, tenant, &outgoing.id, &sender, -t.amount, now).await?;
-    post_system(txn, tenant, &outgoing.id, &transfer, t.amount, now).await?;
-    post_system(txn, tenant, &incoming.id, &transfer, -t.amount, now).await?;
-    post_customer(txn, tenant, &incoming.id, &receiver, t.amount, now).await?;
+    post(
+        txn,
+        tenant,
+        &outgoing.id,
+        &[
+            Leg::Customer(&sender, -t.amount),
+            Leg::System(&transfer, t.amount),
+        ],
+        now,
+    )
+    .await?;
+    post(
+        txn,
+        tenant,
+        &incoming.id,
+        &[
+            Leg::System(&transfer, -t.amount),
+            Leg::Customer(&receiver, t.amount),
+        ],
+        now,
+    )
+    .await?;
     emit(
         txn,
         tenant,

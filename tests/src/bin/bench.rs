@@ -1,7 +1,8 @@
 //! `just bench`: the wallet through gRPC against the whole suite in this process, on SQLite
 //! (embedded) and on PostgreSQL (when `TESSERA_TEST_DATABASE_URL` and `TESSERA_TEST_REDIS_URL`
 //! are set). Prints throughput and latency percentiles of single credits, batch credits and
-//! debits. A benchmark, not a test: nothing here asserts a speed.
+//! debits. A benchmark, not a test: nothing here asserts a speed. Telemetry is the
+//! production path without a collector.
 
 #![allow(clippy::print_stdout)]
 
@@ -193,6 +194,15 @@ async fn debits(suite: &TestSuite, label: &str) {
 
 #[tokio::main]
 async fn main() {
+    // Production telemetry (spans made and propagated, no collector configured), installed
+    // before the harness's test mode would install its synchronous in-memory span exporter,
+    // which would measure the test tooling rather than the wallet.
+    let telemetry = tessera_runtime::config::TelemetryConfig {
+        log_filter: "error".into(),
+        ..Default::default()
+    };
+    let _telemetry =
+        tessera_runtime::telemetry::init(&telemetry, "tessera-bench").expect("telemetry installs");
     println!(
         "wallet via gRPC, whole suite in one process (idempotency record + ledger postings + \
          outbox event per request). Targets: BatchCredit >= 5,000 postings/s on PostgreSQL, \
