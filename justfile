@@ -32,6 +32,6 @@ proto-lint:
     test -x .tools/node_modules/.bin/buf || (mkdir -p .tools && cd .tools && npm install --no-audit --no-fund --silent @bufbuild/buf)
     cd proto && ../.tools/node_modules/.bin/buf lint
 
-# Benchmarks (release build): wallet credits through gRPC on SQLite and PostgreSQL.
+# Benchmarks (release build): wallet Credit, BatchCredit and Debit through gRPC on SQLite and PostgreSQL.
 bench:
     cargo run --release -p tessera-tests --bin bench
