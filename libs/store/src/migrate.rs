@@ -38,6 +38,37 @@ impl MigrationTrait for Migration {
     }
 }
 
+/// A migration that replaces an index: drops `drop` (if it exists) on `table`, then creates
+/// `create`. For an index whose columns must change once databases already have it.
+pub struct ReplaceIndex {
+    pub name: &'static str,
+    pub table: &'static str,
+    pub drop: &'static str,
+    pub create: fn() -> IndexCreateStatement,
+}
+
+impl MigrationName for ReplaceIndex {
+    fn name(&self) -> &str {
+        self.name
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for ReplaceIndex {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), sea_orm::DbErr> {
+        manager
+            .drop_index(
+                Index::drop()
+                    .name(self.drop)
+                    .table(Alias::new(self.table))
+                    .if_exists()
+                    .to_owned(),
+            )
+            .await?;
+        manager.create_index((self.create)()).await
+    }
+}
+
 /// Column helpers, so table definitions read like DDL.
 pub mod col {
     use super::{Alias, ColumnDef};

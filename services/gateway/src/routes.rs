@@ -317,14 +317,13 @@ async fn transactions(
     )))
 }
 
-fn credit_status_name(status: i32) -> &'static str {
-    match pb::CreditStatus::try_from(status).unwrap_or(pb::CreditStatus::Unspecified) {
-        pb::CreditStatus::Pending => "pending",
-        pb::CreditStatus::Confirmed => "confirmed",
-        pb::CreditStatus::PaidOut => "paid_out",
-        pb::CreditStatus::Cancelled => "cancelled",
-        pb::CreditStatus::Unspecified => "unspecified",
-    }
+/// A credit status as the wallet stores and emits it (`paid_out`).
+fn credit_status_name(status: i32) -> String {
+    pb::CreditStatus::try_from(status)
+        .unwrap_or(pb::CreditStatus::Unspecified)
+        .as_str_name()
+        .trim_start_matches("CREDIT_STATUS_")
+        .to_ascii_lowercase()
 }
 
 /// A customer's pending-value credits (cashback) with their status history, newest first.

@@ -140,11 +140,7 @@ pub async fn hold(
     else {
         return Err(insufficient(0, new.amount));
     };
-    let lots = ledger::spendable_lots(txn, tenant, &customer, None, now).await?;
-    let available: i64 = lots.iter().map(|l| l.remaining).sum();
-    if available < new.amount {
-        return Err(insufficient(available, new.amount));
-    }
+    let lots = ledger::spendable_for(txn, tenant, &customer, None, now, new.amount).await?;
     let entry = Entry::new(
         "hold",
         &new.customer_id,
@@ -167,6 +163,17 @@ pub async fn hold(
         now,
     )
     .await?;
+    let hold = HoldRow {
+        id: entry.id.clone(),
+        customer_id: new.customer_id.clone(),
+        account_id: customer,
+        asset: new.asset.clone(),
+        amount: new.amount,
+        captured: 0,
+        status: "active".into(),
+        expires_at: new.expires_at,
+        capture_transaction_id: None,
+    };
     txn.execute_raw(stmt(
         txn,
         "INSERT INTO holds (tenant_id, id, customer_id, account_id, asset_kind, asset_code, \
@@ -174,13 +181,13 @@ pub async fn hold(
          VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 'active', $8, NULL, $9, $9)",
         [
             tenant.into(),
-            entry.id.clone().into(),
-            new.customer_id.clone().into(),
-            customer.clone().into(),
-            (new.asset.kind as i32).into(),
-            new.asset.code.clone().into(),
-            new.amount.into(),
-            new.expires_at.into(),
+            hold.id.clone().into(),
+            hold.customer_id.clone().into(),
+            hold.account_id.clone().into(),
+            (hold.asset.kind as i32).into(),
+            hold.asset.code.clone().into(),
+            hold.amount.into(),
+            hold.expires_at.into(),
             now.into(),
         ],
     ))
@@ -199,9 +206,6 @@ pub async fn hold(
         }),
     )
     .await?;
-    let hold = load(txn, tenant, &entry.id, None)
-        .await?
-        .ok_or_else(|| Error::internal("hold vanished"))?;
     Ok(pb::HoldResponse {
         hold: Some(hold.to_proto()),
         balance: Some(account_balance(txn, tenant, &new.customer_id, &new.asset, now).await?),
@@ -244,7 +248,7 @@ async fn give_back(
     .await
 }
 
-/// Marks a hold captured or released.
+/// Marks a hold captured or released. Returns it as stored now.
 async fn settle(
     txn: &DatabaseTransaction,
     tenant: &str,
@@ -253,7 +257,7 @@ async fn settle(
     captured: i64,
     capture_transaction_id: Option<&str>,
     now: i64,
-) -> Result<(), Error> {
+) -> Result<HoldRow, Error> {
     txn.execute_raw(stmt(
         txn,
         "UPDATE holds SET status = $1, captured = $2, capture_transaction_id = $3, updated_at = $4 \
@@ -269,7 +273,12 @@ async fn settle(
     ))
     .await
     .map_err(db_error)?;
-    Ok(())
+    Ok(HoldRow {
+        status: status.to_string(),
+        captured,
+        capture_transaction_id: capture_transaction_id.map(str::to_string),
+        ..hold.clone()
+    })
 }
 
 /// Captures `amount` of a hold (0: all of it) and releases the rest.
@@ -322,7 +331,7 @@ pub async fn capture(
     if amount < hold.amount {
         give_back(txn, ctx, &hold, hold.amount - amount, now).await?;
     }
-    settle(txn, tenant, &hold, "captured", amount, Some(&entry.id), now).await?;
+    let settled = settle(txn, tenant, &hold, "captured", amount, Some(&entry.id), now).await?;
     emit(
         txn,
         tenant,
@@ -337,9 +346,6 @@ pub async fn capture(
         }),
     )
     .await?;
-    let settled = load(txn, tenant, hold_id, None)
-        .await?
-        .ok_or_else(|| Error::internal("hold vanished"))?;
     Ok(pb::CaptureResponse {
         hold: Some(settled.to_proto()),
         balance: Some(account_balance(txn, tenant, &hold.customer_id, &hold.asset, now).await?),
@@ -353,9 +359,9 @@ async fn release_locked(
     hold: &HoldRow,
     why: &str,
     now: i64,
-) -> Result<(), Error> {
+) -> Result<HoldRow, Error> {
     give_back(txn, ctx, hold, hold.amount, now).await?;
-    settle(txn, &ctx.tenant_id, hold, "released", 0, None, now).await?;
+    let settled = settle(txn, &ctx.tenant_id, hold, "released", 0, None, now).await?;
     emit(
         txn,
         &ctx.tenant_id,
@@ -368,7 +374,8 @@ async fn release_locked(
             "reason": why,
         }),
     )
-    .await
+    .await?;
+    Ok(settled)
 }
 
 /// Releases a hold.
@@ -381,10 +388,7 @@ pub async fn release(
     let tenant = ctx.tenant_id.as_str();
     let now = now_micros();
     let hold = lock_active(txn, tenant, backend, hold_id).await?;
-    release_locked(txn, ctx, &hold, "released", now).await?;
-    let settled = load(txn, tenant, hold_id, None)
-        .await?
-        .ok_or_else(|| Error::internal("hold vanished"))?;
+    let settled = release_locked(txn, ctx, &hold, "released", now).await?;
     Ok(pb::ReleaseResponse {
         hold: Some(settled.to_proto()),
         balance: Some(account_balance(txn, tenant, &hold.customer_id, &hold.asset, now).await?),

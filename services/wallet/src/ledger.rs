@@ -426,19 +426,50 @@ pub(crate) async fn spendable_lots(
     prefer: Option<&str>,
     now: i64,
 ) -> Result<Vec<Lot>, Error> {
+    query_lots(
+        txn,
+        "WHERE tenant_id = $1 AND account_id = $2 \
+         AND remaining > 0 AND (expires_at IS NULL OR expires_at > $3) \
+         ORDER BY CASE WHEN transaction_id = $4 THEN 0 ELSE 1 END, \
+         CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END, expires_at, earned_at, id",
+        [
+            tenant.into(),
+            account_id.into(),
+            now.into(),
+            prefer.unwrap_or("").into(),
+        ],
+    )
+    .await
+}
+
+/// [`spendable_lots`] that hold at least `amount`, else the refusal of the spend.
+pub(crate) async fn spendable_for(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    account_id: &str,
+    prefer: Option<&str>,
+    now: i64,
+    amount: i64,
+) -> Result<Vec<Lot>, Error> {
+    let lots = spendable_lots(txn, tenant, account_id, prefer, now).await?;
+    let available: i64 = lots.iter().map(|l| l.remaining).sum();
+    if available < amount {
+        return Err(insufficient(available, amount));
+    }
+    Ok(lots)
+}
+
+/// Lots selected by `filter` (the SQL after `FROM lots`).
+pub(crate) async fn query_lots(
+    txn: &DatabaseTransaction,
+    filter: &str,
+    values: impl IntoIterator<Item = sea_orm::Value>,
+) -> Result<Vec<Lot>, Error> {
     let rows = txn
         .query_all_raw(stmt(
             txn,
-            "SELECT id, remaining, expires_at FROM lots WHERE tenant_id = $1 AND account_id = $2 \
-             AND remaining > 0 AND (expires_at IS NULL OR expires_at > $3) \
-             ORDER BY CASE WHEN transaction_id = $4 THEN 0 ELSE 1 END, \
-             CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END, expires_at, earned_at, id",
-            [
-                tenant.into(),
-                account_id.into(),
-                now.into(),
-                prefer.unwrap_or("").into(),
-            ],
+            &format!("SELECT id, remaining, expires_at FROM lots {filter}"),
+            values,
         ))
         .await
         .map_err(db_error)?;
@@ -859,11 +890,7 @@ pub async fn debit(
     else {
         return Err(insufficient(0, debit.amount));
     };
-    let lots = spendable_lots(txn, tenant, &customer, None, now).await?;
-    let available: i64 = lots.iter().map(|l| l.remaining).sum();
-    if available < debit.amount {
-        return Err(insufficient(available, debit.amount));
-    }
+    let lots = spendable_for(txn, tenant, &customer, None, now, debit.amount).await?;
     let entry = Entry::new(
         debit.movement.kind,
         &debit.customer_id,
@@ -948,25 +975,13 @@ pub async fn expire_due(
     };
     for account_id in accounts {
         let account_row = lock_account(txn, tenant, backend, &account_id).await?;
-        let due = txn
-            .query_all_raw(stmt(
-                txn,
-                "SELECT id, remaining, expires_at FROM lots WHERE tenant_id = $1 AND account_id = $2 \
-                 AND remaining > 0 AND expires_at IS NOT NULL AND expires_at <= $3",
-                [tenant.into(), account_id.clone().into(), now.into()],
-            ))
-            .await
-            .map_err(db_error)?
-            .iter()
-            .map(|r| {
-                Ok(Lot {
-                    id: r.try_get_by_index(0)?,
-                    remaining: r.try_get_by_index(1)?,
-                    expires_at: r.try_get_by_index(2)?,
-                })
-            })
-            .collect::<Result<Vec<_>, sea_orm::DbErr>>()
-            .map_err(db_error)?;
+        let due = query_lots(
+            txn,
+            "WHERE tenant_id = $1 AND account_id = $2 \
+             AND remaining > 0 AND expires_at IS NOT NULL AND expires_at <= $3",
+            [tenant.into(), account_id.clone().into(), now.into()],
+        )
+        .await?;
         let amount: i64 = due.iter().map(|l| l.remaining).sum();
         if amount == 0 {
             continue;

@@ -5,7 +5,7 @@
 //! status history; plus the shared plumbing tables.
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
-use tessera_store::migrate::{Migration, col, index, plumbing, table};
+use tessera_store::migrate::{Migration, ReplaceIndex, col, index, plumbing, table};
 
 /// The wallet's migrations, in order.
 pub struct Migrator;
@@ -142,10 +142,13 @@ impl MigratorTrait for Migrator {
             },
             indexes: || {
                 vec![
-                    // Not on `remaining`: every spend updates it, and an indexed column
-                    // would make each update leave a dead index entry for the next spend of
-                    // the account to step over (no HOT updates).
-                    index("lots_account", "lots", &["tenant_id", "account_id"], false),
+                    // Replaced by `lots_by_account` (m0105).
+                    index(
+                        "lots_account",
+                        "lots",
+                        &["tenant_id", "account_id", "remaining"],
+                        false,
+                    ),
                     index("lots_due", "lots", &["tenant_id", "expires_at"], false),
                 ]
             },
@@ -376,6 +379,21 @@ impl MigratorTrait for Migrator {
                 )]
             },
             indexes: Vec::new,
+        }));
+        // Not on `remaining`: every spend updates it, and an indexed column makes each update
+        // leave a dead index entry for the account's next spend to step over (no HOT updates).
+        all.push(Box::new(ReplaceIndex {
+            name: "m0105_lots_index_without_remaining",
+            table: "lots",
+            drop: "lots_account",
+            create: || {
+                index(
+                    "lots_by_account",
+                    "lots",
+                    &["tenant_id", "account_id"],
+                    false,
+                )
+            },
         }));
         all
     }

@@ -17,23 +17,18 @@ use crate::ledger::{
 /// Most due credits one `ActivateDue` call confirms.
 const ACTIVATE_BATCH: i64 = 1_000;
 
-fn status_name(status: CreditStatus) -> &'static str {
-    match status {
-        CreditStatus::Pending => "pending",
-        CreditStatus::Confirmed => "confirmed",
-        CreditStatus::PaidOut => "paid_out",
-        CreditStatus::Cancelled | CreditStatus::Unspecified => "cancelled",
-    }
+/// A status as stored and emitted: its protobuf name without the enum prefix, lower case
+/// (`paid_out`).
+fn status_name(status: CreditStatus) -> String {
+    status
+        .as_str_name()
+        .trim_start_matches("CREDIT_STATUS_")
+        .to_ascii_lowercase()
 }
 
 fn status_of(name: &str) -> CreditStatus {
-    match name {
-        "pending" => CreditStatus::Pending,
-        "confirmed" => CreditStatus::Confirmed,
-        "paid_out" => CreditStatus::PaidOut,
-        "cancelled" => CreditStatus::Cancelled,
-        _ => CreditStatus::Unspecified,
-    }
+    CreditStatus::from_str_name(&format!("CREDIT_STATUS_{}", name.to_ascii_uppercase()))
+        .unwrap_or(CreditStatus::Unspecified)
 }
 
 /// A stored pending credit.
@@ -374,24 +369,14 @@ pub async fn pay_out(
     }
     lock_account(txn, tenant, backend, &row.account_id).await?;
     let credit_transaction = row.credit_transaction_id.clone().unwrap_or_default();
-    let lot = txn
-        .query_one_raw(stmt(
-            txn,
-            "SELECT id, remaining, expires_at FROM lots WHERE tenant_id = $1 AND transaction_id = $2 \
-             AND remaining > 0 AND (expires_at IS NULL OR expires_at > $3)",
-            [tenant.into(), credit_transaction.into(), now.into()],
-        ))
-        .await
-        .map_err(db_error)?
-        .map(|r| {
-            Ok::<_, sea_orm::DbErr>(ledger::Lot {
-                id: r.try_get_by_index(0)?,
-                remaining: r.try_get_by_index(1)?,
-                expires_at: r.try_get_by_index(2)?,
-            })
-        })
-        .transpose()
-        .map_err(db_error)?;
+    let lot = ledger::query_lots(
+        txn,
+        "WHERE tenant_id = $1 AND transaction_id = $2 \
+         AND remaining > 0 AND (expires_at IS NULL OR expires_at > $3)",
+        [tenant.into(), credit_transaction.into(), now.into()],
+    )
+    .await?
+    .pop();
     let Some(lot) = lot else {
         return Err(Error::new(
             Code::FailedPrecondition,

@@ -179,11 +179,8 @@ pub async fn reverse(
         .await?;
         entry
     } else {
-        let lots = ledger::spendable_lots(txn, tenant, &customer, Some(&source), now).await?;
-        let available: i64 = lots.iter().map(|l| l.remaining).sum();
-        if available < amount {
-            return Err(insufficient(available, amount));
-        }
+        let lots =
+            ledger::spendable_for(txn, tenant, &customer, Some(&source), now, amount).await?;
         let entry = Entry::new(
             "clawback",
             &orig.customer_id,
@@ -272,11 +269,7 @@ pub async fn transfer(
     for id in ids {
         lock_account(txn, tenant, backend, id).await?;
     }
-    let lots = ledger::spendable_lots(txn, tenant, &sender, None, now).await?;
-    let available: i64 = lots.iter().map(|l| l.remaining).sum();
-    if available < t.amount {
-        return Err(insufficient(available, t.amount));
-    }
+    let lots = ledger::spendable_for(txn, tenant, &sender, None, now, t.amount).await?;
     let outgoing = Entry::new("transfer_out", &t.from, &t.asset, -t.amount, &t.reason, now);
     let incoming = Entry::new("transfer_in", &t.to, &t.asset, t.amount, &t.reason, now);
     outgoing.write(txn, ctx).await?;

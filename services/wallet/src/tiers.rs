@@ -215,11 +215,13 @@ pub async fn load_policy<C: ConnectionTrait>(
         ))
         .await
         .map_err(db_error)?;
-    row.map(|r| {
-        let text: String = r.try_get_by_index(0).map_err(db_error)?;
-        serde_json::from_str(&text).map_err(Error::internal)
-    })
-    .transpose()
+    row.map(|r| decode_policy(&r.try_get_by_index::<String>(0).map_err(db_error)?))
+        .transpose()
+}
+
+/// A tier policy as stored.
+pub fn decode_policy(stored: &str) -> Result<TierPolicy, Error> {
+    serde_json::from_str(stored).map_err(Error::internal)
 }
 
 /// A member's stored tier.
