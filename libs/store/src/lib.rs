@@ -3,6 +3,7 @@
 //! ([`idempotency`]) and the transactional outbox with its relay ([`outbox`]). Tables that
 //! belong to a domain live in the service that owns them.
 
+pub mod api;
 pub mod db;
 pub mod idempotency;
 pub mod migrate;

@@ -1,45 +1,73 @@
-//! The catalog service: reward definitions, code pools and publication. It boots with its own tables (the plumbing tables so
-//! far), serves health and reflection and registers `tessera.catalog.v1.CatalogService`; the domain RPCs
-//! arrive with the issue that builds them.
+//! The catalog service: open-ended reward definitions (effects are a protobuf `oneof` with an
+//! extension kind, stored encoded, so a new incentive needs no migration), previews through
+//! the cart-effect engine, code pools with pattern generation as a background job, CSV
+//! import and export, the kill switch of a reward, pool or code, and publication of rewards
+//! and codes to customers. Every change is idempotent and written with its outbox event.
 
-use sea_orm_migration::{MigrationTrait, MigratorTrait};
-use tessera_proto::catalog::v1::catalog_service_server::{CatalogService, CatalogServiceServer};
-use tessera_runtime::Config;
+mod codes;
+mod jobs;
+mod migrations;
+mod pattern;
+mod publications;
+mod rewards;
+mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_proto::catalog::v1::catalog_service_server::CatalogServiceServer;
 use tessera_runtime::component::{self, Component};
+use tessera_runtime::{Config, grpc};
 use tessera_store::Db;
+use tessera_store::idempotency::Idempotency;
+use tessera_store::outbox::{NotificationPublisher, Relay};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+pub use migrations::Migrator;
 
 /// Service name: SQLite file / PostgreSQL schema and log label.
 pub const SERVICE: &str = "catalog";
 /// Fully qualified gRPC service name.
 pub const GRPC_NAME: &str = "tessera.catalog.v1.CatalogService";
 
-/// The catalog's migrations, in order.
-pub struct Migrator;
-
-impl MigratorTrait for Migrator {
-    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        tessera_store::migrate::plumbing()
-    }
-}
-
-struct Service;
-
-impl CatalogService for Service {}
-
 /// Applies the catalog's migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     Db::open::<Migrator>(config, SERVICE).await.map(|_| ())
 }
 
-/// Connects, migrates and assembles the catalog.
-pub async fn build(config: &Config, _shutdown: CancellationToken) -> anyhow::Result<Component> {
+/// Connects, migrates and assembles the catalog; its relay and job runners stop when
+/// `shutdown` fires.
+pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Component> {
     let db = Db::open::<Migrator>(config, SERVICE).await?;
+    let publisher = NotificationPublisher::new(grpc::channel(
+        &config.peers.notification_url,
+        config.peer_timeout(),
+    )?);
+    let relay = Relay::new(
+        db.clone(),
+        SERVICE,
+        Arc::new(publisher),
+        config.outbox.clone(),
+    );
+    let generator = jobs::Generator::new(db.clone(), relay.waker(), shutdown.clone());
+    let service = service::Catalog {
+        db: db.clone(),
+        idempotency: Idempotency::new(
+            db.clone(),
+            Duration::from_secs(config.idempotency.in_flight_lease_secs),
+        ),
+        relay_wake: relay.waker(),
+        generator: generator.clone(),
+    };
     Ok(Component::new(SERVICE)
-        .grpc(GRPC_NAME, |routes| {
-            routes.add_service(CatalogServiceServer::new(Service));
+        .grpc(GRPC_NAME, move |routes| {
+            routes.add_service(
+                CatalogServiceServer::new(service).max_decoding_message_size(8 * 1024 * 1024),
+            );
         })
+        .task(tokio::spawn(relay.run(shutdown)))
+        .task(tokio::spawn(generator.resume()))
         .probe(db.probe()))
 }
 

@@ -74,14 +74,7 @@ impl Asset {
     }
 }
 
-/// Customer ids: 1..=128 visible ASCII characters.
-pub fn check_customer_id(v: &mut Violations, field: &str, id: &str) {
-    if id.is_empty() {
-        v.add(field, "is required");
-    } else if id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
-        v.add(field, "must be 1 to 128 visible ASCII characters");
-    }
-}
+pub use tessera_store::api::check_customer_id;
 
 /// Programme and tier ids: 1 to 64 of a-z, 0-9, _ and -.
 pub fn is_slug(id: &str) -> bool {

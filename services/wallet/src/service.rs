@@ -9,6 +9,7 @@ use tessera_proto::wallet::v1::{self as pb, wallet_service_server::WalletService
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
 use tessera_runtime::{Error, RequestContext};
+use tessera_store::api::{self, check_id, check_idempotency_key, page_response};
 use tessera_store::idempotency::Idempotency;
 use tessera_store::outbox::timestamp_to_micros;
 use tessera_store::{Db, now_micros};
@@ -176,17 +177,6 @@ fn check_reason(v: &mut Violations, field: &str, reason: &str, required: bool) {
     }
 }
 
-/// The page part of a list response: the cursor is the last id when more follow.
-fn page_response(
-    has_more: bool,
-    last_id: Option<&str>,
-) -> Option<tessera_proto::common::v1::PageResponse> {
-    Some(tessera_proto::common::v1::PageResponse {
-        next_cursor: last_id.filter(|_| has_more).unwrap_or_default().to_string(),
-        has_more,
-    })
-}
-
 /// Programme ids: the code of a points asset.
 fn check_program_id(v: &mut Violations, id: &str) {
     if !ledger::is_slug(id) {
@@ -194,15 +184,6 @@ fn check_program_id(v: &mut Violations, id: &str) {
             "program_id",
             "must be a programme id: 1 to 64 of a-z, 0-9, _ and -",
         );
-    }
-}
-
-/// Ids this API returned (UUIDs).
-fn check_id(v: &mut Violations, field: &str, id: &str) {
-    if id.is_empty() {
-        v.add(field, "is required");
-    } else if uuid::Uuid::parse_str(id).is_err() {
-        v.add(field, "is not an id returned by this API");
     }
 }
 
@@ -226,14 +207,6 @@ fn check_future(
             );
         }
         _ => {}
-    }
-}
-
-fn check_idempotency_key(v: &mut Violations, key: &str) {
-    if let Err(e) = tessera_store::idempotency::validate_key(key) {
-        for violation in e.field_violations {
-            v.add(violation.field, violation.description);
-        }
     }
 }
 
@@ -471,14 +444,7 @@ impl WalletService for Wallet {
         if !(request.kind.is_empty() || KINDS.contains(&request.kind.as_str())) {
             v.add("kind", format!("must be one of {}", KINDS.join(", ")));
         }
-        let page = request.page.unwrap_or_default();
-        let limit = v.page_limit(page.limit);
-        if !page.starting_after.is_empty() && uuid::Uuid::parse_str(&page.starting_after).is_err() {
-            v.add(
-                "page.starting_after",
-                "is not a cursor returned by this API",
-            );
-        }
+        let (limit, starting_after) = api::page(&mut v, request.page);
         let from = request.from.as_ref().map_or(i64::MIN, timestamp_to_micros);
         let until = request.until.as_ref().map_or(i64::MAX, timestamp_to_micros);
         if from >= until {
@@ -492,7 +458,7 @@ impl WalletService for Wallet {
             kind: request.kind,
             from,
             until,
-            starting_after: page.starting_after,
+            starting_after,
             limit,
         };
         let (transactions, has_more) =
@@ -890,11 +856,7 @@ impl WalletService for Wallet {
         if !request.credit_id.is_empty() {
             check_id(&mut v, "credit_id", &request.credit_id);
         }
-        let page = request.page.unwrap_or_default();
-        let limit = v.page_limit(page.limit);
-        if !page.starting_after.is_empty() {
-            check_id(&mut v, "page.starting_after", &page.starting_after);
-        }
+        let (limit, starting_after) = api::page(&mut v, request.page);
         v.finish()?;
         let credit_id = Some(request.credit_id.as_str()).filter(|id| !id.is_empty());
         let (credits, has_more) = pending::list(
@@ -902,7 +864,7 @@ impl WalletService for Wallet {
             &ctx.tenant_id,
             Some(&request.customer_id),
             credit_id,
-            &page.starting_after,
+            &starting_after,
             limit,
         )
         .await?;
@@ -960,18 +922,14 @@ impl WalletService for Wallet {
         let mut v = Violations::new();
         ledger::check_customer_id(&mut v, "customer_id", &request.customer_id);
         check_program_id(&mut v, &request.program_id);
-        let page = request.page.unwrap_or_default();
-        let limit = v.page_limit(page.limit);
-        if !page.starting_after.is_empty() {
-            check_id(&mut v, "page.starting_after", &page.starting_after);
-        }
+        let (limit, starting_after) = api::page(&mut v, request.page);
         v.finish()?;
         let (changes, has_more) = tiers::history(
             self.db.conn(),
             &ctx.tenant_id,
             &request.program_id,
             &request.customer_id,
-            &page.starting_after,
+            &starting_after,
             limit,
         )
         .await?;

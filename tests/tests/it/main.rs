@@ -2,6 +2,7 @@
 //! PostgreSQL + Redis (see `tessera_tests::backend_tests!`).
 
 mod auth;
+mod catalog;
 mod health;
 mod idempotency;
 mod input;
