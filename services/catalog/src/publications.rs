@@ -247,8 +247,14 @@ pub async fn mark_shown(
     ctx: &RequestContext,
     id: &str,
     channel: &str,
+    customer_id: &str,
 ) -> Result<pb::Publication, Error> {
     let publication = get(txn, &ctx.tenant_id, id).await?;
+    if !customer_id.is_empty() && publication.customer_id != customer_id {
+        return Err(Error::not_found(format!(
+            "publication `{id}` of customer `{customer_id}`"
+        )));
+    }
     let added = txn
         .execute_raw(stmt(
             txn,

@@ -723,10 +723,14 @@ impl CatalogService for Catalog {
         check_idempotency_key(&mut v, &request.idempotency_key);
         check_id(&mut v, "publication_id", &request.publication_id);
         check_channel(&mut v, "channel", &request.channel, true);
+        if !request.customer_id.is_empty() {
+            check_customer_id(&mut v, "customer_id", &request.customer_id);
+        }
         v.finish()?;
-        let (id, channel, work_ctx) = (
+        let (id, channel, customer, work_ctx) = (
             request.publication_id.clone(),
             request.channel.clone(),
+            request.customer_id.clone(),
             ctx.clone(),
         );
         let response = self
@@ -738,7 +742,8 @@ impl CatalogService for Catalog {
                 move |txn| {
                     Box::pin(async move {
                         let publication =
-                            publications::mark_shown(txn, &work_ctx, &id, &channel).await?;
+                            publications::mark_shown(txn, &work_ctx, &id, &channel, &customer)
+                                .await?;
                         Ok(pb::MarkShownResponse {
                             publication: Some(publication),
                         })

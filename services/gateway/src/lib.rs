@@ -3,6 +3,7 @@
 //! validates and parses JSON strictly, passes the `Idempotency-Key`, request id and trace
 //! context on, and renders errors in one JSON shape. Business rules live in the services.
 
+mod catalog;
 mod error;
 mod extract;
 mod keys;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use axum::Router;
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
+use tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::{Config, grpc};
 use tessera_store::Db;
@@ -43,6 +45,7 @@ pub struct AppState {
     pub(crate) db: Db,
     pub(crate) wallet: WalletServiceClient<grpc::Channel>,
     pub(crate) wallet_channel: grpc::Channel,
+    pub(crate) catalog: CatalogServiceClient<grpc::Channel>,
     pub(crate) max_body_bytes: usize,
 }
 
@@ -74,6 +77,10 @@ impl Gateway {
             db,
             wallet: WalletServiceClient::new(wallet_channel.clone()),
             wallet_channel,
+            catalog: CatalogServiceClient::new(grpc::channel(
+                &config.peers.catalog_url,
+                config.peer_timeout(),
+            )?),
             max_body_bytes: config.gateway.max_body_bytes,
         };
         let router = routes::router(

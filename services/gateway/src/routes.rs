@@ -36,6 +36,7 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
         .route("/v1/customers/{id}/wallet/refunds", post(refund))
         .route("/v1/customers/{id}/wallet/cashback", get(cashback))
         .route("/v1/customers/{id}/wallet/tier", get(tier))
+        .merge(crate::catalog::routes())
         .fallback(not_found)
         .with_state(state)
         .merge(tessera_runtime::metrics::router())

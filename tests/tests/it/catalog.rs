@@ -834,6 +834,7 @@ async fn publication_assigns_distinct_codes_under_concurrency(suite: TestSuite) 
             idempotency_key: "seen".into(),
             publication_id: first.id.clone(),
             channel: "app".into(),
+            customer_id: customer.clone(),
         }))
         .await
         .unwrap()

@@ -3,6 +3,7 @@
 
 mod auth;
 mod catalog;
+mod catalog_http;
 mod health;
 mod idempotency;
 mod input;

@@ -1,0 +1,701 @@
+//! Catalog routes: `/v1/rewards…`, `/v1/code-pools…`, `/v1/codes/{code}…` and
+//! `/v1/customers/{id}/rewards…`.
+//!
+//! Bodies and answers are the catalog's protobuf messages in their canonical JSON mapping
+//! (snake_case field names, enum names, RFC 3339 times, 64-bit integers as numbers),
+//! transcoded through the descriptor set: one schema for gRPC and HTTP, so a new effect kind
+//! needs no gateway change. Unknown fields are refused with their path named.
+
+use std::sync::{Arc, LazyLock};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use futures::StreamExt;
+use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, SerializeOptions};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tessera_proto::catalog::v1 as pb;
+use tessera_runtime::Error;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::extract::{IdempotencyKey, StrictJson};
+use crate::keys::{Principal, Role};
+use crate::observe::RequestId;
+
+static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
+    DescriptorPool::decode(tessera_proto::FILE_DESCRIPTOR_SET).expect("descriptor set decodes")
+});
+
+/// Roles that define rewards and pools.
+const AUTHORS: [Role; 2] = [Role::Admin, Role::Marketer];
+/// Roles that hand rewards to customers (a support agent's "sorry" coupon, a touchpoint).
+const PUBLISHERS: [Role; 4] = [
+    Role::Admin,
+    Role::Marketer,
+    Role::SupportAgent,
+    Role::Touchpoint,
+];
+
+/// A JSON value as the protobuf message `name` (e.g. `tessera.catalog.v1.RewardInput`).
+fn from_json<T: prost::Message + Default>(name: &str, value: Value) -> Result<T, ApiError> {
+    let descriptor = POOL
+        .get_message_by_name(name)
+        .ok_or_else(|| Error::internal(format!("no message {name}")))?;
+    let mut track = serde_path_to_error::Track::new();
+    let de = serde_path_to_error::Deserializer::new(value, &mut track);
+    let message =
+        DynamicMessage::deserialize_with_options(descriptor, de, &DeserializeOptions::new())
+            .map_err(|e| {
+                let path = track.path().to_string();
+                let field = if path == "." {
+                    "body".to_string()
+                } else {
+                    path
+                };
+                Error::invalid_field(field, e.to_string())
+            })?;
+    message
+        .transcode_to::<T>()
+        .map_err(|e| Error::internal(format!("transcoding {name}: {e}")).into())
+}
+
+/// A protobuf message as JSON (see the module documentation).
+fn to_json<T: prost::Message>(name: &str, message: &T) -> Result<Value, ApiError> {
+    let descriptor = POOL
+        .get_message_by_name(name)
+        .ok_or_else(|| Error::internal(format!("no message {name}")))?;
+    let mut dynamic = DynamicMessage::new(descriptor);
+    dynamic
+        .transcode_from(message)
+        .map_err(|e| Error::internal(format!("transcoding {name}: {e}")))?;
+    let options = SerializeOptions::new()
+        .stringify_64_bit_integers(false)
+        .use_proto_field_name(true);
+    dynamic
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .map_err(|e| Error::internal(format!("rendering {name}: {e}")).into())
+}
+
+fn message(name: &str) -> String {
+    format!("tessera.catalog.v1.{name}")
+}
+
+/// `200 OK` (or `201 Created`) with `message` as JSON.
+fn reply<T: prost::Message>(
+    status: http::StatusCode,
+    name: &str,
+    m: &T,
+) -> Result<Response, ApiError> {
+    Ok((status, Json(to_json(&message(name), m)?)).into_response())
+}
+
+/// Sets `field` of a JSON object body (path and header values win over the body's).
+fn with(mut body: Value, field: &str, value: impl Into<Value>) -> Value {
+    if let Some(object) = body.as_object_mut() {
+        object.insert(field.to_string(), value.into());
+    }
+    body
+}
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/rewards", post(create_reward).get(list_rewards))
+        .route("/v1/rewards/preview", post(preview))
+        .route("/v1/rewards/{id}", get(get_reward).put(update_reward))
+        .route("/v1/rewards/{id}/status", post(set_reward_status))
+        .route("/v1/code-pools", post(create_pool).get(list_pools))
+        .route("/v1/code-pools/jobs/{id}", get(get_job))
+        .route("/v1/code-pools/{id}", get(get_pool))
+        .route("/v1/code-pools/{id}/status", post(set_pool_status))
+        .route("/v1/code-pools/{id}/generate", post(generate))
+        .route("/v1/code-pools/{id}/codes.csv", get(export).post(import))
+        .route("/v1/codes/{code}", get(get_code))
+        .route("/v1/codes/{code}/status", post(set_code_status))
+        .route(
+            "/v1/customers/{id}/rewards",
+            get(customer_rewards).post(publish),
+        )
+        .route(
+            "/v1/customers/{id}/rewards/{publication}/shown",
+            post(mark_shown),
+        )
+}
+
+/// Everything a catalog handler starts from.
+struct Call {
+    state: Arc<AppState>,
+    ctx: tessera_runtime::RequestContext,
+}
+
+impl Call {
+    fn new(
+        state: Arc<AppState>,
+        principal: &Principal,
+        roles: &[Role],
+        request_id: &RequestId,
+    ) -> Result<Self, ApiError> {
+        principal.require(roles)?;
+        Ok(Self {
+            state,
+            ctx: principal.context(request_id),
+        })
+    }
+
+    fn client(
+        &self,
+    ) -> pb::catalog_service_client::CatalogServiceClient<tessera_runtime::grpc::Channel> {
+        self.state.catalog.clone()
+    }
+}
+
+async fn create_reward(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let reward = from_json(&message("RewardInput"), body)?;
+    let r = call
+        .client()
+        .create_reward(call.ctx.request(pb::CreateRewardRequest {
+            idempotency_key: key,
+            reward: Some(reward),
+        }))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::CREATED,
+        "Reward",
+        &r.reward.unwrap_or_default(),
+    )
+}
+
+async fn update_reward(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let request: pb::UpdateRewardRequest = from_json(
+        &message("UpdateRewardRequest"),
+        with(with(body, "id", id), "idempotency_key", key),
+    )?;
+    let r = call
+        .client()
+        .update_reward(call.ctx.request(request))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        "Reward",
+        &r.reward.unwrap_or_default(),
+    )
+}
+
+async fn get_reward(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let r = call
+        .client()
+        .get_reward(call.ctx.request(pb::GetRewardRequest { id }))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        "Reward",
+        &r.reward.unwrap_or_default(),
+    )
+}
+
+/// Query of the list routes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    limit: u32,
+    #[serde(default)]
+    starting_after: String,
+    /// Rewards: `active` or `disabled`; customer rewards: `available`, `scheduled`,
+    /// `redeemed`, `expired` or `disabled`.
+    #[serde(default)]
+    status: String,
+    /// Rewards: the effect kind.
+    #[serde(default)]
+    effect_kind: String,
+    /// Pools: the reward.
+    #[serde(default)]
+    reward_id: String,
+}
+
+fn page(q: &ListQuery) -> Option<tessera_proto::common::v1::PageRequest> {
+    Some(tessera_proto::common::v1::PageRequest {
+        limit: q.limit,
+        starting_after: q.starting_after.clone(),
+    })
+}
+
+/// An enum value from its short lower-case name (`active` for `REWARD_STATUS_ACTIVE`).
+fn enum_value(field: &str, enum_name: &str, prefix: &str, value: &str) -> Result<i32, ApiError> {
+    if value.is_empty() {
+        return Ok(0);
+    }
+    let descriptor = POOL
+        .get_enum_by_name(&message(enum_name))
+        .ok_or_else(|| Error::internal(format!("no enum {enum_name}")))?;
+    let names: Vec<String> = descriptor
+        .values()
+        .filter(|v| v.number() != 0)
+        .map(|v| v.name().trim_start_matches(prefix).to_ascii_lowercase())
+        .collect();
+    descriptor
+        .get_value_by_name(&format!("{prefix}{}", value.to_ascii_uppercase()))
+        .filter(|v| v.number() != 0)
+        .map(|v| v.number())
+        .ok_or_else(|| {
+            Error::invalid_field(field, format!("must be one of {}", names.join(", "))).into()
+        })
+}
+
+/// The JSON page of a list answer.
+fn page_reply(
+    items: Vec<Value>,
+    page: Option<tessera_proto::common::v1::PageResponse>,
+) -> Result<Response, ApiError> {
+    let page = page.unwrap_or_default();
+    Ok(Json(json!({
+        "data": items,
+        "has_more": page.has_more,
+        "next_cursor": if page.has_more { Some(page.next_cursor) } else { None },
+    }))
+    .into_response())
+}
+
+fn strict<T>(
+    query: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    query
+        .map(|q| q.0)
+        .map_err(|e| Error::invalid_field("query", e.body_text()).into())
+}
+
+type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+
+async fn list_rewards(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    query: QueryResult<ListQuery>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let q = strict(query)?;
+    let request = pb::ListRewardsRequest {
+        page: page(&q),
+        status: enum_value("status", "RewardStatus", "REWARD_STATUS_", &q.status)?,
+        effect_kind: q.effect_kind,
+    };
+    let r = call
+        .client()
+        .list_rewards(call.ctx.request(request))
+        .await?
+        .into_inner();
+    let items = r
+        .rewards
+        .iter()
+        .map(|x| to_json(&message("Reward"), x))
+        .collect::<Result<_, _>>()?;
+    page_reply(items, r.page)
+}
+
+async fn set_reward_status(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let request: pb::SetRewardStatusRequest = from_json(
+        &message("SetRewardStatusRequest"),
+        with(with(body, "id", id), "idempotency_key", key),
+    )?;
+    let r = call
+        .client()
+        .set_reward_status(call.ctx.request(request))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        "Reward",
+        &r.reward.unwrap_or_default(),
+    )
+}
+
+async fn preview(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let request: pb::PreviewEffectsRequest = from_json(&message("PreviewEffectsRequest"), body)?;
+    let r = call
+        .client()
+        .preview_effects(call.ctx.request(request))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        "Outcome",
+        &r.outcome.unwrap_or_default(),
+    )
+}
+
+async fn create_pool(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let pool = from_json(&message("CodePoolInput"), body)?;
+    let r = call
+        .client()
+        .create_code_pool(call.ctx.request(pb::CreateCodePoolRequest {
+            idempotency_key: key,
+            pool: Some(pool),
+        }))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::CREATED,
+        "CodePool",
+        &r.pool.unwrap_or_default(),
+    )
+}
+
+async fn list_pools(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    query: QueryResult<ListQuery>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let q = strict(query)?;
+    let request = pb::ListCodePoolsRequest {
+        page: page(&q),
+        reward_id: q.reward_id,
+    };
+    let r = call
+        .client()
+        .list_code_pools(call.ctx.request(request))
+        .await?
+        .into_inner();
+    let items = r
+        .pools
+        .iter()
+        .map(|x| to_json(&message("CodePool"), x))
+        .collect::<Result<_, _>>()?;
+    page_reply(items, r.page)
+}
+
+async fn get_pool(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let r = call
+        .client()
+        .get_code_pool(call.ctx.request(pb::GetCodePoolRequest { id }))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        "CodePool",
+        &r.pool.unwrap_or_default(),
+    )
+}
+
+async fn set_pool_status(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let request: pb::SetCodePoolStatusRequest = from_json(
+        &message("SetCodePoolStatusRequest"),
+        with(with(body, "id", id), "idempotency_key", key),
+    )?;
+    let r = call
+        .client()
+        .set_code_pool_status(call.ctx.request(request))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        "CodePool",
+        &r.pool.unwrap_or_default(),
+    )
+}
+
+async fn generate(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let request: pb::GenerateCodesRequest = from_json(
+        &message("GenerateCodesRequest"),
+        with(with(body, "pool_id", id), "idempotency_key", key),
+    )?;
+    let r = call
+        .client()
+        .generate_codes(call.ctx.request(request))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::ACCEPTED,
+        "GenerationJob",
+        &r.job.unwrap_or_default(),
+    )
+}
+
+async fn get_job(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let r = call
+        .client()
+        .get_generation_job(call.ctx.request(pb::GetGenerationJobRequest { id }))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        "GenerationJob",
+        &r.job.unwrap_or_default(),
+    )
+}
+
+/// Streams the pool's codes as `text/csv`.
+async fn export(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(pool_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let stream = call
+        .client()
+        .export_codes(call.ctx.request(pb::ExportCodesRequest { pool_id }))
+        .await?
+        .into_inner()
+        .map(|chunk| chunk.map(|c| c.chunk));
+    Ok((
+        [(http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Query of the CSV import.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportQuery {
+    /// Import the good rows and report the bad ones (default: all or nothing).
+    #[serde(default)]
+    allow_partial: bool,
+}
+
+/// Imports a `text/csv` body, streamed to the catalog in chunks as it arrives.
+async fn import(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(pool_id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    query: QueryResult<ImportQuery>,
+    request: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let q = strict(query)?;
+    let is_csv = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/csv"))
+        });
+    if !is_csv {
+        return Err(Error::invalid_field("Content-Type", "must be text/csv").into());
+    }
+    let header = pb::ImportCodesRequest {
+        part: Some(pb::import_codes_request::Part::Header(pb::ImportHeader {
+            idempotency_key: key,
+            pool_id,
+            allow_partial: q.allow_partial,
+        })),
+    };
+    let chunks = body.into_data_stream().filter_map(|chunk| async move {
+        chunk.ok().map(|bytes| pb::ImportCodesRequest {
+            part: Some(pb::import_codes_request::Part::Chunk(bytes.to_vec())),
+        })
+    });
+    let messages = futures::stream::iter([header]).chain(chunks);
+    let r = call
+        .client()
+        .import_codes(call.ctx.request(messages))
+        .await?
+        .into_inner();
+    reply(http::StatusCode::OK, "ImportCodesResponse", &r)
+}
+
+async fn get_code(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(code): Path<String>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let r = call
+        .client()
+        .get_code(call.ctx.request(pb::GetCodeRequest { code }))
+        .await?
+        .into_inner();
+    reply(http::StatusCode::OK, "Code", &r.code.unwrap_or_default())
+}
+
+async fn set_code_status(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(code): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let request: pb::SetCodeStatusRequest = from_json(
+        &message("SetCodeStatusRequest"),
+        with(with(body, "code", code), "idempotency_key", key),
+    )?;
+    let r = call
+        .client()
+        .set_code_status(call.ctx.request(request))
+        .await?
+        .into_inner();
+    reply(http::StatusCode::OK, "Code", &r.code.unwrap_or_default())
+}
+
+async fn customer_rewards(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(customer_id): Path<String>,
+    query: QueryResult<ListQuery>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let q = strict(query)?;
+    let request = pb::ListCustomerRewardsRequest {
+        customer_id,
+        status: enum_value(
+            "status",
+            "CustomerRewardStatus",
+            "CUSTOMER_REWARD_STATUS_",
+            &q.status,
+        )?,
+        page: page(&q),
+    };
+    let r = call
+        .client()
+        .list_customer_rewards(call.ctx.request(request))
+        .await?
+        .into_inner();
+    let items = r
+        .rewards
+        .iter()
+        .map(|x| to_json(&message("CustomerReward"), x))
+        .collect::<Result<_, _>>()?;
+    page_reply(items, r.page)
+}
+
+async fn publish(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(customer_id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &PUBLISHERS, &request_id)?;
+    let body = with(
+        with(body, "customer_id", customer_id),
+        "idempotency_key",
+        key,
+    );
+    let request: pb::PublishRewardRequest = from_json(&message("PublishRewardRequest"), body)?;
+    let r = call
+        .client()
+        .publish_reward(call.ctx.request(request))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::CREATED,
+        "Publication",
+        &r.publication.unwrap_or_default(),
+    )
+}
+
+async fn mark_shown(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path((customer_id, publication_id)): Path<(String, String)>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &PUBLISHERS, &request_id)?;
+    let body = with(body, "publication_id", publication_id);
+    let body = with(
+        with(body, "customer_id", customer_id),
+        "idempotency_key",
+        key,
+    );
+    let request: pb::MarkShownRequest = from_json(&message("MarkShownRequest"), body)?;
+    let r = call
+        .client()
+        .mark_shown(call.ctx.request(request))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        "Publication",
+        &r.publication.unwrap_or_default(),
+    )
+}
