@@ -32,6 +32,6 @@ proto-lint:
     test -x .tools/node_modules/.bin/buf || (mkdir -p .tools && cd .tools && npm install --no-audit --no-fund --silent @bufbuild/buf)
     cd proto && ../.tools/node_modules/.bin/buf lint
 
-# Benchmarks (release build): wallet Credit, BatchCredit and Debit through gRPC on SQLite and PostgreSQL.
+# Benchmarks (release build) on SQLite and PostgreSQL: wallet Credit, BatchCredit and Debit through gRPC; catalog 100k-code generation job.
 bench:
     cargo run --release -p tessera-tests --bin bench

@@ -735,7 +735,17 @@ pub fn apply(applications: &[Application], cart: &Cart) -> Outcome {
             .then(b.priority.cmp(&a.priority))
     });
     for application in order {
-        if let Err(reason) = state.apply(&application.reward_id, &application.effect) {
+        let before = state.outcome.adjustments.len();
+        let applied = state
+            .apply(&application.reward_id, &application.effect)
+            .and_then(|()| {
+                if state.outcome.adjustments.len() > before {
+                    Ok(())
+                } else {
+                    Err("it qualifies, but its discount rounds to nothing".to_string())
+                }
+            });
+        if let Err(reason) = applied {
             state
                 .outcome
                 .skipped

@@ -276,14 +276,61 @@ pub async fn insert_rows<C: ConnectionTrait>(
     Ok(affected)
 }
 
-/// A raw statement for whatever backend `conn` is. SQL uses `$1, $2, …` placeholders, which
-/// both SQLite and PostgreSQL accept.
+/// A raw statement for whatever backend `conn` is. SQL uses `$1, $2, …` placeholders.
+///
+/// On SQLite they are rewritten: there `$1` is a *named* parameter, and both parsing and
+/// binding look every name up in a list, which makes a multi-row statement with thousands of
+/// parameters quadratic (seconds per statement). Placeholders that appear once each, in
+/// order, become anonymous `?` (constant time); any other use becomes `?N`.
 pub fn stmt<C: ConnectionTrait>(
     conn: &C,
     sql: &str,
     values: impl IntoIterator<Item = sea_orm::Value>,
 ) -> sea_orm::Statement {
-    sea_orm::Statement::from_sql_and_values(conn.get_database_backend(), sql, values)
+    let backend = conn.get_database_backend();
+    if backend == sea_orm::DbBackend::Sqlite && sql.contains('$') {
+        let sql = sqlite_placeholders(sql);
+        return sea_orm::Statement::from_sql_and_values(backend, sql, values);
+    }
+    sea_orm::Statement::from_sql_and_values(backend, sql, values)
+}
+
+/// `$N` → `?` when the placeholders are `$1, $2, …` once each in order, else `?N`.
+fn sqlite_placeholders(sql: &str) -> String {
+    let mut pieces: Vec<(&str, Option<usize>)> = Vec::new();
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        let digits = rest[at + 1..]
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len() - at - 1);
+        let number = rest[at + 1..at + 1 + digits].parse().ok();
+        let end = if number.is_some() {
+            at + 1 + digits
+        } else {
+            at + 1
+        };
+        pieces.push((&rest[..at], number));
+        if number.is_none() {
+            pieces.push(("$", None));
+        }
+        rest = &rest[end..];
+    }
+    let numbers: Vec<usize> = pieces.iter().filter_map(|p| p.1).collect();
+    let in_order = numbers.iter().enumerate().all(|(i, n)| *n == i + 1);
+    let mut out = String::with_capacity(sql.len());
+    for (text, number) in pieces {
+        out.push_str(text);
+        match number {
+            Some(_) if in_order => out.push('?'),
+            Some(n) => {
+                out.push('?');
+                out.push_str(&n.to_string());
+            }
+            None => {}
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 impl Db {
@@ -335,5 +382,20 @@ impl Db {
         };
         gauge("idle", idle);
         gauge("in_use", size.saturating_sub(idle));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sqlite_placeholders() {
+        use super::sqlite_placeholders as p;
+        assert_eq!(p("VALUES ($1, $2), ($3, $4)"), "VALUES (?, ?), (?, ?)");
+        assert_eq!(
+            p("SELECT $1, $12 WHERE a = '$' AND b = $1"),
+            "SELECT ?1, ?12 WHERE a = '$' AND b = ?1"
+        );
+        assert_eq!(p("a = $2 AND b = $1"), "a = ?2 AND b = ?1");
+        assert_eq!(p("no placeholders $x"), "no placeholders $x");
     }
 }

@@ -155,6 +155,38 @@ pub async fn create_pool(
     Ok(pool)
 }
 
+/// Replaces a pool's definition; its reward cannot change.
+pub async fn update_pool(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    id: &str,
+    mut input: pb::CodePoolInput,
+) -> Result<pb::CodePool, Error> {
+    let current = get_pool(txn, &ctx.tenant_id, id).await?;
+    let reward_id = current.definition.unwrap_or_default().reward_id;
+    if input.reward_id != reward_id {
+        return Err(Error::invalid_field(
+            "pool.reward_id",
+            format!("must stay `{reward_id}`: a pool's codes give one reward"),
+        ));
+    }
+    input.max_uses = input.max_uses.max(1);
+    txn.execute_raw(stmt(
+        txn,
+        "UPDATE code_pools SET definition = $3 WHERE tenant_id = $1 AND id = $2",
+        [
+            ctx.tenant_id.clone().into(),
+            id.into(),
+            input.encode_to_vec().into(),
+        ],
+    ))
+    .await
+    .map_err(db_error)?;
+    let data = serde_json::json!({"pool_id": id, "name": input.name, "principal": ctx.principal});
+    outbox::enqueue(txn, &ctx.tenant_id, "code_pool.updated", &data).await?;
+    get_pool(txn, &ctx.tenant_id, id).await
+}
+
 /// The kill switch of a pool.
 pub async fn set_pool_status(
     txn: &DatabaseTransaction,

@@ -2,9 +2,10 @@
 //! extension kind, stored encoded, so a new incentive needs no migration), previews through
 //! the cart-effect engine, code pools with pattern generation as a background job, CSV
 //! import and export, the kill switch of a reward, pool or code, and publication of rewards
-//! and codes to customers. Every change is idempotent and written with its outbox event.
+//! and codes to customers (a gift-card code's value is loaded into its wallet account). Every change is idempotent and written with its outbox event.
 
 mod codes;
+mod gift_cards;
 mod jobs;
 mod migrations;
 mod pattern;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_proto::catalog::v1::catalog_service_server::CatalogServiceServer;
+use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::component::{self, Component};
 use tessera_runtime::{Config, grpc};
 use tessera_store::Db;
@@ -51,6 +53,14 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         config.outbox.clone(),
     );
     let generator = jobs::Generator::new(db.clone(), relay.waker(), shutdown.clone());
+    let loader = gift_cards::Loader {
+        db: db.clone(),
+        wallet: WalletServiceClient::new(grpc::channel(
+            &config.peers.wallet_url,
+            config.peer_timeout(),
+        )?),
+        wake: Arc::default(),
+    };
     let service = service::Catalog {
         db: db.clone(),
         idempotency: Idempotency::new(
@@ -59,6 +69,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         ),
         relay_wake: relay.waker(),
         generator: generator.clone(),
+        gift_card_wake: loader.wake.clone(),
     };
     Ok(Component::new(SERVICE)
         .grpc(GRPC_NAME, move |routes| {
@@ -66,8 +77,9 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
                 CatalogServiceServer::new(service).max_decoding_message_size(8 * 1024 * 1024),
             );
         })
-        .task(tokio::spawn(relay.run(shutdown)))
+        .task(tokio::spawn(relay.run(shutdown.clone())))
         .task(tokio::spawn(generator.resume()))
+        .task(tokio::spawn(loader.run(shutdown)))
         .probe(db.probe()))
 }
 

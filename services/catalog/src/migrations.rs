@@ -1,6 +1,7 @@
 //! The catalog's tables: rewards (the definition kept as its protobuf encoding, so a new
 //! effect kind needs no migration), code pools, codes (unique per tenant), generation jobs,
-//! publications and where they were shown; plus the shared plumbing tables.
+//! publications and where they were shown, gift-card loads waiting for the wallet; plus the
+//! shared plumbing tables.
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 use tessera_store::migrate::{Migration, col, index, plumbing, table};
@@ -146,6 +147,34 @@ impl MigratorTrait for Migrator {
                         false,
                     ),
                 ]
+            },
+        }));
+        all.push(Box::new(Migration {
+            name: "m0101_wallet_commands",
+            tables: || {
+                vec![table(
+                    "wallet_commands",
+                    vec![
+                        col::text("tenant_id"),
+                        col::text("id"),
+                        col::text("customer_id"),
+                        col::text("card_code"),
+                        col::big("amount"),
+                        col::int("attempts"),
+                        col::text("last_error"),
+                        col::big("next_attempt_at"),
+                        col::big("created_at"),
+                    ],
+                    &["tenant_id", "id"],
+                )]
+            },
+            indexes: || {
+                vec![index(
+                    "wallet_commands_due",
+                    "wallet_commands",
+                    &["next_attempt_at"],
+                    false,
+                )]
             },
         }));
         all

@@ -113,7 +113,7 @@ impl Pattern {
                     }
                 }
             }
-            if !slots.iter().any(|s| s.len() > 1) {
+            if v.count() == before && !slots.iter().any(|s| s.len() > 1) {
                 v.add(format!("{field}.pattern"), "needs at least one #, ? or *");
             }
         }

@@ -8,7 +8,7 @@ use tessera_store::outbox::{self, micros_to_timestamp, timestamp_to_micros};
 use tessera_store::{Backend, Db, db_error, now_micros, stmt};
 
 use crate::codes::{self, CODE_COLUMNS, code_from_row};
-use crate::rewards;
+use crate::{gift_cards, rewards};
 
 /// What to publish.
 pub struct Publish {
@@ -143,6 +143,18 @@ pub async fn publish(
     }
     let id = uuid::Uuid::now_v7().to_string();
     let code_text = code.map(|c| c.code);
+    let effect = reward.definition.as_ref().and_then(|d| d.effect.as_ref());
+    if let Some(pb::effect::Kind::GiftCard(card)) = effect.and_then(|e| e.kind.as_ref()) {
+        let Some(code) = &code_text else {
+            return Err(unavailable(
+                "GIFT_CARD_NEEDS_CODE",
+                format!(
+                    "gift-card reward `{reward_id}` is published with a code (code or pool_id)"
+                ),
+            ));
+        };
+        gift_cards::enqueue_load(txn, tenant, &id, &p.customer_id, code, card.value).await?;
+    }
     txn.execute_raw(stmt(
         txn,
         "INSERT INTO publications (tenant_id, id, customer_id, reward_id, code, channel, created_at) \

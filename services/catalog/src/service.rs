@@ -29,6 +29,7 @@ pub struct Catalog {
     pub idempotency: Idempotency,
     pub relay_wake: Arc<Notify>,
     pub generator: Generator,
+    pub gift_card_wake: Arc<Notify>,
 }
 
 impl Catalog {
@@ -370,6 +371,39 @@ impl CatalogService for Catalog {
         Ok(Response::new(response))
     }
 
+    async fn update_code_pool(
+        &self,
+        request: Request<pb::UpdateCodePoolRequest>,
+    ) -> Result<Response<pb::UpdateCodePoolResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        check_id(&mut v, "id", &request.id);
+        codes::check_pool(&mut v, request.pool.as_ref());
+        v.finish()?;
+        let (id, input, work_ctx) = (
+            request.id.clone(),
+            request.pool.clone().unwrap_or_default(),
+            ctx.clone(),
+        );
+        let response = self
+            .mutate(
+                &ctx,
+                "catalog.UpdateCodePool",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let pool = codes::update_pool(txn, &work_ctx, &id, input).await?;
+                        Ok(pb::UpdateCodePoolResponse { pool: Some(pool) })
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
     async fn get_code_pool(
         &self,
         request: Request<pb::GetCodePoolRequest>,
@@ -677,6 +711,7 @@ impl CatalogService for Catalog {
                 },
             )
             .await?;
+        self.gift_card_wake.notify_one();
         Ok(Response::new(response))
     }
 

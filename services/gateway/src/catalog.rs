@@ -109,7 +109,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/rewards/{id}/status", post(set_reward_status))
         .route("/v1/code-pools", post(create_pool).get(list_pools))
         .route("/v1/code-pools/jobs/{id}", get(get_job))
-        .route("/v1/code-pools/{id}", get(get_pool))
+        .route("/v1/code-pools/{id}", get(get_pool).put(update_pool))
         .route("/v1/code-pools/{id}/status", post(set_pool_status))
         .route("/v1/code-pools/{id}/generate", post(generate))
         .route("/v1/code-pools/{id}/codes.csv", get(export).post(import))
@@ -423,6 +423,33 @@ async fn get_pool(
     let r = call
         .client()
         .get_code_pool(call.ctx.request(pb::GetCodePoolRequest { id }))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        "CodePool",
+        &r.pool.unwrap_or_default(),
+    )
+}
+
+async fn update_pool(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let pool = from_json(&message("CodePoolInput"), body)?;
+    let request = pb::UpdateCodePoolRequest {
+        idempotency_key: key,
+        id,
+        pool: Some(pool),
+    };
+    let r = call
+        .client()
+        .update_code_pool(call.ctx.request(request))
         .await?
         .into_inner();
     reply(

@@ -1,4 +1,4 @@
-//! `tessera up | serve <service> | migrate [<service>…]`.
+//! `tessera up | serve <service> | migrate [<service>…] | generate-codes`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +43,24 @@ enum Command {
         #[arg(value_enum)]
         services: Vec<Service>,
     },
+    /// Generate codes into a catalog pool and show the job's progress until it ends.
+    GenerateCodes {
+        /// The pool's id.
+        #[arg(long)]
+        pool: String,
+        /// How many codes.
+        #[arg(long)]
+        count: i64,
+        /// Tenant.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// The catalog's gRPC address.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        grpc_url: String,
+        /// Idempotency key (default: a new one; pass the same key to resume watching a job).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +96,17 @@ fn main() -> anyhow::Result<()> {
             Command::Up { .. } => up(config).await,
             Command::Serve { service } => {
                 tessera::serve(service, config, shutdown::on_signal()).await
+            }
+            Command::GenerateCodes {
+                pool,
+                count,
+                tenant,
+                grpc_url,
+                idempotency_key,
+            } => {
+                let key =
+                    idempotency_key.unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4()));
+                generate_codes(&grpc_url, &tenant, &pool, count, key).await
             }
             Command::Migrate { services } => {
                 let services = if services.is_empty() {
@@ -119,4 +148,48 @@ async fn up(config: tessera_runtime::Config) -> anyhow::Result<()> {
     }
     println!("Press Ctrl-C to stop.");
     suite.wait().await
+}
+
+/// Starts a generation job and prints its progress until it ends.
+#[allow(clippy::print_stdout)]
+async fn generate_codes(
+    grpc_url: &str,
+    tenant: &str,
+    pool: &str,
+    count: i64,
+    key: String,
+) -> anyhow::Result<()> {
+    use tessera_proto::catalog::v1 as pb;
+    let channel = tessera_runtime::grpc::channel(grpc_url, std::time::Duration::from_secs(10))?;
+    let mut catalog = pb::catalog_service_client::CatalogServiceClient::new(channel);
+    let ctx = tessera_runtime::RequestContext::system(tenant, "cli");
+    let job = catalog
+        .generate_codes(ctx.request(pb::GenerateCodesRequest {
+            idempotency_key: key.clone(),
+            pool_id: pool.into(),
+            count,
+        }))
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", tessera_runtime::Error::from_status(&s)))?
+        .into_inner()
+        .job
+        .ok_or_else(|| anyhow::anyhow!("no job in the answer"))?;
+    println!("job {} (idempotency key {key})", job.id);
+    loop {
+        let job = catalog
+            .get_generation_job(ctx.request(pb::GetGenerationJobRequest { id: job.id.clone() }))
+            .await?
+            .into_inner()
+            .job
+            .ok_or_else(|| anyhow::anyhow!("no job in the answer"))?;
+        let percent = job.generated * 100 / job.requested.max(1);
+        println!("  {}/{} codes ({percent}%)", job.generated, job.requested);
+        match job.status() {
+            pb::JobStatus::Running => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await
+            }
+            pb::JobStatus::Succeeded => return Ok(()),
+            _ => anyhow::bail!("the job failed: {}", job.error),
+        }
+    }
 }

@@ -10,7 +10,7 @@ use tessera_proto::catalog::v1 as pb;
 use tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
 use tessera_proto::catalog::v1::effect::Kind;
 use tessera_runtime::grpc::Channel;
-use tessera_tests::{TENANT, TestSuite, backend_tests, eventually};
+use tessera_tests::{TENANT, TestSuite, backend_tests, eventually, scalar};
 
 use crate::{data, events};
 
@@ -21,6 +21,7 @@ backend_tests!(
     codes_are_generated_by_a_job_with_progress,
     csv_import_is_all_or_nothing_and_export_round_trips,
     publication_assigns_distinct_codes_under_concurrency,
+    gift_card_codes_load_their_wallet_account,
 );
 
 type Client = CatalogServiceClient<Channel>;
@@ -631,6 +632,31 @@ async fn csv_import_is_all_or_nothing_and_export_round_trips(suite: TestSuite) {
     };
     let pool = create_pool(&mut catalog, &suite, "p", &reward.id, pattern.clone()).await;
     let other = create_pool(&mut catalog, &suite, "p2", &reward.id, pattern).await;
+    // A pool keeps its reward; its name, pattern and uses can change.
+    let mut definition = other.definition.clone().unwrap();
+    definition.max_uses = 2;
+    let updated = catalog
+        .update_code_pool(suite.ctx(TENANT).request(pb::UpdateCodePoolRequest {
+            idempotency_key: "up-1".into(),
+            id: other.id.clone(),
+            pool: Some(definition.clone()),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .pool
+        .unwrap();
+    assert_eq!(updated.definition.unwrap().max_uses, 2);
+    definition.reward_id = uuid::Uuid::now_v7().to_string();
+    let moved = catalog
+        .update_code_pool(suite.ctx(TENANT).request(pb::UpdateCodePoolRequest {
+            idempotency_key: "up-2".into(),
+            id: other.id.clone(),
+            pool: Some(definition),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&moved), ["pool.reward_id"]);
     import(
         &mut catalog,
         &suite,
@@ -916,4 +942,102 @@ async fn publication_assigns_distinct_codes_under_concurrency(suite: TestSuite) 
     })
     .await;
     assert_eq!(published_events.len(), 30);
+}
+
+async fn gift_card_codes_load_their_wallet_account(suite: TestSuite) {
+    use tessera_proto::wallet::v1 as wpb;
+    let mut catalog = CatalogServiceClient::new(suite.channel());
+    let card = Some(pb::Effect {
+        kind: Some(Kind::GiftCard(pb::GiftCard {
+            value: 5_000,
+            multi_use: true,
+        })),
+    });
+    let reward = create_reward(
+        &mut catalog,
+        &suite,
+        "r",
+        reward_input("Gift card 50", card),
+    )
+    .await;
+    let pool = create_pool(
+        &mut catalog,
+        &suite,
+        "p",
+        &reward.id,
+        pb::CodePattern {
+            length: 12,
+            ..Default::default()
+        },
+    )
+    .await;
+    import(
+        &mut catalog,
+        &suite,
+        "i",
+        &pool.id,
+        "code\nGIFT-0001\n",
+        false,
+    )
+    .await
+    .unwrap();
+    let publish = |key: &str, code: &str| pb::PublishRewardRequest {
+        idempotency_key: key.into(),
+        customer_id: "gina".into(),
+        reward_id: reward.id.clone(),
+        code: code.into(),
+        ..Default::default()
+    };
+    let no_code = catalog
+        .publish_reward(suite.ctx(TENANT).request(publish("p0", "")))
+        .await
+        .unwrap_err();
+    assert_eq!(no_code.code(), tonic::Code::FailedPrecondition);
+    for _ in 0..2 {
+        // The second time is a replay: the card is loaded once.
+        catalog
+            .publish_reward(suite.ctx(TENANT).request(publish("p1", "GIFT-0001")))
+            .await
+            .unwrap();
+    }
+    let mut wallet =
+        tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient::new(suite.channel());
+    let balance = eventually(Duration::from_secs(10), "gift card loaded", || {
+        let mut wallet = wallet.clone();
+        let ctx = suite.ctx(TENANT);
+        async move {
+            let balances = wallet
+                .get_balance(ctx.request(wpb::GetBalanceRequest {
+                    customer_id: "gina".into(),
+                }))
+                .await
+                .unwrap()
+                .into_inner()
+                .balances;
+            balances.into_iter().find(|b| {
+                b.asset.as_ref().is_some_and(|a| {
+                    a.kind == wpb::AssetKind::GiftCard as i32 && a.code == "GIFT-0001"
+                })
+            })
+        }
+    })
+    .await;
+    assert_eq!(balance.available, 5_000);
+    let catalog_db = suite.db("catalog").await;
+    let waiting = eventually(Duration::from_secs(10), "command delivered", || async {
+        let n = scalar(&catalog_db, "SELECT COUNT(*) FROM wallet_commands", vec![]).await;
+        (n == 0).then_some(n)
+    })
+    .await;
+    assert_eq!(waiting, 0);
+    let history = wallet
+        .list_transactions(suite.ctx(TENANT).request(wpb::ListTransactionsRequest {
+            customer_id: "gina".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .transactions;
+    assert_eq!(history.len(), 1, "loaded exactly once");
 }
