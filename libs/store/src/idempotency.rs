@@ -7,11 +7,14 @@
 //! * same key while the first request is still running → `ABORTED`, reason
 //!   `IDEMPOTENCY_KEY_IN_FLIGHT`.
 //!
-//! A request claims its key in a short committed write (so a concurrent duplicate sees it),
-//! then does its work and records the response in the *same* transaction as the work, so the
-//! stored response exists exactly when the effects do. A claim is a lease: if its owner dies,
-//! a retry after `in_flight_lease_secs` takes the key over, and the dead owner's late commit
-//! is refused by the fencing check on `owner`.
+//! A request claims its key as the first write of the transaction that does its work and
+//! records the response, so the stored response exists exactly when the effects do, in one
+//! commit. On PostgreSQL a transaction-scoped advisory lock on the key tells a concurrent
+//! duplicate that the key is in flight (instead of letting it wait on the uncommitted claim);
+//! on SQLite writers are serialised, so a duplicate finds the key settled. If the process dies
+//! mid-request the transaction, claim included, is rolled back. Claims committed on their own
+//! ([`Idempotency::begin`]) are leases: after `in_flight_lease_secs` a retry takes the key
+//! over, and the dead owner's late commit is refused by the fencing check on `owner`.
 
 use std::time::Duration;
 
@@ -20,10 +23,18 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use sha2::{Digest, Sha256};
 use tessera_runtime::{Code, Error, RequestContext};
 
-use crate::db::{Db, db_error, now_micros, stmt};
+use crate::db::{Backend, Db, db_error, now_micros, stmt};
 
 const IN_FLIGHT: &str = "in_flight";
 const DONE: &str = "done";
+
+fn in_flight() -> Error {
+    Error::new(
+        Code::Aborted,
+        "a request with this idempotency key is in flight, retry later",
+    )
+    .with_reason("IDEMPOTENCY_KEY_IN_FLIGHT")
+}
 
 /// Checks the shape of a key: 1..=255 visible ASCII characters.
 pub fn validate_key(key: &str) -> Result<(), Error> {
@@ -120,40 +131,19 @@ impl Idempotency {
         request: &impl Message,
     ) -> Result<Begin<R>, Error> {
         validate_key(key)?;
+        let conn = self.db.conn();
+        if let Some(claim) = self.claim_in(conn, ctx, scope, key, request).await? {
+            return Ok(Begin::Fresh(claim));
+        }
         let fingerprint = fingerprint(scope, request);
-        let owner = uuid::Uuid::new_v4().to_string();
         let now = now_micros();
         let lease_until = now + i64::try_from(self.lease.as_micros()).unwrap_or(i64::MAX);
-        let conn = self.db.conn();
-        let inserted = conn
-            .execute_raw(stmt(
-                conn,
-                "INSERT INTO idempotency_keys \
-                 (tenant_id, scope, key, fingerprint, state, owner, locked_until, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT (tenant_id, scope, key) DO NOTHING",
-                [
-                    ctx.tenant_id.clone().into(),
-                    scope.into(),
-                    key.into(),
-                    fingerprint.clone().into(),
-                    IN_FLIGHT.into(),
-                    owner.clone().into(),
-                    lease_until.into(),
-                    now.into(),
-                ],
-            ))
-            .await
-            .map_err(db_error)?;
         let claim = Claim {
             tenant_id: ctx.tenant_id.clone(),
             scope: scope.to_string(),
             key: key.to_string(),
-            owner,
+            owner: uuid::Uuid::new_v4().to_string(),
         };
-        if inserted.rows_affected() == 1 {
-            return Ok(Begin::Fresh(claim));
-        }
         let row = conn
             .query_one_raw(stmt(
                 conn,
@@ -184,11 +174,7 @@ impl Idempotency {
             }));
         }
         if locked_until > now {
-            return Err(Error::new(
-                Code::Aborted,
-                "a request with this idempotency key is in flight, retry later",
-            )
-            .with_reason("IDEMPOTENCY_KEY_IN_FLIGHT"));
+            return Err(in_flight());
         }
         // The owner's lease ran out (it died): take the key over, fenced on the old owner.
         let taken = conn
@@ -212,11 +198,7 @@ impl Idempotency {
         if taken.rows_affected() == 1 {
             Ok(Begin::Fresh(claim))
         } else {
-            Err(Error::new(
-                Code::Aborted,
-                "a request with this idempotency key is in flight, retry later",
-            )
-            .with_reason("IDEMPOTENCY_KEY_IN_FLIGHT"))
+            Err(in_flight())
         }
     }
 
@@ -316,15 +298,118 @@ impl Idempotency {
             &'t DatabaseTransaction,
         ) -> futures::future::BoxFuture<'t, Result<R, Error>>,
     {
-        let claim = match self.begin::<R>(ctx, scope, key, request).await? {
-            Begin::Replay(result) => return result,
-            Begin::Fresh(claim) => claim,
-        };
-        let outcome = self.run_claimed(&claim, work).await;
-        if let Err(err) = &outcome {
-            self.fail(&claim, err).await;
+        validate_key(key)?;
+        // Fast path, one commit: claim the key inside the work's own transaction. A
+        // concurrent duplicate is refused by the advisory lock (PostgreSQL) or waits for the
+        // writer (SQLite) and then finds the key settled and replays it.
+        let txn = self.db.begin_write().await?;
+        if self.db.backend() == Backend::Postgres && !self.lock_key(&txn, ctx, scope, key).await? {
+            txn.rollback().await.map_err(db_error)?;
+            return Err(in_flight());
         }
-        outcome
+        let claim = self.claim_in(&txn, ctx, scope, key, request).await?;
+        let Some(claim) = claim else {
+            // The key exists: replay, refuse, or take over a dead owner's claim.
+            txn.rollback().await.map_err(db_error)?;
+            let claim = match self.begin::<R>(ctx, scope, key, request).await? {
+                Begin::Replay(result) => return result,
+                Begin::Fresh(claim) => claim,
+            };
+            let outcome = self.run_claimed(&claim, work).await;
+            if let Err(err) = &outcome {
+                self.fail(&claim, err).await;
+            }
+            return outcome;
+        };
+        match work(&txn).await {
+            Ok(response) => {
+                self.complete(&txn, &claim, &response).await?;
+                txn.commit().await.map_err(db_error)?;
+                Ok(response)
+            }
+            Err(err) => {
+                // The claim goes with the rollback; a deterministic error is then stored so a
+                // replay gets the same answer, a transient one leaves the key free.
+                txn.rollback().await.map_err(db_error)?;
+                if err.is_deterministic() {
+                    let conn = self.db.conn();
+                    if let Some(claim) = self.claim_in(conn, ctx, scope, key, request).await? {
+                        self.fail(&claim, &err).await;
+                    }
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Takes a transaction-scoped advisory lock on the key (PostgreSQL): `false` when another
+    /// transaction holds it, i.e. the same key is in flight. Without it a duplicate would
+    /// wait on the first request's uncommitted claim instead of being told.
+    async fn lock_key(
+        &self,
+        txn: &DatabaseTransaction,
+        ctx: &RequestContext,
+        scope: &str,
+        key: &str,
+    ) -> Result<bool, Error> {
+        let mut hasher = Sha256::new();
+        for part in [ctx.tenant_id.as_str(), scope, key] {
+            hasher.update(part.as_bytes());
+            hasher.update([0]);
+        }
+        let digest = hasher.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        let row = txn
+            .query_one_raw(stmt(
+                txn,
+                "SELECT pg_try_advisory_xact_lock($1)",
+                [i64::from_be_bytes(first).into()],
+            ))
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Error::internal("advisory lock returned no row"))?;
+        row.try_get_by_index(0).map_err(db_error)
+    }
+
+    /// Inserts an in-flight claim on `conn`; `None` when the key exists already.
+    async fn claim_in<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        ctx: &RequestContext,
+        scope: &str,
+        key: &str,
+        request: &impl Message,
+    ) -> Result<Option<Claim>, Error> {
+        let owner = uuid::Uuid::new_v4().to_string();
+        let now = now_micros();
+        let lease_until = now + i64::try_from(self.lease.as_micros()).unwrap_or(i64::MAX);
+        let inserted = conn
+            .execute_raw(stmt(
+                conn,
+                "INSERT INTO idempotency_keys \
+                 (tenant_id, scope, key, fingerprint, state, owner, locked_until, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (tenant_id, scope, key) DO NOTHING",
+                [
+                    ctx.tenant_id.clone().into(),
+                    scope.into(),
+                    key.into(),
+                    fingerprint(scope, request).into(),
+                    IN_FLIGHT.into(),
+                    owner.clone().into(),
+                    lease_until.into(),
+                    now.into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        Ok((inserted.rows_affected() == 1).then(|| Claim {
+            tenant_id: ctx.tenant_id.clone(),
+            scope: scope.to_string(),
+            key: key.to_string(),
+            owner,
+        }))
     }
 
     async fn run_claimed<R, F>(&self, claim: &Claim, work: F) -> Result<R, Error>
