@@ -16,7 +16,10 @@
 //! ([`Idempotency::begin`]) are leases: after `in_flight_lease_secs` a retry takes the key
 //! over, and the dead owner's late commit is refused by the fencing check on `owner`.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
@@ -115,11 +118,23 @@ fn decode_error(code: i32, bytes: &[u8]) -> Error {
 pub struct Idempotency {
     db: Db,
     lease: Duration,
+    wake: Option<Arc<Notify>>,
 }
 
 impl Idempotency {
     pub fn new(db: Db, lease: Duration) -> Self {
-        Self { db, lease }
+        Self {
+            db,
+            lease,
+            wake: None,
+        }
+    }
+
+    /// Wakes `relay` after every successful [`run`](Self::run), so the events the work
+    /// wrote to the outbox leave at once.
+    pub fn waking(mut self, relay: Arc<Notify>) -> Self {
+        self.wake = Some(relay);
+        self
     }
 
     /// Claims `key` for `request` under `scope` (the RPC name).
@@ -284,6 +299,30 @@ impl Idempotency {
     /// Runs `work` at most once per (tenant, scope, key): claims the key, runs `work` in a
     /// write transaction, stores its response in that transaction and commits.
     pub async fn run<Req, R, F>(
+        &self,
+        ctx: &RequestContext,
+        scope: &str,
+        key: &str,
+        request: &Req,
+        work: F,
+    ) -> Result<R, Error>
+    where
+        Req: Message,
+        R: Message + Default,
+        F: for<'t> FnOnce(
+            &'t DatabaseTransaction,
+        ) -> futures::future::BoxFuture<'t, Result<R, Error>>,
+    {
+        let outcome = self.run_once(ctx, scope, key, request, work).await;
+        if outcome.is_ok()
+            && let Some(wake) = &self.wake
+        {
+            wake.notify_one();
+        }
+        outcome
+    }
+
+    async fn run_once<Req, R, F>(
         &self,
         ctx: &RequestContext,
         scope: &str,

@@ -66,8 +66,8 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         idempotency: Idempotency::new(
             db.clone(),
             Duration::from_secs(config.idempotency.in_flight_lease_secs),
-        ),
-        relay_wake: relay.waker(),
+        )
+        .waking(relay.waker()),
         generator: generator.clone(),
         gift_card_wake: loader.wake.clone(),
     };

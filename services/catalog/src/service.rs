@@ -6,13 +6,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use futures::future::BoxFuture;
-use sea_orm::DatabaseTransaction;
 use tessera_effects::{Application, wire};
 use tessera_proto::catalog::v1::{self as pb, catalog_service_server::CatalogService};
+use tessera_runtime::Error;
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
-use tessera_runtime::{Error, RequestContext};
 use tessera_store::api::{self, check_customer_id, check_id, check_idempotency_key, page_response};
 use tessera_store::idempotency::Idempotency;
 use tessera_store::{Db, now_micros};
@@ -27,30 +25,8 @@ use crate::{codes, rewards};
 pub struct Catalog {
     pub db: Db,
     pub idempotency: Idempotency,
-    pub relay_wake: Arc<Notify>,
     pub generator: Generator,
     pub gift_card_wake: Arc<Notify>,
-}
-
-impl Catalog {
-    /// Runs a change at most once per idempotency key, then wakes the outbox relay.
-    async fn mutate<Req, R, F>(
-        &self,
-        ctx: &RequestContext,
-        scope: &str,
-        key: &str,
-        request: &Req,
-        work: F,
-    ) -> Result<R, Status>
-    where
-        Req: prost::Message,
-        R: prost::Message + Default,
-        F: for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<R, Error>>,
-    {
-        let response = self.idempotency.run(ctx, scope, key, request, work).await?;
-        self.relay_wake.notify_one();
-        Ok(response)
-    }
 }
 
 /// A channel name: 1 to 64 of a-z, 0-9, `_`, `-`.
@@ -149,7 +125,8 @@ impl CatalogService for Catalog {
         let (kind, starts_at, ends_at) = checked.ok_or_else(|| Status::internal("unchecked"))?;
         let (input, work_ctx) = (request.reward.clone().unwrap_or_default(), ctx.clone());
         let reward = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "catalog.CreateReward",
                 &request.idempotency_key,
@@ -187,7 +164,8 @@ impl CatalogService for Catalog {
         let (input, work_ctx) = (request.reward.clone().unwrap_or_default(), ctx.clone());
         let (id, expected) = (request.id.clone(), request.expected_version);
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "catalog.UpdateReward",
                 &request.idempotency_key,
@@ -266,7 +244,8 @@ impl CatalogService for Catalog {
         let status = status.ok_or_else(|| Status::internal("unchecked"))?;
         let (id, reason, work_ctx) = (request.id.clone(), request.reason.clone(), ctx.clone());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "catalog.SetRewardStatus",
                 &request.idempotency_key,
@@ -355,7 +334,8 @@ impl CatalogService for Catalog {
         v.finish()?;
         let (input, work_ctx) = (request.pool.clone().unwrap_or_default(), ctx.clone());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "catalog.CreateCodePool",
                 &request.idempotency_key,
@@ -388,7 +368,8 @@ impl CatalogService for Catalog {
             ctx.clone(),
         );
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "catalog.UpdateCodePool",
                 &request.idempotency_key,
@@ -461,7 +442,8 @@ impl CatalogService for Catalog {
         v.finish()?;
         let (id, work_ctx) = (request.id.clone(), ctx.clone());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "catalog.SetCodePoolStatus",
                 &request.idempotency_key,
@@ -492,7 +474,8 @@ impl CatalogService for Catalog {
         v.finish()?;
         let (pool_id, count, work_ctx) = (request.pool_id.clone(), request.count, ctx.clone());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "catalog.GenerateCodes",
                 &request.idempotency_key,
@@ -566,7 +549,8 @@ impl CatalogService for Catalog {
         let (pool_id, partial, work_ctx) =
             (header.pool_id.clone(), header.allow_partial, ctx.clone());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "catalog.ImportCodes",
                 &header.idempotency_key,
@@ -641,7 +625,8 @@ impl CatalogService for Catalog {
         v.finish()?;
         let (code, work_ctx) = (request.code.clone(), ctx.clone());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "catalog.SetCodeStatus",
                 &request.idempotency_key,
@@ -695,7 +680,8 @@ impl CatalogService for Catalog {
         };
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "catalog.PublishReward",
                 &request.idempotency_key,
@@ -769,7 +755,8 @@ impl CatalogService for Catalog {
             ctx.clone(),
         );
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "catalog.MarkShown",
                 &request.idempotency_key,

@@ -58,8 +58,8 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         idempotency: Idempotency::new(
             db.clone(),
             Duration::from_secs(config.idempotency.in_flight_lease_secs),
-        ),
-        relay_wake: relay.waker(),
+        )
+        .waking(relay.waker()),
     };
     Ok(Component::new(SERVICE)
         .grpc(GRPC_NAME, move |routes| {

@@ -1,19 +1,14 @@
 //! gRPC handlers: read the request context, validate the whole request (all field
 //! violations at once), then run the ledger operation under its idempotency key.
 
-use std::sync::Arc;
-
-use futures::future::BoxFuture;
-use sea_orm::DatabaseTransaction;
 use tessera_proto::wallet::v1::{self as pb, wallet_service_server::WalletService};
+use tessera_runtime::Error;
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
-use tessera_runtime::{Error, RequestContext};
 use tessera_store::api::{self, check_id, check_idempotency_key, page_response};
 use tessera_store::idempotency::Idempotency;
 use tessera_store::outbox::timestamp_to_micros;
 use tessera_store::{Db, now_micros};
-use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 use crate::ledger::{self, Credit, Debit};
@@ -23,30 +18,9 @@ use crate::{batch, holds, liability, pending, reversal, rules, tiers};
 pub struct Wallet {
     pub db: Db,
     pub idempotency: Idempotency,
-    pub relay_wake: Arc<Notify>,
 }
 
 impl Wallet {
-    /// Runs a ledger mutation at most once per idempotency key, then wakes the outbox relay
-    /// so the events it wrote leave at once.
-    async fn mutate<Req, R, F>(
-        &self,
-        ctx: &RequestContext,
-        scope: &str,
-        key: &str,
-        request: &Req,
-        work: F,
-    ) -> Result<R, Status>
-    where
-        Req: prost::Message,
-        R: prost::Message + Default,
-        F: for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<R, Error>>,
-    {
-        let response = self.idempotency.run(ctx, scope, key, request, work).await?;
-        self.relay_wake.notify_one();
-        Ok(response)
-    }
-
     fn validate_credit(request: &pb::CreditRequest) -> Result<Credit, Status> {
         let mut v = Violations::new();
         let asset = check_movement(
@@ -226,7 +200,8 @@ impl WalletService for Wallet {
             .as_ref()
             .map(|p| p.activate_at.as_ref().map(timestamp_to_micros));
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.Credit",
                 &request.idempotency_key,
@@ -277,7 +252,8 @@ impl WalletService for Wallet {
         let debit = Self::validate_debit(&request)?;
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.Debit",
                 &request.idempotency_key,
@@ -301,7 +277,8 @@ impl WalletService for Wallet {
         v.finish()?;
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.ExpireDue",
                 &request.idempotency_key,
@@ -326,7 +303,8 @@ impl WalletService for Wallet {
         let program = Program::from_proto(request.program.as_ref())?;
         let tenant = ctx.tenant_id.clone();
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.UpsertProgram",
                 &request.idempotency_key,
@@ -387,7 +365,8 @@ impl WalletService for Wallet {
         );
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.Adjust",
                 &request.idempotency_key,
@@ -508,7 +487,8 @@ impl WalletService for Wallet {
         v.finish()?;
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.BatchCredit",
                 &request.idempotency_key,
@@ -557,7 +537,8 @@ impl WalletService for Wallet {
         };
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.Hold",
                 &request.idempotency_key,
@@ -586,7 +567,8 @@ impl WalletService for Wallet {
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let (hold_id, amount) = (request.hold_id.clone(), request.amount);
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.Capture",
                 &request.idempotency_key,
@@ -614,7 +596,8 @@ impl WalletService for Wallet {
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let hold_id = request.hold_id.clone();
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.Release",
                 &request.idempotency_key,
@@ -653,7 +636,8 @@ impl WalletService for Wallet {
         };
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.Reverse",
                 &request.idempotency_key,
@@ -695,7 +679,8 @@ impl WalletService for Wallet {
         };
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.Transfer",
                 &request.idempotency_key,
@@ -729,7 +714,8 @@ impl WalletService for Wallet {
             reason
         };
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.ActivatePending",
                 &request.idempotency_key,
@@ -762,7 +748,8 @@ impl WalletService for Wallet {
         )?;
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.CancelPending",
                 &request.idempotency_key,
@@ -791,7 +778,8 @@ impl WalletService for Wallet {
         v.finish()?;
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.ActivateDue",
                 &request.idempotency_key,
@@ -826,7 +814,8 @@ impl WalletService for Wallet {
         };
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.PayOutCashback",
                 &request.idempotency_key,
@@ -950,7 +939,8 @@ impl WalletService for Wallet {
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let program_id = request.program_id.clone();
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.EvaluateTiers",
                 &request.idempotency_key,
@@ -979,7 +969,8 @@ impl WalletService for Wallet {
         v.finish()?;
         let (tenant, rules) = (ctx.tenant_id.clone(), request.rules.unwrap_or_default());
         let response = self
-            .mutate(
+            .idempotency
+            .run(
                 &ctx,
                 "wallet.SetWalletRules",
                 &request.idempotency_key,
