@@ -26,6 +26,9 @@ pub struct Component {
     register: Vec<Register>,
     tasks: Vec<JoinHandle<()>>,
     probes: Vec<Probe>,
+    /// Health entries of their own: a failing one reports a degraded dependency without
+    /// taking the component out of service.
+    degraded: Vec<(String, Probe)>,
 }
 
 impl Component {
@@ -36,6 +39,7 @@ impl Component {
             register: Vec::new(),
             tasks: Vec::new(),
             probes: Vec::new(),
+            degraded: Vec::new(),
         }
     }
 
@@ -61,6 +65,13 @@ impl Component {
         self.probes.push(probe);
         self
     }
+
+    /// Adds a health entry `health_name` reporting a dependency the component can work
+    /// without (slower): NOT_SERVING there means degraded, the component stays in service.
+    pub fn degraded_when(mut self, health_name: &str, probe: Probe) -> Self {
+        self.degraded.push((health_name.to_string(), probe));
+        self
+    }
 }
 
 /// Serves `components` on one listener until `shutdown`, then waits for their tasks.
@@ -77,6 +88,7 @@ pub async fn serve(
     let mut tasks = Vec::new();
     let mut checks = Vec::new();
     let mut names = Vec::new();
+    let mut optional = Vec::new();
     for component in components {
         for register in component.register {
             register(&mut routes);
@@ -90,6 +102,10 @@ pub async fn serve(
             ));
         }
         names.extend(component.health_names);
+        for (name, probe) in component.degraded {
+            names.push(name.clone());
+            optional.push((name, probe));
+        }
     }
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let prober = {
@@ -100,6 +116,16 @@ pub async fn serve(
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(probe_interval) => {},
+                }
+                for (name, probe) in &optional {
+                    let status = match probe().await {
+                        Ok(()) => tonic_health::ServingStatus::Serving,
+                        Err(problem) => {
+                            tracing::warn!(%name, %problem, "degraded");
+                            tonic_health::ServingStatus::NotServing
+                        }
+                    };
+                    reporter.set_service_status(name.as_str(), status).await;
                 }
                 for (component, names, probes) in &checks {
                     let mut problem = None;

@@ -18,6 +18,14 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The backend behind a connection or transaction.
+    pub fn of<C: ConnectionTrait>(conn: &C) -> Self {
+        match conn.get_database_backend() {
+            sea_orm::DbBackend::Postgres => Backend::Postgres,
+            _ => Backend::Sqlite,
+        }
+    }
+
     /// The clause that locks the selected rows for the rest of the transaction: `FOR UPDATE`
     /// on PostgreSQL; nothing on SQLite, whose write transactions (`BEGIN IMMEDIATE`) already
     /// exclude every other writer.

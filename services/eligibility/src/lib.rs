@@ -1,45 +1,49 @@
-//! The eligibility service: customer facts, rules, segments, qualification and redemption. It boots with its own tables (the plumbing tables so
-//! far) and connects the segment cache (Redis or in-process), serves health and reflection and registers `tessera.eligibility.v1.EligibilityService`; the domain RPCs
-//! arrive with the issue that builds them.
+//! The eligibility service: customer facts (profiles with typed attributes, orders, custom
+//! events with optional schemas, aggregates over rolling windows), rules in CEL compiled and
+//! type-checked once, segments whose membership is cached in the segment cache (Redis or
+//! in-process) and versioned so a stale entry never answers, and qualification of a customer
+//! and cart against an indexed read model of the active campaigns, with a reason for every
+//! incentive that does not apply.
+
+mod campaigns;
+mod facts;
+mod migrations;
+mod qualify;
+mod readmodel;
+pub mod rules;
+mod segments;
+mod service;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use sea_orm_migration::{MigrationTrait, MigratorTrait};
-use tessera_proto::eligibility::v1::eligibility_service_server::{
-    EligibilityService, EligibilityServiceServer,
-};
-use tessera_runtime::Config;
+use tessera_proto::eligibility::v1::eligibility_service_server::EligibilityServiceServer;
+use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::component::{self, Component};
+use tessera_runtime::{Config, grpc};
 use tessera_store::Db;
+use tessera_store::idempotency::Idempotency;
+use tessera_store::outbox::{NotificationPublisher, Relay};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+pub use migrations::Migrator;
 
 /// Service name: SQLite file / PostgreSQL schema and log label.
 pub const SERVICE: &str = "eligibility";
 /// Fully qualified gRPC service name.
 pub const GRPC_NAME: &str = "tessera.eligibility.v1.EligibilityService";
-
-/// The eligibility's migrations, in order.
-pub struct Migrator;
-
-impl MigratorTrait for Migrator {
-    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        tessera_store::migrate::plumbing()
-    }
-}
-
-struct Service;
-
-impl EligibilityService for Service {}
+/// Health entry of the segment cache: NOT_SERVING while it fails (degraded, still exact).
+pub const CACHE_HEALTH_NAME: &str = "tessera.eligibility.v1.EligibilityService/segment-cache";
 
 /// Applies the eligibility's migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     Db::open::<Migrator>(config, SERVICE).await.map(|_| ())
 }
 
-/// Connects, migrates and assembles the eligibility.
-pub async fn build(config: &Config, _shutdown: CancellationToken) -> anyhow::Result<Component> {
+/// Connects, migrates and assembles the eligibility; its relay stops when `shutdown` fires.
+pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Component> {
     let db = Db::open::<Migrator>(config, SERVICE).await?;
     let cache = tessera_cache::open(
         config.cache.redis_url.as_deref(),
@@ -49,15 +53,51 @@ pub async fn build(config: &Config, _shutdown: CancellationToken) -> anyhow::Res
     )
     .await?;
     tracing::info!(cache = cache.kind(), "segment cache ready");
+    let publisher = NotificationPublisher::new(grpc::channel(
+        &config.peers.notification_url,
+        config.peer_timeout(),
+    )?);
+    let relay = Relay::new(
+        db.clone(),
+        SERVICE,
+        Arc::new(publisher),
+        config.outbox.clone(),
+    );
+    let segments = Arc::new(segments::Segments::new(db.clone(), cache.clone()));
+    let degraded = segments.degraded.clone();
+    let service = service::Eligibility {
+        db: db.clone(),
+        idempotency: Idempotency::new(
+            db.clone(),
+            Duration::from_secs(config.idempotency.in_flight_lease_secs),
+        )
+        .waking(relay.waker()),
+        campaigns: Arc::new(campaigns::Campaigns::new(db.clone())),
+        segments,
+        wallet: WalletServiceClient::new(grpc::channel(
+            &config.peers.wallet_url,
+            config.peer_timeout(),
+        )?),
+    };
     Ok(Component::new(SERVICE)
-        .grpc(GRPC_NAME, |routes| {
-            routes.add_service(EligibilityServiceServer::new(Service));
+        .grpc(GRPC_NAME, move |routes| {
+            routes.add_service(
+                EligibilityServiceServer::new(service).max_decoding_message_size(8 * 1024 * 1024),
+            );
         })
+        .task(tokio::spawn(relay.run(shutdown)))
         .probe(db.probe())
-        .probe(Arc::new(move || {
-            let cache = cache.clone();
-            Box::pin(async move { cache.ping().await.map_err(|e| e.to_string()) })
-        })))
+        .degraded_when(
+            CACHE_HEALTH_NAME,
+            Arc::new(move || {
+                let (cache, degraded) = (cache.clone(), degraded.clone());
+                Box::pin(async move {
+                    let result = cache.ping().await.map_err(|e| e.to_string());
+                    degraded.store(result.is_err(), Ordering::Relaxed);
+                    result
+                })
+            }),
+        ))
 }
 
 /// Runs the eligibility alone on `listener` until `shutdown`.

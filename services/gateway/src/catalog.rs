@@ -1,12 +1,11 @@
 //! Catalog routes: `/v1/rewards…`, `/v1/code-pools…`, `/v1/codes/{code}…` and
 //! `/v1/customers/{id}/rewards…`.
 //!
-//! Bodies and answers are the catalog's protobuf messages in their canonical JSON mapping
-//! (snake_case field names, enum names, RFC 3339 times, 64-bit integers as numbers),
-//! transcoded through the descriptor set: one schema for gRPC and HTTP, so a new effect kind
-//! needs no gateway change. Unknown fields are refused with their path named.
+//! Bodies and answers are the catalog's protobuf messages in their canonical JSON mapping,
+//! transcoded through the descriptor set ([`crate::transcode`]): one schema for gRPC and
+//! HTTP, so a new effect kind needs no gateway change.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -14,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use futures::StreamExt;
-use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, SerializeOptions};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tessera_proto::catalog::v1 as pb;
@@ -25,10 +23,7 @@ use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{Principal, Role};
 use crate::observe::RequestId;
-
-static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
-    DescriptorPool::decode(tessera_proto::FILE_DESCRIPTOR_SET).expect("descriptor set decodes")
-});
+use crate::transcode::{self, POOL, from_json, to_json, with};
 
 /// Roles that define rewards and pools.
 const AUTHORS: [Role; 2] = [Role::Admin, Role::Marketer];
@@ -40,65 +35,17 @@ const PUBLISHERS: [Role; 4] = [
     Role::Touchpoint,
 ];
 
-/// A JSON value as the protobuf message `name` (e.g. `tessera.catalog.v1.RewardInput`).
-fn from_json<T: prost::Message + Default>(name: &str, value: Value) -> Result<T, ApiError> {
-    let descriptor = POOL
-        .get_message_by_name(name)
-        .ok_or_else(|| Error::internal(format!("no message {name}")))?;
-    let mut track = serde_path_to_error::Track::new();
-    let de = serde_path_to_error::Deserializer::new(value, &mut track);
-    let message =
-        DynamicMessage::deserialize_with_options(descriptor, de, &DeserializeOptions::new())
-            .map_err(|e| {
-                let path = track.path().to_string();
-                let field = if path == "." {
-                    "body".to_string()
-                } else {
-                    path
-                };
-                Error::invalid_field(field, e.to_string())
-            })?;
-    message
-        .transcode_to::<T>()
-        .map_err(|e| Error::internal(format!("transcoding {name}: {e}")).into())
-}
-
-/// A protobuf message as JSON (see the module documentation).
-fn to_json<T: prost::Message>(name: &str, message: &T) -> Result<Value, ApiError> {
-    let descriptor = POOL
-        .get_message_by_name(name)
-        .ok_or_else(|| Error::internal(format!("no message {name}")))?;
-    let mut dynamic = DynamicMessage::new(descriptor);
-    dynamic
-        .transcode_from(message)
-        .map_err(|e| Error::internal(format!("transcoding {name}: {e}")))?;
-    let options = SerializeOptions::new()
-        .stringify_64_bit_integers(false)
-        .use_proto_field_name(true);
-    dynamic
-        .serialize_with_options(serde_json::value::Serializer, &options)
-        .map_err(|e| Error::internal(format!("rendering {name}: {e}")).into())
-}
-
 fn message(name: &str) -> String {
     format!("tessera.catalog.v1.{name}")
 }
 
-/// `200 OK` (or `201 Created`) with `message` as JSON.
+/// `200 OK` (or `201 Created`) with the catalog message `name` as JSON.
 fn reply<T: prost::Message>(
     status: http::StatusCode,
     name: &str,
     m: &T,
 ) -> Result<Response, ApiError> {
-    Ok((status, Json(to_json(&message(name), m)?)).into_response())
-}
-
-/// Sets `field` of a JSON object body (path and header values win over the body's).
-fn with(mut body: Value, field: &str, value: impl Into<Value>) -> Value {
-    if let Some(object) = body.as_object_mut() {
-        object.insert(field.to_string(), value.into());
-    }
-    body
+    transcode::reply(status, &message(name), m)
 }
 
 pub fn routes() -> Router<Arc<AppState>> {

@@ -4,11 +4,13 @@
 //! context on, and renders errors in one JSON shape. Business rules live in the services.
 
 mod catalog;
+mod eligibility;
 mod error;
 mod extract;
 mod keys;
 mod observe;
 mod routes;
+mod transcode;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +18,7 @@ use std::time::Duration;
 use axum::Router;
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 use tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
+use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::{Config, grpc};
 use tessera_store::Db;
@@ -46,6 +49,7 @@ pub struct AppState {
     pub(crate) wallet: WalletServiceClient<grpc::Channel>,
     pub(crate) wallet_channel: grpc::Channel,
     pub(crate) catalog: CatalogServiceClient<grpc::Channel>,
+    pub(crate) eligibility: EligibilityServiceClient<grpc::Channel>,
     pub(crate) max_body_bytes: usize,
 }
 
@@ -79,6 +83,10 @@ impl Gateway {
             wallet_channel,
             catalog: CatalogServiceClient::new(grpc::channel(
                 &config.peers.catalog_url,
+                config.peer_timeout(),
+            )?),
+            eligibility: EligibilityServiceClient::new(grpc::channel(
+                &config.peers.eligibility_url,
                 config.peer_timeout(),
             )?),
             max_body_bytes: config.gateway.max_body_bytes,

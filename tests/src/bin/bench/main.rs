@@ -1,4 +1,4 @@
-//! `just bench`: the wallet and the catalog through gRPC against the whole suite in this
+//! `just bench`: the wallet, the catalog and qualification through gRPC against the whole suite in this
 //! process, on SQLite (embedded) and on PostgreSQL (when `TESSERA_TEST_DATABASE_URL` and
 //! `TESSERA_TEST_REDIS_URL` are set). Prints throughput and latency percentiles of single
 //! credits, batch credits and debits, and how long a 100,000-code generation job takes. A
@@ -6,6 +6,8 @@
 //! without a collector.
 
 #![allow(clippy::print_stdout)]
+
+mod qualify;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -291,6 +293,7 @@ async fn main() {
          >= 3,000/s on SQLite; Debit p99 <= 20 ms at {CONCURRENCY} clients. Catalog: \
          {CODES} codes generated in <= 10 s on PostgreSQL."
     );
+    qualify::cel_cost();
     for (backend, label) in [
         (Backend::Embedded, "SQLite + in-process cache"),
         (Backend::Production, "PostgreSQL + Redis"),
@@ -301,6 +304,7 @@ async fn main() {
                 batch_credits(&suite, label).await;
                 debits(&suite, label).await;
                 code_generation(&suite, label).await;
+                qualify::qualification(&suite, label).await;
                 suite.cleanup().await;
             }
             None => println!("  {label:<28} skipped (backend not configured)"),

@@ -1,0 +1,515 @@
+//! The campaign read model and its index.
+//!
+//! Campaigns are owned by the campaign scheduler; their eligibility-relevant part reaches
+//! this service through `PutCampaign` / `RemoveCampaign` and is stored in `campaigns`, with a
+//! per-tenant feed version. Each replica keeps an in-memory [`Index`] per tenant (a
+//! [`ReadModel`]), compiled once (rules, effects, windows) and rebuilt incrementally when the
+//! feed version moves, so a kill switch lands within a second everywhere.
+//!
+//! The index exists so qualification does not look at every campaign: active campaigns are
+//! grouped by the segment they need (or none), then by the cart keys their effect needs
+//! (`sku:…`, `cat:…`, `col:…`, or none), and code-only campaigns by code. A qualification
+//! visits only the groups of the customer's segments and the cart's keys.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{Datelike, Timelike};
+use chrono_tz::Tz;
+use prost::Message;
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
+use tessera_effects::{Application, Effect, Selector, wire};
+use tessera_proto::eligibility::v1 as pb;
+use tessera_runtime::Error;
+use tessera_runtime::error::Violations;
+use tessera_store::outbox::timestamp_to_micros;
+use tessera_store::{Db, db_error, stmt};
+
+use crate::readmodel::ReadModel;
+use crate::rules::{self, AttrType, Rule, Schema, Scope};
+
+/// A campaign compiled for evaluation.
+#[derive(Debug)]
+pub struct Compiled {
+    pub def: pb::Campaign,
+    pub version: i64,
+    pub rule: Option<Rule>,
+    pub application: Application,
+    pub starts_at: i64,
+    pub ends_at: Option<i64>,
+    pub time_zone: Option<Tz>,
+    /// `(weekday mask, start minute, end minute)`; empty: always.
+    pub windows: Vec<(u8, u32, u32)>,
+    /// Cart keys of which one must be present; empty: any cart.
+    pub item_keys: Vec<String>,
+}
+
+impl Compiled {
+    pub fn active(&self) -> bool {
+        self.def.status() == pb::CampaignStatus::Active
+    }
+
+    pub fn has_limits(&self) -> bool {
+        self.def.limits.as_ref().is_some_and(|l| {
+            l.max_redemptions > 0 || l.max_discount_total > 0 || l.max_redemptions_per_customer > 0
+        })
+    }
+
+    /// Whether `now` (µs) is inside a window (in the campaign's zone or `tenant_zone`).
+    pub fn in_window(&self, now: i64, tenant_zone: Tz) -> bool {
+        if self.windows.is_empty() {
+            return true;
+        }
+        let zone = self.time_zone.unwrap_or(tenant_zone);
+        let local = chrono::DateTime::<chrono::Utc>::from_timestamp_micros(now)
+            .unwrap_or_default()
+            .with_timezone(&zone);
+        let day = 1u8 << local.weekday().num_days_from_monday();
+        let minute = local.hour() * 60 + local.minute();
+        self.windows
+            .iter()
+            .any(|(days, start, end)| days & day != 0 && (*start..*end).contains(&minute))
+    }
+}
+
+/// The cart keys a selector needs (one of them): empty when it matches any line.
+fn selector_keys(s: &Selector) -> Vec<String> {
+    if s.skus.is_empty() && s.categories.is_empty() && s.collections.is_empty() {
+        return Vec::new();
+    }
+    s.skus
+        .iter()
+        .map(|k| format!("sku:{k}"))
+        .chain(s.categories.iter().map(|k| format!("cat:{k}")))
+        .chain(s.collections.iter().map(|k| format!("col:{k}")))
+        .collect()
+}
+
+/// The cart keys an effect needs (one of them) to do anything.
+fn effect_keys(e: &Effect) -> Vec<String> {
+    match e {
+        Effect::AmountOff { selector, .. }
+        | Effect::PercentOff { selector, .. }
+        | Effect::FixedPrice { selector, .. } => selector_keys(selector),
+        Effect::BuyXGetY { buy, get, .. } => {
+            // Both must be present; index on the buy side, the engine checks the rest.
+            let buy = selector_keys(buy);
+            if buy.is_empty() {
+                selector_keys(get)
+            } else {
+                buy
+            }
+        }
+        Effect::Bundle { components, .. } => components
+            .first()
+            .map(|(s, _)| selector_keys(s))
+            .unwrap_or_default(),
+        Effect::PointsExchange { reward, .. } => effect_keys(reward),
+        _ => Vec::new(),
+    }
+}
+
+/// The keys of a cart: `sku:…`, `cat:…`, `col:…`.
+pub fn cart_keys(cart: &tessera_effects::Cart) -> HashSet<String> {
+    let mut keys = HashSet::new();
+    for line in &cart.lines {
+        keys.insert(format!("sku:{}", line.sku));
+        for c in &line.categories {
+            keys.insert(format!("cat:{c}"));
+        }
+        for c in &line.collections {
+            keys.insert(format!("col:{c}"));
+        }
+    }
+    keys
+}
+
+fn check_id(v: &mut Violations, field: &str, id: &str) {
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        v.add(field, "must be 1 to 128 visible ASCII characters");
+    }
+}
+
+/// Checks and compiles a campaign. Rule errors name `campaign.rule` with the position.
+pub fn compile(
+    v: &mut Violations,
+    c: &pb::Campaign,
+    version: i64,
+    attributes: &BTreeMap<String, AttrType>,
+    segments: Option<&HashSet<String>>,
+    now: i64,
+) -> Option<Compiled> {
+    check_id(v, "campaign.id", &c.id);
+    if c.name.chars().count() > 200 {
+        v.add("campaign.name", "must be at most 200 characters");
+    }
+    if c.status() == pb::CampaignStatus::Unspecified {
+        v.add("campaign.status", "is required");
+    }
+    let starts_at = c.starts_at.as_ref().map_or(now, timestamp_to_micros);
+    let ends_at = c.ends_at.as_ref().map(timestamp_to_micros);
+    if ends_at.is_some_and(|e| e <= starts_at) {
+        v.add("campaign.ends_at", "must be after starts_at");
+    }
+    let time_zone = if c.time_zone.is_empty() {
+        None
+    } else {
+        let tz = c.time_zone.parse::<Tz>().ok();
+        if tz.is_none() {
+            v.add("campaign.time_zone", "must be an IANA time zone");
+        }
+        tz
+    };
+    let mut windows = Vec::new();
+    for (i, w) in c.windows.iter().enumerate() {
+        let mut mask = 0u8;
+        for (j, d) in w.days.iter().enumerate() {
+            match pb::Weekday::try_from(*d) {
+                Ok(day) if day != pb::Weekday::Unspecified => mask |= 1 << (*d - 1),
+                _ => v.add(format!("campaign.windows.{i}.days.{j}"), "is not a weekday"),
+            }
+        }
+        if w.start_minute >= 1440 {
+            v.add(
+                format!("campaign.windows.{i}.start_minute"),
+                "must be 0 to 1439",
+            );
+        }
+        if w.end_minute > 1440 || w.end_minute <= w.start_minute {
+            v.add(
+                format!("campaign.windows.{i}.end_minute"),
+                "must be after start_minute and at most 1440",
+            );
+        }
+        windows.push((
+            if mask == 0 { 0x7f } else { mask },
+            w.start_minute,
+            w.end_minute,
+        ));
+    }
+    for (i, s) in c.segments.iter().enumerate() {
+        if segments.is_some_and(|known| !known.contains(s)) {
+            v.add(
+                format!("campaign.segments.{i}"),
+                format!("unknown segment '{s}'"),
+            );
+        }
+    }
+    for (i, code) in c.codes.iter().enumerate() {
+        if code.is_empty() || code.len() > 64 {
+            v.add(format!("campaign.codes.{i}"), "must be 1 to 64 characters");
+        }
+    }
+    if c.reward_id.len() > 128 {
+        v.add("campaign.reward_id", "must be at most 128 characters");
+    }
+    if let Some(l) = &c.limits {
+        for (name, value) in [
+            ("max_redemptions", l.max_redemptions),
+            ("max_discount_total", l.max_discount_total),
+            (
+                "max_redemptions_per_customer",
+                l.max_redemptions_per_customer,
+            ),
+        ] {
+            if value < 0 {
+                v.add(format!("campaign.limits.{name}"), "must not be negative");
+            }
+        }
+    }
+    let rule = if c.rule.trim().is_empty() {
+        None
+    } else {
+        match rules::compile(&c.rule, &Schema::new(attributes, Scope::Campaign)) {
+            Ok(rule) => Some(rule),
+            Err(e) => {
+                v.add("campaign.rule", e.to_string());
+                None
+            }
+        }
+    };
+    let effect = wire::effect(v, "campaign.effect", c.effect.as_ref())?;
+    let item_keys = effect_keys(&effect);
+    Some(Compiled {
+        def: c.clone(),
+        version,
+        rule,
+        application: Application {
+            reward_id: if c.reward_id.is_empty() {
+                c.id.clone()
+            } else {
+                c.reward_id.clone()
+            },
+            priority: c.priority,
+            effect,
+        },
+        starts_at,
+        ends_at,
+        time_zone,
+        windows,
+        item_keys,
+    })
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    by_item: HashMap<String, Vec<u32>>,
+    any_item: Vec<u32>,
+}
+
+/// One tenant's campaigns, compiled and indexed.
+#[derive(Debug, Default)]
+pub struct Index {
+    pub version: i64,
+    /// By id.
+    pub campaigns: Vec<Arc<Compiled>>,
+    by_segment: HashMap<String, Group>,
+    by_code: HashMap<String, Vec<u32>>,
+}
+
+impl Index {
+    fn build(version: i64, mut campaigns: Vec<Arc<Compiled>>) -> Self {
+        campaigns.sort_by(|a, b| a.def.id.cmp(&b.def.id));
+        let mut index = Index {
+            version,
+            ..Default::default()
+        };
+        for (i, c) in campaigns.iter().enumerate() {
+            let i = i as u32;
+            if !c.active() {
+                continue;
+            }
+            if !c.def.codes.is_empty() {
+                for code in &c.def.codes {
+                    index.by_code.entry(code.clone()).or_default().push(i);
+                }
+                continue;
+            }
+            let segments: Vec<&str> = if c.def.segments.is_empty() {
+                vec![""]
+            } else {
+                c.def.segments.iter().map(String::as_str).collect()
+            };
+            for s in segments {
+                let group = index.by_segment.entry(s.to_string()).or_default();
+                if c.item_keys.is_empty() {
+                    group.any_item.push(i);
+                } else {
+                    for k in &c.item_keys {
+                        group.by_item.entry(k.clone()).or_default().push(i);
+                    }
+                }
+            }
+        }
+        index.campaigns = campaigns;
+        index
+    }
+
+    /// Positions of the campaigns worth evaluating, ascending, without duplicates.
+    pub fn candidates(
+        &self,
+        segments: &HashSet<String>,
+        keys: &HashSet<String>,
+        codes: &[String],
+    ) -> Vec<u32> {
+        let mut out = Vec::new();
+        let groups = std::iter::once("")
+            .chain(segments.iter().map(String::as_str))
+            .filter_map(|s| self.by_segment.get(s));
+        for group in groups {
+            out.extend_from_slice(&group.any_item);
+            if group.by_item.len() < keys.len() {
+                for (k, list) in &group.by_item {
+                    if keys.contains(k) {
+                        out.extend_from_slice(list);
+                    }
+                }
+            } else {
+                for k in keys {
+                    if let Some(list) = group.by_item.get(k) {
+                        out.extend_from_slice(list);
+                    }
+                }
+            }
+        }
+        for code in codes {
+            if let Some(list) = self.by_code.get(code) {
+                out.extend_from_slice(list);
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+/// The per-tenant indexes of one replica.
+pub struct Campaigns {
+    db: Db,
+    indexes: ReadModel<Index>,
+}
+
+impl Campaigns {
+    pub fn new(db: Db) -> Self {
+        Self {
+            db,
+            indexes: ReadModel::default(),
+        }
+    }
+
+    /// Forgets a tenant's index (after this replica changed it).
+    pub fn forget(&self, tenant: &str) {
+        self.indexes.forget(tenant);
+    }
+
+    /// The tenant's index, at most [`crate::readmodel::FRESHNESS`] old.
+    pub async fn index(&self, tenant: &str) -> Result<Arc<Index>, Error> {
+        if let Some(index) = self.indexes.fresh(tenant) {
+            return Ok(index);
+        }
+        let version = feed_version(self.db.conn(), tenant).await?;
+        let previous = self.indexes.stale(tenant);
+        let index = match previous {
+            Some(index) if index.version == version => index,
+            previous => Arc::new(self.rebuild(tenant, version, previous).await?),
+        };
+        self.indexes.store(tenant, index.clone());
+        Ok(index)
+    }
+
+    async fn rebuild(
+        &self,
+        tenant: &str,
+        version: i64,
+        previous: Option<Arc<Index>>,
+    ) -> Result<Index, Error> {
+        let conn = self.db.conn();
+        let rows = conn
+            .query_all_raw(stmt(
+                conn,
+                "SELECT id, version, definition FROM campaigns WHERE tenant_id = $1",
+                [tenant.into()],
+            ))
+            .await
+            .map_err(db_error)?;
+        let reuse: HashMap<(String, i64), Arc<Compiled>> = previous
+            .map(|p| {
+                p.campaigns
+                    .iter()
+                    .map(|c| ((c.def.id.clone(), c.version), c.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let attributes = crate::facts::attributes(conn, tenant).await?;
+        let mut campaigns = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get_by_index(0).map_err(db_error)?;
+            let v: i64 = row.try_get_by_index(1).map_err(db_error)?;
+            if let Some(c) = reuse.get(&(id.clone(), v)) {
+                campaigns.push(c.clone());
+                continue;
+            }
+            let bytes: Vec<u8> = row.try_get_by_index(2).map_err(db_error)?;
+            let def = pb::Campaign::decode(bytes.as_slice()).map_err(Error::internal)?;
+            let mut violations = Violations::new();
+            match compile(&mut violations, &def, v, &attributes, None, 0) {
+                Some(c) if violations.count() == 0 => campaigns.push(Arc::new(c)),
+                _ => tracing::error!(campaign = %id, "stored campaign no longer compiles"),
+            }
+        }
+        Ok(Index::build(version, campaigns))
+    }
+}
+
+pub async fn feed_version<C: ConnectionTrait>(conn: &C, tenant: &str) -> Result<i64, Error> {
+    let row = conn
+        .query_one_raw(stmt(
+            conn,
+            "SELECT version FROM campaign_feed WHERE tenant_id = $1",
+            [tenant.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    row.map_or(Ok(0), |r| r.try_get_by_index(0).map_err(db_error))
+}
+
+/// Bumps the tenant's feed version; returns the new one.
+pub async fn bump(txn: &DatabaseTransaction, tenant: &str) -> Result<i64, Error> {
+    let row = txn
+        .query_one_raw(stmt(
+            txn,
+            "INSERT INTO campaign_feed (tenant_id, version) VALUES ($1, 1) \
+             ON CONFLICT (tenant_id) DO UPDATE SET version = campaign_feed.version + 1 \
+             RETURNING version",
+            [tenant.into()],
+        ))
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| Error::internal("no feed version"))?;
+    row.try_get_by_index(0).map_err(db_error)
+}
+
+pub async fn put(txn: &DatabaseTransaction, tenant: &str, c: &pb::Campaign) -> Result<i64, Error> {
+    let version = bump(txn, tenant).await?;
+    txn.execute_raw(stmt(
+        txn,
+        "INSERT INTO campaigns (tenant_id, id, definition, version) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (tenant_id, id) DO UPDATE SET definition = excluded.definition, \
+         version = excluded.version",
+        [
+            tenant.into(),
+            c.id.clone().into(),
+            c.encode_to_vec().into(),
+            version.into(),
+        ],
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(version)
+}
+
+pub async fn remove(txn: &DatabaseTransaction, tenant: &str, id: &str) -> Result<i64, Error> {
+    let removed = txn
+        .execute_raw(stmt(
+            txn,
+            "DELETE FROM campaigns WHERE tenant_id = $1 AND id = $2",
+            [tenant.into(), id.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    if removed.rows_affected() == 0 {
+        return Err(Error::not_found(format!("campaign `{id}`")));
+    }
+    bump(txn, tenant).await
+}
+
+/// Usage counters `(redemptions, discount_total)` of some campaigns.
+pub async fn usage<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &str,
+    ids: &[&str],
+) -> Result<HashMap<String, (i64, i64)>, Error> {
+    let mut out = HashMap::new();
+    for chunk in ids.chunks(500) {
+        let sql = format!(
+            "SELECT campaign_id, redemptions, discount_total FROM campaign_usage \
+             WHERE tenant_id = $1 AND campaign_id IN ({})",
+            Db::placeholders(2, chunk.len())
+        );
+        let values = std::iter::once(tenant.into()).chain(chunk.iter().map(|id| (*id).into()));
+        let rows = conn
+            .query_all_raw(stmt(conn, &sql, values))
+            .await
+            .map_err(db_error)?;
+        for row in rows {
+            out.insert(
+                row.try_get_by_index(0).map_err(db_error)?,
+                (
+                    row.try_get_by_index(1).map_err(db_error)?,
+                    row.try_get_by_index(2).map_err(db_error)?,
+                ),
+            );
+        }
+    }
+    Ok(out)
+}

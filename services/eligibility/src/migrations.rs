@@ -1,0 +1,194 @@
+//! The eligibility's tables: tenant settings, declared attributes, customer profiles (kept as
+//! their protobuf encoding with a facts version), orders and custom events (the facts the
+//! aggregates are computed from), event schemas, segments with their members and recompute
+//! jobs, the campaign read model and the usage counters qualification checks; plus the
+//! shared plumbing tables.
+
+use sea_orm_migration::{MigrationTrait, MigratorTrait};
+use tessera_store::migrate::{Migration, col, index, plumbing, table};
+
+/// The eligibility's migrations, in order.
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        let mut all = plumbing();
+        all.push(Box::new(Migration {
+            name: "m0200_eligibility",
+            tables: || {
+                vec![
+                    table(
+                        "settings",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("time_zone"),
+                            col::text("currency"),
+                        ],
+                        &["tenant_id"],
+                    ),
+                    table(
+                        "attributes",
+                        vec![col::text("tenant_id"), col::text("name"), col::text("type")],
+                        &["tenant_id", "name"],
+                    ),
+                    table(
+                        "customers",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("id"),
+                            col::blob("profile"),
+                            col::big("facts_version"),
+                            col::big("lifetime_spend"),
+                            col::big("orders_total"),
+                            col::big("created_at"),
+                            col::big("updated_at"),
+                        ],
+                        &["tenant_id", "id"],
+                    ),
+                    table(
+                        "orders",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("id"),
+                            col::text("customer_id"),
+                            col::text("status"),
+                            col::blob("body"),
+                            // What the order adds to the customer's spend: total minus
+                            // returned, 0 when cancelled.
+                            col::big("spend"),
+                            col::int("counts"),
+                            col::big("occurred_at"),
+                        ],
+                        &["tenant_id", "id"],
+                    ),
+                    table(
+                        "events",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("id"),
+                            col::text("customer_id"),
+                            col::text("type"),
+                            col::blob("body"),
+                            col::big("occurred_at"),
+                        ],
+                        &["tenant_id", "id"],
+                    ),
+                    table(
+                        "event_schemas",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("type"),
+                            col::blob("definition"),
+                        ],
+                        &["tenant_id", "type"],
+                    ),
+                    table(
+                        "segments",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("id"),
+                            col::blob("definition"),
+                            col::text("kind"),
+                            col::big("version"),
+                            col::big("size"),
+                            col::big_null("computed_at"),
+                        ],
+                        &["tenant_id", "id"],
+                    ),
+                    table(
+                        "segment_members",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("segment_id"),
+                            col::text("customer_id"),
+                        ],
+                        &["tenant_id", "segment_id", "customer_id"],
+                    ),
+                    table(
+                        "segment_jobs",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("id"),
+                            col::text("segment_id"),
+                            col::big("segment_version"),
+                            col::text("status"),
+                            col::big("total"),
+                            col::big("processed"),
+                            col::big("members"),
+                            col::text("error"),
+                            col::big("created_at"),
+                            col::big_null("finished_at"),
+                            col::big("heartbeat"),
+                        ],
+                        &["tenant_id", "id"],
+                    ),
+                    table(
+                        "segment_feed",
+                        vec![col::text("tenant_id"), col::big("version")],
+                        &["tenant_id"],
+                    ),
+                    table(
+                        "campaigns",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("id"),
+                            col::blob("definition"),
+                            col::big("version"),
+                        ],
+                        &["tenant_id", "id"],
+                    ),
+                    table(
+                        "campaign_feed",
+                        vec![col::text("tenant_id"), col::big("version")],
+                        &["tenant_id"],
+                    ),
+                    // Usage counters: written by redemption (inside its transaction), read
+                    // by qualification.
+                    table(
+                        "campaign_usage",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("campaign_id"),
+                            col::big("redemptions"),
+                            col::big("discount_total"),
+                        ],
+                        &["tenant_id", "campaign_id"],
+                    ),
+                    table(
+                        "customer_usage",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("customer_id"),
+                            col::text("campaign_id"),
+                            col::big("redemptions"),
+                        ],
+                        &["tenant_id", "customer_id", "campaign_id"],
+                    ),
+                ]
+            },
+            indexes: || {
+                vec![
+                    index(
+                        "orders_by_customer",
+                        "orders",
+                        &["tenant_id", "customer_id", "occurred_at"],
+                        false,
+                    ),
+                    index(
+                        "events_by_customer",
+                        "events",
+                        &["tenant_id", "customer_id", "occurred_at"],
+                        false,
+                    ),
+                    index(
+                        "members_by_customer",
+                        "segment_members",
+                        &["tenant_id", "customer_id"],
+                        false,
+                    ),
+                ]
+            },
+        }));
+        all
+    }
+}

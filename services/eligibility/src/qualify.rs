@@ -1,0 +1,370 @@
+//! Qualification: every incentive of the active campaigns the customer can use now on this
+//! cart, with its value (the cart-effect engine, each incentive on its own), best first; and
+//! every one that does not, with a machine-readable reason.
+//!
+//! Order of checks (the first that fails is the reason): kill switch → dates → recurring
+//! windows → segments → code → cart items → budget → per-customer limit → rule → effect;
+//! then among qualifying exclusive incentives only the most valuable stays. The index
+//! ([`crate::campaigns::Index`]) picks the candidates: only they reach the budget, rule and
+//! effect checks; the others are classified by the cheap checks alone, and only when the
+//! caller asks for every reason.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+
+use tessera_effects::{Cart, apply, wire};
+use tessera_proto::eligibility::v1 as pb;
+use tessera_runtime::Error;
+
+use crate::campaigns::{Compiled, Index, cart_keys};
+use crate::facts::{self, Facts, Settings};
+use crate::rules;
+
+/// What the request brings, prepared once.
+pub struct Input<'a> {
+    pub facts: &'a Facts,
+    pub segments: &'a BTreeSet<String>,
+    pub cart: &'a Cart,
+    pub currency: &'a str,
+    pub codes: &'a [String],
+    pub event: Option<&'a pb::Event>,
+    pub tier: Option<&'a str>,
+    pub now: i64,
+    pub settings: &'a Settings,
+}
+
+type Verdict = Result<(), (pb::Reason, String)>;
+
+fn reject(reason: pb::Reason, detail: impl Into<String>) -> Verdict {
+    Err((reason, detail.into()))
+}
+
+/// The checks that need neither counters, rules nor the engine.
+fn cheap(c: &Compiled, input: &Input, keys: &HashSet<String>) -> Verdict {
+    if !c.active() {
+        return reject(
+            pb::Reason::Disabled,
+            format!("campaign is {}", c.def.status().as_str_name()),
+        );
+    }
+    if input.now < c.starts_at {
+        return reject(pb::Reason::NotStarted, "campaign has not started");
+    }
+    if c.ends_at.is_some_and(|end| input.now >= end) {
+        return reject(pb::Reason::Ended, "campaign has ended");
+    }
+    if !c.in_window(input.now, input.settings.time_zone) {
+        return reject(
+            pb::Reason::OutsideTimeWindow,
+            "outside the campaign's hours",
+        );
+    }
+    if !c.def.segments.is_empty() && !c.def.segments.iter().any(|s| input.segments.contains(s)) {
+        return reject(
+            pb::Reason::NotInSegment,
+            format!("customer is in none of: {}", c.def.segments.join(", ")),
+        );
+    }
+    if !c.def.codes.is_empty() && !c.def.codes.iter().any(|code| input.codes.contains(code)) {
+        return reject(pb::Reason::CodeRequired, "needs a code");
+    }
+    if !c.item_keys.is_empty() && !c.item_keys.iter().any(|k| keys.contains(k)) {
+        return reject(
+            pb::Reason::NoMatchingItems,
+            "no cart line matches the reward",
+        );
+    }
+    Ok(())
+}
+
+fn limits(
+    c: &Compiled,
+    usage: &std::collections::HashMap<String, (i64, i64)>,
+    facts: &Facts,
+) -> Verdict {
+    let Some(l) = &c.def.limits else {
+        return Ok(());
+    };
+    let (redemptions, discount) = usage.get(&c.def.id).copied().unwrap_or_default();
+    if l.max_redemptions > 0 && redemptions >= l.max_redemptions {
+        return reject(
+            pb::Reason::BudgetExhausted,
+            format!("{redemptions} of {} redemptions used", l.max_redemptions),
+        );
+    }
+    if l.max_discount_total > 0 && discount >= l.max_discount_total {
+        return reject(
+            pb::Reason::BudgetExhausted,
+            format!(
+                "{discount} of {} discount budget used",
+                l.max_discount_total
+            ),
+        );
+    }
+    let mine = facts
+        .aggregates
+        .redemptions
+        .get(&c.def.id)
+        .copied()
+        .unwrap_or(0);
+    if l.max_redemptions_per_customer > 0 && mine >= l.max_redemptions_per_customer {
+        return reject(
+            pb::Reason::CustomerLimitReached,
+            format!(
+                "customer used it {mine} of {} times",
+                l.max_redemptions_per_customer
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// The variables every rule of one qualification shares.
+pub fn base_context(input: &Input) -> cel::Context<'static, 'static> {
+    let mut ctx = cel::Context::with_env(rules::ENV.clone());
+    ctx.add_variable_from_value("customer", input.facts.customer_value());
+    ctx.add_variable_from_value("order", order_value(input.cart, input.currency));
+    ctx.add_variable_from_value("event", facts::event_value(input.event, input.now));
+    ctx.add_variable_from_value(
+        "segments",
+        input.segments.iter().cloned().collect::<Vec<_>>(),
+    );
+    ctx.add_variable_from_value("tier", input.tier.unwrap_or_default().to_string());
+    ctx.add_variable_from_value(
+        "now",
+        cel::Value::Timestamp(input.settings.local(input.now)),
+    );
+    ctx
+}
+
+fn order_value(cart: &Cart, currency: &str) -> cel::Value {
+    use std::collections::HashMap;
+    let lines: Vec<cel::Value> = cart
+        .lines
+        .iter()
+        .map(|l| {
+            HashMap::from([
+                ("sku", cel::Value::from(l.sku.clone())),
+                ("categories", l.categories.clone().into()),
+                ("collections", l.collections.clone().into()),
+                ("quantity", cel::Value::Int(l.quantity)),
+                ("unit_price", cel::Value::Int(l.unit_price)),
+                ("total", cel::Value::Int(l.total())),
+                ("on_sale", cel::Value::Bool(l.on_sale)),
+            ])
+            .into()
+        })
+        .collect();
+    let subtotal: i64 = cart.lines.iter().map(tessera_effects::Line::total).sum();
+    let quantity: i64 = cart.lines.iter().map(|l| l.quantity).sum();
+    HashMap::from([
+        ("currency", cel::Value::from(currency.to_string())),
+        ("subtotal", cel::Value::Int(subtotal)),
+        ("total", cel::Value::Int(subtotal)),
+        ("shipping", cel::Value::Int(cart.shipping)),
+        ("quantity", cel::Value::Int(quantity)),
+        ("lines", lines.into()),
+    ])
+    .into()
+}
+
+fn rule(c: &Compiled, base: &cel::Context, usage: (i64, i64), facts: &Facts) -> Verdict {
+    let Some(rule) = &c.rule else {
+        return Ok(());
+    };
+    let mut scope = base.new_inner_scope();
+    let mine = facts
+        .aggregates
+        .redemptions
+        .get(&c.def.id)
+        .copied()
+        .unwrap_or(0);
+    scope.add_variable_from_value(
+        "campaign",
+        std::collections::HashMap::from([
+            ("id", cel::Value::from(c.def.id.clone())),
+            ("redemptions", cel::Value::Int(usage.0)),
+            ("discount_total", cel::Value::Int(usage.1)),
+            ("customer_redemptions", cel::Value::Int(mine)),
+        ]),
+    );
+    match rule.program.execute(&scope) {
+        Ok(cel::Value::Bool(true)) => Ok(()),
+        Ok(cel::Value::Bool(false)) => reject(pb::Reason::RuleFalse, rule.source.clone()),
+        Ok(other) => reject(
+            pb::Reason::RuleError,
+            format!("the rule gave {other:?}, not a bool"),
+        ),
+        Err(e) => reject(pb::Reason::RuleError, e.to_string()),
+    }
+}
+
+/// The campaigns whose rules read `tier` (so the caller knows whether to fetch it).
+pub fn reads_tier(index: &Index, candidates: &[u32]) -> bool {
+    candidates.iter().any(|i| {
+        index.campaigns[*i as usize]
+            .rule
+            .as_ref()
+            .is_some_and(|r| r.reads.iter().any(|v| v == "tier"))
+    })
+}
+
+/// Qualifies `input` against `index`. `usage` holds the counters of the candidates with
+/// limits.
+pub fn qualify(
+    index: &Index,
+    candidates: &[u32],
+    input: &Input,
+    usage: &std::collections::HashMap<String, (i64, i64)>,
+    explain: pb::Explain,
+) -> pb::QualifyResponse {
+    let keys = cart_keys(input.cart);
+    let base = base_context(input);
+    let mut qualified: Vec<(Arc<Compiled>, pb::Qualified)> = Vec::new();
+    let mut rejected: Vec<pb::Rejected> = Vec::new();
+    let mut counts: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut note =
+        |rejected: &mut Vec<pb::Rejected>, id: &str, (reason, detail): (pb::Reason, String)| {
+            *counts.entry(reason as i32).or_default() += 1;
+            if explain != pb::Explain::Counts {
+                rejected.push(pb::Rejected {
+                    campaign_id: id.to_string(),
+                    reason: reason.into(),
+                    detail,
+                });
+            }
+        };
+    for &i in candidates {
+        let c = &index.campaigns[i as usize];
+        let u = usage.get(&c.def.id).copied().unwrap_or_default();
+        let verdict = cheap(c, input, &keys)
+            .and_then(|()| limits(c, usage, input.facts))
+            .and_then(|()| rule(c, &base, u, input.facts));
+        if let Err(why) = verdict {
+            note(&mut rejected, &c.def.id, why);
+            continue;
+        }
+        let outcome = apply(std::slice::from_ref(&c.application), input.cart);
+        let value = outcome.discount + outcome.shipping_discount + outcome.cashback;
+        let does_something = !outcome.adjustments.is_empty();
+        if !does_something {
+            let why = outcome
+                .skipped
+                .first()
+                .map(|(_, why)| why.clone())
+                .unwrap_or_else(|| "does nothing on this cart".into());
+            note(&mut rejected, &c.def.id, (pb::Reason::NoEffect, why));
+            continue;
+        }
+        let code = c
+            .def
+            .codes
+            .iter()
+            .find(|code| input.codes.contains(code))
+            .cloned()
+            .unwrap_or_default();
+        qualified.push((
+            c.clone(),
+            pb::Qualified {
+                campaign_id: c.def.id.clone(),
+                reward_id: c.application.reward_id.clone(),
+                code,
+                value,
+                outcome: Some(wire::outcome(outcome)),
+                exclusive: c.def.exclusive,
+            },
+        ));
+    }
+    qualified.sort_by(|(a, qa), (b, qb)| {
+        qb.value
+            .cmp(&qa.value)
+            .then(b.def.priority.cmp(&a.def.priority))
+            .then(qa.campaign_id.cmp(&qb.campaign_id))
+    });
+    // Only the most valuable exclusive incentive stays.
+    let mut best_exclusive: Option<String> = None;
+    let mut kept = Vec::with_capacity(qualified.len());
+    for (_, q) in qualified {
+        if q.exclusive {
+            if let Some(best) = &best_exclusive {
+                let why = format!("the exclusive incentive of '{best}' is worth more");
+                note(
+                    &mut rejected,
+                    &q.campaign_id,
+                    (pb::Reason::ExcludedByStacking, why),
+                );
+                continue;
+            }
+            best_exclusive = Some(q.campaign_id.clone());
+        }
+        kept.push(q);
+    }
+    // The campaigns the index left out: classified by the cheap checks.
+    let mut is_candidate = vec![false; index.campaigns.len()];
+    for &i in candidates {
+        is_candidate[i as usize] = true;
+    }
+    for (i, c) in index.campaigns.iter().enumerate() {
+        if is_candidate[i] {
+            continue;
+        }
+        let why = cheap(c, input, &keys).err().unwrap_or((
+            pb::Reason::NoMatchingItems,
+            "no cart line matches the reward".into(),
+        ));
+        note(&mut rejected, &c.def.id, why);
+    }
+    rejected.sort_by(|a, b| a.campaign_id.cmp(&b.campaign_id));
+    pb::QualifyResponse {
+        qualified: kept,
+        rejected,
+        reason_counts: counts
+            .into_iter()
+            .map(|(reason, count)| pb::ReasonCount { reason, count })
+            .collect(),
+        campaigns_version: index.version,
+        segments_cached: false,
+    }
+}
+
+/// Checks the cart of a qualification: the engine's checks plus the tenant's currency.
+pub fn check_cart(
+    v: &mut tessera_runtime::error::Violations,
+    cart: Option<&tessera_proto::catalog::v1::Cart>,
+    settings: &Settings,
+) -> Cart {
+    let engine_cart = wire::cart(v, "cart", cart);
+    if let Some(c) = cart {
+        if c.currency != settings.currency {
+            v.add(
+                "cart.currency",
+                format!("must be the tenant's currency, {}", settings.currency),
+            );
+        }
+    }
+    engine_cart
+}
+
+/// Candidates, with the usage counters they need.
+pub async fn usage_for(
+    conn: &impl sea_orm::ConnectionTrait,
+    tenant: &str,
+    index: &Index,
+    candidates: &[u32],
+) -> Result<std::collections::HashMap<String, (i64, i64)>, Error> {
+    let ids: Vec<&str> = candidates
+        .iter()
+        .map(|i| &index.campaigns[*i as usize])
+        .filter(|c| {
+            c.has_limits()
+                || c.rule
+                    .as_ref()
+                    .is_some_and(|r| r.reads.iter().any(|v| v == "campaign"))
+        })
+        .map(|c| c.def.id.as_str())
+        .collect();
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    crate::campaigns::usage(conn, tenant, &ids).await
+}
