@@ -844,12 +844,12 @@ pub async fn load<C: ConnectionTrait>(
         .query_one_raw(stmt(
             conn,
             "SELECT \
-             COALESCE(SUM(CASE WHEN occurred_at >= $3 THEN spend ELSE 0 END), 0), \
-             COALESCE(SUM(CASE WHEN occurred_at >= $4 THEN spend ELSE 0 END), 0), \
-             COALESCE(SUM(CASE WHEN occurred_at >= $5 THEN spend ELSE 0 END), 0), \
-             COALESCE(SUM(CASE WHEN occurred_at >= $3 THEN counts ELSE 0 END), 0), \
-             COALESCE(SUM(CASE WHEN occurred_at >= $4 THEN counts ELSE 0 END), 0), \
-             COALESCE(SUM(CASE WHEN occurred_at >= $5 THEN counts ELSE 0 END), 0), \
+             CAST(COALESCE(SUM(CASE WHEN occurred_at >= $3 THEN spend ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN occurred_at >= $4 THEN spend ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN occurred_at >= $5 THEN spend ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN occurred_at >= $3 THEN counts ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN occurred_at >= $4 THEN counts ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN occurred_at >= $5 THEN counts ELSE 0 END), 0) AS BIGINT), \
              MAX(CASE WHEN counts = 1 THEN occurred_at END) \
              FROM orders WHERE tenant_id = $1 AND customer_id = $2",
             [
@@ -883,9 +883,9 @@ pub async fn load<C: ConnectionTrait>(
         .query_all_raw(stmt(
             conn,
             "SELECT type, \
-             SUM(CASE WHEN occurred_at >= $3 THEN 1 ELSE 0 END), \
-             SUM(CASE WHEN occurred_at >= $4 THEN 1 ELSE 0 END), \
-             COUNT(*) \
+             CAST(SUM(CASE WHEN occurred_at >= $3 THEN 1 ELSE 0 END) AS BIGINT), \
+             CAST(SUM(CASE WHEN occurred_at >= $4 THEN 1 ELSE 0 END) AS BIGINT), \
+             CAST(COUNT(*) AS BIGINT) \
              FROM events WHERE tenant_id = $1 AND customer_id = $2 AND occurred_at >= $5 \
              GROUP BY type",
             [

@@ -777,7 +777,10 @@ mod tests {
         assert!(compile(&deeper, &schema()).is_err());
         let long_sum = format!("{} == 1", vec!["1"; 2000].join("+"));
         let err = compile(&long_sum, &schema()).unwrap_err();
-        assert!(err.message.contains("deeper than") || err.message.contains("too large"), "{err}");
+        assert!(
+            err.message.contains("deeper than") || err.message.contains("too large"),
+            "{err}"
+        );
         assert!(compile("  ", &schema()).is_err());
     }
 

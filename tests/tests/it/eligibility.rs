@@ -619,8 +619,9 @@ async fn segments_are_cached_versioned_and_recomputed(suite: TestSuite) {
     .await
     .expect("static members");
 
+    let reader = c.clone();
     let segments_of = |customer: &str| {
-        let mut c = c.clone();
+        let mut c = reader.clone();
         let ctx = suite.ctx(TENANT);
         let customer = customer.to_string();
         async move {
