@@ -334,13 +334,13 @@ pub fn check_cart(
     settings: &Settings,
 ) -> Cart {
     let engine_cart = wire::cart(v, "cart", cart);
-    if let Some(c) = cart {
-        if c.currency != settings.currency {
-            v.add(
-                "cart.currency",
-                format!("must be the tenant's currency, {}", settings.currency),
-            );
-        }
+    if let Some(c) = cart
+        && c.currency != settings.currency
+    {
+        v.add(
+            "cart.currency",
+            format!("must be the tenant's currency, {}", settings.currency),
+        );
     }
     engine_cart
 }

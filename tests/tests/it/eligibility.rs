@@ -3,6 +3,9 @@
 //! cached membership never goes stale, recompute jobs with progress, and qualification with
 //! values, ranking and a reason for every incentive that does not apply.
 
+// Amounts are written dollars_cents (`150_00` is $150.00).
+#![allow(clippy::inconsistent_digit_grouping)]
+
 use std::collections::HashMap;
 use std::time::Duration;
 
