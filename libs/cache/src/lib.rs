@@ -189,7 +189,14 @@ impl RedisCache {
     /// Connects to `url`; every key starts with `prefix`.
     pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> Result<Self, CacheError> {
         let client = redis::Client::open(url)?;
-        let conn = redis::aio::ConnectionManager::new(client).await?;
+        // The cache is an optimisation: when Redis is slow or away, a request gives up on it
+        // quickly and computes membership itself instead of waiting on reconnects.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let conn = redis::aio::ConnectionManager::new_with_config(client, config).await?;
         Ok(Self {
             conn,
             prefix: prefix.to_string(),

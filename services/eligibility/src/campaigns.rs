@@ -8,8 +8,9 @@
 //!
 //! The index exists so qualification does not look at every campaign: active campaigns are
 //! grouped by the segment they need (or none), then by the cart keys their effect needs
-//! (`sku:…`, `cat:…`, `col:…`, or none), and code-only campaigns by code. A qualification
-//! visits only the groups of the customer's segments and the cart's keys.
+//! (`sku:…`, `cat:…`, `col:…`, or none); code-only campaigns by code and campaigns whose
+//! rule needs an event of one type by that type. A qualification visits only the groups of
+//! the customer's segments, the cart's keys, the codes given and the event's type.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -265,6 +266,8 @@ pub struct Index {
     pub campaigns: Vec<Arc<Compiled>>,
     by_segment: HashMap<String, Group>,
     by_code: HashMap<String, Vec<u32>>,
+    /// Campaigns whose rule needs an event of one type.
+    by_event: HashMap<String, Vec<u32>>,
 }
 
 impl Index {
@@ -283,6 +286,10 @@ impl Index {
                 for code in &c.def.codes {
                     index.by_code.entry(code.clone()).or_default().push(i);
                 }
+                continue;
+            }
+            if let Some(t) = c.rule.as_ref().and_then(|r| r.event_type.clone()) {
+                index.by_event.entry(t).or_default().push(i);
                 continue;
             }
             let segments: Vec<&str> = if c.def.segments.is_empty() {
@@ -311,6 +318,7 @@ impl Index {
         segments: &HashSet<String>,
         keys: &HashSet<String>,
         codes: &[String],
+        event_type: Option<&str>,
     ) -> Vec<u32> {
         let mut out = Vec::new();
         let groups = std::iter::once("")
@@ -336,6 +344,9 @@ impl Index {
             if let Some(list) = self.by_code.get(code) {
                 out.extend_from_slice(list);
             }
+        }
+        if let Some(list) = event_type.and_then(|t| self.by_event.get(t)) {
+            out.extend_from_slice(list);
         }
         out.sort_unstable();
         out.dedup();

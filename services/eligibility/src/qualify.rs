@@ -3,7 +3,8 @@
 //! every one that does not, with a machine-readable reason.
 //!
 //! Order of checks (the first that fails is the reason): kill switch → dates → recurring
-//! windows → segments → code → cart items → budget → per-customer limit → rule → effect;
+//! windows → segments → code → event type → cart items → budget → per-customer limit →
+//! rule → effect;
 //! then among qualifying exclusive incentives only the most valuable stays. The index
 //! ([`crate::campaigns::Index`]) picks the candidates: only they reach the budget, rule and
 //! effect checks; the others are classified by the cheap checks alone, and only when the
@@ -67,6 +68,11 @@ fn cheap(c: &Compiled, input: &Input, keys: &HashSet<String>) -> Verdict {
     }
     if !c.def.codes.is_empty() && !c.def.codes.iter().any(|code| input.codes.contains(code)) {
         return reject(pb::Reason::CodeRequired, "needs a code");
+    }
+    if let Some(t) = c.rule.as_ref().and_then(|r| r.event_type.as_deref())
+        && input.event.map(|e| e.r#type.as_str()) != Some(t)
+    {
+        return reject(pb::Reason::RuleFalse, format!("needs a '{t}' event"));
     }
     if !c.item_keys.is_empty() && !c.item_keys.iter().any(|k| keys.contains(k)) {
         return reject(

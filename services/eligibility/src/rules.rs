@@ -262,6 +262,37 @@ pub struct Rule {
     pub program: Program,
     /// Top-level variables it reads.
     pub reads: Vec<String>,
+    /// The event type the rule requires (`event.type == "…"` as a top-level conjunct), so
+    /// an index can skip it for other events without evaluating it.
+    pub event_type: Option<String>,
+}
+
+/// The literal `event.type` is compared with in a top-level conjunct of `e`, if any.
+fn required_event_type(e: &IdedExpr) -> Option<String> {
+    let Expr::Call(call) = &e.expr else {
+        return None;
+    };
+    match (call.func_name.as_str(), call.args.as_slice()) {
+        ("_&&_", [a, b]) => required_event_type(a).or_else(|| required_event_type(b)),
+        ("_==_", [a, b]) => {
+            let is_event_type = |x: &IdedExpr| {
+                matches!(&x.expr, Expr::Select(s) if !s.test && s.field == "type"
+                    && matches!(&s.operand.expr, Expr::Ident(n) if n == "event"))
+            };
+            let literal = |x: &IdedExpr| match &x.expr {
+                Expr::Literal(LiteralValue::String(v)) => Some(v.inner().to_string()),
+                _ => None,
+            };
+            if is_event_type(a) {
+                literal(b)
+            } else if is_event_type(b) {
+                literal(a)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
 }
 
 /// Stack for parsing: the parser and the tree it builds recurse once per nesting level, and
@@ -338,10 +369,12 @@ fn compile_here(source: &str, schema: &Schema) -> Result<Rule, RuleError> {
     let mut reads = checker.reads;
     reads.sort();
     reads.dedup();
+    let event_type = required_event_type(program.expression());
     Ok(Rule {
         source: source.to_string(),
         program,
         reads,
+        event_type,
     })
 }
 
@@ -725,6 +758,21 @@ mod tests {
             let r = compile(rule, &schema());
             assert!(r.is_ok(), "{rule}: {r:?}");
         }
+    }
+
+    #[test]
+    fn a_required_event_type_is_found_for_the_index() {
+        let found = |rule: &str| compile(rule, &schema()).expect(rule).event_type;
+        assert_eq!(
+            found(r#"event.type == "review""#).as_deref(),
+            Some("review")
+        );
+        assert_eq!(
+            found(r#"order.total > 1 && ("like" == event.type && true)"#).as_deref(),
+            Some("like")
+        );
+        assert_eq!(found(r#"event.type == "a" || order.total > 1"#), None);
+        assert_eq!(found(r#"event.type != "a""#), None);
     }
 
     #[test]

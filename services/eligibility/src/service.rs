@@ -813,7 +813,8 @@ impl EligibilityService for Eligibility {
         let index = self.campaigns.index(tenant).await?;
         let keys = campaigns::cart_keys(&cart);
         let segment_set: HashSet<String> = segments.iter().cloned().collect();
-        let candidates = index.candidates(&segment_set, &keys, &request.codes);
+        let event_type = request.event.as_ref().map(|e| e.r#type.as_str());
+        let candidates = index.candidates(&segment_set, &keys, &request.codes, event_type);
         let usage = qualify::usage_for(conn, tenant, &index, &candidates).await?;
         let tier = if !request.program_id.is_empty() && qualify::reads_tier(&index, &candidates) {
             self.tier(&ctx, &request.customer_id, &request.program_id)

@@ -24,6 +24,8 @@ backend_tests!(
     segments_are_cached_versioned_and_recomputed,
     qualification_ranks_values_and_explains_every_rejection,
     the_issues_rule_examples_work_verbatim,
+    touchpoints_qualify_over_http,
+    tier_rules_read_the_wallet,
 );
 
 type Client = EligibilityServiceClient<Channel>;
@@ -1133,4 +1135,137 @@ async fn the_issues_rule_examples_work_verbatim(suite: TestSuite) {
     assert_eq!(ids(&with_event), friday(vec!["newsletter"]));
     let rejected = reasons(&with_event);
     assert_eq!(rejected.get("over-100"), Some(&pb::Reason::RuleFalse));
+}
+
+async fn touchpoints_qualify_over_http(suite: TestSuite) {
+    let mut c = client(&suite);
+    let mut spring = campaign("spring", amount_off(5_00));
+    spring.codes = vec!["SPRING".into()];
+    put_campaign(&mut c, &suite, spring).await;
+    let mut big = campaign("big-spender", amount_off(10_00));
+    big.rule = "customer.lifetime_spend >= 50000".into();
+    put_campaign(&mut c, &suite, big).await;
+    let order = serde_json::json!({
+        "id": "h1", "customer_id": "hal", "status": "ORDER_STATUS_PAID", "currency": "USD",
+        "lines": [{"sku": "TV", "quantity": 1, "unit_amount": 60000}]
+    });
+    let r = suite.post("/v1/orders", Some("h1"), &order).await;
+    assert_eq!(r.status(), 200);
+    let profile: serde_json::Value = suite
+        .get("/v1/customers/hal/profile")
+        .await
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(profile["aggregates"]["lifetime_spend"], 60000);
+    let ask = serde_json::json!({
+        "customer_id": "hal", "codes": ["SPRING"],
+        "cart": {"currency": "USD", "lines": [
+            {"id": "l1", "sku": "CABLE", "categories": ["av"], "quantity": 2, "unit_price": 1500}
+        ]}
+    });
+    let r = suite.post("/v1/qualify", None, &ask).await;
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.expect("JSON");
+    let ids: Vec<&str> = body["qualified"]
+        .as_array()
+        .expect("qualified")
+        .iter()
+        .map(|q| q["campaign_id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, ["big-spender", "spring"]);
+    assert_eq!(body["qualified"][0]["value"], 1000);
+    let mut bad = ask.clone();
+    bad["cart"]["lines"][0]["quantity"] = serde_json::json!(0);
+    bad["cart"]["currency"] = serde_json::json!("EUR");
+    let r = suite.post("/v1/qualify", None, &bad).await;
+    assert_eq!(r.status(), 400);
+    let error: serde_json::Value = r.json().await.expect("JSON");
+    let fields: Vec<&str> = error["error"]["field_violations"]
+        .as_array()
+        .expect("violations")
+        .iter()
+        .map(|v| v["field"].as_str().expect("field"))
+        .collect();
+    assert_eq!(fields, ["cart.lines.0.quantity", "cart.currency"]);
+    let unknown = suite
+        .post(
+            "/v1/qualify",
+            None,
+            &serde_json::json!({"customer_id": "hal", "basket": {}}),
+        )
+        .await;
+    assert_eq!(unknown.status(), 400);
+}
+
+async fn tier_rules_read_the_wallet(suite: TestSuite) {
+    use tessera_proto::wallet::v1 as wpb;
+    let mut wallet =
+        tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient::new(suite.channel());
+    let level = |id: &str, threshold: i64| wpb::Tier {
+        id: id.into(),
+        name: id.to_uppercase(),
+        threshold,
+        earn_multiplier_permille: 1000,
+        expiry_extension_days: 0,
+    };
+    wallet
+        .upsert_program(suite.ctx(TENANT).request(wpb::UpsertProgramRequest {
+            idempotency_key: "club".into(),
+            program: Some(wpb::Program {
+                id: "club".into(),
+                time_zone: "UTC".into(),
+                expiry: Some(wpb::ExpiryPolicy {
+                    policy: Some(wpb::expiry_policy::Policy::Never(wpb::NeverExpires {})),
+                }),
+                tiers: Some(wpb::TierPolicy {
+                    basis: wpb::TierBasis::PointsEarned as i32,
+                    window_days: 365,
+                    grace_days: 30,
+                    levels: vec![level("base", 0), level("silver", 100)],
+                }),
+                ..Default::default()
+            }),
+        }))
+        .await
+        .expect("programme");
+    wallet
+        .credit(suite.ctx(TENANT).request(wpb::CreditRequest {
+            idempotency_key: "earn".into(),
+            customer_id: "tom".into(),
+            asset: Some(wpb::Asset {
+                kind: wpb::AssetKind::Points as i32,
+                code: "club".into(),
+            }),
+            amount: 150,
+            reason: "purchase".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("credit");
+    let mut c = client(&suite);
+    let mut silver = campaign("silver-only", amount_off(3_00));
+    silver.rule = r#"tier == "silver""#.into();
+    put_campaign(&mut c, &suite, silver).await;
+    let ask = |program: &str| pb::QualifyRequest {
+        customer_id: "tom".into(),
+        cart: Some(cart(&[("A", "x", 1, 10_00)])),
+        program_id: program.into(),
+        ..Default::default()
+    };
+    let with_tier = c
+        .qualify(suite.ctx(TENANT).request(ask("club")))
+        .await
+        .expect("qualify")
+        .into_inner();
+    assert_eq!(qualified_ids(&with_tier), ["silver-only"]);
+    let without = c
+        .qualify(suite.ctx(TENANT).request(ask("")))
+        .await
+        .expect("qualify")
+        .into_inner();
+    assert_eq!(
+        reasons(&without).get("silver-only"),
+        Some(&pb::Reason::RuleFalse)
+    );
 }

@@ -10,6 +10,7 @@ mod idempotency;
 mod input;
 mod metrics;
 mod outbox;
+mod segment_cache;
 mod slice;
 mod trace;
 mod wallet;
