@@ -1224,7 +1224,6 @@ async fn tier_rules_read_the_wallet(suite: TestSuite) {
                     grace_days: 30,
                     levels: vec![level("base", 0), level("silver", 100)],
                 }),
-                ..Default::default()
             }),
         }))
         .await
