@@ -20,6 +20,9 @@ use tonic_health::server::HealthReporter;
 
 use crate::telemetry::{PropagateContext, server_span};
 
+/// HTTP/2 flow-control window per stream (the connection gets twice as much).
+const WINDOW: u32 = 1 << 20;
+
 /// A client channel that propagates the W3C trace context on every call.
 pub type Channel = InterceptedService<tonic::transport::Channel, PropagateContext>;
 
@@ -30,6 +33,10 @@ pub fn channel(url: &str, timeout: Duration) -> anyhow::Result<Channel> {
         .timeout(timeout)
         .connect_timeout(timeout)
         .tcp_nodelay(true)
+        // Larger answers (a qualification lists every incentive) arrive without waiting for
+        // window updates at HTTP/2's 64 KiB default.
+        .initial_stream_window_size(Some(WINDOW))
+        .initial_connection_window_size(Some(2 * WINDOW))
         .http2_keep_alive_interval(Duration::from_secs(30));
     Ok(InterceptedService::new(
         endpoint.connect_lazy(),
@@ -97,6 +104,8 @@ where
         stream
     });
     Server::builder()
+        .initial_stream_window_size(Some(WINDOW))
+        .initial_connection_window_size(Some(2 * WINDOW))
         .trace_fn(server_span)
         .layer(crate::metrics::GrpcMetricsLayer)
         .add_routes(routes)

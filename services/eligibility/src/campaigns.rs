@@ -110,9 +110,13 @@ fn effect_keys(e: &Effect) -> Vec<String> {
     }
 }
 
+/// A set of strings on the request path (a fast, seeded hash: the keys are bounded).
+pub type FastSet = HashSet<String, foldhash::fast::RandomState>;
+type FastMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
 /// The keys of a cart: `sku:…`, `cat:…`, `col:…`.
-pub fn cart_keys(cart: &tessera_effects::Cart) -> HashSet<String> {
-    let mut keys = HashSet::new();
+pub fn cart_keys(cart: &tessera_effects::Cart) -> FastSet {
+    let mut keys = FastSet::default();
     for line in &cart.lines {
         keys.insert(format!("sku:{}", line.sku));
         for c in &line.categories {
@@ -254,8 +258,36 @@ pub fn compile(
 
 #[derive(Debug, Default)]
 struct Group {
-    by_item: HashMap<String, Vec<u32>>,
+    by_item: FastMap<Vec<u32>>,
     any_item: Vec<u32>,
+}
+
+/// What the cheap checks of one campaign read, laid out flat (segment and cart keys as
+/// interned numbers) so classifying every campaign of a large tenant stays a linear scan
+/// over one array instead of a walk through each campaign's heap objects.
+#[derive(Debug)]
+pub struct Pre {
+    pub active: bool,
+    pub starts_at: i64,
+    pub ends_at: i64,
+    pub windowed: bool,
+    pub segments: Box<[u32]>,
+    pub needs_code: bool,
+    pub event: Option<u32>,
+    pub items: Box<[u32]>,
+}
+
+/// What a request brings to the cheap checks, as interned numbers.
+pub struct Presence {
+    /// `present[k]`: the customer is in segment `k`, or the cart holds key `k`, or the
+    /// event is of type `k` (one number space).
+    present: Vec<bool>,
+}
+
+impl Presence {
+    pub fn has(&self, k: u32) -> bool {
+        self.present.get(k as usize).copied().unwrap_or(false)
+    }
 }
 
 /// One tenant's campaigns, compiled and indexed.
@@ -264,10 +296,15 @@ pub struct Index {
     pub version: i64,
     /// By id.
     pub campaigns: Vec<Arc<Compiled>>,
-    by_segment: HashMap<String, Group>,
-    by_code: HashMap<String, Vec<u32>>,
+    /// Per campaign (same order): the cheap checks' inputs.
+    pub pre: Vec<Pre>,
+    /// Segment ids, cart keys and event types (prefixed `seg:`, `sku:`/`cat:`/`col:`,
+    /// `evt:`) → their number.
+    names: FastMap<u32>,
+    by_segment: FastMap<Group>,
+    by_code: FastMap<Vec<u32>>,
     /// Campaigns whose rule needs an event of one type.
-    by_event: HashMap<String, Vec<u32>>,
+    by_event: FastMap<Vec<u32>>,
 }
 
 impl Index {
@@ -308,15 +345,66 @@ impl Index {
                 }
             }
         }
+        let mut intern = |name: String| -> u32 {
+            let next = index.names.len() as u32;
+            *index.names.entry(name).or_insert(next)
+        };
+        index.pre = campaigns
+            .iter()
+            .map(|c| Pre {
+                active: c.active(),
+                starts_at: c.starts_at,
+                ends_at: c.ends_at.unwrap_or(i64::MAX),
+                windowed: !c.windows.is_empty(),
+                segments: c
+                    .def
+                    .segments
+                    .iter()
+                    .map(|s| intern(format!("seg:{s}")))
+                    .collect(),
+                needs_code: !c.def.codes.is_empty(),
+                event: c
+                    .rule
+                    .as_ref()
+                    .and_then(|r| r.event_type.as_ref())
+                    .map(|t| intern(format!("evt:{t}"))),
+                items: c.item_keys.iter().map(|k| intern(k.clone())).collect(),
+            })
+            .collect();
         index.campaigns = campaigns;
         index
+    }
+
+    /// The request's segments, cart keys and event type as numbers of this index.
+    pub fn presence<'a>(
+        &self,
+        segments: impl IntoIterator<Item = &'a String>,
+        keys: &FastSet,
+        event_type: Option<&str>,
+    ) -> Presence {
+        let mut present = vec![false; self.names.len()];
+        let mut mark = |name: &str| {
+            if let Some(k) = self.names.get(name) {
+                present[*k as usize] = true;
+            }
+        };
+        for s in segments {
+            mark(&format!("seg:{s}"));
+        }
+        for k in keys {
+            mark(k);
+        }
+        if let Some(t) = event_type {
+            mark(&format!("evt:{t}"));
+        }
+        Presence { present }
     }
 
     /// Positions of the campaigns worth evaluating, ascending, without duplicates.
     pub fn candidates(
         &self,
-        segments: &HashSet<String>,
-        keys: &HashSet<String>,
+        segments: &FastSet,
+        keys: &FastSet,
         codes: &[String],
         event_type: Option<&str>,
     ) -> Vec<u32> {

@@ -10,14 +10,14 @@
 //! effect checks; the others are classified by the cheap checks alone, and only when the
 //! caller asks for every reason.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use tessera_effects::{Cart, apply, wire};
 use tessera_proto::eligibility::v1 as pb;
 use tessera_runtime::Error;
 
-use crate::campaigns::{Compiled, Index, cart_keys};
+use crate::campaigns::{Compiled, Index, Presence, cart_keys};
 use crate::facts::{self, Facts, Settings};
 use crate::rules;
 
@@ -40,47 +40,68 @@ fn reject(reason: pb::Reason, detail: impl Into<String>) -> Verdict {
     Err((reason, detail.into()))
 }
 
-/// The checks that need neither counters, rules nor the engine.
-fn cheap(c: &Compiled, input: &Input, keys: &HashSet<String>) -> Verdict {
-    if !c.active() {
-        return reject(
-            pb::Reason::Disabled,
-            format!("campaign is {}", c.def.status().as_str_name()),
-        );
+/// The checks that need neither counters, rules nor the engine: the first that fails.
+fn cheap_reason(index: &Index, i: usize, input: &Input, present: &Presence) -> Option<pb::Reason> {
+    let p = &index.pre[i];
+    let c = &index.campaigns[i];
+    Some(if !p.active {
+        pb::Reason::Disabled
+    } else if input.now < p.starts_at {
+        pb::Reason::NotStarted
+    } else if input.now >= p.ends_at {
+        pb::Reason::Ended
+    } else if p.windowed && !c.in_window(input.now, input.settings.time_zone) {
+        pb::Reason::OutsideTimeWindow
+    } else if !p.segments.is_empty() && !p.segments.iter().any(|s| present.has(*s)) {
+        pb::Reason::NotInSegment
+    } else if p.needs_code && !c.def.codes.iter().any(|code| input.codes.contains(code)) {
+        pb::Reason::CodeRequired
+    } else if p.event.is_some_and(|e| !present.has(e)) {
+        pb::Reason::RuleFalse
+    } else if !p.items.is_empty() && !p.items.iter().any(|k| present.has(*k)) {
+        pb::Reason::NoMatchingItems
+    } else {
+        return None;
+    })
+}
+
+/// What a cheap reason means for this campaign, in words.
+fn cheap_detail(c: &Compiled, reason: pb::Reason) -> String {
+    match reason {
+        pb::Reason::Disabled => format!("campaign is {}", c.def.status().as_str_name()),
+        pb::Reason::NotStarted => "campaign has not started".into(),
+        pb::Reason::Ended => "campaign has ended".into(),
+        pb::Reason::OutsideTimeWindow => "outside the campaign's hours".into(),
+        pb::Reason::NotInSegment => {
+            format!("customer is in none of: {}", c.def.segments.join(", "))
+        }
+        pb::Reason::CodeRequired => "needs a code".into(),
+        pb::Reason::RuleFalse => format!(
+            "needs a '{}' event",
+            c.rule
+                .as_ref()
+                .and_then(|r| r.event_type.as_deref())
+                .unwrap_or_default()
+        ),
+        _ => "no cart line matches the reward".into(),
     }
-    if input.now < c.starts_at {
-        return reject(pb::Reason::NotStarted, "campaign has not started");
+}
+
+fn cheap(index: &Index, i: usize, input: &Input, present: &Presence) -> Verdict {
+    match cheap_reason(index, i, input, present) {
+        Some(reason) => Err((reason, cheap_detail(&index.campaigns[i], reason))),
+        None => Ok(()),
     }
-    if c.ends_at.is_some_and(|end| input.now >= end) {
-        return reject(pb::Reason::Ended, "campaign has ended");
-    }
-    if !c.in_window(input.now, input.settings.time_zone) {
-        return reject(
-            pb::Reason::OutsideTimeWindow,
-            "outside the campaign's hours",
-        );
-    }
-    if !c.def.segments.is_empty() && !c.def.segments.iter().any(|s| input.segments.contains(s)) {
-        return reject(
-            pb::Reason::NotInSegment,
-            format!("customer is in none of: {}", c.def.segments.join(", ")),
-        );
-    }
-    if !c.def.codes.is_empty() && !c.def.codes.iter().any(|code| input.codes.contains(code)) {
-        return reject(pb::Reason::CodeRequired, "needs a code");
-    }
-    if let Some(t) = c.rule.as_ref().and_then(|r| r.event_type.as_deref())
-        && input.event.map(|e| e.r#type.as_str()) != Some(t)
-    {
-        return reject(pb::Reason::RuleFalse, format!("needs a '{t}' event"));
-    }
-    if !c.item_keys.is_empty() && !c.item_keys.iter().any(|k| keys.contains(k)) {
-        return reject(
-            pb::Reason::NoMatchingItems,
-            "no cart line matches the reward",
-        );
-    }
-    Ok(())
+}
+
+/// How often the customer redeemed the campaign (the counters redemption keeps).
+fn customer_redemptions(facts: &Facts, c: &Compiled) -> i64 {
+    facts
+        .aggregates
+        .redemptions
+        .get(&c.def.id)
+        .copied()
+        .unwrap_or(0)
 }
 
 fn limits(
@@ -107,12 +128,7 @@ fn limits(
             ),
         );
     }
-    let mine = facts
-        .aggregates
-        .redemptions
-        .get(&c.def.id)
-        .copied()
-        .unwrap_or(0);
+    let mine = customer_redemptions(facts, c);
     if l.max_redemptions_per_customer > 0 && mine >= l.max_redemptions_per_customer {
         return reject(
             pb::Reason::CustomerLimitReached,
@@ -179,12 +195,7 @@ fn rule(c: &Compiled, base: &cel::Context, usage: (i64, i64), facts: &Facts) -> 
         return Ok(());
     };
     let mut scope = base.new_inner_scope();
-    let mine = facts
-        .aggregates
-        .redemptions
-        .get(&c.def.id)
-        .copied()
-        .unwrap_or(0);
+    let mine = customer_redemptions(facts, c);
     scope.add_variable_from_value(
         "campaign",
         std::collections::HashMap::from([
@@ -224,7 +235,11 @@ pub fn qualify(
     usage: &std::collections::HashMap<String, (i64, i64)>,
     explain: pb::Explain,
 ) -> pb::QualifyResponse {
-    let keys = cart_keys(input.cart);
+    let present = index.presence(
+        input.segments,
+        &cart_keys(input.cart),
+        input.event.map(|e| e.r#type.as_str()),
+    );
     let base = base_context(input);
     let mut qualified: Vec<(Arc<Compiled>, pb::Qualified)> = Vec::new();
     let mut rejected: Vec<pb::Rejected> = Vec::new();
@@ -243,7 +258,7 @@ pub fn qualify(
     for &i in candidates {
         let c = &index.campaigns[i as usize];
         let u = usage.get(&c.def.id).copied().unwrap_or_default();
-        let verdict = cheap(c, input, &keys)
+        let verdict = cheap(index, i as usize, input, &present)
             .and_then(|()| limits(c, usage, input.facts))
             .and_then(|()| rule(c, &base, u, input.facts));
         if let Err(why) = verdict {
@@ -314,11 +329,13 @@ pub fn qualify(
         if is_candidate[i] {
             continue;
         }
-        let why = cheap(c, input, &keys).err().unwrap_or((
-            pb::Reason::NoMatchingItems,
-            "no cart line matches the reward".into(),
-        ));
-        note(&mut rejected, &c.def.id, why);
+        let reason = cheap_reason(index, i, input, &present).unwrap_or(pb::Reason::NoMatchingItems);
+        let detail = if explain == pb::Explain::Counts {
+            String::new()
+        } else {
+            cheap_detail(c, reason)
+        };
+        note(&mut rejected, &c.def.id, (reason, detail));
     }
     rejected.sort_by(|a, b| a.campaign_id.cmp(&b.campaign_id));
     pb::QualifyResponse {

@@ -53,6 +53,41 @@ impl Eligibility {
     }
 }
 
+impl Eligibility {
+    /// Creates or replaces a segment; cached memberships are keyed by the tenant's segment
+    /// version, which the change moves, so none of them answers afterwards.
+    async fn save_segment<Req: prost::Message>(
+        &self,
+        ctx: &RequestContext,
+        scope: &str,
+        key: &str,
+        request: &Req,
+        input: Option<&pb::SegmentInput>,
+        create: bool,
+    ) -> Result<pb::Segment, Status> {
+        let attributes = facts::attributes(self.db.conn(), &ctx.tenant_id).await?;
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, key);
+        segments::check(&mut v, input, &attributes);
+        v.finish()?;
+        let (input, tenant) = (input.cloned().unwrap_or_default(), ctx.tenant_id.clone());
+        let segment = self
+            .idempotency
+            .run(ctx, scope, key, request, move |txn| {
+                Box::pin(async move {
+                    if create {
+                        segments::create(txn, &tenant, &input).await
+                    } else {
+                        segments::update(txn, &tenant, &input).await
+                    }
+                })
+            })
+            .await?;
+        self.segments.forget(&ctx.tenant_id);
+        Ok(segment)
+    }
+}
+
 fn check_campaign_id(v: &mut Violations, id: &str) {
     if id.is_empty() || id.len() > 128 {
         v.add("id", "must be 1 to 128 characters");
@@ -472,34 +507,20 @@ impl EligibilityService for Eligibility {
     ) -> Result<Response<pb::CreateSegmentResponse>, Status> {
         let ctx = context_of(&request)?;
         let request = request.into_inner();
-        let attributes = facts::attributes(self.db.conn(), &ctx.tenant_id).await?;
-        let mut v = Violations::new();
-        check_idempotency_key(&mut v, &request.idempotency_key);
-        segments::check(&mut v, request.segment.as_ref(), &attributes);
-        v.finish()?;
-        let (input, tenant) = (
-            request.segment.clone().unwrap_or_default(),
-            ctx.tenant_id.clone(),
-        );
-        let response = self
-            .idempotency
-            .run(
+        let (key, input) = (&request.idempotency_key, request.segment.as_ref());
+        let segment = self
+            .save_segment(
                 &ctx,
                 "eligibility.CreateSegment",
-                &request.idempotency_key,
+                key,
                 &request,
-                move |txn| {
-                    Box::pin(async move {
-                        let segment = segments::create(txn, &tenant, &input).await?;
-                        Ok(pb::CreateSegmentResponse {
-                            segment: Some(segment),
-                        })
-                    })
-                },
+                input,
+                true,
             )
             .await?;
-        self.segments.forget(&ctx.tenant_id);
-        Ok(Response::new(response))
+        Ok(Response::new(pb::CreateSegmentResponse {
+            segment: Some(segment),
+        }))
     }
 
     async fn update_segment(
@@ -508,35 +529,20 @@ impl EligibilityService for Eligibility {
     ) -> Result<Response<pb::UpdateSegmentResponse>, Status> {
         let ctx = context_of(&request)?;
         let request = request.into_inner();
-        let attributes = facts::attributes(self.db.conn(), &ctx.tenant_id).await?;
-        let mut v = Violations::new();
-        check_idempotency_key(&mut v, &request.idempotency_key);
-        segments::check(&mut v, request.segment.as_ref(), &attributes);
-        v.finish()?;
-        let (input, tenant) = (
-            request.segment.clone().unwrap_or_default(),
-            ctx.tenant_id.clone(),
-        );
-        let response = self
-            .idempotency
-            .run(
+        let (key, input) = (&request.idempotency_key, request.segment.as_ref());
+        let segment = self
+            .save_segment(
                 &ctx,
                 "eligibility.UpdateSegment",
-                &request.idempotency_key,
+                key,
                 &request,
-                move |txn| {
-                    Box::pin(async move {
-                        let segment = segments::update(txn, &tenant, &input).await?;
-                        Ok(pb::UpdateSegmentResponse {
-                            segment: Some(segment),
-                        })
-                    })
-                },
+                input,
+                false,
             )
             .await?;
-        self.segments.forget(&ctx.tenant_id);
-        let _ = self.segments.cache.invalidate_tenant(&ctx.tenant_id).await;
-        Ok(Response::new(response))
+        Ok(Response::new(pb::UpdateSegmentResponse {
+            segment: Some(segment),
+        }))
     }
 
     async fn get_segment(
@@ -812,7 +818,7 @@ impl EligibilityService for Eligibility {
             .await?;
         let index = self.campaigns.index(tenant).await?;
         let keys = campaigns::cart_keys(&cart);
-        let segment_set: HashSet<String> = segments.iter().cloned().collect();
+        let segment_set: campaigns::FastSet = segments.iter().cloned().collect();
         let event_type = request.event.as_ref().map(|e| e.r#type.as_str());
         let candidates = index.candidates(&segment_set, &keys, &request.codes, event_type);
         let usage = qualify::usage_for(conn, tenant, &index, &candidates).await?;

@@ -293,6 +293,9 @@ async fn main() {
          >= 3,000/s on SQLite; Debit p99 <= 20 ms at {CONCURRENCY} clients. Catalog: \
          {CODES} codes generated in <= 10 s on PostgreSQL."
     );
+    // `TESSERA_BENCH=wallet|catalog|qualify` runs one part only.
+    let only = std::env::var("TESSERA_BENCH").ok();
+    let only = only.as_deref();
     qualify::cel_cost();
     for (backend, label) in [
         (Backend::Embedded, "SQLite + in-process cache"),
@@ -300,11 +303,17 @@ async fn main() {
     ] {
         match TestSuite::start(backend).await {
             Some(suite) => {
-                credits(&suite, label).await;
-                batch_credits(&suite, label).await;
-                debits(&suite, label).await;
-                code_generation(&suite, label).await;
-                qualify::qualification(&suite, label).await;
+                if only.is_none_or(|o| o == "wallet") {
+                    credits(&suite, label).await;
+                    batch_credits(&suite, label).await;
+                    debits(&suite, label).await;
+                }
+                if only.is_none_or(|o| o == "catalog") {
+                    code_generation(&suite, label).await;
+                }
+                if only.is_none_or(|o| o == "qualify") {
+                    qualify::qualification(&suite, label).await;
+                }
                 suite.cleanup().await;
             }
             None => println!("  {label:<28} skipped (backend not configured)"),

@@ -265,6 +265,39 @@ async fn measure(
     (latencies, elapsed, last.expect("a response"))
 }
 
+/// Cumulative server-side counts of `Qualify` calls per latency bucket (`le` seconds), read
+/// from this process's own metrics (the suite runs in it).
+fn server_buckets() -> Vec<(String, u64)> {
+    tessera_runtime::metrics::install()
+        .render()
+        .lines()
+        .filter(|l| {
+            l.starts_with("tessera_grpc_server_request_duration_seconds_bucket")
+                && l.contains("method=\"Qualify\"")
+        })
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?.to_string();
+            let count = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect()
+}
+
+/// Share of the calls since `before` that the server answered within 5 ms and 10 ms.
+fn server_share(before: &[(String, u64)]) -> String {
+    let after = server_buckets();
+    let delta = |le: &str| {
+        let get = |v: &[(String, u64)]| v.iter().find(|(l, _)| l == le).map_or(0, |x| x.1);
+        get(&after) - get(before)
+    };
+    let total = delta("+Inf").max(1) as f64;
+    format!(
+        "server-side: {:.1}% within 5 ms, {:.1}% within 10 ms",
+        100.0 * delta("0.005") as f64 / total,
+        100.0 * delta("0.01") as f64 / total
+    )
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -304,8 +337,10 @@ pub async fn qualification(suite: &TestSuite, label: &str) {
             .filter(|c| c != "WELCOME10")
             .collect();
         let per_call = if n >= 10_000 { 300 } else { 1000 };
+        let before = server_buckets();
         let (one, one_elapsed, _) =
             measure(&client, suite, &cart, pb::Explain::Counts, 1, per_call).await;
+        let server = server_share(&before);
         let (four, four_elapsed, _) =
             measure(&client, suite, &cart, pb::Explain::Counts, 4, per_call / 2).await;
         let (all, _, explained) =
@@ -317,6 +352,16 @@ pub async fn qualification(suite: &TestSuite, label: &str) {
             load_time.as_secs_f64(),
             ms(build),
             rss_mb()
+        );
+        println!(
+            "      answer: {} bytes (counts), {} adjustments over {} incentives",
+            prost::Message::encoded_len(&first),
+            first
+                .qualified
+                .iter()
+                .map(|q| q.outcome.as_ref().map_or(0, |o| o.adjustments.len()))
+                .sum::<usize>(),
+            first.qualified.len(),
         );
         println!(
             "      applying: ours {} automatic + WELCOME10 {}; peer {applying} \
@@ -337,6 +382,7 @@ pub async fn qualification(suite: &TestSuite, label: &str) {
             pct(&one, 0.99),
             one.len() as f64 / one_elapsed.as_secs_f64(),
         );
+        println!("      1 in flight, counts: {server}");
         println!(
             "      4 clients, counts:  p50 {:>6.2} ms  p99 {:>6.2} ms  {:>6.0}/s",
             pct(&four, 0.5),
