@@ -41,8 +41,9 @@ pub struct Compiled {
     pub time_zone: Option<Tz>,
     /// `(weekday mask, start minute, end minute)`; empty: always.
     pub windows: Vec<(u8, u32, u32)>,
-    /// Cart keys of which one must be present; empty: any cart.
-    pub item_keys: Vec<String>,
+    /// Groups of cart keys: one key of every group must be in the cart (a buy-X-get-Y
+    /// needs both sides); no groups: any cart.
+    pub item_keys: Vec<Vec<String>>,
 }
 
 impl Compiled {
@@ -86,28 +87,20 @@ fn selector_keys(s: &Selector) -> Vec<String> {
         .collect()
 }
 
-/// The cart keys an effect needs (one of them) to do anything.
-fn effect_keys(e: &Effect) -> Vec<String> {
-    match e {
+/// The cart keys an effect needs to do anything: one of each group.
+fn effect_keys(e: &Effect) -> Vec<Vec<String>> {
+    let groups = match e {
         Effect::AmountOff { selector, .. }
         | Effect::PercentOff { selector, .. }
-        | Effect::FixedPrice { selector, .. } => selector_keys(selector),
-        Effect::BuyXGetY { buy, get, .. } => {
-            // Both must be present; index on the buy side, the engine checks the rest.
-            let buy = selector_keys(buy);
-            if buy.is_empty() {
-                selector_keys(get)
-            } else {
-                buy
-            }
+        | Effect::FixedPrice { selector, .. } => vec![selector_keys(selector)],
+        Effect::BuyXGetY { buy, get, .. } => vec![selector_keys(buy), selector_keys(get)],
+        Effect::Bundle { components, .. } => {
+            components.iter().map(|(s, _)| selector_keys(s)).collect()
         }
-        Effect::Bundle { components, .. } => components
-            .first()
-            .map(|(s, _)| selector_keys(s))
-            .unwrap_or_default(),
         Effect::PointsExchange { reward, .. } => effect_keys(reward),
         _ => Vec::new(),
-    }
+    };
+    groups.into_iter().filter(|g| !g.is_empty()).collect()
 }
 
 /// A set of strings on the request path (a fast, seeded hash: the keys are bounded).
@@ -274,7 +267,7 @@ pub struct Pre {
     pub segments: Box<[u32]>,
     pub needs_code: bool,
     pub event: Option<u32>,
-    pub items: Box<[u32]>,
+    pub items: Box<[Box<[u32]>]>,
 }
 
 /// What a request brings to the cheap checks, as interned numbers.
@@ -336,11 +329,13 @@ impl Index {
             };
             for s in segments {
                 let group = index.by_segment.entry(s.to_string()).or_default();
-                if c.item_keys.is_empty() {
-                    group.any_item.push(i);
-                } else {
-                    for k in &c.item_keys {
-                        group.by_item.entry(k.clone()).or_default().push(i);
+                // Indexed on the first group; the other groups are checked by the scan.
+                match c.item_keys.first() {
+                    None => group.any_item.push(i),
+                    Some(first) => {
+                        for k in first {
+                            group.by_item.entry(k.clone()).or_default().push(i);
+                        }
                     }
                 }
             }
@@ -368,7 +363,11 @@ impl Index {
                     .as_ref()
                     .and_then(|r| r.event_type.as_ref())
                     .map(|t| intern(format!("evt:{t}"))),
-                items: c.item_keys.iter().map(|k| intern(k.clone())).collect(),
+                items: c
+                    .item_keys
+                    .iter()
+                    .map(|g| g.iter().map(|k| intern(k.clone())).collect())
+                    .collect(),
             })
             .collect();
         index.campaigns = campaigns;
@@ -611,4 +610,118 @@ pub async fn usage<C: ConnectionTrait>(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_proto::catalog::v1 as cpb;
+    use tessera_proto::catalog::v1::effect::Kind;
+
+    use super::*;
+
+    fn selector(categories: &[&str]) -> Option<cpb::Selector> {
+        Some(cpb::Selector {
+            categories: categories.iter().map(|c| (*c).into()).collect(),
+            ..Default::default()
+        })
+    }
+
+    fn campaign(id: &str, kind: Kind) -> pb::Campaign {
+        pb::Campaign {
+            id: id.into(),
+            status: pb::CampaignStatus::Active.into(),
+            effect: Some(cpb::Effect { kind: Some(kind) }),
+            ..Default::default()
+        }
+    }
+
+    fn compiled(c: pb::Campaign) -> Arc<Compiled> {
+        let mut v = Violations::new();
+        let out = compile(&mut v, &c, 1, &BTreeMap::new(), None, 0).expect("compiles");
+        assert_eq!(v.count(), 0);
+        Arc::new(out)
+    }
+
+    fn set(items: &[&str]) -> FastSet {
+        items.iter().map(|s| (*s).to_string()).collect()
+    }
+
+    #[test]
+    fn the_index_visits_only_matching_groups() {
+        let shoes = campaign(
+            "a-shoes",
+            Kind::PercentOff(cpb::PercentOff {
+                percent_bp: 1000,
+                selector: selector(&["shoes"]),
+                ..Default::default()
+            }),
+        );
+        let bogo = campaign(
+            "b-bogo",
+            Kind::BuyXGetY(cpb::BuyXGetY {
+                buy: selector(&["socks"]),
+                buy_quantity: 2,
+                get: selector(&["hats"]),
+                get_quantity: 1,
+                percent_bp: 10_000,
+                ..Default::default()
+            }),
+        );
+        let mut vip = campaign(
+            "c-vip",
+            Kind::AmountOff(cpb::AmountOff {
+                amount: 500,
+                ..Default::default()
+            }),
+        );
+        vip.segments = vec!["vip".into()];
+        let mut coded = vip.clone();
+        coded.id = "d-code".into();
+        coded.segments.clear();
+        coded.codes = vec!["SPRING".into()];
+        let mut review = vip.clone();
+        review.id = "e-review".into();
+        review.segments.clear();
+        review.rule = r#"event.type == "review""#.into();
+        let mut off = vip.clone();
+        off.id = "f-off".into();
+        off.status = pb::CampaignStatus::Disabled.into();
+        let index = Index::build(
+            7,
+            [shoes, bogo, vip, coded, review, off]
+                .into_iter()
+                .map(compiled)
+                .collect(),
+        );
+        let ids = |found: Vec<u32>| -> Vec<&str> {
+            found
+                .into_iter()
+                .map(|i| index.campaigns[i as usize].def.id.as_str())
+                .collect()
+        };
+        let keys = set(&["cat:shoes", "cat:socks", "sku:X"]);
+        assert_eq!(
+            ids(index.candidates(&set(&[]), &keys, &[], None)),
+            ["a-shoes", "b-bogo"]
+        );
+        assert_eq!(
+            ids(index.candidates(
+                &set(&["vip"]),
+                &set(&[]),
+                &["SPRING".into()],
+                Some("review")
+            )),
+            ["c-vip", "d-code", "e-review"]
+        );
+        // A buy-X-get-Y needs both sides in the cart: the second group is in its record.
+        let bogo_at = 1;
+        assert_eq!(index.pre[bogo_at].items.len(), 2);
+        let present = index.presence([].iter(), &keys, None);
+        assert!(index.pre[bogo_at].items[0].iter().any(|k| present.has(*k)));
+        assert!(!index.pre[bogo_at].items[1].iter().any(|k| present.has(*k)));
+        assert!(
+            !index.pre[5].active,
+            "the disabled campaign is kept, not indexed"
+        );
+    }
 }

@@ -58,7 +58,11 @@ fn cheap_reason(index: &Index, i: usize, input: &Input, present: &Presence) -> O
         pb::Reason::CodeRequired
     } else if p.event.is_some_and(|e| !present.has(e)) {
         pb::Reason::RuleFalse
-    } else if !p.items.is_empty() && !p.items.iter().any(|k| present.has(*k)) {
+    } else if !p
+        .items
+        .iter()
+        .all(|group| group.iter().any(|k| present.has(*k)))
+    {
         pb::Reason::NoMatchingItems
     } else {
         return None;
