@@ -90,7 +90,8 @@ fn kind_name(k: pb::SegmentKind) -> &'static str {
     }
 }
 
-async fn bump(txn: &DatabaseTransaction, tenant: &str) -> Result<(), Error> {
+/// Moves the tenant's segment version: every cached membership of the tenant retires.
+pub async fn bump(txn: &DatabaseTransaction, tenant: &str) -> Result<(), Error> {
     txn.execute_raw(stmt(
         txn,
         "INSERT INTO segment_feed (tenant_id, version) VALUES ($1, 1) \
@@ -347,6 +348,14 @@ impl Segments {
 
     fn cache_key(customer: &str, version: i64) -> String {
         format!("{customer}@{version}")
+    }
+
+    /// Frees a customer's cached membership (best effort: entries are versioned anyway).
+    pub async fn invalidate(&self, tenant: &str, customer: &str) {
+        if let Ok(set) = self.set(tenant).await {
+            let key = Self::cache_key(customer, set.version);
+            let _ = self.cache.invalidate(tenant, &key).await;
+        }
     }
 
     fn cache_result<T>(&self, r: Result<T, tessera_cache::CacheError>) -> Option<T> {

@@ -31,10 +31,10 @@ pub struct Eligibility {
 }
 
 impl Eligibility {
-    /// Customers' cached memberships are keyed by their facts version, so a facts change
-    /// needs no invalidation for correctness; this frees the entry at once.
+    /// Customers' cached memberships carry their facts version, so a facts change needs no
+    /// invalidation for correctness; this frees the entry at once.
     async fn facts_changed(&self, tenant: &str, customer: &str) {
-        let _ = self.segments.cache.invalidate(tenant, customer).await;
+        self.segments.invalidate(tenant, customer).await;
     }
 
     async fn tier(&self, ctx: &RequestContext, customer: &str, program: &str) -> Option<String> {
@@ -329,6 +329,10 @@ impl EligibilityService for Eligibility {
                         let (orders, events) = facts::erase_customer(txn, &tenant, &id)
                             .await?
                             .ok_or_else(|| Error::not_found(format!("customer `{id}`")))?;
+                        // A customer created again under this id starts over at facts
+                        // version 1: moving the segment version retires every cached entry
+                        // (even one whose invalidation is lost while Redis is away).
+                        segments::bump(txn, &tenant).await?;
                         outbox::enqueue(
                             txn,
                             &tenant,
@@ -344,7 +348,7 @@ impl EligibilityService for Eligibility {
                 },
             )
             .await?;
-        self.facts_changed(&ctx.tenant_id, &request.id).await;
+        self.segments.forget(&ctx.tenant_id);
         Ok(Response::new(response))
     }
 

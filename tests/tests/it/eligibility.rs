@@ -741,6 +741,43 @@ async fn segments_are_cached_versioned_and_recomputed(suite: TestSuite) {
     assert_eq!(page.customer_ids.len(), 10);
     assert_eq!(page.customer_ids[0], "m00");
     assert!(page.page.expect("page").has_more);
+
+    // Erased and created again, a customer starts over at facts version 1: the entry cached
+    // before (same version number once three facts are back) must not answer.
+    let cached = segments_of("m01").await;
+    assert_eq!(
+        (cached.segment_ids, cached.facts_version),
+        (vec!["regulars".to_string()], 3)
+    );
+    c.erase_customer(suite.ctx(TENANT).request(pb::EraseCustomerRequest {
+        idempotency_key: key(),
+        id: "m01".into(),
+    }))
+    .await
+    .expect("erase");
+    upsert(
+        &mut c,
+        &suite,
+        pb::CustomerInput {
+            id: "m01".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    order(
+        &mut c,
+        &suite,
+        "again",
+        "m01",
+        pb::OrderStatus::Paid,
+        10_00,
+        1,
+    )
+    .await;
+    event(&mut c, &suite, "again-e", "m01", "visit").await;
+    let reborn = segments_of("m01").await;
+    assert_eq!(reborn.facts_version, 3);
+    assert!(reborn.segment_ids.is_empty(), "{reborn:?}");
 }
 
 async fn qualification_ranks_values_and_explains_every_rejection(suite: TestSuite) {
