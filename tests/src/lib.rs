@@ -159,7 +159,12 @@ impl TestSuite {
 
     /// A gRPC channel to the suite.
     pub fn channel(&self) -> tessera_runtime::grpc::Channel {
-        tessera_runtime::grpc::channel(&self.grpc_url, Duration::from_secs(10)).expect("channel")
+        self.channel_with_deadline(Duration::from_secs(10))
+    }
+
+    /// A gRPC channel whose calls may wait `deadline` (thousands of calls at once queue).
+    pub fn channel_with_deadline(&self, deadline: Duration) -> tessera_runtime::grpc::Channel {
+        tessera_runtime::grpc::channel(&self.grpc_url, deadline).expect("channel")
     }
 
     /// A context as the gateway would send for the admin key.

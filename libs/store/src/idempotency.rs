@@ -113,6 +113,13 @@ fn decode_error(code: i32, bytes: &[u8]) -> Error {
     err
 }
 
+/// A key's stored state.
+enum Stored<R> {
+    Done(Result<R, Error>),
+    /// In flight, leased until this time (µs).
+    InFlight(i64),
+}
+
 /// Idempotency for one service's database.
 #[derive(Debug, Clone)]
 pub struct Idempotency {
@@ -159,35 +166,11 @@ impl Idempotency {
             key: key.to_string(),
             owner: uuid::Uuid::new_v4().to_string(),
         };
-        let row = conn
-            .query_one_raw(stmt(
-                conn,
-                "SELECT fingerprint, state, locked_until, response_code, response \
-                 FROM idempotency_keys WHERE tenant_id = $1 AND scope = $2 AND key = $3",
-                [ctx.tenant_id.clone().into(), scope.into(), key.into()],
-            ))
-            .await
-            .map_err(db_error)?
-            .ok_or_else(|| Error::new(Code::Aborted, "idempotency key changed, retry"))?;
-        let stored: String = row.try_get_by_index(0).map_err(db_error)?;
-        let state: String = row.try_get_by_index(1).map_err(db_error)?;
-        let locked_until: i64 = row.try_get_by_index(2).map_err(db_error)?;
-        if stored != fingerprint {
-            return Err(Error::new(
-                Code::FailedPrecondition,
-                "idempotency key was already used with a different request",
-            )
-            .with_reason("IDEMPOTENCY_KEY_REUSED"));
-        }
-        if state == DONE {
-            let code: Option<i32> = row.try_get_by_index(3).map_err(db_error)?;
-            let body: Option<Vec<u8>> = row.try_get_by_index(4).map_err(db_error)?;
-            let body = body.unwrap_or_default();
-            return Ok(Begin::Replay(match code.unwrap_or(0) {
-                0 => R::decode(body.as_slice()).map_err(Error::internal),
-                code => Err(decode_error(code, &body)),
-            }));
-        }
+        let locked_until = match self.lookup::<R>(ctx, scope, key, &fingerprint).await? {
+            None => return Err(Error::new(Code::Aborted, "idempotency key changed, retry")),
+            Some(Stored::Done(result)) => return Ok(Begin::Replay(result)),
+            Some(Stored::InFlight(until)) => until,
+        };
         if locked_until > now {
             return Err(in_flight());
         }
@@ -214,6 +197,70 @@ impl Idempotency {
             Ok(Begin::Fresh(claim))
         } else {
             Err(in_flight())
+        }
+    }
+
+    /// The stored state of a key: `None` when it is free.
+    async fn lookup<R: Message + Default>(
+        &self,
+        ctx: &RequestContext,
+        scope: &str,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<Option<Stored<R>>, Error> {
+        let conn = self.db.conn();
+        let Some(row) = conn
+            .query_one_raw(stmt(
+                conn,
+                "SELECT fingerprint, state, locked_until, response_code, response \
+                 FROM idempotency_keys WHERE tenant_id = $1 AND scope = $2 AND key = $3",
+                [ctx.tenant_id.clone().into(), scope.into(), key.into()],
+            ))
+            .await
+            .map_err(db_error)?
+        else {
+            return Ok(None);
+        };
+        let stored: String = row.try_get_by_index(0).map_err(db_error)?;
+        let state: String = row.try_get_by_index(1).map_err(db_error)?;
+        let locked_until: i64 = row.try_get_by_index(2).map_err(db_error)?;
+        if stored != fingerprint {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                "idempotency key was already used with a different request",
+            )
+            .with_reason("IDEMPOTENCY_KEY_REUSED"));
+        }
+        if state != DONE {
+            return Ok(Some(Stored::InFlight(locked_until)));
+        }
+        let code: Option<i32> = row.try_get_by_index(3).map_err(db_error)?;
+        let body: Option<Vec<u8>> = row.try_get_by_index(4).map_err(db_error)?;
+        let body = body.unwrap_or_default();
+        Ok(Some(Stored::Done(match code.unwrap_or(0) {
+            0 => R::decode(body.as_slice()).map_err(Error::internal),
+            code => Err(decode_error(code, &body)),
+        })))
+    }
+
+    /// The stored outcome of a settled key, without claiming it: for work that must read
+    /// outside its transaction first (and must not redo that for a replay). `None` when the
+    /// key is free (or its owner died); a key in flight is refused.
+    pub async fn settled<R: Message + Default>(
+        &self,
+        ctx: &RequestContext,
+        scope: &str,
+        key: &str,
+        request: &impl Message,
+    ) -> Result<Option<Result<R, Error>>, Error> {
+        validate_key(key)?;
+        match self
+            .lookup::<R>(ctx, scope, key, &fingerprint(scope, request))
+            .await?
+        {
+            Some(Stored::Done(result)) => Ok(Some(result)),
+            Some(Stored::InFlight(until)) if until > now_micros() => Err(in_flight()),
+            _ => Ok(None),
         }
     }
 

@@ -69,6 +69,41 @@ impl MigrationTrait for ReplaceIndex {
     }
 }
 
+/// A migration that adds columns to existing tables: `(table, column)` pairs; every column
+/// must be nullable or carry a default (SQLite's `ADD COLUMN` needs one for old rows).
+/// Skips a column that is already there, so a half-applied run can be repeated.
+pub struct AddColumns {
+    pub name: &'static str,
+    pub columns: fn() -> Vec<(&'static str, ColumnDef)>,
+}
+
+impl MigrationName for AddColumns {
+    fn name(&self) -> &str {
+        self.name
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for AddColumns {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), sea_orm::DbErr> {
+        for (table, mut column) in (self.columns)() {
+            let name = column.get_column_name();
+            if manager.has_column(table, &name).await? {
+                continue;
+            }
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(Alias::new(table))
+                        .add_column(&mut column)
+                        .to_owned(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 /// Column helpers, so table definitions read like DDL.
 pub mod col {
     use super::{Alias, ColumnDef};
@@ -87,6 +122,10 @@ pub mod col {
             .big_integer()
             .not_null()
             .to_owned()
+    }
+    /// `BIGINT NOT NULL DEFAULT 0`: for columns added to tables that have rows.
+    pub fn big_zero(name: &str) -> ColumnDef {
+        big(name).default(0i64).to_owned()
     }
     pub fn big_null(name: &str) -> ColumnDef {
         ColumnDef::new(Alias::new(name))

@@ -53,7 +53,10 @@ impl Compiled {
 
     pub fn has_limits(&self) -> bool {
         self.def.limits.as_ref().is_some_and(|l| {
-            l.max_redemptions > 0 || l.max_discount_total > 0 || l.max_redemptions_per_customer > 0
+            l.max_redemptions > 0
+                || l.max_discount_total > 0
+                || l.max_redemptions_per_customer > 0
+                || l.max_order_value_total > 0
         })
     }
 
@@ -209,11 +212,42 @@ pub fn compile(
                 "max_redemptions_per_customer",
                 l.max_redemptions_per_customer,
             ),
+            ("max_order_value_total", l.max_order_value_total),
+            (
+                "max_redemptions_per_customer_per_period",
+                l.max_redemptions_per_customer_per_period,
+            ),
+            ("max_uses_per_code", l.max_uses_per_code),
         ] {
             if value < 0 {
                 v.add(format!("campaign.limits.{name}"), "must not be negative");
             }
         }
+        let period = pb::Period::try_from(l.period).unwrap_or_default();
+        if l.max_redemptions_per_customer_per_period > 0 && period == pb::Period::Unspecified {
+            v.add(
+                "campaign.limits.period",
+                "must be DAY, WEEK or MONTH when max_redemptions_per_customer_per_period is set",
+            );
+        }
+    }
+    if c.not_combinable_with.len() > 100 {
+        v.add(
+            "campaign.not_combinable_with",
+            "must hold at most 100 entries",
+        );
+    }
+    for (i, other) in c.not_combinable_with.iter().enumerate() {
+        let name = other.strip_prefix("group:").unwrap_or(other);
+        if name.is_empty() || name.len() > 128 {
+            v.add(
+                format!("campaign.not_combinable_with.{i}"),
+                "must be a campaign id or group:NAME, 1 to 128 characters",
+            );
+        }
+    }
+    if c.stacking_group.len() > 128 {
+        v.add("campaign.stacking_group", "must be at most 128 characters");
     }
     let rule = if c.rule.trim().is_empty() {
         None
@@ -296,6 +330,9 @@ pub struct Index {
     names: FastMap<u32>,
     by_segment: FastMap<Group>,
     by_code: FastMap<Vec<u32>>,
+    /// Every campaign's codes, live or not (redemption tells a disabled or ended code from
+    /// one the tenant does not have).
+    all_codes: FastMap<Vec<u32>>,
     /// Campaigns whose rule needs an event of one type.
     by_event: FastMap<Vec<u32>>,
 }
@@ -309,6 +346,9 @@ impl Index {
         };
         for (i, c) in campaigns.iter().enumerate() {
             let i = i as u32;
+            for code in &c.def.codes {
+                index.all_codes.entry(code.clone()).or_default().push(i);
+            }
             if !c.active() {
                 continue;
             }
@@ -372,6 +412,19 @@ impl Index {
             .collect();
         index.campaigns = campaigns;
         index
+    }
+
+    /// The campaign with this id.
+    pub fn find(&self, id: &str) -> Option<u32> {
+        self.campaigns
+            .binary_search_by(|c| c.def.id.as_str().cmp(id))
+            .ok()
+            .map(|i| i as u32)
+    }
+
+    /// The campaigns a code belongs to, live or not.
+    pub fn code_owners(&self, code: &str) -> &[u32] {
+        self.all_codes.get(code).map_or(&[], Vec::as_slice)
     }
 
     /// The request's segments, cart keys and event type as numbers of this index.
@@ -465,6 +518,12 @@ impl Campaigns {
         if let Some(index) = self.indexes.fresh(tenant) {
             return Ok(index);
         }
+        self.current(tenant).await
+    }
+
+    /// The tenant's index at the feed's current version (one query when nothing changed):
+    /// redemption uses it, so a kill switch refuses the very next redemption.
+    pub async fn current(&self, tenant: &str) -> Result<Arc<Index>, Error> {
         let version = feed_version(self.db.conn(), tenant).await?;
         let previous = self.indexes.stale(tenant);
         let index = match previous {
@@ -581,16 +640,17 @@ pub async fn remove(txn: &DatabaseTransaction, tenant: &str, id: &str) -> Result
     bump(txn, tenant).await
 }
 
-/// Usage counters `(redemptions, discount_total)` of some campaigns.
+/// Usage counters of some campaigns.
 pub async fn usage<C: ConnectionTrait>(
     conn: &C,
     tenant: &str,
     ids: &[&str],
-) -> Result<HashMap<String, (i64, i64)>, Error> {
+) -> Result<crate::qualify::UsageMap, Error> {
     let mut out = HashMap::new();
     for chunk in ids.chunks(500) {
         let sql = format!(
-            "SELECT campaign_id, redemptions, discount_total FROM campaign_usage \
+            "SELECT campaign_id, redemptions, discount_total, order_value_total \
+             FROM campaign_usage \
              WHERE tenant_id = $1 AND campaign_id IN ({})",
             Db::placeholders(2, chunk.len())
         );
@@ -602,10 +662,11 @@ pub async fn usage<C: ConnectionTrait>(
         for row in rows {
             out.insert(
                 row.try_get_by_index(0).map_err(db_error)?,
-                (
-                    row.try_get_by_index(1).map_err(db_error)?,
-                    row.try_get_by_index(2).map_err(db_error)?,
-                ),
+                crate::qualify::Usage {
+                    redemptions: row.try_get_by_index(1).map_err(db_error)?,
+                    discount_total: row.try_get_by_index(2).map_err(db_error)?,
+                    order_value_total: row.try_get_by_index(3).map_err(db_error)?,
+                },
             );
         }
     }

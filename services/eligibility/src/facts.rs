@@ -24,6 +24,8 @@ pub const DAY_MICROS: i64 = 86_400_000_000;
 pub struct Settings {
     pub time_zone: Tz,
     pub currency: String,
+    /// Most incentives on one order (0: no limit).
+    pub max_incentives_per_order: u32,
 }
 
 impl Default for Settings {
@@ -31,6 +33,7 @@ impl Default for Settings {
         Self {
             time_zone: chrono_tz::UTC,
             currency: "USD".into(),
+            max_incentives_per_order: 0,
         }
     }
 }
@@ -40,6 +43,7 @@ impl Settings {
         pb::Settings {
             time_zone: self.time_zone.name().to_string(),
             currency: self.currency.clone(),
+            max_incentives_per_order: self.max_incentives_per_order,
         }
     }
 
@@ -73,9 +77,13 @@ pub fn check_settings(v: &mut Violations, s: Option<&pb::Settings>) -> Option<Se
             "must be an IANA time zone, e.g. Europe/Rome",
         );
     }
+    if s.max_incentives_per_order > 1000 {
+        v.add("settings.max_incentives_per_order", "must be at most 1000");
+    }
     Some(Settings {
         time_zone: zone?,
         currency: s.currency.clone(),
+        max_incentives_per_order: s.max_incentives_per_order,
     })
 }
 
@@ -83,7 +91,8 @@ pub async fn settings<C: ConnectionTrait>(conn: &C, tenant: &str) -> Result<Sett
     let row = conn
         .query_one_raw(stmt(
             conn,
-            "SELECT time_zone, currency FROM settings WHERE tenant_id = $1",
+            "SELECT time_zone, currency, max_incentives_per_order FROM settings \
+             WHERE tenant_id = $1",
             [tenant.into()],
         ))
         .await
@@ -95,6 +104,10 @@ pub async fn settings<C: ConnectionTrait>(conn: &C, tenant: &str) -> Result<Sett
     Ok(Settings {
         time_zone: zone.parse().map_err(Error::internal)?,
         currency: row.try_get_by_index(1).map_err(db_error)?,
+        max_incentives_per_order: row
+            .try_get_by_index::<i64>(2)
+            .map_err(db_error)?
+            .clamp(0, 1000) as u32,
     })
 }
 
@@ -105,13 +118,16 @@ pub async fn put_settings(
 ) -> Result<(), Error> {
     txn.execute_raw(stmt(
         txn,
-        "INSERT INTO settings (tenant_id, time_zone, currency) VALUES ($1, $2, $3) \
+        "INSERT INTO settings (tenant_id, time_zone, currency, max_incentives_per_order) \
+         VALUES ($1, $2, $3, $4) \
          ON CONFLICT (tenant_id) DO UPDATE SET time_zone = excluded.time_zone, \
-         currency = excluded.currency",
+         currency = excluded.currency, \
+         max_incentives_per_order = excluded.max_incentives_per_order",
         [
             tenant.into(),
             s.time_zone.name().into(),
             s.currency.clone().into(),
+            i64::from(s.max_incentives_per_order).into(),
         ],
     ))
     .await

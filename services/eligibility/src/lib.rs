@@ -6,10 +6,12 @@
 //! incentive that does not apply.
 
 mod campaigns;
+mod checkout;
 mod facts;
 mod migrations;
 mod qualify;
 mod readmodel;
+mod redeem;
 pub mod rules;
 mod segments;
 mod service;
@@ -85,6 +87,10 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
                 EligibilityServiceServer::new(service).max_decoding_message_size(8 * 1024 * 1024),
             );
         })
+        .task(tokio::spawn(expire_reservations(
+            db.clone(),
+            shutdown.clone(),
+        )))
         .task(tokio::spawn(relay.run(shutdown)))
         .probe(db.probe())
         .degraded_when(
@@ -98,6 +104,24 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
                 })
             }),
         ))
+}
+
+/// Releases reservations whose hold ended, every second (several replicas may run it: each
+/// reservation is released once, under its row lock).
+async fn expire_reservations(db: Db, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match redeem::expire_due(&db, tessera_store::now_micros()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(released = n, "reservations expired"),
+            Err(e) => tracing::warn!(error = %e, "reservation sweep failed"),
+        }
+    }
 }
 
 /// Runs the eligibility alone on `listener` until `shutdown`.

@@ -5,7 +5,7 @@
 //! shared plumbing tables.
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
-use tessera_store::migrate::{Migration, col, index, plumbing, table};
+use tessera_store::migrate::{AddColumns, Migration, col, index, plumbing, table};
 
 /// The eligibility's migrations, in order.
 pub struct Migrator;
@@ -184,6 +184,95 @@ impl MigratorTrait for Migrator {
                         "members_by_customer",
                         "segment_members",
                         &["tenant_id", "customer_id"],
+                        false,
+                    ),
+                ]
+            },
+        }));
+        all.push(Box::new(AddColumns {
+            name: "m0201_budgets",
+            columns: || {
+                vec![
+                    ("campaign_usage", col::big_zero("order_value_total")),
+                    ("settings", col::big_zero("max_incentives_per_order")),
+                ]
+            },
+        }));
+        all.push(Box::new(Migration {
+            name: "m0202_redemptions",
+            tables: || {
+                vec![
+                    // A redemption (or reservation): its answer as protobuf, and what it
+                    // counted (JSON), so a rollback or an expiry gives back exactly that.
+                    table(
+                        "redemptions",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("id"),
+                            col::text("customer_id"),
+                            col::text("order_id"),
+                            col::text("status"),
+                            col::big("created_at"),
+                            col::big("expires_at"),
+                            col::blob("record"),
+                            col::text("counted"),
+                        ],
+                        &["tenant_id", "id"],
+                    ),
+                    // One live redemption per order.
+                    table(
+                        "redemption_orders",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("order_id"),
+                            col::text("redemption_id"),
+                        ],
+                        &["tenant_id", "order_id"],
+                    ),
+                    table(
+                        "code_usage",
+                        vec![col::text("tenant_id"), col::text("code"), col::big("uses")],
+                        &["tenant_id", "code"],
+                    ),
+                    table(
+                        "customer_period_usage",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("customer_id"),
+                            col::text("campaign_id"),
+                            col::big("period_start"),
+                            col::big("redemptions"),
+                        ],
+                        &["tenant_id", "customer_id", "campaign_id", "period_start"],
+                    ),
+                    // Failed code attempts: the brute-force limit counts them; the audit
+                    // log reads them.
+                    table(
+                        "code_failures",
+                        vec![
+                            col::serial("id"),
+                            col::text("tenant_id"),
+                            col::text("subject"),
+                            col::text("code"),
+                            col::text("reason"),
+                            col::big("at"),
+                        ],
+                        &[],
+                    ),
+                ]
+            },
+            indexes: || {
+                vec![
+                    index(
+                        "redemptions_by_expiry",
+                        "redemptions",
+                        &["status", "expires_at"],
+                        false,
+                    ),
+                    index(
+                        "code_failures_by_subject",
+                        "code_failures",
+                        &["tenant_id", "subject", "at"],
                         false,
                     ),
                 ]

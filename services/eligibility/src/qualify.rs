@@ -36,12 +36,28 @@ pub struct Input<'a> {
 
 type Verdict = Result<(), (pb::Reason, String)>;
 
+/// A campaign's usage counters (`campaign_usage`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub redemptions: i64,
+    pub discount_total: i64,
+    pub order_value_total: i64,
+}
+
+/// Usage counters by campaign id.
+pub type UsageMap = std::collections::HashMap<String, Usage>;
+
 fn reject(reason: pb::Reason, detail: impl Into<String>) -> Verdict {
     Err((reason, detail.into()))
 }
 
 /// The checks that need neither counters, rules nor the engine: the first that fails.
-fn cheap_reason(index: &Index, i: usize, input: &Input, present: &Presence) -> Option<pb::Reason> {
+pub fn cheap_reason(
+    index: &Index,
+    i: usize,
+    input: &Input,
+    present: &Presence,
+) -> Option<pb::Reason> {
     let p = &index.pre[i];
     let c = &index.campaigns[i];
     Some(if !p.active {
@@ -70,7 +86,7 @@ fn cheap_reason(index: &Index, i: usize, input: &Input, present: &Presence) -> O
 }
 
 /// What a cheap reason means for this campaign, in words.
-fn cheap_detail(c: &Compiled, reason: pb::Reason) -> String {
+pub fn cheap_detail(c: &Compiled, reason: pb::Reason) -> String {
     match reason {
         pb::Reason::Disabled => format!("campaign is {}", c.def.status().as_str_name()),
         pb::Reason::NotStarted => "campaign has not started".into(),
@@ -108,22 +124,33 @@ fn customer_redemptions(facts: &Facts, c: &Compiled) -> i64 {
         .unwrap_or(0)
 }
 
-fn limits(
+/// The campaign's budgets and the customer's limit, before this order: `discount` and
+/// `order_value` are what this order would add (0 at qualification, where a budget with
+/// anything left qualifies).
+pub fn check_limits(
     c: &Compiled,
-    usage: &std::collections::HashMap<String, (i64, i64)>,
-    facts: &Facts,
+    usage: Usage,
+    customer: i64,
+    discount_added: i64,
+    order_value: i64,
 ) -> Verdict {
     let Some(l) = &c.def.limits else {
         return Ok(());
     };
-    let (redemptions, discount) = usage.get(&c.def.id).copied().unwrap_or_default();
+    let Usage {
+        redemptions,
+        discount_total: discount,
+        order_value_total,
+    } = usage;
     if l.max_redemptions > 0 && redemptions >= l.max_redemptions {
         return reject(
             pb::Reason::BudgetExhausted,
             format!("{redemptions} of {} redemptions used", l.max_redemptions),
         );
     }
-    if l.max_discount_total > 0 && discount >= l.max_discount_total {
+    if l.max_discount_total > 0
+        && (discount >= l.max_discount_total || discount + discount_added > l.max_discount_total)
+    {
         return reject(
             pb::Reason::BudgetExhausted,
             format!(
@@ -132,12 +159,20 @@ fn limits(
             ),
         );
     }
-    let mine = customer_redemptions(facts, c);
-    if l.max_redemptions_per_customer > 0 && mine >= l.max_redemptions_per_customer {
+    if l.max_order_value_total > 0 && order_value_total + order_value > l.max_order_value_total {
+        return reject(
+            pb::Reason::BudgetExhausted,
+            format!(
+                "{order_value_total} of {} order-value budget used",
+                l.max_order_value_total
+            ),
+        );
+    }
+    if l.max_redemptions_per_customer > 0 && customer >= l.max_redemptions_per_customer {
         return reject(
             pb::Reason::CustomerLimitReached,
             format!(
-                "customer used it {mine} of {} times",
+                "customer used it {customer} of {} times",
                 l.max_redemptions_per_customer
             ),
         );
@@ -194,7 +229,7 @@ fn order_value(cart: &Cart, currency: &str) -> cel::Value {
     .into()
 }
 
-fn rule(c: &Compiled, base: &cel::Context, usage: (i64, i64), facts: &Facts) -> Verdict {
+fn rule(c: &Compiled, base: &cel::Context, usage: Usage, facts: &Facts) -> Verdict {
     let Some(rule) = &c.rule else {
         return Ok(());
     };
@@ -204,8 +239,8 @@ fn rule(c: &Compiled, base: &cel::Context, usage: (i64, i64), facts: &Facts) -> 
         "campaign",
         std::collections::HashMap::from([
             ("id", cel::Value::from(c.def.id.clone())),
-            ("redemptions", cel::Value::Int(usage.0)),
-            ("discount_total", cel::Value::Int(usage.1)),
+            ("redemptions", cel::Value::Int(usage.redemptions)),
+            ("discount_total", cel::Value::Int(usage.discount_total)),
             ("customer_redemptions", cel::Value::Int(mine)),
         ]),
     );
@@ -230,43 +265,63 @@ pub fn reads_tier(index: &Index, candidates: &[u32]) -> bool {
     })
 }
 
-/// Qualifies `input` against `index`. `usage` holds the counters of the candidates with
-/// limits.
-pub fn qualify(
-    index: &Index,
-    candidates: &[u32],
-    input: &Input,
-    usage: &std::collections::HashMap<String, (i64, i64)>,
+/// Rejections, with their counts per reason; the list only when the caller wants it.
+pub struct Notes {
     explain: pb::Explain,
-) -> pb::QualifyResponse {
-    let present = index.presence(
+    pub rejected: Vec<pb::Rejected>,
+    pub counts: BTreeMap<i32, i64>,
+}
+
+impl Notes {
+    pub fn new(explain: pb::Explain) -> Self {
+        Self {
+            explain,
+            rejected: Vec::new(),
+            counts: BTreeMap::new(),
+        }
+    }
+
+    pub fn note(&mut self, id: &str, (reason, detail): (pb::Reason, String)) {
+        *self.counts.entry(reason as i32).or_default() += 1;
+        if self.explain != pb::Explain::Counts {
+            self.rejected.push(pb::Rejected {
+                campaign_id: id.to_string(),
+                reason: reason.into(),
+                detail,
+            });
+        }
+    }
+}
+
+/// The request's segments, cart keys and event type, as numbers of `index`.
+pub fn presence(index: &Index, input: &Input) -> Presence {
+    index.presence(
         input.segments,
         &cart_keys(input.cart),
         input.event.map(|e| e.r#type.as_str()),
-    );
+    )
+}
+
+/// Evaluates the candidates one by one: those that apply on their own, by value descending
+/// (then priority, then id); the others go to `notes`.
+pub fn evaluate(
+    index: &Index,
+    candidates: &[u32],
+    input: &Input,
+    present: &Presence,
+    usage: &UsageMap,
+    notes: &mut Notes,
+) -> Vec<(Arc<Compiled>, pb::Qualified)> {
     let base = base_context(input);
     let mut qualified: Vec<(Arc<Compiled>, pb::Qualified)> = Vec::new();
-    let mut rejected: Vec<pb::Rejected> = Vec::new();
-    let mut counts: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut note =
-        |rejected: &mut Vec<pb::Rejected>, id: &str, (reason, detail): (pb::Reason, String)| {
-            *counts.entry(reason as i32).or_default() += 1;
-            if explain != pb::Explain::Counts {
-                rejected.push(pb::Rejected {
-                    campaign_id: id.to_string(),
-                    reason: reason.into(),
-                    detail,
-                });
-            }
-        };
     for &i in candidates {
         let c = &index.campaigns[i as usize];
         let u = usage.get(&c.def.id).copied().unwrap_or_default();
-        let verdict = cheap(index, i as usize, input, &present)
-            .and_then(|()| limits(c, usage, input.facts))
+        let verdict = cheap(index, i as usize, input, present)
+            .and_then(|()| check_limits(c, u, customer_redemptions(input.facts, c), 0, 0))
             .and_then(|()| rule(c, &base, u, input.facts));
         if let Err(why) = verdict {
-            note(&mut rejected, &c.def.id, why);
+            notes.note(&c.def.id, why);
             continue;
         }
         let outcome = apply(std::slice::from_ref(&c.application), input.cart);
@@ -278,7 +333,7 @@ pub fn qualify(
                 .first()
                 .map(|(_, why)| why.clone())
                 .unwrap_or_else(|| "does nothing on this cart".into());
-            note(&mut rejected, &c.def.id, (pb::Reason::NoEffect, why));
+            notes.note(&c.def.id, (pb::Reason::NoEffect, why));
             continue;
         }
         let code = c
@@ -306,6 +361,21 @@ pub fn qualify(
             .then(b.def.priority.cmp(&a.def.priority))
             .then(qa.campaign_id.cmp(&qb.campaign_id))
     });
+    qualified
+}
+
+/// Qualifies `input` against `index`. `usage` holds the counters of the candidates with
+/// limits.
+pub fn qualify(
+    index: &Index,
+    candidates: &[u32],
+    input: &Input,
+    usage: &UsageMap,
+    explain: pb::Explain,
+) -> pb::QualifyResponse {
+    let present = presence(index, input);
+    let mut notes = Notes::new(explain);
+    let qualified = evaluate(index, candidates, input, &present, usage, &mut notes);
     // Only the most valuable exclusive incentive stays.
     let mut best_exclusive: Option<String> = None;
     let mut kept = Vec::with_capacity(qualified.len());
@@ -313,11 +383,7 @@ pub fn qualify(
         if q.exclusive {
             if let Some(best) = &best_exclusive {
                 let why = format!("the exclusive incentive of '{best}' is worth more");
-                note(
-                    &mut rejected,
-                    &q.campaign_id,
-                    (pb::Reason::ExcludedByStacking, why),
-                );
+                notes.note(&q.campaign_id, (pb::Reason::ExcludedByStacking, why));
                 continue;
             }
             best_exclusive = Some(q.campaign_id.clone());
@@ -339,8 +405,13 @@ pub fn qualify(
         } else {
             cheap_detail(c, reason)
         };
-        note(&mut rejected, &c.def.id, (reason, detail));
+        notes.note(&c.def.id, (reason, detail));
     }
+    let Notes {
+        mut rejected,
+        counts,
+        ..
+    } = notes;
     rejected.sort_by(|a, b| a.campaign_id.cmp(&b.campaign_id));
     pb::QualifyResponse {
         qualified: kept,
@@ -378,7 +449,7 @@ pub async fn usage_for(
     tenant: &str,
     index: &Index,
     candidates: &[u32],
-) -> Result<std::collections::HashMap<String, (i64, i64)>, Error> {
+) -> Result<UsageMap, Error> {
     let ids: Vec<&str> = candidates
         .iter()
         .map(|i| &index.campaigns[*i as usize])

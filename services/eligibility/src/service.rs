@@ -17,8 +17,10 @@ use tessera_store::{Db, now_micros, outbox};
 use tonic::{Request, Response, Status};
 
 use crate::campaigns::{self, Campaigns};
+use crate::checkout::CheckoutCall;
 use crate::facts;
 use crate::qualify::{self, Input};
+use crate::redeem;
 use crate::rules::{self, Schema, Scope};
 use crate::segments::{self, Segments};
 
@@ -33,11 +35,16 @@ pub struct Eligibility {
 impl Eligibility {
     /// Customers' cached memberships carry their facts version, so a facts change needs no
     /// invalidation for correctness; this frees the entry at once.
-    async fn facts_changed(&self, tenant: &str, customer: &str) {
+    pub(crate) async fn facts_changed(&self, tenant: &str, customer: &str) {
         self.segments.invalidate(tenant, customer).await;
     }
 
-    async fn tier(&self, ctx: &RequestContext, customer: &str, program: &str) -> Option<String> {
+    pub(crate) async fn tier(
+        &self,
+        ctx: &RequestContext,
+        customer: &str,
+        program: &str,
+    ) -> Option<String> {
         let request = ctx.request(tessera_proto::wallet::v1::GetTierRequest {
             customer_id: customer.to_string(),
             program_id: program.to_string(),
@@ -855,5 +862,99 @@ impl EligibilityService for Eligibility {
         let mut response = qualify::qualify(&index, &candidates, &input, &usage, explain);
         response.segments_cached = cached;
         Ok(Response::new(response))
+    }
+
+    async fn validate(
+        &self,
+        request: Request<pb::ValidateRequest>,
+    ) -> Result<Response<pb::ValidateResponse>, Status> {
+        let ctx = context_of(&request)?;
+        Ok(Response::new(
+            self.do_validate(&ctx, request.into_inner()).await?,
+        ))
+    }
+
+    async fn redeem(
+        &self,
+        request: Request<pb::RedeemRequest>,
+    ) -> Result<Response<pb::RedeemResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let checkout = request.checkout.as_ref();
+        let (settings, cart) = self
+            .check_checkout(&ctx, Some(&request.idempotency_key), checkout, |_| {})
+            .await?;
+        let call = CheckoutCall {
+            scope: "eligibility.Redeem",
+            key: &request.idempotency_key,
+            request: &request,
+            checkout,
+            hold: None,
+        };
+        let redemption = self.commit_checkout(&ctx, call, settings, cart).await?;
+        Ok(Response::new(pb::RedeemResponse {
+            redemption: Some(redemption),
+        }))
+    }
+
+    async fn reserve(
+        &self,
+        request: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::ReserveResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let checkout = request.checkout.as_ref();
+        let hold = match request.hold_seconds {
+            0 => redeem::DEFAULT_HOLD_SECONDS,
+            s => s,
+        };
+        let (settings, cart) = self
+            .check_checkout(&ctx, Some(&request.idempotency_key), checkout, |v| {
+                if hold > 3600 {
+                    v.add("hold_seconds", "must be 1 to 3600");
+                }
+            })
+            .await?;
+        let call = CheckoutCall {
+            scope: "eligibility.Reserve",
+            key: &request.idempotency_key,
+            request: &request,
+            checkout,
+            hold: Some(hold),
+        };
+        let redemption = self.commit_checkout(&ctx, call, settings, cart).await?;
+        Ok(Response::new(pb::ReserveResponse {
+            redemption: Some(redemption),
+        }))
+    }
+
+    async fn confirm(
+        &self,
+        request: Request<pb::ConfirmRequest>,
+    ) -> Result<Response<pb::ConfirmResponse>, Status> {
+        let ctx = context_of(&request)?;
+        Ok(Response::new(
+            self.do_confirm(&ctx, request.into_inner()).await?,
+        ))
+    }
+
+    async fn rollback_redemption(
+        &self,
+        request: Request<pb::RollbackRedemptionRequest>,
+    ) -> Result<Response<pb::RollbackRedemptionResponse>, Status> {
+        let ctx = context_of(&request)?;
+        Ok(Response::new(
+            self.do_rollback(&ctx, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_redemption(
+        &self,
+        request: Request<pb::GetRedemptionRequest>,
+    ) -> Result<Response<pb::GetRedemptionResponse>, Status> {
+        let ctx = context_of(&request)?;
+        Ok(Response::new(
+            self.do_get_redemption(&ctx, request.into_inner()).await?,
+        ))
     }
 }

@@ -1,6 +1,8 @@
 //! Eligibility routes for touchpoints and integrations: qualification (`POST /v1/qualify`),
 //! customer profiles (`PUT|GET|DELETE /v1/customers/{id}/profile`), facts (`POST /v1/orders`,
-//! `POST /v1/events`) and a customer's segments. Bodies and answers are the eligibility's
+//! `POST /v1/events`), a customer's segments, and checkout: `POST /v1/validate` (dry run),
+//! `POST /v1/redemptions`, `GET /v1/redemptions/{id}`, `POST /v1/redemptions/{id}/rollback`,
+//! `POST /v1/reservations` and `POST /v1/reservations/{id}/confirm`. Bodies and answers are the eligibility's
 //! protobuf messages in their canonical JSON mapping ([`crate::transcode`]).
 
 use std::sync::Arc;
@@ -48,6 +50,12 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/customers/{id}/segments", get(customer_segments))
         .route("/v1/orders", post(record_order))
         .route("/v1/events", post(record_event))
+        .route("/v1/validate", post(validate))
+        .route("/v1/redemptions", post(redeem))
+        .route("/v1/redemptions/{id}", get(get_redemption))
+        .route("/v1/redemptions/{id}/rollback", post(rollback))
+        .route("/v1/reservations", post(reserve))
+        .route("/v1/reservations/{id}/confirm", post(confirm))
 }
 
 fn call(
@@ -182,4 +190,106 @@ async fn record_event(
         .await?
         .into_inner();
     reply(http::StatusCode::OK, &message("RecordEventResponse"), &r)
+}
+
+/// The redemption of a checkout answer.
+fn redemption(status: http::StatusCode, r: Option<pb::Redemption>) -> Result<Response, ApiError> {
+    reply(status, &message("Redemption"), &r.unwrap_or_default())
+}
+
+/// `POST /v1/validate`: body `{"checkout": {...}}`.
+async fn validate(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &ASKERS, &request_id)?;
+    let request: pb::ValidateRequest = from_json(&message("ValidateRequest"), body)?;
+    let r = client.validate(ctx.request(request)).await?.into_inner();
+    redemption(http::StatusCode::OK, r.redemption)
+}
+
+/// `POST /v1/redemptions`: body `{"checkout": {...}}`, `Idempotency-Key` header.
+async fn redeem(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &FACT_WRITERS, &request_id)?;
+    let mut request: pb::RedeemRequest = from_json(&message("RedeemRequest"), body)?;
+    request.idempotency_key = key;
+    let r = client.redeem(ctx.request(request)).await?.into_inner();
+    redemption(http::StatusCode::CREATED, r.redemption)
+}
+
+/// `POST /v1/reservations`: body `{"checkout": {...}, "holdSeconds": 600}`.
+async fn reserve(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &FACT_WRITERS, &request_id)?;
+    let mut request: pb::ReserveRequest = from_json(&message("ReserveRequest"), body)?;
+    request.idempotency_key = key;
+    let r = client.reserve(ctx.request(request)).await?.into_inner();
+    redemption(http::StatusCode::CREATED, r.redemption)
+}
+
+async fn confirm(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(redemption_id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &FACT_WRITERS, &request_id)?;
+    let r = client
+        .confirm(ctx.request(pb::ConfirmRequest {
+            idempotency_key: key,
+            redemption_id,
+        }))
+        .await?
+        .into_inner();
+    redemption(http::StatusCode::OK, r.redemption)
+}
+
+/// `POST /v1/redemptions/{id}/rollback`: body `{"reason": "...", "lines": [...]}`.
+async fn rollback(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &FACT_WRITERS, &request_id)?;
+    let mut request: pb::RollbackRedemptionRequest = from_json(
+        &message("RollbackRedemptionRequest"),
+        with(body, "redemptionId", id),
+    )?;
+    request.idempotency_key = key;
+    let r = client
+        .rollback_redemption(ctx.request(request))
+        .await?
+        .into_inner();
+    redemption(http::StatusCode::OK, r.redemption)
+}
+
+async fn get_redemption(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(redemption_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let r = client
+        .get_redemption(ctx.request(pb::GetRedemptionRequest { redemption_id }))
+        .await?
+        .into_inner();
+    redemption(http::StatusCode::OK, r.redemption)
 }

@@ -28,13 +28,13 @@ backend_tests!(
     tier_rules_read_the_wallet,
 );
 
-type Client = EligibilityServiceClient<Channel>;
+pub(crate) type Client = EligibilityServiceClient<Channel>;
 
-fn client(suite: &TestSuite) -> Client {
+pub(crate) fn client(suite: &TestSuite) -> Client {
     EligibilityServiceClient::new(suite.channel())
 }
 
-fn key() -> String {
+pub(crate) fn key() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
@@ -46,7 +46,7 @@ fn ago(days: i64) -> Option<Timestamp> {
     })
 }
 
-fn violations(status: &tonic::Status) -> Vec<String> {
+pub(crate) fn violations(status: &tonic::Status) -> Vec<String> {
     tessera_runtime::Error::from_status(status)
         .field_violations
         .into_iter()
@@ -60,7 +60,7 @@ fn string(s: &str) -> pb::Value {
     }
 }
 
-fn percent_off(bp: u32, categories: &[&str]) -> Option<cpb::Effect> {
+pub(crate) fn percent_off(bp: u32, categories: &[&str]) -> Option<cpb::Effect> {
     Some(cpb::Effect {
         kind: Some(Kind::PercentOff(cpb::PercentOff {
             percent_bp: bp,
@@ -73,7 +73,7 @@ fn percent_off(bp: u32, categories: &[&str]) -> Option<cpb::Effect> {
     })
 }
 
-fn amount_off(amount: i64) -> Option<cpb::Effect> {
+pub(crate) fn amount_off(amount: i64) -> Option<cpb::Effect> {
     Some(cpb::Effect {
         kind: Some(Kind::AmountOff(cpb::AmountOff {
             amount,
@@ -82,7 +82,7 @@ fn amount_off(amount: i64) -> Option<cpb::Effect> {
     })
 }
 
-fn campaign(id: &str, effect: Option<cpb::Effect>) -> pb::Campaign {
+pub(crate) fn campaign(id: &str, effect: Option<cpb::Effect>) -> pb::Campaign {
     pb::Campaign {
         id: id.into(),
         name: id.into(),
@@ -93,7 +93,7 @@ fn campaign(id: &str, effect: Option<cpb::Effect>) -> pb::Campaign {
 }
 
 /// A USD cart: `(sku, category, quantity, unit price)`.
-fn cart(lines: &[(&str, &str, i64, i64)]) -> cpb::Cart {
+pub(crate) fn cart(lines: &[(&str, &str, i64, i64)]) -> cpb::Cart {
     cpb::Cart {
         currency: "USD".into(),
         lines: lines
@@ -112,7 +112,7 @@ fn cart(lines: &[(&str, &str, i64, i64)]) -> cpb::Cart {
     }
 }
 
-async fn put_campaign(c: &mut Client, suite: &TestSuite, campaign: pb::Campaign) -> i64 {
+pub(crate) async fn put_campaign(c: &mut Client, suite: &TestSuite, campaign: pb::Campaign) -> i64 {
     c.put_campaign(suite.ctx(TENANT).request(pb::PutCampaignRequest {
         idempotency_key: key(),
         campaign: Some(campaign),
@@ -123,7 +123,11 @@ async fn put_campaign(c: &mut Client, suite: &TestSuite, campaign: pb::Campaign)
     .version
 }
 
-async fn upsert(c: &mut Client, suite: &TestSuite, customer: pb::CustomerInput) -> pb::Customer {
+pub(crate) async fn upsert(
+    c: &mut Client,
+    suite: &TestSuite,
+    customer: pb::CustomerInput,
+) -> pb::Customer {
     c.upsert_customer(suite.ctx(TENANT).request(pb::UpsertCustomerRequest {
         idempotency_key: key(),
         customer: Some(customer),
@@ -1038,6 +1042,7 @@ async fn the_issues_rule_examples_work_verbatim(suite: TestSuite) {
         settings: Some(pb::Settings {
             time_zone: "Europe/Rome".into(),
             currency: "USD".into(),
+            ..Default::default()
         }),
     }))
     .await

@@ -10,6 +10,7 @@ mod idempotency;
 mod input;
 mod metrics;
 mod outbox;
+mod redemption;
 mod segment_cache;
 mod slice;
 mod trace;

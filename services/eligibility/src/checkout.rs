@@ -1,0 +1,347 @@
+//! The validation, redemption and checkout handlers (the work is in [`crate::redeem`]).
+
+use tessera_effects::Cart;
+use tessera_proto::eligibility::v1 as pb;
+use tessera_runtime::error::Violations;
+use tessera_runtime::{Code, Error, RequestContext};
+use tessera_store::api::check_idempotency_key;
+use tessera_store::now_micros;
+use tonic::Status;
+
+use crate::campaigns;
+use crate::facts::{self, Settings};
+use crate::qualify::{self, Input};
+use crate::redeem::{self, Commit};
+use crate::service::Eligibility;
+
+/// Who a failed code attempt counts against: the customer and the calling principal.
+fn subjects(ctx: &RequestContext, checkout: &pb::Checkout) -> Vec<String> {
+    let mut out = vec![format!("customer:{}", checkout.customer_id)];
+    if !ctx.principal.is_empty() {
+        out.push(format!("principal:{}", ctx.principal));
+    }
+    out
+}
+
+/// What a Redeem or Reserve call carries.
+pub struct CheckoutCall<'a, Req> {
+    pub scope: &'static str,
+    pub key: &'a str,
+    pub request: &'a Req,
+    pub checkout: Option<&'a pb::Checkout>,
+    /// Reservation hold, seconds.
+    pub hold: Option<u32>,
+}
+
+impl Eligibility {
+    /// Checks a checkout: the tenant's settings and the engine's cart.
+    pub async fn check_checkout(
+        &self,
+        ctx: &RequestContext,
+        key: Option<&str>,
+        checkout: Option<&pb::Checkout>,
+        extra: impl FnOnce(&mut Violations),
+    ) -> Result<(Settings, Cart), Status> {
+        let settings = facts::settings(self.db.conn(), &ctx.tenant_id).await?;
+        let mut v = Violations::new();
+        if let Some(key) = key {
+            check_idempotency_key(&mut v, key);
+        }
+        let cart = redeem::check_checkout(&mut v, checkout, &settings);
+        extra(&mut v);
+        v.finish()?;
+        Ok((settings, cart))
+    }
+
+    /// Plans a checkout on the current facts, segments and campaigns (the index at the
+    /// feed's current version when `current`: a kill switch lands on the next redemption).
+    pub async fn plan(
+        &self,
+        ctx: &RequestContext,
+        checkout: &pb::Checkout,
+        cart: &Cart,
+        settings: &Settings,
+        now: i64,
+        current: bool,
+    ) -> Result<redeem::Plan, Error> {
+        let conn = self.db.conn();
+        let tenant = ctx.tenant_id.as_str();
+        if !checkout.codes.is_empty() {
+            redeem::check_attempts(conn, tenant, &subjects(ctx, checkout), now).await?;
+        }
+        let facts = facts::load(conn, ctx, &checkout.customer_id, now).await?;
+        let (segments, _) = self.segments.membership(ctx, &facts, now, settings).await?;
+        let index = if current {
+            self.campaigns.current(tenant).await?
+        } else {
+            self.campaigns.index(tenant).await?
+        };
+        let segment_set: campaigns::FastSet = segments.iter().cloned().collect();
+        let keys = campaigns::cart_keys(cart);
+        let (candidates, unlocked) = redeem::candidates(&index, checkout, || {
+            index.candidates(&segment_set, &keys, &[], None)
+        })?;
+        let usage = qualify::usage_for(conn, tenant, &index, &candidates).await?;
+        let tier = if !checkout.program_id.is_empty() && qualify::reads_tier(&index, &candidates) {
+            self.tier(ctx, &checkout.customer_id, &checkout.program_id)
+                .await
+        } else {
+            None
+        };
+        let currency = checkout
+            .cart
+            .as_ref()
+            .map(|c| c.currency.as_str())
+            .unwrap_or_default();
+        let input = Input {
+            facts: &facts,
+            segments: &segments,
+            cart,
+            currency,
+            codes: &checkout.codes,
+            event: None,
+            tier: tier.as_deref(),
+            now,
+            settings,
+        };
+        redeem::plan(
+            &index,
+            &candidates,
+            &unlocked,
+            !checkout.campaign_ids.is_empty(),
+            &input,
+            &usage,
+        )
+    }
+
+    /// Redeem or Reserve: replays a settled key; otherwise plans on current data and commits
+    /// under the key (a planning failure is stored for replays too). A refused code counts
+    /// as a failed attempt; every refusal leaves a `redemption.failed` event.
+    pub async fn commit_checkout<Req: prost::Message>(
+        &self,
+        ctx: &RequestContext,
+        call: CheckoutCall<'_, Req>,
+        settings: Settings,
+        cart: Cart,
+    ) -> Result<pb::Redemption, Status> {
+        let CheckoutCall {
+            scope,
+            key,
+            request,
+            checkout,
+            hold,
+        } = call;
+        let checkout = checkout.cloned().unwrap_or_default();
+        let stored = self
+            .idempotency
+            .settled::<pb::Redemption>(ctx, scope, key, request)
+            .await?;
+        if let Some(stored) = stored {
+            return Ok(stored?);
+        }
+        let now = now_micros();
+        let plan = self.plan(ctx, &checkout, &cart, &settings, now, true).await;
+        if let Err(e) = &plan
+            && e.code == Code::ResourceExhausted
+        {
+            return Err(e.to_status());
+        }
+        let tenant = ctx.tenant_id.clone();
+        let job = checkout.clone();
+        let outcome = self
+            .idempotency
+            .run(ctx, scope, key, request, move |txn| {
+                Box::pin(async move {
+                    let commit = Commit {
+                        tenant: &tenant,
+                        checkout: &job,
+                        cart: &cart,
+                        input_settings: &settings,
+                        now,
+                        hold,
+                    };
+                    redeem::commit(txn, commit, plan?).await
+                })
+            })
+            .await;
+        match outcome {
+            Ok(r) => {
+                self.facts_changed(&ctx.tenant_id, &checkout.customer_id)
+                    .await;
+                Ok(r)
+            }
+            Err(err) => {
+                if matches!(err.code, Code::NotFound | Code::FailedPrecondition)
+                    && err.reason.as_deref() != Some("IDEMPOTENCY_KEY_REUSED")
+                {
+                    let subjects = subjects(ctx, &checkout);
+                    if let Err(e) = redeem::record_failure(
+                        &self.db,
+                        &ctx.tenant_id,
+                        &subjects,
+                        &checkout,
+                        &err,
+                        now,
+                    )
+                    .await
+                    {
+                        tracing::warn!(error = %e, "could not record a failed redemption");
+                    }
+                }
+                Err(err.to_status())
+            }
+        }
+    }
+
+    pub async fn do_validate(
+        &self,
+        ctx: &RequestContext,
+        request: pb::ValidateRequest,
+    ) -> Result<pb::ValidateResponse, Status> {
+        let checkout = request.checkout.as_ref();
+        let (settings, cart) = self.check_checkout(ctx, None, checkout, |_| {}).await?;
+        let checkout = checkout.cloned().unwrap_or_default();
+        let plan = self
+            .plan(ctx, &checkout, &cart, &settings, now_micros(), false)
+            .await?;
+        let order_value = cart.lines.iter().map(tessera_effects::Line::total).sum();
+        Ok(pb::ValidateResponse {
+            redemption: Some(redeem::redemption(&plan, &checkout, order_value)),
+        })
+    }
+
+    pub async fn do_confirm(
+        &self,
+        ctx: &RequestContext,
+        request: pb::ConfirmRequest,
+    ) -> Result<pb::ConfirmResponse, Status> {
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        check_redemption_id(&mut v, &request.redemption_id);
+        v.finish()?;
+        let (tenant, id) = (ctx.tenant_id.clone(), request.redemption_id.clone());
+        let redemption = self
+            .idempotency
+            .run(
+                ctx,
+                "eligibility.Confirm",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let r = redeem::confirm(txn, &tenant, &id, now_micros()).await?;
+                        Ok(pb::ConfirmResponse {
+                            redemption: Some(r),
+                        })
+                    })
+                },
+            )
+            .await?;
+        Ok(redemption)
+    }
+
+    pub async fn do_rollback(
+        &self,
+        ctx: &RequestContext,
+        request: pb::RollbackRedemptionRequest,
+    ) -> Result<pb::RollbackRedemptionResponse, Status> {
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        check_redemption_id(&mut v, &request.redemption_id);
+        if request.reason.trim().is_empty() || request.reason.len() > 500 {
+            v.add("reason", "must be 1 to 500 characters");
+        }
+        if request.lines.len() > 500 {
+            v.add("lines", "must hold at most 500 lines");
+        }
+        v.finish()?;
+        let tenant = ctx.tenant_id.clone();
+        let req = request.clone();
+        let response = self
+            .idempotency
+            .run(
+                ctx,
+                "eligibility.RollbackRedemption",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let id = &req.redemption_id;
+                        let (r, counted) = redeem::load(txn, &tenant, id, true)
+                            .await?
+                            .ok_or_else(|| Error::not_found(format!("redemption `{id}`")))?;
+                        let status = r.status();
+                        if !matches!(
+                            status,
+                            pb::RedemptionStatus::Redeemed | pb::RedemptionStatus::Reserved
+                        ) {
+                            return Err(Error::new(
+                                Code::FailedPrecondition,
+                                format!("redemption `{id}` is {}", redeem::status_name(status)),
+                            )
+                            .with_reason("NOT_ROLLBACKABLE"));
+                        }
+                        let returned = if req.lines.is_empty() {
+                            None
+                        } else {
+                            if status == pb::RedemptionStatus::Reserved {
+                                return Err(Error::invalid_field(
+                                    "lines",
+                                    "a reservation is released whole: leave lines empty",
+                                ));
+                            }
+                            let mut v = Violations::new();
+                            let merged = redeem::check_returns(&mut v, &req.lines, &r, &counted);
+                            v.finish()?;
+                            Some(merged)
+                        };
+                        let r = redeem::rollback(
+                            txn,
+                            &tenant,
+                            r,
+                            counted,
+                            returned,
+                            pb::RedemptionStatus::RolledBack,
+                            &req.reason,
+                        )
+                        .await?;
+                        Ok(pb::RollbackRedemptionResponse {
+                            redemption: Some(r),
+                        })
+                    })
+                },
+            )
+            .await?;
+        if let Some(r) = &response.redemption {
+            self.facts_changed(&ctx.tenant_id, &r.customer_id).await;
+        }
+        Ok(response)
+    }
+
+    pub async fn do_get_redemption(
+        &self,
+        ctx: &RequestContext,
+        request: pb::GetRedemptionRequest,
+    ) -> Result<pb::GetRedemptionResponse, Status> {
+        let mut v = Violations::new();
+        check_redemption_id(&mut v, &request.redemption_id);
+        v.finish()?;
+        let (r, _) = redeem::load(
+            self.db.conn(),
+            &ctx.tenant_id,
+            &request.redemption_id,
+            false,
+        )
+        .await?
+        .ok_or_else(|| Error::not_found(format!("redemption `{}`", request.redemption_id)))?;
+        Ok(pb::GetRedemptionResponse {
+            redemption: Some(r),
+        })
+    }
+}
+
+fn check_redemption_id(v: &mut Violations, id: &str) {
+    if id.is_empty() || id.len() > 64 {
+        v.add("redemption_id", "must be 1 to 64 characters");
+    }
+}

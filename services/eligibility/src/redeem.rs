@@ -1,0 +1,1354 @@
+//! Validation, redemption and two-phase checkout.
+//!
+//! One computation serves Validate, Redeem and Reserve ([`plan`]): the candidates (the
+//! automatic campaigns, or the ones the caller names, plus those the codes unlock) are
+//! evaluated as in qualification, stacked by the tenant's and the campaigns' policy
+//! ([`stack`]) and applied together by the cart-effect engine.
+//!
+//! Redeem and Reserve then [`commit`] in one transaction: they lock the counters of the
+//! chosen campaigns that carry a limit (campaign budgets, then the customer's uses, the
+//! period's uses, the code's uses; always in that order and sorted, so concurrent
+//! redemptions queue instead of deadlocking), check them again under the lock, and write the
+//! counts, the redemption and its event. N concurrent redemptions of the last unit give
+//! exactly one winner: row locks on PostgreSQL, one writer at a time on SQLite.
+//!
+//! What was counted is stored with the redemption, so a rollback or an expired reservation
+//! gives back exactly that and nothing else.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{Datelike, NaiveDate, TimeZone};
+use prost::Message;
+use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tessera_effects::engine::div_half_even;
+use tessera_effects::{Application, Cart, Outcome, Target, apply, wire};
+use tessera_proto::eligibility::v1 as pb;
+use tessera_runtime::error::Violations;
+use tessera_runtime::{Code, Error};
+use tessera_store::db::Backend;
+use tessera_store::outbox::{self, micros_to_timestamp};
+use tessera_store::{Db, db_error, stmt};
+
+use crate::campaigns::{Compiled, Index};
+use crate::facts::Settings;
+use crate::qualify::{self, Input, Notes, Usage, UsageMap};
+
+/// Unknown codes one customer may try in [`ATTEMPT_WINDOW_MICROS`].
+pub const MAX_FAILED_ATTEMPTS_PER_CUSTOMER: i64 = 10;
+/// Unknown codes one caller (API key, principal) may try in the window, all customers.
+pub const MAX_FAILED_ATTEMPTS_PER_PRINCIPAL: i64 = 100;
+/// The window of [`MAX_FAILED_ATTEMPTS`]: 15 minutes.
+pub const ATTEMPT_WINDOW_MICROS: i64 = 15 * 60 * 1_000_000;
+/// Default hold of a reservation.
+pub const DEFAULT_HOLD_SECONDS: u32 = 900;
+
+/// An incentive chosen (or a candidate for it).
+#[derive(Clone)]
+pub struct Pick {
+    pub campaign: Arc<Compiled>,
+    /// The code that unlocked it.
+    pub code: String,
+    /// The caller asked for it (by code or id): if it cannot apply, the call fails.
+    pub strict: bool,
+    /// Its value on the cart on its own (the selection order's tie-break).
+    pub own_value: i64,
+}
+
+impl Pick {
+    fn id(&self) -> &str {
+        &self.campaign.def.id
+    }
+}
+
+/// What a checkout would get.
+pub struct Plan {
+    /// Applied, in application order.
+    pub picks: Vec<Pick>,
+    /// Their combined effect; adjustments labelled by campaign id.
+    pub outcome: Outcome,
+    pub notes: Notes,
+}
+
+/// Checks a checkout; returns the engine's cart.
+pub fn check_checkout(
+    v: &mut Violations,
+    checkout: Option<&pb::Checkout>,
+    settings: &Settings,
+) -> Cart {
+    let Some(c) = checkout else {
+        v.add("checkout", "is required");
+        return Cart::default();
+    };
+    tessera_store::api::check_customer_id(v, "checkout.customer_id", &c.customer_id);
+    if c.order_id.len() > 128 {
+        v.add("checkout.order_id", "must be at most 128 characters");
+    }
+    let cart = wire::cart(v, "checkout.cart", c.cart.as_ref());
+    if let Some(cart) = &c.cart
+        && cart.currency != settings.currency
+    {
+        v.add(
+            "checkout.cart.currency",
+            format!("must be the tenant's currency, {}", settings.currency),
+        );
+    }
+    if c.codes.len() > 20 {
+        v.add("checkout.codes", "must hold at most 20 codes");
+    }
+    for (i, code) in c.codes.iter().enumerate() {
+        if code.is_empty() || code.len() > 64 {
+            v.add(format!("checkout.codes.{i}"), "must be 1 to 64 characters");
+        }
+    }
+    if c.campaign_ids.len() > 100 {
+        v.add("checkout.campaign_ids", "must hold at most 100 ids");
+    }
+    for (i, id) in c.campaign_ids.iter().enumerate() {
+        if id.is_empty() || id.len() > 128 {
+            v.add(
+                format!("checkout.campaign_ids.{i}"),
+                "must be 1 to 128 characters",
+            );
+        }
+    }
+    if c.program_id.len() > 64 {
+        v.add("checkout.program_id", "must be at most 64 characters");
+    }
+    cart
+}
+
+/// The campaigns to evaluate: the named ones (or every automatic candidate of the index)
+/// plus every campaign the codes belong to. A code or id the tenant does not have is
+/// NOT_FOUND, worded the same whether another tenant has it or nobody does.
+pub fn candidates(
+    index: &Index,
+    checkout: &pb::Checkout,
+    automatic: impl FnOnce() -> Vec<u32>,
+) -> Result<(Vec<u32>, HashMap<u32, String>), Error> {
+    let mut out = if checkout.campaign_ids.is_empty() {
+        automatic()
+    } else {
+        let mut named = Vec::with_capacity(checkout.campaign_ids.len());
+        for id in &checkout.campaign_ids {
+            named.push(
+                index
+                    .find(id)
+                    .ok_or_else(|| Error::not_found(format!("campaign `{id}`")))?,
+            );
+        }
+        named
+    };
+    let mut unlocked = HashMap::new();
+    for code in &checkout.codes {
+        let owners = index.code_owners(code);
+        if owners.is_empty() {
+            return Err(Error::not_found(format!("code `{code}`")).with_reason("CODE_NOT_FOUND"));
+        }
+        for &i in owners {
+            unlocked.insert(i, code.clone());
+            out.push(i);
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok((out, unlocked))
+}
+
+/// Evaluates, stacks and applies: what the checkout gets now. Fails when something the
+/// caller asked for (a code, a named campaign) cannot apply.
+pub fn plan(
+    index: &Index,
+    candidates: &[u32],
+    unlocked: &HashMap<u32, String>,
+    strict_ids: bool,
+    input: &Input,
+    usage: &UsageMap,
+) -> Result<Plan, Error> {
+    let present = qualify::presence(index, input);
+    let mut notes = Notes::new(pb::Explain::All);
+    let qualified = qualify::evaluate(index, candidates, input, &present, usage, &mut notes);
+    let picks = qualified
+        .into_iter()
+        .map(|(c, q)| {
+            let at = index.find(&c.def.id).unwrap_or_default();
+            Pick {
+                code: unlocked.get(&at).cloned().unwrap_or_default(),
+                strict: strict_ids || unlocked.contains_key(&at),
+                own_value: q.value,
+                campaign: c,
+            }
+        })
+        .collect();
+    let picks = stack(picks, input.settings.max_incentives_per_order, &mut notes);
+    let (picks, outcome) = combine(picks, input.cart, &mut notes);
+    let plan = Plan {
+        picks,
+        outcome,
+        notes,
+    };
+    refuse_strict(index, candidates, unlocked, strict_ids, &plan)?;
+    Ok(plan)
+}
+
+/// Fails when a code, or a campaign named by the caller, is not in the plan.
+fn refuse_strict(
+    index: &Index,
+    candidates: &[u32],
+    unlocked: &HashMap<u32, String>,
+    strict_ids: bool,
+    plan: &Plan,
+) -> Result<(), Error> {
+    let applied: HashSet<&str> = plan.picks.iter().map(Pick::id).collect();
+    let why = |id: &str| -> (pb::Reason, String) {
+        plan.notes
+            .rejected
+            .iter()
+            .rev()
+            .find(|r| r.campaign_id == id)
+            .map(|r| (r.reason(), r.detail.clone()))
+            .unwrap_or((pb::Reason::NoEffect, "does not apply".into()))
+    };
+    // A code fails when none of its campaigns applies.
+    let mut codes: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (&i, code) in unlocked {
+        codes
+            .entry(code.as_str())
+            .or_default()
+            .push(&index.campaigns[i as usize].def.id);
+    }
+    for (code, mut owners) in codes {
+        owners.sort_unstable();
+        if owners.iter().any(|id| applied.contains(id)) {
+            continue;
+        }
+        let (reason, detail) = why(owners[0]);
+        return Err(refusal(format!("code `{code}`"), reason, &detail));
+    }
+    if strict_ids {
+        for &i in candidates {
+            let id = index.campaigns[i as usize].def.id.as_str();
+            if !unlocked.contains_key(&i) && !applied.contains(id) {
+                let (reason, detail) = why(id);
+                return Err(refusal(format!("campaign `{id}`"), reason, &detail));
+            }
+        }
+    }
+    if plan.picks.is_empty() {
+        return Err(Error::new(
+            Code::FailedPrecondition,
+            "no incentive applies to this checkout",
+        )
+        .with_reason("NOTHING_APPLIES"));
+    }
+    Ok(())
+}
+
+/// FAILED_PRECONDITION with the machine-readable reason (e.g. `ENDED`,
+/// `BUDGET_EXHAUSTED`).
+fn refusal(what: String, reason: pb::Reason, detail: &str) -> Error {
+    let name = reason
+        .as_str_name()
+        .strip_prefix("REASON_")
+        .unwrap_or_default();
+    Error::new(
+        Code::FailedPrecondition,
+        format!("{what} cannot be used: {detail}"),
+    )
+    .with_reason(name)
+}
+
+/// Chooses what applies together. Selection order: what the caller asked for first, then
+/// priority (higher first), value on its own (higher first), id. A candidate is left out,
+/// with the reason, when the order already has the tenant's maximum, when it is exclusive
+/// and something applies or something exclusive applies, when an incentive of its stacking
+/// group applies, or when it and an applied one are not combinable (either side's list).
+pub fn stack(mut picks: Vec<Pick>, max: u32, notes: &mut Notes) -> Vec<Pick> {
+    picks.sort_by(|a, b| {
+        b.strict
+            .cmp(&a.strict)
+            .then(b.campaign.def.priority.cmp(&a.campaign.def.priority))
+            .then(b.own_value.cmp(&a.own_value))
+            .then(a.id().cmp(b.id()))
+    });
+    let mut chosen: Vec<Pick> = Vec::with_capacity(picks.len());
+    for p in picks {
+        match conflict(&chosen, &p, max) {
+            Some(why) => notes.note(p.id(), (pb::Reason::ExcludedByStacking, why)),
+            None => chosen.push(p),
+        }
+    }
+    chosen
+}
+
+fn conflict(chosen: &[Pick], p: &Pick, max: u32) -> Option<String> {
+    let c = &p.campaign.def;
+    if max > 0 && chosen.len() >= max as usize {
+        return Some(format!(
+            "the order already has {max} incentives, the most the tenant allows"
+        ));
+    }
+    if c.exclusive && !chosen.is_empty() {
+        return Some(format!(
+            "it is exclusive and '{}' applies already",
+            chosen[0].id()
+        ));
+    }
+    for other in chosen {
+        let o = &other.campaign.def;
+        if o.exclusive {
+            return Some(format!("'{}' is exclusive", o.id));
+        }
+        if !c.stacking_group.is_empty() && c.stacking_group == o.stacking_group {
+            return Some(format!(
+                "'{}' of stacking group '{}' applies already",
+                o.id, c.stacking_group
+            ));
+        }
+        if excludes(c, o) || excludes(o, c) {
+            return Some(format!("not combinable with '{}'", o.id));
+        }
+    }
+    None
+}
+
+fn excludes(a: &pb::Campaign, b: &pb::Campaign) -> bool {
+    a.not_combinable_with.iter().any(|x| {
+        x == &b.id
+            || (!b.stacking_group.is_empty()
+                && x.strip_prefix("group:") == Some(b.stacking_group.as_str()))
+    })
+}
+
+/// Applies the picks together (the engine orders them by priority); a pick that does
+/// nothing once the others applied is left out with the reason.
+fn combine(picks: Vec<Pick>, cart: &Cart, notes: &mut Notes) -> (Vec<Pick>, Outcome) {
+    let applications: Vec<Application> = picks
+        .iter()
+        .map(|p| Application {
+            reward_id: p.id().to_string(),
+            ..p.campaign.application.clone()
+        })
+        .collect();
+    let outcome = apply(&applications, cart);
+    let used: HashSet<&str> = outcome
+        .adjustments
+        .iter()
+        .map(|a| a.reward_id.as_str())
+        .collect();
+    let mut kept = Vec::with_capacity(picks.len());
+    for p in &picks {
+        if used.contains(p.id()) {
+            kept.push(p.clone());
+        } else {
+            let why = outcome
+                .skipped
+                .iter()
+                .find(|(id, _)| id == p.id())
+                .map(|(_, why)| why.clone())
+                .unwrap_or_else(|| {
+                    "nothing left to discount after the incentives before it".into()
+                });
+            notes.note(p.id(), (pb::Reason::NoEffect, why));
+        }
+    }
+    kept.sort_by(|a, b| {
+        b.campaign
+            .def
+            .priority
+            .cmp(&a.campaign.def.priority)
+            .then(a.id().cmp(b.id()))
+    });
+    (kept, outcome)
+}
+
+/// What one campaign gave: `(discount, shipping discount, cashback)`.
+fn amounts(outcome: &Outcome, id: &str) -> (i64, i64, i64) {
+    let mut out = (0, 0, 0);
+    for a in outcome.adjustments.iter().filter(|a| a.reward_id == id) {
+        match a.target {
+            Target::Line(_) => out.0 += a.amount,
+            Target::Shipping => out.1 += a.amount,
+            Target::Cashback { .. } => out.2 += a.amount,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The redemption a plan makes (no id, no status yet).
+pub fn redemption(plan: &Plan, checkout: &pb::Checkout, order_value: i64) -> pb::Redemption {
+    let reward_of: HashMap<&str, &str> = plan
+        .picks
+        .iter()
+        .map(|p| (p.id(), p.campaign.application.reward_id.as_str()))
+        .collect();
+    let applied = plan
+        .picks
+        .iter()
+        .map(|p| {
+            let (discount, shipping_discount, cashback) = amounts(&plan.outcome, p.id());
+            pb::Applied {
+                campaign_id: p.id().to_string(),
+                reward_id: p.campaign.application.reward_id.clone(),
+                code: p.code.clone(),
+                discount,
+                shipping_discount,
+                cashback,
+                released_discount: 0,
+            }
+        })
+        .collect();
+    let mut outcome = wire::outcome(plan.outcome.clone());
+    for a in &mut outcome.adjustments {
+        if let Some(reward) = reward_of.get(a.reward_id.as_str()) {
+            a.reward_id = (*reward).to_string();
+        }
+    }
+    let mut not_applied = plan.notes.rejected.clone();
+    not_applied.sort_by(|a, b| a.campaign_id.cmp(&b.campaign_id));
+    pb::Redemption {
+        customer_id: checkout.customer_id.clone(),
+        order_id: checkout.order_id.clone(),
+        applied,
+        outcome: Some(outcome),
+        not_applied,
+        order_value,
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Counters.
+
+/// What a redemption counted, so it can be given back exactly.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Counted {
+    /// Per applied campaign: the start of the period its per-period use was counted in.
+    #[serde(default)]
+    pub periods: BTreeMap<String, i64>,
+    /// The cart's lines: `(id, quantity, unit price)`.
+    pub lines: Vec<(String, i64, i64)>,
+    /// Order value given back by partial rollbacks.
+    #[serde(default)]
+    pub order_value_released: i64,
+    /// Discount per campaign and line, for partial rollbacks.
+    #[serde(default)]
+    pub line_discounts: BTreeMap<String, BTreeMap<String, i64>>,
+}
+
+/// The start (µs) of the tenant-local period holding `now`.
+pub fn period_start(period: pb::Period, now: i64, settings: &Settings) -> i64 {
+    let local = settings.local(now).date_naive();
+    let first = match period {
+        pb::Period::Week => {
+            local - chrono::Days::new(u64::from(local.weekday().num_days_from_monday()))
+        }
+        pb::Period::Month => {
+            NaiveDate::from_ymd_opt(local.year(), local.month(), 1).unwrap_or(local)
+        }
+        _ => local,
+    };
+    let midnight = first.and_hms_opt(0, 0, 0).unwrap_or_default();
+    settings
+        .time_zone
+        .from_local_datetime(&midnight)
+        .earliest()
+        .map_or(now, |t| t.timestamp_micros())
+}
+
+/// Locks one counter row (creating it at zero first if needed) and reads `cols`.
+async fn lock_counter(
+    txn: &DatabaseTransaction,
+    table: &str,
+    keys: &[(&str, Value)],
+    cols: &[&str],
+) -> Result<Vec<i64>, Error> {
+    let lock = Backend::of(txn).row_lock();
+    let filter = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (k, _))| format!("{k} = ${}", i + 1))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let select = format!(
+        "SELECT {} FROM {table} WHERE {filter}{lock}",
+        cols.join(", ")
+    );
+    let values = || keys.iter().map(|(_, v)| v.clone());
+    for attempt in 0..2 {
+        let row = txn
+            .query_one_raw(stmt(txn, &select, values()))
+            .await
+            .map_err(db_error)?;
+        if let Some(row) = row {
+            return cols
+                .iter()
+                .enumerate()
+                .map(|(i, _)| row.try_get_by_index::<i64>(i).map_err(db_error))
+                .collect();
+        }
+        if attempt == 0 {
+            let names: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
+            let insert = format!(
+                "INSERT INTO {table} ({}, {}) VALUES ({}, {}) ON CONFLICT DO NOTHING",
+                names.join(", "),
+                cols.join(", "),
+                Db::placeholders(1, keys.len()),
+                vec!["0"; cols.len()].join(", "),
+            );
+            txn.execute_raw(stmt(txn, &insert, values()))
+                .await
+                .map_err(db_error)?;
+        }
+    }
+    Err(Error::internal(format!("counter row of {table} vanished")))
+}
+
+/// Adds `deltas` to a counter row (created at the deltas if missing).
+async fn add_counter(
+    txn: &DatabaseTransaction,
+    table: &str,
+    keys: &[(&str, Value)],
+    deltas: &[(&str, i64)],
+) -> Result<(), Error> {
+    let names: Vec<&str> = keys
+        .iter()
+        .map(|(k, _)| *k)
+        .chain(deltas.iter().map(|(c, _)| *c))
+        .collect();
+    let updates = deltas
+        .iter()
+        .map(|(c, _)| format!("{c} = {table}.{c} + excluded.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {updates}",
+        names.join(", "),
+        Db::placeholders(1, names.len()),
+        keys.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", "),
+    );
+    let values = keys
+        .iter()
+        .map(|(_, v)| v.clone())
+        .chain(deltas.iter().map(|(_, d)| Value::from(*d)));
+    txn.execute_raw(stmt(txn, &sql, values))
+        .await
+        .map_err(db_error)?;
+    Ok(())
+}
+
+/// Keys of the counters one applied campaign touches.
+struct Keys<'a> {
+    tenant: &'a str,
+    customer: &'a str,
+    campaign: &'a str,
+    code: &'a str,
+    period: Option<i64>,
+}
+
+impl Keys<'_> {
+    fn campaign(&self) -> [(&'static str, Value); 2] {
+        [
+            ("tenant_id", self.tenant.into()),
+            ("campaign_id", self.campaign.into()),
+        ]
+    }
+    fn customer(&self) -> [(&'static str, Value); 3] {
+        [
+            ("tenant_id", self.tenant.into()),
+            ("customer_id", self.customer.into()),
+            ("campaign_id", self.campaign.into()),
+        ]
+    }
+    fn period(&self, start: i64) -> [(&'static str, Value); 4] {
+        [
+            ("tenant_id", self.tenant.into()),
+            ("customer_id", self.customer.into()),
+            ("campaign_id", self.campaign.into()),
+            ("period_start", start.into()),
+        ]
+    }
+    fn code(&self) -> [(&'static str, Value); 2] {
+        [
+            ("tenant_id", self.tenant.into()),
+            ("code", self.code.into()),
+        ]
+    }
+}
+
+/// Counts (or, with `sign` -1, gives back) one applied campaign.
+async fn count(
+    txn: &DatabaseTransaction,
+    keys: &Keys<'_>,
+    sign: i64,
+    whole: bool,
+    discount: i64,
+    order_value: i64,
+) -> Result<(), Error> {
+    let uses = if whole { sign } else { 0 };
+    add_counter(
+        txn,
+        "campaign_usage",
+        &keys.campaign(),
+        &[
+            ("redemptions", uses),
+            ("discount_total", sign * discount),
+            ("order_value_total", sign * order_value),
+        ],
+    )
+    .await?;
+    if !whole {
+        return Ok(());
+    }
+    add_counter(
+        txn,
+        "customer_usage",
+        &keys.customer(),
+        &[("redemptions", sign)],
+    )
+    .await?;
+    if let Some(start) = keys.period {
+        add_counter(
+            txn,
+            "customer_period_usage",
+            &keys.period(start),
+            &[("redemptions", sign)],
+        )
+        .await?;
+    }
+    if !keys.code.is_empty() {
+        add_counter(txn, "code_usage", &keys.code(), &[("uses", sign)]).await?;
+    }
+    Ok(())
+}
+
+/// Checks one campaign's limits against its locked counters: `Err` with the reason when
+/// this order would break one.
+async fn check_locked(
+    txn: &DatabaseTransaction,
+    keys: &Keys<'_>,
+    c: &Compiled,
+    discount: i64,
+    order_value: i64,
+) -> Result<Result<(), (pb::Reason, String)>, Error> {
+    let Some(l) = &c.def.limits else {
+        return Ok(Ok(()));
+    };
+    let mut usage = Usage::default();
+    if c.has_limits() {
+        let row = lock_counter(
+            txn,
+            "campaign_usage",
+            &keys.campaign(),
+            &["redemptions", "discount_total", "order_value_total"],
+        )
+        .await?;
+        usage = Usage {
+            redemptions: row[0],
+            discount_total: row[1],
+            order_value_total: row[2],
+        };
+    }
+    let mut customer = 0;
+    if l.max_redemptions_per_customer > 0 {
+        customer =
+            lock_counter(txn, "customer_usage", &keys.customer(), &["redemptions"]).await?[0];
+    }
+    if let Err(why) = qualify::check_limits(c, usage, customer, discount, order_value) {
+        return Ok(Err(why));
+    }
+    if let (Some(start), true) = (keys.period, l.max_redemptions_per_customer_per_period > 0) {
+        let used = lock_counter(
+            txn,
+            "customer_period_usage",
+            &keys.period(start),
+            &["redemptions"],
+        )
+        .await?[0];
+        if used >= l.max_redemptions_per_customer_per_period {
+            return Ok(Err((
+                pb::Reason::CustomerLimitReached,
+                format!(
+                    "customer used it {used} of {} times this {}",
+                    l.max_redemptions_per_customer_per_period,
+                    l.period()
+                        .as_str_name()
+                        .trim_start_matches("PERIOD_")
+                        .to_lowercase()
+                ),
+            )));
+        }
+    }
+    if !keys.code.is_empty() && l.max_uses_per_code > 0 {
+        let used = lock_counter(txn, "code_usage", &keys.code(), &["uses"]).await?[0];
+        if used >= l.max_uses_per_code {
+            return Ok(Err((
+                pb::Reason::BudgetExhausted,
+                format!("code used {used} of {} times", l.max_uses_per_code),
+            )));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Where a redemption is stored.
+pub fn status_name(s: pb::RedemptionStatus) -> &'static str {
+    match s {
+        pb::RedemptionStatus::Reserved => "reserved",
+        pb::RedemptionStatus::Redeemed => "redeemed",
+        pb::RedemptionStatus::RolledBack => "rolled_back",
+        pb::RedemptionStatus::Expired => "expired",
+        pb::RedemptionStatus::Unspecified => "unspecified",
+    }
+}
+
+/// A checkout to commit.
+pub struct Commit<'a> {
+    pub tenant: &'a str,
+    pub checkout: &'a pb::Checkout,
+    pub cart: &'a Cart,
+    pub input_settings: &'a Settings,
+    pub now: i64,
+    /// `Some(seconds)`: a reservation held that long.
+    pub hold: Option<u32>,
+}
+
+/// Commits a plan in `txn`: re-checks every limit under its lock (dropping an automatic
+/// incentive whose budget ran out meanwhile, refusing a requested one), counts, stores the
+/// redemption and its event.
+pub async fn commit(
+    txn: &DatabaseTransaction,
+    job: Commit<'_>,
+    mut plan: Plan,
+) -> Result<pb::Redemption, Error> {
+    let Commit {
+        tenant,
+        checkout,
+        cart,
+        input_settings: settings,
+        now,
+        hold,
+    } = job;
+    let id = uuid::Uuid::now_v7().to_string();
+    // One live redemption per order: the order row is taken first, so two redemptions of
+    // one order queue here and the second returns the first.
+    if !checkout.order_id.is_empty()
+        && let Some(existing) = claim_order(txn, tenant, &checkout.order_id, &id).await?
+    {
+        return Ok(existing);
+    }
+    let order_value: i64 = cart.lines.iter().map(tessera_effects::Line::total).sum();
+    let periods: BTreeMap<String, i64> = plan
+        .picks
+        .iter()
+        .filter_map(|p| {
+            let l = p.campaign.def.limits.as_ref()?;
+            (l.max_redemptions_per_customer_per_period > 0)
+                .then(|| (p.id().to_string(), period_start(l.period(), now, settings)))
+        })
+        .collect();
+    let keys_of = |p: &Pick| -> (String, String, Option<i64>) {
+        (
+            p.id().to_string(),
+            p.code.clone(),
+            periods.get(p.id()).copied(),
+        )
+    };
+    // Lock and check, in id order; drop what no longer fits and apply the rest again
+    // (another incentive's discount can grow when one before it drops out).
+    loop {
+        let mut order: Vec<Pick> = plan.picks.clone();
+        order.sort_by(|a, b| a.id().cmp(b.id()));
+        let mut refused = None;
+        for p in &order {
+            let (campaign, code, period) = keys_of(p);
+            let keys = Keys {
+                tenant,
+                customer: &checkout.customer_id,
+                campaign: &campaign,
+                code: &code,
+                period,
+            };
+            let (discount, _, _) = amounts(&plan.outcome, p.id());
+            if let Err(why) = check_locked(txn, &keys, &p.campaign, discount, order_value).await? {
+                refused = Some((p.clone(), why));
+                break;
+            }
+        }
+        let Some((p, (reason, detail))) = refused else {
+            break;
+        };
+        if p.strict {
+            let what = if p.code.is_empty() {
+                format!("campaign `{}`", p.id())
+            } else {
+                format!("code `{}`", p.code)
+            };
+            return Err(refusal(what, reason, &detail));
+        }
+        plan.notes.note(p.id(), (reason, detail));
+        let rest: Vec<Pick> = plan
+            .picks
+            .into_iter()
+            .filter(|q| q.id() != p.id())
+            .collect();
+        let (picks, outcome) = combine(rest, cart, &mut plan.notes);
+        plan.picks = picks;
+        plan.outcome = outcome;
+        if plan.picks.is_empty() {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                "no incentive applies to this checkout",
+            )
+            .with_reason("NOTHING_APPLIES"));
+        }
+    }
+    let mut record = redemption(&plan, checkout, order_value);
+    record.id = id.clone();
+    record.created_at = Some(micros_to_timestamp(now));
+    let (status, expires_at) = match hold {
+        Some(seconds) => (
+            pb::RedemptionStatus::Reserved,
+            now + i64::from(seconds) * 1_000_000,
+        ),
+        None => (pb::RedemptionStatus::Redeemed, 0),
+    };
+    record.set_status(status);
+    if hold.is_some() {
+        record.expires_at = Some(micros_to_timestamp(expires_at));
+    }
+    let mut by_id: Vec<&pb::Applied> = record.applied.iter().collect();
+    by_id.sort_by(|a, b| a.campaign_id.cmp(&b.campaign_id));
+    for a in by_id {
+        let keys = Keys {
+            tenant,
+            customer: &checkout.customer_id,
+            campaign: &a.campaign_id,
+            code: &a.code,
+            period: periods.get(&a.campaign_id).copied(),
+        };
+        count(txn, &keys, 1, true, a.discount, order_value).await?;
+    }
+    let counted = Counted {
+        periods,
+        lines: cart
+            .lines
+            .iter()
+            .map(|l| (l.id.clone(), l.quantity, l.unit_price))
+            .collect(),
+        order_value_released: 0,
+        line_discounts: line_discounts(&plan.outcome),
+    };
+    txn.execute_raw(stmt(
+        txn,
+        "INSERT INTO redemptions (tenant_id, id, customer_id, order_id, status, created_at, \
+         expires_at, record, counted) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        [
+            tenant.into(),
+            id.clone().into(),
+            checkout.customer_id.clone().into(),
+            checkout.order_id.clone().into(),
+            status_name(status).into(),
+            now.into(),
+            expires_at.into(),
+            record.encode_to_vec().into(),
+            serde_json::to_string(&counted)
+                .map_err(Error::internal)?
+                .into(),
+        ],
+    ))
+    .await
+    .map_err(db_error)?;
+    // The customer's redemption counts are facts rules read.
+    txn.execute_raw(stmt(
+        txn,
+        "UPDATE customers SET facts_version = facts_version + 1 \
+         WHERE tenant_id = $1 AND id = $2",
+        [tenant.into(), checkout.customer_id.clone().into()],
+    ))
+    .await
+    .map_err(db_error)?;
+    let event = if hold.is_some() {
+        "redemption.reserved"
+    } else {
+        "redemption.succeeded"
+    };
+    outbox::enqueue(txn, tenant, event, &event_data(&record)).await?;
+    Ok(record)
+}
+
+fn line_discounts(outcome: &Outcome) -> BTreeMap<String, BTreeMap<String, i64>> {
+    let mut out: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for a in &outcome.adjustments {
+        if let Target::Line(line) = &a.target {
+            *out.entry(a.reward_id.clone())
+                .or_default()
+                .entry(line.clone())
+                .or_default() += a.amount;
+        }
+    }
+    out
+}
+
+fn event_data(r: &pb::Redemption) -> serde_json::Value {
+    let outcome = r.outcome.clone().unwrap_or_default();
+    json!({
+        "redemption_id": r.id,
+        "customer_id": r.customer_id,
+        "order_id": r.order_id,
+        "status": r.status().as_str_name(),
+        "order_value": r.order_value,
+        "discount": outcome.discount,
+        "shipping_discount": outcome.shipping_discount,
+        "cashback": outcome.cashback,
+        "total_due": outcome.total_due,
+        "applied": r.applied.iter().map(|a| json!({
+            "campaign_id": a.campaign_id,
+            "reward_id": a.reward_id,
+            "code": a.code,
+            "discount": a.discount,
+            "released_discount": a.released_discount,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Takes the order for redemption `id`; returns the live redemption that holds it already.
+async fn claim_order(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    order: &str,
+    id: &str,
+) -> Result<Option<pb::Redemption>, Error> {
+    let inserted = txn
+        .execute_raw(stmt(
+            txn,
+            "INSERT INTO redemption_orders (tenant_id, order_id, redemption_id) \
+             VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            [tenant.into(), order.into(), id.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    if inserted.rows_affected() == 1 {
+        return Ok(None);
+    }
+    let lock = Backend::of(txn).row_lock();
+    let holder: String = txn
+        .query_one_raw(stmt(
+            txn,
+            &format!(
+                "SELECT redemption_id FROM redemption_orders \
+                 WHERE tenant_id = $1 AND order_id = $2{lock}"
+            ),
+            [tenant.into(), order.into()],
+        ))
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| Error::internal("order row vanished"))?
+        .try_get_by_index(0)
+        .map_err(db_error)?;
+    if let Some((existing, _)) = load(txn, tenant, &holder, false).await?
+        && matches!(
+            existing.status(),
+            pb::RedemptionStatus::Reserved | pb::RedemptionStatus::Redeemed
+        )
+    {
+        return Ok(Some(existing));
+    }
+    txn.execute_raw(stmt(
+        txn,
+        "UPDATE redemption_orders SET redemption_id = $3 WHERE tenant_id = $1 AND order_id = $2",
+        [tenant.into(), order.into(), id.into()],
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(None)
+}
+
+/// A stored redemption and what it counted; `lock` takes its row for the transaction.
+pub async fn load<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &str,
+    id: &str,
+    lock: bool,
+) -> Result<Option<(pb::Redemption, Counted)>, Error> {
+    let lock = if lock {
+        Backend::of(conn).row_lock()
+    } else {
+        ""
+    };
+    let row = conn
+        .query_one_raw(stmt(
+            conn,
+            &format!(
+                "SELECT record, counted FROM redemptions WHERE tenant_id = $1 AND id = $2{lock}"
+            ),
+            [tenant.into(), id.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let record: Vec<u8> = row.try_get_by_index(0).map_err(db_error)?;
+    let counted: String = row.try_get_by_index(1).map_err(db_error)?;
+    Ok(Some((
+        pb::Redemption::decode(record.as_slice()).map_err(Error::internal)?,
+        serde_json::from_str(&counted).map_err(Error::internal)?,
+    )))
+}
+
+async fn store(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    r: &pb::Redemption,
+    counted: &Counted,
+) -> Result<(), Error> {
+    txn.execute_raw(stmt(
+        txn,
+        "UPDATE redemptions SET status = $3, record = $4, counted = $5 \
+         WHERE tenant_id = $1 AND id = $2",
+        [
+            tenant.into(),
+            r.id.clone().into(),
+            status_name(r.status()).into(),
+            r.encode_to_vec().into(),
+            serde_json::to_string(counted)
+                .map_err(Error::internal)?
+                .into(),
+        ],
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// Confirms a reservation (REDEEMED stays as it is: a confirm replayed with a new key).
+pub async fn confirm(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    id: &str,
+    now: i64,
+) -> Result<pb::Redemption, Error> {
+    let (mut r, counted) = load(txn, tenant, id, true)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("redemption `{id}`")))?;
+    match r.status() {
+        pb::RedemptionStatus::Redeemed => return Ok(r),
+        pb::RedemptionStatus::Reserved => {}
+        other => {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                format!("redemption `{id}` is {}", status_name(other)),
+            )
+            .with_reason("NOT_RESERVED"));
+        }
+    }
+    let expires = r.expires_at.as_ref().map_or(0, outbox::timestamp_to_micros);
+    if expires <= now {
+        return Err(Error::new(
+            Code::FailedPrecondition,
+            format!("reservation `{id}` expired"),
+        )
+        .with_reason("RESERVATION_EXPIRED"));
+    }
+    r.set_status(pb::RedemptionStatus::Redeemed);
+    r.expires_at = None;
+    store(txn, tenant, &r, &counted).await?;
+    outbox::enqueue(txn, tenant, "redemption.succeeded", &event_data(&r)).await?;
+    Ok(r)
+}
+
+/// Checks returned lines against what the redemption holds; returns them merged with the
+/// ones returned before.
+pub fn check_returns(
+    v: &mut Violations,
+    lines: &[pb::ReturnedLine],
+    r: &pb::Redemption,
+    counted: &Counted,
+) -> BTreeMap<String, i64> {
+    let mut returned: BTreeMap<String, i64> = r
+        .returned
+        .iter()
+        .map(|l| (l.line_id.clone(), l.quantity))
+        .collect();
+    for (i, l) in lines.iter().enumerate() {
+        let Some((_, quantity, _)) = counted.lines.iter().find(|(id, _, _)| *id == l.line_id)
+        else {
+            v.add(
+                format!("lines.{i}.line_id"),
+                "is not a line of the redemption",
+            );
+            continue;
+        };
+        let before = returned.get(&l.line_id).copied().unwrap_or(0);
+        if l.quantity < 1 || before + l.quantity > *quantity {
+            v.add(
+                format!("lines.{i}.quantity"),
+                format!(
+                    "must be 1 to {} (units not yet returned)",
+                    quantity - before
+                ),
+            );
+            continue;
+        }
+        returned.insert(l.line_id.clone(), before + l.quantity);
+    }
+    returned
+}
+
+/// Rolls back: in full (`returned` None) or for returned lines (the merged totals from
+/// [`check_returns`]). `status` is ROLLED_BACK, or EXPIRED for a reservation that ran out.
+pub async fn rollback(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    mut r: pb::Redemption,
+    mut counted: Counted,
+    returned: Option<BTreeMap<String, i64>>,
+    status: pb::RedemptionStatus,
+    reason: &str,
+) -> Result<pb::Redemption, Error> {
+    let whole = returned.as_ref().is_none_or(|ret| {
+        counted
+            .lines
+            .iter()
+            .all(|(id, q, _)| ret.get(id).copied().unwrap_or(0) >= *q)
+    });
+    let mut applied = std::mem::take(&mut r.applied);
+    let mut by_id: Vec<usize> = (0..applied.len()).collect();
+    by_id.sort_by(|&x, &y| applied[x].campaign_id.cmp(&applied[y].campaign_id));
+    let mut released = Vec::new();
+    for k in by_id {
+        let a = &mut applied[k];
+        let release = if whole {
+            a.discount - a.released_discount
+        } else {
+            let ret = returned.as_ref().cloned().unwrap_or_default();
+            let total: i64 = counted
+                .line_discounts
+                .get(&a.campaign_id)
+                .map(|lines| {
+                    lines
+                        .iter()
+                        .map(|(line, amount)| {
+                            let quantity = counted
+                                .lines
+                                .iter()
+                                .find(|(id, _, _)| id == line)
+                                .map_or(1, |(_, q, _)| *q)
+                                .max(1);
+                            let back = ret.get(line).copied().unwrap_or(0);
+                            div_half_even(
+                                i128::from(*amount) * i128::from(back),
+                                i128::from(quantity),
+                            )
+                        })
+                        .sum()
+                })
+                .unwrap_or(0);
+            total - a.released_discount
+        };
+        a.released_discount += release;
+        released.push((a.campaign_id.clone(), a.code.clone(), release));
+    }
+    let value_back = if whole {
+        r.order_value - counted.order_value_released
+    } else {
+        let ret = returned.clone().unwrap_or_default();
+        let total: i64 = counted
+            .lines
+            .iter()
+            .map(|(id, _, price)| price * ret.get(id).copied().unwrap_or(0))
+            .sum();
+        total - counted.order_value_released
+    };
+    counted.order_value_released += value_back;
+    for (campaign, code, release) in &released {
+        let keys = Keys {
+            tenant,
+            customer: &r.customer_id,
+            campaign,
+            code,
+            period: counted.periods.get(campaign).copied(),
+        };
+        count(txn, &keys, -1, whole, *release, value_back).await?;
+    }
+    r.applied = applied;
+    if let Some(ret) = &returned {
+        r.returned = ret
+            .iter()
+            .map(|(line_id, quantity)| pb::ReturnedLine {
+                line_id: line_id.clone(),
+                quantity: *quantity,
+            })
+            .collect();
+    }
+    if whole {
+        r.set_status(status);
+        r.expires_at = None;
+        if !r.order_id.is_empty() {
+            txn.execute_raw(stmt(
+                txn,
+                "DELETE FROM redemption_orders WHERE tenant_id = $1 AND order_id = $2 \
+                 AND redemption_id = $3",
+                [
+                    tenant.into(),
+                    r.order_id.clone().into(),
+                    r.id.clone().into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        }
+        txn.execute_raw(stmt(
+            txn,
+            "UPDATE customers SET facts_version = facts_version + 1 \
+             WHERE tenant_id = $1 AND id = $2",
+            [tenant.into(), r.customer_id.clone().into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    }
+    store(txn, tenant, &r, &counted).await?;
+    let event = if status == pb::RedemptionStatus::Expired {
+        "redemption.expired"
+    } else {
+        "redemption.rolled_back"
+    };
+    let mut data = event_data(&r);
+    data["partial"] = json!(!whole);
+    data["reason"] = json!(reason);
+    data["order_value_released"] = json!(value_back);
+    data["discount_released"] = json!(released.iter().map(|(_, _, d)| d).sum::<i64>());
+    outbox::enqueue(txn, tenant, event, &data).await?;
+    Ok(r)
+}
+
+/// Releases reservations whose hold ended (every tenant; each in its own transaction, safe
+/// with several replicas). Returns how many it released.
+pub async fn expire_due(db: &Db, now: i64) -> Result<usize, Error> {
+    let rows = db
+        .conn()
+        .query_all_raw(stmt(
+            db.conn(),
+            "SELECT tenant_id, id FROM redemptions WHERE status = 'reserved' \
+             AND expires_at <= $1 ORDER BY expires_at LIMIT 100",
+            [now.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    let mut released = 0;
+    for row in rows {
+        let tenant: String = row.try_get_by_index(0).map_err(db_error)?;
+        let id: String = row.try_get_by_index(1).map_err(db_error)?;
+        let txn = db.begin_write().await?;
+        match load(&txn, &tenant, &id, true).await? {
+            Some((r, counted)) if r.status() == pb::RedemptionStatus::Reserved => {
+                rollback(
+                    &txn,
+                    &tenant,
+                    r,
+                    counted,
+                    None,
+                    pb::RedemptionStatus::Expired,
+                    "reservation expired",
+                )
+                .await?;
+                txn.commit().await.map_err(db_error)?;
+                released += 1;
+            }
+            _ => txn.rollback().await.map_err(db_error)?,
+        }
+    }
+    Ok(released)
+}
+
+// ---------------------------------------------------------------------------------------
+// Brute-force guard.
+
+/// Refuses a customer or caller that tried too many unknown codes lately (guessing).
+pub async fn check_attempts<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &str,
+    subjects: &[String],
+    now: i64,
+) -> Result<(), Error> {
+    let rows = conn
+        .query_all_raw(stmt(
+            conn,
+            &format!(
+                "SELECT subject, COUNT(*) FROM code_failures WHERE tenant_id = $1 AND at > $2 \
+                 AND reason = 'CODE_NOT_FOUND' AND subject IN ({}) GROUP BY subject",
+                Db::placeholders(3, subjects.len())
+            ),
+            [tenant.into(), (now - ATTEMPT_WINDOW_MICROS).into()]
+                .into_iter()
+                .chain(subjects.iter().map(|s| s.clone().into())),
+        ))
+        .await
+        .map_err(db_error)?;
+    for row in rows {
+        let subject: String = row.try_get_by_index(0).map_err(db_error)?;
+        let failures: i64 = row.try_get_by_index(1).map_err(db_error)?;
+        let max = if subject.starts_with("customer:") {
+            MAX_FAILED_ATTEMPTS_PER_CUSTOMER
+        } else {
+            MAX_FAILED_ATTEMPTS_PER_PRINCIPAL
+        };
+        if failures >= max {
+            return Err(Error::new(
+                Code::ResourceExhausted,
+                "too many unknown codes tried; try again in 15 minutes",
+            )
+            .with_reason("CODE_ATTEMPTS_EXCEEDED"));
+        }
+    }
+    Ok(())
+}
+
+/// Records a failed code attempt (for the limit and the audit log) and the failure event.
+pub async fn record_failure(
+    db: &Db,
+    tenant: &str,
+    subjects: &[String],
+    checkout: &pb::Checkout,
+    err: &Error,
+    now: i64,
+) -> Result<(), Error> {
+    let txn = db.begin_write().await?;
+    if !checkout.codes.is_empty() {
+        for subject in subjects {
+            txn.execute_raw(stmt(
+                &txn,
+                "INSERT INTO code_failures (tenant_id, subject, code, reason, at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+                [
+                    tenant.into(),
+                    subject.clone().into(),
+                    checkout.codes.join(",").into(),
+                    err.reason.clone().unwrap_or_default().into(),
+                    now.into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        }
+    }
+    outbox::enqueue(
+        &txn,
+        tenant,
+        "redemption.failed",
+        &json!({
+            "customer_id": checkout.customer_id,
+            "order_id": checkout.order_id,
+            "codes": checkout.codes,
+            "campaign_ids": checkout.campaign_ids,
+            "reason": err.reason,
+            "message": err.message,
+        }),
+    )
+    .await?;
+    txn.commit().await.map_err(db_error)
+}
