@@ -24,6 +24,7 @@ backend_tests!(
     codes_are_refused_with_reasons_and_guessing_is_limited,
     budgets_and_limits_hold_under_concurrent_redeems,
     reservations_hold_until_confirmed_or_expired,
+    touchpoints_check_out_over_http,
 );
 
 fn checkout(customer: &str, order: &str, codes: &[&str], campaigns: &[&str]) -> pb::Checkout {
@@ -782,4 +783,75 @@ async fn reservations_hold_until_confirmed_or_expired(suite: TestSuite) {
         pb::RedemptionStatus::RolledBack
     );
     assert_eq!(usage(&suite, "held", "redemptions").await, 0);
+}
+
+async fn touchpoints_check_out_over_http(suite: TestSuite) {
+    let mut c = client(&suite);
+    put_campaign(
+        &mut c,
+        &suite,
+        pb::Campaign {
+            codes: vec!["WEB10".into()],
+            ..campaign("web10", percent_off(1000, &[]))
+        },
+    )
+    .await;
+    let checkout = serde_json::json!({"checkout": {
+        "customer_id": "web-ann", "order_id": "web-1", "codes": ["WEB10"],
+        "cart": {"currency": "USD", "lines": [
+            {"id": "l1", "sku": "CASE-1", "quantity": 2, "unit_price": 20_00}]}}});
+    let dry = suite.post("/v1/validate", None, &checkout).await;
+    assert_eq!(dry.status(), 200);
+    let dry: serde_json::Value = dry.json().await.expect("json");
+    assert_eq!(dry["outcome"]["discount"], "400");
+    let made = suite
+        .post("/v1/redemptions", Some("web-r1"), &checkout)
+        .await;
+    assert_eq!(made.status(), 201);
+    let made: serde_json::Value = made.json().await.expect("json");
+    let id = made["id"].as_str().expect("id").to_string();
+    assert_eq!(made["status"], "REDEMPTION_STATUS_REDEEMED");
+    let read: serde_json::Value = suite
+        .get(&format!("/v1/redemptions/{id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(read["id"], id.as_str());
+    let back = suite
+        .post(
+            &format!("/v1/redemptions/{id}/rollback"),
+            Some("web-rb1"),
+            &serde_json::json!({"reason": "cancelled"}),
+        )
+        .await;
+    assert_eq!(back.status(), 200);
+    let back: serde_json::Value = back.json().await.expect("json");
+    assert_eq!(back["status"], "REDEMPTION_STATUS_ROLLED_BACK");
+    let mut unknown = checkout.clone();
+    unknown["checkout"]["codes"] = serde_json::json!(["NOPE"]);
+    let r = suite
+        .post("/v1/redemptions", Some("web-r2"), &unknown)
+        .await;
+    assert_eq!(r.status(), 404);
+    let held = suite
+        .post(
+            "/v1/reservations",
+            Some("web-h1"),
+            &serde_json::json!({"checkout": checkout["checkout"], "hold_seconds": 60}),
+        )
+        .await;
+    assert_eq!(held.status(), 201);
+    let held: serde_json::Value = held.json().await.expect("json");
+    let hid = held["id"].as_str().expect("id");
+    let confirmed = suite
+        .post(
+            &format!("/v1/reservations/{hid}/confirm"),
+            Some("web-c1"),
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(confirmed.status(), 200);
+    let confirmed: serde_json::Value = confirmed.json().await.expect("json");
+    assert_eq!(confirmed["status"], "REDEMPTION_STATUS_REDEEMED");
 }

@@ -1,13 +1,15 @@
 //! `just bench`: the wallet, the catalog and qualification through gRPC against the whole suite in this
 //! process, on SQLite (embedded) and on PostgreSQL (when `TESSERA_TEST_DATABASE_URL` and
 //! `TESSERA_TEST_REDIS_URL` are set). Prints throughput and latency percentiles of single
-//! credits, batch credits and debits, and how long a 100,000-code generation job takes. A
+//! credits, batch credits and debits, how long a 100,000-code generation job takes,
+//! qualification against the peer dataset, and redemption beside a bare SQL transaction. A
 //! benchmark, not a test: nothing here asserts a speed. Telemetry is the production path
 //! without a collector.
 
 #![allow(clippy::print_stdout)]
 
 mod qualify;
+mod redeem;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -291,9 +293,10 @@ async fn main() {
         "wallet via gRPC, whole suite in one process (idempotency record + ledger postings + \
          outbox event per request). Targets: BatchCredit >= 5,000 postings/s on PostgreSQL, \
          >= 3,000/s on SQLite; Debit p99 <= 20 ms at {CONCURRENCY} clients. Catalog: \
-         {CODES} codes generated in <= 10 s on PostgreSQL."
+         {CODES} codes generated in <= 10 s on PostgreSQL. Redeem: >= 1,000/s, p99 <= 50 ms \
+         at 32 clients on PostgreSQL."
     );
-    // `TESSERA_BENCH=wallet|catalog|qualify` runs one part only.
+    // `TESSERA_BENCH=wallet|catalog|qualify|redeem` runs one part only.
     let only = std::env::var("TESSERA_BENCH").ok();
     let only = only.as_deref();
     qualify::cel_cost();
@@ -313,6 +316,9 @@ async fn main() {
                 }
                 if only.is_none_or(|o| o == "qualify") {
                     qualify::qualification(&suite, label).await;
+                }
+                if only.is_none_or(|o| o == "redeem") {
+                    redeem::redemption(&suite, label).await;
                 }
                 suite.cleanup().await;
             }
