@@ -803,7 +803,7 @@ async fn touchpoints_check_out_over_http(suite: TestSuite) {
     let dry = suite.post("/v1/validate", None, &checkout).await;
     assert_eq!(dry.status(), 200);
     let dry: serde_json::Value = dry.json().await.expect("json");
-    assert_eq!(dry["outcome"]["discount"], "400");
+    assert_eq!(dry["outcome"]["discount"], 400);
     let made = suite
         .post("/v1/redemptions", Some("web-r1"), &checkout)
         .await;
