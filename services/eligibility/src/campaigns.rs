@@ -35,7 +35,10 @@ pub struct Compiled {
     pub def: pb::Campaign,
     pub version: i64,
     pub rule: Option<Rule>,
-    pub application: Application,
+    /// What it does at checkout (none: a loyalty campaign that only earns).
+    pub application: Option<Application>,
+    /// Its earning rules, with their compiled conditions.
+    pub earning: Vec<(pb::EarningRule, Option<Rule>)>,
     pub starts_at: i64,
     pub ends_at: Option<i64>,
     pub time_zone: Option<Tz>,
@@ -260,27 +263,119 @@ pub fn compile(
             }
         }
     };
-    let effect = wire::effect(v, "campaign.effect", c.effect.as_ref())?;
-    let item_keys = effect_keys(&effect);
-    Some(Compiled {
-        def: c.clone(),
-        version,
-        rule,
-        application: Application {
+    let earning = compile_earning(v, c, attributes);
+    let application = if c.effect.is_none() && !c.earning_rules.is_empty() {
+        None
+    } else {
+        Some(Application {
             reward_id: if c.reward_id.is_empty() {
                 c.id.clone()
             } else {
                 c.reward_id.clone()
             },
             priority: c.priority,
-            effect,
-        },
+            effect: wire::effect(v, "campaign.effect", c.effect.as_ref())?,
+        })
+    };
+    let item_keys = application
+        .as_ref()
+        .map(|a| effect_keys(&a.effect))
+        .unwrap_or_default();
+    Some(Compiled {
+        def: c.clone(),
+        version,
+        rule,
+        application,
+        earning,
         starts_at,
         ends_at,
         time_zone,
         windows,
         item_keys,
     })
+}
+
+/// Checks and compiles a campaign's earning rules.
+fn compile_earning(
+    v: &mut Violations,
+    c: &pb::Campaign,
+    attributes: &BTreeMap<String, AttrType>,
+) -> Vec<(pb::EarningRule, Option<Rule>)> {
+    if c.earning_rules.len() > 20 {
+        v.add("campaign.earning_rules", "must hold at most 20 rules");
+    }
+    let mut ids = HashSet::new();
+    let mut out = Vec::new();
+    for (i, r) in c.earning_rules.iter().enumerate() {
+        let field = |name: &str| format!("campaign.earning_rules.{i}.{name}");
+        if r.id.is_empty() || r.id.len() > 64 || !ids.insert(r.id.as_str()) {
+            v.add(
+                field("id"),
+                "must be 1 to 64 characters, unique in the campaign",
+            );
+        }
+        match r.trigger() {
+            pb::EarningTrigger::OrderPaid => {}
+            pb::EarningTrigger::Event if !r.event_type.is_empty() => {}
+            pb::EarningTrigger::Event => v.add(field("event_type"), "is required for EVENT"),
+            pb::EarningTrigger::Unspecified => {
+                v.add(field("trigger"), "must be ORDER_PAID or EVENT")
+            }
+        }
+        if r.referral && r.trigger() != pb::EarningTrigger::OrderPaid {
+            v.add(field("referral"), "needs the ORDER_PAID trigger");
+        }
+        let rates = std::iter::once(("points_per_unit_milli".to_string(), r.points_per_unit_milli))
+            .chain(
+                r.tier_points_per_unit_milli
+                    .iter()
+                    .map(|(tier, rate)| (format!("tier_points_per_unit_milli.{tier}"), *rate)),
+            );
+        for (name, value) in [
+            ("points".to_string(), r.points),
+            ("advocate_points".to_string(), r.advocate_points),
+            (
+                "max_points_per_customer_per_period".to_string(),
+                r.max_points_per_customer_per_period,
+            ),
+        ]
+        .into_iter()
+        .chain(rates)
+        {
+            if !(0..=1_000_000_000).contains(&value) {
+                v.add(field(&name), "must be 0 to 1,000,000,000");
+            }
+        }
+        if r.points == 0 && r.points_per_unit_milli == 0 && r.tier_points_per_unit_milli.is_empty()
+        {
+            v.add(
+                field("points"),
+                "the rule must give points (fixed or per unit)",
+            );
+        }
+        if r.max_points_per_customer_per_period > 0 && r.period() == pb::Period::Unspecified {
+            v.add(
+                field("period"),
+                "must be DAY, WEEK or MONTH when a cap is set",
+            );
+        }
+        if r.program_id.len() > 64 {
+            v.add(field("program_id"), "must be at most 64 characters");
+        }
+        let condition = if r.condition.trim().is_empty() {
+            None
+        } else {
+            match rules::compile(&r.condition, &Schema::new(attributes, Scope::Campaign)) {
+                Ok(rule) => Some(rule),
+                Err(e) => {
+                    v.add(field("condition"), e.to_string());
+                    None
+                }
+            }
+        };
+        out.push((r.clone(), condition));
+    }
+    out
 }
 
 #[derive(Debug, Default)]
@@ -335,6 +430,8 @@ pub struct Index {
     all_codes: FastMap<Vec<u32>>,
     /// Campaigns whose rule needs an event of one type.
     by_event: FastMap<Vec<u32>>,
+    /// Active campaigns with earning rules (with or without a checkout effect).
+    pub earning: Vec<Arc<Compiled>>,
 }
 
 impl Index {
@@ -344,6 +441,13 @@ impl Index {
             version,
             ..Default::default()
         };
+        index.earning = campaigns
+            .iter()
+            .filter(|c| c.active() && !c.earning.is_empty())
+            .cloned()
+            .collect();
+        // Loyalty campaigns that only earn are no incentive at checkout.
+        campaigns.retain(|c| c.application.is_some());
         for (i, c) in campaigns.iter().enumerate() {
             let i = i as u32;
             for code in &c.def.codes {

@@ -7,6 +7,7 @@
 
 mod campaigns;
 mod checkout;
+mod earning;
 mod facts;
 mod migrations;
 mod qualify;
@@ -66,6 +67,10 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         config.outbox.clone(),
     );
     let segments = Arc::new(segments::Segments::new(db.clone(), cache.clone()));
+    let wallet = WalletServiceClient::new(grpc::channel(
+        &config.peers.wallet_url,
+        config.peer_timeout(),
+    )?);
     let degraded = segments.degraded.clone();
     let service = service::Eligibility {
         db: db.clone(),
@@ -76,10 +81,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         .waking(relay.waker()),
         campaigns: Arc::new(campaigns::Campaigns::new(db.clone())),
         segments,
-        wallet: WalletServiceClient::new(grpc::channel(
-            &config.peers.wallet_url,
-            config.peer_timeout(),
-        )?),
+        wallet: wallet.clone(),
     };
     Ok(Component::new(SERVICE)
         .grpc(GRPC_NAME, move |routes| {
@@ -87,10 +89,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
                 EligibilityServiceServer::new(service).max_decoding_message_size(8 * 1024 * 1024),
             );
         })
-        .task(tokio::spawn(expire_reservations(
-            db.clone(),
-            shutdown.clone(),
-        )))
+        .task(tokio::spawn(sweep(db.clone(), wallet, shutdown.clone())))
         .task(tokio::spawn(relay.run(shutdown)))
         .probe(db.probe())
         .degraded_when(
@@ -106,9 +105,10 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         ))
 }
 
-/// Releases reservations whose hold ended, every second (several replicas may run it: each
-/// reservation is released once, under its row lock).
-async fn expire_reservations(db: Db, shutdown: CancellationToken) {
+/// Every second: releases reservations whose hold ended (several replicas may run it: each
+/// is released once, under its row lock) and settles earnings still waiting for the wallet
+/// (idempotent per row).
+async fn sweep(db: Db, wallet: WalletServiceClient<grpc::Channel>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -120,6 +120,9 @@ async fn expire_reservations(db: Db, shutdown: CancellationToken) {
             Ok(0) => {}
             Ok(n) => tracing::info!(released = n, "reservations expired"),
             Err(e) => tracing::warn!(error = %e, "reservation sweep failed"),
+        }
+        if let Err(e) = earning::settle(&db, &wallet, None).await {
+            tracing::warn!(error = %e, "earnings wait for the wallet");
         }
     }
 }

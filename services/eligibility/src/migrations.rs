@@ -245,6 +245,49 @@ impl MigratorTrait for Migrator {
                         ],
                         &["tenant_id", "customer_id", "campaign_id", "period_start"],
                     ),
+                    // What orders and events earned, waiting for (or settled by) the wallet.
+                    table(
+                        "earnings",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("source_id"),
+                            col::text("campaign_id"),
+                            col::text("rule_id"),
+                            col::text("customer_id"),
+                            col::text("program_id"),
+                            col::big("points"),
+                            col::big("created_at"),
+                            col::text("transaction_id"),
+                            col::big("reversal_target"),
+                            col::big("reversed"),
+                            col::text("error"),
+                        ],
+                        &[
+                            "tenant_id",
+                            "source_id",
+                            "campaign_id",
+                            "rule_id",
+                            "customer_id",
+                        ],
+                    ),
+                    table(
+                        "earning_caps",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("customer_id"),
+                            col::text("campaign_id"),
+                            col::text("rule_id"),
+                            col::big("period_start"),
+                            col::big("points"),
+                        ],
+                        &[
+                            "tenant_id",
+                            "customer_id",
+                            "campaign_id",
+                            "rule_id",
+                            "period_start",
+                        ],
+                    ),
                     // Failed code attempts: the brute-force limit counts them; the audit
                     // log reads them.
                     table(

@@ -324,7 +324,10 @@ pub fn evaluate(
             notes.note(&c.def.id, why);
             continue;
         }
-        let outcome = apply(std::slice::from_ref(&c.application), input.cart);
+        let Some(application) = &c.application else {
+            continue;
+        };
+        let outcome = apply(std::slice::from_ref(application), input.cart);
         let value = outcome.discount + outcome.shipping_discount + outcome.cashback;
         let does_something = !outcome.adjustments.is_empty();
         if !does_something {
@@ -347,7 +350,7 @@ pub fn evaluate(
             c.clone(),
             pb::Qualified {
                 campaign_id: c.def.id.clone(),
-                reward_id: c.application.reward_id.clone(),
+                reward_id: application.reward_id.clone(),
                 code,
                 value,
                 outcome: Some(wire::outcome(outcome)),

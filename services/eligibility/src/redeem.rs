@@ -61,6 +61,13 @@ impl Pick {
     fn id(&self) -> &str {
         &self.campaign.def.id
     }
+
+    fn reward_id(&self) -> &str {
+        self.campaign
+            .application
+            .as_ref()
+            .map_or("", |a| a.reward_id.as_str())
+    }
 }
 
 /// What a checkout would get.
@@ -327,9 +334,11 @@ fn excludes(a: &pb::Campaign, b: &pb::Campaign) -> bool {
 fn combine(picks: Vec<Pick>, cart: &Cart, notes: &mut Notes) -> (Vec<Pick>, Outcome) {
     let applications: Vec<Application> = picks
         .iter()
-        .map(|p| Application {
-            reward_id: p.id().to_string(),
-            ..p.campaign.application.clone()
+        .filter_map(|p| {
+            Some(Application {
+                reward_id: p.id().to_string(),
+                ..p.campaign.application.clone()?
+            })
         })
         .collect();
     let outcome = apply(&applications, cart);
@@ -380,11 +389,8 @@ fn amounts(outcome: &Outcome, id: &str) -> (i64, i64, i64) {
 
 /// The redemption a plan makes (no id, no status yet).
 pub fn redemption(plan: &Plan, checkout: &pb::Checkout, order_value: i64) -> pb::Redemption {
-    let reward_of: HashMap<&str, &str> = plan
-        .picks
-        .iter()
-        .map(|p| (p.id(), p.campaign.application.reward_id.as_str()))
-        .collect();
+    let reward_of: HashMap<&str, &str> =
+        plan.picks.iter().map(|p| (p.id(), p.reward_id())).collect();
     let applied = plan
         .picks
         .iter()
@@ -392,7 +398,7 @@ pub fn redemption(plan: &Plan, checkout: &pb::Checkout, order_value: i64) -> pb:
             let (discount, shipping_discount, cashback) = amounts(&plan.outcome, p.id());
             pb::Applied {
                 campaign_id: p.id().to_string(),
-                reward_id: p.campaign.application.reward_id.clone(),
+                reward_id: p.reward_id().to_string(),
                 code: p.code.clone(),
                 discount,
                 shipping_discount,
@@ -460,7 +466,7 @@ pub fn period_start(period: pb::Period, now: i64, settings: &Settings) -> i64 {
 }
 
 /// Locks one counter row (creating it at zero first if needed) and reads `cols`.
-async fn lock_counter(
+pub(crate) async fn lock_counter(
     txn: &DatabaseTransaction,
     table: &str,
     keys: &[(&str, Value)],
@@ -508,7 +514,7 @@ async fn lock_counter(
 }
 
 /// Adds `deltas` to a counter row (created at the deltas if missing).
-async fn add_counter(
+pub(crate) async fn add_counter(
     txn: &DatabaseTransaction,
     table: &str,
     keys: &[(&str, Value)],

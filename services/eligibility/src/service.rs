@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::campaigns::{self, Campaigns};
 use crate::checkout::CheckoutCall;
+use crate::earning;
 use crate::facts;
 use crate::qualify::{self, Input};
 use crate::redeem;
@@ -37,6 +38,14 @@ impl Eligibility {
     /// invalidation for correctness; this frees the entry at once.
     pub(crate) async fn facts_changed(&self, tenant: &str, customer: &str) {
         self.segments.invalidate(tenant, customer).await;
+    }
+
+    /// Credits (or takes back) in the wallet what a fact earned, right away; the sweep
+    /// retries what fails here.
+    async fn settle_earnings(&self, tenant: &str, source: &str) {
+        if let Err(e) = earning::settle(&self.db, &self.wallet, Some((tenant, source))).await {
+            tracing::warn!(error = %e, "earnings wait for the wallet");
+        }
     }
 
     pub(crate) async fn tier(
@@ -374,6 +383,14 @@ impl EligibilityService for Eligibility {
             request.order.clone().unwrap_or_default(),
             ctx.tenant_id.clone(),
         );
+        let now = now_micros();
+        let source = earning::Source::Order(&order).id();
+        let grants = if order.status() == pb::OrderStatus::Paid {
+            earning::evaluate(self, &ctx, &earning::Source::Order(&order), now, &settings).await?
+        } else {
+            Vec::new()
+        };
+        let (earned_from, zone) = (source.clone(), settings.clone());
         let response = self
             .idempotency
             .run(
@@ -383,8 +400,11 @@ impl EligibilityService for Eligibility {
                 &request,
                 move |txn| {
                     Box::pin(async move {
-                        let now = now_micros();
                         let version = facts::record_order(txn, &tenant, &order, now).await?;
+                        earning::record(txn, &tenant, &earned_from, grants, now, &zone).await?;
+                        if order.status() == pb::OrderStatus::Returned {
+                            earning::mark_returned(txn, &tenant, &order).await?;
+                        }
                         let (total, spend, _) = facts::order_spend(&order);
                         outbox::enqueue(
                             txn,
@@ -410,6 +430,7 @@ impl EligibilityService for Eligibility {
             .await?;
         let customer = request.order.map(|o| o.customer_id).unwrap_or_default();
         self.facts_changed(&ctx.tenant_id, &customer).await;
+        self.settle_earnings(&ctx.tenant_id, &source).await;
         Ok(Response::new(response))
     }
 
@@ -473,6 +494,12 @@ impl EligibilityService for Eligibility {
             request.event.clone().unwrap_or_default(),
             ctx.tenant_id.clone(),
         );
+        let now = now_micros();
+        let settings = facts::settings(self.db.conn(), &ctx.tenant_id).await?;
+        let source = earning::Source::Event(&event).id();
+        let grants =
+            earning::evaluate(self, &ctx, &earning::Source::Event(&event), now, &settings).await?;
+        let earned_from = source.clone();
         let response = self
             .idempotency
             .run(
@@ -482,8 +509,8 @@ impl EligibilityService for Eligibility {
                 &request,
                 move |txn| {
                     Box::pin(async move {
-                        let version =
-                            facts::record_event(txn, &tenant, &event, now_micros()).await?;
+                        let version = facts::record_event(txn, &tenant, &event, now).await?;
+                        earning::record(txn, &tenant, &earned_from, grants, now, &settings).await?;
                         Ok(pb::RecordEventResponse {
                             event: Some(event),
                             facts_version: version,
@@ -494,6 +521,7 @@ impl EligibilityService for Eligibility {
             .await?;
         let customer = request.event.map(|e| e.customer_id).unwrap_or_default();
         self.facts_changed(&ctx.tenant_id, &customer).await;
+        self.settle_earnings(&ctx.tenant_id, &source).await;
         Ok(Response::new(response))
     }
 

@@ -4,6 +4,7 @@
 mod auth;
 mod catalog;
 mod catalog_http;
+mod earning;
 mod eligibility;
 mod health;
 mod idempotency;

@@ -1,0 +1,563 @@
+//! Earning rules: a paid order or a custom event earns points from the earning rules of the
+//! active loyalty campaigns, credited through the wallet once per order or event.
+//!
+//! What is earned is decided on the facts as they were before the order or event (so "the
+//! friend's first order" means no paid order before it) and written as `earnings` rows in
+//! the same transaction as the fact, with its event; per-period caps are counted under a row
+//! lock there. The wallet is another service: each row is then credited with an idempotency
+//! key derived from the row ([`settle`], right after the commit and again by a sweep until
+//! it succeeds), so a crash between the two never loses or doubles points. An order recorded
+//! as returned raises the rows' reversal target to the returned share, and the sweep reverses
+//! that much of the wallet transaction.
+
+use std::collections::{BTreeSet, HashMap};
+
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
+use serde_json::json;
+use tessera_effects::{Cart, Line};
+use tessera_proto::eligibility::v1 as pb;
+use tessera_proto::wallet::v1 as wpb;
+use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
+use tessera_runtime::{Error, RequestContext, grpc};
+use tessera_store::{Db, db_error, outbox, stmt};
+
+use crate::campaigns::{Compiled, Index};
+use crate::facts::{self, Facts, Settings};
+use crate::qualify::{self, Input};
+use crate::redeem::{self, add_counter, lock_counter};
+
+/// What earns.
+pub enum Source<'a> {
+    Order(&'a pb::Order),
+    Event(&'a pb::Event),
+}
+
+impl Source<'_> {
+    /// The id earnings are keyed by: once per order or event.
+    pub fn id(&self) -> String {
+        match self {
+            Source::Order(o) => format!("order:{}", o.id),
+            Source::Event(e) => format!("event:{}", e.id),
+        }
+    }
+
+    fn trigger(&self) -> pb::EarningTrigger {
+        match self {
+            Source::Order(_) => pb::EarningTrigger::OrderPaid,
+            Source::Event(_) => pb::EarningTrigger::Event,
+        }
+    }
+
+    fn customer(&self) -> &str {
+        match self {
+            Source::Order(o) => &o.customer_id,
+            Source::Event(e) => &e.customer_id,
+        }
+    }
+}
+
+/// Points one rule gives one customer.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub campaign: String,
+    pub rule: String,
+    pub customer: String,
+    pub program: String,
+    pub points: i64,
+    /// `(max points, period)` per customer.
+    pub cap: Option<(i64, pb::Period)>,
+}
+
+/// The programme a rule credits.
+fn program(r: &pb::EarningRule) -> &str {
+    if r.program_id.is_empty() {
+        "default"
+    } else {
+        &r.program_id
+    }
+}
+
+/// The programmes whose tier the rules of `index` read for this source.
+pub fn tier_programs(index: &Index, source: &Source) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for c in &index.earning {
+        for (r, condition) in &c.earning {
+            let reads = condition
+                .as_ref()
+                .is_some_and(|x| x.reads.iter().any(|v| v == "tier"));
+            if r.trigger() == source.trigger()
+                && (!r.tier_points_per_unit_milli.is_empty() || reads)
+            {
+                out.insert(program(r).to_string());
+            }
+        }
+    }
+    out
+}
+
+/// An order's lines as the engine's cart (what rules see as `order`).
+pub fn order_cart(o: &pb::Order) -> Cart {
+    Cart {
+        lines: o
+            .lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| Line {
+                id: format!("l{i}"),
+                sku: l.sku.clone(),
+                categories: l.categories.clone(),
+                collections: Vec::new(),
+                quantity: l.quantity,
+                unit_price: l.unit_amount,
+                on_sale: l.discounted,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn holds(rule: &crate::rules::Rule, scope: &cel::Context) -> bool {
+    matches!(rule.program.execute(scope), Ok(cel::Value::Bool(true)))
+}
+
+/// Whether the campaign is live for this customer now: dates, hours, segments, its rule.
+fn campaign_live(c: &Compiled, input: &Input, base: &cel::Context) -> bool {
+    let now = input.now;
+    now >= c.starts_at
+        && c.ends_at.is_none_or(|end| now < end)
+        && c.in_window(now, input.settings.time_zone)
+        && (c.def.segments.is_empty() || c.def.segments.iter().any(|s| input.segments.contains(s)))
+        && c.rule.as_ref().is_none_or(|r| holds(r, base))
+}
+
+/// What `source` earns under the active campaigns, on the facts before it. `tiers` holds
+/// the customer's tier per programme (for rates and conditions).
+pub fn grants(
+    index: &Index,
+    source: &Source,
+    input: &Input,
+    tiers: &HashMap<String, String>,
+) -> Vec<Grant> {
+    let base = qualify::base_context(input);
+    let spend = match source {
+        Source::Order(o) => facts::order_spend(o).1,
+        Source::Event(_) => 0,
+    };
+    let first_order = input.facts.aggregates.orders_total == 0;
+    let mut out = Vec::new();
+    for c in &index.earning {
+        if !campaign_live(c, input, &base) {
+            continue;
+        }
+        for (r, condition) in &c.earning {
+            if r.trigger() != source.trigger() {
+                continue;
+            }
+            if let (Source::Event(e), pb::EarningTrigger::Event) = (source, r.trigger())
+                && e.r#type != r.event_type
+            {
+                continue;
+            }
+            let tier = tiers
+                .get(program(r))
+                .map(String::as_str)
+                .unwrap_or_default();
+            let mut scope = base.new_inner_scope();
+            scope.add_variable_from_value("tier", tier.to_string());
+            if condition.as_ref().is_some_and(|x| !holds(x, &scope)) {
+                continue;
+            }
+            if r.referral && !first_order {
+                continue;
+            }
+            let rate = r
+                .tier_points_per_unit_milli
+                .get(tier)
+                .copied()
+                .unwrap_or(r.points_per_unit_milli);
+            // Whole currency units of 100 minor units, rounded down.
+            let per_unit = i128::from(spend.max(0)) * i128::from(rate) / 100_000;
+            let points = r.points + i64::try_from(per_unit).unwrap_or(i64::MAX - r.points);
+            let cap = (r.max_points_per_customer_per_period > 0)
+                .then(|| (r.max_points_per_customer_per_period, r.period()));
+            let grant = |customer: &str, points: i64| Grant {
+                campaign: c.def.id.clone(),
+                rule: r.id.clone(),
+                customer: customer.to_string(),
+                program: program(r).to_string(),
+                points,
+                cap,
+            };
+            if points > 0 {
+                out.push(grant(source.customer(), points));
+            }
+            if r.referral && r.advocate_points > 0 {
+                let advocate = match input
+                    .facts
+                    .profile
+                    .attributes
+                    .get("referred_by")
+                    .and_then(|v| v.kind.as_ref())
+                {
+                    Some(pb::value::Kind::StringValue(s)) if !s.is_empty() => Some(s.clone()),
+                    _ => None,
+                };
+                if let Some(advocate) = advocate
+                    && advocate != source.customer()
+                {
+                    out.push(grant(&advocate, r.advocate_points));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Writes the grants of `source` (once: an order or event seen again earns nothing more),
+/// counting capped rules under their lock; returns what was written.
+pub async fn record(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    source: &str,
+    grants: Vec<Grant>,
+    now: i64,
+    settings: &Settings,
+) -> Result<Vec<Grant>, Error> {
+    let mut written = Vec::new();
+    for mut g in grants {
+        let keys = || -> Vec<sea_orm::Value> {
+            vec![
+                tenant.into(),
+                source.into(),
+                g.campaign.clone().into(),
+                g.rule.clone().into(),
+                g.customer.clone().into(),
+            ]
+        };
+        let seen = txn
+            .query_one_raw(stmt(
+                txn,
+                "SELECT points FROM earnings WHERE tenant_id = $1 AND source_id = $2 \
+                 AND campaign_id = $3 AND rule_id = $4 AND customer_id = $5",
+                keys(),
+            ))
+            .await
+            .map_err(db_error)?;
+        if seen.is_some() {
+            continue;
+        }
+        if let Some((max, period)) = g.cap {
+            let start = redeem::period_start(period, now, settings);
+            let cap_keys = [
+                ("tenant_id", tenant.into()),
+                ("customer_id", g.customer.clone().into()),
+                ("campaign_id", g.campaign.clone().into()),
+                ("rule_id", g.rule.clone().into()),
+                ("period_start", start.into()),
+            ];
+            let used = lock_counter(txn, "earning_caps", &cap_keys, &["points"]).await?[0];
+            g.points = g.points.min(max - used);
+            if g.points <= 0 {
+                continue;
+            }
+            add_counter(txn, "earning_caps", &cap_keys, &[("points", g.points)]).await?;
+        }
+        let mut values = keys();
+        values.extend([g.program.clone().into(), g.points.into(), now.into()]);
+        txn.execute_raw(stmt(
+            txn,
+            "INSERT INTO earnings (tenant_id, source_id, campaign_id, rule_id, customer_id, \
+             program_id, points, created_at, transaction_id, reversal_target, reversed, error) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '', 0, 0, '')",
+            values,
+        ))
+        .await
+        .map_err(db_error)?;
+        outbox::enqueue(
+            txn,
+            tenant,
+            "loyalty.points_earned",
+            &json!({
+                "source": source,
+                "campaign_id": g.campaign,
+                "rule_id": g.rule,
+                "customer_id": g.customer,
+                "program_id": g.program,
+                "points": g.points,
+            }),
+        )
+        .await?;
+        written.push(g);
+    }
+    Ok(written)
+}
+
+/// An order recorded as returned: what its earnings give back is the returned share of
+/// each (all of it for a full return).
+pub async fn mark_returned(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    order: &pb::Order,
+) -> Result<u64, Error> {
+    let (total, spend, _) = facts::order_spend(order);
+    let returned = (total - spend).max(0);
+    if total <= 0 || returned == 0 {
+        return Ok(0);
+    }
+    let source = Source::Order(order).id();
+    let rows = txn
+        .query_all_raw(stmt(
+            txn,
+            "SELECT campaign_id, rule_id, customer_id, points, reversal_target FROM earnings \
+             WHERE tenant_id = $1 AND source_id = $2",
+            [tenant.into(), source.clone().into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    let mut changed = 0;
+    for row in rows {
+        let get = |i: usize| -> Result<String, Error> { row.try_get_by_index(i).map_err(db_error) };
+        let points: i64 = row.try_get_by_index(3).map_err(db_error)?;
+        let before: i64 = row.try_get_by_index(4).map_err(db_error)?;
+        let target = if returned >= total {
+            points
+        } else {
+            i64::try_from(i128::from(points) * i128::from(returned) / i128::from(total))
+                .unwrap_or(points)
+        };
+        if target <= before {
+            continue;
+        }
+        txn.execute_raw(stmt(
+            txn,
+            "UPDATE earnings SET reversal_target = $6 WHERE tenant_id = $1 AND source_id = $2 \
+             AND campaign_id = $3 AND rule_id = $4 AND customer_id = $5",
+            [
+                tenant.into(),
+                source.clone().into(),
+                get(0)?.into(),
+                get(1)?.into(),
+                get(2)?.into(),
+                target.into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
+/// One earnings row waiting for the wallet.
+struct Pending {
+    tenant: String,
+    source: String,
+    campaign: String,
+    rule: String,
+    customer: String,
+    program: String,
+    points: i64,
+    transaction: String,
+    target: i64,
+    reversed: i64,
+}
+
+impl Pending {
+    fn key(&self) -> String {
+        format!(
+            "earn:{}:{}:{}:{}",
+            self.source, self.campaign, self.rule, self.customer
+        )
+    }
+
+    fn filter(&self) -> Vec<sea_orm::Value> {
+        vec![
+            self.tenant.clone().into(),
+            self.source.clone().into(),
+            self.campaign.clone().into(),
+            self.rule.clone().into(),
+            self.customer.clone().into(),
+        ]
+    }
+}
+
+const WHERE_ROW: &str = "tenant_id = $1 AND source_id = $2 AND campaign_id = $3 \
+                         AND rule_id = $4 AND customer_id = $5";
+
+/// Credits and reverses, in the wallet, the earnings rows that wait for it (of one source,
+/// or all); returns how many it settled. A refusal by the wallet is kept on the row (and
+/// logged) instead of being retried forever.
+pub async fn settle(
+    db: &Db,
+    wallet: &WalletServiceClient<grpc::Channel>,
+    only: Option<(&str, &str)>,
+) -> Result<usize, Error> {
+    let conn = db.conn();
+    let (filter, values): (&str, Vec<sea_orm::Value>) = match only {
+        Some((tenant, source)) => (
+            "AND tenant_id = $1 AND source_id = $2",
+            vec![tenant.into(), source.into()],
+        ),
+        None => ("", Vec::new()),
+    };
+    let rows = conn
+        .query_all_raw(stmt(
+            conn,
+            &format!(
+                "SELECT tenant_id, source_id, campaign_id, rule_id, customer_id, program_id, \
+                 points, transaction_id, reversal_target, reversed FROM earnings \
+                 WHERE error = '' AND (transaction_id = '' OR reversal_target > reversed) \
+                 {filter} LIMIT 100"
+            ),
+            values,
+        ))
+        .await
+        .map_err(db_error)?;
+    let mut settled = 0;
+    for row in rows {
+        let s = |i: usize| -> Result<String, Error> { row.try_get_by_index(i).map_err(db_error) };
+        let n = |i: usize| -> Result<i64, Error> { row.try_get_by_index(i).map_err(db_error) };
+        let p = Pending {
+            tenant: s(0)?,
+            source: s(1)?,
+            campaign: s(2)?,
+            rule: s(3)?,
+            customer: s(4)?,
+            program: s(5)?,
+            points: n(6)?,
+            transaction: s(7)?,
+            target: n(8)?,
+            reversed: n(9)?,
+        };
+        match settle_one(db, wallet, &p).await {
+            Ok(()) => settled += 1,
+            Err(e) if e.is_deterministic() => {
+                tracing::warn!(error = %e, source = %p.source, "the wallet refused an earning");
+                conn.execute_raw(stmt(
+                    conn,
+                    &format!("UPDATE earnings SET error = $6 WHERE {WHERE_ROW}"),
+                    p.filter().into_iter().chain([e.message.clone().into()]),
+                ))
+                .await
+                .map_err(db_error)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(settled)
+}
+
+async fn settle_one(
+    db: &Db,
+    wallet: &WalletServiceClient<grpc::Channel>,
+    p: &Pending,
+) -> Result<(), Error> {
+    let conn = db.conn();
+    let ctx = RequestContext::system(p.tenant.clone(), crate::SERVICE);
+    let asset = Some(wpb::Asset {
+        kind: wpb::AssetKind::Points as i32,
+        code: p.program.clone(),
+    });
+    let mut transaction = p.transaction.clone();
+    if transaction.is_empty() {
+        if p.target >= p.points {
+            // Returned before it was ever credited: nothing to credit or take back.
+            transaction = "-".into();
+        } else {
+            let credited = wallet
+                .clone()
+                .credit(ctx.request(wpb::CreditRequest {
+                    idempotency_key: p.key(),
+                    customer_id: p.customer.clone(),
+                    asset,
+                    amount: p.points,
+                    reason: format!("earned: {} / {} ({})", p.campaign, p.rule, p.source),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(|s| Error::from_status(&s))?
+                .into_inner();
+            transaction = credited.transaction.map(|t| t.id).unwrap_or_default();
+        }
+        conn.execute_raw(stmt(
+            conn,
+            &format!(
+                "UPDATE earnings SET transaction_id = $6, \
+                 reversed = CASE WHEN $6 = '-' THEN reversal_target ELSE reversed END \
+                 WHERE {WHERE_ROW}"
+            ),
+            p.filter().into_iter().chain([transaction.clone().into()]),
+        ))
+        .await
+        .map_err(db_error)?;
+        if transaction == "-" {
+            return Ok(());
+        }
+    }
+    if p.target > p.reversed {
+        wallet
+            .clone()
+            .reverse(ctx.request(wpb::ReverseRequest {
+                idempotency_key: format!("{}:back:{}", p.key(), p.target),
+                transaction_id: transaction,
+                amount: p.target - p.reversed,
+                reason: format!("returned: {}", p.source),
+                customer_id: p.customer.clone(),
+            }))
+            .await
+            .map_err(|s| Error::from_status(&s))?;
+        conn.execute_raw(stmt(
+            conn,
+            &format!("UPDATE earnings SET reversed = $6 WHERE {WHERE_ROW} AND reversed = $7"),
+            p.filter()
+                .into_iter()
+                .chain([p.target.into(), p.reversed.into()]),
+        ))
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// The facts, segments and tiers the earning rules of `source` see, and what they grant.
+pub async fn evaluate(
+    service: &crate::service::Eligibility,
+    ctx: &RequestContext,
+    source: &Source<'_>,
+    now: i64,
+    settings: &Settings,
+) -> Result<Vec<Grant>, Error> {
+    let tenant = ctx.tenant_id.as_str();
+    let index = service.campaigns.index(tenant).await?;
+    if index.earning.is_empty() {
+        return Ok(Vec::new());
+    }
+    let conn = service.db.conn();
+    let facts: Facts = facts::load(conn, ctx, source.customer(), now).await?;
+    let (segments, _) = service
+        .segments
+        .membership(ctx, &facts, now, settings)
+        .await?;
+    let mut tiers = HashMap::new();
+    for program in tier_programs(&index, source) {
+        if let Some(tier) = service.tier(ctx, source.customer(), &program).await {
+            tiers.insert(program, tier);
+        }
+    }
+    let (cart, currency, event) = match source {
+        Source::Order(o) => (order_cart(o), o.currency.as_str(), None),
+        Source::Event(e) => (Cart::default(), settings.currency.as_str(), Some(*e)),
+    };
+    let input = Input {
+        facts: &facts,
+        segments: &segments,
+        cart: &cart,
+        currency,
+        codes: &[],
+        event,
+        tier: None,
+        now,
+        settings,
+    };
+    Ok(grants(&index, source, &input, &tiers))
+}
