@@ -63,6 +63,14 @@ impl Compiled {
         })
     }
 
+    /// Whether it has a campaign-wide budget (redemptions, discount, order value): a row
+    /// every redemption of it shares.
+    pub fn has_budget(&self) -> bool {
+        self.def.limits.as_ref().is_some_and(|l| {
+            l.max_redemptions > 0 || l.max_discount_total > 0 || l.max_order_value_total > 0
+        })
+    }
+
     /// Whether `now` (µs) is inside a window (in the campaign's zone or `tenant_zone`).
     pub fn in_window(&self, now: i64, tenant_zone: Tz) -> bool {
         if self.windows.is_empty() {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use chrono::{Datelike, NaiveDate, TimeZone};
 use prost::Message;
-use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait, Value};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tessera_effects::engine::div_half_even;
@@ -546,6 +546,21 @@ pub(crate) async fn add_counter(
     Ok(())
 }
 
+fn keys_for<'k>(
+    tenant: &'k str,
+    customer: &'k str,
+    p: &'k Pick,
+    periods: &BTreeMap<String, i64>,
+) -> Keys<'k> {
+    Keys {
+        tenant,
+        customer,
+        campaign: &p.campaign.def.id,
+        code: &p.code,
+        period: periods.get(p.id()).copied(),
+    }
+}
+
 /// Keys of the counters one applied campaign touches.
 struct Keys<'a> {
     tenant: &'a str,
@@ -585,30 +600,9 @@ impl Keys<'_> {
     }
 }
 
-/// Counts (or, with `sign` -1, gives back) one applied campaign.
-async fn count(
-    txn: &DatabaseTransaction,
-    keys: &Keys<'_>,
-    sign: i64,
-    whole: bool,
-    discount: i64,
-    order_value: i64,
-) -> Result<(), Error> {
-    let uses = if whole { sign } else { 0 };
-    add_counter(
-        txn,
-        "campaign_usage",
-        &keys.campaign(),
-        &[
-            ("redemptions", uses),
-            ("discount_total", sign * discount),
-            ("order_value_total", sign * order_value),
-        ],
-    )
-    .await?;
-    if !whole {
-        return Ok(());
-    }
+/// The customer's, the period's and the code's uses of one applied campaign: counted (or,
+/// with `sign` -1, given back).
+async fn count_uses(txn: &DatabaseTransaction, keys: &Keys<'_>, sign: i64) -> Result<(), Error> {
     add_counter(
         txn,
         "customer_usage",
@@ -631,40 +625,130 @@ async fn count(
     Ok(())
 }
 
-/// Checks one campaign's limits against its locked counters: `Err` with the reason when
-/// this order would break one.
-async fn check_locked(
+/// The campaign's counters: `uses` redemptions, `discount` and `order_value` added (negative
+/// to give back), without a check.
+async fn count_campaign(
+    txn: &DatabaseTransaction,
+    keys: &Keys<'_>,
+    uses: i64,
+    discount: i64,
+    order_value: i64,
+) -> Result<(), Error> {
+    add_counter(
+        txn,
+        "campaign_usage",
+        &keys.campaign(),
+        &[
+            ("redemptions", uses),
+            ("discount_total", discount),
+            ("order_value_total", order_value),
+        ],
+    )
+    .await
+}
+
+/// Takes one redemption, `discount` and `order_value` from the campaign's budgets in one
+/// conditional update (the row stays locked until the commit, so it is taken last): `Err`
+/// with the reason when this order does not fit any more.
+async fn take_budget(
     txn: &DatabaseTransaction,
     keys: &Keys<'_>,
     c: &Compiled,
     discount: i64,
     order_value: i64,
 ) -> Result<Result<(), (pb::Reason, String)>, Error> {
+    let l = c.def.limits.unwrap_or_default();
+    let update = "UPDATE campaign_usage SET redemptions = redemptions + 1, \
+                  discount_total = discount_total + $3, \
+                  order_value_total = order_value_total + $4 \
+                  WHERE tenant_id = $1 AND campaign_id = $2 \
+                  AND ($5 = 0 OR redemptions < $5) \
+                  AND ($6 = 0 OR (discount_total < $6 AND discount_total + $3 <= $6)) \
+                  AND ($7 = 0 OR order_value_total + $4 <= $7)";
+    let values = || -> Vec<Value> {
+        vec![
+            keys.tenant.into(),
+            keys.campaign.into(),
+            discount.into(),
+            order_value.into(),
+            l.max_redemptions.into(),
+            l.max_discount_total.into(),
+            l.max_order_value_total.into(),
+        ]
+    };
+    for attempt in 0..2 {
+        let taken = txn
+            .execute_raw(stmt(txn, update, values()))
+            .await
+            .map_err(db_error)?;
+        if taken.rows_affected() == 1 {
+            return Ok(Ok(()));
+        }
+        if attempt == 0 {
+            // The first redemption of the campaign: its row does not exist yet.
+            let inserted = txn
+                .execute_raw(stmt(
+                    txn,
+                    "INSERT INTO campaign_usage (tenant_id, campaign_id, redemptions, \
+                     discount_total, order_value_total) VALUES ($1, $2, 0, 0, 0) \
+                     ON CONFLICT DO NOTHING",
+                    [keys.tenant.into(), keys.campaign.into()],
+                ))
+                .await
+                .map_err(db_error)?;
+            if inserted.rows_affected() == 0 {
+                break;
+            }
+        }
+    }
+    let row = lock_counter(
+        txn,
+        "campaign_usage",
+        &keys.campaign(),
+        &["redemptions", "discount_total", "order_value_total"],
+    )
+    .await?;
+    let usage = Usage {
+        redemptions: row[0],
+        discount_total: row[1],
+        order_value_total: row[2],
+    };
+    Ok(Err(qualify::check_limits(
+        c,
+        usage,
+        0,
+        discount,
+        order_value,
+    )
+    .err()
+    .unwrap_or((
+        pb::Reason::BudgetExhausted,
+        "its budget is used up".into(),
+    ))))
+}
+
+/// Checks the customer's, the period's and the code's limits of one campaign under their
+/// locks: `Err` with the reason when this order would break one.
+async fn check_uses(
+    txn: &DatabaseTransaction,
+    keys: &Keys<'_>,
+    c: &Compiled,
+) -> Result<Result<(), (pb::Reason, String)>, Error> {
     let Some(l) = &c.def.limits else {
         return Ok(Ok(()));
     };
-    let mut usage = Usage::default();
-    if c.has_limits() {
-        let row = lock_counter(
-            txn,
-            "campaign_usage",
-            &keys.campaign(),
-            &["redemptions", "discount_total", "order_value_total"],
-        )
-        .await?;
-        usage = Usage {
-            redemptions: row[0],
-            discount_total: row[1],
-            order_value_total: row[2],
-        };
-    }
-    let mut customer = 0;
     if l.max_redemptions_per_customer > 0 {
-        customer =
+        let used =
             lock_counter(txn, "customer_usage", &keys.customer(), &["redemptions"]).await?[0];
-    }
-    if let Err(why) = qualify::check_limits(c, usage, customer, discount, order_value) {
-        return Ok(Err(why));
+        if used >= l.max_redemptions_per_customer {
+            return Ok(Err((
+                pb::Reason::CustomerLimitReached,
+                format!(
+                    "customer used it {used} of {} times",
+                    l.max_redemptions_per_customer
+                ),
+            )));
+        }
     }
     if let (Some(start), true) = (keys.period, l.max_redemptions_per_customer_per_period > 0) {
         let used = lock_counter(
@@ -712,6 +796,7 @@ pub fn status_name(s: pb::RedemptionStatus) -> &'static str {
 }
 
 /// A checkout to commit.
+#[derive(Clone, Copy)]
 pub struct Commit<'a> {
     pub tenant: &'a str,
     pub checkout: &'a pb::Checkout,
@@ -722,70 +807,47 @@ pub struct Commit<'a> {
     pub hold: Option<u32>,
 }
 
-/// Commits a plan in `txn`: re-checks every limit under its lock (dropping an automatic
-/// incentive whose budget ran out meanwhile, refusing a requested one), counts, stores the
-/// redemption and its event.
+/// A campaign that did not fit under its lock.
+type Refused = (Pick, (pb::Reason, String));
+
+/// Commits a plan in `txn`: one live redemption per order; the customer's, period's and
+/// code's limits checked under their locks; the redemption, its counts and its event
+/// written; and last the campaigns' budgets taken with conditional updates, so the hot rows
+/// every redemption of a campaign shares stay locked only for the commit. A requested
+/// incentive that no longer fits fails the call; an automatic one is dropped and the rest
+/// applied again (inside a savepoint, so what was written for it goes).
 pub async fn commit(
     txn: &DatabaseTransaction,
     job: Commit<'_>,
     mut plan: Plan,
 ) -> Result<pb::Redemption, Error> {
-    let Commit {
-        tenant,
-        checkout,
-        cart,
-        input_settings: settings,
-        now,
-        hold,
-    } = job;
     let id = uuid::Uuid::now_v7().to_string();
-    // One live redemption per order: the order row is taken first, so two redemptions of
-    // one order queue here and the second returns the first.
-    if !checkout.order_id.is_empty()
-        && let Some(existing) = claim_order(txn, tenant, &checkout.order_id, &id).await?
+    // Two redemptions of one order queue on its row; the second returns the first.
+    if !job.checkout.order_id.is_empty()
+        && let Some(existing) = claim_order(txn, job.tenant, &job.checkout.order_id, &id).await?
     {
         return Ok(existing);
     }
-    let order_value: i64 = cart.lines.iter().map(tessera_effects::Line::total).sum();
-    let periods: BTreeMap<String, i64> = plan
-        .picks
-        .iter()
-        .filter_map(|p| {
-            let l = p.campaign.def.limits.as_ref()?;
-            (l.max_redemptions_per_customer_per_period > 0)
-                .then(|| (p.id().to_string(), period_start(l.period(), now, settings)))
-        })
-        .collect();
-    let keys_of = |p: &Pick| -> (String, String, Option<i64>) {
-        (
-            p.id().to_string(),
-            p.code.clone(),
-            periods.get(p.id()).copied(),
-        )
-    };
-    // Lock and check, in id order; drop what no longer fits and apply the rest again
-    // (another incentive's discount can grow when one before it drops out).
     loop {
-        let mut order: Vec<Pick> = plan.picks.clone();
-        order.sort_by(|a, b| a.id().cmp(b.id()));
-        let mut refused = None;
-        for p in &order {
-            let (campaign, code, period) = keys_of(p);
-            let keys = Keys {
-                tenant,
-                customer: &checkout.customer_id,
-                campaign: &campaign,
-                code: &code,
-                period,
-            };
-            let (discount, _, _) = amounts(&plan.outcome, p.id());
-            if let Err(why) = check_locked(txn, &keys, &p.campaign, discount, order_value).await? {
-                refused = Some((p.clone(), why));
-                break;
+        let guarded = plan
+            .picks
+            .iter()
+            .any(|p| !p.strict && p.campaign.has_budget());
+        let outcome = if guarded {
+            let savepoint = txn.begin().await.map_err(db_error)?;
+            let outcome = attempt(&savepoint, &job, &plan, &id).await?;
+            if outcome.is_ok() {
+                savepoint.commit().await.map_err(db_error)?;
+            } else {
+                savepoint.rollback().await.map_err(db_error)?;
             }
-        }
-        let Some((p, (reason, detail))) = refused else {
-            break;
+            outcome
+        } else {
+            attempt(txn, &job, &plan, &id).await?
+        };
+        let (p, (reason, detail)) = match outcome {
+            Ok(record) => return Ok(record),
+            Err(refused) => refused,
         };
         if p.strict {
             let what = if p.code.is_empty() {
@@ -801,7 +863,7 @@ pub async fn commit(
             .into_iter()
             .filter(|q| q.id() != p.id())
             .collect();
-        let (picks, outcome) = combine(rest, cart, &mut plan.notes);
+        let (picks, outcome) = combine(rest, job.cart, &mut plan.notes);
         plan.picks = picks;
         plan.outcome = outcome;
         if plan.picks.is_empty() {
@@ -812,8 +874,45 @@ pub async fn commit(
             .with_reason("NOTHING_APPLIES"));
         }
     }
-    let mut record = redemption(&plan, checkout, order_value);
-    record.id = id.clone();
+}
+
+/// One try at writing `plan`; `Ok(Err(..))` names the first incentive that did not fit.
+async fn attempt(
+    txn: &DatabaseTransaction,
+    job: &Commit<'_>,
+    plan: &Plan,
+    id: &str,
+) -> Result<Result<pb::Redemption, Refused>, Error> {
+    let Commit {
+        tenant,
+        checkout,
+        cart,
+        input_settings: settings,
+        now,
+        hold,
+    } = *job;
+    let order_value: i64 = cart.lines.iter().map(tessera_effects::Line::total).sum();
+    let periods: BTreeMap<String, i64> = plan
+        .picks
+        .iter()
+        .filter_map(|p| {
+            let l = p.campaign.def.limits.as_ref()?;
+            (l.max_redemptions_per_customer_per_period > 0)
+                .then(|| (p.id().to_string(), period_start(l.period(), now, settings)))
+        })
+        .collect();
+    let mut by_id: Vec<&Pick> = plan.picks.iter().collect();
+    by_id.sort_by(|a, b| a.id().cmp(b.id()));
+    // The customer's own rows first (they are not shared).
+    for p in &by_id {
+        let keys = keys_for(tenant, &checkout.customer_id, p, &periods);
+        if let Err(why) = check_uses(txn, &keys, &p.campaign).await? {
+            return Ok(Err(((*p).clone(), why)));
+        }
+        count_uses(txn, &keys, 1).await?;
+    }
+    let mut record = redemption(plan, checkout, order_value);
+    record.id = id.to_string();
     record.created_at = Some(micros_to_timestamp(now));
     let (status, expires_at) = match hold {
         Some(seconds) => (
@@ -826,20 +925,8 @@ pub async fn commit(
     if hold.is_some() {
         record.expires_at = Some(micros_to_timestamp(expires_at));
     }
-    let mut by_id: Vec<&pb::Applied> = record.applied.iter().collect();
-    by_id.sort_by(|a, b| a.campaign_id.cmp(&b.campaign_id));
-    for a in by_id {
-        let keys = Keys {
-            tenant,
-            customer: &checkout.customer_id,
-            campaign: &a.campaign_id,
-            code: &a.code,
-            period: periods.get(&a.campaign_id).copied(),
-        };
-        count(txn, &keys, 1, true, a.discount, order_value).await?;
-    }
     let counted = Counted {
-        periods,
+        periods: periods.clone(),
         lines: cart
             .lines
             .iter()
@@ -854,7 +941,7 @@ pub async fn commit(
          expires_at, record, counted) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         [
             tenant.into(),
-            id.clone().into(),
+            id.into(),
             checkout.customer_id.clone().into(),
             checkout.order_id.clone().into(),
             status_name(status).into(),
@@ -869,21 +956,38 @@ pub async fn commit(
     .await
     .map_err(db_error)?;
     // The customer's redemption counts are facts rules read.
-    txn.execute_raw(stmt(
-        txn,
-        "UPDATE customers SET facts_version = facts_version + 1 \
-         WHERE tenant_id = $1 AND id = $2",
-        [tenant.into(), checkout.customer_id.clone().into()],
-    ))
-    .await
-    .map_err(db_error)?;
+    bump_facts(txn, tenant, &checkout.customer_id).await?;
     let event = if hold.is_some() {
         "redemption.reserved"
     } else {
         "redemption.succeeded"
     };
     outbox::enqueue(txn, tenant, event, &event_data(&record)).await?;
-    Ok(record)
+    // The shared rows last.
+    for p in &by_id {
+        let keys = keys_for(tenant, &checkout.customer_id, p, &periods);
+        let (discount, _, _) = amounts(&plan.outcome, p.id());
+        if p.campaign.has_budget() {
+            if let Err(why) = take_budget(txn, &keys, &p.campaign, discount, order_value).await? {
+                return Ok(Err(((*p).clone(), why)));
+            }
+        } else {
+            count_campaign(txn, &keys, 1, discount, order_value).await?;
+        }
+    }
+    Ok(Ok(record))
+}
+
+async fn bump_facts(txn: &DatabaseTransaction, tenant: &str, customer: &str) -> Result<(), Error> {
+    txn.execute_raw(stmt(
+        txn,
+        "UPDATE customers SET facts_version = facts_version + 1 \
+         WHERE tenant_id = $1 AND id = $2",
+        [tenant.into(), customer.into()],
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(())
 }
 
 fn line_discounts(outcome: &Outcome) -> BTreeMap<String, BTreeMap<String, i64>> {
@@ -1179,7 +1283,10 @@ pub async fn rollback(
             code,
             period: counted.periods.get(campaign).copied(),
         };
-        count(txn, &keys, -1, whole, *release, value_back).await?;
+        if whole {
+            count_uses(txn, &keys, -1).await?;
+        }
+        count_campaign(txn, &keys, -i64::from(whole), -release, -value_back).await?;
     }
     r.applied = applied;
     if let Some(ret) = &returned {
@@ -1208,14 +1315,7 @@ pub async fn rollback(
             .await
             .map_err(db_error)?;
         }
-        txn.execute_raw(stmt(
-            txn,
-            "UPDATE customers SET facts_version = facts_version + 1 \
-             WHERE tenant_id = $1 AND id = $2",
-            [tenant.into(), r.customer_id.clone().into()],
-        ))
-        .await
-        .map_err(db_error)?;
+        bump_facts(txn, tenant, &r.customer_id).await?;
     }
     store(txn, tenant, &r, &counted).await?;
     let event = if status == pb::RedemptionStatus::Expired {

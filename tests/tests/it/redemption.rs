@@ -666,6 +666,60 @@ async fn budgets_and_limits_hold_under_concurrent_redeems(suite: TestSuite) {
     assert_eq!(won, 1);
     assert_eq!(usage(&suite, "single", "redemptions").await, 1);
 
+    // Automatic incentives: a budget that runs out during checkout drops out of the
+    // redemptions that lose the race (the others still apply); none of them fails.
+    let autos = [
+        limited(
+            "auto-five",
+            pb::Limits {
+                max_redemptions: 5,
+                ..Default::default()
+            },
+        ),
+        pb::Campaign {
+            stacking_group: "other".into(),
+            ..campaign("auto-free", amount_off(2_00))
+        },
+    ];
+    for x in autos {
+        put_campaign(&mut c, &suite, x).await;
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let mut c = c.clone();
+        let mut auto = checkout(&format!("a{i}"), &format!("ao{i}"), &[], &[]);
+        if let Some(cart) = auto.cart.as_mut() {
+            // Only the two automatic campaigns match (the others are named or coded).
+            cart.lines.truncate(1);
+        }
+        let request = suite.ctx(TENANT).request(pb::RedeemRequest {
+            idempotency_key: key(),
+            checkout: Some(auto),
+        });
+        tasks.spawn(async move { c.redeem(request).await });
+    }
+    let mut with_budget = 0;
+    while let Some(result) = tasks.join_next().await {
+        let r = result
+            .expect("task")
+            .expect("automatic redemptions never fail")
+            .into_inner()
+            .redemption
+            .expect("redemption");
+        assert!(applied(&r).contains("auto-free"));
+        if applied(&r).contains("auto-five") {
+            with_budget += 1;
+        } else {
+            assert_eq!(
+                not_applied(&r, "auto-five").reason(),
+                pb::Reason::BudgetExhausted
+            );
+        }
+    }
+    assert_eq!(with_budget, 5);
+    assert_eq!(usage(&suite, "auto-five", "redemptions").await, 5);
+    assert_eq!(usage(&suite, "auto-free", "redemptions").await, 40);
+
     // One customer, limit 1, 50 attempts at once.
     let won = concurrently(&suite, 50, "CUSTOMER_LIMIT_REACHED", |i| {
         checkout("solo", &format!("po{i}"), &[], &["once-each"])
