@@ -243,27 +243,6 @@ impl Idempotency {
         })))
     }
 
-    /// The stored outcome of a settled key, without claiming it: for work that must read
-    /// outside its transaction first (and must not redo that for a replay). `None` when the
-    /// key is free (or its owner died); a key in flight is refused.
-    pub async fn settled<R: Message + Default>(
-        &self,
-        ctx: &RequestContext,
-        scope: &str,
-        key: &str,
-        request: &impl Message,
-    ) -> Result<Option<Result<R, Error>>, Error> {
-        validate_key(key)?;
-        match self
-            .lookup::<R>(ctx, scope, key, &fingerprint(scope, request))
-            .await?
-        {
-            Some(Stored::Done(result)) => Ok(Some(result)),
-            Some(Stored::InFlight(until)) if until > now_micros() => Err(in_flight()),
-            _ => Ok(None),
-        }
-    }
-
     /// Records the response inside the work's transaction. Fails (and the caller must roll
     /// back) if this claim lost its lease to a retry.
     pub async fn complete<R: Message>(

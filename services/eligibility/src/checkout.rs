@@ -114,8 +114,8 @@ impl Eligibility {
         )
     }
 
-    /// Redeem or Reserve: replays a settled key; otherwise plans on current data and commits
-    /// under the key (a planning failure is stored for replays too). A refused code counts
+    /// Redeem or Reserve: plans on current data and commits under the key (a deterministic
+    /// planning failure is stored for replays too). A refused code counts
     /// as a failed attempt; every refusal leaves a `redemption.failed` event.
     pub async fn commit_checkout<Req: prost::Message>(
         &self,
@@ -132,20 +132,10 @@ impl Eligibility {
             hold,
         } = call;
         let checkout = checkout.cloned().unwrap_or_default();
-        let stored = self
-            .idempotency
-            .settled::<pb::Redemption>(ctx, scope, key, request)
-            .await?;
-        if let Some(stored) = stored {
-            return Ok(stored?);
-        }
+        // Planned before the key is claimed (reads outside the write transaction); a replay
+        // never uses the plan: the claim finds the key settled and returns what it stored.
         let now = now_micros();
         let plan = self.plan(ctx, &checkout, &cart, &settings, now, true).await;
-        if let Err(e) = &plan
-            && e.code == Code::ResourceExhausted
-        {
-            return Err(e.to_status());
-        }
         let tenant = ctx.tenant_id.clone();
         let job = checkout.clone();
         let outcome = self

@@ -600,9 +600,9 @@ impl Keys<'_> {
     }
 }
 
-/// The customer's, the period's and the code's uses of one applied campaign: counted (or,
-/// with `sign` -1, given back).
-async fn count_uses(txn: &DatabaseTransaction, keys: &Keys<'_>, sign: i64) -> Result<(), Error> {
+/// Gives back the customer's, the period's and the code's uses of one applied campaign.
+async fn give_back_uses(txn: &DatabaseTransaction, keys: &Keys<'_>) -> Result<(), Error> {
+    let sign = -1;
     add_counter(
         txn,
         "customer_usage",
@@ -727,38 +727,77 @@ async fn take_budget(
     ))))
 }
 
-/// Checks the customer's, the period's and the code's limits of one campaign under their
-/// locks: `Err` with the reason when this order would break one.
-async fn check_uses(
+/// Adds one use to a counter row unless it holds `max` already (0: no limit), in one
+/// conditional upsert; returns the uses before when it is full.
+async fn take_use(
+    txn: &DatabaseTransaction,
+    table: &str,
+    keys: &[(&str, Value)],
+    column: &str,
+    max: i64,
+) -> Result<Option<i64>, Error> {
+    if max <= 0 {
+        add_counter(txn, table, keys, &[(column, 1)]).await?;
+        return Ok(None);
+    }
+    let names: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
+    let sql = format!(
+        "INSERT INTO {table} ({names}, {column}) VALUES ({values}, 1) \
+         ON CONFLICT ({names}) DO UPDATE SET {column} = {table}.{column} + 1 \
+         WHERE {table}.{column} < ${max_at}",
+        names = names.join(", "),
+        values = Db::placeholders(1, keys.len()),
+        max_at = keys.len() + 1,
+    );
+    let values = keys
+        .iter()
+        .map(|(_, v)| v.clone())
+        .chain(std::iter::once(Value::from(max)));
+    let taken = txn
+        .execute_raw(stmt(txn, &sql, values))
+        .await
+        .map_err(db_error)?;
+    if taken.rows_affected() == 1 {
+        return Ok(None);
+    }
+    Ok(Some(lock_counter(txn, table, keys, &[column]).await?[0]))
+}
+
+/// Takes the customer's, the period's and the code's uses of one campaign, each within its
+/// limit: `Err` with the reason when this order would break one.
+async fn take_uses(
     txn: &DatabaseTransaction,
     keys: &Keys<'_>,
     c: &Compiled,
 ) -> Result<Result<(), (pb::Reason, String)>, Error> {
-    let Some(l) = &c.def.limits else {
-        return Ok(Ok(()));
-    };
-    if l.max_redemptions_per_customer > 0 {
-        let used =
-            lock_counter(txn, "customer_usage", &keys.customer(), &["redemptions"]).await?[0];
-        if used >= l.max_redemptions_per_customer {
-            return Ok(Err((
-                pb::Reason::CustomerLimitReached,
-                format!(
-                    "customer used it {used} of {} times",
-                    l.max_redemptions_per_customer
-                ),
-            )));
-        }
+    let l = c.def.limits.unwrap_or_default();
+    let customer = take_use(
+        txn,
+        "customer_usage",
+        &keys.customer(),
+        "redemptions",
+        l.max_redemptions_per_customer,
+    )
+    .await?;
+    if let Some(used) = customer {
+        return Ok(Err((
+            pb::Reason::CustomerLimitReached,
+            format!(
+                "customer used it {used} of {} times",
+                l.max_redemptions_per_customer
+            ),
+        )));
     }
-    if let (Some(start), true) = (keys.period, l.max_redemptions_per_customer_per_period > 0) {
-        let used = lock_counter(
+    if let Some(start) = keys.period {
+        let period = take_use(
             txn,
             "customer_period_usage",
             &keys.period(start),
-            &["redemptions"],
+            "redemptions",
+            l.max_redemptions_per_customer_per_period,
         )
-        .await?[0];
-        if used >= l.max_redemptions_per_customer_per_period {
+        .await?;
+        if let Some(used) = period {
             return Ok(Err((
                 pb::Reason::CustomerLimitReached,
                 format!(
@@ -772,9 +811,9 @@ async fn check_uses(
             )));
         }
     }
-    if !keys.code.is_empty() && l.max_uses_per_code > 0 {
-        let used = lock_counter(txn, "code_usage", &keys.code(), &["uses"]).await?[0];
-        if used >= l.max_uses_per_code {
+    if !keys.code.is_empty() {
+        let code = take_use(txn, "code_usage", &keys.code(), "uses", l.max_uses_per_code).await?;
+        if let Some(used) = code {
             return Ok(Err((
                 pb::Reason::BudgetExhausted,
                 format!("code used {used} of {} times", l.max_uses_per_code),
@@ -906,10 +945,9 @@ async fn attempt(
     // The customer's own rows first (they are not shared).
     for p in &by_id {
         let keys = keys_for(tenant, &checkout.customer_id, p, &periods);
-        if let Err(why) = check_uses(txn, &keys, &p.campaign).await? {
+        if let Err(why) = take_uses(txn, &keys, &p.campaign).await? {
             return Ok(Err(((*p).clone(), why)));
         }
-        count_uses(txn, &keys, 1).await?;
     }
     let mut record = redemption(plan, checkout, order_value);
     record.id = id.to_string();
@@ -1284,7 +1322,7 @@ pub async fn rollback(
             period: counted.periods.get(campaign).copied(),
         };
         if whole {
-            count_uses(txn, &keys, -1).await?;
+            give_back_uses(txn, &keys).await?;
         }
         count_campaign(txn, &keys, -i64::from(whole), -release, -value_back).await?;
     }
