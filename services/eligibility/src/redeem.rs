@@ -685,20 +685,17 @@ async fn take_budget(
             return Ok(Ok(()));
         }
         if attempt == 0 {
-            // The first redemption of the campaign: its row does not exist yet.
-            let inserted = txn
-                .execute_raw(stmt(
-                    txn,
-                    "INSERT INTO campaign_usage (tenant_id, campaign_id, redemptions, \
-                     discount_total, order_value_total) VALUES ($1, $2, 0, 0, 0) \
-                     ON CONFLICT DO NOTHING",
-                    [keys.tenant.into(), keys.campaign.into()],
-                ))
-                .await
-                .map_err(db_error)?;
-            if inserted.rows_affected() == 0 {
-                break;
-            }
+            // The campaign's first redemption creates its row (or waits for a concurrent
+            // first one to commit it), then the update runs again.
+            txn.execute_raw(stmt(
+                txn,
+                "INSERT INTO campaign_usage (tenant_id, campaign_id, redemptions, \
+                 discount_total, order_value_total) VALUES ($1, $2, 0, 0, 0) \
+                 ON CONFLICT DO NOTHING",
+                [keys.tenant.into(), keys.campaign.into()],
+            ))
+            .await
+            .map_err(db_error)?;
         }
     }
     let row = lock_counter(

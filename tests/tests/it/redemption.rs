@@ -637,6 +637,26 @@ async fn budgets_and_limits_hold_under_concurrent_redeems(suite: TestSuite) {
     )
     .await;
 
+    // A budget that is not reached refuses nobody, even when its first redemptions race
+    // to create its counter.
+    put_campaign(
+        &mut c,
+        &suite,
+        limited(
+            "roomy",
+            pb::Limits {
+                max_redemptions: 1000,
+                ..Default::default()
+            },
+        ),
+    )
+    .await;
+    let won = concurrently(&suite, 100, "none expected", |i| {
+        checkout(&format!("r{i}"), &format!("ro{i}"), &[], &["roomy"])
+    })
+    .await;
+    assert_eq!(won, 100);
+
     // "The first 500 customers": 2,000 at once.
     let won = concurrently(&suite, 2000, "BUDGET_EXHAUSTED", |i| {
         checkout(&format!("c{i}"), &format!("o{i}"), &[], &["first500"])
@@ -655,7 +675,7 @@ async fn budgets_and_limits_hold_under_concurrent_redeems(suite: TestSuite) {
             vec![TENANT.into()]
         )
         .await,
-        500
+        100 + 500
     );
 
     // One single-use code, 200 customers at once.
