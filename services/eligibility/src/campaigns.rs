@@ -778,6 +778,7 @@ pub async fn usage<C: ConnectionTrait>(
                     redemptions: row.try_get_by_index(1).map_err(db_error)?,
                     discount_total: row.try_get_by_index(2).map_err(db_error)?,
                     order_value_total: row.try_get_by_index(3).map_err(db_error)?,
+                    customer_period: 0,
                 },
             );
         }

@@ -81,7 +81,8 @@ impl Eligibility {
         let (candidates, unlocked) = redeem::candidates(&index, checkout, || {
             index.candidates(&segment_set, &keys, &[], None)
         })?;
-        let usage = qualify::usage_for(conn, tenant, &index, &candidates).await?;
+        let customer = (checkout.customer_id.as_str(), now, settings);
+        let usage = qualify::usage_for(conn, tenant, &index, &candidates, customer).await?;
         let tier = if !checkout.program_id.is_empty() && qualify::reads_tier(&index, &candidates) {
             self.tier(ctx, &checkout.customer_id, &checkout.program_id)
                 .await

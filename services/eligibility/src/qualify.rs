@@ -42,6 +42,8 @@ pub struct Usage {
     pub redemptions: i64,
     pub discount_total: i64,
     pub order_value_total: i64,
+    /// The customer's redemptions in the current period (campaigns with a per-period limit).
+    pub customer_period: i64,
 }
 
 /// Usage counters by campaign id.
@@ -141,6 +143,7 @@ pub fn check_limits(
         redemptions,
         discount_total: discount,
         order_value_total,
+        customer_period,
     } = usage;
     if l.max_redemptions > 0 && redemptions >= l.max_redemptions {
         return reject(
@@ -177,7 +180,24 @@ pub fn check_limits(
             ),
         );
     }
+    if l.max_redemptions_per_customer_per_period > 0
+        && customer_period >= l.max_redemptions_per_customer_per_period
+    {
+        return reject(
+            pb::Reason::CustomerLimitReached,
+            format!(
+                "customer used it {customer_period} of {} times this {}",
+                l.max_redemptions_per_customer_per_period,
+                period_name(l.period())
+            ),
+        );
+    }
     Ok(())
+}
+
+/// A period in words: "day", "week", "month".
+pub fn period_name(p: pb::Period) -> String {
+    p.as_str_name().trim_start_matches("PERIOD_").to_lowercase()
 }
 
 /// The variables every rule of one qualification shares.
@@ -452,6 +472,7 @@ pub async fn usage_for(
     tenant: &str,
     index: &Index,
     candidates: &[u32],
+    customer: (&str, i64, &Settings),
 ) -> Result<UsageMap, Error> {
     let ids: Vec<&str> = candidates
         .iter()
@@ -464,8 +485,41 @@ pub async fn usage_for(
         })
         .map(|c| c.def.id.as_str())
         .collect();
-    if ids.is_empty() {
-        return Ok(Default::default());
+    let mut out = if ids.is_empty() {
+        UsageMap::default()
+    } else {
+        crate::campaigns::usage(conn, tenant, &ids).await?
+    };
+    // The customer's uses in the current period, for the campaigns that limit them.
+    let (customer, now, settings) = customer;
+    for &i in candidates {
+        let c = &index.campaigns[i as usize];
+        let Some(l) = c
+            .def
+            .limits
+            .filter(|l| l.max_redemptions_per_customer_per_period > 0)
+        else {
+            continue;
+        };
+        let start = crate::redeem::period_start(l.period(), now, settings);
+        let row = conn
+            .query_one_raw(tessera_store::stmt(
+                conn,
+                "SELECT redemptions FROM customer_period_usage WHERE tenant_id = $1 \
+                 AND customer_id = $2 AND campaign_id = $3 AND period_start = $4",
+                [
+                    tenant.into(),
+                    customer.into(),
+                    c.def.id.clone().into(),
+                    start.into(),
+                ],
+            ))
+            .await
+            .map_err(tessera_store::db_error)?;
+        if let Some(row) = row {
+            out.entry(c.def.id.clone()).or_default().customer_period =
+                row.try_get_by_index(0).map_err(tessera_store::db_error)?;
+        }
     }
-    crate::campaigns::usage(conn, tenant, &ids).await
+    Ok(out)
 }

@@ -709,6 +709,7 @@ async fn take_budget(
         redemptions: row[0],
         discount_total: row[1],
         order_value_total: row[2],
+        customer_period: 0,
     };
     Ok(Err(qualify::check_limits(
         c,
@@ -800,10 +801,7 @@ async fn take_uses(
                 format!(
                     "customer used it {used} of {} times this {}",
                     l.max_redemptions_per_customer_per_period,
-                    l.period()
-                        .as_str_name()
-                        .trim_start_matches("PERIOD_")
-                        .to_lowercase()
+                    qualify::period_name(l.period())
                 ),
             )));
         }

@@ -860,7 +860,8 @@ impl EligibilityService for Eligibility {
         let segment_set: campaigns::FastSet = segments.iter().cloned().collect();
         let event_type = request.event.as_ref().map(|e| e.r#type.as_str());
         let candidates = index.candidates(&segment_set, &keys, &request.codes, event_type);
-        let usage = qualify::usage_for(conn, tenant, &index, &candidates).await?;
+        let customer = (request.customer_id.as_str(), now, &settings);
+        let usage = qualify::usage_for(conn, tenant, &index, &candidates, customer).await?;
         let tier = if !request.program_id.is_empty() && qualify::reads_tier(&index, &candidates) {
             self.tier(&ctx, &request.customer_id, &request.program_id)
                 .await

@@ -456,6 +456,23 @@ async fn codes_are_refused_with_reasons_and_guessing_is_limited(suite: TestSuite
         .await
         .expect_err("second today");
     assert_eq!(reason(&second), "CUSTOMER_LIMIT_REACHED");
+    // Qualification says so too.
+    let asked = c
+        .qualify(suite.ctx(TENANT).request(pb::QualifyRequest {
+            customer_id: "cy".into(),
+            cart: Some(shoes_and_socks()),
+            ..Default::default()
+        }))
+        .await
+        .expect("qualify")
+        .into_inner();
+    let daily = asked
+        .rejected
+        .iter()
+        .find(|r| r.campaign_id == "daily")
+        .expect("daily is rejected");
+    assert_eq!(daily.reason(), pb::Reason::CustomerLimitReached);
+    assert!(daily.detail.contains("this day"), "{daily:?}");
     redeem(&mut c, &suite, &key(), checkout("dee", "", &[], &["daily"]))
         .await
         .expect("another customer");
