@@ -38,12 +38,17 @@ const GRPC_SERVICES: [(&str, &str, &str); 5] = [
     ),
 ];
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A free port below the kernel's ephemeral range (32768 and up), so no outgoing
+/// connection of the processes starting meanwhile (to PostgreSQL, Redis, each other) can take
+/// it as its source port before the service that owns it binds it.
+fn free_port(taken: &mut Vec<u16>) -> u16 {
+    loop {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 12_000) as u16;
+        if !taken.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.push(port);
+            return port;
+        }
+    }
 }
 
 /// Kills the processes that are still running when the test ends, whatever happened.
@@ -86,10 +91,12 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let prefix = format!("p{}_", &id[..12]);
     let admin_key = format!("tsk_production_shape_{id}");
+    let mut taken = Vec::new();
     let ports: HashMap<&str, u16> = GRPC_SERVICES
         .iter()
-        .map(|(name, _, _)| (*name, free_port()))
-        .chain([("gateway", free_port()), ("metrics", free_port())])
+        .map(|(name, _, _)| *name)
+        .chain(["gateway", "metrics"])
+        .map(|name| (name, free_port(&mut taken)))
         .collect();
     let mut env: HashMap<String, String> = HashMap::from([
         ("TESSERA_DATABASE__URL".into(), database),
