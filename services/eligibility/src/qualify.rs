@@ -451,15 +451,16 @@ pub fn qualify(
 /// Checks the cart of a qualification: the engine's checks plus the tenant's currency.
 pub fn check_cart(
     v: &mut tessera_runtime::error::Violations,
+    field: &str,
     cart: Option<&tessera_proto::catalog::v1::Cart>,
     settings: &Settings,
 ) -> Cart {
-    let engine_cart = wire::cart(v, "cart", cart);
+    let engine_cart = wire::cart(v, field, cart);
     if let Some(c) = cart
         && c.currency != settings.currency
     {
         v.add(
-            "cart.currency",
+            format!("{field}.currency"),
             format!("must be the tenant's currency, {}", settings.currency),
         );
     }

@@ -93,15 +93,7 @@ pub fn check_checkout(
     if c.order_id.len() > 128 {
         v.add("checkout.order_id", "must be at most 128 characters");
     }
-    let cart = wire::cart(v, "checkout.cart", c.cart.as_ref());
-    if let Some(cart) = &c.cart
-        && cart.currency != settings.currency
-    {
-        v.add(
-            "checkout.cart.currency",
-            format!("must be the tenant's currency, {}", settings.currency),
-        );
-    }
+    let cart = qualify::check_cart(v, "checkout.cart", c.cart.as_ref(), settings);
     if c.codes.len() > 20 {
         v.add("checkout.codes", "must hold at most 20 codes");
     }

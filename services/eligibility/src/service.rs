@@ -837,7 +837,7 @@ impl EligibilityService for Eligibility {
         let settings = facts::settings(conn, tenant).await?;
         let mut v = Violations::new();
         check_customer_id(&mut v, "customer_id", &request.customer_id);
-        let cart = qualify::check_cart(&mut v, request.cart.as_ref(), &settings);
+        let cart = qualify::check_cart(&mut v, "cart", request.cart.as_ref(), &settings);
         if request.codes.len() > 20 {
             v.add("codes", "must hold at most 20 codes");
         }
