@@ -64,8 +64,8 @@ pub struct Grant {
     pub customer: String,
     pub program: String,
     pub points: i64,
-    /// `(max points, period)` per customer.
-    pub cap: Option<(i64, pb::Period)>,
+    /// `(max points, start of the current period)` per customer.
+    pub cap: Option<(i64, i64)>,
 }
 
 /// The programme a rule credits.
@@ -178,8 +178,10 @@ pub fn grants(
             // Whole currency units of 100 minor units, rounded down.
             let per_unit = i128::from(spend.max(0)) * i128::from(rate) / 100_000;
             let points = r.points + i64::try_from(per_unit).unwrap_or(i64::MAX - r.points);
-            let cap = (r.max_points_per_customer_per_period > 0)
-                .then(|| (r.max_points_per_customer_per_period, r.period()));
+            let cap = (r.max_points_per_customer_per_period > 0).then(|| {
+                let start = redeem::period_start(r.period(), input.now, input.settings);
+                (r.max_points_per_customer_per_period, start)
+            });
             let grant = |customer: &str, points: i64| Grant {
                 campaign: c.def.id.clone(),
                 rule: r.id.clone(),
@@ -221,7 +223,6 @@ pub async fn record(
     source: &str,
     grants: Vec<Grant>,
     now: i64,
-    settings: &Settings,
 ) -> Result<Vec<Grant>, Error> {
     let mut written = Vec::new();
     for mut g in grants {
@@ -246,8 +247,7 @@ pub async fn record(
         if seen.is_some() {
             continue;
         }
-        if let Some((max, period)) = g.cap {
-            let start = redeem::period_start(period, now, settings);
+        if let Some((max, start)) = g.cap {
             let cap_keys = [
                 ("tenant_id", tenant.into()),
                 ("customer_id", g.customer.clone().into()),
@@ -520,12 +520,13 @@ async fn settle_one(
 }
 
 /// The facts, segments and tiers the earning rules of `source` see, and what they grant.
+/// Reads nothing when the tenant has no earning rules; `settings` when the caller has them.
 pub async fn evaluate(
     service: &crate::service::Eligibility,
     ctx: &RequestContext,
     source: &Source<'_>,
     now: i64,
-    settings: &Settings,
+    settings: Option<&Settings>,
 ) -> Result<Vec<Grant>, Error> {
     let tenant = ctx.tenant_id.as_str();
     let index = service.campaigns.index(tenant).await?;
@@ -533,6 +534,14 @@ pub async fn evaluate(
         return Ok(Vec::new());
     }
     let conn = service.db.conn();
+    let loaded;
+    let settings = match settings {
+        Some(s) => s,
+        None => {
+            loaded = facts::settings(conn, tenant).await?;
+            &loaded
+        }
+    };
     let facts: Facts = facts::load(conn, ctx, source.customer(), now).await?;
     let (segments, _) = service
         .segments

@@ -386,11 +386,18 @@ impl EligibilityService for Eligibility {
         let now = now_micros();
         let source = earning::Source::Order(&order).id();
         let grants = if order.status() == pb::OrderStatus::Paid {
-            earning::evaluate(self, &ctx, &earning::Source::Order(&order), now, &settings).await?
+            earning::evaluate(
+                self,
+                &ctx,
+                &earning::Source::Order(&order),
+                now,
+                Some(&settings),
+            )
+            .await?
         } else {
             Vec::new()
         };
-        let (earned_from, zone) = (source.clone(), settings.clone());
+        let earned_from = source.clone();
         let response = self
             .idempotency
             .run(
@@ -401,7 +408,7 @@ impl EligibilityService for Eligibility {
                 move |txn| {
                     Box::pin(async move {
                         let version = facts::record_order(txn, &tenant, &order, now).await?;
-                        earning::record(txn, &tenant, &earned_from, grants, now, &zone).await?;
+                        earning::record(txn, &tenant, &earned_from, grants, now).await?;
                         if order.status() == pb::OrderStatus::Returned {
                             earning::mark_returned(txn, &tenant, &order).await?;
                         }
@@ -495,10 +502,9 @@ impl EligibilityService for Eligibility {
             ctx.tenant_id.clone(),
         );
         let now = now_micros();
-        let settings = facts::settings(self.db.conn(), &ctx.tenant_id).await?;
         let source = earning::Source::Event(&event).id();
         let grants =
-            earning::evaluate(self, &ctx, &earning::Source::Event(&event), now, &settings).await?;
+            earning::evaluate(self, &ctx, &earning::Source::Event(&event), now, None).await?;
         let earned_from = source.clone();
         let response = self
             .idempotency
@@ -510,7 +516,7 @@ impl EligibilityService for Eligibility {
                 move |txn| {
                     Box::pin(async move {
                         let version = facts::record_event(txn, &tenant, &event, now).await?;
-                        earning::record(txn, &tenant, &earned_from, grants, now, &settings).await?;
+                        earning::record(txn, &tenant, &earned_from, grants, now).await?;
                         Ok(pb::RecordEventResponse {
                             event: Some(event),
                             facts_version: version,
