@@ -45,6 +45,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub peers: PeersConfig,
     pub outbox: OutboxConfig,
+    pub scheduler: SchedulerConfig,
     pub idempotency: IdempotencyConfig,
     pub gateway: GatewayConfig,
 }
@@ -112,6 +113,29 @@ pub struct PeersConfig {
     pub timeout_ms: u64,
 }
 
+/// The campaign scheduler's job workers and campaign sync.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Seconds a worker owns a claimed job; after that another replica may take it over.
+    pub job_lease_secs: u64,
+    /// Milliseconds between polls for due jobs when nothing woke the worker.
+    pub job_poll_ms: u64,
+    /// Milliseconds between passes of the campaign sync to eligibility (a change is
+    /// pushed at once; this catches up what failed).
+    pub sync_interval_ms: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            job_lease_secs: 30,
+            job_poll_ms: 500,
+            sync_interval_ms: 500,
+        }
+    }
+}
+
 /// The transactional outbox relay.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -156,6 +180,7 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             peers: PeersConfig::default(),
             outbox: OutboxConfig::default(),
+            scheduler: SchedulerConfig::default(),
             idempotency: IdempotencyConfig::default(),
             gateway: GatewayConfig::default(),
         }
@@ -302,6 +327,15 @@ impl Config {
         }
         if self.outbox.batch_size == 0 || self.outbox.batch_size > 1000 {
             return invalid("outbox.batch_size", "must be within 1..=1000");
+        }
+        if self.scheduler.job_lease_secs == 0 {
+            return invalid("scheduler.job_lease_secs", "must be at least 1");
+        }
+        if self.scheduler.job_poll_ms == 0 || self.scheduler.sync_interval_ms == 0 {
+            return invalid(
+                "scheduler",
+                "job_poll_ms and sync_interval_ms must be at least 1",
+            );
         }
         if self.outbox.poll_interval_ms == 0 {
             return invalid("outbox.poll_interval_ms", "must be at least 1");

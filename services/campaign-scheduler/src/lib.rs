@@ -1,47 +1,172 @@
-//! The campaign-scheduler service: campaigns, their state machine and durable time-based jobs. It boots with its own tables (the plumbing tables so
-//! far), serves health and reflection and registers `tessera.scheduler.v1.SchedulerService`; the domain RPCs
-//! arrive with the issue that builds them.
+//! The campaign-scheduler service: campaigns as the source of truth (their definition,
+//! state machine and history), their sync to eligibility (versioned snapshots, pushed at
+//! once and retried), and durable time-based jobs (campaign starts and ends, the wallet's
+//! expiry and tier sweeps) that run once however many replicas share the database.
 
-use sea_orm_migration::{MigrationTrait, MigratorTrait};
-use tessera_proto::scheduler::v1::scheduler_service_server::{
-    SchedulerService, SchedulerServiceServer,
-};
-use tessera_runtime::Config;
+pub mod campaigns;
+pub mod jobs;
+mod migrations;
+mod service;
+mod sync;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use sea_orm::DatabaseTransaction;
+use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
+use tessera_proto::scheduler::v1::scheduler_service_server::SchedulerServiceServer;
+use tessera_proto::wallet::v1 as wpb;
+use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::component::{self, Component};
+use tessera_runtime::{Config, Error, RequestContext, grpc};
 use tessera_store::Db;
+use tessera_store::idempotency::Idempotency;
+use tessera_store::outbox::{NotificationPublisher, Relay};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::jobs::{Clock, Executor, Job, Outcome, SystemClock, Worker, WorkerConfig};
+pub use migrations::Migrator;
 
 /// Service name: SQLite file / PostgreSQL schema and log label.
 pub const SERVICE: &str = "campaign-scheduler";
 /// Fully qualified gRPC service name.
 pub const GRPC_NAME: &str = "tessera.scheduler.v1.SchedulerService";
 
-/// The campaign-scheduler's migrations, in order.
-pub struct Migrator;
-
-impl MigratorTrait for Migrator {
-    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        tessera_store::migrate::plumbing()
-    }
-}
-
-struct Service;
-
-impl SchedulerService for Service {}
+/// How often the wallet's points-expiry sweep runs for a tenant with earning campaigns.
+const EXPIRE_EVERY: Duration = Duration::from_secs(15 * 60);
+/// How often tiers are re-evaluated per programme (they also move on every credit).
+const TIERS_EVERY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Applies the campaign-scheduler's migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     Db::open::<Migrator>(config, SERVICE).await.map(|_| ())
 }
 
-/// Connects, migrates and assembles the campaign-scheduler.
-pub async fn build(config: &Config, _shutdown: CancellationToken) -> anyhow::Result<Component> {
+/// The scheduler's own jobs.
+struct CampaignJobs {
+    wallet: WalletServiceClient<grpc::Channel>,
+    sync: Arc<tokio::sync::Notify>,
+}
+
+fn after(now: i64, every: Duration) -> i64 {
+    now + i64::try_from(every.as_micros()).unwrap_or(i64::MAX)
+}
+
+impl Executor for CampaignJobs {
+    fn remote<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let ctx = RequestContext::system(job.tenant_id.clone(), SERVICE);
+            let mut wallet = self.wallet.clone();
+            let result = match job.kind.as_str() {
+                campaigns::EXPIRE_JOB => wallet
+                    .expire_due(ctx.request(wpb::ExpireDueRequest {
+                        idempotency_key: job.run_key(),
+                    }))
+                    .await
+                    .map(|r| {
+                        let r = r.into_inner();
+                        tracing::info!(tenant = %job.tenant_id, lots = r.lots_expired, amount = r.amount_expired, "points expiry sweep");
+                    }),
+                campaigns::TIERS_JOB => wallet
+                    .evaluate_tiers(ctx.request(wpb::EvaluateTiersRequest {
+                        idempotency_key: job.run_key(),
+                        program_id: String::from_utf8_lossy(&job.payload).into_owned(),
+                    }))
+                    .await
+                    .map(|r| {
+                        let r = r.into_inner();
+                        tracing::info!(tenant = %job.tenant_id, evaluated = r.evaluated, changed = r.changed, "tier re-evaluation");
+                    }),
+                _ => Ok(()),
+            };
+            result.map_err(|s| Error::from_status(&s))
+        })
+    }
+
+    fn local<'a>(
+        &'a self,
+        txn: &'a DatabaseTransaction,
+        job: &'a Job,
+        now: i64,
+    ) -> BoxFuture<'a, Result<Outcome, Error>> {
+        Box::pin(async move {
+            match job.kind.as_str() {
+                campaigns::START_JOB | campaigns::END_JOB => {
+                    campaigns::run_job(txn, job, now).await?;
+                    Ok(Outcome::Done)
+                }
+                campaigns::EXPIRE_JOB => Ok(Outcome::Again(after(now, EXPIRE_EVERY))),
+                campaigns::TIERS_JOB => Ok(Outcome::Again(after(now, TIERS_EVERY))),
+                other => Err(Error::internal(format!("unknown job kind `{other}`"))),
+            }
+        })
+    }
+
+    fn committed(&self, job: &Job) {
+        if matches!(job.kind.as_str(), campaigns::START_JOB | campaigns::END_JOB) {
+            self.sync.notify_one();
+        }
+    }
+}
+
+/// Connects, migrates and assembles the campaign-scheduler; its workers stop on `shutdown`.
+pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Component> {
     let db = Db::open::<Migrator>(config, SERVICE).await?;
+    let publisher = NotificationPublisher::new(grpc::channel(
+        &config.peers.notification_url,
+        config.peer_timeout(),
+    )?);
+    let relay = Relay::new(
+        db.clone(),
+        SERVICE,
+        Arc::new(publisher),
+        config.outbox.clone(),
+    );
+    let eligibility = EligibilityServiceClient::new(grpc::channel(
+        &config.peers.eligibility_url,
+        config.peer_timeout(),
+    )?);
+    let wallet = WalletServiceClient::new(grpc::channel(
+        &config.peers.wallet_url,
+        config.peer_timeout(),
+    )?);
+    let sync = sync::Sync::new(db.clone(), eligibility);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let worker = Worker::new(
+        db.clone(),
+        format!("{SERVICE}-{}", uuid::Uuid::new_v4().simple()),
+        clock.clone(),
+        Arc::new(CampaignJobs {
+            wallet,
+            sync: sync.waker(),
+        }),
+        WorkerConfig {
+            lease: Duration::from_secs(config.scheduler.job_lease_secs),
+            poll: Duration::from_millis(config.scheduler.job_poll_ms),
+            ..WorkerConfig::default()
+        },
+    );
+    let service = service::Scheduler {
+        db: db.clone(),
+        idempotency: Idempotency::new(
+            db.clone(),
+            Duration::from_secs(config.idempotency.in_flight_lease_secs),
+        )
+        .waking(relay.waker()),
+        sync: sync.clone(),
+        clock,
+        jobs_wake: worker.waker(),
+    };
+    let sync_every = Duration::from_millis(config.scheduler.sync_interval_ms);
     Ok(Component::new(SERVICE)
         .grpc(GRPC_NAME, |routes| {
-            routes.add_service(SchedulerServiceServer::new(Service));
+            routes.add_service(SchedulerServiceServer::new(service));
         })
+        .task(tokio::spawn(worker.run(shutdown.clone())))
+        .task(tokio::spawn(sync.run(sync_every, shutdown.clone())))
+        .task(tokio::spawn(relay.run(shutdown)))
         .probe(db.probe()))
 }
 

@@ -42,8 +42,11 @@ pub struct Compiled {
     pub starts_at: i64,
     pub ends_at: Option<i64>,
     pub time_zone: Option<Tz>,
-    /// `(weekday mask, start minute, end minute)`; empty: always.
-    pub windows: Vec<(u8, u32, u32)>,
+    /// Its recurring windows; empty: always.
+    pub windows: Vec<Window>,
+    /// Its happy hours (earning multiplied by `happy_hour_milli`).
+    pub happy_hours: Vec<Window>,
+    pub happy_hour_milli: i64,
     /// Groups of cart keys: one key of every group must be in the cart (a buy-X-get-Y
     /// needs both sides); no groups: any cart.
     pub item_keys: Vec<Vec<String>>,
@@ -73,19 +76,137 @@ impl Compiled {
 
     /// Whether `now` (µs) is inside a window (in the campaign's zone or `tenant_zone`).
     pub fn in_window(&self, now: i64, tenant_zone: Tz) -> bool {
-        if self.windows.is_empty() {
-            return true;
-        }
-        let zone = self.time_zone.unwrap_or(tenant_zone);
-        let local = chrono::DateTime::<chrono::Utc>::from_timestamp_micros(now)
-            .unwrap_or_default()
-            .with_timezone(&zone);
-        let day = 1u8 << local.weekday().num_days_from_monday();
-        let minute = local.hour() * 60 + local.minute();
-        self.windows
-            .iter()
-            .any(|(days, start, end)| days & day != 0 && (*start..*end).contains(&minute))
+        self.windows.is_empty()
+            || any_open(&self.windows, now, self.time_zone.unwrap_or(tenant_zone))
     }
+
+    /// The earning multiplier at `now` (thousandths): the happy-hour rate inside a happy
+    /// hour, else 1000.
+    pub fn earn_multiplier_milli(&self, now: i64, tenant_zone: Tz) -> i64 {
+        if self.happy_hour_milli > 0
+            && any_open(
+                &self.happy_hours,
+                now,
+                self.time_zone.unwrap_or(tenant_zone),
+            )
+        {
+            self.happy_hour_milli
+        } else {
+            1000
+        }
+    }
+}
+
+/// A recurring window, compiled.
+#[derive(Debug)]
+pub enum Window {
+    /// `(weekday mask, start minute, end minute)` on the zone's wall clock.
+    Weekly(u8, u32, u32),
+    /// Opens each time the expression fires (wall clock), for a duration (µs).
+    Cron(Box<croner::Cron>, i64),
+}
+
+impl Window {
+    fn is_open(&self, local: &chrono::DateTime<Tz>) -> bool {
+        match self {
+            Window::Weekly(days, start, end) => {
+                let day = 1u8 << local.weekday().num_days_from_monday();
+                let minute = local.hour() * 60 + local.minute();
+                days & day != 0 && (*start..*end).contains(&minute)
+            }
+            Window::Cron(cron, duration) => {
+                cron.find_previous_occurrence(local, true)
+                    .is_ok_and(|opened| {
+                        (*local - opened)
+                            .num_microseconds()
+                            .is_some_and(|d| d < *duration)
+                    })
+            }
+        }
+    }
+}
+
+/// Whether one of `windows` is open at `now` (µs) in `zone`.
+pub fn any_open(windows: &[Window], now: i64, zone: Tz) -> bool {
+    let local = chrono::DateTime::<chrono::Utc>::from_timestamp_micros(now)
+        .unwrap_or_default()
+        .with_timezone(&zone);
+    windows.iter().any(|w| w.is_open(&local))
+}
+
+/// Checks and compiles recurring windows; `field` names the list (`campaign.windows`).
+fn compile_windows(
+    v: &mut Violations,
+    field: &str,
+    list: &[pb::TimeWindow],
+    zone: Tz,
+    now: i64,
+) -> Vec<Window> {
+    let mut windows = Vec::new();
+    for (i, w) in list.iter().enumerate() {
+        if !w.cron.is_empty() {
+            if !w.days.is_empty() || w.start_minute != 0 || w.end_minute != 0 {
+                v.add(
+                    format!("{field}.{i}.cron"),
+                    "is set alone: no days, start_minute or end_minute with it",
+                );
+            }
+            if !(1..=10_080).contains(&w.duration_minutes) {
+                v.add(
+                    format!("{field}.{i}.duration_minutes"),
+                    "must be 1 to 10080 with a cron expression",
+                );
+            }
+            match w.cron.parse::<croner::Cron>() {
+                Err(e) => v.add(
+                    format!("{field}.{i}.cron"),
+                    format!("is not a cron expression: {e}"),
+                ),
+                Ok(cron) => {
+                    let local = chrono::DateTime::<chrono::Utc>::from_timestamp_micros(now)
+                        .unwrap_or_default()
+                        .with_timezone(&zone);
+                    if cron.find_next_occurrence(&local, false).is_err() {
+                        v.add(format!("{field}.{i}.cron"), "never fires");
+                    } else {
+                        windows.push(Window::Cron(
+                            Box::new(cron),
+                            i64::from(w.duration_minutes) * 60_000_000,
+                        ));
+                    }
+                }
+            }
+            continue;
+        }
+        if w.duration_minutes != 0 {
+            v.add(
+                format!("{field}.{i}.duration_minutes"),
+                "is only for a cron window",
+            );
+        }
+        let mut mask = 0u8;
+        for (j, d) in w.days.iter().enumerate() {
+            match pb::Weekday::try_from(*d) {
+                Ok(day) if day != pb::Weekday::Unspecified => mask |= 1 << (*d - 1),
+                _ => v.add(format!("{field}.{i}.days.{j}"), "is not a weekday"),
+            }
+        }
+        if w.start_minute >= 1440 {
+            v.add(format!("{field}.{i}.start_minute"), "must be 0 to 1439");
+        }
+        if w.end_minute > 1440 || w.end_minute <= w.start_minute {
+            v.add(
+                format!("{field}.{i}.end_minute"),
+                "must be after start_minute and at most 1440",
+            );
+        }
+        windows.push(Window::Weekly(
+            if mask == 0 { 0x7f } else { mask },
+            w.start_minute,
+            w.end_minute,
+        ));
+    }
+    windows
 }
 
 /// The cart keys a selector needs (one of them): empty when it matches any line.
@@ -172,32 +293,16 @@ pub fn compile(
         }
         tz
     };
-    let mut windows = Vec::new();
-    for (i, w) in c.windows.iter().enumerate() {
-        let mut mask = 0u8;
-        for (j, d) in w.days.iter().enumerate() {
-            match pb::Weekday::try_from(*d) {
-                Ok(day) if day != pb::Weekday::Unspecified => mask |= 1 << (*d - 1),
-                _ => v.add(format!("campaign.windows.{i}.days.{j}"), "is not a weekday"),
-            }
-        }
-        if w.start_minute >= 1440 {
-            v.add(
-                format!("campaign.windows.{i}.start_minute"),
-                "must be 0 to 1439",
-            );
-        }
-        if w.end_minute > 1440 || w.end_minute <= w.start_minute {
-            v.add(
-                format!("campaign.windows.{i}.end_minute"),
-                "must be after start_minute and at most 1440",
-            );
-        }
-        windows.push((
-            if mask == 0 { 0x7f } else { mask },
-            w.start_minute,
-            w.end_minute,
-        ));
+    // Windows follow the campaign's zone (or the tenant's, applied at evaluation: the wall
+    // clock is checked there; validation only needs some zone to find the next firing).
+    let zone = time_zone.unwrap_or(chrono_tz::UTC);
+    let windows = compile_windows(v, "campaign.windows", &c.windows, zone, now);
+    let happy_hours = compile_windows(v, "campaign.happy_hours", &c.happy_hours, zone, now);
+    if !c.happy_hours.is_empty() && !(1001..=100_000).contains(&c.happy_hour_multiplier_milli) {
+        v.add(
+            "campaign.happy_hour_multiplier_milli",
+            "must be 1001 to 100000 with happy hours",
+        );
     }
     for (i, s) in c.segments.iter().enumerate() {
         if segments.is_some_and(|known| !known.contains(s)) {
@@ -299,6 +404,8 @@ pub fn compile(
         ends_at,
         time_zone,
         windows,
+        happy_hours,
+        happy_hour_milli: c.happy_hour_multiplier_milli,
         item_keys,
     })
 }
@@ -718,23 +825,91 @@ pub async fn bump(txn: &DatabaseTransaction, tenant: &str) -> Result<i64, Error>
     row.try_get_by_index(0).map_err(db_error)
 }
 
-pub async fn put(txn: &DatabaseTransaction, tenant: &str, c: &pb::Campaign) -> Result<i64, Error> {
+/// Stores a campaign; with a `source_version` (> 0), only over an older one. Returns the
+/// read-model version after the change, or None when a newer source version was stored.
+pub async fn put(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    c: &pb::Campaign,
+    source_version: i64,
+) -> Result<Option<i64>, Error> {
+    let stored = txn
+        .execute_raw(stmt(
+            txn,
+            "INSERT INTO campaigns (tenant_id, id, definition, version, source_version) \
+             VALUES ($1, $2, $3, 0, $4) \
+             ON CONFLICT (tenant_id, id) DO UPDATE SET definition = excluded.definition, \
+             source_version = excluded.source_version \
+             WHERE excluded.source_version = 0 \
+             OR campaigns.source_version < excluded.source_version",
+            [
+                tenant.into(),
+                c.id.clone().into(),
+                c.encode_to_vec().into(),
+                source_version.into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+    if stored.rows_affected() == 0 {
+        return Ok(None);
+    }
     let version = bump(txn, tenant).await?;
     txn.execute_raw(stmt(
         txn,
-        "INSERT INTO campaigns (tenant_id, id, definition, version) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (tenant_id, id) DO UPDATE SET definition = excluded.definition, \
-         version = excluded.version",
-        [
-            tenant.into(),
-            c.id.clone().into(),
-            c.encode_to_vec().into(),
-            version.into(),
-        ],
+        "UPDATE campaigns SET version = $3 WHERE tenant_id = $1 AND id = $2",
+        [tenant.into(), c.id.clone().into(), version.into()],
     ))
     .await
     .map_err(db_error)?;
-    Ok(version)
+    Ok(Some(version))
+}
+
+/// Refuses (FAILED_PRECONDITION, naming the limit) a campaign-wide budget below what the
+/// campaign has already used.
+pub async fn check_budget_not_below_usage<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &str,
+    c: &pb::Campaign,
+) -> Result<(), Error> {
+    let Some(limits) = &c.limits else {
+        return Ok(());
+    };
+    let usage = usage(conn, tenant, &[c.id.as_str()]).await?;
+    let Some(used) = usage.get(&c.id) else {
+        return Ok(());
+    };
+    let mut below = Vec::new();
+    for (field, limit, used) in [
+        ("max_redemptions", limits.max_redemptions, used.redemptions),
+        (
+            "max_discount_total",
+            limits.max_discount_total,
+            used.discount_total,
+        ),
+        (
+            "max_order_value_total",
+            limits.max_order_value_total,
+            used.order_value_total,
+        ),
+    ] {
+        if limit > 0 && limit < used {
+            below.push(tessera_runtime::error::FieldViolation::new(
+                format!("campaign.limits.{field}"),
+                format!("is below what the campaign has already used ({used})"),
+            ));
+        }
+    }
+    if below.is_empty() {
+        return Ok(());
+    }
+    let mut err = Error::new(
+        tessera_runtime::error::Code::FailedPrecondition,
+        "a budget is below what the campaign has already used",
+    )
+    .with_reason("BUDGET_BELOW_USAGE");
+    err.field_violations = below;
+    Err(err)
 }
 
 pub async fn remove(txn: &DatabaseTransaction, tenant: &str, id: &str) -> Result<i64, Error> {
@@ -897,5 +1072,137 @@ mod tests {
             !index.pre[5].active,
             "the disabled campaign is kept, not indexed"
         );
+    }
+
+    fn utc(s: &str) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .expect("RFC 3339")
+            .timestamp_micros()
+    }
+
+    fn windows(list: Vec<pb::TimeWindow>) -> Vec<Window> {
+        let mut v = Violations::new();
+        let w = compile_windows(
+            &mut v,
+            "w",
+            &list,
+            chrono_tz::Europe::Rome,
+            utc("2026-01-01T00:00:00Z"),
+        );
+        v.finish().expect("valid windows");
+        w
+    }
+
+    /// Friday 17:00-19:00 Europe/Rome, as weekly hours and as a cron window, on both sides of
+    /// both daylight-saving changes of 2026 (29 March, 25 October).
+    #[test]
+    fn windows_follow_the_wall_clock_across_dst() {
+        let weekly = windows(vec![pb::TimeWindow {
+            days: vec![pb::Weekday::Friday.into()],
+            start_minute: 17 * 60,
+            end_minute: 19 * 60,
+            ..Default::default()
+        }]);
+        let cron = windows(vec![pb::TimeWindow {
+            cron: "0 17 * * FRI".into(),
+            duration_minutes: 120,
+            ..Default::default()
+        }]);
+        let rome = chrono_tz::Europe::Rome;
+        for (at, open) in [
+            // Winter time (UTC+1), the Friday before the spring change.
+            ("2026-03-27T15:59:00Z", false),
+            ("2026-03-27T16:00:00Z", true),
+            ("2026-03-27T17:59:00Z", true),
+            ("2026-03-27T18:00:00Z", false),
+            // Summer time (UTC+2), the Friday after.
+            ("2026-04-03T14:59:00Z", false),
+            ("2026-04-03T15:00:00Z", true),
+            ("2026-04-03T16:59:00Z", true),
+            ("2026-04-03T17:00:00Z", false),
+            // Summer time, the Friday before the autumn change.
+            ("2026-10-23T15:00:00Z", true),
+            ("2026-10-23T17:00:00Z", false),
+            // Winter time again, the Friday after.
+            ("2026-10-30T15:30:00Z", false),
+            ("2026-10-30T16:00:00Z", true),
+            ("2026-10-30T17:59:00Z", true),
+            ("2026-10-30T18:00:00Z", false),
+            // Not a Friday.
+            ("2026-10-29T16:30:00Z", false),
+        ] {
+            assert_eq!(any_open(&weekly, utc(at), rome), open, "weekly at {at}");
+            assert_eq!(any_open(&cron, utc(at), rome), open, "cron at {at}");
+        }
+    }
+
+    /// A daily window at 02:30 on the night the clocks skip 02:00-03:00 still opens (right
+    /// after the gap), and on the night 02:00-03:00 happens twice it opens once.
+    #[test]
+    fn a_cron_window_in_the_skipped_or_repeated_hour() {
+        let nightly = windows(vec![pb::TimeWindow {
+            cron: "30 2 * * *".into(),
+            duration_minutes: 20,
+            ..Default::default()
+        }]);
+        let rome = chrono_tz::Europe::Rome;
+        // 29 March: 02:30 does not exist; 03:00 CEST is 01:00 UTC.
+        assert!(any_open(&nightly, utc("2026-03-29T01:05:00Z"), rome));
+        assert!(!any_open(&nightly, utc("2026-03-29T01:40:00Z"), rome));
+        // 25 October: 02:30 CEST (00:30 UTC) opens it; 02:30 CET (01:30 UTC) does not again.
+        assert!(any_open(&nightly, utc("2026-10-25T00:35:00Z"), rome));
+        assert!(!any_open(&nightly, utc("2026-10-25T00:55:00Z"), rome));
+        assert!(!any_open(&nightly, utc("2026-10-25T01:35:00Z"), rome));
+    }
+
+    #[test]
+    fn bad_cron_windows_name_the_field() {
+        let cases = [
+            (
+                pb::TimeWindow {
+                    cron: "0 0 30 2 *".into(),
+                    duration_minutes: 60,
+                    ..Default::default()
+                },
+                "w.0.cron",
+            ),
+            (
+                pb::TimeWindow {
+                    cron: "every friday".into(),
+                    duration_minutes: 60,
+                    ..Default::default()
+                },
+                "w.0.cron",
+            ),
+            (
+                pb::TimeWindow {
+                    cron: "0 17 * * FRI".into(),
+                    duration_minutes: 0,
+                    ..Default::default()
+                },
+                "w.0.duration_minutes",
+            ),
+            (
+                pb::TimeWindow {
+                    cron: "0 17 * * FRI".into(),
+                    duration_minutes: 60,
+                    start_minute: 5,
+                    ..Default::default()
+                },
+                "w.0.cron",
+            ),
+        ];
+        for (w, field) in cases {
+            let mut v = Violations::new();
+            compile_windows(
+                &mut v,
+                "w",
+                std::slice::from_ref(&w),
+                chrono_tz::Europe::Rome,
+                utc("2026-01-01T00:00:00Z"),
+            );
+            let err = v.finish().expect_err(field);
+            assert_eq!(err.field_violations[0].field, field, "{w:?}: {err:?}");
+        }
     }
 }

@@ -178,6 +178,10 @@ pub fn grants(
             // Whole currency units of 100 minor units, rounded down.
             let per_unit = i128::from(spend.max(0)) * i128::from(rate) / 100_000;
             let points = r.points + i64::try_from(per_unit).unwrap_or(i64::MAX - r.points);
+            // Happy hours multiply what the customer earns (rounded down).
+            let multiplier = c.earn_multiplier_milli(input.now, input.settings.time_zone);
+            let points = i64::try_from(i128::from(points) * i128::from(multiplier) / 1000)
+                .unwrap_or(i64::MAX);
             let cap = (r.max_points_per_customer_per_period > 0).then(|| {
                 let start = redeem::period_start(r.period(), input.now, input.settings);
                 (r.max_points_per_customer_per_period, start)

@@ -321,6 +321,10 @@ impl MigratorTrait for Migrator {
                 ]
             },
         }));
+        all.push(Box::new(AddColumns {
+            name: "m0203_campaign_source_version",
+            columns: || vec![("campaigns", col::big_zero("source_version"))],
+        }));
         all
     }
 }

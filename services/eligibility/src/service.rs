@@ -778,11 +778,25 @@ impl EligibilityService for Eligibility {
             }
             None => v.add("campaign", "is required"),
         }
+        if request.source_version < 0 {
+            v.add("source_version", "must not be negative");
+        }
         v.finish()?;
         let (campaign, tenant) = (
             request.campaign.clone().unwrap_or_default(),
             ctx.tenant_id.clone(),
         );
+        if request.source_version == 0 || request.validate_only {
+            campaigns::check_budget_not_below_usage(conn, &tenant, &campaign).await?;
+        }
+        if request.validate_only {
+            let version = campaigns::feed_version(conn, &tenant).await?;
+            return Ok(Response::new(pb::PutCampaignResponse {
+                version,
+                applied: false,
+            }));
+        }
+        let source_version = request.source_version;
         let response = self
             .idempotency
             .run(
@@ -792,8 +806,16 @@ impl EligibilityService for Eligibility {
                 &request,
                 move |txn| {
                     Box::pin(async move {
-                        let version = campaigns::put(txn, &tenant, &campaign).await?;
-                        Ok(pb::PutCampaignResponse { version })
+                        match campaigns::put(txn, &tenant, &campaign, source_version).await? {
+                            Some(version) => Ok(pb::PutCampaignResponse {
+                                version,
+                                applied: true,
+                            }),
+                            None => Ok(pb::PutCampaignResponse {
+                                version: campaigns::feed_version(txn, &tenant).await?,
+                                applied: false,
+                            }),
+                        }
                     })
                 },
             )

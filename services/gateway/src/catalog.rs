@@ -194,13 +194,19 @@ fn page(q: &ListQuery) -> Option<tessera_proto::common::v1::PageRequest> {
     })
 }
 
-/// An enum value from its short lower-case name (`active` for `REWARD_STATUS_ACTIVE`).
-fn enum_value(field: &str, enum_name: &str, prefix: &str, value: &str) -> Result<i32, ApiError> {
+/// An enum value from its short lower-case name (`active` for `REWARD_STATUS_ACTIVE`);
+/// `enum_name` is the fully qualified protobuf name.
+pub(crate) fn enum_value(
+    field: &str,
+    enum_name: &str,
+    prefix: &str,
+    value: &str,
+) -> Result<i32, ApiError> {
     if value.is_empty() {
         return Ok(0);
     }
     let descriptor = POOL
-        .get_enum_by_name(&message(enum_name))
+        .get_enum_by_name(enum_name)
         .ok_or_else(|| Error::internal(format!("no enum {enum_name}")))?;
     let names: Vec<String> = descriptor
         .values()
@@ -217,7 +223,7 @@ fn enum_value(field: &str, enum_name: &str, prefix: &str, value: &str) -> Result
 }
 
 /// The JSON page of a list answer.
-fn page_reply(
+pub(crate) fn page_reply(
     items: Vec<Value>,
     page: Option<tessera_proto::common::v1::PageResponse>,
 ) -> Result<Response, ApiError> {
@@ -230,7 +236,7 @@ fn page_reply(
     .into_response())
 }
 
-fn strict<T>(
+pub(crate) fn strict<T>(
     query: Result<Query<T>, axum::extract::rejection::QueryRejection>,
 ) -> Result<T, ApiError> {
     query
@@ -238,7 +244,7 @@ fn strict<T>(
         .map_err(|e| Error::invalid_field("query", e.body_text()).into())
 }
 
-type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+pub(crate) type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
 async fn list_rewards(
     State(state): State<Arc<AppState>>,
@@ -250,7 +256,12 @@ async fn list_rewards(
     let q = strict(query)?;
     let request = pb::ListRewardsRequest {
         page: page(&q),
-        status: enum_value("status", "RewardStatus", "REWARD_STATUS_", &q.status)?,
+        status: enum_value(
+            "status",
+            &message("RewardStatus"),
+            "REWARD_STATUS_",
+            &q.status,
+        )?,
         effect_kind: q.effect_kind,
     };
     let r = call
@@ -600,7 +611,7 @@ async fn customer_rewards(
         customer_id,
         status: enum_value(
             "status",
-            "CustomerRewardStatus",
+            &message("CustomerRewardStatus"),
             "CUSTOMER_REWARD_STATUS_",
             &q.status,
         )?,

@@ -3,6 +3,7 @@
 //! validates and parses JSON strictly, passes the `Idempotency-Key`, request id and trace
 //! context on, and renders errors in one JSON shape. Business rules live in the services.
 
+mod campaigns;
 mod catalog;
 mod eligibility;
 mod error;
@@ -19,6 +20,7 @@ use axum::Router;
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 use tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
 use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
+use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::{Config, grpc};
 use tessera_store::Db;
@@ -50,6 +52,7 @@ pub struct AppState {
     pub(crate) wallet_channel: grpc::Channel,
     pub(crate) catalog: CatalogServiceClient<grpc::Channel>,
     pub(crate) eligibility: EligibilityServiceClient<grpc::Channel>,
+    pub(crate) scheduler: SchedulerServiceClient<grpc::Channel>,
     pub(crate) max_body_bytes: usize,
 }
 
@@ -87,6 +90,10 @@ impl Gateway {
             )?),
             eligibility: EligibilityServiceClient::new(grpc::channel(
                 &config.peers.eligibility_url,
+                config.peer_timeout(),
+            )?),
+            scheduler: SchedulerServiceClient::new(grpc::channel(
+                &config.peers.scheduler_url,
                 config.peer_timeout(),
             )?),
             max_body_bytes: config.gateway.max_body_bytes,

@@ -38,6 +38,7 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
         .route("/v1/customers/{id}/wallet/tier", get(tier))
         .merge(crate::catalog::routes())
         .merge(crate::eligibility::routes())
+        .merge(crate::campaigns::routes())
         .fallback(not_found)
         .with_state(state)
         .merge(tessera_runtime::metrics::router())

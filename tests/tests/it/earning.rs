@@ -186,24 +186,26 @@ async fn orders_earn_by_tier_condition_and_hour_and_returns_take_back(suite: Tes
         loyalty("points", vec![per_dollar, big_order]),
     )
     .await;
-    // "Double points during a happy-hour window": one more point per $1 while it lasts
-    // (today and tomorrow, so the test never straddles its edge); another window far away
-    // gives nothing.
-    let extra = |id: &str| pb::EarningRule {
-        points_per_unit_milli: 1000,
+    // "Double points during a happy-hour window": half a point per $1, doubled while the
+    // happy hour lasts (today and tomorrow, so the test never straddles its edge); a
+    // campaign whose window is far away gives nothing.
+    let extra = |id: &str, milli: i64| pb::EarningRule {
+        points_per_unit_milli: milli,
         ..rule(id, pb::EarningTrigger::OrderPaid, "club")
     };
     let window = |days: Vec<i32>| pb::TimeWindow {
         days,
         start_minute: 0,
         end_minute: 1440,
+        ..Default::default()
     };
     put_campaign(
         &mut c,
         &suite,
         pb::Campaign {
-            windows: vec![window(vec![weekday(0), weekday(1)])],
-            ..loyalty("happy-hour", vec![extra("double")])
+            happy_hours: vec![window(vec![weekday(0), weekday(1)])],
+            happy_hour_multiplier_milli: 2000,
+            ..loyalty("happy-hour", vec![extra("double", 500)])
         },
     )
     .await;
@@ -212,7 +214,7 @@ async fn orders_earn_by_tier_condition_and_hour_and_returns_take_back(suite: Tes
         &suite,
         pb::Campaign {
             windows: vec![window(vec![weekday(3)])],
-            ..loyalty("later", vec![extra("later")])
+            ..loyalty("later", vec![extra("later", 1000)])
         },
     )
     .await;
@@ -284,6 +286,7 @@ async fn orders_earn_by_tier_condition_and_hour_and_returns_take_back(suite: Tes
         .put_campaign(suite.ctx(TENANT).request(pb::PutCampaignRequest {
             idempotency_key: key(),
             campaign: Some(bad),
+            ..Default::default()
         }))
         .await
         .expect_err("bad rules");

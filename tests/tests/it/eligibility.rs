@@ -116,6 +116,7 @@ pub(crate) async fn put_campaign(c: &mut Client, suite: &TestSuite, campaign: pb
     c.put_campaign(suite.ctx(TENANT).request(pb::PutCampaignRequest {
         idempotency_key: key(),
         campaign: Some(campaign),
+        ..Default::default()
     }))
     .await
     .expect("put campaign")
@@ -196,7 +197,7 @@ async fn aggregates(c: &mut Client, suite: &TestSuite, customer: &str) -> pb::Ag
     .expect("aggregates")
 }
 
-async fn qualify(
+pub(crate) async fn qualify(
     c: &mut Client,
     suite: &TestSuite,
     customer: &str,
@@ -214,14 +215,14 @@ async fn qualify(
     .into_inner()
 }
 
-fn reasons(r: &pb::QualifyResponse) -> HashMap<String, pb::Reason> {
+pub(crate) fn reasons(r: &pb::QualifyResponse) -> HashMap<String, pb::Reason> {
     r.rejected
         .iter()
         .map(|x| (x.campaign_id.clone(), x.reason()))
         .collect()
 }
 
-fn qualified_ids(r: &pb::QualifyResponse) -> Vec<&str> {
+pub(crate) fn qualified_ids(r: &pb::QualifyResponse) -> Vec<&str> {
     r.qualified.iter().map(|q| q.campaign_id.as_str()).collect()
 }
 
@@ -458,6 +459,7 @@ async fn bad_facts_rules_and_carts_name_the_field_and_write_nothing(suite: TestS
                 .put_campaign(ctx.request(pb::PutCampaignRequest {
                     idempotency_key: key(),
                     campaign: Some(campaign),
+                    ..Default::default()
                 }))
                 .await
                 .unwrap_err();
@@ -494,6 +496,7 @@ async fn bad_facts_rules_and_carts_name_the_field_and_write_nothing(suite: TestS
         days: vec![],
         start_minute: 600,
         end_minute: 500,
+        ..Default::default()
     }];
     assert_eq!(
         refuse(bad).await,
@@ -823,11 +826,13 @@ async fn qualification_ranks_values_and_explains_every_rejection(suite: TestSuit
         days: vec![],
         start_minute: away * 60,
         end_minute: away * 60 + 59,
+        ..Default::default()
     }];
     let open = vec![pb::TimeWindow {
         days: vec![now.weekday().number_from_monday() as i32],
         start_minute: 0,
         end_minute: 1440,
+        ..Default::default()
     }];
     let mut campaigns = vec![
         campaign("a-ten-off", amount_off(10_00)),

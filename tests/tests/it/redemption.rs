@@ -27,7 +27,12 @@ backend_tests!(
     touchpoints_check_out_over_http,
 );
 
-fn checkout(customer: &str, order: &str, codes: &[&str], campaigns: &[&str]) -> pb::Checkout {
+pub(crate) fn checkout(
+    customer: &str,
+    order: &str,
+    codes: &[&str],
+    campaigns: &[&str],
+) -> pb::Checkout {
     pb::Checkout {
         customer_id: customer.into(),
         order_id: order.into(),
@@ -39,11 +44,11 @@ fn checkout(customer: &str, order: &str, codes: &[&str], campaigns: &[&str]) -> 
 }
 
 /// Two shoes at $50 (line l0) and socks at $10 (line l1).
-fn shoes_and_socks() -> cpb::Cart {
+pub(crate) fn shoes_and_socks() -> cpb::Cart {
     cart(&[("SHOE", "shoes", 2, 50_00), ("SOCK", "socks", 1, 10_00)])
 }
 
-async fn redeem(
+pub(crate) async fn redeem(
     c: &mut Client,
     suite: &TestSuite,
     key: &str,
@@ -402,6 +407,7 @@ async fn codes_are_refused_with_reasons_and_guessing_is_limited(suite: TestSuite
             codes: vec!["THEIRS".into()],
             ..campaign("theirs", amount_off(5_00))
         }),
+        ..Default::default()
     }))
     .await
     .expect("other tenant's campaign");

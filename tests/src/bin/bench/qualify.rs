@@ -207,6 +207,7 @@ async fn load(client: &Client, suite: &TestSuite, promotions: &Value) -> usize {
                 c.put_campaign(ctx.request(pb::PutCampaignRequest {
                     idempotency_key: format!("campaign-{}", campaign.id),
                     campaign: Some(campaign),
+                    ..Default::default()
                 }))
                 .await
                 .expect("put campaign");

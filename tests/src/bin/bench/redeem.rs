@@ -61,6 +61,7 @@ pub async fn redemption(suite: &TestSuite, label: &str) {
                 }),
                 ..Default::default()
             }),
+            ..Default::default()
         }))
         .await
         .expect("campaign");

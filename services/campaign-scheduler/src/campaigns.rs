@@ -1,0 +1,608 @@
+//! Campaigns: the source of truth. A campaign is stored whole (protobuf) with its state and
+//! versions; every change bumps `version`, marks it for the sync to eligibility, records a
+//! transition when the state moves, writes its outbox event and (re)schedules the jobs that
+//! start and end it, all in one transaction.
+
+use prost::Message;
+use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
+use tessera_proto::eligibility::v1 as epb;
+use tessera_proto::scheduler::v1 as pb;
+use tessera_runtime::error::{Code, Violations};
+use tessera_runtime::{Error, RequestContext};
+use tessera_store::outbox::{enqueue, micros_to_timestamp, timestamp_to_micros};
+use tessera_store::{Backend, db_error, stmt};
+
+use crate::jobs::{self, NewJob};
+use pb::CampaignState as State;
+
+/// Job kinds of a campaign's own schedule.
+pub const START_JOB: &str = "campaign.start";
+pub const END_JOB: &str = "campaign.end";
+/// The wallet's points-expiry sweep of a tenant (recurring).
+pub const EXPIRE_JOB: &str = "wallet.expire_due";
+/// The wallet's tier re-evaluation of a programme (recurring; the payload is its id).
+pub const TIERS_JOB: &str = "wallet.evaluate_tiers";
+
+/// What moves a campaign from one state to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Start,
+    Pause,
+    Resume,
+    Stop,
+    Kill,
+    /// The start job: its start time came.
+    StartsAt,
+    /// The end job: its end time came.
+    EndsAt,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Stop => "stop",
+            Action::Kill => "kill",
+            Action::StartsAt => "starts_at",
+            Action::EndsAt => "ends_at",
+        }
+    }
+}
+
+pub fn state_name(s: State) -> &'static str {
+    match s {
+        State::Unspecified => "unspecified",
+        State::Draft => "draft",
+        State::Scheduled => "scheduled",
+        State::Active => "active",
+        State::Paused => "paused",
+        State::Killed => "killed",
+        State::Ended => "ended",
+    }
+}
+
+fn state_from(name: &str) -> State {
+    match name {
+        "draft" => State::Draft,
+        "scheduled" => State::Scheduled,
+        "active" => State::Active,
+        "paused" => State::Paused,
+        "killed" => State::Killed,
+        "ended" => State::Ended,
+        _ => State::Unspecified,
+    }
+}
+
+fn starts_at(c: &pb::Campaign) -> Option<i64> {
+    c.definition
+        .as_ref()
+        .and_then(|d| d.starts_at.as_ref())
+        .map(timestamp_to_micros)
+}
+
+fn ends_at(c: &pb::Campaign) -> Option<i64> {
+    c.definition
+        .as_ref()
+        .and_then(|d| d.ends_at.as_ref())
+        .map(timestamp_to_micros)
+}
+
+/// The state an action leads to from `from` at `now`, or FAILED_PRECONDITION. Starting
+/// (or resuming) a campaign whose start is ahead schedules it; a job acts only when its
+/// time has come and the campaign is still waiting for it.
+pub fn next_state(from: State, action: Action, c: &pb::Campaign, now: i64) -> Result<State, Error> {
+    let waiting = starts_at(c).is_some_and(|s| s > now);
+    let over = ends_at(c).is_some_and(|e| e <= now);
+    let to = match (action, from) {
+        (Action::Start, State::Draft) if over => None,
+        (Action::Start, State::Draft) if waiting => Some(State::Scheduled),
+        (Action::Start, State::Draft | State::Scheduled) => Some(State::Active),
+        (Action::Pause, State::Active | State::Scheduled) => Some(State::Paused),
+        (Action::Resume, State::Paused) if over => Some(State::Ended),
+        (Action::Resume, State::Paused) if waiting => Some(State::Scheduled),
+        (Action::Resume, State::Paused) => Some(State::Active),
+        (Action::Stop, State::Scheduled | State::Active | State::Paused) => Some(State::Ended),
+        (Action::Kill, State::Draft | State::Scheduled | State::Active | State::Paused) => {
+            Some(State::Killed)
+        }
+        (Action::StartsAt, State::Scheduled) if !waiting => Some(State::Active),
+        (Action::EndsAt, State::Scheduled | State::Active | State::Paused) if over => {
+            Some(State::Ended)
+        }
+        _ => None,
+    };
+    to.ok_or_else(|| {
+        let why = if action == Action::Start && from == State::Draft && over {
+            "its end is in the past".to_string()
+        } else {
+            format!("it is {}", state_name(from))
+        };
+        Error::new(
+            Code::FailedPrecondition,
+            format!("cannot {} the campaign: {why}", action.as_str()),
+        )
+        .with_reason("ILLEGAL_TRANSITION")
+    })
+}
+
+/// What eligibility gets: the definition with this campaign's id, name and status. An
+/// ended campaign ends at the latest when it was stopped.
+pub fn projection(c: &pb::Campaign) -> epb::Campaign {
+    let mut d = c.definition.clone().unwrap_or_default();
+    d.id = c.id.clone();
+    d.name = c.name.clone();
+    d.set_status(match c.state() {
+        State::Paused => epb::CampaignStatus::Paused,
+        State::Killed => epb::CampaignStatus::Disabled,
+        _ => epb::CampaignStatus::Active,
+    });
+    d
+}
+
+/// Checks the parts eligibility does not: id, name, type, channels.
+pub fn check(v: &mut Violations, c: &pb::Campaign) {
+    if c.id.is_empty() || c.id.len() > 128 || !c.id.bytes().all(|b| b.is_ascii_graphic()) {
+        v.add("campaign.id", "must be 1 to 128 visible ASCII characters");
+    }
+    let name = c.name.chars().count();
+    if name == 0 || name > 200 {
+        v.add("campaign.name", "must be 1 to 200 characters");
+    }
+    if c.r#type() == pb::CampaignType::Unspecified {
+        v.add("campaign.type", "is required");
+    }
+    if c.description.chars().count() > 2000 {
+        v.add("campaign.description", "must be at most 2000 characters");
+    }
+    if c.channels.len() > 20 {
+        v.add("campaign.channels", "must have at most 20 entries");
+    }
+    for (i, ch) in c.channels.iter().enumerate() {
+        if ch.is_empty() || ch.len() > 64 || !ch.bytes().all(|b| b.is_ascii_graphic()) {
+            v.add(
+                format!("campaign.channels.{i}"),
+                "must be 1 to 64 visible ASCII characters",
+            );
+        }
+    }
+    if c.definition.is_none() {
+        v.add("campaign.definition", "is required");
+    }
+}
+
+/// Eligibility names the fields of its campaign `campaign.…`; here it is the definition.
+pub fn rename_fields(mut err: Error) -> Error {
+    for fv in &mut err.field_violations {
+        if let Some(rest) = fv.field.strip_prefix("campaign.") {
+            fv.field = format!("campaign.definition.{rest}");
+        }
+    }
+    err
+}
+
+/// A stored campaign with its outputs filled in.
+async fn load<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &str,
+    id: &str,
+    lock: bool,
+) -> Result<Option<pb::Campaign>, Error> {
+    let lock = if lock {
+        Backend::of(conn).row_lock()
+    } else {
+        ""
+    };
+    let row = conn
+        .query_one_raw(stmt(
+            conn,
+            &format!(
+                "SELECT campaign, state, version, synced_version, created_at, updated_at \
+                 FROM campaigns WHERE tenant_id = $1 AND id = $2{lock}"
+            ),
+            [tenant.into(), id.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    row.map(|row| decode(&row)).transpose()
+}
+
+fn decode(row: &sea_orm::QueryResult) -> Result<pb::Campaign, Error> {
+    let bytes: Vec<u8> = row.try_get_by_index(0).map_err(db_error)?;
+    let mut c = pb::Campaign::decode(bytes.as_slice()).map_err(Error::internal)?;
+    let state: String = row.try_get_by_index(1).map_err(db_error)?;
+    c.set_state(state_from(&state));
+    c.version = row.try_get_by_index(2).map_err(db_error)?;
+    c.synced_version = row.try_get_by_index(3).map_err(db_error)?;
+    c.created_at = Some(micros_to_timestamp(
+        row.try_get_by_index(4).map_err(db_error)?,
+    ));
+    c.updated_at = Some(micros_to_timestamp(
+        row.try_get_by_index(5).map_err(db_error)?,
+    ));
+    Ok(c)
+}
+
+pub async fn get<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &str,
+    id: &str,
+) -> Result<pb::Campaign, Error> {
+    load(conn, tenant, id, false)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("campaign `{id}`")))
+}
+
+/// A page of campaigns by id.
+pub async fn list<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &str,
+    state: Option<State>,
+    starting_after: &str,
+    limit: u32,
+) -> Result<(Vec<pb::Campaign>, bool), Error> {
+    let mut values: Vec<Value> = vec![tenant.into(), starting_after.into()];
+    let filter = match state {
+        Some(s) => {
+            values.push(state_name(s).into());
+            " AND state = $4"
+        }
+        None => "",
+    };
+    values.insert(2, i64::from(limit + 1).into());
+    let rows = conn
+        .query_all_raw(stmt(
+            conn,
+            &format!(
+                "SELECT campaign, state, version, synced_version, created_at, updated_at \
+                 FROM campaigns WHERE tenant_id = $1 AND id > $2{filter} ORDER BY id LIMIT $3"
+            ),
+            values,
+        ))
+        .await
+        .map_err(db_error)?;
+    let mut out = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+    let more = out.len() > limit as usize;
+    out.truncate(limit as usize);
+    Ok((out, more))
+}
+
+/// The stored form: outputs cleared (they live in columns).
+fn stored(c: &pb::Campaign) -> Vec<u8> {
+    let mut c = c.clone();
+    c.state = 0;
+    c.version = 0;
+    c.synced_version = 0;
+    c.created_at = None;
+    c.updated_at = None;
+    c.encode_to_vec()
+}
+
+async fn record_transition(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    c: &pb::Campaign,
+    from: State,
+    action: &str,
+    reason: &str,
+    now: i64,
+) -> Result<(), Error> {
+    txn.execute_raw(stmt(
+        txn,
+        "INSERT INTO campaign_transitions (tenant_id, campaign_id, seq, from_state, to_state, \
+         action, reason, principal, at) \
+         SELECT $1, $2, COALESCE(MAX(seq), 0) + 1, $3, $4, $5, $6, $7, $8 \
+         FROM campaign_transitions WHERE tenant_id = $1 AND campaign_id = $2",
+        [
+            ctx.tenant_id.clone().into(),
+            c.id.clone().into(),
+            state_name(from).into(),
+            state_name(c.state()).into(),
+            action.into(),
+            reason.into(),
+            ctx.principal.clone().into(),
+            now.into(),
+        ],
+    ))
+    .await
+    .map_err(db_error)?;
+    enqueue(
+        txn,
+        &ctx.tenant_id,
+        "campaign.state_changed",
+        &serde_json::json!({
+            "campaign_id": c.id,
+            "from": state_name(from),
+            "to": state_name(c.state()),
+            "action": action,
+            "reason": reason,
+            "principal": ctx.principal,
+            "version": c.version,
+        }),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Schedules the start and end jobs a campaign in its state needs, and cancels the others.
+async fn reschedule(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    c: &pb::Campaign,
+    now: i64,
+) -> Result<(), Error> {
+    let live = matches!(c.state(), State::Scheduled | State::Active | State::Paused);
+    let job = |kind: &str, due_at: i64| NewJob {
+        tenant_id: tenant.to_string(),
+        key: format!("{kind}:{}", c.id),
+        kind: kind.to_string(),
+        campaign_id: c.id.clone(),
+        payload: Vec::new(),
+        due_at,
+    };
+    match starts_at(c) {
+        Some(at) if c.state() == State::Scheduled => {
+            jobs::schedule(txn, &job(START_JOB, at), now).await?
+        }
+        _ => jobs::cancel(txn, tenant, &format!("{START_JOB}:{}", c.id), now).await?,
+    }
+    match ends_at(c) {
+        Some(at) if live => jobs::schedule(txn, &job(END_JOB, at), now).await?,
+        _ => jobs::cancel(txn, tenant, &format!("{END_JOB}:{}", c.id), now).await?,
+    }
+    // A campaign that earns points needs the wallet's sweeps: points expiry for the tenant,
+    // tier re-evaluation per programme (recurring; scheduled once, kept afterwards).
+    let earning = c
+        .definition
+        .as_ref()
+        .map(|d| d.earning_rules.as_slice())
+        .unwrap_or_default();
+    if live && !earning.is_empty() {
+        let sweep = |kind: &str, key: String, payload: Vec<u8>| NewJob {
+            tenant_id: tenant.to_string(),
+            key,
+            kind: kind.to_string(),
+            campaign_id: String::new(),
+            payload,
+            due_at: now,
+        };
+        jobs::ensure(txn, &sweep(EXPIRE_JOB, EXPIRE_JOB.into(), Vec::new()), now).await?;
+        let mut programs: Vec<&str> = earning
+            .iter()
+            .map(|r| {
+                if r.program_id.is_empty() {
+                    "default"
+                } else {
+                    r.program_id.as_str()
+                }
+            })
+            .collect();
+        programs.sort_unstable();
+        programs.dedup();
+        for program in programs {
+            let key = format!("{TIERS_JOB}:{program}");
+            jobs::ensure(
+                txn,
+                &sweep(TIERS_JOB, key, program.as_bytes().to_vec()),
+                now,
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn write(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    c: &pb::Campaign,
+    now: i64,
+) -> Result<(), Error> {
+    txn.execute_raw(stmt(
+        txn,
+        "UPDATE campaigns SET campaign = $3, state = $4, version = $5, sync_pending = 1, \
+         updated_at = $6 WHERE tenant_id = $1 AND id = $2",
+        [
+            tenant.into(),
+            c.id.clone().into(),
+            stored(c).into(),
+            state_name(c.state()).into(),
+            c.version.into(),
+            now.into(),
+        ],
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// Creates a campaign in DRAFT.
+pub async fn create(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    mut c: pb::Campaign,
+    now: i64,
+) -> Result<pb::Campaign, Error> {
+    c.set_state(State::Draft);
+    c.version = 1;
+    let inserted = txn
+        .execute_raw(stmt(
+            txn,
+            "INSERT INTO campaigns (tenant_id, id, state, version, synced_version, sync_pending, \
+             campaign, created_at, updated_at) VALUES ($1, $2, 'draft', 1, 0, 0, $3, $4, $4) \
+             ON CONFLICT (tenant_id, id) DO NOTHING",
+            [
+                ctx.tenant_id.clone().into(),
+                c.id.clone().into(),
+                stored(&c).into(),
+                now.into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+    if inserted.rows_affected() == 0 {
+        return Err(Error::new(
+            Code::AlreadyExists,
+            format!("campaign `{}` already exists", c.id),
+        ));
+    }
+    record_transition(txn, ctx, &c, State::Unspecified, "create", "", now).await?;
+    get(txn, &ctx.tenant_id, &c.id).await
+}
+
+/// Replaces a campaign's definition (not once it ended or was killed).
+pub async fn update(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    mut c: pb::Campaign,
+    expected_version: i64,
+    now: i64,
+) -> Result<pb::Campaign, Error> {
+    let current = load(txn, &ctx.tenant_id, &c.id, true)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("campaign `{}`", c.id)))?;
+    if matches!(current.state(), State::Ended | State::Killed) {
+        return Err(Error::new(
+            Code::FailedPrecondition,
+            format!(
+                "campaign `{}` is {}: it can no longer change",
+                c.id,
+                state_name(current.state())
+            ),
+        )
+        .with_reason("ILLEGAL_TRANSITION"));
+    }
+    if expected_version != 0 && expected_version != current.version {
+        return Err(Error::new(
+            Code::FailedPrecondition,
+            format!(
+                "campaign `{}` is at version {}, not {expected_version}",
+                c.id, current.version
+            ),
+        )
+        .with_reason("VERSION_MISMATCH"));
+    }
+    c.state = current.state;
+    c.version = current.version + 1;
+    write(txn, &ctx.tenant_id, &c, now).await?;
+    reschedule(txn, &ctx.tenant_id, &c, now).await?;
+    enqueue(
+        txn,
+        &ctx.tenant_id,
+        "campaign.updated",
+        &serde_json::json!({
+            "campaign_id": c.id,
+            "version": c.version,
+            "principal": ctx.principal,
+        }),
+    )
+    .await?;
+    get(txn, &ctx.tenant_id, &c.id).await
+}
+
+/// Applies an action; the caller has checked it is allowed to.
+pub async fn act(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    id: &str,
+    action: Action,
+    reason: &str,
+    now: i64,
+) -> Result<pb::Campaign, Error> {
+    let mut c = load(txn, &ctx.tenant_id, id, true)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("campaign `{id}`")))?;
+    let from = c.state();
+    let to = next_state(from, action, &c, now)?;
+    let definition = c.definition.get_or_insert_default();
+    let start = definition.starts_at.as_ref().map(timestamp_to_micros);
+    match (action, to) {
+        // Started by hand without a start, or before its start: it starts now.
+        (Action::Start, State::Active) if start.is_none_or(|s| s > now) => {
+            definition.starts_at = Some(micros_to_timestamp(now));
+        }
+        // Stopped: it ends now (eligibility reports ENDED from then on); one stopped before
+        // its start counts as started just before.
+        (Action::Stop, _) => {
+            let start = start.map_or(now - 1, |s| s.min(now - 1));
+            definition.starts_at = Some(micros_to_timestamp(start));
+            definition.ends_at = Some(micros_to_timestamp(now));
+        }
+        _ => {}
+    }
+    c.set_state(to);
+    c.version += 1;
+    write(txn, &ctx.tenant_id, &c, now).await?;
+    reschedule(txn, &ctx.tenant_id, &c, now).await?;
+    record_transition(txn, ctx, &c, from, action.as_str(), reason, now).await?;
+    get(txn, &ctx.tenant_id, id).await
+}
+
+/// A campaign's history, oldest first.
+pub async fn history<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &str,
+    id: &str,
+    after: i64,
+    limit: u32,
+) -> Result<(Vec<pb::Transition>, bool), Error> {
+    let rows = conn
+        .query_all_raw(stmt(
+            conn,
+            "SELECT seq, from_state, to_state, action, reason, principal, at \
+             FROM campaign_transitions WHERE tenant_id = $1 AND campaign_id = $2 AND seq > $3 \
+             ORDER BY seq LIMIT $4",
+            [
+                tenant.into(),
+                id.into(),
+                after.into(),
+                i64::from(limit + 1).into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+    let mut out = Vec::new();
+    for row in &rows {
+        let text = |i| -> Result<String, Error> { row.try_get_by_index(i).map_err(db_error) };
+        let mut t = pb::Transition {
+            seq: row.try_get_by_index(0).map_err(db_error)?,
+            action: text(3)?,
+            reason: text(4)?,
+            principal: text(5)?,
+            at: Some(micros_to_timestamp(
+                row.try_get_by_index(6).map_err(db_error)?,
+            )),
+            ..Default::default()
+        };
+        t.set_from(state_from(&text(1)?));
+        t.set_to(state_from(&text(2)?));
+        out.push(t);
+    }
+    let more = out.len() > limit as usize;
+    out.truncate(limit as usize);
+    Ok((out, more))
+}
+
+/// Runs a campaign's start or end job, in the job's transaction: the transition happens if
+/// the campaign is still waiting for it (a job that finds nothing to do is simply done).
+pub async fn run_job(txn: &DatabaseTransaction, job: &jobs::Job, now: i64) -> Result<(), Error> {
+    let action = match job.kind.as_str() {
+        START_JOB => Action::StartsAt,
+        END_JOB => Action::EndsAt,
+        other => return Err(Error::internal(format!("not a campaign job: {other}"))),
+    };
+    let ctx = RequestContext::system(job.tenant_id.clone(), crate::SERVICE);
+    let ctx = RequestContext {
+        principal: "scheduler".into(),
+        ..ctx
+    };
+    match act(txn, &ctx, &job.campaign_id, action, "", now).await {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.code, Code::FailedPrecondition | Code::NotFound) => {
+            tracing::info!(job = %job.id, campaign = %job.campaign_id, reason = %e, "campaign job found nothing to do");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,117 @@
+//! The campaign-scheduler's tables: campaigns (the source of truth, stored as protobuf with
+//! their state and versions), their history, and the durable jobs with their run log.
+
+use sea_orm_migration::{MigrationTrait, MigratorTrait};
+use tessera_store::migrate::{Migration, col, index, plumbing, table};
+
+/// The campaign-scheduler's migrations, in order.
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        let mut all = plumbing();
+        all.push(Box::new(Migration {
+            name: "m0400_campaigns",
+            tables: || {
+                vec![
+                    // `version` moves with every change; `synced_version` is the version
+                    // eligibility has applied; `sync_pending` (1 while it is behind) is what
+                    // the sync looks for.
+                    table(
+                        "campaigns",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("id"),
+                            col::text("state"),
+                            col::big("version"),
+                            col::big("synced_version"),
+                            col::int("sync_pending"),
+                            col::blob("campaign"),
+                            col::big("created_at"),
+                            col::big("updated_at"),
+                        ],
+                        &["tenant_id", "id"],
+                    ),
+                    table(
+                        "campaign_transitions",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("campaign_id"),
+                            col::big("seq"),
+                            col::text("from_state"),
+                            col::text("to_state"),
+                            col::text("action"),
+                            col::text("reason"),
+                            col::text("principal"),
+                            col::big("at"),
+                        ],
+                        &["tenant_id", "campaign_id", "seq"],
+                    ),
+                    // A job is a row: due at `due_at`, claimed under a lease (`lease_owner`,
+                    // `lease_until`) and a fencing token (`fence`, bumped by every claim),
+                    // so only the latest claimant can complete it. `job_key` names it in
+                    // the tenant (one start job per campaign, one sweep per programme).
+                    table(
+                        "jobs",
+                        vec![
+                            col::text("id"),
+                            col::text("tenant_id"),
+                            col::text("job_key"),
+                            col::text("kind"),
+                            col::text("campaign_id"),
+                            col::blob("payload"),
+                            col::big("due_at"),
+                            col::text("status"),
+                            col::int("attempts"),
+                            col::text("lease_owner"),
+                            col::big("lease_until"),
+                            col::big("fence"),
+                            col::text("last_error"),
+                            col::big("runs"),
+                            col::big("created_at"),
+                            col::big("updated_at"),
+                        ],
+                        &["id"],
+                    ),
+                    // One row per completed execution, written in the execution's own
+                    // transaction: the audit of what ran, when, where and under which token.
+                    table(
+                        "job_runs",
+                        vec![
+                            col::serial("seq"),
+                            col::text("job_id"),
+                            col::text("tenant_id"),
+                            col::text("kind"),
+                            col::text("owner"),
+                            col::big("fence"),
+                            col::big("due_at"),
+                            col::big("ran_at"),
+                        ],
+                        &[],
+                    ),
+                ]
+            },
+            indexes: || {
+                vec![
+                    index(
+                        "campaigns_by_state",
+                        "campaigns",
+                        &["tenant_id", "state", "id"],
+                        false,
+                    ),
+                    index("campaigns_unsynced", "campaigns", &["sync_pending"], false),
+                    index("jobs_by_key", "jobs", &["tenant_id", "job_key"], true),
+                    index("jobs_due", "jobs", &["status", "due_at"], false),
+                    index(
+                        "jobs_by_campaign",
+                        "jobs",
+                        &["tenant_id", "campaign_id", "due_at"],
+                        false,
+                    ),
+                    index("job_runs_by_job", "job_runs", &["job_id"], false),
+                ]
+            },
+        }));
+        all
+    }
+}

@@ -1,0 +1,269 @@
+//! Campaign routes for marketers and integrations: `POST|GET /v1/campaigns`,
+//! `GET|PUT /v1/campaigns/{id}` (`?expected_version=` guards an edit), the state changes
+//! `POST /v1/campaigns/{id}/{start|pause|resume|stop|kill}` (body `{"reason": "..."}`), and
+//! `GET /v1/campaigns/{id}/history` and `/jobs`. Bodies and answers are the scheduler's
+//! protobuf messages in their canonical JSON mapping ([`crate::transcode`]).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use serde::Deserialize;
+use serde_json::Value;
+use tessera_proto::scheduler::v1 as pb;
+use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
+use tessera_runtime::grpc::Channel;
+use tessera_runtime::{Error, RequestContext};
+
+use crate::AppState;
+use crate::catalog::{QueryResult, enum_value, page_reply, strict};
+use crate::error::ApiError;
+use crate::extract::{IdempotencyKey, StrictJson};
+use crate::keys::{Principal, Role};
+use crate::observe::RequestId;
+use crate::transcode::{from_json, reply, to_json, with};
+
+/// Roles that write campaigns and move them through their states.
+const AUTHORS: [Role; 2] = [Role::Admin, Role::Marketer];
+
+fn message(name: &str) -> String {
+    format!("tessera.scheduler.v1.{name}")
+}
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/campaigns", post(create).get(list))
+        .route("/v1/campaigns/{id}", get(get_one).put(update))
+        .route("/v1/campaigns/{id}/history", get(history))
+        .route("/v1/campaigns/{id}/jobs", get(jobs))
+        .route("/v1/campaigns/{id}/{action}", post(act))
+}
+
+fn call(
+    state: &AppState,
+    principal: &Principal,
+    roles: &[Role],
+    request_id: &RequestId,
+) -> Result<(SchedulerServiceClient<Channel>, RequestContext), ApiError> {
+    principal.require(roles)?;
+    Ok((state.scheduler.clone(), principal.context(request_id)))
+}
+
+fn campaign(status: http::StatusCode, c: Option<pb::Campaign>) -> Result<Response, ApiError> {
+    reply(status, &message("Campaign"), &c.unwrap_or_default())
+}
+
+async fn create(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &AUTHORS, &request_id)?;
+    let c: pb::Campaign = from_json(&message("Campaign"), body)?;
+    let r = client
+        .create_campaign(ctx.request(pb::CreateCampaignRequest {
+            idempotency_key: key,
+            campaign: Some(c),
+        }))
+        .await?
+        .into_inner();
+    campaign(http::StatusCode::CREATED, r.campaign)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateQuery {
+    #[serde(default)]
+    expected_version: i64,
+}
+
+async fn update(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+    query: QueryResult<UpdateQuery>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &AUTHORS, &request_id)?;
+    let q = strict(query)?;
+    let c: pb::Campaign = from_json(&message("Campaign"), with(body, "id", id))?;
+    let r = client
+        .update_campaign(ctx.request(pb::UpdateCampaignRequest {
+            idempotency_key: key,
+            campaign: Some(c),
+            expected_version: q.expected_version,
+        }))
+        .await?
+        .into_inner();
+    campaign(http::StatusCode::OK, r.campaign)
+}
+
+async fn get_one(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let r = client
+        .get_campaign(ctx.request(pb::GetCampaignRequest { id }))
+        .await?
+        .into_inner();
+    campaign(http::StatusCode::OK, r.campaign)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    limit: u32,
+    #[serde(default)]
+    starting_after: String,
+    /// Campaigns: `draft`, `scheduled`, `active`, `paused`, `killed` or `ended`.
+    #[serde(default)]
+    state: String,
+}
+
+impl ListQuery {
+    fn page(&self) -> Option<tessera_proto::common::v1::PageRequest> {
+        Some(tessera_proto::common::v1::PageRequest {
+            limit: self.limit,
+            starting_after: self.starting_after.clone(),
+        })
+    }
+}
+
+fn items<T: prost::Message>(name: &str, list: &[T]) -> Result<Vec<Value>, ApiError> {
+    list.iter().map(|x| to_json(&message(name), x)).collect()
+}
+
+async fn list(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    query: QueryResult<ListQuery>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let q = strict(query)?;
+    let request = pb::ListCampaignsRequest {
+        page: q.page(),
+        state: enum_value(
+            "state",
+            &message("CampaignState"),
+            "CAMPAIGN_STATE_",
+            &q.state,
+        )?,
+    };
+    let r = client
+        .list_campaigns(ctx.request(request))
+        .await?
+        .into_inner();
+    page_reply(items("Campaign", &r.campaigns)?, r.page)
+}
+
+/// Query of the history and jobs routes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    #[serde(default)]
+    limit: u32,
+    #[serde(default)]
+    starting_after: String,
+}
+
+fn page(q: PageQuery) -> Option<tessera_proto::common::v1::PageRequest> {
+    Some(tessera_proto::common::v1::PageRequest {
+        limit: q.limit,
+        starting_after: q.starting_after,
+    })
+}
+
+async fn history(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+    query: QueryResult<PageQuery>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let page = page(strict(query)?);
+    let r = client
+        .list_campaign_history(ctx.request(pb::ListCampaignHistoryRequest { id, page }))
+        .await?
+        .into_inner();
+    page_reply(items("Transition", &r.transitions)?, r.page)
+}
+
+async fn jobs(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+    query: QueryResult<PageQuery>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let page = page(strict(query)?);
+    let r = client
+        .list_jobs(ctx.request(pb::ListJobsRequest {
+            page,
+            campaign_id: id,
+        }))
+        .await?
+        .into_inner();
+    page_reply(items("Job", &r.jobs)?, r.page)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /v1/campaigns/{id}/{start|pause|resume|stop|kill}`.
+async fn act(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path((id, action)): Path<(String, String)>,
+    IdempotencyKey(key): IdempotencyKey,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &AUTHORS, &request_id)?;
+    // The body is optional: `{"reason": "..."}` or nothing.
+    let body: ActionBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ActionBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::from(Error::invalid_field("body", e.to_string())))?
+    };
+    let action = match action.as_str() {
+        "start" => pb::CampaignAction::Start,
+        "pause" => pb::CampaignAction::Pause,
+        "resume" => pb::CampaignAction::Resume,
+        "stop" => pb::CampaignAction::Stop,
+        "kill" => pb::CampaignAction::Kill,
+        _ => {
+            return Err(Error::not_found(format!(
+                "action `{action}` (one of start, pause, resume, stop, kill)"
+            ))
+            .into());
+        }
+    };
+    let r = client
+        .change_campaign_state(ctx.request(pb::ChangeCampaignStateRequest {
+            idempotency_key: key,
+            id,
+            action: action.into(),
+            reason: body.reason,
+        }))
+        .await?
+        .into_inner();
+    campaign(http::StatusCode::OK, r.campaign)
+}
