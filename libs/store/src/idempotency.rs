@@ -53,6 +53,26 @@ pub fn validate_key(key: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// An idempotency key derived from the parts that identify an effect (`prefix:a:b:…`), for
+/// one service to call another exactly once per thing. Parts are tenant-chosen ids, so when
+/// the plain form would not be a valid key (too long, invisible characters) it becomes
+/// `prefix:` and the SHA-256 of the parts: still one key per thing.
+pub fn derived_key(prefix: &str, parts: &[&str]) -> String {
+    let plain = std::iter::once(prefix)
+        .chain(parts.iter().copied())
+        .collect::<Vec<_>>()
+        .join(":");
+    if validate_key(&plain).is_ok() {
+        return plain;
+    }
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    format!("{prefix}:{}", hex::encode(hasher.finalize()))
+}
+
 /// A key this request owns until it completes or fails.
 #[derive(Debug)]
 pub struct Claim {

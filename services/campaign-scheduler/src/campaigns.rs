@@ -22,6 +22,8 @@ pub const END_JOB: &str = "campaign.end";
 pub const EXPIRE_JOB: &str = "wallet.expire_due";
 /// The wallet's tier re-evaluation of a programme (recurring; the payload is its id).
 pub const TIERS_JOB: &str = "wallet.evaluate_tiers";
+/// The recompute of a segment a live campaign targets (recurring; the payload is its id).
+pub const SEGMENT_JOB: &str = "eligibility.recompute_segment";
 
 /// What moves a campaign from one state to another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +172,7 @@ pub fn check(v: &mut Violations, c: &pb::Campaign) {
     if c.definition.is_none() {
         v.add("campaign.definition", "is required");
     }
+    crate::issues::check(v, c);
 }
 
 /// Eligibility names the fields of its campaign `campaign.…`; here it is the definition.
@@ -350,6 +353,27 @@ async fn reschedule(
     match ends_at(c) {
         Some(at) if live => jobs::schedule(txn, &job(END_JOB, at), now).await?,
         _ => jobs::cancel(txn, tenant, &format!("{END_JOB}:{}", c.id), now).await?,
+    }
+    // A live campaign's segments are recomputed daily (recurring; scheduled once per
+    // segment, kept afterwards; a static segment's job stops at its first run).
+    let segments = c
+        .definition
+        .as_ref()
+        .map(|d| d.segments.as_slice())
+        .unwrap_or_default();
+    if live {
+        for segment in segments {
+            let key = format!("{SEGMENT_JOB}:{segment}");
+            let job = NewJob {
+                tenant_id: tenant.to_string(),
+                key,
+                kind: SEGMENT_JOB.to_string(),
+                campaign_id: String::new(),
+                payload: segment.as_bytes().to_vec(),
+                due_at: now,
+            };
+            jobs::ensure(txn, &job, now).await?;
+        }
     }
     // A campaign that earns points needs the wallet's sweeps: points expiry for the tenant,
     // tier re-evaluation per programme (recurring; scheduled once, kept afterwards).

@@ -116,9 +116,9 @@ pub enum Outcome {
 
 /// Runs jobs by kind.
 pub trait Executor: Send + Sync + 'static {
-    /// The remote part, before the transaction (idempotent by [`Job::run_key`]). An error
-    /// is retried with backoff.
-    fn remote<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<(), Error>>;
+    /// The remote part, before the transaction (idempotent by [`Job::run_key`]); what it
+    /// answers goes to the local part. An error is retried with backoff.
+    fn remote<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<serde_json::Value, Error>>;
 
     /// The local part, in the transaction that completes the job (only if this claim still
     /// holds the job).
@@ -126,6 +126,7 @@ pub trait Executor: Send + Sync + 'static {
         &'a self,
         txn: &'a DatabaseTransaction,
         job: &'a Job,
+        remote: serde_json::Value,
         now: i64,
     ) -> BoxFuture<'a, Result<Outcome, Error>>;
 
@@ -358,7 +359,7 @@ impl Worker {
     /// Runs one claimed job; true when it completed (this claim still held it).
     pub async fn execute(&self, job: &Job) -> bool {
         let outcome = match self.executor.remote(job).await {
-            Ok(()) => self.complete(job).await,
+            Ok(remote) => self.complete(job, remote).await,
             Err(e) => Err(e),
         };
         match outcome {
@@ -373,7 +374,7 @@ impl Worker {
         }
     }
 
-    async fn complete(&self, job: &Job) -> Result<bool, Error> {
+    async fn complete(&self, job: &Job, remote: serde_json::Value) -> Result<bool, Error> {
         let txn = self.db.begin_write().await?;
         let now = self.clock.now();
         // The fence check: this claim still holds the job (locks its row until commit).
@@ -396,7 +397,7 @@ impl Worker {
             tracing::info!(job = %job.id, fence = job.fence, "job taken over or moved; this run is dropped");
             return Ok(false);
         }
-        let outcome = self.executor.local(&txn, job, now).await?;
+        let outcome = self.executor.local(&txn, job, remote, now).await?;
         let (status, due_at) = match outcome {
             Outcome::Done => ("done", job.due_at),
             Outcome::Again(next) => ("pending", next),

@@ -4,6 +4,7 @@
 //! expiry and tier sweeps) that run once however many replicas share the database.
 
 pub mod campaigns;
+mod issues;
 pub mod jobs;
 mod migrations;
 mod service;
@@ -14,6 +15,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use sea_orm::DatabaseTransaction;
+use tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
+use tessera_proto::eligibility::v1 as epb;
 use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
 use tessera_proto::scheduler::v1::scheduler_service_server::SchedulerServiceServer;
 use tessera_proto::wallet::v1 as wpb;
@@ -38,6 +41,8 @@ pub const GRPC_NAME: &str = "tessera.scheduler.v1.SchedulerService";
 const EXPIRE_EVERY: Duration = Duration::from_secs(15 * 60);
 /// How often tiers are re-evaluated per programme (they also move on every credit).
 const TIERS_EVERY: Duration = Duration::from_secs(24 * 60 * 60);
+/// How often a segment a live campaign targets is recomputed.
+const SEGMENTS_EVERY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Applies the campaign-scheduler's migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
@@ -47,6 +52,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
 /// The scheduler's own jobs.
 struct CampaignJobs {
     wallet: WalletServiceClient<grpc::Channel>,
+    eligibility: EligibilityServiceClient<grpc::Channel>,
     sync: Arc<tokio::sync::Notify>,
 }
 
@@ -54,34 +60,88 @@ fn after(now: i64, every: Duration) -> i64 {
     now + i64::try_from(every.as_micros()).unwrap_or(i64::MAX)
 }
 
+fn remote_error(s: &tonic::Status) -> Error {
+    Error::from_status(s)
+}
+
 impl Executor for CampaignJobs {
-    fn remote<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<(), Error>> {
+    fn remote<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<serde_json::Value, Error>> {
         Box::pin(async move {
             let ctx = RequestContext::system(job.tenant_id.clone(), SERVICE);
-            let mut wallet = self.wallet.clone();
-            let result = match job.kind.as_str() {
-                campaigns::EXPIRE_JOB => wallet
-                    .expire_due(ctx.request(wpb::ExpireDueRequest {
-                        idempotency_key: job.run_key(),
-                    }))
-                    .await
-                    .map(|r| {
-                        let r = r.into_inner();
-                        tracing::info!(tenant = %job.tenant_id, lots = r.lots_expired, amount = r.amount_expired, "points expiry sweep");
-                    }),
-                campaigns::TIERS_JOB => wallet
-                    .evaluate_tiers(ctx.request(wpb::EvaluateTiersRequest {
-                        idempotency_key: job.run_key(),
-                        program_id: String::from_utf8_lossy(&job.payload).into_owned(),
-                    }))
-                    .await
-                    .map(|r| {
-                        let r = r.into_inner();
-                        tracing::info!(tenant = %job.tenant_id, evaluated = r.evaluated, changed = r.changed, "tier re-evaluation");
-                    }),
-                _ => Ok(()),
-            };
-            result.map_err(|s| Error::from_status(&s))
+            let payload = || String::from_utf8_lossy(&job.payload).into_owned();
+            match job.kind.as_str() {
+                campaigns::EXPIRE_JOB => {
+                    let r = self
+                        .wallet
+                        .clone()
+                        .expire_due(ctx.request(wpb::ExpireDueRequest {
+                            idempotency_key: job.run_key(),
+                        }))
+                        .await
+                        .map_err(|s| remote_error(&s))?
+                        .into_inner();
+                    tracing::info!(tenant = %job.tenant_id, lots = r.lots_expired, amount = r.amount_expired, "points expiry sweep");
+                    Ok(serde_json::Value::Null)
+                }
+                campaigns::TIERS_JOB => {
+                    let r = self
+                        .wallet
+                        .clone()
+                        .evaluate_tiers(ctx.request(wpb::EvaluateTiersRequest {
+                            idempotency_key: job.run_key(),
+                            program_id: payload(),
+                        }))
+                        .await
+                        .map_err(|s| remote_error(&s))?
+                        .into_inner();
+                    tracing::info!(tenant = %job.tenant_id, evaluated = r.evaluated, changed = r.changed, "tier re-evaluation");
+                    Ok(serde_json::Value::Null)
+                }
+                campaigns::SEGMENT_JOB => {
+                    let asked = self
+                        .eligibility
+                        .clone()
+                        .recompute_segment(ctx.request(epb::RecomputeSegmentRequest {
+                            idempotency_key: job.run_key(),
+                            id: payload(),
+                        }))
+                        .await;
+                    match asked {
+                        Ok(_) => Ok(serde_json::Value::Null),
+                        // A static segment (nothing to recompute) or one deleted: stop.
+                        Err(s)
+                            if matches!(
+                                s.code(),
+                                tonic::Code::FailedPrecondition | tonic::Code::NotFound
+                            ) =>
+                        {
+                            Ok(serde_json::json!({"stop": true}))
+                        }
+                        Err(s) => Err(remote_error(&s)),
+                    }
+                }
+                issues::REMINDER_JOB => {
+                    let payload: serde_json::Value =
+                        serde_json::from_slice(&job.payload).map_err(Error::internal)?;
+                    let customer = payload["customer_id"].as_str().unwrap_or_default();
+                    let found = self
+                        .eligibility
+                        .clone()
+                        .get_customer(ctx.request(epb::GetCustomerRequest {
+                            id: customer.to_string(),
+                        }))
+                        .await;
+                    let redeemed = match found {
+                        Ok(r) => r.into_inner().aggregates.is_some_and(|a| {
+                            a.redemptions.get(&job.campaign_id).is_some_and(|n| *n > 0)
+                        }),
+                        Err(s) if s.code() == tonic::Code::NotFound => false,
+                        Err(s) => return Err(remote_error(&s)),
+                    };
+                    Ok(serde_json::json!({ "redeemed": redeemed }))
+                }
+                _ => Ok(serde_json::Value::Null),
+            }
         })
     }
 
@@ -89,6 +149,7 @@ impl Executor for CampaignJobs {
         &'a self,
         txn: &'a DatabaseTransaction,
         job: &'a Job,
+        remote: serde_json::Value,
         now: i64,
     ) -> BoxFuture<'a, Result<Outcome, Error>> {
         Box::pin(async move {
@@ -97,8 +158,13 @@ impl Executor for CampaignJobs {
                     campaigns::run_job(txn, job, now).await?;
                     Ok(Outcome::Done)
                 }
+                issues::REMINDER_JOB => issues::remind(txn, job, &remote).await,
                 campaigns::EXPIRE_JOB => Ok(Outcome::Again(after(now, EXPIRE_EVERY))),
                 campaigns::TIERS_JOB => Ok(Outcome::Again(after(now, TIERS_EVERY))),
+                campaigns::SEGMENT_JOB if remote["stop"].as_bool() == Some(true) => {
+                    Ok(Outcome::Done)
+                }
+                campaigns::SEGMENT_JOB => Ok(Outcome::Again(after(now, SEGMENTS_EVERY))),
                 other => Err(Error::internal(format!("unknown job kind `{other}`"))),
             }
         })
@@ -132,7 +198,11 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         &config.peers.wallet_url,
         config.peer_timeout(),
     )?);
-    let sync = sync::Sync::new(db.clone(), eligibility);
+    let catalog = CatalogServiceClient::new(grpc::channel(
+        &config.peers.catalog_url,
+        config.peer_timeout(),
+    )?);
+    let sync = sync::Sync::new(db.clone(), eligibility.clone());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let worker = Worker::new(
         db.clone(),
@@ -140,6 +210,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         clock.clone(),
         Arc::new(CampaignJobs {
             wallet,
+            eligibility,
             sync: sync.waker(),
         }),
         WorkerConfig {
@@ -156,6 +227,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         )
         .waking(relay.waker()),
         sync: sync.clone(),
+        catalog,
         clock,
         jobs_wake: worker.waker(),
     };

@@ -4,18 +4,22 @@ use std::sync::Arc;
 
 use sea_orm::ConnectionTrait;
 
+use tessera_proto::catalog::v1 as cpb;
+use tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
 use tessera_proto::scheduler::v1 as pb;
 use tessera_proto::scheduler::v1::scheduler_service_server::SchedulerService;
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
 use tessera_runtime::{Error, RequestContext};
-use tessera_store::api::{check_idempotency_key, page_response};
+use tessera_store::api::{check_customer_id, check_idempotency_key, page_response};
 use tessera_store::idempotency::Idempotency;
+use tessera_store::idempotency::derived_key;
 use tessera_store::outbox::micros_to_timestamp;
 use tessera_store::{Db, db_error, stmt};
 use tonic::{Request, Response, Status};
 
 use crate::campaigns::{self, Action};
+use crate::issues;
 use crate::jobs::Clock;
 use crate::sync::Sync;
 
@@ -23,6 +27,7 @@ pub struct Scheduler {
     pub db: Db,
     pub idempotency: Idempotency,
     pub sync: Sync,
+    pub catalog: CatalogServiceClient<tessera_runtime::grpc::Channel>,
     pub clock: Arc<dyn Clock>,
     /// Wakes this replica's job worker (a job was scheduled).
     pub jobs_wake: Arc<tokio::sync::Notify>,
@@ -255,6 +260,82 @@ impl SchedulerService for Scheduler {
         Ok(Response::new(pb::ChangeCampaignStateResponse {
             campaign: Some(campaign),
         }))
+    }
+
+    async fn issue_incentive(
+        &self,
+        request: Request<pb::IssueIncentiveRequest>,
+    ) -> Result<Response<pb::IssueIncentiveResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        if request.campaign_id.is_empty() {
+            v.add("campaign_id", "is required");
+        }
+        check_customer_id(&mut v, "customer_id", &request.customer_id);
+        if request.cause.chars().count() > 200 {
+            v.add("cause", "must be at most 200 characters");
+        }
+        v.finish()?;
+        let conn = self.db.conn();
+        let (tenant, customer) = (ctx.tenant_id.clone(), request.customer_id.clone());
+        let campaign = campaigns::get(conn, &tenant, &request.campaign_id).await?;
+        if let Some(issue) = issues::get(conn, &tenant, &campaign.id, &customer).await? {
+            return Ok(Response::new(pb::IssueIncentiveResponse {
+                issue: Some(issue),
+                issued: false,
+            }));
+        }
+        let incentive = issues::issuable(&campaign)?;
+        // The publication first (keyed by campaign and customer: a retry gets the same one),
+        // then the issue, its reminders and its event in one transaction.
+        let publication = self
+            .catalog
+            .clone()
+            .publish_reward(ctx.request(cpb::PublishRewardRequest {
+                idempotency_key: derived_key("issue", &[&campaign.id, &customer]),
+                customer_id: customer.clone(),
+                reward_id: incentive.reward_id.clone(),
+                code: String::new(),
+                pool_id: incentive.pool_id.clone(),
+                channel: incentive.channel.clone(),
+            }))
+            .await
+            .map_err(|s| Error::from_status(&s))?
+            .into_inner()
+            .publication
+            .unwrap_or_default();
+        let issue = pb::Issue {
+            campaign_id: campaign.id.clone(),
+            customer_id: customer,
+            publication_id: publication.id,
+            code: publication.code,
+            cause: request.cause.clone(),
+            ..Default::default()
+        };
+        let (now, work_ctx) = (self.clock.now(), ctx.clone());
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "scheduler.IssueIncentive",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let (issue, issued) =
+                            issues::record(txn, &work_ctx, &campaign, issue, now).await?;
+                        Ok(pb::IssueIncentiveResponse {
+                            issue: Some(issue),
+                            issued,
+                        })
+                    })
+                },
+            )
+            .await?;
+        self.jobs_wake.notify_one();
+        Ok(Response::new(response))
     }
 
     async fn list_campaign_history(

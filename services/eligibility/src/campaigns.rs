@@ -39,6 +39,8 @@ pub struct Compiled {
     pub application: Option<Application>,
     /// Its earning rules, with their compiled conditions.
     pub earning: Vec<(pb::EarningRule, Option<Rule>)>,
+    /// Its real-time triggers, with their compiled conditions.
+    pub triggers: Vec<(pb::Trigger, Rule)>,
     pub starts_at: i64,
     pub ends_at: Option<i64>,
     pub time_zone: Option<Tz>,
@@ -377,19 +379,21 @@ pub fn compile(
         }
     };
     let earning = compile_earning(v, c, attributes);
-    let application = if c.effect.is_none() && !c.earning_rules.is_empty() {
-        None
-    } else {
-        Some(Application {
-            reward_id: if c.reward_id.is_empty() {
-                c.id.clone()
-            } else {
-                c.reward_id.clone()
-            },
-            priority: c.priority,
-            effect: wire::effect(v, "campaign.effect", c.effect.as_ref())?,
-        })
-    };
+    let triggers = compile_triggers(v, c, attributes);
+    let application =
+        if c.effect.is_none() && !(c.earning_rules.is_empty() && c.triggers.is_empty()) {
+            None
+        } else {
+            Some(Application {
+                reward_id: if c.reward_id.is_empty() {
+                    c.id.clone()
+                } else {
+                    c.reward_id.clone()
+                },
+                priority: c.priority,
+                effect: wire::effect(v, "campaign.effect", c.effect.as_ref())?,
+            })
+        };
     let item_keys = application
         .as_ref()
         .map(|a| effect_keys(&a.effect))
@@ -400,6 +404,7 @@ pub fn compile(
         rule,
         application,
         earning,
+        triggers,
         starts_at,
         ends_at,
         time_zone,
@@ -493,6 +498,44 @@ fn compile_earning(
     out
 }
 
+/// Checks and compiles a campaign's real-time triggers.
+fn compile_triggers(
+    v: &mut Violations,
+    c: &pb::Campaign,
+    attributes: &BTreeMap<String, AttrType>,
+) -> Vec<(pb::Trigger, Rule)> {
+    if c.triggers.len() > 20 {
+        v.add("campaign.triggers", "must hold at most 20 triggers");
+    }
+    let mut ids = HashSet::new();
+    let mut out = Vec::new();
+    for (i, t) in c.triggers.iter().enumerate() {
+        let field = |name: &str| format!("campaign.triggers.{i}.{name}");
+        if t.id.is_empty() || t.id.len() > 64 || !ids.insert(t.id.as_str()) {
+            v.add(
+                field("id"),
+                "must be 1 to 64 characters, unique in the campaign",
+            );
+        }
+        match t.on() {
+            pb::EarningTrigger::OrderPaid if t.event_type.is_empty() => {}
+            pb::EarningTrigger::OrderPaid => v.add(field("event_type"), "is only for EVENT"),
+            pb::EarningTrigger::Event if !t.event_type.is_empty() => {}
+            pb::EarningTrigger::Event => v.add(field("event_type"), "is required for EVENT"),
+            pb::EarningTrigger::Unspecified => v.add(field("on"), "must be ORDER_PAID or EVENT"),
+        }
+        if t.condition.trim().is_empty() {
+            v.add(field("condition"), "is required");
+            continue;
+        }
+        match rules::compile(&t.condition, &Schema::new(attributes, Scope::Campaign)) {
+            Ok(rule) => out.push((t.clone(), rule)),
+            Err(e) => v.add(field("condition"), e.to_string()),
+        }
+    }
+    out
+}
+
 #[derive(Debug, Default)]
 struct Group {
     by_item: FastMap<Vec<u32>>,
@@ -545,7 +588,8 @@ pub struct Index {
     all_codes: FastMap<Vec<u32>>,
     /// Campaigns whose rule needs an event of one type.
     by_event: FastMap<Vec<u32>>,
-    /// Active campaigns with earning rules (with or without a checkout effect).
+    /// Active campaigns with earning rules or triggers (with or without a checkout effect):
+    /// what a recorded order or event is looked at by.
     pub earning: Vec<Arc<Compiled>>,
 }
 
@@ -558,7 +602,7 @@ impl Index {
         };
         index.earning = campaigns
             .iter()
-            .filter(|c| c.active() && !c.earning.is_empty())
+            .filter(|c| c.active() && !(c.earning.is_empty() && c.triggers.is_empty()))
             .cloned()
             .collect();
         // Loyalty campaigns that only earn are no incentive at checkout.

@@ -19,12 +19,14 @@ use tessera_proto::eligibility::v1 as pb;
 use tessera_proto::wallet::v1 as wpb;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::{Error, RequestContext, grpc};
+use tessera_store::idempotency::derived_key;
 use tessera_store::{Db, db_error, outbox, stmt};
 
 use crate::campaigns::{Compiled, Index};
 use crate::facts::{self, Facts, Settings};
 use crate::qualify::{self, Input};
 use crate::redeem::{self, add_counter, lock_counter};
+use crate::triggers::{self, Effects};
 
 /// What earns.
 pub enum Source<'a> {
@@ -48,7 +50,7 @@ impl Source<'_> {
         }
     }
 
-    fn customer(&self) -> &str {
+    pub(crate) fn customer(&self) -> &str {
         match self {
             Source::Order(o) => &o.customer_id,
             Source::Event(e) => &e.customer_id,
@@ -116,12 +118,20 @@ pub fn order_cart(o: &pb::Order) -> Cart {
     }
 }
 
-fn holds(rule: &crate::rules::Rule, scope: &cel::Context) -> bool {
+/// Whether a rule or trigger `on` (with its event type) looks at `source`.
+pub(crate) fn listens(source: &Source, on: pb::EarningTrigger, event_type: &str) -> bool {
+    match source {
+        Source::Order(_) => on == pb::EarningTrigger::OrderPaid,
+        Source::Event(e) => on == pb::EarningTrigger::Event && e.r#type == event_type,
+    }
+}
+
+pub(crate) fn holds(rule: &crate::rules::Rule, scope: &cel::Context) -> bool {
     matches!(rule.program.execute(scope), Ok(cel::Value::Bool(true)))
 }
 
 /// Whether the campaign is live for this customer now: dates, hours, segments, its rule.
-fn campaign_live(c: &Compiled, input: &Input, base: &cel::Context) -> bool {
+pub(crate) fn campaign_live(c: &Compiled, input: &Input, base: &cel::Context) -> bool {
     let now = input.now;
     now >= c.starts_at
         && c.ends_at.is_none_or(|end| now < end)
@@ -150,12 +160,7 @@ pub fn grants(
             continue;
         }
         for (r, condition) in &c.earning {
-            if r.trigger() != source.trigger() {
-                continue;
-            }
-            if let (Source::Event(e), pb::EarningTrigger::Event) = (source, r.trigger())
-                && e.r#type != r.event_type
-            {
+            if !listens(source, r.trigger(), &r.event_type) {
                 continue;
             }
             let tier = tiers
@@ -368,9 +373,9 @@ struct Pending {
 
 impl Pending {
     fn key(&self) -> String {
-        format!(
-            "earn:{}:{}:{}:{}",
-            self.source, self.campaign, self.rule, self.customer
+        derived_key(
+            "earn",
+            &[&self.source, &self.campaign, &self.rule, &self.customer],
         )
     }
 
@@ -531,11 +536,11 @@ pub async fn evaluate(
     source: &Source<'_>,
     now: i64,
     settings: Option<&Settings>,
-) -> Result<Vec<Grant>, Error> {
+) -> Result<Effects, Error> {
     let tenant = ctx.tenant_id.as_str();
     let index = service.campaigns.index(tenant).await?;
     if index.earning.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Effects::default());
     }
     let conn = service.db.conn();
     let loaded;
@@ -572,5 +577,15 @@ pub async fn evaluate(
         now,
         settings,
     };
-    Ok(grants(&index, source, &input, &tiers))
+    let grants = grants(&index, source, &input, &tiers);
+    let after = triggers::including(&facts, source);
+    let firings = triggers::firings(
+        &index,
+        source,
+        &Input {
+            facts: &after,
+            ..input
+        },
+    );
+    Ok(Effects { grants, firings })
 }

@@ -16,12 +16,14 @@ mod redeem;
 pub mod rules;
 mod segments;
 mod service;
+mod triggers;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tessera_proto::eligibility::v1::eligibility_service_server::EligibilityServiceServer;
+use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::component::{self, Component};
 use tessera_runtime::{Config, grpc};
@@ -71,6 +73,10 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         &config.peers.wallet_url,
         config.peer_timeout(),
     )?);
+    let scheduler = SchedulerServiceClient::new(grpc::channel(
+        &config.peers.scheduler_url,
+        config.peer_timeout(),
+    )?);
     let degraded = segments.degraded.clone();
     let service = service::Eligibility {
         db: db.clone(),
@@ -82,6 +88,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         campaigns: Arc::new(campaigns::Campaigns::new(db.clone())),
         segments,
         wallet: wallet.clone(),
+        scheduler: scheduler.clone(),
     };
     Ok(Component::new(SERVICE)
         .grpc(GRPC_NAME, move |routes| {
@@ -89,7 +96,12 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
                 EligibilityServiceServer::new(service).max_decoding_message_size(8 * 1024 * 1024),
             );
         })
-        .task(tokio::spawn(sweep(db.clone(), wallet, shutdown.clone())))
+        .task(tokio::spawn(sweep(
+            db.clone(),
+            wallet,
+            scheduler,
+            shutdown.clone(),
+        )))
         .task(tokio::spawn(relay.run(shutdown)))
         .probe(db.probe())
         .degraded_when(
@@ -106,9 +118,14 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
 }
 
 /// Every second: releases reservations whose hold ended (several replicas may run it: each
-/// is released once, under its row lock) and settles earnings still waiting for the wallet
-/// (idempotent per row).
-async fn sweep(db: Db, wallet: WalletServiceClient<grpc::Channel>, shutdown: CancellationToken) {
+/// is released once, under its row lock), settles earnings still waiting for the wallet and
+/// triggered incentives still waiting for the scheduler (idempotent per row).
+async fn sweep(
+    db: Db,
+    wallet: WalletServiceClient<grpc::Channel>,
+    scheduler: SchedulerServiceClient<grpc::Channel>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -123,6 +140,9 @@ async fn sweep(db: Db, wallet: WalletServiceClient<grpc::Channel>, shutdown: Can
         }
         if let Err(e) = earning::settle(&db, &wallet, None).await {
             tracing::warn!(error = %e, "earnings wait for the wallet");
+        }
+        if let Err(e) = triggers::settle(&db, &scheduler, None).await {
+            tracing::warn!(error = %e, "triggered incentives wait for the scheduler");
         }
     }
 }

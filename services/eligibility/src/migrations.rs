@@ -325,6 +325,35 @@ impl MigratorTrait for Migrator {
             name: "m0203_campaign_source_version",
             columns: || vec![("campaigns", col::big_zero("source_version"))],
         }));
+        all.push(Box::new(Migration {
+            name: "m0204_trigger_firings",
+            tables: || {
+                // A campaign's trigger fires once per customer; `issued` turns 1 when the
+                // scheduler has issued the incentive (`error`: it refused).
+                vec![table(
+                    "trigger_firings",
+                    vec![
+                        col::text("tenant_id"),
+                        col::text("campaign_id"),
+                        col::text("customer_id"),
+                        col::text("trigger_id"),
+                        col::text("source_id"),
+                        col::big("fired_at"),
+                        col::int("issued"),
+                        col::text("error"),
+                    ],
+                    &["tenant_id", "campaign_id", "customer_id"],
+                )]
+            },
+            indexes: || {
+                vec![index(
+                    "trigger_firings_waiting",
+                    "trigger_firings",
+                    &["issued"],
+                    false,
+                )]
+            },
+        }));
         all
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 use tessera_proto::eligibility::v1::{self as pb, eligibility_service_server::EligibilityService};
+use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
@@ -24,6 +25,7 @@ use crate::qualify::{self, Input};
 use crate::redeem;
 use crate::rules::{self, Schema, Scope};
 use crate::segments::{self, Segments};
+use crate::triggers;
 
 pub struct Eligibility {
     pub db: Db,
@@ -31,6 +33,7 @@ pub struct Eligibility {
     pub campaigns: Arc<Campaigns>,
     pub segments: Arc<Segments>,
     pub wallet: WalletServiceClient<grpc::Channel>,
+    pub scheduler: SchedulerServiceClient<grpc::Channel>,
 }
 
 impl Eligibility {
@@ -45,6 +48,13 @@ impl Eligibility {
     async fn settle_earnings(&self, tenant: &str, source: &str) {
         if let Err(e) = earning::settle(&self.db, &self.wallet, Some((tenant, source))).await {
             tracing::warn!(error = %e, "earnings wait for the wallet");
+        }
+    }
+
+    /// Has the scheduler issue what triggers just fired; the sweep retries what fails here.
+    async fn issue_triggered(&self, tenant: &str) {
+        if let Err(e) = triggers::settle(&self.db, &self.scheduler, Some(tenant)).await {
+            tracing::warn!(error = %e, "triggered incentives wait for the scheduler");
         }
     }
 
@@ -385,7 +395,7 @@ impl EligibilityService for Eligibility {
         );
         let now = now_micros();
         let source = earning::Source::Order(&order).id();
-        let grants = if order.status() == pb::OrderStatus::Paid {
+        let effects = if order.status() == pb::OrderStatus::Paid {
             earning::evaluate(
                 self,
                 &ctx,
@@ -395,8 +405,9 @@ impl EligibilityService for Eligibility {
             )
             .await?
         } else {
-            Vec::new()
+            triggers::Effects::default()
         };
+        let fired = !effects.firings.is_empty();
         let earned_from = source.clone();
         let response = self
             .idempotency
@@ -408,7 +419,8 @@ impl EligibilityService for Eligibility {
                 move |txn| {
                     Box::pin(async move {
                         let version = facts::record_order(txn, &tenant, &order, now).await?;
-                        earning::record(txn, &tenant, &earned_from, grants, now).await?;
+                        earning::record(txn, &tenant, &earned_from, effects.grants, now).await?;
+                        triggers::record(txn, &tenant, &earned_from, &effects.firings, now).await?;
                         if order.status() == pb::OrderStatus::Returned {
                             earning::mark_returned(txn, &tenant, &order).await?;
                         }
@@ -438,6 +450,9 @@ impl EligibilityService for Eligibility {
         let customer = request.order.map(|o| o.customer_id).unwrap_or_default();
         self.facts_changed(&ctx.tenant_id, &customer).await;
         self.settle_earnings(&ctx.tenant_id, &source).await;
+        if fired {
+            self.issue_triggered(&ctx.tenant_id).await;
+        }
         Ok(Response::new(response))
     }
 
@@ -503,8 +518,9 @@ impl EligibilityService for Eligibility {
         );
         let now = now_micros();
         let source = earning::Source::Event(&event).id();
-        let grants =
+        let effects =
             earning::evaluate(self, &ctx, &earning::Source::Event(&event), now, None).await?;
+        let fired = !effects.firings.is_empty();
         let earned_from = source.clone();
         let response = self
             .idempotency
@@ -516,7 +532,8 @@ impl EligibilityService for Eligibility {
                 move |txn| {
                     Box::pin(async move {
                         let version = facts::record_event(txn, &tenant, &event, now).await?;
-                        earning::record(txn, &tenant, &earned_from, grants, now).await?;
+                        earning::record(txn, &tenant, &earned_from, effects.grants, now).await?;
+                        triggers::record(txn, &tenant, &earned_from, &effects.firings, now).await?;
                         Ok(pb::RecordEventResponse {
                             event: Some(event),
                             facts_version: version,
@@ -528,6 +545,9 @@ impl EligibilityService for Eligibility {
         let customer = request.event.map(|e| e.customer_id).unwrap_or_default();
         self.facts_changed(&ctx.tenant_id, &customer).await;
         self.settle_earnings(&ctx.tenant_id, &source).await;
+        if fired {
+            self.issue_triggered(&ctx.tenant_id).await;
+        }
         Ok(Response::new(response))
     }
 

@@ -140,7 +140,7 @@ pub(crate) async fn upsert(
     .expect("customer")
 }
 
-async fn order(
+pub(crate) async fn order(
     c: &mut Client,
     suite: &TestSuite,
     id: &str,

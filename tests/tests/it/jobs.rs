@@ -28,12 +28,12 @@ struct Effects {
 }
 
 impl Executor for Effects {
-    fn remote<'a>(&'a self, _job: &'a Job) -> BoxFuture<'a, Result<(), Error>> {
+    fn remote<'a>(&'a self, _job: &'a Job) -> BoxFuture<'a, Result<serde_json::Value, Error>> {
         Box::pin(async move {
             if self.stall.load(Ordering::SeqCst) {
                 futures::future::pending::<()>().await;
             }
-            Ok(())
+            Ok(serde_json::Value::Null)
         })
     }
 
@@ -41,6 +41,7 @@ impl Executor for Effects {
         &'a self,
         txn: &'a DatabaseTransaction,
         job: &'a Job,
+        _remote: serde_json::Value,
         now: i64,
     ) -> BoxFuture<'a, Result<Outcome, Error>> {
         Box::pin(async move {

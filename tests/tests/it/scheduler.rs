@@ -22,6 +22,7 @@ backend_tests!(
     scheduled_campaigns_start_and_end_by_their_jobs,
     bad_campaigns_name_the_field_and_save_nothing,
     campaigns_are_managed_over_http,
+    triggers_issue_once_and_reminders_stop_once_redeemed,
 );
 
 type Client = SchedulerServiceClient<Channel>;
@@ -620,5 +621,232 @@ async fn campaigns_are_managed_over_http(suite: TestSuite) {
         .collect();
     assert_eq!(actions, ["create", "start", "kill"]);
     assert_eq!(history["data"][2]["reason"], "fraud wave");
+    suite.cleanup().await;
+}
+
+/// The customers of the events of `event_type` so far.
+async fn customers_of(suite: &TestSuite, event_type: &str) -> Vec<String> {
+    let mut out: Vec<String> = crate::events(suite, TENANT, event_type)
+        .await
+        .iter()
+        .map(|e| {
+            crate::data(e)["customer_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+async fn triggers_issue_once_and_reminders_stop_once_redeemed(suite: TestSuite) {
+    let (mut s, mut e) = (Client::new(suite.channel()), eligibility::client(&suite));
+    let mut catalog = tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient::new(
+        suite.channel(),
+    );
+    let reward = crate::catalog::create_reward(
+        &mut catalog,
+        &suite,
+        &key(),
+        crate::catalog::reward_input("Thank you: 5 off", amount_off(5_00)),
+    )
+    .await;
+    // "If a customer spent more than $500 in 30 days, give them 5 off and nudge them."
+    let thanks = pb::Campaign {
+        incentive: Some(pb::Incentive {
+            reward_id: reward.id.clone(),
+            pool_id: String::new(),
+            channel: "email".into(),
+        }),
+        reminders: vec![
+            pb::ReminderStep {
+                after_seconds: 2,
+                before_end_seconds: 0,
+                template: "nudge".into(),
+            },
+            pb::ReminderStep {
+                after_seconds: 0,
+                before_end_seconds: 3600 - 5,
+                template: "last-call".into(),
+            },
+        ],
+        ..campaign(
+            "big-spender-thanks",
+            epb::Campaign {
+                effect: amount_off(5_00),
+                ends_at: at(Duration::from_secs(3600), true),
+                triggers: vec![epb::Trigger {
+                    id: "spent-500".into(),
+                    on: epb::EarningTrigger::OrderPaid.into(),
+                    event_type: String::new(),
+                    condition: "customer.spend_30d > 50000".into(),
+                }],
+                ..Default::default()
+            },
+        )
+    };
+    create(&mut s, &suite, thanks).await.expect("create");
+    change(
+        &mut s,
+        &suite,
+        "big-spender-thanks",
+        pb::CampaignAction::Start,
+        "",
+    )
+    .await
+    .expect("start");
+
+    // $300 fires nothing; the next $300 (with this order, $600 in 30 days) fires once.
+    eligibility::order(
+        &mut e,
+        &suite,
+        "a1",
+        "alice",
+        epb::OrderStatus::Paid,
+        300_00,
+        0,
+    )
+    .await;
+    eligibility::order(
+        &mut e,
+        &suite,
+        "a2",
+        "alice",
+        epb::OrderStatus::Paid,
+        300_00,
+        0,
+    )
+    .await;
+    eligibility::order(
+        &mut e,
+        &suite,
+        "b1",
+        "bob",
+        epb::OrderStatus::Paid,
+        700_00,
+        0,
+    )
+    .await;
+    eligibility::order(
+        &mut e,
+        &suite,
+        "a3",
+        "alice",
+        epb::OrderStatus::Paid,
+        900_00,
+        0,
+    )
+    .await;
+    eventually(Duration::from_secs(5), "both incentives issued", || async {
+        (customers_of(&suite, "campaign.incentive_issued").await == ["alice", "bob"]).then_some(())
+    })
+    .await;
+    // Published in the catalog, once each.
+    let rewards = catalog
+        .list_customer_rewards(suite.ctx(TENANT).request(
+            tessera_proto::catalog::v1::ListCustomerRewardsRequest {
+                customer_id: "alice".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("alice's rewards")
+        .into_inner()
+        .rewards;
+    assert_eq!(rewards.len(), 1);
+    // Issuing again (an integration calling in) returns the first issue.
+    let again = s
+        .issue_incentive(suite.ctx(TENANT).request(pb::IssueIncentiveRequest {
+            idempotency_key: key(),
+            campaign_id: "big-spender-thanks".into(),
+            customer_id: "alice".into(),
+            cause: "manual".into(),
+        }))
+        .await
+        .expect("issue")
+        .into_inner();
+    assert!(!again.issued);
+    let issue = again.issue.expect("issue");
+    assert_eq!(issue.cause, "trigger:spent-500");
+    assert_eq!(
+        issue.publication_id,
+        rewards[0].publication.as_ref().expect("publication").id
+    );
+    assert_eq!(issue.reminders, 2);
+
+    // Alice redeems before her nudge; Bob does not.
+    redeem(
+        &mut e,
+        &suite,
+        &key(),
+        checkout("alice", "a4", &[], &["big-spender-thanks"]),
+    )
+    .await
+    .expect("alice redeems");
+    eventually(Duration::from_secs(10), "bob's two reminders", || async {
+        (customers_of(&suite, "campaign.reminder").await == ["bob", "bob"]).then_some(())
+    })
+    .await;
+    // Alice's reminders ran too (their jobs are done) and sent nothing.
+    let jobs = s
+        .list_jobs(suite.ctx(TENANT).request(pb::ListJobsRequest {
+            page: None,
+            campaign_id: "big-spender-thanks".into(),
+        }))
+        .await
+        .expect("jobs")
+        .into_inner()
+        .jobs;
+    let reminders: Vec<&pb::Job> = jobs
+        .iter()
+        .filter(|j| j.kind == "campaign.reminder")
+        .collect();
+    assert_eq!(reminders.len(), 4);
+    eventually(
+        Duration::from_secs(5),
+        "every reminder job done",
+        || async {
+            let jobs = Client::new(suite.channel())
+                .list_jobs(suite.ctx(TENANT).request(pb::ListJobsRequest {
+                    page: None,
+                    campaign_id: "big-spender-thanks".into(),
+                }))
+                .await
+                .expect("jobs")
+                .into_inner()
+                .jobs;
+            jobs.iter()
+                .filter(|j| j.kind == "campaign.reminder")
+                .all(|j| j.status == "done")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        customers_of(&suite, "campaign.reminder").await,
+        ["bob", "bob"]
+    );
+
+    // Not an active campaign: nothing to issue.
+    change(
+        &mut s,
+        &suite,
+        "big-spender-thanks",
+        pb::CampaignAction::Pause,
+        "",
+    )
+    .await
+    .expect("pause");
+    let refused = s
+        .issue_incentive(suite.ctx(TENANT).request(pb::IssueIncentiveRequest {
+            idempotency_key: key(),
+            campaign_id: "big-spender-thanks".into(),
+            customer_id: "carol".into(),
+            cause: String::new(),
+        }))
+        .await
+        .expect_err("paused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     suite.cleanup().await;
 }
