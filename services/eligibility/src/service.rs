@@ -793,6 +793,16 @@ impl EligibilityService for Eligibility {
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
         match &request.campaign {
+            // A snapshot from the scheduler was checked there; a segment deleted since only
+            // means nobody is in it. One that switches the campaign off is stored even if it
+            // no longer compiles (a stored campaign that does not compile is not applied):
+            // a kill must never be refused.
+            Some(c) if request.source_version > 0 => {
+                let mut checks = Violations::new();
+                let off = c.status() != pb::CampaignStatus::Active;
+                let v = if off { &mut checks } else { &mut v };
+                campaigns::compile(v, c, 0, &attributes, None, now_micros());
+            }
             Some(c) => {
                 campaigns::compile(&mut v, c, 0, &attributes, Some(&known.ids), now_micros());
             }

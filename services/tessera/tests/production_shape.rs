@@ -1,8 +1,10 @@
 //! The production shape, as the Helm chart deploys it: `tessera migrate` (the hook Job), then
 //! one `tessera serve <service>` process per service, configured only through `TESSERA_*`
 //! environment variables, on PostgreSQL + Redis. The points flow crosses real process
-//! boundaries, each gRPC service reports SERVING, a service's metrics port answers, and every
-//! process exits cleanly on SIGTERM.
+//! boundaries, each gRPC service reports SERVING, a service's metrics port answers, a
+//! campaign killed through the gateway is refused by both eligibility replicas within a
+//! second (a second replica of eligibility and of the scheduler run beside the first), and
+//! every process exits cleanly on SIGTERM.
 //!
 //! Needs `TESSERA_TEST_DATABASE_URL` and `TESSERA_TEST_REDIS_URL`; skipped without them
 //! unless `TESSERA_REQUIRE_BACKENDS=1`.
@@ -12,6 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tessera_proto::eligibility::v1 as epb;
+use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
 use tessera_proto::notification::v1 as npb;
 use tessera_proto::notification::v1::notification_service_client::NotificationServiceClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -95,7 +99,12 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
     let ports: HashMap<&str, u16> = GRPC_SERVICES
         .iter()
         .map(|(name, _, _)| *name)
-        .chain(["gateway", "metrics"])
+        .chain([
+            "gateway",
+            "metrics",
+            "eligibility-2",
+            "campaign-scheduler-2",
+        ])
         .map(|name| (name, free_port(&mut taken)))
         .collect();
     let mut env: HashMap<String, String> = HashMap::from([
@@ -147,6 +156,19 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
             .expect("spawn service");
         processes.0.push((name.to_string(), child));
     }
+    // Second replicas: eligibility (not known to its peers: it must learn campaigns from the
+    // database) and the scheduler (its job worker and sync share the work).
+    for name in ["eligibility", "campaign-scheduler"] {
+        let mut replica_env = env.clone();
+        replica_env.insert(
+            "TESSERA_GRPC_ADDR".into(),
+            format!("127.0.0.1:{}", ports[format!("{name}-2").as_str()]),
+        );
+        let child = tessera(&replica_env, &["serve", name])
+            .spawn()
+            .expect("spawn replica");
+        processes.0.push((format!("{name}-2"), child));
+    }
     let gateway = tessera(&env, &["serve", "gateway"])
         .spawn()
         .expect("spawn gateway");
@@ -164,7 +186,18 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    for (name, _, grpc_name) in GRPC_SERVICES {
+    let replicas = [
+        ("eligibility-2", "tessera.eligibility.v1.EligibilityService"),
+        (
+            "campaign-scheduler-2",
+            "tessera.scheduler.v1.SchedulerService",
+        ),
+    ];
+    for (name, grpc_name) in GRPC_SERVICES
+        .iter()
+        .map(|(name, _, grpc_name)| (*name, *grpc_name))
+        .chain(replicas)
+    {
         let channel =
             tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", ports[name]))
                 .unwrap()
@@ -252,6 +285,94 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
         metrics.contains(r#"method="Credit""#),
         "wallet metrics: {metrics}"
     );
+
+    // A campaign through the gateway: both eligibility replicas apply it; killed, both
+    // refuse it within a second.
+    let post = |path: &str, key: &str, body: Value| {
+        http.post(format!("{base}{path}"))
+            .bearer_auth(&admin_key)
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+    };
+    let created = post(
+        "/v1/campaigns",
+        "shape-campaign",
+        json!({"id": "shape", "name": "Shape", "type": "CAMPAIGN_TYPE_PROMOTION",
+               "definition": {"effect": {"amount_off": {"amount": 100}}}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.status(), 201);
+    let started = post("/v1/campaigns/shape/start", "shape-start", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 200);
+    let qualifies = |port: u16| async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut request = tonic::Request::new(epb::QualifyRequest {
+            customer_id: "zoe".into(),
+            cart: Some(tessera_proto::catalog::v1::Cart {
+                currency: "USD".into(),
+                lines: vec![tessera_proto::catalog::v1::CartLine {
+                    id: "l1".into(),
+                    sku: "SKU".into(),
+                    quantity: 1,
+                    unit_price: 1000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        request
+            .metadata_mut()
+            .insert("x-tessera-tenant", "default".parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("x-tessera-principal", "test".parse().unwrap());
+        EligibilityServiceClient::new(channel)
+            .qualify(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .qualified
+            .iter()
+            .any(|q| q.campaign_id == "shape")
+    };
+    let eligibility_ports = [ports["eligibility"], ports["eligibility-2"]];
+    for port in eligibility_ports {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !qualifies(port).await {
+            assert!(
+                Instant::now() < deadline,
+                "replica on {port} never applied the campaign"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let killed = post(
+        "/v1/campaigns/shape/kill",
+        "shape-kill",
+        json!({"reason": "kill switch drill"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(killed.status(), 200);
+    let killed_at = Instant::now();
+    for port in eligibility_ports {
+        while qualifies(port).await {
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(1),
+                "replica on {port} still applies the killed campaign"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 
     // SIGTERM: every process drains and exits 0.
     for (_, child) in &processes.0 {

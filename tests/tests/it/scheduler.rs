@@ -23,6 +23,7 @@ backend_tests!(
     bad_campaigns_name_the_field_and_save_nothing,
     campaigns_are_managed_over_http,
     triggers_issue_once_and_reminders_stop_once_redeemed,
+    snapshots_never_go_back_and_a_kill_is_never_refused,
 );
 
 type Client = SchedulerServiceClient<Channel>;
@@ -848,5 +849,54 @@ async fn triggers_issue_once_and_reminders_stop_once_redeemed(suite: TestSuite) 
         .await
         .expect_err("paused");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    suite.cleanup().await;
+}
+
+/// Eligibility's side of the sync: snapshots carry the source version, so one that arrives
+/// late changes nothing; a snapshot that switches a campaign off is stored even when the
+/// campaign no longer compiles there (a kill must land), one that keeps it on is not.
+async fn snapshots_never_go_back_and_a_kill_is_never_refused(suite: TestSuite) {
+    let mut e = eligibility::client(&suite);
+    let suite_ref = &suite;
+    let put = |campaign: epb::Campaign, version: i64| {
+        let suite = suite_ref;
+        let mut e = eligibility::client(suite);
+        async move {
+            e.put_campaign(suite.ctx(TENANT).request(epb::PutCampaignRequest {
+                idempotency_key: key(),
+                campaign: Some(campaign),
+                source_version: version,
+                validate_only: false,
+            }))
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+    let on = |amount: i64| epb::Campaign {
+        effect: amount_off(amount),
+        ..eligibility::campaign("synced", None)
+    };
+    assert!(put(on(3_00), 3).await.expect("v3").applied);
+    assert!(!put(on(2_00), 2).await.expect("v2 arrives late").applied);
+    assert_eq!(verdict(&mut e, &suite, "synced").await, Ok(3_00));
+
+    let broken = |status: epb::CampaignStatus| epb::Campaign {
+        rule: "customer.no_such_attribute > 1".into(),
+        status: status.into(),
+        ..on(3_00)
+    };
+    let refused = put(broken(epb::CampaignStatus::Active), 4)
+        .await
+        .expect_err("an active campaign must compile");
+    assert_eq!(violations(&refused), ["campaign.rule"]);
+    assert_eq!(verdict(&mut e, &suite, "synced").await, Ok(3_00));
+    let killed = put(broken(epb::CampaignStatus::Disabled), 5)
+        .await
+        .expect("kill lands");
+    assert!(killed.applied);
+    assert!(
+        verdict(&mut e, &suite, "synced").await.is_err(),
+        "the killed campaign no longer applies"
+    );
     suite.cleanup().await;
 }
