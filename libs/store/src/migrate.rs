@@ -114,6 +114,10 @@ pub mod col {
             .not_null()
             .to_owned()
     }
+    /// `TEXT NOT NULL DEFAULT ''`: for columns added to tables that have rows.
+    pub fn text_empty(name: &str) -> ColumnDef {
+        text(name).default("").to_owned()
+    }
     pub fn text_null(name: &str) -> ColumnDef {
         ColumnDef::new(Alias::new(name)).text().null().to_owned()
     }

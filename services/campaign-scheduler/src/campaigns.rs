@@ -354,6 +354,19 @@ async fn reschedule(
         Some(at) if live => jobs::schedule(txn, &job(END_JOB, at), now).await?,
         _ => jobs::cancel(txn, tenant, &format!("{END_JOB}:{}", c.id), now).await?,
     }
+    // A birthday or anniversary campaign runs daily while it is live (its job finds nothing
+    // to do in other states and keeps its pace).
+    if live && c.occasion.is_some() {
+        let job = NewJob {
+            tenant_id: tenant.to_string(),
+            key: format!("{}:{}", crate::issues::OCCASION_JOB, c.id),
+            kind: crate::issues::OCCASION_JOB.to_string(),
+            campaign_id: c.id.clone(),
+            payload: Vec::new(),
+            due_at: now,
+        };
+        jobs::ensure(txn, &job, now).await?;
+    }
     // A live campaign's segments are recomputed daily (recurring; scheduled once per
     // segment, kept afterwards; a static segment's job stops at its first run).
     let segments = c

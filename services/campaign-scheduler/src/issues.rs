@@ -8,11 +8,18 @@
 //! and, if not (and the campaign is still active), emits `campaign.reminder` for
 //! notification to deliver.
 
+use chrono::{Datelike, NaiveDate};
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use serde_json::json;
+use tessera_proto::catalog::v1 as cpb;
+use tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
+use tessera_proto::eligibility::v1 as epb;
+use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
 use tessera_proto::scheduler::v1 as pb;
 use tessera_runtime::error::{Code, Violations};
-use tessera_runtime::{Error, RequestContext};
+use tessera_runtime::{Error, RequestContext, grpc};
+use tessera_store::Db;
+use tessera_store::idempotency::derived_key;
 use tessera_store::outbox::{enqueue, micros_to_timestamp, timestamp_to_micros};
 use tessera_store::{db_error, stmt};
 
@@ -53,6 +60,23 @@ pub fn check(v: &mut Violations, c: &pb::Campaign) {
             "remind of an incentive: set campaign.incentive",
         );
     }
+    if let Some(o) = &c.occasion {
+        if o.occasion() == epb::Occasion::Unspecified {
+            v.add(
+                "campaign.occasion.occasion",
+                "must be BIRTHDAY or JOINING_ANNIVERSARY",
+            );
+        }
+        if o.days_before > 30 {
+            v.add("campaign.occasion.days_before", "must be 0 to 30");
+        }
+        if c.incentive.is_none() {
+            v.add(
+                "campaign.occasion",
+                "an occasion issues an incentive: set campaign.incentive",
+            );
+        }
+    }
     let ends = c.definition.as_ref().is_some_and(|d| d.ends_at.is_some());
     for (i, r) in c.reminders.iter().enumerate() {
         let field = |name: &str| format!("campaign.reminders.{i}.{name}");
@@ -80,13 +104,19 @@ pub async fn get<C: ConnectionTrait>(
     tenant: &str,
     campaign: &str,
     customer: &str,
+    occasion: &str,
 ) -> Result<Option<pb::Issue>, Error> {
     let row = conn
         .query_one_raw(stmt(
             conn,
             "SELECT publication_id, code, cause, issued_at, reminders FROM issues \
-             WHERE tenant_id = $1 AND campaign_id = $2 AND customer_id = $3",
-            [tenant.into(), campaign.into(), customer.into()],
+             WHERE tenant_id = $1 AND campaign_id = $2 AND customer_id = $3 AND occasion = $4",
+            [
+                tenant.into(),
+                campaign.into(),
+                customer.into(),
+                occasion.into(),
+            ],
         ))
         .await
         .map_err(db_error)?;
@@ -95,6 +125,7 @@ pub async fn get<C: ConnectionTrait>(
         Ok(pb::Issue {
             campaign_id: campaign.to_string(),
             customer_id: customer.to_string(),
+            occasion: occasion.to_string(),
             publication_id: text(0)?,
             code: text(1)?,
             cause: text(2)?,
@@ -133,6 +164,44 @@ pub fn issuable(c: &pb::Campaign) -> Result<&pb::Incentive, Error> {
     })
 }
 
+/// Publishes a campaign's incentive to a customer in the catalog, under a key derived from
+/// (campaign, customer, occasion): a retry gets the same publication. Returns the issue to
+/// record.
+pub async fn publish(
+    catalog: &CatalogServiceClient<grpc::Channel>,
+    ctx: &RequestContext,
+    c: &pb::Campaign,
+    customer: &str,
+    occasion: &str,
+    cause: &str,
+) -> Result<pb::Issue, Error> {
+    let incentive = issuable(c)?;
+    let publication = catalog
+        .clone()
+        .publish_reward(ctx.request(cpb::PublishRewardRequest {
+            idempotency_key: derived_key("issue", &[&c.id, customer, occasion]),
+            customer_id: customer.to_string(),
+            reward_id: incentive.reward_id.clone(),
+            code: String::new(),
+            pool_id: incentive.pool_id.clone(),
+            channel: incentive.channel.clone(),
+        }))
+        .await
+        .map_err(|s| Error::from_status(&s))?
+        .into_inner()
+        .publication
+        .unwrap_or_default();
+    Ok(pb::Issue {
+        campaign_id: c.id.clone(),
+        customer_id: customer.to_string(),
+        publication_id: publication.id,
+        code: publication.code,
+        cause: cause.to_string(),
+        occasion: occasion.to_string(),
+        ..Default::default()
+    })
+}
+
 /// Writes the issue (unless the customer has it already: then returns theirs, false) with
 /// its reminder jobs and event.
 pub async fn record(
@@ -148,9 +217,9 @@ pub async fn record(
     let inserted = txn
         .execute_raw(stmt(
             txn,
-            "INSERT INTO issues (tenant_id, campaign_id, customer_id, publication_id, code, \
-             cause, issued_at, reminders) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (tenant_id, campaign_id, customer_id) DO NOTHING",
+            "INSERT INTO issues (tenant_id, campaign_id, customer_id, occasion, publication_id, \
+             code, cause, issued_at, reminders) VALUES ($1, $2, $3, $9, $4, $5, $6, $7, $8) \
+             ON CONFLICT (tenant_id, campaign_id, customer_id, occasion) DO NOTHING",
             [
                 tenant.into(),
                 c.id.clone().into(),
@@ -160,12 +229,13 @@ pub async fn record(
                 issue.cause.clone().into(),
                 now.into(),
                 i32::try_from(steps.len()).unwrap_or_default().into(),
+                issue.occasion.clone().into(),
             ],
         ))
         .await
         .map_err(db_error)?;
     if inserted.rows_affected() == 0 {
-        let first = get(txn, tenant, &c.id, &issue.customer_id)
+        let first = get(txn, tenant, &c.id, &issue.customer_id, &issue.occasion)
             .await?
             .ok_or_else(|| Error::internal("issue vanished"))?;
         return Ok((first, false));
@@ -176,9 +246,14 @@ pub async fn record(
             txn,
             &NewJob {
                 tenant_id: tenant.to_string(),
-                key: tessera_store::idempotency::derived_key(
+                key: derived_key(
                     REMINDER_JOB,
-                    &[&c.id, &issue.customer_id, &step.to_string()],
+                    &[
+                        &c.id,
+                        &issue.customer_id,
+                        &issue.occasion,
+                        &step.to_string(),
+                    ],
                 ),
                 kind: REMINDER_JOB.into(),
                 campaign_id: c.id.clone(),
@@ -207,6 +282,7 @@ pub async fn record(
             "code": issue.code,
             "channel": c.incentive.as_ref().map(|i| i.channel.clone()).unwrap_or_default(),
             "cause": issue.cause,
+            "occasion": issue.occasion,
         }),
     )
     .await?;
@@ -268,4 +344,171 @@ pub async fn remind(
     )
     .await?;
     Ok(Outcome::Done)
+}
+
+/// Job kind of a birthday or anniversary campaign's daily run.
+pub const OCCASION_JOB: &str = "campaign.occasion";
+
+/// The campaign's zone (default UTC).
+fn zone(c: &pb::Campaign) -> chrono_tz::Tz {
+    c.definition
+        .as_ref()
+        .and_then(|d| d.time_zone.parse().ok())
+        .unwrap_or(chrono_tz::UTC)
+}
+
+/// The local date at `now` (µs) in `zone`.
+fn local_date(now: i64, zone: chrono_tz::Tz) -> NaiveDate {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_micros(now)
+        .unwrap_or_default()
+        .with_timezone(&zone)
+        .date_naive()
+}
+
+/// When the daily run of an occasion campaign is next due: just after the next local
+/// midnight in its zone.
+pub fn next_occasion_run(c: &pb::Campaign, now: i64) -> i64 {
+    let zone = zone(c);
+    let tomorrow = local_date(now, zone).succ_opt().unwrap_or(NaiveDate::MAX);
+    tomorrow
+        .and_hms_opt(0, 5, 0)
+        .and_then(|t| t.and_local_timezone(zone).earliest())
+        .map_or(now + 86_400_000_000, |t| t.timestamp_micros())
+}
+
+/// The (month, day) pairs whose customers a run on `date` issues to, `days_before` ahead:
+/// the target day, plus 29 February on the 28th of a year without it.
+pub fn occasion_days(date: NaiveDate, days_before: u32) -> (i32, Vec<(u32, u32)>) {
+    let target = date + chrono::Days::new(u64::from(days_before));
+    let mut days = vec![(target.month(), target.day())];
+    let leap = NaiveDate::from_ymd_opt(target.year(), 2, 29).is_some();
+    if (target.month(), target.day()) == (2, 28) && !leap {
+        days.push((2, 29));
+    }
+    (target.year(), days)
+}
+
+/// A birthday or anniversary campaign's daily run: every customer whose occasion comes on
+/// the target day gets the incentive, once per year (retries and replicas included).
+/// Returns how many it issued.
+pub async fn run_occasion(
+    db: &Db,
+    catalog: &CatalogServiceClient<grpc::Channel>,
+    eligibility: &EligibilityServiceClient<grpc::Channel>,
+    job: &Job,
+    now: i64,
+) -> Result<usize, Error> {
+    let Ok(c) = campaigns::get(db.conn(), &job.tenant_id, &job.campaign_id).await else {
+        return Ok(0);
+    };
+    let Some(rule) = c
+        .occasion
+        .as_ref()
+        .filter(|_| c.state() == pb::CampaignState::Active)
+    else {
+        return Ok(0);
+    };
+    let ctx = RequestContext::system(job.tenant_id.clone(), crate::SERVICE);
+    let (year, days) = occasion_days(local_date(now, zone(&c)), rule.days_before);
+    let kind = match rule.occasion() {
+        epb::Occasion::JoiningAnniversary => "anniversary",
+        _ => "birthday",
+    };
+    let occasion = format!("{kind}:{year}");
+    let mut issued = 0;
+    for (month, day) in days {
+        let mut after = String::new();
+        loop {
+            let page = eligibility
+                .clone()
+                .list_customers_by_occasion(ctx.request(epb::ListCustomersByOccasionRequest {
+                    occasion: rule.occasion,
+                    month,
+                    day,
+                    page: Some(tessera_proto::common::v1::PageRequest {
+                        limit: 100,
+                        starting_after: after.clone(),
+                    }),
+                }))
+                .await
+                .map_err(|s| Error::from_status(&s))?
+                .into_inner();
+            for customer in &page.customer_ids {
+                if get(db.conn(), &ctx.tenant_id, &c.id, customer, &occasion)
+                    .await?
+                    .is_some()
+                {
+                    continue;
+                }
+                let issue = publish(catalog, &ctx, &c, customer, &occasion, &occasion).await?;
+                let txn = db.begin_write().await?;
+                let (_, new) = record(&txn, &ctx, &c, issue, now).await?;
+                txn.commit().await.map_err(tessera_store::db_error)?;
+                issued += usize::from(new);
+            }
+            match page.page {
+                Some(p) if p.has_more => after = p.next_cursor,
+                _ => break,
+            }
+        }
+    }
+    Ok(issued)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn date(y: i32, m: u32, d: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, d).expect("date")
+    }
+
+    #[test]
+    fn occasion_days_cover_leap_birthdays() {
+        assert_eq!(occasion_days(date(2026, 3, 1), 0), (2026, vec![(3, 1)]));
+        // A week ahead, across a month and a year.
+        assert_eq!(occasion_days(date(2026, 12, 28), 7), (2027, vec![(1, 4)]));
+        // 28 February of a year without a 29th also serves those born on the 29th.
+        assert_eq!(
+            occasion_days(date(2027, 2, 28), 0),
+            (2027, vec![(2, 28), (2, 29)])
+        );
+        assert_eq!(occasion_days(date(2028, 2, 28), 0), (2028, vec![(2, 28)]));
+        assert_eq!(occasion_days(date(2028, 2, 29), 0), (2028, vec![(2, 29)]));
+    }
+
+    #[test]
+    fn the_daily_run_follows_local_midnight_across_dst() {
+        let c = pb::Campaign {
+            definition: Some(epb::Campaign {
+                time_zone: "Europe/Rome".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let micros = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .expect("RFC 3339")
+                .timestamp_micros()
+        };
+        // Winter: 00:05 CET is 23:05 UTC the day before.
+        assert_eq!(
+            next_occasion_run(&c, micros("2026-03-27T12:00:00Z")),
+            micros("2026-03-27T23:05:00Z")
+        );
+        // The night the clocks go forward (29 March): 00:05 CET still; then CEST.
+        assert_eq!(
+            next_occasion_run(&c, micros("2026-03-28T12:00:00Z")),
+            micros("2026-03-28T23:05:00Z")
+        );
+        assert_eq!(
+            next_occasion_run(&c, micros("2026-03-29T12:00:00Z")),
+            micros("2026-03-29T22:05:00Z")
+        );
+        // And back (25 October).
+        assert_eq!(
+            next_occasion_run(&c, micros("2026-10-25T12:00:00Z")),
+            micros("2026-10-25T23:05:00Z")
+        );
+    }
 }

@@ -18,6 +18,7 @@ use sea_orm::DatabaseTransaction;
 use tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
 use tessera_proto::eligibility::v1 as epb;
 use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
+use tessera_proto::scheduler::v1 as pb;
 use tessera_proto::scheduler::v1::scheduler_service_server::SchedulerServiceServer;
 use tessera_proto::wallet::v1 as wpb;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
@@ -51,7 +52,9 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
 
 /// The scheduler's own jobs.
 struct CampaignJobs {
+    db: Db,
     wallet: WalletServiceClient<grpc::Channel>,
+    catalog: CatalogServiceClient<grpc::Channel>,
     eligibility: EligibilityServiceClient<grpc::Channel>,
     sync: Arc<tokio::sync::Notify>,
 }
@@ -120,6 +123,16 @@ impl Executor for CampaignJobs {
                         Err(s) => Err(remote_error(&s)),
                     }
                 }
+                issues::OCCASION_JOB => {
+                    let now = tessera_store::now_micros();
+                    let issued =
+                        issues::run_occasion(&self.db, &self.catalog, &self.eligibility, job, now)
+                            .await?;
+                    if issued > 0 {
+                        tracing::info!(campaign = %job.campaign_id, issued, "occasion incentives issued");
+                    }
+                    Ok(serde_json::Value::Null)
+                }
                 issues::REMINDER_JOB => {
                     let payload: serde_json::Value =
                         serde_json::from_slice(&job.payload).map_err(Error::internal)?;
@@ -159,6 +172,20 @@ impl Executor for CampaignJobs {
                     Ok(Outcome::Done)
                 }
                 issues::REMINDER_JOB => issues::remind(txn, job, &remote).await,
+                issues::OCCASION_JOB => {
+                    match campaigns::get(txn, &job.tenant_id, &job.campaign_id).await {
+                        Ok(c)
+                            if c.occasion.is_some()
+                                && !matches!(
+                                    c.state(),
+                                    pb::CampaignState::Ended | pb::CampaignState::Killed
+                                ) =>
+                        {
+                            Ok(Outcome::Again(issues::next_occasion_run(&c, now)))
+                        }
+                        _ => Ok(Outcome::Done),
+                    }
+                }
                 campaigns::EXPIRE_JOB => Ok(Outcome::Again(after(now, EXPIRE_EVERY))),
                 campaigns::TIERS_JOB => Ok(Outcome::Again(after(now, TIERS_EVERY))),
                 campaigns::SEGMENT_JOB if remote["stop"].as_bool() == Some(true) => {
@@ -209,7 +236,9 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         format!("{SERVICE}-{}", uuid::Uuid::new_v4().simple()),
         clock.clone(),
         Arc::new(CampaignJobs {
+            db: db.clone(),
             wallet,
+            catalog: catalog.clone(),
             eligibility,
             sync: sync.waker(),
         }),

@@ -115,20 +115,22 @@ impl MigratorTrait for Migrator {
         all.push(Box::new(Migration {
             name: "m0401_issues",
             tables: || {
-                // An incentive issued to a customer: once per campaign and customer.
+                // An incentive issued to a customer: once per campaign and customer (and
+                // occasion: a birthday campaign issues once a year).
                 vec![table(
                     "issues",
                     vec![
                         col::text("tenant_id"),
                         col::text("campaign_id"),
                         col::text("customer_id"),
+                        col::text("occasion"),
                         col::text("publication_id"),
                         col::text("code"),
                         col::text("cause"),
                         col::big("issued_at"),
                         col::int("reminders"),
                     ],
-                    &["tenant_id", "campaign_id", "customer_id"],
+                    &["tenant_id", "campaign_id", "customer_id", "occasion"],
                 )]
             },
             indexes: Vec::new,

@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use sea_orm::ConnectionTrait;
 
-use tessera_proto::catalog::v1 as cpb;
 use tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
 use tessera_proto::scheduler::v1 as pb;
 use tessera_proto::scheduler::v1::scheduler_service_server::SchedulerService;
@@ -13,7 +12,6 @@ use tessera_runtime::error::Violations;
 use tessera_runtime::{Error, RequestContext};
 use tessera_store::api::{check_customer_id, check_idempotency_key, page_response};
 use tessera_store::idempotency::Idempotency;
-use tessera_store::idempotency::derived_key;
 use tessera_store::outbox::micros_to_timestamp;
 use tessera_store::{Db, db_error, stmt};
 use tonic::{Request, Response, Status};
@@ -281,39 +279,23 @@ impl SchedulerService for Scheduler {
         let conn = self.db.conn();
         let (tenant, customer) = (ctx.tenant_id.clone(), request.customer_id.clone());
         let campaign = campaigns::get(conn, &tenant, &request.campaign_id).await?;
-        if let Some(issue) = issues::get(conn, &tenant, &campaign.id, &customer).await? {
+        if let Some(issue) = issues::get(conn, &tenant, &campaign.id, &customer, "").await? {
             return Ok(Response::new(pb::IssueIncentiveResponse {
                 issue: Some(issue),
                 issued: false,
             }));
         }
-        let incentive = issues::issuable(&campaign)?;
-        // The publication first (keyed by campaign and customer: a retry gets the same one),
-        // then the issue, its reminders and its event in one transaction.
-        let publication = self
-            .catalog
-            .clone()
-            .publish_reward(ctx.request(cpb::PublishRewardRequest {
-                idempotency_key: derived_key("issue", &[&campaign.id, &customer]),
-                customer_id: customer.clone(),
-                reward_id: incentive.reward_id.clone(),
-                code: String::new(),
-                pool_id: incentive.pool_id.clone(),
-                channel: incentive.channel.clone(),
-            }))
-            .await
-            .map_err(|s| Error::from_status(&s))?
-            .into_inner()
-            .publication
-            .unwrap_or_default();
-        let issue = pb::Issue {
-            campaign_id: campaign.id.clone(),
-            customer_id: customer,
-            publication_id: publication.id,
-            code: publication.code,
-            cause: request.cause.clone(),
-            ..Default::default()
-        };
+        // The publication first (a retry gets the same one), then the issue, its reminders
+        // and its event in one transaction.
+        let issue = issues::publish(
+            &self.catalog,
+            &ctx,
+            &campaign,
+            &customer,
+            "",
+            &request.cause,
+        )
+        .await?;
         let (now, work_ctx) = (self.clock.now(), ctx.clone());
         let response = self
             .idempotency

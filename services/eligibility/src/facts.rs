@@ -408,11 +408,49 @@ pub async fn touch(
     row.try_get_by_index(0).map_err(db_error)
 }
 
+/// A page of the customers whose `column` (`birthday_md` or `joined_md`) is `md` (`MM-DD`).
+pub async fn customers_on<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &str,
+    column: &str,
+    md: &str,
+    joined_before: i64,
+    after: &str,
+    limit: u32,
+) -> Result<(Vec<String>, bool), Error> {
+    let rows = conn
+        .query_all_raw(stmt(
+            conn,
+            &format!(
+                "SELECT id FROM customers WHERE tenant_id = $1 AND {column} = $2 AND id > $3 \
+                 AND created_at < $5 ORDER BY id LIMIT $4"
+            ),
+            [
+                tenant.into(),
+                md.into(),
+                after.into(),
+                i64::from(limit + 1).into(),
+                joined_before.into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+    let mut ids = rows
+        .iter()
+        .map(|r| r.try_get_by_index(0))
+        .collect::<Result<Vec<String>, _>>()
+        .map_err(db_error)?;
+    let more = ids.len() > limit as usize;
+    ids.truncate(limit as usize);
+    Ok((ids, more))
+}
+
 /// Creates or replaces a profile; returns it and whether it was created.
 pub async fn upsert_customer(
     txn: &DatabaseTransaction,
     tenant: &str,
     input: &pb::CustomerInput,
+    zone: Tz,
     now: i64,
 ) -> Result<(pb::Customer, bool), Error> {
     let existing = get_customer(txn, tenant, &input.id).await?;
@@ -430,10 +468,12 @@ pub async fn upsert_customer(
         .query_one_raw(stmt(
             txn,
             "INSERT INTO customers (tenant_id, id, profile, facts_version, lifetime_spend, \
-             orders_total, created_at, updated_at) VALUES ($1, $2, $3, 1, 0, 0, $4, $5) \
+             orders_total, created_at, updated_at, birthday_md, joined_md) \
+             VALUES ($1, $2, $3, 1, 0, 0, $4, $5, $6, $7) \
              ON CONFLICT (tenant_id, id) DO UPDATE SET profile = excluded.profile, \
              facts_version = customers.facts_version + 1, created_at = excluded.created_at, \
-             updated_at = excluded.updated_at \
+             updated_at = excluded.updated_at, birthday_md = excluded.birthday_md, \
+             joined_md = excluded.joined_md \
              RETURNING facts_version",
             [
                 tenant.into(),
@@ -441,6 +481,13 @@ pub async fn upsert_customer(
                 profile.encode_to_vec().into(),
                 created_at.into(),
                 now.into(),
+                profile.birthday.get(5..).unwrap_or_default().into(),
+                DateTime::<Utc>::from_timestamp_micros(created_at)
+                    .unwrap_or_default()
+                    .with_timezone(&zone)
+                    .format("%m-%d")
+                    .to_string()
+                    .into(),
             ],
         ))
         .await

@@ -354,6 +354,37 @@ impl MigratorTrait for Migrator {
                 )]
             },
         }));
+        // Month and day (`MM-DD`) of a customer's birthday and of the day they joined (in the
+        // tenant's zone), so a birthday campaign finds its customers by index.
+        all.push(Box::new(AddColumns {
+            name: "m0205_customer_occasions",
+            columns: || {
+                vec![
+                    ("customers", col::text_empty("birthday_md")),
+                    ("customers", col::text_empty("joined_md")),
+                ]
+            },
+        }));
+        all.push(Box::new(Migration {
+            name: "m0206_customer_occasion_indexes",
+            tables: Vec::new,
+            indexes: || {
+                vec![
+                    index(
+                        "customers_by_birthday",
+                        "customers",
+                        &["tenant_id", "birthday_md", "id"],
+                        false,
+                    ),
+                    index(
+                        "customers_by_joining",
+                        "customers",
+                        &["tenant_id", "joined_md", "id"],
+                        false,
+                    ),
+                ]
+            },
+        }));
         all
     }
 }

@@ -239,6 +239,7 @@ impl EligibilityService for Eligibility {
         v.finish()?;
         let input = request.customer.clone().unwrap_or_default();
         let tenant = ctx.tenant_id.clone();
+        let zone = facts::settings(self.db.conn(), &tenant).await?.time_zone;
         let response = self
             .idempotency
             .run(
@@ -249,7 +250,8 @@ impl EligibilityService for Eligibility {
                 move |txn| {
                     Box::pin(async move {
                         let (customer, _) =
-                            facts::upsert_customer(txn, &tenant, &input, now_micros()).await?;
+                            facts::upsert_customer(txn, &tenant, &input, zone, now_micros())
+                                .await?;
                         Ok(pb::UpsertCustomerResponse {
                             customer: Some(customer),
                         })
@@ -283,6 +285,7 @@ impl EligibilityService for Eligibility {
         }
         v.finish()?;
         let (inputs, tenant) = (request.customers.clone(), ctx.tenant_id.clone());
+        let zone = facts::settings(self.db.conn(), &tenant).await?.time_zone;
         let response = self
             .idempotency
             .run(
@@ -295,7 +298,10 @@ impl EligibilityService for Eligibility {
                         let now = now_micros();
                         let (mut created, mut updated) = (0, 0);
                         for input in &inputs {
-                            if facts::upsert_customer(txn, &tenant, input, now).await?.1 {
+                            if facts::upsert_customer(txn, &tenant, input, zone, now)
+                                .await?
+                                .1
+                            {
                                 created += 1;
                             } else {
                                 updated += 1;
@@ -376,6 +382,50 @@ impl EligibilityService for Eligibility {
             .await?;
         self.segments.forget(&ctx.tenant_id);
         Ok(Response::new(response))
+    }
+
+    async fn list_customers_by_occasion(
+        &self,
+        request: Request<pb::ListCustomersByOccasionRequest>,
+    ) -> Result<Response<pb::ListCustomersByOccasionResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        // An anniversary is a year at least: a customer who joined on this day less than
+        // half a year ago joined this very day.
+        const HALF_A_YEAR: i64 = 183 * 86_400_000_000;
+        let (column, joined_before) = match request.occasion() {
+            pb::Occasion::Birthday => ("birthday_md", i64::MAX),
+            pb::Occasion::JoiningAnniversary => ("joined_md", now_micros() - HALF_A_YEAR),
+            pb::Occasion::Unspecified => {
+                v.add("occasion", "must be BIRTHDAY or JOINING_ANNIVERSARY");
+                ("birthday_md", i64::MAX)
+            }
+        };
+        if !(1..=12).contains(&request.month) {
+            v.add("month", "must be 1 to 12");
+        }
+        if !(1..=31).contains(&request.day) {
+            v.add("day", "must be 1 to 31");
+        }
+        let page = request.page.unwrap_or_default();
+        let limit = v.page_limit(page.limit);
+        v.finish()?;
+        let (ids, more) = facts::customers_on(
+            self.db.conn(),
+            &ctx.tenant_id,
+            column,
+            &format!("{:02}-{:02}", request.month, request.day),
+            joined_before,
+            &page.starting_after,
+            limit,
+        )
+        .await?;
+        let page = page_response(more, ids.last().map(String::as_str));
+        Ok(Response::new(pb::ListCustomersByOccasionResponse {
+            customer_ids: ids,
+            page,
+        }))
     }
 
     async fn record_order(

@@ -7,6 +7,8 @@
 
 use std::time::{Duration, Instant};
 
+use chrono::Datelike;
+
 use prost_types::Timestamp;
 use tessera_proto::eligibility::v1 as epb;
 use tessera_proto::scheduler::v1 as pb;
@@ -24,6 +26,7 @@ backend_tests!(
     campaigns_are_managed_over_http,
     triggers_issue_once_and_reminders_stop_once_redeemed,
     snapshots_never_go_back_and_a_kill_is_never_refused,
+    birthday_campaigns_issue_once_a_year_to_the_days_customers,
 );
 
 type Client = SchedulerServiceClient<Channel>;
@@ -898,5 +901,192 @@ async fn snapshots_never_go_back_and_a_kill_is_never_refused(suite: TestSuite) {
         verdict(&mut e, &suite, "synced").await.is_err(),
         "the killed campaign no longer applies"
     );
+    suite.cleanup().await;
+}
+
+async fn birthday_campaigns_issue_once_a_year_to_the_days_customers(suite: TestSuite) {
+    let (mut s, mut e) = (Client::new(suite.channel()), eligibility::client(&suite));
+    let mut catalog = tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient::new(
+        suite.channel(),
+    );
+    let reward = crate::catalog::create_reward(
+        &mut catalog,
+        &suite,
+        &key(),
+        crate::catalog::reward_input("Happy birthday: 10 off", amount_off(10_00)),
+    )
+    .await;
+    // Birthdays a week from today (UTC, the campaign's zone): dora and eli; fay's is today.
+    let today = chrono::Utc::now().date_naive();
+    let born = |date: chrono::NaiveDate| format!("1990-{}", date.format("%m-%d"));
+    let in_a_week = today + chrono::Days::new(7);
+    for (id, birthday) in [
+        ("dora", born(in_a_week)),
+        ("eli", born(in_a_week)),
+        ("fay", born(today)),
+        ("gus", String::new()),
+    ] {
+        eligibility::upsert(
+            &mut e,
+            &suite,
+            epb::CustomerInput {
+                id: id.into(),
+                birthday,
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    let bad = s
+        .create_campaign(suite.ctx(TENANT).request(pb::CreateCampaignRequest {
+            idempotency_key: key(),
+            campaign: Some(pb::Campaign {
+                occasion: Some(pb::OccasionRule {
+                    occasion: epb::Occasion::Birthday.into(),
+                    days_before: 45,
+                }),
+                ..campaign(
+                    "no-incentive",
+                    epb::Campaign {
+                        effect: amount_off(10_00),
+                        ..Default::default()
+                    },
+                )
+            }),
+        }))
+        .await
+        .expect_err("no incentive, too many days");
+    let fields = violations(&bad);
+    assert!(
+        fields.iter().any(|f| f == "campaign.occasion"),
+        "{fields:?}"
+    );
+    assert!(
+        fields.iter().any(|f| f == "campaign.occasion.days_before"),
+        "{fields:?}"
+    );
+
+    let birthday = pb::Campaign {
+        incentive: Some(pb::Incentive {
+            reward_id: reward.id.clone(),
+            pool_id: String::new(),
+            channel: "email".into(),
+        }),
+        occasion: Some(pb::OccasionRule {
+            occasion: epb::Occasion::Birthday.into(),
+            days_before: 7,
+        }),
+        ..campaign(
+            "birthday",
+            epb::Campaign {
+                effect: amount_off(10_00),
+                ..Default::default()
+            },
+        )
+    };
+    create(&mut s, &suite, birthday).await.expect("create");
+    change(&mut s, &suite, "birthday", pb::CampaignAction::Start, "")
+        .await
+        .expect("start");
+    eventually(
+        Duration::from_secs(5),
+        "the week-ahead birthdays issued",
+        || async {
+            (customers_of(&suite, "campaign.incentive_issued").await == ["dora", "eli"])
+                .then_some(())
+        },
+    )
+    .await;
+    let issued = crate::events(&suite, TENANT, "campaign.incentive_issued").await;
+    let year = in_a_week.format("%Y").to_string();
+    assert!(
+        issued
+            .iter()
+            .all(|e| crate::data(e)["occasion"] == format!("birthday:{year}"))
+    );
+    // The daily job keeps its pace: next just after midnight, one run so far.
+    let jobs = s
+        .list_jobs(suite.ctx(TENANT).request(pb::ListJobsRequest {
+            page: None,
+            campaign_id: "birthday".into(),
+        }))
+        .await
+        .expect("jobs")
+        .into_inner()
+        .jobs;
+    let daily = jobs
+        .iter()
+        .find(|j| j.kind == "campaign.occasion")
+        .expect("daily job");
+    assert_eq!((daily.status.as_str(), daily.runs), ("pending", 1));
+    let next = daily.due_at.as_ref().expect("due").seconds;
+    let midnight = (today + chrono::Days::new(1))
+        .and_hms_opt(0, 5, 0)
+        .expect("time")
+        .and_utc()
+        .timestamp();
+    assert_eq!(next, midnight);
+    // This year's birthday is issued once, however it is asked for again.
+    let again = s
+        .issue_incentive(suite.ctx(TENANT).request(pb::IssueIncentiveRequest {
+            idempotency_key: key(),
+            campaign_id: "birthday".into(),
+            customer_id: "dora".into(),
+            cause: "manual".into(),
+        }))
+        .await
+        .expect("a manual issue is another occasion")
+        .into_inner();
+    assert!(again.issued);
+    let rewards = catalog
+        .list_customer_rewards(suite.ctx(TENANT).request(
+            tessera_proto::catalog::v1::ListCustomerRewardsRequest {
+                customer_id: "dora".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("dora's rewards")
+        .into_inner()
+        .rewards;
+    assert_eq!(rewards.len(), 2, "the birthday's and the manual one");
+
+    // Joining anniversaries: hal joined a year ago today, ivy today (not an anniversary).
+    let year_ago = today
+        .with_year(today.year() - 1)
+        .unwrap_or(today - chrono::Days::new(365));
+    for (id, joined) in [("hal", year_ago), ("ivy", today)] {
+        eligibility::upsert(
+            &mut e,
+            &suite,
+            epb::CustomerInput {
+                id: id.into(),
+                created_at: Some(Timestamp {
+                    seconds: joined
+                        .and_hms_opt(12, 0, 0)
+                        .expect("noon")
+                        .and_utc()
+                        .timestamp(),
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    let anniversaries = e
+        .list_customers_by_occasion(suite.ctx(TENANT).request(
+            epb::ListCustomersByOccasionRequest {
+                occasion: epb::Occasion::JoiningAnniversary.into(),
+                month: today.month(),
+                day: today.day(),
+                page: None,
+            },
+        ))
+        .await
+        .expect("anniversaries")
+        .into_inner()
+        .customer_ids;
+    assert_eq!(anniversaries, ["hal"]);
     suite.cleanup().await;
 }
