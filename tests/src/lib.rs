@@ -54,6 +54,10 @@ pub fn test_config(backend: Backend) -> Option<Config> {
         ..Config::default()
     };
     config.outbox.poll_interval_ms = 50;
+    // Test sinks listen on loopback.
+    config.webhooks.allowed_hosts = vec!["127.0.0.1".into()];
+    // Four attempts a second apart: a dead letter within seconds.
+    config.webhooks.retry_schedule_secs = vec![0, 1, 1, 1];
     config.database.connect_timeout_secs = 5;
     if backend == Backend::Production {
         let (Ok(db), Ok(redis)) = (

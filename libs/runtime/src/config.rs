@@ -46,6 +46,7 @@ pub struct Config {
     pub peers: PeersConfig,
     pub outbox: OutboxConfig,
     pub scheduler: SchedulerConfig,
+    pub webhooks: WebhooksConfig,
     pub idempotency: IdempotencyConfig,
     pub gateway: GatewayConfig,
 }
@@ -111,6 +112,37 @@ pub struct PeersConfig {
     pub notification_url: String,
     /// Deadline of every service-to-service call, in milliseconds.
     pub timeout_ms: u64,
+}
+
+/// Webhook delivery (notification).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Hosts (names or IP addresses) an endpoint may use even though they resolve to a
+    /// loopback, private, link-local or metadata address: for tests and on-premise
+    /// receivers. Empty: every such address is refused (the SSRF guard).
+    pub allowed_hosts: Vec<String>,
+    /// Seconds an endpoint has to answer; a slower answer is a failed attempt.
+    pub timeout_secs: u64,
+    /// Seconds of failures without a success after which an endpoint is disabled.
+    pub disable_after_failing_secs: u64,
+    /// Deliveries claimed per poll.
+    pub batch_size: u32,
+    /// Seconds before each attempt of a delivery: the first (0: at once), then after each
+    /// failure; after the last, the delivery is dead (until replayed).
+    pub retry_schedule_secs: Vec<u64>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            allowed_hosts: Vec::new(),
+            timeout_secs: 15,
+            disable_after_failing_secs: 5 * 24 * 3600,
+            batch_size: 200,
+            retry_schedule_secs: vec![0, 5, 300, 1800, 7200, 18000, 36000, 36000],
+        }
+    }
 }
 
 /// The campaign scheduler's job workers and campaign sync.
@@ -181,6 +213,7 @@ impl Default for Config {
             peers: PeersConfig::default(),
             outbox: OutboxConfig::default(),
             scheduler: SchedulerConfig::default(),
+            webhooks: WebhooksConfig::default(),
             idempotency: IdempotencyConfig::default(),
             gateway: GatewayConfig::default(),
         }
@@ -327,6 +360,17 @@ impl Config {
         }
         if self.outbox.batch_size == 0 || self.outbox.batch_size > 1000 {
             return invalid("outbox.batch_size", "must be within 1..=1000");
+        }
+        if self.webhooks.timeout_secs == 0 || self.webhooks.timeout_secs > 60 {
+            return invalid("webhooks.timeout_secs", "must be within 1..=60");
+        }
+        if self.webhooks.retry_schedule_secs.is_empty()
+            || self.webhooks.retry_schedule_secs.len() > 20
+        {
+            return invalid("webhooks.retry_schedule_secs", "must hold 1 to 20 delays");
+        }
+        if self.webhooks.batch_size == 0 || self.webhooks.batch_size > 1000 {
+            return invalid("webhooks.batch_size", "must be within 1..=1000");
         }
         if self.scheduler.job_lease_secs == 0 {
             return invalid("scheduler.job_lease_secs", "must be at least 1");

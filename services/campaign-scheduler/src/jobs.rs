@@ -134,19 +134,21 @@ pub trait Executor: Send + Sync + 'static {
     fn committed(&self, _job: &Job) {}
 }
 
-/// Schedules a job, or moves the job of the same key to a new time and payload (pending
-/// again, attempts reset). Its token moves too, so a worker still running the old version
-/// cannot complete it.
-pub async fn schedule<C: ConnectionTrait>(conn: &C, job: &NewJob, now: i64) -> Result<(), Error> {
+/// Inserts a job; `on_conflict` says what happens when its key exists.
+async fn insert<C: ConnectionTrait>(
+    conn: &C,
+    job: &NewJob,
+    now: i64,
+    on_conflict: &str,
+) -> Result<(), Error> {
     conn.execute_raw(stmt(
         conn,
-        "INSERT INTO jobs (id, tenant_id, job_key, kind, campaign_id, payload, due_at, status, \
-         attempts, lease_owner, lease_until, fence, last_error, runs, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', 0, '', 0, 0, '', 0, $8, $8) \
-         ON CONFLICT (tenant_id, job_key) DO UPDATE SET kind = excluded.kind, \
-         campaign_id = excluded.campaign_id, payload = excluded.payload, \
-         due_at = excluded.due_at, status = 'pending', attempts = 0, lease_owner = '', \
-         lease_until = 0, fence = jobs.fence + 1, last_error = '', updated_at = excluded.updated_at",
+        &format!(
+            "INSERT INTO jobs (id, tenant_id, job_key, kind, campaign_id, payload, due_at, \
+             status, attempts, lease_owner, lease_until, fence, last_error, runs, created_at, \
+             updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', 0, '', 0, 0, '', 0, $8, \
+             $8) ON CONFLICT (tenant_id, job_key) {on_conflict}"
+        ),
         [
             uuid::Uuid::now_v7().to_string().into(),
             job.tenant_id.clone().into(),
@@ -163,28 +165,25 @@ pub async fn schedule<C: ConnectionTrait>(conn: &C, job: &NewJob, now: i64) -> R
     Ok(())
 }
 
+/// Schedules a job, or moves the job of the same key to a new time and payload (pending
+/// again, attempts reset). Its token moves too, so a worker still running the old version
+/// cannot complete it.
+pub async fn schedule<C: ConnectionTrait>(conn: &C, job: &NewJob, now: i64) -> Result<(), Error> {
+    insert(
+        conn,
+        job,
+        now,
+        "DO UPDATE SET kind = excluded.kind, campaign_id = excluded.campaign_id, \
+         payload = excluded.payload, due_at = excluded.due_at, status = 'pending', \
+         attempts = 0, lease_owner = '', lease_until = 0, fence = jobs.fence + 1, \
+         last_error = '', updated_at = excluded.updated_at",
+    )
+    .await
+}
+
 /// Schedules a job unless one of that key exists (pending, done or failed).
 pub async fn ensure<C: ConnectionTrait>(conn: &C, job: &NewJob, now: i64) -> Result<(), Error> {
-    conn.execute_raw(stmt(
-        conn,
-        "INSERT INTO jobs (id, tenant_id, job_key, kind, campaign_id, payload, due_at, status, \
-         attempts, lease_owner, lease_until, fence, last_error, runs, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', 0, '', 0, 0, '', 0, $8, $8) \
-         ON CONFLICT (tenant_id, job_key) DO NOTHING",
-        [
-            uuid::Uuid::now_v7().to_string().into(),
-            job.tenant_id.clone().into(),
-            job.key.clone().into(),
-            job.kind.clone().into(),
-            job.campaign_id.clone().into(),
-            job.payload.clone().into(),
-            job.due_at.into(),
-            now.into(),
-        ],
-    ))
-    .await
-    .map_err(db_error)?;
-    Ok(())
+    insert(conn, job, now, "DO NOTHING").await
 }
 
 /// Cancels a pending job (its token moves: a worker running it cannot complete it).

@@ -12,6 +12,7 @@ mod keys;
 mod observe;
 mod routes;
 mod transcode;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use axum::Router;
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 use tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
 use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
+use tessera_proto::notification::v1::notification_service_client::NotificationServiceClient;
 use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::{Config, grpc};
@@ -53,6 +55,7 @@ pub struct AppState {
     pub(crate) catalog: CatalogServiceClient<grpc::Channel>,
     pub(crate) eligibility: EligibilityServiceClient<grpc::Channel>,
     pub(crate) scheduler: SchedulerServiceClient<grpc::Channel>,
+    pub(crate) notification: NotificationServiceClient<grpc::Channel>,
     pub(crate) max_body_bytes: usize,
 }
 
@@ -94,6 +97,10 @@ impl Gateway {
             )?),
             scheduler: SchedulerServiceClient::new(grpc::channel(
                 &config.peers.scheduler_url,
+                config.peer_timeout(),
+            )?),
+            notification: NotificationServiceClient::new(grpc::channel(
+                &config.peers.notification_url,
                 config.peer_timeout(),
             )?),
             max_body_bytes: config.gateway.max_body_bytes,

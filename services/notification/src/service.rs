@@ -1,22 +1,43 @@
 //! Event intake and the event log.
 
+use std::sync::Arc;
+
 use sea_orm::ConnectionTrait;
 use tessera_proto::common::v1::PageResponse;
 use tessera_proto::notification::v1::{
     self as pb, notification_service_server::NotificationService,
 };
+use tessera_runtime::config::WebhooksConfig;
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
 use tessera_runtime::{Code, Error};
+use tessera_store::api::{check_id, check_idempotency_key, page_response};
+use tessera_store::idempotency::Idempotency;
 use tessera_store::outbox::{micros_to_timestamp, timestamp_to_micros};
 use tessera_store::{Db, db_error, insert_rows, now_micros, stmt};
+use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
+
+use crate::{deliveries, endpoints, signing};
 
 /// Most events accepted in one `PublishEvents` call.
 const MAX_BATCH: usize = 1000;
 
 pub struct Notification {
     pub db: Db,
+    pub webhooks: WebhooksConfig,
+    pub idempotency: Idempotency,
+    /// Wakes the webhook dispatcher.
+    pub dispatch: Arc<Notify>,
+}
+
+/// An endpoint's concurrency limit: as given, or the default.
+fn concurrency(given: u32) -> u32 {
+    if given == 0 {
+        endpoints::DEFAULT_CONCURRENCY
+    } else {
+        given
+    }
 }
 
 /// Event types: dot-separated lower-case words, e.g. `points.credited`.
@@ -109,7 +130,20 @@ impl NotificationService for Notification {
             .await?,
         )
         .unwrap_or(u32::MAX);
+        // Their webhook deliveries, in the same transaction (a redelivered event adds none).
+        let events: Vec<deliveries::NewEvent> = request
+            .events
+            .iter()
+            .map(|e| deliveries::NewEvent {
+                id: &e.id,
+                event_type: &e.r#type,
+            })
+            .collect();
+        let queued = deliveries::fan_out(&txn, &ctx.tenant_id, &events, received_at).await?;
         txn.commit().await.map_err(db_error)?;
+        if queued > 0 {
+            self.dispatch.notify_one();
+        }
         let total = u32::try_from(request.events.len()).unwrap_or(u32::MAX);
         tracing::debug!(accepted, duplicates = total - accepted, "events received");
         Ok(Response::new(pb::PublishEventsResponse {
@@ -194,6 +228,267 @@ impl NotificationService for Notification {
                 has_more,
             }),
         }))
+    }
+
+    async fn create_webhook_endpoint(
+        &self,
+        request: Request<pb::CreateWebhookEndpointRequest>,
+    ) -> Result<Response<pb::CreateWebhookEndpointResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        endpoints::check(
+            &mut v,
+            &request.description,
+            &request.event_types,
+            request.max_concurrency,
+        );
+        v.finish()?;
+        endpoints::check_url(&request.url, &self.webhooks.allowed_hosts, "url").await?;
+        let now = now_micros();
+        let endpoint = pb::WebhookEndpoint {
+            id: uuid::Uuid::now_v7().to_string(),
+            url: request.url.clone(),
+            description: request.description.clone(),
+            event_types: request.event_types.clone(),
+            enabled: true,
+            max_concurrency: concurrency(request.max_concurrency),
+            created_at: Some(micros_to_timestamp(now)),
+            updated_at: Some(micros_to_timestamp(now)),
+            ..Default::default()
+        };
+        let tenant = ctx.tenant_id.clone();
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "notification.CreateWebhookEndpoint",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let secret = signing::new_secret();
+                        endpoints::create(txn, &tenant, &endpoint, &secret, now).await?;
+                        Ok(pb::CreateWebhookEndpointResponse {
+                            endpoint: Some(endpoint),
+                            secret,
+                        })
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn update_webhook_endpoint(
+        &self,
+        request: Request<pb::UpdateWebhookEndpointRequest>,
+    ) -> Result<Response<pb::UpdateWebhookEndpointResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        check_id(&mut v, "id", &request.id);
+        endpoints::check(
+            &mut v,
+            &request.description,
+            &request.event_types,
+            request.max_concurrency,
+        );
+        v.finish()?;
+        endpoints::check_url(&request.url, &self.webhooks.allowed_hosts, "url").await?;
+        let endpoint = pb::WebhookEndpoint {
+            id: request.id.clone(),
+            url: request.url.clone(),
+            description: request.description.clone(),
+            event_types: request.event_types.clone(),
+            enabled: request.enabled,
+            max_concurrency: concurrency(request.max_concurrency),
+            ..Default::default()
+        };
+        let tenant = ctx.tenant_id.clone();
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "notification.UpdateWebhookEndpoint",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        endpoints::update(txn, &tenant, &endpoint, now_micros()).await?;
+                        Ok(pb::UpdateWebhookEndpointResponse {
+                            endpoint: Some(
+                                endpoints::get(txn, &tenant, &endpoint.id).await?.endpoint,
+                            ),
+                        })
+                    })
+                },
+            )
+            .await?;
+        self.dispatch.notify_one();
+        Ok(Response::new(response))
+    }
+
+    async fn get_webhook_endpoint(
+        &self,
+        request: Request<pb::GetWebhookEndpointRequest>,
+    ) -> Result<Response<pb::GetWebhookEndpointResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let id = request.into_inner().id;
+        let stored = endpoints::get(self.db.conn(), &ctx.tenant_id, &id).await?;
+        Ok(Response::new(pb::GetWebhookEndpointResponse {
+            endpoint: Some(stored.endpoint),
+        }))
+    }
+
+    async fn list_webhook_endpoints(
+        &self,
+        request: Request<pb::ListWebhookEndpointsRequest>,
+    ) -> Result<Response<pb::ListWebhookEndpointsResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let mut v = Violations::new();
+        let (limit, after) = tessera_store::api::page(&mut v, request.into_inner().page);
+        v.finish()?;
+        let (endpoints, more) =
+            endpoints::list(self.db.conn(), &ctx.tenant_id, &after, limit).await?;
+        let page = page_response(more, endpoints.last().map(|e| e.id.as_str()));
+        Ok(Response::new(pb::ListWebhookEndpointsResponse {
+            endpoints,
+            page,
+        }))
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        request: Request<pb::RotateWebhookSecretRequest>,
+    ) -> Result<Response<pb::RotateWebhookSecretResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        check_id(&mut v, "id", &request.id);
+        if !(0..=7 * 86_400).contains(&request.overlap_seconds) {
+            v.add("overlap_seconds", "must be 0 to 604800 (7 days)");
+        }
+        v.finish()?;
+        let overlap = if request.overlap_seconds == 0 {
+            86_400
+        } else {
+            request.overlap_seconds
+        };
+        let (tenant, id) = (ctx.tenant_id.clone(), request.id.clone());
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "notification.RotateWebhookSecret",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let now = now_micros();
+                        let until = now + overlap * 1_000_000;
+                        let secret = signing::new_secret();
+                        endpoints::rotate(txn, &tenant, &id, &secret, until, now).await?;
+                        Ok(pb::RotateWebhookSecretResponse {
+                            secret,
+                            previous_valid_until: Some(micros_to_timestamp(until)),
+                        })
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn list_deliveries(
+        &self,
+        request: Request<pb::ListDeliveriesRequest>,
+    ) -> Result<Response<pb::ListDeliveriesResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let page = request.page.unwrap_or_default();
+        let limit = v.page_limit(page.limit);
+        if !page.starting_after.is_empty() && !page.starting_after.starts_with("msg_") {
+            v.add(
+                "page.starting_after",
+                "is not a cursor returned by this API",
+            );
+        }
+        let status = pb::DeliveryStatus::try_from(request.status).unwrap_or_else(|_| {
+            v.add("status", "is not a delivery status");
+            pb::DeliveryStatus::Unspecified
+        });
+        v.finish()?;
+        let (deliveries, more) = deliveries::list(
+            self.db.conn(),
+            &ctx.tenant_id,
+            &request.endpoint_id,
+            status,
+            &page.starting_after,
+            limit,
+        )
+        .await?;
+        let page = page_response(more, deliveries.last().map(|d| d.id.as_str()));
+        Ok(Response::new(pb::ListDeliveriesResponse {
+            deliveries,
+            page,
+        }))
+    }
+
+    async fn get_delivery(
+        &self,
+        request: Request<pb::GetDeliveryRequest>,
+    ) -> Result<Response<pb::GetDeliveryResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let id = request.into_inner().id;
+        let delivery = deliveries::get(self.db.conn(), &ctx.tenant_id, &id).await?;
+        Ok(Response::new(pb::GetDeliveryResponse {
+            delivery: Some(delivery),
+        }))
+    }
+
+    async fn replay_deliveries(
+        &self,
+        request: Request<pb::ReplayDeliveriesRequest>,
+    ) -> Result<Response<pb::ReplayDeliveriesResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        if request.delivery_ids.is_empty() == request.endpoint_id.is_empty() {
+            v.add("delivery_ids", "give either delivery_ids or endpoint_id");
+        }
+        if request.delivery_ids.len() > 1000 {
+            v.add("delivery_ids", "must hold at most 1000 ids");
+        }
+        v.finish()?;
+        let (tenant, ids, endpoint) = (
+            ctx.tenant_id.clone(),
+            request.delivery_ids.clone(),
+            request.endpoint_id.clone(),
+        );
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "notification.ReplayDeliveries",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let replayed =
+                            deliveries::replay(txn, &tenant, &ids, &endpoint, now_micros()).await?;
+                        Ok(pb::ReplayDeliveriesResponse { replayed })
+                    })
+                },
+            )
+            .await?;
+        self.dispatch.notify_one();
+        Ok(Response::new(response))
     }
 }
 

@@ -22,6 +22,7 @@ mod wallet_flows;
 mod wallet_http;
 mod wallet_props;
 mod wallet_tiers;
+mod webhooks;
 
 use serde_json::Value;
 use tessera_proto::notification::v1 as npb;

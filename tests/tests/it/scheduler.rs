@@ -118,6 +118,19 @@ async fn history(s: &mut Client, suite: &TestSuite, id: &str) -> Vec<pb::Transit
     .transitions
 }
 
+/// The jobs of a campaign.
+async fn jobs_of(suite: &TestSuite, campaign: &str) -> Vec<pb::Job> {
+    Client::new(suite.channel())
+        .list_jobs(suite.ctx(TENANT).request(pb::ListJobsRequest {
+            page: None,
+            campaign_id: campaign.into(),
+        }))
+        .await
+        .expect("jobs")
+        .into_inner()
+        .jobs
+}
+
 /// What eligibility says of `id` for a shoe cart now: Ok(value) or Err(reason).
 async fn verdict(
     e: &mut eligibility::Client,
@@ -364,15 +377,7 @@ async fn scheduled_campaigns_start_and_end_by_their_jobs(suite: TestSuite) {
         steps,
         [("starts_at", "scheduler"), ("ends_at", "scheduler")]
     );
-    let jobs = s
-        .list_jobs(suite.ctx(TENANT).request(pb::ListJobsRequest {
-            page: None,
-            campaign_id: "flash".into(),
-        }))
-        .await
-        .expect("jobs")
-        .into_inner()
-        .jobs;
+    let jobs = jobs_of(&suite, "flash").await;
     let ran: Vec<(&str, &str, i64)> = jobs
         .iter()
         .map(|j| (j.kind.as_str(), j.status.as_str(), j.runs))
@@ -793,15 +798,7 @@ async fn triggers_issue_once_and_reminders_stop_once_redeemed(suite: TestSuite) 
     })
     .await;
     // Alice's reminders ran too (their jobs are done) and sent nothing.
-    let jobs = s
-        .list_jobs(suite.ctx(TENANT).request(pb::ListJobsRequest {
-            page: None,
-            campaign_id: "big-spender-thanks".into(),
-        }))
-        .await
-        .expect("jobs")
-        .into_inner()
-        .jobs;
+    let jobs = jobs_of(&suite, "big-spender-thanks").await;
     let reminders: Vec<&pb::Job> = jobs
         .iter()
         .filter(|j| j.kind == "campaign.reminder")
@@ -811,15 +808,7 @@ async fn triggers_issue_once_and_reminders_stop_once_redeemed(suite: TestSuite) 
         Duration::from_secs(5),
         "every reminder job done",
         || async {
-            let jobs = Client::new(suite.channel())
-                .list_jobs(suite.ctx(TENANT).request(pb::ListJobsRequest {
-                    page: None,
-                    campaign_id: "big-spender-thanks".into(),
-                }))
-                .await
-                .expect("jobs")
-                .into_inner()
-                .jobs;
+            let jobs = jobs_of(&suite, "big-spender-thanks").await;
             jobs.iter()
                 .filter(|j| j.kind == "campaign.reminder")
                 .all(|j| j.status == "done")
@@ -1005,15 +994,7 @@ async fn birthday_campaigns_issue_once_a_year_to_the_days_customers(suite: TestS
             .all(|e| crate::data(e)["occasion"] == format!("birthday:{year}"))
     );
     // The daily job keeps its pace: next just after midnight, one run so far.
-    let jobs = s
-        .list_jobs(suite.ctx(TENANT).request(pb::ListJobsRequest {
-            page: None,
-            campaign_id: "birthday".into(),
-        }))
-        .await
-        .expect("jobs")
-        .into_inner()
-        .jobs;
+    let jobs = jobs_of(&suite, "birthday").await;
     let daily = jobs
         .iter()
         .find(|j| j.kind == "campaign.occasion")

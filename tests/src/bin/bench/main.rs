@@ -304,7 +304,17 @@ async fn main() {
         (Backend::Embedded, "SQLite + in-process cache"),
         (Backend::Production, "PostgreSQL + Redis"),
     ] {
-        match TestSuite::start(backend).await {
+        // The production configuration (pool size, outbox polling), isolated like a test.
+        let suite = match tessera_tests::test_config(backend) {
+            Some(mut config) => {
+                let defaults = tessera_runtime::Config::default();
+                config.database.max_connections = defaults.database.max_connections;
+                config.outbox = defaults.outbox;
+                Some(TestSuite::start_with(backend, config, false).await)
+            }
+            None => None,
+        };
+        match suite {
             Some(suite) => {
                 if only.is_none_or(|o| o == "wallet") {
                     credits(&suite, label).await;

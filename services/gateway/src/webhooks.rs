@@ -1,0 +1,254 @@
+//! Webhook routes (admins): `POST|GET /v1/webhook-endpoints`, `GET|PUT
+//! /v1/webhook-endpoints/{id}`, `POST /v1/webhook-endpoints/{id}/rotate-secret`,
+//! `GET /v1/deliveries` (`?endpoint_id=&status=pending|succeeded|dead`),
+//! `GET /v1/deliveries/{id}` (with every attempt) and `POST /v1/deliveries/replay`. Bodies
+//! and answers are notification's protobuf messages in their canonical JSON mapping.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use serde::Deserialize;
+use serde_json::Value;
+use tessera_proto::notification::v1 as pb;
+use tessera_proto::notification::v1::notification_service_client::NotificationServiceClient;
+use tessera_runtime::RequestContext;
+use tessera_runtime::grpc::Channel;
+
+use crate::AppState;
+use crate::catalog::{QueryResult, enum_value, page_reply, strict};
+use crate::error::ApiError;
+use crate::extract::{IdempotencyKey, StrictJson};
+use crate::keys::{Principal, Role};
+use crate::observe::RequestId;
+use crate::transcode::{from_json, reply, to_json, with};
+
+/// Webhooks carry every event of the tenant: admins only.
+const ADMINS: [Role; 1] = [Role::Admin];
+
+fn message(name: &str) -> String {
+    format!("tessera.notification.v1.{name}")
+}
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/webhook-endpoints", post(create).get(list))
+        .route("/v1/webhook-endpoints/{id}", get(get_one).put(update))
+        .route("/v1/webhook-endpoints/{id}/rotate-secret", post(rotate))
+        .route("/v1/deliveries", get(deliveries))
+        .route("/v1/deliveries/replay", post(replay))
+        .route("/v1/deliveries/{id}", get(delivery))
+}
+
+fn call(
+    state: &AppState,
+    principal: &Principal,
+    request_id: &RequestId,
+) -> Result<(NotificationServiceClient<Channel>, RequestContext), ApiError> {
+    principal.require(&ADMINS)?;
+    Ok((state.notification.clone(), principal.context(request_id)))
+}
+
+async fn create(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let mut request: pb::CreateWebhookEndpointRequest =
+        from_json(&message("CreateWebhookEndpointRequest"), body)?;
+    request.idempotency_key = key;
+    let r = client
+        .create_webhook_endpoint(ctx.request(request))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::CREATED,
+        &message("CreateWebhookEndpointResponse"),
+        &r,
+    )
+}
+
+async fn update(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let mut request: pb::UpdateWebhookEndpointRequest = from_json(
+        &message("UpdateWebhookEndpointRequest"),
+        with(body, "id", id),
+    )?;
+    request.idempotency_key = key;
+    let r = client
+        .update_webhook_endpoint(ctx.request(request))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        &message("WebhookEndpoint"),
+        &r.endpoint.unwrap_or_default(),
+    )
+}
+
+async fn get_one(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let r = client
+        .get_webhook_endpoint(ctx.request(pb::GetWebhookEndpointRequest { id }))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        &message("WebhookEndpoint"),
+        &r.endpoint.unwrap_or_default(),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    limit: u32,
+    #[serde(default)]
+    starting_after: String,
+    /// Deliveries: of this endpoint.
+    #[serde(default)]
+    endpoint_id: String,
+    /// Deliveries: `pending`, `succeeded` or `dead`.
+    #[serde(default)]
+    status: String,
+}
+
+impl ListQuery {
+    fn page(&self) -> Option<tessera_proto::common::v1::PageRequest> {
+        Some(tessera_proto::common::v1::PageRequest {
+            limit: self.limit,
+            starting_after: self.starting_after.clone(),
+        })
+    }
+}
+
+async fn list(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    query: QueryResult<ListQuery>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let q = strict(query)?;
+    let r = client
+        .list_webhook_endpoints(ctx.request(pb::ListWebhookEndpointsRequest { page: q.page() }))
+        .await?
+        .into_inner();
+    let items = r
+        .endpoints
+        .iter()
+        .map(|e| to_json(&message("WebhookEndpoint"), e))
+        .collect::<Result<_, _>>()?;
+    page_reply(items, r.page)
+}
+
+async fn rotate(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let mut request: pb::RotateWebhookSecretRequest =
+        from_json(&message("RotateWebhookSecretRequest"), with(body, "id", id))?;
+    request.idempotency_key = key;
+    let r = client
+        .rotate_webhook_secret(ctx.request(request))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        &message("RotateWebhookSecretResponse"),
+        &r,
+    )
+}
+
+async fn deliveries(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    query: QueryResult<ListQuery>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let q = strict(query)?;
+    let status = enum_value(
+        "status",
+        &message("DeliveryStatus"),
+        "DELIVERY_STATUS_",
+        &q.status,
+    )?;
+    let r = client
+        .list_deliveries(ctx.request(pb::ListDeliveriesRequest {
+            endpoint_id: q.endpoint_id.clone(),
+            status,
+            page: q.page(),
+        }))
+        .await?
+        .into_inner();
+    let items = r
+        .deliveries
+        .iter()
+        .map(|d| to_json(&message("Delivery"), d))
+        .collect::<Result<_, _>>()?;
+    page_reply(items, r.page)
+}
+
+async fn delivery(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let r = client
+        .get_delivery(ctx.request(pb::GetDeliveryRequest { id }))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        &message("Delivery"),
+        &r.delivery.unwrap_or_default(),
+    )
+}
+
+async fn replay(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let mut request: pb::ReplayDeliveriesRequest =
+        from_json(&message("ReplayDeliveriesRequest"), body)?;
+    request.idempotency_key = key;
+    let r = client
+        .replay_deliveries(ctx.request(request))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        &message("ReplayDeliveriesResponse"),
+        &r,
+    )
+}

@@ -1,0 +1,438 @@
+//! Webhooks: events reach a real HTTP sink in this process, signed per the Standard
+//! Webhooks specification (verified by the sink); failures are retried under the same
+//! `webhook-id`, then dead-lettered and replayed; every attempt is logged; a rotated secret
+//! and the old one both sign during the overlap; internal addresses are refused; a slow
+//! endpoint does not delay another.
+
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use tessera_proto::notification::v1 as pb;
+use tessera_proto::notification::v1::notification_service_client::NotificationServiceClient;
+use tessera_runtime::RequestContext;
+use tessera_runtime::grpc::Channel;
+use tessera_tests::{TENANT, TestSuite, backend_tests, eventually};
+
+use crate::eligibility::{key, violations};
+
+backend_tests!(
+    signed_deliveries_are_retried_dead_lettered_and_replayed,
+    rotation_filters_guard_and_slow_endpoints,
+    webhooks_are_managed_over_http,
+);
+
+type Client = NotificationServiceClient<Channel>;
+
+/// One request the sink received.
+#[derive(Debug, Clone)]
+struct Received {
+    id: String,
+    timestamp: i64,
+    signature: String,
+    body: Vec<u8>,
+}
+
+/// An HTTP sink: records what it gets, answers `status` after `delay_ms`.
+#[derive(Clone, Default)]
+struct Sink {
+    received: Arc<Mutex<Vec<Received>>>,
+    status: Arc<AtomicU16>,
+    delay_ms: Arc<AtomicU64>,
+}
+
+impl Sink {
+    async fn start() -> (Self, String) {
+        let sink = Sink::default();
+        sink.status.store(200, Ordering::SeqCst);
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(sink.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind sink");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (sink, url)
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().expect("sink").clone()
+    }
+}
+
+async fn receive(
+    State(sink): State<Sink>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::http::StatusCode {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    sink.received.lock().expect("sink").push(Received {
+        id: header("webhook-id"),
+        timestamp: header("webhook-timestamp").parse().unwrap_or_default(),
+        signature: header("webhook-signature"),
+        body: body.to_vec(),
+    });
+    let delay = sink.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    axum::http::StatusCode::from_u16(sink.status.load(Ordering::SeqCst))
+        .unwrap_or(axum::http::StatusCode::OK)
+}
+
+async fn endpoint(
+    c: &mut Client,
+    suite: &TestSuite,
+    url: &str,
+    types: &[&str],
+    concurrency: u32,
+) -> Result<pb::CreateWebhookEndpointResponse, tonic::Status> {
+    c.create_webhook_endpoint(suite.ctx(TENANT).request(pb::CreateWebhookEndpointRequest {
+        idempotency_key: key(),
+        url: url.into(),
+        description: "test sink".into(),
+        event_types: types.iter().map(|t| (*t).into()).collect(),
+        max_concurrency: concurrency,
+    }))
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// Publishes events as a service would (its outbox relay).
+async fn publish(c: &mut Client, types: &[&str]) -> Vec<String> {
+    let events: Vec<pb::Event> = types
+        .iter()
+        .map(|t| pb::Event {
+            id: uuid::Uuid::now_v7().to_string(),
+            tenant_id: TENANT.into(),
+            r#type: (*t).into(),
+            source: "tests".into(),
+            occurred_at: Some(prost_types::Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 0,
+            }),
+            data: br#"{"amount": 150}"#.to_vec(),
+            traceparent: String::new(),
+        })
+        .collect();
+    let ids = events.iter().map(|e| e.id.clone()).collect();
+    c.publish_events(
+        RequestContext::system(TENANT, "tests").request(pb::PublishEventsRequest { events }),
+    )
+    .await
+    .expect("publish");
+    ids
+}
+
+async fn deliveries(
+    suite: &TestSuite,
+    endpoint: &str,
+    status: pb::DeliveryStatus,
+) -> Vec<pb::Delivery> {
+    Client::new(suite.channel())
+        .list_deliveries(suite.ctx(TENANT).request(pb::ListDeliveriesRequest {
+            endpoint_id: endpoint.into(),
+            status: status.into(),
+            page: None,
+        }))
+        .await
+        .expect("deliveries")
+        .into_inner()
+        .deliveries
+}
+
+async fn signed_deliveries_are_retried_dead_lettered_and_replayed(suite: TestSuite) {
+    let mut c = Client::new(suite.channel());
+    let (sink, url) = Sink::start().await;
+    let created = endpoint(&mut c, &suite, &url, &["points.*"], 0)
+        .await
+        .expect("endpoint");
+    let (secret, id) = (created.secret, created.endpoint.expect("endpoint").id);
+    assert!(secret.starts_with("whsec_"));
+
+    // Delivered, signed; another type is not.
+    let events = publish(&mut c, &["points.credited", "tier.changed"]).await;
+    eventually(Duration::from_secs(5), "the delivery", || async {
+        (sink.received().len() == 1).then_some(())
+    })
+    .await;
+    let got = &sink.received()[0];
+    assert!(got.id.starts_with("msg_"));
+    assert!(
+        tessera_notification::signing::verify(
+            &secret,
+            &got.id,
+            got.timestamp,
+            &got.body,
+            &got.signature
+        ),
+        "the sink verifies the signature"
+    );
+    let body: serde_json::Value = serde_json::from_slice(&got.body).expect("JSON");
+    assert_eq!(body["type"], "points.credited");
+    assert_eq!(body["event_id"], events[0].as_str());
+    assert_eq!(body["data"]["amount"], 150);
+
+    // The sink fails: retried under the same webhook-id (the test schedule: 4 attempts, a
+    // second apart), then dead; every attempt is logged.
+    sink.status.store(503, Ordering::SeqCst);
+    publish(&mut c, &["points.debited"]).await;
+    let dead = eventually(Duration::from_secs(15), "the dead letter", || async {
+        deliveries(&suite, &id, pb::DeliveryStatus::Dead)
+            .await
+            .pop()
+    })
+    .await;
+    let attempts: Vec<Received> = sink
+        .received()
+        .into_iter()
+        .filter(|r| r.id == dead.id)
+        .collect();
+    assert_eq!(attempts.len(), 4, "every attempt reached the sink");
+    let detail = c
+        .get_delivery(suite.ctx(TENANT).request(pb::GetDeliveryRequest {
+            id: dead.id.clone(),
+        }))
+        .await
+        .expect("delivery")
+        .into_inner()
+        .delivery
+        .expect("delivery");
+    let codes: Vec<i32> = detail.history.iter().map(|a| a.status_code).collect();
+    assert_eq!(codes, [503, 503, 503, 503]);
+
+    // Back up: a replay of the endpoint's dead letters delivers it, same webhook-id.
+    sink.status.store(200, Ordering::SeqCst);
+    let replayed = c
+        .replay_deliveries(suite.ctx(TENANT).request(pb::ReplayDeliveriesRequest {
+            idempotency_key: key(),
+            delivery_ids: Vec::new(),
+            endpoint_id: id.clone(),
+        }))
+        .await
+        .expect("replay")
+        .into_inner()
+        .replayed;
+    assert_eq!(replayed, 1);
+    eventually(Duration::from_secs(5), "the replayed delivery", || async {
+        let d = Client::new(suite.channel())
+            .get_delivery(suite.ctx(TENANT).request(pb::GetDeliveryRequest {
+                id: dead.id.clone(),
+            }))
+            .await
+            .expect("delivery")
+            .into_inner()
+            .delivery
+            .expect("delivery");
+        (d.status() == pb::DeliveryStatus::Succeeded).then_some(d)
+    })
+    .await;
+    assert_eq!(
+        sink.received().iter().filter(|r| r.id == dead.id).count(),
+        5
+    );
+    // A redelivered event (a relay retry) is not delivered twice.
+    let before = sink.received().len();
+    let mut again = publish(&mut c, &["points.expired"]).await;
+    let id_again = again.pop().expect("id");
+    c.publish_events(
+        RequestContext::system(TENANT, "tests").request(pb::PublishEventsRequest {
+            events: vec![pb::Event {
+                id: id_again,
+                tenant_id: TENANT.into(),
+                r#type: "points.expired".into(),
+                source: "tests".into(),
+                occurred_at: Some(prost_types::Timestamp::default()),
+                data: b"{}".to_vec(),
+                traceparent: String::new(),
+            }],
+        }),
+    )
+    .await
+    .expect("redelivered");
+    eventually(Duration::from_secs(5), "one more delivery", || async {
+        (sink.received().len() == before + 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.received().len(), before + 1);
+    suite.cleanup().await;
+}
+
+async fn rotation_filters_guard_and_slow_endpoints(suite: TestSuite) {
+    let mut c = Client::new(suite.channel());
+    // The SSRF guard: metadata, private and link-local addresses are refused.
+    for url in [
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.0.0.7/hook",
+        "http://[::1]:8080/hook",
+        "ftp://example.com/hook",
+    ] {
+        let err = endpoint(&mut c, &suite, url, &[], 0).await.expect_err(url);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{url}");
+        assert_eq!(violations(&err), ["url"], "{url}");
+    }
+
+    // Rotation: during the overlap both secrets sign.
+    let (sink, url) = Sink::start().await;
+    let created = endpoint(&mut c, &suite, &url, &["campaign.*"], 0)
+        .await
+        .expect("endpoint");
+    let (old, id) = (created.secret, created.endpoint.expect("endpoint").id);
+    let new = c
+        .rotate_webhook_secret(suite.ctx(TENANT).request(pb::RotateWebhookSecretRequest {
+            idempotency_key: key(),
+            id: id.clone(),
+            overlap_seconds: 3600,
+        }))
+        .await
+        .expect("rotate")
+        .into_inner()
+        .secret;
+    assert_ne!(new, old);
+    publish(&mut c, &["campaign.started"]).await;
+    eventually(Duration::from_secs(5), "the delivery", || async {
+        (sink.received().len() == 1).then_some(())
+    })
+    .await;
+    let got = &sink.received()[0];
+    for secret in [&old, &new] {
+        assert!(tessera_notification::signing::verify(
+            secret,
+            &got.id,
+            got.timestamp,
+            &got.body,
+            &got.signature
+        ));
+    }
+
+    // Disabled: nothing is sent until it is enabled again.
+    let disabled = c
+        .update_webhook_endpoint(suite.ctx(TENANT).request(pb::UpdateWebhookEndpointRequest {
+            idempotency_key: key(),
+            id: id.clone(),
+            url: url.clone(),
+            description: String::new(),
+            event_types: vec!["campaign.*".into()],
+            enabled: false,
+            max_concurrency: 0,
+        }))
+        .await
+        .expect("disable")
+        .into_inner()
+        .endpoint
+        .expect("endpoint");
+    assert!(!disabled.enabled);
+    publish(&mut c, &["campaign.killed"]).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(sink.received().len(), 1);
+
+    // A slow endpoint (one delivery at a time, 1.5 s each) does not delay a fast one.
+    let (slow, slow_url) = Sink::start().await;
+    slow.delay_ms.store(1500, Ordering::SeqCst);
+    let (fast, fast_url) = Sink::start().await;
+    endpoint(&mut c, &suite, &slow_url, &["order.*"], 1)
+        .await
+        .expect("slow");
+    endpoint(&mut c, &suite, &fast_url, &["order.*"], 0)
+        .await
+        .expect("fast");
+    let started = Instant::now();
+    publish(&mut c, &["order.recorded"; 5]).await;
+    eventually(
+        Duration::from_secs(5),
+        "the fast endpoint has all five",
+        || async { (fast.received().len() == 5).then_some(()) },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "the fast endpoint waited for the slow one: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        slow.received().len() <= 1,
+        "one at a time on the slow endpoint"
+    );
+    suite.cleanup().await;
+}
+
+async fn webhooks_are_managed_over_http(suite: TestSuite) {
+    let (sink, url) = Sink::start().await;
+    let created = suite
+        .post(
+            "/v1/webhook-endpoints",
+            Some(&key()),
+            &serde_json::json!({"url": url, "event_types": ["points.*"]}),
+        )
+        .await;
+    assert_eq!(created.status(), 201);
+    let created: serde_json::Value = created.json().await.expect("json");
+    let secret = created["secret"].as_str().expect("secret").to_string();
+    let id = created["endpoint"]["id"].as_str().expect("id").to_string();
+    let refused = suite
+        .post(
+            "/v1/webhook-endpoints",
+            Some(&key()),
+            &serde_json::json!({"url": "http://169.254.169.254/"}),
+        )
+        .await;
+    assert_eq!(refused.status(), 400);
+
+    // A credit through the gateway reaches the sink, signed.
+    let credited = suite
+        .post(
+            "/v1/customers/zed/points",
+            Some(&key()),
+            &serde_json::json!({"amount": 25, "reason": "welcome"}),
+        )
+        .await;
+    assert_eq!(credited.status(), 201);
+    eventually(Duration::from_secs(5), "the webhook", || async {
+        (sink.received().len() == 1).then_some(())
+    })
+    .await;
+    let got = &sink.received()[0];
+    assert!(tessera_notification::signing::verify(
+        &secret,
+        &got.id,
+        got.timestamp,
+        &got.body,
+        &got.signature
+    ));
+    let listed: serde_json::Value = suite
+        .get(&format!("/v1/deliveries?endpoint_id={id}&status=succeeded"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed["data"][0]["id"], got.id.as_str());
+    let detail: serde_json::Value = suite
+        .get(&format!("/v1/deliveries/{}", got.id))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(detail["history"][0]["status_code"], 200);
+    let endpoints: serde_json::Value = suite
+        .get("/v1/webhook-endpoints")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(endpoints["data"][0]["id"], id.as_str());
+    assert!(
+        endpoints["data"][0].get("secret").is_none(),
+        "the secret is never listed"
+    );
+    suite.cleanup().await;
+}
