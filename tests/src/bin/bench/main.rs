@@ -10,6 +10,7 @@
 
 mod qualify;
 mod redeem;
+mod webhooks;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -294,9 +295,10 @@ async fn main() {
          outbox event per request). Targets: BatchCredit >= 5,000 postings/s on PostgreSQL, \
          >= 3,000/s on SQLite; Debit p99 <= 20 ms at {CONCURRENCY} clients. Catalog: \
          {CODES} codes generated in <= 10 s on PostgreSQL. Redeem: >= 1,000/s, p99 <= 50 ms \
-         at 32 clients on PostgreSQL."
+         at 32 clients on PostgreSQL. Webhooks: >= 1,000 signed deliveries/s, enqueue → first \
+         attempt p99 <= 1 s."
     );
-    // `TESSERA_BENCH=wallet|catalog|qualify|redeem` runs one part only.
+    // `TESSERA_BENCH=wallet|catalog|qualify|redeem|webhooks` runs one part only.
     let only = std::env::var("TESSERA_BENCH").ok();
     let only = only.as_deref();
     qualify::cel_cost();
@@ -329,6 +331,9 @@ async fn main() {
                 }
                 if only.is_none_or(|o| o == "redeem") {
                     redeem::redemption(&suite, label).await;
+                }
+                if only.is_none_or(|o| o == "webhooks") {
+                    webhooks::deliveries(&suite, label).await;
                 }
                 suite.cleanup().await;
             }
