@@ -30,6 +30,8 @@ type Client = NotificationServiceClient<Channel>;
 #[derive(Debug, Clone)]
 struct Received {
     id: String,
+    /// What the sink answered.
+    answered: u16,
     timestamp: i64,
     signature: String,
     body: Vec<u8>,
@@ -75,8 +77,10 @@ async fn receive(
             .unwrap_or_default()
             .to_string()
     };
+    let answered = sink.status.load(Ordering::SeqCst);
     sink.received.lock().expect("sink").push(Received {
         id: header("webhook-id"),
+        answered,
         timestamp: header("webhook-timestamp").parse().unwrap_or_default(),
         signature: header("webhook-signature"),
         body: body.to_vec(),
@@ -85,8 +89,7 @@ async fn receive(
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    axum::http::StatusCode::from_u16(sink.status.load(Ordering::SeqCst))
-        .unwrap_or(axum::http::StatusCode::OK)
+    axum::http::StatusCode::from_u16(answered).unwrap_or(axum::http::StatusCode::OK)
 }
 
 async fn endpoint(
@@ -434,5 +437,76 @@ async fn webhooks_are_managed_over_http(suite: TestSuite) {
         endpoints["data"][0].get("secret").is_none(),
         "the secret is never listed"
     );
+    suite.cleanup().await;
+}
+
+mod sink_down {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        a_sink_down_for_a_minute_loses_nothing(tessera_tests::Backend::Embedded).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        a_sink_down_for_a_minute_loses_nothing(tessera_tests::Backend::Production).await;
+    }
+}
+
+/// The sink answers 503 for 60 s while events arrive, then comes back: every event is
+/// delivered, and the only duplicates are retries of one `webhook-id` (one 2xx each). The
+/// retry schedule here is the production one compressed (0, 5, 10, 20, 40, 80 s).
+async fn a_sink_down_for_a_minute_loses_nothing(backend: tessera_tests::Backend) {
+    let Some(mut config) = tessera_tests::test_config(backend) else {
+        return;
+    };
+    config.webhooks.retry_schedule_secs = vec![0, 5, 10, 20, 40, 80];
+    let suite = TestSuite::start_with(backend, config, false).await;
+    let mut c = Client::new(suite.channel());
+    let (sink, url) = Sink::start().await;
+    endpoint(&mut c, &suite, &url, &[], 0)
+        .await
+        .expect("endpoint");
+    sink.status.store(503, Ordering::SeqCst);
+    let down_at = Instant::now();
+    let mut published = std::collections::HashSet::new();
+    for _ in 0..20 {
+        published.extend(publish(&mut c, &["points.credited"; 10]).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(60).saturating_sub(down_at.elapsed())).await;
+    assert!(
+        !sink.received().is_empty() && sink.received().iter().all(|r| r.answered == 503),
+        "attempts were made while the sink was down"
+    );
+    sink.status.store(200, Ordering::SeqCst);
+    let delivered = eventually(
+        Duration::from_secs(100),
+        "every event delivered",
+        || async {
+            let ok: Vec<Received> = sink
+                .received()
+                .into_iter()
+                .filter(|r| r.answered == 200)
+                .collect();
+            (ok.len() >= published.len()).then_some(ok)
+        },
+    )
+    .await;
+    let mut events = std::collections::HashMap::new();
+    for r in &delivered {
+        let body: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
+        let event = body["event_id"].as_str().expect("event id").to_string();
+        assert!(
+            events.insert(event, r.id.clone()).is_none(),
+            "one 2xx per event"
+        );
+    }
+    let got: std::collections::HashSet<String> = events.keys().cloned().collect();
+    assert_eq!(got, published, "every event, none lost");
+    // Every request the sink ever saw is an attempt of one of these webhook-ids.
+    let ids: std::collections::HashSet<&String> = events.values().collect();
+    assert!(sink.received().iter().all(|r| ids.contains(&r.id)));
     suite.cleanup().await;
 }
