@@ -346,7 +346,9 @@ impl Dispatcher {
     /// Claims due deliveries of enabled endpoints, at most each endpoint's free slots.
     async fn claim(&self) -> Result<Vec<Claimed>, Error> {
         let now = now_micros();
-        let lease_until = now + micros(Duration::from_secs(self.config.timeout_secs + 30));
+        // The answer's deadline plus time to record it: a process that dies mid-attempt has
+        // its deliveries sent again (same webhook-id) once this passes.
+        let lease_until = now + micros(Duration::from_secs(self.config.timeout_secs + 5));
         let busy: Vec<(String, u32)> = self
             .in_flight
             .lock()

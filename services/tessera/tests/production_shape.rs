@@ -3,14 +3,16 @@
 //! environment variables, on PostgreSQL + Redis. The points flow crosses real process
 //! boundaries, each gRPC service reports SERVING, a service's metrics port answers, a
 //! campaign killed through the gateway is refused by both eligibility replicas within a
-//! second (a second replica of eligibility and of the scheduler run beside the first), and
-//! every process exits cleanly on SIGTERM.
+//! second (a second replica of eligibility and of the scheduler run beside the first),
+//! notification killed with SIGKILL in the middle of webhook deliveries loses none of the
+//! events it acknowledged once restarted, and every process exits cleanly on SIGTERM.
 //!
 //! Needs `TESSERA_TEST_DATABASE_URL` and `TESSERA_TEST_REDIS_URL`; skipped without them
 //! unless `TESSERA_REQUIRE_BACKENDS=1`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -120,6 +122,13 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
         ("TESSERA_SHUTDOWN_DRAIN_SECS".into(), "1".into()),
         ("TESSERA_TELEMETRY__LOG_FORMAT".into(), "json".into()),
         ("TESSERA_TELEMETRY__LOG_FILTER".into(), "warn".into()),
+        // The test's webhook sink listens on loopback; a dead process's attempts come back
+        // 7 s after they started (2 s to answer + 5 s).
+        (
+            "TESSERA_WEBHOOKS__ALLOWED_HOSTS".into(),
+            r#"["127.0.0.1"]"#.into(),
+        ),
+        ("TESSERA_WEBHOOKS__TIMEOUT_SECS".into(), "2".into()),
         (
             "TESSERA_HTTP_ADDR".into(),
             format!("127.0.0.1:{}", ports["gateway"]),
@@ -139,12 +148,16 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
     assert!(migrated.success(), "tessera migrate failed");
 
     let mut processes = Processes(Vec::new());
-    for (name, _, _) in GRPC_SERVICES {
+    let service_env = |name: &str| {
         let mut service_env = env.clone();
         service_env.insert(
             "TESSERA_GRPC_ADDR".into(),
             format!("127.0.0.1:{}", ports[name]),
         );
+        service_env
+    };
+    for (name, _, _) in GRPC_SERVICES {
+        let mut service_env = service_env(name);
         if name == "wallet" {
             service_env.insert(
                 "TESSERA_METRICS_ADDR".into(),
@@ -372,6 +385,99 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    // Notification killed with SIGKILL mid-delivery: once restarted, every event it
+    // acknowledged reaches the webhook sink (in-flight attempts are sent again).
+    let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let sink = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                |axum::extract::State(seen): axum::extract::State<Arc<Mutex<HashSet<String>>>>,
+                 body: axum::body::Bytes| async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let body: Value = serde_json::from_slice(&body).unwrap_or_default();
+                    let id = body["event_id"].as_str().unwrap_or_default().to_string();
+                    seen.lock().unwrap().insert(id);
+                    axum::http::StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(seen.clone());
+    let sink_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_url = format!("http://{}/hook", sink_listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(sink_listener, sink).await });
+    let endpoint = post(
+        "/v1/webhook-endpoints",
+        "shape-endpoint",
+        json!({"url": sink_url, "event_types": ["shape.load"], "max_concurrency": 4}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(endpoint.status(), 201);
+    let notification_channel = tonic::transport::Endpoint::from_shared(format!(
+        "http://127.0.0.1:{}",
+        ports["notification"]
+    ))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let mut acknowledged = HashSet::new();
+    for _ in 0..4 {
+        let events: Vec<npb::Event> = (0..100)
+            .map(|_| npb::Event {
+                id: uuid::Uuid::now_v7().to_string(),
+                tenant_id: "default".into(),
+                r#type: "shape.load".into(),
+                source: "tests".into(),
+                occurred_at: Some(prost_types::Timestamp::default()),
+                data: b"{}".to_vec(),
+                traceparent: String::new(),
+            })
+            .collect();
+        let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+        NotificationServiceClient::new(notification_channel.clone())
+            .publish_events(
+                tessera_runtime::RequestContext::system("default", "tests")
+                    .request(npb::PublishEventsRequest { events }),
+            )
+            .await
+            .expect("acknowledged");
+        acknowledged.extend(ids);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while seen.lock().unwrap().len() < 40 {
+        assert!(Instant::now() < deadline, "deliveries never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (_, notification) = processes
+        .0
+        .iter_mut()
+        .find(|(name, _)| name == "notification")
+        .unwrap();
+    notification.kill().unwrap();
+    notification.wait().unwrap();
+    let delivered_before_restart = seen.lock().unwrap().len();
+    assert!(
+        delivered_before_restart < acknowledged.len(),
+        "killed mid-delivery"
+    );
+    *notification = tessera(&service_env("notification"), &["serve", "notification"])
+        .spawn()
+        .expect("restart notification");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing = acknowledged.difference(&seen.lock().unwrap()).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} acknowledged events never delivered after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // SIGTERM: every process drains and exits 0.
