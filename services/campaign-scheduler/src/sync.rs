@@ -4,8 +4,9 @@
 //! push carries the campaign's version: eligibility ignores one older than what it has, so
 //! pushes from several replicas, in any order, converge on the newest. Drafts are not pushed.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sea_orm::ConnectionTrait;
 use tessera_proto::eligibility::v1 as epb;
@@ -18,11 +19,17 @@ use tokio_util::sync::CancellationToken;
 use crate::campaigns;
 use tessera_proto::scheduler::v1::CampaignState;
 
+/// How long a campaign eligibility refused (it no longer compiles there) waits before the
+/// loop pushes it again; a new change pushes it at once.
+const REFUSED_RETRY: Duration = Duration::from_secs(60);
+
 #[derive(Clone)]
 pub struct Sync {
     db: Db,
     eligibility: EligibilityServiceClient<grpc::Channel>,
     wake: Arc<Notify>,
+    /// Campaigns eligibility refused, and when the loop tries them again.
+    refused: Arc<Mutex<HashMap<(String, String), Instant>>>,
 }
 
 impl Sync {
@@ -31,6 +38,7 @@ impl Sync {
             db,
             eligibility,
             wake: Arc::new(Notify::new()),
+            refused: Arc::default(),
         }
     }
 
@@ -53,6 +61,10 @@ impl Sync {
 
     /// Pushes one campaign now; on failure the loop retries it.
     pub async fn push_now(&self, tenant: &str, id: &str) {
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(tenant.to_string(), id.to_string()));
         if let Err(e) = self.push(tenant, id).await {
             tracing::warn!(campaign = %id, error = %e, "campaign push failed; the sync retries");
             self.wake.notify_one();
@@ -102,9 +114,27 @@ impl Sync {
         for row in rows {
             let tenant: String = row.try_get_by_index(0).map_err(db_error)?;
             let id: String = row.try_get_by_index(1).map_err(db_error)?;
-            match self.push(&tenant, &id).await {
+            let key = (tenant, id);
+            let waiting = self
+                .refused
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&key)
+                .is_some_and(|at| Instant::now() < *at);
+            if waiting {
+                continue;
+            }
+            match self.push(&key.0, &key.1).await {
                 Ok(()) => pushed += 1,
-                Err(e) => tracing::warn!(campaign = %id, error = %e, "campaign push failed"),
+                Err(e) => {
+                    tracing::warn!(campaign = %key.1, error = %e, "campaign push failed");
+                    if e.is_deterministic() {
+                        self.refused
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(key, Instant::now() + REFUSED_RETRY);
+                    }
+                }
             }
         }
         Ok(pushed)
