@@ -396,15 +396,6 @@ async fn reschedule(
         .map(|d| d.earning_rules.as_slice())
         .unwrap_or_default();
     if live && !earning.is_empty() {
-        let sweep = |kind: &str, key: String, payload: Vec<u8>| NewJob {
-            tenant_id: tenant.to_string(),
-            key,
-            kind: kind.to_string(),
-            campaign_id: String::new(),
-            payload,
-            due_at: now,
-        };
-        jobs::ensure(txn, &sweep(EXPIRE_JOB, EXPIRE_JOB.into(), Vec::new()), now).await?;
         let mut programs: Vec<&str> = earning
             .iter()
             .map(|r| {
@@ -417,15 +408,36 @@ async fn reschedule(
             .collect();
         programs.sort_unstable();
         programs.dedup();
-        for program in programs {
-            let key = format!("{TIERS_JOB}:{program}");
-            jobs::ensure(
-                txn,
-                &sweep(TIERS_JOB, key, program.as_bytes().to_vec()),
-                now,
-            )
-            .await?;
-        }
+        ensure_wallet_sweeps(txn, tenant, &programs, now).await?;
+    }
+    Ok(())
+}
+
+/// Schedules (once) the wallet's recurring sweeps for a tenant: points expiry, and tier
+/// re-evaluation of each of `programs`.
+pub async fn ensure_wallet_sweeps<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &str,
+    programs: &[&str],
+    now: i64,
+) -> Result<(), Error> {
+    let sweep = |kind: &str, key: String, payload: Vec<u8>| NewJob {
+        tenant_id: tenant.to_string(),
+        key,
+        kind: kind.to_string(),
+        campaign_id: String::new(),
+        payload,
+        due_at: now,
+    };
+    jobs::ensure(conn, &sweep(EXPIRE_JOB, EXPIRE_JOB.into(), Vec::new()), now).await?;
+    for program in programs {
+        let key = format!("{TIERS_JOB}:{program}");
+        jobs::ensure(
+            conn,
+            &sweep(TIERS_JOB, key, program.as_bytes().to_vec()),
+            now,
+        )
+        .await?;
     }
     Ok(())
 }

@@ -87,17 +87,27 @@ impl Executor for CampaignJobs {
                     Ok(serde_json::Value::Null)
                 }
                 campaigns::TIERS_JOB => {
-                    let r = self
+                    let asked = self
                         .wallet
                         .clone()
                         .evaluate_tiers(ctx.request(wpb::EvaluateTiersRequest {
                             idempotency_key: job.run_key(),
                             program_id: payload(),
                         }))
-                        .await
-                        .map_err(|s| remote_error(&s))?
-                        .into_inner();
-                    tracing::info!(tenant = %job.tenant_id, evaluated = r.evaluated, changed = r.changed, "tier re-evaluation");
+                        .await;
+                    match asked {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            tracing::info!(tenant = %job.tenant_id, evaluated = r.evaluated, changed = r.changed, "tier re-evaluation");
+                        }
+                        // A programme without tiers (yet): nothing to evaluate this time.
+                        Err(s)
+                            if matches!(
+                                s.code(),
+                                tonic::Code::NotFound | tonic::Code::FailedPrecondition
+                            ) => {}
+                        Err(s) => return Err(remote_error(&s)),
+                    }
                     Ok(serde_json::Value::Null)
                 }
                 campaigns::SEGMENT_JOB => {

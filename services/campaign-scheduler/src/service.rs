@@ -320,6 +320,34 @@ impl SchedulerService for Scheduler {
         Ok(Response::new(response))
     }
 
+    async fn ensure_wallet_sweeps(
+        &self,
+        request: Request<pb::EnsureWalletSweepsRequest>,
+    ) -> Result<Response<pb::EnsureWalletSweepsResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        if request.program_id.len() > 64 {
+            v.add("program_id", "must be at most 64 characters");
+        }
+        v.finish()?;
+        // Scheduling a job that exists already changes nothing: a replay is harmless.
+        let programs: Vec<&str> = Some(request.program_id.as_str())
+            .filter(|p| !p.is_empty())
+            .into_iter()
+            .collect();
+        campaigns::ensure_wallet_sweeps(
+            self.db.conn(),
+            &ctx.tenant_id,
+            &programs,
+            self.clock.now(),
+        )
+        .await?;
+        self.jobs_wake.notify_one();
+        Ok(Response::new(pb::EnsureWalletSweepsResponse {}))
+    }
+
     async fn list_campaign_history(
         &self,
         request: Request<pb::ListCampaignHistoryRequest>,

@@ -19,6 +19,7 @@ mod tiers;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 use tessera_proto::wallet::v1::wallet_service_server::WalletServiceServer;
 use tessera_runtime::component::{self, Component};
 use tessera_runtime::{Config, grpc};
@@ -60,6 +61,13 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
             Duration::from_secs(config.idempotency.in_flight_lease_secs),
         )
         .waking(relay.waker()),
+        sweeps: service::Sweeps {
+            scheduler: SchedulerServiceClient::new(grpc::channel(
+                &config.peers.scheduler_url,
+                config.peer_timeout(),
+            )?),
+            told: Arc::default(),
+        },
     };
     Ok(Component::new(SERVICE)
         .grpc(GRPC_NAME, move |routes| {

@@ -1,23 +1,76 @@
 //! gRPC handlers: read the request context, validate the whole request (all field
 //! violations at once), then run the ledger operation under its idempotency key.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use tessera_proto::scheduler::v1 as spb;
+use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 use tessera_proto::wallet::v1::{self as pb, wallet_service_server::WalletService};
-use tessera_runtime::Error;
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
+use tessera_runtime::{Error, RequestContext, grpc};
 use tessera_store::api::{self, check_id, check_idempotency_key, page_response};
-use tessera_store::idempotency::Idempotency;
+use tessera_store::idempotency::{Idempotency, derived_key};
 use tessera_store::outbox::timestamp_to_micros;
 use tessera_store::{Db, now_micros};
 use tonic::{Request, Response, Status};
 
-use crate::ledger::{self, Credit, Debit};
+use crate::ledger::{self, Asset, Credit, Debit};
 use crate::programs::{self, Program};
 use crate::{batch, holds, liability, pending, reversal, rules, tiers};
 
 pub struct Wallet {
     pub db: Db,
     pub idempotency: Idempotency,
+    pub sweeps: Sweeps,
+}
+
+/// Has the campaign scheduler run the wallet's sweeps (points expiry, tier re-evaluation)
+/// for every tenant and programme the wallet credits: told once per process, retried on
+/// the next credit if the scheduler could not be reached.
+#[derive(Clone)]
+pub struct Sweeps {
+    pub scheduler: SchedulerServiceClient<grpc::Channel>,
+    pub told: Arc<Mutex<HashSet<(String, String)>>>,
+}
+
+impl Sweeps {
+    fn note(&self, tenant: &str, asset: &Asset) {
+        let program = if asset.kind == pb::AssetKind::Points {
+            asset.code.clone()
+        } else {
+            String::new()
+        };
+        let key = (tenant.to_string(), program);
+        if !self
+            .told
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.clone())
+        {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let ctx = RequestContext::system(key.0.clone(), crate::SERVICE);
+            let asked = this
+                .scheduler
+                .clone()
+                .ensure_wallet_sweeps(ctx.request(spb::EnsureWalletSweepsRequest {
+                    idempotency_key: derived_key("wallet-sweeps", &[&key.1]),
+                    program_id: key.1.clone(),
+                }))
+                .await;
+            if let Err(e) = asked {
+                tracing::warn!(error = %e, tenant = %key.0, "the scheduler was not told to sweep; the next credit tells it");
+                this.told
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&key);
+            }
+        });
+    }
 }
 
 impl Wallet {
@@ -193,6 +246,7 @@ impl WalletService for Wallet {
         let ctx = context_of(&request)?;
         let request = request.into_inner();
         let credit = Self::validate_credit(&request)?;
+        let asset = credit.asset.clone();
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         // Some(None): pending until confirmed; Some(Some(t)): pending until `t`.
         let activate_at = request
@@ -218,6 +272,7 @@ impl WalletService for Wallet {
                 },
             )
             .await?;
+        self.sweeps.note(&ctx.tenant_id, &asset);
         Ok(Response::new(response))
     }
 
@@ -485,6 +540,8 @@ impl WalletService for Wallet {
             }
         }
         v.finish()?;
+        let mut assets: Vec<Asset> = credits.iter().map(|c| c.asset.clone()).collect();
+        assets.dedup();
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
             .idempotency
@@ -500,6 +557,9 @@ impl WalletService for Wallet {
                 },
             )
             .await?;
+        for asset in &assets {
+            self.sweeps.note(&ctx.tenant_id, asset);
+        }
         Ok(Response::new(response))
     }
 

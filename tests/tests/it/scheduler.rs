@@ -27,6 +27,7 @@ backend_tests!(
     triggers_issue_once_and_reminders_stop_once_redeemed,
     snapshots_never_go_back_and_a_kill_is_never_refused,
     birthday_campaigns_issue_once_a_year_to_the_days_customers,
+    wallet_sweeps_run_for_a_tenant_without_campaigns,
 );
 
 type Client = SchedulerServiceClient<Channel>;
@@ -1069,5 +1070,31 @@ async fn birthday_campaigns_issue_once_a_year_to_the_days_customers(suite: TestS
         .into_inner()
         .customer_ids;
     assert_eq!(anniversaries, ["hal"]);
+    suite.cleanup().await;
+}
+
+/// A tenant that only credits points through the API (no campaign) still gets the wallet's
+/// sweeps: the wallet tells the scheduler when it first credits a programme.
+async fn wallet_sweeps_run_for_a_tenant_without_campaigns(suite: TestSuite) {
+    let credited = suite
+        .post(
+            "/v1/customers/pat/points",
+            Some(&key()),
+            &serde_json::json!({"amount": 40, "reason": "welcome"}),
+        )
+        .await;
+    assert_eq!(credited.status(), 201);
+    let jobs = eventually(Duration::from_secs(5), "the sweeps ran", || async {
+        let jobs = jobs_of(&suite, "").await;
+        let ran = |kind: &str| jobs.iter().any(|j| j.kind == kind && j.runs >= 1);
+        (ran("wallet.expire_due") && ran("wallet.evaluate_tiers")).then_some(jobs)
+    })
+    .await;
+    // Recurring: pending again, for the next run.
+    assert!(
+        jobs.iter()
+            .filter(|j| j.kind.starts_with("wallet."))
+            .all(|j| j.status == "pending" && j.last_error.is_empty())
+    );
     suite.cleanup().await;
 }
