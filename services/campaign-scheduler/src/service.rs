@@ -54,13 +54,12 @@ impl Scheduler {
     ) -> Result<pb::Campaign, Error> {
         let mut v = Violations::new();
         check_idempotency_key(&mut v, key);
-        let Some(c) = c else {
-            v.add("campaign", "is required");
-            v.finish()?;
-            return Err(Error::internal("unreachable"));
-        };
-        campaigns::check(&mut v, c);
+        match c {
+            Some(c) => campaigns::check(&mut v, c),
+            None => v.add("campaign", "is required"),
+        }
         v.finish()?;
+        let c = c.ok_or_else(|| Error::invalid_field("campaign", "is required"))?;
         // Outputs are ignored; eligibility checks the definition as it will receive it.
         let mut c = pb::Campaign {
             state: 0,

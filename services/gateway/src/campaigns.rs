@@ -18,12 +18,12 @@ use tessera_runtime::grpc::Channel;
 use tessera_runtime::{Error, RequestContext};
 
 use crate::AppState;
-use crate::catalog::{QueryResult, enum_value, page_reply, strict};
+use crate::catalog::{QueryResult, enum_value, page_reply, page_request, strict};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{Principal, Role};
 use crate::observe::RequestId;
-use crate::transcode::{from_json, reply, to_json, with};
+use crate::transcode::{from_json, reply, to_json_list, with};
 
 /// Roles that write campaigns and move them through their states.
 const AUTHORS: [Role; 2] = [Role::Admin, Role::Marketer];
@@ -130,17 +130,8 @@ struct ListQuery {
     state: String,
 }
 
-impl ListQuery {
-    fn page(&self) -> Option<tessera_proto::common::v1::PageRequest> {
-        Some(tessera_proto::common::v1::PageRequest {
-            limit: self.limit,
-            starting_after: self.starting_after.clone(),
-        })
-    }
-}
-
 fn items<T: prost::Message>(name: &str, list: &[T]) -> Result<Vec<Value>, ApiError> {
-    list.iter().map(|x| to_json(&message(name), x)).collect()
+    to_json_list(&message(name), list)
 }
 
 async fn list(
@@ -152,7 +143,7 @@ async fn list(
     let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
     let q = strict(query)?;
     let request = pb::ListCampaignsRequest {
-        page: q.page(),
+        page: page_request(q.limit, &q.starting_after),
         state: enum_value(
             "state",
             &message("CampaignState"),
@@ -178,10 +169,7 @@ struct PageQuery {
 }
 
 fn page(q: PageQuery) -> Option<tessera_proto::common::v1::PageRequest> {
-    Some(tessera_proto::common::v1::PageRequest {
-        limit: q.limit,
-        starting_after: q.starting_after,
-    })
+    page_request(q.limit, &q.starting_after)
 }
 
 async fn history(

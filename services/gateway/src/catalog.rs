@@ -188,9 +188,17 @@ struct ListQuery {
 }
 
 fn page(q: &ListQuery) -> Option<tessera_proto::common::v1::PageRequest> {
+    page_request(q.limit, &q.starting_after)
+}
+
+/// The page of a list route's `limit` and `starting_after` query parameters.
+pub(crate) fn page_request(
+    limit: u32,
+    starting_after: &str,
+) -> Option<tessera_proto::common::v1::PageRequest> {
     Some(tessera_proto::common::v1::PageRequest {
-        limit: q.limit,
-        starting_after: q.starting_after.clone(),
+        limit,
+        starting_after: starting_after.to_string(),
     })
 }
 

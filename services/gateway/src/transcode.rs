@@ -74,3 +74,8 @@ pub fn with(mut body: Value, field: &str, value: impl Into<Value>) -> Value {
     }
     body
 }
+
+/// Messages of type `name` as JSON values (the `data` of a list answer).
+pub fn to_json_list<T: prost::Message>(name: &str, list: &[T]) -> Result<Vec<Value>, ApiError> {
+    list.iter().map(|x| to_json(name, x)).collect()
+}

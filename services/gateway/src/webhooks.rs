@@ -18,12 +18,12 @@ use tessera_runtime::RequestContext;
 use tessera_runtime::grpc::Channel;
 
 use crate::AppState;
-use crate::catalog::{QueryResult, enum_value, page_reply, strict};
+use crate::catalog::{QueryResult, enum_value, page_reply, page_request, strict};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{Principal, Role};
 use crate::observe::RequestId;
-use crate::transcode::{from_json, reply, to_json, with};
+use crate::transcode::{from_json, reply, to_json_list, with};
 
 /// Webhooks carry every event of the tenant: admins only.
 const ADMINS: [Role; 1] = [Role::Admin];
@@ -133,10 +133,7 @@ struct ListQuery {
 
 impl ListQuery {
     fn page(&self) -> Option<tessera_proto::common::v1::PageRequest> {
-        Some(tessera_proto::common::v1::PageRequest {
-            limit: self.limit,
-            starting_after: self.starting_after.clone(),
-        })
+        page_request(self.limit, &self.starting_after)
     }
 }
 
@@ -152,12 +149,10 @@ async fn list(
         .list_webhook_endpoints(ctx.request(pb::ListWebhookEndpointsRequest { page: q.page() }))
         .await?
         .into_inner();
-    let items = r
-        .endpoints
-        .iter()
-        .map(|e| to_json(&message("WebhookEndpoint"), e))
-        .collect::<Result<_, _>>()?;
-    page_reply(items, r.page)
+    page_reply(
+        to_json_list(&message("WebhookEndpoint"), &r.endpoints)?,
+        r.page,
+    )
 }
 
 async fn rotate(
@@ -205,12 +200,7 @@ async fn deliveries(
         }))
         .await?
         .into_inner();
-    let items = r
-        .deliveries
-        .iter()
-        .map(|d| to_json(&message("Delivery"), d))
-        .collect::<Result<_, _>>()?;
-    page_reply(items, r.page)
+    page_reply(to_json_list(&message("Delivery"), &r.deliveries)?, r.page)
 }
 
 async fn delivery(
