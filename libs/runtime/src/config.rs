@@ -47,6 +47,7 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub scheduler: SchedulerConfig,
     pub webhooks: WebhooksConfig,
+    pub channels: ChannelsConfig,
     pub idempotency: IdempotencyConfig,
     pub gateway: GatewayConfig,
 }
@@ -145,6 +146,58 @@ impl Default for WebhooksConfig {
     }
 }
 
+/// Messages to customers (notification): e-mail over SMTP, SMS and push through a
+/// generic HTTP provider.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelsConfig {
+    /// SMTP server: `smtp://host:port` (plain, for a local relay), `smtp://host?tls=required`
+    /// (STARTTLS) or `smtps://user:password@host` (TLS). Unset: e-mails fail with REJECTED.
+    pub smtp_url: Option<String>,
+    /// SMS provider. Unset: SMS fail with REJECTED.
+    pub sms: Option<HttpProviderConfig>,
+    /// Push provider. Unset: push messages fail with REJECTED.
+    pub push: Option<HttpProviderConfig>,
+    /// Public base URL of the gateway, for unsubscribe links
+    /// (`{public_url}/v1/unsubscribe?token=…`).
+    pub public_url: String,
+    /// Seconds before each attempt of a message: the first, then after each transient
+    /// failure (a refusal is not retried).
+    pub retry_schedule_secs: Vec<u64>,
+    /// Seconds a provider or SMTP server has to answer.
+    pub timeout_secs: u64,
+    /// Messages claimed per poll.
+    pub batch_size: u32,
+}
+
+/// A provider reached by an HTTP POST: the body is a minijinja template rendered with
+/// `to`, `subject`, `text` and `message_id` (use the `tojson` filter), sent as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProviderConfig {
+    /// Endpoint URL.
+    pub url: String,
+    /// Extra headers, e.g. `Authorization`.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Body template.
+    pub body: String,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        Self {
+            smtp_url: None,
+            sms: None,
+            push: None,
+            public_url: "http://127.0.0.1:8080".into(),
+            retry_schedule_secs: vec![0, 10, 60, 600, 3600],
+            timeout_secs: 15,
+            batch_size: 100,
+        }
+    }
+}
+
 /// The campaign scheduler's job workers and campaign sync.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -214,6 +267,7 @@ impl Default for Config {
             outbox: OutboxConfig::default(),
             scheduler: SchedulerConfig::default(),
             webhooks: WebhooksConfig::default(),
+            channels: ChannelsConfig::default(),
             idempotency: IdempotencyConfig::default(),
             gateway: GatewayConfig::default(),
         }
@@ -371,6 +425,27 @@ impl Config {
         }
         if self.webhooks.batch_size == 0 || self.webhooks.batch_size > 1000 {
             return invalid("webhooks.batch_size", "must be within 1..=1000");
+        }
+        if self.channels.timeout_secs == 0 || self.channels.timeout_secs > 60 {
+            return invalid("channels.timeout_secs", "must be within 1..=60");
+        }
+        if self.channels.retry_schedule_secs.is_empty()
+            || self.channels.retry_schedule_secs.len() > 20
+        {
+            return invalid("channels.retry_schedule_secs", "must hold 1 to 20 delays");
+        }
+        if self.channels.batch_size == 0 || self.channels.batch_size > 1000 {
+            return invalid("channels.batch_size", "must be within 1..=1000");
+        }
+        if let Some(url) = &self.channels.smtp_url
+            && !(url.starts_with("smtp://") || url.starts_with("smtps://"))
+        {
+            return invalid("channels.smtp_url", "must start with smtp:// or smtps://");
+        }
+        if !(self.channels.public_url.starts_with("http://")
+            || self.channels.public_url.starts_with("https://"))
+        {
+            return invalid("channels.public_url", "must be an http(s) URL");
         }
         if self.scheduler.job_lease_secs == 0 {
             return invalid("scheduler.job_lease_secs", "must be at least 1");

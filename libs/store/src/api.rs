@@ -51,3 +51,14 @@ pub fn page_response(has_more: bool, last_id: Option<&str>) -> Option<PageRespon
         has_more,
     })
 }
+
+/// A language tag as messages use it (BCP 47, simplified): a 2–3 letter lower-case
+/// language, then subtags of 2–8 letters or digits (`it`, `it-IT`, `zh-Hant-TW`).
+pub fn is_locale(s: &str) -> bool {
+    let mut parts = s.split('-');
+    s.len() <= 35
+        && parts.next().is_some_and(|l| {
+            (2..=3).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_lowercase())
+        })
+        && parts.all(|p| (2..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric()))
+}

@@ -310,10 +310,20 @@ async fn record_transition(
     ))
     .await
     .map_err(db_error)?;
+    // One event type per destination, so receivers can subscribe to what they act on.
+    let event = match (from, c.state()) {
+        (_, State::Draft) => "campaign.created",
+        (State::Paused, State::Active) => "campaign.resumed",
+        (_, State::Active) => "campaign.started",
+        (_, State::Scheduled) => "campaign.scheduled",
+        (_, State::Paused) => "campaign.paused",
+        (_, State::Killed) => "campaign.killed",
+        _ => "campaign.ended",
+    };
     enqueue(
         txn,
         &ctx.tenant_id,
-        "campaign.state_changed",
+        event,
         &serde_json::json!({
             "campaign_id": c.id,
             "from": state_name(from),

@@ -322,9 +322,16 @@ pub async fn remind(
     let payload: serde_json::Value =
         serde_json::from_slice(&job.payload).map_err(Error::internal)?;
     let customer = payload["customer_id"].as_str().unwrap_or_default();
-    let active = campaigns::get(txn, &job.tenant_id, &job.campaign_id)
+    let campaign = campaigns::get(txn, &job.tenant_id, &job.campaign_id)
         .await
-        .is_ok_and(|c| c.state() == pb::CampaignState::Active);
+        .ok();
+    let active = campaign
+        .as_ref()
+        .is_some_and(|c| c.state() == pb::CampaignState::Active);
+    let channel = campaign
+        .and_then(|c| c.incentive)
+        .map(|i| i.channel)
+        .unwrap_or_default();
     if !active || remote["redeemed"].as_bool() == Some(true) {
         tracing::info!(job = %job.id, campaign = %job.campaign_id, %customer, active, "reminder not needed");
         return Ok(Outcome::Done);
@@ -340,6 +347,7 @@ pub async fn remind(
             "template": payload["template"],
             "publication_id": payload["publication_id"],
             "code": payload["code"],
+            "channel": channel,
         }),
     )
     .await?;

@@ -4,6 +4,7 @@
 //! expiry and tier sweeps) that run once however many replicas share the database.
 
 pub mod campaigns;
+mod distributions;
 mod issues;
 pub mod jobs;
 mod migrations;
@@ -143,6 +144,11 @@ impl Executor for CampaignJobs {
                     }
                     Ok(serde_json::Value::Null)
                 }
+                distributions::JOB => {
+                    let now = tessera_store::now_micros();
+                    distributions::run_page(&self.db, &self.catalog, &self.eligibility, job, now)
+                        .await
+                }
                 issues::REMINDER_JOB => {
                     let payload: serde_json::Value =
                         serde_json::from_slice(&job.payload).map_err(Error::internal)?;
@@ -182,6 +188,7 @@ impl Executor for CampaignJobs {
                     Ok(Outcome::Done)
                 }
                 issues::REMINDER_JOB => issues::remind(txn, job, &remote).await,
+                distributions::JOB => distributions::settle(txn, job, &remote, now).await,
                 issues::OCCASION_JOB => {
                     match campaigns::get(txn, &job.tenant_id, &job.campaign_id).await {
                         Ok(c)
@@ -249,7 +256,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
             db: db.clone(),
             wallet,
             catalog: catalog.clone(),
-            eligibility,
+            eligibility: eligibility.clone(),
             sync: sync.waker(),
         }),
         WorkerConfig {
@@ -267,6 +274,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         .waking(relay.waker()),
         sync: sync.clone(),
         catalog,
+        eligibility,
         clock,
         jobs_wake: worker.waker(),
     };

@@ -135,6 +135,34 @@ impl MigratorTrait for Migrator {
             },
             indexes: Vec::new,
         }));
+        all.push(Box::new(Migration {
+            name: "m0402_distributions",
+            tables: || {
+                vec![table(
+                    "distributions",
+                    vec![
+                        col::text("tenant_id"),
+                        col::text("id"),
+                        col::text("campaign_id"),
+                        col::text("segment_id"),
+                        col::text("state"),
+                        col::big("total"),
+                        col::big("processed"),
+                        col::big("issued"),
+                        col::big("already_issued"),
+                        col::big("failed"),
+                        col::text("failures"),
+                        col::text("error"),
+                        col::text("cursor"),
+                        col::text("principal"),
+                        col::big("created_at"),
+                        col::big("finished_at"),
+                    ],
+                    &["tenant_id", "id"],
+                )]
+            },
+            indexes: Vec::new,
+        }));
         all
     }
 }

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use sea_orm::ConnectionTrait;
 
 use tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
+use tessera_proto::eligibility::v1 as epb;
+use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
 use tessera_proto::scheduler::v1 as pb;
 use tessera_proto::scheduler::v1::scheduler_service_server::SchedulerService;
 use tessera_runtime::context::context_of;
@@ -17,15 +19,16 @@ use tessera_store::{Db, db_error, stmt};
 use tonic::{Request, Response, Status};
 
 use crate::campaigns::{self, Action};
-use crate::issues;
 use crate::jobs::Clock;
 use crate::sync::Sync;
+use crate::{distributions, issues};
 
 pub struct Scheduler {
     pub db: Db,
     pub idempotency: Idempotency,
     pub sync: Sync,
     pub catalog: CatalogServiceClient<tessera_runtime::grpc::Channel>,
+    pub eligibility: EligibilityServiceClient<tessera_runtime::grpc::Channel>,
     pub clock: Arc<dyn Clock>,
     /// Wakes this replica's job worker (a job was scheduled).
     pub jobs_wake: Arc<tokio::sync::Notify>,
@@ -317,6 +320,78 @@ impl SchedulerService for Scheduler {
             .await?;
         self.jobs_wake.notify_one();
         Ok(Response::new(response))
+    }
+
+    async fn distribute_campaign(
+        &self,
+        request: Request<pb::DistributeCampaignRequest>,
+    ) -> Result<Response<pb::DistributeCampaignResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        if request.campaign_id.is_empty() {
+            v.add("campaign_id", "is required");
+        }
+        if request.segment_id.is_empty() || request.segment_id.len() > 128 {
+            v.add("segment_id", "must be 1 to 128 characters");
+        }
+        v.finish()?;
+        let campaign = campaigns::get(self.db.conn(), &ctx.tenant_id, &request.campaign_id).await?;
+        distributions::check_campaign(&campaign)?;
+        let segment = self
+            .eligibility
+            .clone()
+            .get_segment(ctx.request(epb::GetSegmentRequest {
+                id: request.segment_id.clone(),
+            }))
+            .await
+            .map_err(|s| Error::from_status(&s))?
+            .into_inner()
+            .segment
+            .unwrap_or_default();
+        let now = self.clock.now();
+        let distribution = pb::Distribution {
+            id: uuid::Uuid::now_v7().to_string(),
+            campaign_id: campaign.id.clone(),
+            segment_id: request.segment_id.clone(),
+            total: u64::try_from(segment.size).unwrap_or_default(),
+            ..Default::default()
+        };
+        let (work_ctx, db_tenant) = (ctx.clone(), ctx.tenant_id.clone());
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "scheduler.DistributeCampaign",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        distributions::start(txn, &work_ctx, &distribution, now).await?;
+                        let (distribution, _) =
+                            distributions::get(txn, &db_tenant, &distribution.id).await?;
+                        Ok(pb::DistributeCampaignResponse {
+                            distribution: Some(distribution),
+                        })
+                    })
+                },
+            )
+            .await?;
+        self.jobs_wake.notify_one();
+        Ok(Response::new(response))
+    }
+
+    async fn get_distribution(
+        &self,
+        request: Request<pb::GetDistributionRequest>,
+    ) -> Result<Response<pb::GetDistributionResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let id = request.into_inner().id;
+        let (distribution, _) = distributions::get(self.db.conn(), &ctx.tenant_id, &id).await?;
+        Ok(Response::new(pb::GetDistributionResponse {
+            distribution: Some(distribution),
+        }))
     }
 
     async fn ensure_wallet_sweeps(

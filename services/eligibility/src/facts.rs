@@ -365,6 +365,42 @@ pub fn check_customer(
     if c.consents.len() > 50 {
         v.add(f("consents"), "must hold at most 50 purposes");
     }
+    if !c.email.is_empty() && !is_email(&c.email) {
+        v.add(
+            f("email"),
+            "must be an e-mail address, e.g. ada@example.com",
+        );
+    }
+    if !c.phone.is_empty() && !is_e164(&c.phone) {
+        v.add(f("phone"), "must be in E.164 form, e.g. +393331234567");
+    }
+    if c.push_token.len() > 4096 {
+        v.add(f("push_token"), "must be at most 4096 bytes");
+    }
+    if !c.locale.is_empty() && !tessera_store::api::is_locale(&c.locale) {
+        v.add(f("locale"), "must be a language tag, e.g. it or it-IT");
+    }
+}
+
+/// One `@` between a local part and a dotted domain, no spaces, at most 254 bytes.
+fn is_email(s: &str) -> bool {
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
+    s.len() <= 254
+        && !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains('@')
+        && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// `+` and 8 to 15 digits, the first not 0.
+fn is_e164(s: &str) -> bool {
+    s.strip_prefix('+').is_some_and(|d| {
+        (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0')
+    })
 }
 
 /// Bumps a customer's facts version, creating an empty profile if there is none; returns
@@ -494,6 +530,19 @@ pub async fn upsert_customer(
         .map_err(db_error)?
         .ok_or_else(|| Error::internal("upsert returned no row"))?;
     let version: i64 = row.try_get_by_index(0).map_err(db_error)?;
+    if existing.is_none() {
+        tessera_store::outbox::enqueue(
+            txn,
+            tenant,
+            "customer.joined",
+            &serde_json::json!({
+                "customer_id": input.id,
+                "joined_at": DateTime::<Utc>::from_timestamp_micros(created_at),
+                "country": profile.country,
+            }),
+        )
+        .await?;
+    }
     Ok((
         pb::Customer {
             profile: Some(profile),

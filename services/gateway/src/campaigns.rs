@@ -1,17 +1,24 @@
 //! Campaign routes for marketers and integrations: `POST|GET /v1/campaigns`,
 //! `GET|PUT /v1/campaigns/{id}` (`?expected_version=` guards an edit), the state changes
 //! `POST /v1/campaigns/{id}/{start|pause|resume|stop|kill}` (body `{"reason": "..."}`), and
-//! `GET /v1/campaigns/{id}/history` and `/jobs`. Bodies and answers are the scheduler's
+//! `GET /v1/campaigns/{id}/history` and `/jobs`; distribution: `POST
+//! /v1/campaigns/{id}/distributions` (`{"segment_id": …}`) sends the campaign's incentive
+//! to a segment, `GET /v1/distributions/{id}` reports progress and, under `messages`, how
+//! the messages it caused ended; `GET /v1/campaigns/{id}/codes.csv` exports the codes of
+//! the campaign's pool with customer and status. Bodies and answers are the scheduler's
 //! protobuf messages in their canonical JSON mapping ([`crate::transcode`]).
 
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
+use tessera_proto::catalog::v1 as cpb;
+use tessera_proto::notification::v1 as npb;
 use tessera_proto::scheduler::v1 as pb;
 use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 use tessera_runtime::grpc::Channel;
@@ -23,7 +30,7 @@ use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{Principal, Role};
 use crate::observe::RequestId;
-use crate::transcode::{from_json, reply, to_json_list, with};
+use crate::transcode::{from_json, reply, to_json, to_json_list, with};
 
 /// Roles that write campaigns and move them through their states.
 const AUTHORS: [Role; 2] = [Role::Admin, Role::Marketer];
@@ -38,6 +45,9 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/campaigns/{id}", get(get_one).put(update))
         .route("/v1/campaigns/{id}/history", get(history))
         .route("/v1/campaigns/{id}/jobs", get(jobs))
+        .route("/v1/campaigns/{id}/distributions", post(distribute))
+        .route("/v1/campaigns/{id}/codes.csv", get(codes_csv))
+        .route("/v1/distributions/{id}", get(distribution))
         .route("/v1/campaigns/{id}/{action}", post(act))
 }
 
@@ -254,4 +264,119 @@ async fn act(
         .await?
         .into_inner();
     campaign(http::StatusCode::OK, r.campaign)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DistributeBody {
+    segment_id: String,
+}
+
+async fn distribute(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(campaign_id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<DistributeBody>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &AUTHORS, &request_id)?;
+    let r = client
+        .distribute_campaign(ctx.request(pb::DistributeCampaignRequest {
+            idempotency_key: key,
+            campaign_id,
+            segment_id: body.segment_id,
+        }))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::ACCEPTED,
+        &message("Distribution"),
+        &r.distribution.unwrap_or_default(),
+    )
+}
+
+/// A distribution, with its messages counted by state and reason under `messages`.
+async fn distribution(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let d = client
+        .get_distribution(ctx.request(pb::GetDistributionRequest { id }))
+        .await?
+        .into_inner()
+        .distribution
+        .unwrap_or_default();
+    let counts = state
+        .notification
+        .clone()
+        .summarize_messages(ctx.request(npb::SummarizeMessagesRequest {
+            cause: format!("distribution:{}", d.id),
+        }))
+        .await?
+        .into_inner()
+        .counts;
+    let mut body = to_json(&message("Distribution"), &d)?;
+    body["messages"] = Value::Array(to_json_list(
+        "tessera.notification.v1.MessageCount",
+        &counts,
+    )?);
+    Ok((http::StatusCode::OK, axum::Json(body)).into_response())
+}
+
+/// The codes of the campaign's pool as `text/csv`
+/// (`code,status,redemptions,max_uses,customer_id,starts_at,ends_at`).
+async fn codes_csv(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let c = client
+        .get_campaign(ctx.request(pb::GetCampaignRequest { id }))
+        .await?
+        .into_inner()
+        .campaign
+        .unwrap_or_default();
+    let pool_id = c
+        .incentive
+        .map(|i| i.pool_id)
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| {
+            ApiError::from(
+                Error::new(
+                    tessera_runtime::Code::FailedPrecondition,
+                    format!(
+                        "campaign `{}` issues no codes (its incentive has no pool)",
+                        c.id
+                    ),
+                )
+                .with_reason("NO_CODE_POOL"),
+            )
+        })?;
+    let stream = state
+        .catalog
+        .clone()
+        .export_codes(ctx.request(cpb::ExportCodesRequest { pool_id }))
+        .await?
+        .into_inner()
+        .map(|chunk| chunk.map(|c| c.chunk));
+    Ok((
+        [
+            (
+                http::header::CONTENT_TYPE,
+                "text/csv; charset=utf-8".to_string(),
+            ),
+            (
+                http::header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"campaign-{}-codes.csv\"", c.id),
+            ),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }

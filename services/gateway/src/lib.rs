@@ -9,6 +9,7 @@ mod eligibility;
 mod error;
 mod extract;
 mod keys;
+mod messages;
 mod observe;
 mod routes;
 mod transcode;

@@ -40,6 +40,7 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
         .merge(crate::eligibility::routes())
         .merge(crate::campaigns::routes())
         .merge(crate::webhooks::routes())
+        .merge(crate::messages::routes())
         .fallback(not_found)
         .with_state(state)
         .merge(tessera_runtime::metrics::router())

@@ -26,6 +26,7 @@ use tessera_store::{Db, db_error, insert_rows, now_micros, stmt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::catalogue;
 use crate::endpoints::{self, Stored};
 use crate::signing;
 
@@ -269,6 +270,8 @@ pub struct Dispatcher {
     /// Deliveries this process has in flight, per endpoint.
     in_flight: Arc<Mutex<HashMap<String, u32>>>,
     wake: Arc<Notify>,
+    /// Payload versions, for the envelope.
+    catalogue: Arc<Vec<pb::EventType>>,
 }
 
 fn micros(d: Duration) -> i64 {
@@ -289,6 +292,7 @@ impl Dispatcher {
             config,
             in_flight: Arc::default(),
             wake: Arc::new(Notify::new()),
+            catalogue: Arc::new(catalogue::event_types()),
         })
     }
 
@@ -438,6 +442,7 @@ impl Dispatcher {
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         let body = serde_json::to_vec(&json!({
             "type": event_type,
+            "version": catalogue::current_version(&self.catalogue, &event_type),
             "timestamp": timestamp,
             "event_id": c.event,
             "data": data,

@@ -3,19 +3,26 @@
 //! least once), and webhooks: endpoints per tenant with event-type filters and rotating
 //! secrets, deliveries written with the events that cause them and sent at least once,
 //! signed per the Standard Webhooks specification, with retries, a dead-letter list and
-//! replay.
+//! replay; messages to customers (e-mail, SMS, push) from templates per tenant, campaign
+//! and locale, sent only with the consent their purpose needs; and the documented event
+//! catalogue.
 
+mod catalogue;
+mod channels;
 mod deliveries;
 mod endpoints;
+mod messages;
 mod service;
 pub mod signing;
+mod templates;
 
 use std::time::Duration;
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
+use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
 use tessera_proto::notification::v1::notification_service_server::NotificationServiceServer;
-use tessera_runtime::Config;
 use tessera_runtime::component::{self, Component};
+use tessera_runtime::{Config, grpc};
 use tessera_store::Db;
 use tessera_store::idempotency::Idempotency;
 use tessera_store::migrate::{Migration, col, index, plumbing, table};
@@ -148,6 +155,111 @@ impl MigratorTrait for Migrator {
                 ]
             },
         }));
+        all.push(Box::new(Migration {
+            name: "m0102_channels",
+            tables: || {
+                vec![
+                    table(
+                        "brands",
+                        vec![
+                            col::text("tenant_id"),
+                            col::blob("brand"),
+                            col::big("updated_at"),
+                        ],
+                        &["tenant_id"],
+                    ),
+                    table(
+                        "templates",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("name"),
+                            col::int("channel"),
+                            col::text("campaign_id"),
+                            col::text("locale"),
+                            col::int("purpose"),
+                            col::text("subject"),
+                            col::text("body_text"),
+                            col::text("body_html"),
+                            col::big("version"),
+                            col::big("updated_at"),
+                        ],
+                        &["tenant_id", "name", "channel", "campaign_id", "locale"],
+                    ),
+                    // The delivery log: one row per message, kept with its outcome.
+                    table(
+                        "messages",
+                        vec![
+                            col::text("id"),
+                            col::text("tenant_id"),
+                            col::text("customer_id"),
+                            col::int("channel"),
+                            col::text("template"),
+                            col::text("campaign_id"),
+                            col::text("cause"),
+                            col::blob("variables"),
+                            col::text("dedupe_key"),
+                            col::big("created_at"),
+                            col::text("status").default("queued").to_owned(),
+                            col::text_empty("reason"),
+                            col::text_empty("detail"),
+                            col::int("purpose").default(0).to_owned(),
+                            col::text_empty("recipient"),
+                            col::text_empty("subject"),
+                            col::int("attempts").default(0).to_owned(),
+                            col::big_zero("next_attempt_at"),
+                            col::text_empty("lease_owner"),
+                            col::big_zero("lease_until"),
+                            col::big_zero("finished_at"),
+                        ],
+                        &["id"],
+                    ),
+                    table(
+                        "subscriptions",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("customer_id"),
+                            col::int("channel"),
+                            col::int("subscribed"),
+                            col::big("updated_at"),
+                        ],
+                        &["tenant_id", "customer_id", "channel"],
+                    ),
+                    table(
+                        "notification_secrets",
+                        vec![col::text("name"), col::blob("value")],
+                        &["name"],
+                    ),
+                ]
+            },
+            indexes: || {
+                vec![
+                    index(
+                        "messages_dedupe",
+                        "messages",
+                        &["tenant_id", "dedupe_key"],
+                        true,
+                    ),
+                    index(
+                        "messages_by_customer",
+                        "messages",
+                        &["tenant_id", "customer_id", "id"],
+                        false,
+                    ),
+                    index(
+                        "messages_by_cause",
+                        "messages",
+                        &["tenant_id", "cause", "id"],
+                        false,
+                    ),
+                    index(
+                        "messages_due",
+                        "messages",
+                        &["status", "next_attempt_at"],
+                        false,
+                    ),
+                ]
+            },
+        }));
         all
     }
 }
@@ -161,9 +273,22 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
 pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Component> {
     let db = Db::open::<Migrator>(config, SERVICE).await?;
     let dispatcher = deliveries::Dispatcher::new(db.clone(), config.webhooks.clone())?;
+    let eligibility = EligibilityServiceClient::new(grpc::channel(
+        &config.peers.eligibility_url,
+        config.peer_timeout(),
+    )?);
+    let tokens = messages::Tokens::load(&db).await?;
+    let sender = messages::Sender::new(
+        db.clone(),
+        config.channels.clone(),
+        eligibility,
+        tokens.clone(),
+    )?;
     let service = service::Notification {
         db: db.clone(),
         webhooks: config.webhooks.clone(),
+        tokens,
+        send: sender.waker(),
         idempotency: Idempotency::new(
             db.clone(),
             Duration::from_secs(config.idempotency.in_flight_lease_secs),
@@ -174,7 +299,8 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         .grpc(GRPC_NAME, move |routes| {
             routes.add_service(NotificationServiceServer::new(service));
         })
-        .task(tokio::spawn(dispatcher.run(shutdown)))
+        .task(tokio::spawn(dispatcher.run(shutdown.clone())))
+        .task(tokio::spawn(sender.run(shutdown)))
         .probe(db.probe()))
 }
 

@@ -18,7 +18,7 @@ use tessera_store::{Db, db_error, insert_rows, now_micros, stmt};
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
-use crate::{deliveries, endpoints, signing};
+use crate::{catalogue, deliveries, endpoints, messages, signing, templates};
 
 /// Most events accepted in one `PublishEvents` call.
 const MAX_BATCH: usize = 1000;
@@ -29,6 +29,10 @@ pub struct Notification {
     pub idempotency: Idempotency,
     /// Wakes the webhook dispatcher.
     pub dispatch: Arc<Notify>,
+    /// Signs and reads unsubscribe links.
+    pub tokens: messages::Tokens,
+    /// Wakes the message sender.
+    pub send: Arc<Notify>,
 }
 
 /// An endpoint's concurrency limit: as given, or the default.
@@ -140,9 +144,25 @@ impl NotificationService for Notification {
             })
             .collect();
         let queued = deliveries::fan_out(&txn, &ctx.tenant_id, &events, received_at).await?;
+        // Messages the events ask for (issued incentives, reminders), and erasures.
+        let mut wanted = Vec::new();
+        for e in &request.events {
+            if e.r#type == "customer.erased" {
+                let data: serde_json::Value =
+                    serde_json::from_slice(&e.data).map_err(Error::internal)?;
+                if let Some(customer) = data["customer_id"].as_str() {
+                    messages::erase(&txn, &ctx.tenant_id, customer).await?;
+                }
+            }
+            wanted.extend(messages::from_event(&e.id, &e.r#type, &e.data));
+        }
+        let to_send = messages::queue(&txn, &ctx.tenant_id, wanted, received_at).await?;
         txn.commit().await.map_err(db_error)?;
         if queued > 0 {
             self.dispatch.notify_one();
+        }
+        if to_send > 0 {
+            self.send.notify_one();
         }
         let total = u32::try_from(request.events.len()).unwrap_or(u32::MAX);
         tracing::debug!(accepted, duplicates = total - accepted, "events received");
@@ -488,6 +508,313 @@ impl NotificationService for Notification {
             )
             .await?;
         self.dispatch.notify_one();
+        Ok(Response::new(response))
+    }
+
+    async fn list_event_types(
+        &self,
+        _request: Request<pb::ListEventTypesRequest>,
+    ) -> Result<Response<pb::ListEventTypesResponse>, Status> {
+        Ok(Response::new(pb::ListEventTypesResponse {
+            event_types: catalogue::event_types(),
+        }))
+    }
+
+    async fn put_brand(
+        &self,
+        request: Request<pb::PutBrandRequest>,
+    ) -> Result<Response<pb::PutBrandResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        let brand = request.brand.clone().unwrap_or_default();
+        templates::check_brand(&mut v, &brand);
+        v.finish()?;
+        let tenant = ctx.tenant_id.clone();
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "notification.PutBrand",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        templates::put_brand(txn, &tenant, &brand, now_micros()).await?;
+                        Ok(pb::PutBrandResponse { brand: Some(brand) })
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_brand(
+        &self,
+        request: Request<pb::GetBrandRequest>,
+    ) -> Result<Response<pb::GetBrandResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let brand = templates::brand(self.db.conn(), &ctx.tenant_id).await?;
+        Ok(Response::new(pb::GetBrandResponse { brand: Some(brand) }))
+    }
+
+    async fn put_template(
+        &self,
+        request: Request<pb::PutTemplateRequest>,
+    ) -> Result<Response<pb::PutTemplateResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        match &request.template {
+            Some(t) => templates::check(&mut v, t),
+            None => v.add("template", "is required"),
+        }
+        v.finish()?;
+        let (tenant, template) = (
+            ctx.tenant_id.clone(),
+            request.template.clone().unwrap_or_default(),
+        );
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "notification.PutTemplate",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let template =
+                            templates::put(txn, &tenant, &template, now_micros()).await?;
+                        Ok(pb::PutTemplateResponse {
+                            template: Some(template),
+                        })
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn list_templates(
+        &self,
+        request: Request<pb::ListTemplatesRequest>,
+    ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let name = request.into_inner().name;
+        let templates = templates::list(self.db.conn(), &ctx.tenant_id, &name).await?;
+        Ok(Response::new(pb::ListTemplatesResponse { templates }))
+    }
+
+    async fn delete_template(
+        &self,
+        request: Request<pb::DeleteTemplateRequest>,
+    ) -> Result<Response<pb::DeleteTemplateResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        if !templates::is_name(&request.name) {
+            v.add("name", "must be 1 to 64 of a-z, 0-9, _ and -");
+        }
+        v.finish()?;
+        let (tenant, r) = (ctx.tenant_id.clone(), request.clone());
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "notification.DeleteTemplate",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        templates::delete(txn, &tenant, &r).await?;
+                        Ok(pb::DeleteTemplateResponse {})
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn send_message(
+        &self,
+        request: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        tessera_store::api::check_customer_id(&mut v, "customer_id", &request.customer_id);
+        if request.channel() == pb::Channel::Unspecified {
+            v.add("channel", "is required (EMAIL, SMS or PUSH)");
+        }
+        if !templates::is_name(&request.template) {
+            v.add("template", "must be 1 to 64 of a-z, 0-9, _ and -");
+        }
+        if request.campaign_id.len() > 64 {
+            v.add("campaign_id", "must be at most 64 characters");
+        }
+        let variables = if request.variables.is_empty() {
+            serde_json::json!({})
+        } else {
+            match serde_json::from_slice::<serde_json::Value>(&request.variables) {
+                Ok(vars @ serde_json::Value::Object(_)) if request.variables.len() <= 65_536 => {
+                    vars
+                }
+                _ => {
+                    v.add("variables", "must be a JSON object of at most 64 KiB");
+                    serde_json::Value::Null
+                }
+            }
+        };
+        v.finish()?;
+        let tenant = ctx.tenant_id.clone();
+        let r = request.clone();
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "notification.SendMessage",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let key = messages::new_id();
+                        let message = messages::NewMessage {
+                            customer_id: r.customer_id.clone(),
+                            channel: r.channel(),
+                            template: r.template.clone(),
+                            campaign_id: r.campaign_id.clone(),
+                            cause: "api".into(),
+                            variables,
+                            dedupe_key: key.clone(),
+                        };
+                        messages::queue(txn, &tenant, vec![message], now_micros()).await?;
+                        Ok(pb::SendMessageResponse {
+                            message: Some(messages::by_key(txn, &tenant, &key).await?),
+                        })
+                    })
+                },
+            )
+            .await?;
+        self.send.notify_one();
+        Ok(Response::new(response))
+    }
+
+    async fn list_messages(
+        &self,
+        request: Request<pb::ListMessagesRequest>,
+    ) -> Result<Response<pb::ListMessagesResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let page = request.page.clone().unwrap_or_default();
+        let limit = v.page_limit(page.limit);
+        if !page.starting_after.is_empty() && !page.starting_after.starts_with("mes_") {
+            v.add(
+                "page.starting_after",
+                "is not a cursor returned by this API",
+            );
+        }
+        if request.customer_id.is_empty() && request.cause.is_empty() {
+            v.add("customer_id", "is required (or give cause)");
+        }
+        if pb::MessageStatus::try_from(request.status).is_err() {
+            v.add("status", "is not a message status");
+        }
+        v.finish()?;
+        let (messages, more) = messages::list(
+            self.db.conn(),
+            &ctx.tenant_id,
+            &request,
+            &page.starting_after,
+            limit,
+        )
+        .await?;
+        let page = page_response(more, messages.last().map(|m| m.id.as_str()));
+        Ok(Response::new(pb::ListMessagesResponse { messages, page }))
+    }
+
+    async fn summarize_messages(
+        &self,
+        request: Request<pb::SummarizeMessagesRequest>,
+    ) -> Result<Response<pb::SummarizeMessagesResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let cause = request.into_inner().cause;
+        let mut v = Violations::new();
+        if cause.is_empty() || cause.len() > 200 {
+            v.add("cause", "must be 1 to 200 characters");
+        }
+        v.finish()?;
+        let counts = messages::summarize(self.db.conn(), &ctx.tenant_id, &cause).await?;
+        Ok(Response::new(pb::SummarizeMessagesResponse { counts }))
+    }
+
+    async fn set_subscription(
+        &self,
+        request: Request<pb::SetSubscriptionRequest>,
+    ) -> Result<Response<pb::SetSubscriptionResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        tessera_store::api::check_customer_id(&mut v, "customer_id", &request.customer_id);
+        if request.channel() == pb::Channel::Unspecified {
+            v.add("channel", "is required (EMAIL, SMS or PUSH)");
+        }
+        v.finish()?;
+        let (tenant, r) = (ctx.tenant_id.clone(), request.clone());
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "notification.SetSubscription",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        messages::set_subscription(
+                            txn,
+                            &tenant,
+                            &r.customer_id,
+                            r.channel(),
+                            r.subscribed,
+                            now_micros(),
+                        )
+                        .await?;
+                        Ok(pb::SetSubscriptionResponse {})
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: Request<pb::UnsubscribeRequest>,
+    ) -> Result<Response<pb::UnsubscribeResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let token = request.into_inner().token;
+        let (tenant, customer, channel) = self
+            .tokens
+            .verify(&token)
+            .filter(|(tenant, _, _)| *tenant == ctx.tenant_id)
+            .ok_or_else(|| {
+                Error::invalid_field("token", "is not an unsubscribe link of this service")
+            })?;
+        // Following the link again changes nothing: no idempotency key needed.
+        let txn = self.db.begin_write().await?;
+        messages::set_subscription(&txn, &tenant, &customer, channel, false, now_micros()).await?;
+        txn.commit().await.map_err(db_error)?;
+        tracing::info!(%customer, channel = messages::channel_name(channel), "unsubscribed");
+        let mut response = pb::UnsubscribeResponse {
+            customer_id: customer,
+            ..Default::default()
+        };
+        response.set_channel(channel);
         Ok(Response::new(response))
     }
 }

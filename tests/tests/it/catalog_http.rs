@@ -235,4 +235,5 @@ async fn rewards_codes_and_publication_over_http(suite: TestSuite) {
         .await
         .unwrap();
     assert_eq!(read.status(), 200);
+    crate::check_catalogue(&suite, TENANT).await;
 }

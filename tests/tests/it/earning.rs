@@ -302,6 +302,7 @@ async fn orders_earn_by_tier_condition_and_hour_and_returns_take_back(suite: Tes
 
     let earned = events(&suite, TENANT, "loyalty.points_earned").await;
     assert!(earned.len() >= 7, "{} events", earned.len());
+    crate::check_catalogue(&suite, TENANT).await;
 }
 
 async fn referrals_count_on_the_first_order_and_caps_hold(suite: TestSuite) {
@@ -392,4 +393,5 @@ async fn referrals_count_on_the_first_order_and_caps_hold(suite: TestSuite) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(balance(&mut wallet, &suite, "gus", "ref").await, 0);
     assert_eq!(balance(&mut wallet, &suite, "adam", "ref").await, 1100);
+    crate::check_catalogue(&suite, TENANT).await;
 }

@@ -10,6 +10,7 @@ mod health;
 mod idempotency;
 mod input;
 mod jobs;
+mod messages;
 mod metrics;
 mod outbox;
 mod redemption;
@@ -44,6 +45,64 @@ pub async fn events(suite: &TestSuite, tenant: &str, event_type: &str) -> Vec<np
         .expect("list events")
         .into_inner()
         .events
+}
+
+/// Every event notification has received for `tenant` matches the catalogue: its type is
+/// listed and its payload validates against the type's current JSON Schema.
+pub async fn check_catalogue(suite: &TestSuite, tenant: &str) {
+    let mut client = NotificationServiceClient::new(suite.channel());
+    let catalogue = client
+        .list_event_types(suite.ctx(tenant).request(npb::ListEventTypesRequest {}))
+        .await
+        .expect("catalogue")
+        .into_inner()
+        .event_types;
+    let validators: std::collections::HashMap<String, jsonschema::Validator> = catalogue
+        .iter()
+        .map(|t| {
+            let schema: Value =
+                serde_json::from_str(&t.schemas.last().expect("a version").json_schema)
+                    .expect("schema is JSON");
+            let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+            (t.name.clone(), validator)
+        })
+        .collect();
+    let mut after = String::new();
+    let mut checked = 0;
+    loop {
+        let page = client
+            .list_events(suite.ctx(tenant).request(npb::ListEventsRequest {
+                r#type: String::new(),
+                page: Some(tessera_proto::common::v1::PageRequest {
+                    limit: 100,
+                    starting_after: after.clone(),
+                }),
+            }))
+            .await
+            .expect("events")
+            .into_inner();
+        for e in &page.events {
+            let validator = validators
+                .get(&e.r#type)
+                .unwrap_or_else(|| panic!("`{}` is not in the event catalogue", e.r#type));
+            let payload = data(e);
+            let errors: Vec<String> = validator
+                .iter_errors(&payload)
+                .map(|err| format!("{} at {}", err, err.instance_path))
+                .collect();
+            assert!(
+                errors.is_empty(),
+                "`{}` does not match its schema: {errors:?}\n{payload}",
+                e.r#type
+            );
+            checked += 1;
+        }
+        match page.page {
+            Some(p) if p.has_more => after = p.next_cursor,
+            _ => break,
+        }
+    }
+    eprintln!("event catalogue: {checked} events checked");
 }
 
 /// The JSON payload of an event.

@@ -361,6 +361,7 @@ async fn redemption_stacks_counts_and_rolls_back(suite: TestSuite) {
     })
     .await;
     assert!(rolled.iter().any(|e| data(e)["partial"] == true));
+    crate::check_catalogue(&suite, TENANT).await;
 }
 
 async fn codes_are_refused_with_reasons_and_guessing_is_limited(suite: TestSuite) {
@@ -572,6 +573,7 @@ async fn codes_are_refused_with_reasons_and_guessing_is_limited(suite: TestSuite
     })
     .await;
     assert!(failed.iter().any(|e| data(e)["reason"] == "CODE_NOT_FOUND"));
+    crate::check_catalogue(&suite, TENANT).await;
 }
 
 async fn redeem_without_checkout(c: &mut Client, suite: &TestSuite) -> tonic::Status {
@@ -880,6 +882,7 @@ async fn reservations_hold_until_confirmed_or_expired(suite: TestSuite) {
         pb::RedemptionStatus::RolledBack
     );
     assert_eq!(usage(&suite, "held", "redemptions").await, 0);
+    crate::check_catalogue(&suite, TENANT).await;
 }
 
 async fn touchpoints_check_out_over_http(suite: TestSuite) {

@@ -278,8 +278,17 @@ async fn a_campaign_lives_through_its_states_and_eligibility_follows(suite: Test
         ]
     );
     assert!(h.iter().all(|t| !t.principal.is_empty()));
-    let events = crate::events(&suite, TENANT, "campaign.state_changed").await;
-    assert!(events.len() >= 4, "state changes leave through the outbox");
+    // Each change leaves through the outbox under the type of what happened.
+    for (event, count) in [
+        ("campaign.created", 1),
+        ("campaign.started", 1),
+        ("campaign.paused", 1),
+        ("campaign.resumed", 1),
+        ("campaign.killed", 1),
+    ] {
+        let events = crate::events(&suite, TENANT, event).await;
+        assert!(events.len() >= count, "{event} leaves through the outbox");
+    }
 
     // Stop: eligibility reports it ended.
     create(
@@ -324,6 +333,7 @@ async fn a_campaign_lives_through_its_states_and_eligibility_follows(suite: Test
         .into_inner();
     let ids: Vec<&str> = listed.campaigns.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(ids, ["summer"]);
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
 
@@ -387,6 +397,7 @@ async fn scheduled_campaigns_start_and_end_by_their_jobs(suite: TestSuite) {
         ran,
         [("campaign.start", "done", 1), ("campaign.end", "done", 1)]
     );
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
 
@@ -539,6 +550,7 @@ async fn bad_campaigns_name_the_field_and_save_nothing(suite: TestSuite) {
         )
         .is_empty()
     );
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
 
@@ -631,6 +643,7 @@ async fn campaigns_are_managed_over_http(suite: TestSuite) {
         .collect();
     assert_eq!(actions, ["create", "start", "kill"]);
     assert_eq!(history["data"][2]["reason"], "fraud wave");
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
 
@@ -842,6 +855,7 @@ async fn triggers_issue_once_and_reminders_stop_once_redeemed(suite: TestSuite) 
         .await
         .expect_err("paused");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
 
@@ -891,6 +905,7 @@ async fn snapshots_never_go_back_and_a_kill_is_never_refused(suite: TestSuite) {
         verdict(&mut e, &suite, "synced").await.is_err(),
         "the killed campaign no longer applies"
     );
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
 
@@ -1070,6 +1085,7 @@ async fn birthday_campaigns_issue_once_a_year_to_the_days_customers(suite: TestS
         .into_inner()
         .customer_ids;
     assert_eq!(anniversaries, ["hal"]);
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
 
@@ -1096,5 +1112,6 @@ async fn wallet_sweeps_run_for_a_tenant_without_campaigns(suite: TestSuite) {
             .filter(|j| j.kind.starts_with("wallet."))
             .all(|j| j.status == "pending" && j.last_error.is_empty())
     );
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }

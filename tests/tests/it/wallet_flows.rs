@@ -201,6 +201,7 @@ async fn holds_capture_release_and_refunds(suite: TestSuite) {
     .unwrap_err();
     assert!(field_of(&far).contains("expires_at"), "{far:?}");
     assert_ledger_invariants(&suite).await;
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
 
@@ -267,6 +268,7 @@ async fn reversals_refund_debits_and_claw_back_credits(suite: TestSuite) {
         assert!(field_of(&bad).contains(field), "{field}: {bad:?}");
     }
     assert_ledger_invariants(&suite).await;
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
 
@@ -306,6 +308,7 @@ async fn transfers_keep_the_senders_expiry(suite: TestSuite) {
     assert_eq!(to_self.code(), tonic::Code::InvalidArgument);
     assert!(field_of(&to_self).contains("to_customer_id"));
     assert_ledger_invariants(&suite).await;
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
 
@@ -509,6 +512,7 @@ async fn pending_cashback_lifecycle(suite: TestSuite) {
         ]
     );
     assert_ledger_invariants(&suite).await;
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
 
@@ -562,6 +566,7 @@ async fn batch_credit_posts_all_or_nothing(suite: TestSuite) {
     amounts.sort_unstable();
     assert_eq!(amounts, [5, 10, 20]);
     assert_ledger_invariants(&suite).await;
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
 
@@ -628,6 +633,7 @@ async fn gift_card_expiry_can_be_forbidden(suite: TestSuite) {
         .into_inner();
     assert!(stored.rules.unwrap().forbid_gift_card_expiry);
     assert_ledger_invariants(&suite).await;
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
 
@@ -710,5 +716,6 @@ async fn concurrent_transfers_holds_and_debits_stay_consistent(suite: TestSuite)
         .sum();
     assert_eq!(total, 2_000 - spent, "value is conserved");
     assert_ledger_invariants(&suite).await;
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }

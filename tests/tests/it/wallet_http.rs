@@ -122,6 +122,7 @@ async fn history_and_adjustments_over_http(suite: TestSuite) {
         .await
         .unwrap();
     assert_eq!(anonymous.status(), 401);
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
 
@@ -212,5 +213,6 @@ async fn refunds_and_cashback_over_http(suite: TestSuite) {
         (eur["available"].as_i64(), eur["pending"].as_i64()),
         (Some(0), Some(250))
     );
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }

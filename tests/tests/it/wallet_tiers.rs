@@ -268,5 +268,6 @@ async fn tiers_move_by_activity_with_grace(suite: TestSuite) {
         "{cashback_spend:?}"
     );
     assert_ledger_invariants(&suite).await;
+    crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
 }
