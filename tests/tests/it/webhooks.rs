@@ -412,13 +412,18 @@ async fn webhooks_are_managed_over_http(suite: TestSuite) {
         &got.body,
         &got.signature
     ));
-    let listed: serde_json::Value = suite
-        .get(&format!("/v1/deliveries?endpoint_id={id}&status=succeeded"))
-        .await
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(listed["data"][0]["id"], got.id.as_str());
+    // The sink has the body before the attempt's outcome is written.
+    let listed: serde_json::Value = eventually(Duration::from_secs(5), "settled", || async {
+        let listed: serde_json::Value = suite
+            .get(&format!("/v1/deliveries?endpoint_id={id}&status=succeeded"))
+            .await
+            .json()
+            .await
+            .expect("json");
+        (listed["data"][0]["id"] == got.id.as_str()).then_some(listed)
+    })
+    .await;
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(1));
     let detail: serde_json::Value = suite
         .get(&format!("/v1/deliveries/{}", got.id))
         .await
