@@ -59,6 +59,9 @@ pub fn test_config(backend: Backend) -> Option<Config> {
     // Four attempts a second apart: a dead letter within seconds.
     config.webhooks.retry_schedule_secs = vec![0, 1, 1, 1];
     config.database.connect_timeout_secs = 5;
+    // Tests drive many requests per key and customer; the rate-limit test turns them on.
+    config.gateway.rate_limit_per_key_per_minute = 0;
+    config.gateway.rate_limit_per_customer_per_minute = 0;
     if backend == Backend::Production {
         let (Ok(db), Ok(redis)) = (
             std::env::var("TESSERA_TEST_DATABASE_URL"),

@@ -249,6 +249,11 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Per-request timeout, in milliseconds.
     pub request_timeout_ms: u64,
+    /// Requests one API key may make per minute (GCRA: a burst of that many, then an even
+    /// rate); 0: no limit.
+    pub rate_limit_per_key_per_minute: u32,
+    /// Requests about one customer (`/v1/customers/{id}/…`) per minute; 0: no limit.
+    pub rate_limit_per_customer_per_minute: u32,
 }
 
 impl Default for Config {
@@ -342,6 +347,8 @@ impl Default for GatewayConfig {
         Self {
             max_body_bytes: 64 * 1024,
             request_timeout_ms: 10_000,
+            rate_limit_per_key_per_minute: 60_000,
+            rate_limit_per_customer_per_minute: 600,
         }
     }
 }

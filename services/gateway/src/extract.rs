@@ -33,15 +33,7 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for StrictJson<T> {
         let limit = state.max_body_bytes;
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
-            .map_err(|_| {
-                ApiError(
-                    Error::new(
-                        Code::PayloadTooLarge,
-                        format!("request body is larger than {limit} bytes"),
-                    )
-                    .with_reason("PAYLOAD_TOO_LARGE"),
-                )
-            })?;
+            .map_err(|_| too_large(limit))?;
         let mut de = serde_json::Deserializer::from_slice(&bytes);
         let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
@@ -81,6 +73,17 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for StrictJson<T> {
     }
 }
 
+/// 413 for a body over `limit` bytes.
+pub fn too_large(limit: usize) -> ApiError {
+    ApiError(
+        Error::new(
+            Code::PayloadTooLarge,
+            format!("request body is larger than {limit} bytes"),
+        )
+        .with_reason("PAYLOAD_TOO_LARGE"),
+    )
+}
+
 /// The authenticated caller, from `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
 impl FromRequestParts<Arc<AppState>> for Principal {
     type Rejection = ApiError;
@@ -105,11 +108,26 @@ impl FromRequestParts<Arc<AppState>> for Principal {
                 "missing API key: send `Authorization: Bearer <key>`",
             ));
         };
-        state
-            .keys
-            .authenticate(key)
-            .await?
-            .ok_or_else(|| ApiError::new(Code::Unauthenticated, "invalid or revoked API key"))
+        let principal =
+            state.keys.authenticate(key).await?.ok_or_else(|| {
+                ApiError::new(Code::Unauthenticated, "invalid or revoked API key")
+            })?;
+        let limited = state
+            .limits
+            .check(&principal.key_id, &principal.tenant_id, parts.uri.path());
+        if let Some(caller) = parts.extensions.get::<crate::observe::Caller>() {
+            caller.set(principal.clone(), limited);
+        }
+        if let Some(secs) = limited.and_then(|info| info.retry_after) {
+            return Err(ApiError::from(
+                tessera_runtime::Error::new(
+                    Code::ResourceExhausted,
+                    format!("rate limit exceeded: retry in {secs} s"),
+                )
+                .with_reason("RATE_LIMITED"),
+            ));
+        }
+        Ok(principal)
     }
 }
 

@@ -3,6 +3,7 @@
 //! validates and parses JSON strictly, passes the `Idempotency-Key`, request id and trace
 //! context on, and renders errors in one JSON shape. Business rules live in the services.
 
+mod audit;
 mod campaigns;
 mod catalog;
 mod eligibility;
@@ -11,6 +12,7 @@ mod extract;
 mod keys;
 mod messages;
 mod observe;
+mod ratelimit;
 mod routes;
 mod transcode;
 mod webhooks;
@@ -42,6 +44,7 @@ impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         let mut all = tessera_store::migrate::plumbing();
         all.push(Box::new(keys::migration()));
+        all.push(Box::new(audit::migration()));
         all
     }
 }
@@ -58,6 +61,7 @@ pub struct AppState {
     pub(crate) scheduler: SchedulerServiceClient<grpc::Channel>,
     pub(crate) notification: NotificationServiceClient<grpc::Channel>,
     pub(crate) max_body_bytes: usize,
+    pub(crate) limits: Arc<ratelimit::Limits>,
 }
 
 /// A gateway ready to serve.
@@ -105,6 +109,7 @@ impl Gateway {
                 config.peer_timeout(),
             )?),
             max_body_bytes: config.gateway.max_body_bytes,
+            limits: Arc::new(ratelimit::Limits::new(&config.gateway)),
         };
         let router = routes::router(
             Arc::new(state),

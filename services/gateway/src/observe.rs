@@ -1,6 +1,9 @@
 //! Per-request observability: a server span parented to the caller's `traceparent`, a
 //! request id (taken from `X-Request-Id` or generated), both returned in the response
-//! headers, RED metrics per route, and the final rendering of errors with that request id.
+//! headers, RED metrics per route, the rate-limit headers of the request's key, and the
+//! final rendering of errors with that request id.
+
+use std::sync::{Arc, Mutex};
 
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
@@ -9,6 +12,34 @@ use tessera_runtime::telemetry;
 use tracing::Instrument;
 
 use crate::error::{PendingError, render};
+use crate::keys::Principal;
+use crate::ratelimit::Info;
+
+/// Who the request's key turned out to be and its rate-limit state: the key is
+/// authenticated inside the handler (the `Principal` extractor), and the audit log and the
+/// response headers need both afterwards.
+#[derive(Debug, Clone, Default)]
+pub struct Caller(Arc<Mutex<(Option<Principal>, Option<Info>)>>);
+
+impl Caller {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<Principal>, Option<Info>)> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn set(&self, principal: Principal, limits: Option<Info>) {
+        *self.lock() = (Some(principal), limits);
+    }
+
+    pub fn principal(&self) -> Option<Principal> {
+        self.lock().0.clone()
+    }
+
+    pub fn limits(&self) -> Option<Info> {
+        self.lock().1
+    }
+}
 
 /// The request id of the current request.
 #[derive(Debug, Clone)]
@@ -40,6 +71,8 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
     );
     telemetry::set_remote_parent(&span, telemetry::extract_headers(req.headers()));
     req.extensions_mut().insert(RequestId(request_id.clone()));
+    let caller = Caller::default();
+    req.extensions_mut().insert(caller.clone());
     let started = std::time::Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
     if let Some(PendingError(error)) = response.extensions_mut().remove::<PendingError>() {
@@ -65,6 +98,9 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         }
         telemetry::inject_headers(response.headers_mut());
     });
+    if let Some(info) = caller.limits() {
+        crate::ratelimit::write_headers(&info, response.headers_mut());
+    }
     if let Ok(value) = http::HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
     }

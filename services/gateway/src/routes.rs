@@ -36,12 +36,18 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
         .route("/v1/customers/{id}/wallet/refunds", post(refund))
         .route("/v1/customers/{id}/wallet/cashback", get(cashback))
         .route("/v1/customers/{id}/wallet/tier", get(tier))
+        .route("/v1/customers/{id}/cockpit", get(cockpit))
         .merge(crate::catalog::routes())
         .merge(crate::eligibility::routes())
         .merge(crate::campaigns::routes())
         .merge(crate::webhooks::routes())
         .merge(crate::messages::routes())
+        .route("/v1/audit-log", get(crate::audit::list))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::audit::record,
+        ))
         .with_state(state)
         .merge(tessera_runtime::metrics::router())
         .layer(middleware::from_fn(move |req: Request, next: Next| {
@@ -525,4 +531,98 @@ async fn adjust(
         response.transaction.as_ref(),
         response.balance.as_ref(),
     ))
+}
+
+/// `GET /v1/customers/{id}/cockpit`: what a customer sees of themselves in one answer
+/// (their balances with what expires in 30/60/90 days, their tier in the `default`
+/// programme and what the next one needs, the rewards they can use now, referral status),
+/// read from wallet, catalog and eligibility at once. A part that does not exist yet (no
+/// tiers, no profile) is null.
+async fn cockpit(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(customer_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    use tessera_proto::catalog::v1 as cpb;
+    use tessera_proto::eligibility::v1 as epb;
+    principal.require(&Role::ALL)?;
+    let ctx = principal.context(&request_id);
+    let (mut wallet, mut tiers, mut catalog, mut eligibility) = (
+        state.wallet.clone(),
+        state.wallet.clone(),
+        state.catalog.clone(),
+        state.eligibility.clone(),
+    );
+    let (balance, tier, rewards, customer) = tokio::join!(
+        wallet.get_balance(ctx.request(pb::GetBalanceRequest {
+            customer_id: customer_id.clone(),
+        })),
+        tiers.get_tier(ctx.request(pb::GetTierRequest {
+            customer_id: customer_id.clone(),
+            program_id: default_program(),
+        })),
+        catalog.list_customer_rewards(ctx.request(cpb::ListCustomerRewardsRequest {
+            customer_id: customer_id.clone(),
+            status: cpb::CustomerRewardStatus::Available.into(),
+            page: crate::catalog::page_request(100, ""),
+        })),
+        eligibility.get_customer(ctx.request(epb::GetCustomerRequest {
+            id: customer_id.clone(),
+        })),
+    );
+    // Missing parts are null; any other failure fails the answer.
+    let absent = |s: &tonic::Status| {
+        matches!(
+            s.code(),
+            tonic::Code::NotFound | tonic::Code::FailedPrecondition
+        )
+    };
+    let balance = balance?.into_inner();
+    let tier = match tier {
+        Ok(t) => {
+            let t = t.into_inner();
+            json!({
+                "program": t.program_id,
+                "tier": tier_json(t.tier.as_ref()),
+                "qualifying": t.qualifying,
+                "grace_until": rfc3339(t.grace_until.as_ref()),
+                "next_tier": tier_json(t.next_tier.as_ref()),
+                "to_next_tier": t.to_next_tier,
+            })
+        }
+        Err(s) if absent(&s) => Value::Null,
+        Err(s) => return Err(s.into()),
+    };
+    let rewards = rewards?.into_inner();
+    let referral = match customer {
+        Ok(c) => {
+            let c = c.into_inner();
+            let referred_by = c
+                .customer
+                .and_then(|c| c.profile)
+                .and_then(|p| p.attributes.get("referred_by").cloned())
+                .and_then(|v| match v.kind {
+                    Some(epb::value::Kind::StringValue(s)) if !s.is_empty() => Some(s),
+                    _ => None,
+                });
+            let ordered = c.aggregates.is_some_and(|a| a.orders_total > 0);
+            referred_by.map_or(
+                Value::Null,
+                |by| json!({"referred_by": by, "first_order_placed": ordered}),
+            )
+        }
+        Err(s) if absent(&s) => Value::Null,
+        Err(s) => return Err(s.into()),
+    };
+    Ok(Json(json!({
+        "customer_id": customer_id,
+        "balances": balance.balances.iter().map(balance_json).collect::<Vec<_>>(),
+        "tier": tier,
+        "rewards": crate::transcode::to_json_list(
+            "tessera.catalog.v1.CustomerReward",
+            &rewards.rewards,
+        )?,
+        "referral": referral,
+    })))
 }

@@ -246,6 +246,12 @@ const WALLET: &[(&str, &str, &str)] = &[
         "transaction_id:string customer_id:string amount:integer lots:integer",
     ),
     (
+        "expiring",
+        "Value will expire within 7 days (announced once per lot); `expires_at` is the \
+         first expiry.",
+        "customer_id:string amount:integer expires_at:timestamp lots:integer",
+    ),
+    (
         "held",
         "Value was held for a two-phase spend.",
         "hold_id:string customer_id:string amount:integer reason:string",

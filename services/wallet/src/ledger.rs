@@ -348,7 +348,16 @@ pub(crate) async fn lock_account(
     backend: Backend,
     account_id: &str,
 ) -> Result<AccountRow, Error> {
-    let lock = backend.row_lock();
+    account_row(txn, tenant, account_id, backend.row_lock()).await
+}
+
+/// An account's owner and asset, read with `lock` (a row lock, or nothing).
+async fn account_row(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    account_id: &str,
+    lock: &str,
+) -> Result<AccountRow, Error> {
     let row = txn
         .query_one_raw(stmt(
             txn,
@@ -1018,7 +1027,77 @@ pub async fn expire_due(
         response.accounts += 1;
         response.amount_expired += amount;
     }
+    announce_expiring(txn, tenant, backend, now).await?;
     Ok(response)
+}
+
+/// How far ahead a lot's expiry is announced.
+pub const EXPIRY_NOTICE_MICROS: i64 = 7 * 86_400 * 1_000_000;
+
+/// Announces, once per lot, value expiring within [`EXPIRY_NOTICE_MICROS`]: one
+/// `<asset>.expiring` event per account (the amount, the first expiry and the lots), for
+/// notification to remind the customer.
+async fn announce_expiring(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    backend: Backend,
+    now: i64,
+) -> Result<(), Error> {
+    // Lots a spend holds now are skipped (announced by the next sweep): waiting for them
+    // while holding others could deadlock with a spend taking its lots in expiry order.
+    let skip_locked = match backend {
+        Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        Backend::Sqlite => "",
+    };
+    let rows = txn
+        .query_all_raw(stmt(
+            txn,
+            &format!(
+                "UPDATE lots SET expiry_announced = 1 WHERE id IN (\
+                   SELECT id FROM lots WHERE tenant_id = $1 AND remaining > 0 \
+                   AND expires_at IS NOT NULL AND expires_at > $2 AND expires_at <= $3 \
+                   AND expiry_announced = 0 ORDER BY id LIMIT $4{skip_locked}) \
+                 RETURNING account_id, remaining, expires_at"
+            ),
+            [
+                tenant.into(),
+                now.into(),
+                (now + EXPIRY_NOTICE_MICROS).into(),
+                (EXPIRE_BATCH * 10).into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+    // Per account: amount, first expiry, lots.
+    let mut by_account: std::collections::BTreeMap<String, (i64, i64, u32)> =
+        std::collections::BTreeMap::new();
+    for r in &rows {
+        let account: String = r.try_get_by_index(0).map_err(db_error)?;
+        let remaining: i64 = r.try_get_by_index(1).map_err(db_error)?;
+        let expires_at: i64 = r.try_get_by_index(2).map_err(db_error)?;
+        let e = by_account.entry(account).or_insert((0, i64::MAX, 0));
+        e.0 += remaining;
+        e.1 = e.1.min(expires_at);
+        e.2 += 1;
+    }
+    for (account_id, (amount, first, lots)) in by_account {
+        // No row lock: lots are taken before accounts here, the reverse of a spend.
+        let account = account_row(txn, tenant, &account_id, "").await?;
+        emit(
+            txn,
+            tenant,
+            &account.asset,
+            "expiring",
+            serde_json::json!({
+                "customer_id": account.customer_id,
+                "amount": amount,
+                "expires_at": chrono::DateTime::from_timestamp_micros(first),
+                "lots": lots,
+            }),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// The balance of one customer account (zero when it does not exist).

@@ -5,7 +5,7 @@
 //! status history; plus the shared plumbing tables.
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
-use tessera_store::migrate::{Migration, ReplaceIndex, col, index, plumbing, table};
+use tessera_store::migrate::{AddColumns, Migration, ReplaceIndex, col, index, plumbing, table};
 
 /// The wallet's migrations, in order.
 pub struct Migrator;
@@ -394,6 +394,11 @@ impl MigratorTrait for Migrator {
                     false,
                 )
             },
+        }));
+        // Lots whose coming expiry was announced (`points.expiring`), so it is announced once.
+        all.push(Box::new(AddColumns {
+            name: "m0106_lots_expiring_notice",
+            columns: || vec![("lots", col::int("expiry_announced").default(0).to_owned())],
         }));
         all
     }

@@ -7,7 +7,70 @@ use tessera_tests::{TestSuite, backend_tests};
 
 use crate::points;
 
-backend_tests!(keys_roles_and_tenants);
+backend_tests!(keys_roles_and_tenants, console_mutations_are_audited);
+
+mod rate_limits {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::rate_limits_per_key_and_customer(tessera_tests::Backend::Embedded).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::rate_limits_per_key_and_customer(tessera_tests::Backend::Production).await;
+    }
+}
+
+fn header(r: &reqwest::Response, name: &str) -> Option<u64> {
+    r.headers().get(name)?.to_str().ok()?.parse().ok()
+}
+
+/// A key may make so many requests a minute, and so many about one customer; the headers
+/// say how many are left, a refusal is 429 with `Retry-After`.
+async fn rate_limits_per_key_and_customer(backend: tessera_tests::Backend) {
+    let Some(mut config) = tessera_tests::test_config(backend) else {
+        return;
+    };
+    config.gateway.rate_limit_per_key_per_minute = 8;
+    config.gateway.rate_limit_per_customer_per_minute = 3;
+    let suite = TestSuite::start_with(backend, config, false).await;
+    for remaining in [2, 1, 0] {
+        let r = suite.get("/v1/customers/kim/wallet").await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            (
+                header(&r, "ratelimit-limit"),
+                header(&r, "ratelimit-remaining")
+            ),
+            (Some(3), Some(remaining))
+        );
+        assert!(header(&r, "ratelimit-reset").is_some_and(|s| s <= 60));
+    }
+    let refused = suite.get("/v1/customers/kim/wallet").await;
+    assert_eq!(refused.status(), 429);
+    assert!(header(&refused, "retry-after").is_some_and(|s| (1..=20).contains(&s)));
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "resource_exhausted");
+    assert_eq!(body["error"]["reason"], "RATE_LIMITED");
+    // Another customer is not held up by kim's limit; the key's own limit (8) still counts.
+    for remaining in [3, 2, 1, 0] {
+        let r = suite.get("/v1/campaigns").await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "ratelimit-remaining"), Some(remaining));
+    }
+    let refused = suite.get("/v1/customers/lea/wallet").await;
+    assert_eq!(refused.status(), 429, "the key is spent");
+    // Health checks carry no key and no limit.
+    let health = suite
+        .http
+        .get(format!("{}/healthz", suite.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(health.headers().get("ratelimit-limit").is_none());
+    suite.cleanup().await;
+}
 
 async fn keys_roles_and_tenants(suite: TestSuite) {
     let url = format!("{}/v1/customers/kim/points", suite.base_url);
@@ -100,4 +163,101 @@ async fn keys_roles_and_tenants(suite: TestSuite) {
     let unknown = suite.get("/v1/nothing-here").await;
     assert_eq!(unknown.status(), 404);
     suite.cleanup().await;
+}
+
+/// Mutations of console roles are in the audit log with who, what, the outcome and the
+/// request id; touchpoints are not audited; the log only reads.
+async fn console_mutations_are_audited(suite: TestSuite) {
+    let keys = ApiKeys::new(suite.db("gateway").await);
+    let (analyst, touchpoint) = (
+        "tsk_analyst_of_the_default_tenant_000001",
+        "tsk_touchpoint_of_the_default_tenant_001",
+    );
+    keys.insert("default", "reports", Role::Analyst, analyst)
+        .await
+        .unwrap();
+    keys.insert("default", "web shop", Role::Touchpoint, touchpoint)
+        .await
+        .unwrap();
+    let campaign = json!({"id": "audited", "name": "Audited", "type": "CAMPAIGN_TYPE_PROMOTION",
+                          "definition": {"effect": {"amountOff": {"amount": 100}}}});
+    let created = suite
+        .http
+        .post(format!("{}/v1/campaigns", suite.base_url))
+        .bearer_auth(&suite.admin_key)
+        .header("Idempotency-Key", "audit-1")
+        .header("x-request-id", "req-audit-1")
+        .json(&campaign)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let refused = suite
+        .post("/v1/campaigns", Some("audit-2"), &json!({"id": "broken"}))
+        .await;
+    assert_eq!(refused.status(), 400);
+    let by_touchpoint = suite
+        .http
+        .post(format!("{}/v1/customers/kim/points", suite.base_url))
+        .bearer_auth(touchpoint)
+        .header("Idempotency-Key", "audit-3")
+        .json(&json!({"amount": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_touchpoint.status(), 403);
+
+    let read = |key: &str, query: &str| {
+        let request = suite
+            .http
+            .get(format!("{}/v1/audit-log{query}", suite.base_url))
+            .bearer_auth(key);
+        async move { request.send().await.unwrap() }
+    };
+    let admin = suite.admin_key.as_str();
+    let log: serde_json::Value = read(admin, "").await.json().await.unwrap();
+    let entries = log["data"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "touchpoint traffic is not audited: {log}");
+    let (newest, first) = (&entries[0], &entries[1]);
+    assert_eq!(
+        (&newest["status"], &newest["route"]),
+        (&json!(400), &json!("/v1/campaigns"))
+    );
+    assert_eq!(first["status"], 201);
+    assert_eq!(first["method"], "POST");
+    assert_eq!(first["role"], "admin");
+    assert_eq!(first["request_id"], "req-audit-1");
+    assert_eq!(first["request"]["id"], "audited");
+    assert_eq!(first["after"]["state"], "CAMPAIGN_STATE_DRAFT");
+    assert!(first["at"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert!(!first["principal"].as_str().unwrap_or_default().is_empty());
+
+    // Filters; analysts read it, touchpoints may not; nothing changes it.
+    let posts: serde_json::Value = read(analyst, "?route=/v1/campaigns&method=post&limit=1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (posts["data"].as_array().unwrap().len(), &posts["has_more"]),
+        (1, &json!(true))
+    );
+    let none: serde_json::Value = read(admin, "?since=2999-01-01T00:00:00Z")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(none["data"].as_array().unwrap().is_empty());
+    assert_eq!(read(admin, "?since=yesterday").await.status(), 400);
+    assert_eq!(read(touchpoint, "").await.status(), 403);
+    let delete = suite
+        .http
+        .delete(format!("{}/v1/audit-log", suite.base_url))
+        .bearer_auth(&suite.admin_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 405);
+    let again: serde_json::Value = read(admin, "").await.json().await.unwrap();
+    assert_eq!(again["data"].as_array().unwrap().len(), 2);
 }

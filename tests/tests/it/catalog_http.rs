@@ -155,6 +155,25 @@ async fn rewards_codes_and_publication_over_http(suite: TestSuite) {
     )
     .await;
     assert_eq!(published["code"], "VIP-ANNA");
+    // The customer's cockpit lists it; parts that do not exist yet are null or empty.
+    let cockpit = json_of(suite.get("/v1/customers/anna/cockpit").await, 200).await;
+    assert_eq!(
+        cockpit["rewards"].as_array().map(Vec::len),
+        Some(1),
+        "{cockpit}"
+    );
+    assert!(
+        cockpit["rewards"].to_string().contains("VIP-ANNA"),
+        "{cockpit}"
+    );
+    assert_eq!(
+        (
+            &cockpit["referral"],
+            cockpit["balances"].as_array().map(Vec::len)
+        ),
+        (&Value::Null, Some(0)),
+        "{cockpit}"
+    );
     let publication = published["id"].as_str().unwrap();
     let shown = json_of(
         suite

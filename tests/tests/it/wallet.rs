@@ -224,6 +224,60 @@ async fn expired_value_is_never_spendable_and_is_swept(suite: TestSuite) {
     .await;
     assert_eq!(crate::data(&expired[0])["amount"], 40);
 
+    // Value expiring within a week is announced once (`points.expiring`); later value not yet.
+    credit(
+        &mut wallet,
+        &suite,
+        "c4",
+        "pia",
+        30,
+        Some(in_future(Duration::from_secs(3 * 86_400))),
+    )
+    .await;
+    credit(
+        &mut wallet,
+        &suite,
+        "c5",
+        "pia",
+        20,
+        Some(in_future(Duration::from_secs(30 * 86_400))),
+    )
+    .await;
+    for sweep in ["sweep-3", "sweep-4"] {
+        wallet
+            .expire_due(suite.ctx(TENANT).request(pb::ExpireDueRequest {
+                idempotency_key: sweep.into(),
+            }))
+            .await
+            .unwrap();
+    }
+    // (The 40 that expired above may have been announced too, by a sweep that ran in its
+    // last second: only the later lots are counted here.)
+    let near = |found: &[tessera_proto::notification::v1::Event]| {
+        found
+            .iter()
+            .map(crate::data)
+            .filter(|d| d["amount"] != 40)
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(10), "points.expiring", || async {
+        let found = events(&suite, TENANT, "points.expiring").await;
+        (!near(&found).is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let notices = near(&events(&suite, TENANT, "points.expiring").await);
+    assert_eq!(
+        notices.len(),
+        1,
+        "announced once, the 30-day lot not yet: {notices:?}"
+    );
+    assert_eq!(
+        (&notices[0]["amount"], &notices[0]["lots"]),
+        (&serde_json::json!(30), &serde_json::json!(1))
+    );
+    crate::check_catalogue(&suite, TENANT).await;
+
     let past = wallet
         .credit(suite.ctx(TENANT).request(pb::CreditRequest {
             idempotency_key: "c3".into(),

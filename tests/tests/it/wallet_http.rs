@@ -36,6 +36,14 @@ async fn history_and_adjustments_over_http(suite: TestSuite) {
     let body: Value = adjusted.json().await.unwrap();
     assert_eq!(body["balance"]["available"], 45);
     assert_eq!(body["balance"]["expiring"]["30d"], 0);
+    let cockpit: Value = suite
+        .get("/v1/customers/sam/cockpit")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cockpit["balances"][0]["available"], 45, "{cockpit}");
+    assert_eq!(cockpit["rewards"], json!([]), "{cockpit}");
 
     let no_reason = suite
         .post(

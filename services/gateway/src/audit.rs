@@ -1,0 +1,275 @@
+//! The audit log: every mutation made through the gateway by a console role (admin,
+//! marketer, junior marketer, support agent) is recorded, refused ones included, with who
+//! (key and role), what (method, route, path, the request body), the outcome (status and
+//! the answer: the object after the change), when, and the request id. Touchpoint traffic
+//! (orders, redemptions) is the services' own history, not audited here. The log is
+//! append-only: there is no route to change or delete an entry. `GET /v1/audit-log` reads
+//! it (admins and analysts), newest first, filtered by principal, route, method and time.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use sea_orm::ConnectionTrait;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tessera_runtime::Error;
+use tessera_store::migrate::{Migration, col, index, table};
+use tessera_store::{db_error, now_micros, stmt};
+
+use crate::AppState;
+use crate::catalog::{QueryResult, strict};
+use crate::error::ApiError;
+use crate::keys::{Principal, Role};
+use crate::observe::{Caller, RequestId};
+
+/// Bodies are kept up to this size (larger ones are cut, and say so).
+const KEEP_BYTES: usize = 16 * 1024;
+
+/// Answers larger than this are not read into the log.
+const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+pub fn migration() -> Migration {
+    Migration {
+        name: "m0101_audit_log",
+        tables: || {
+            vec![table(
+                "audit_log",
+                vec![
+                    col::text("id"),
+                    col::text("tenant_id"),
+                    col::text("principal"),
+                    col::text("role"),
+                    col::text("method"),
+                    col::text("route"),
+                    col::text("path"),
+                    col::int("status"),
+                    col::text("request_id"),
+                    col::big("at"),
+                    col::text("request"),
+                    col::text("after"),
+                ],
+                &["id"],
+            )]
+        },
+        indexes: || {
+            vec![index(
+                "audit_log_by_tenant",
+                "audit_log",
+                &["tenant_id", "id"],
+                false,
+            )]
+        },
+    }
+}
+
+fn audited(role: Role) -> bool {
+    matches!(
+        role,
+        Role::Admin | Role::Marketer | Role::JuniorMarketer | Role::SupportAgent
+    )
+}
+
+fn kept(bytes: &[u8]) -> String {
+    if bytes.len() <= KEEP_BYTES {
+        String::from_utf8_lossy(bytes).into_owned()
+    } else {
+        format!(
+            "{}… ({} bytes, cut)",
+            String::from_utf8_lossy(&bytes[..KEEP_BYTES]),
+            bytes.len()
+        )
+    }
+}
+
+/// Records the mutations of console roles (a middleware around every route).
+pub async fn record(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mutation = matches!(
+        method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH | http::Method::DELETE
+    );
+    if !mutation || !path.starts_with("/v1/") || path == "/v1/unsubscribe" {
+        return next.run(req).await;
+    }
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| path.clone(), |p| p.as_str().to_string());
+    let json_body = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|t| t.starts_with("application/json"));
+    let (req, request_text) = if json_body {
+        let (parts, body) = req.into_parts();
+        let Ok(bytes) = axum::body::to_bytes(body, state.max_body_bytes).await else {
+            return crate::extract::too_large(state.max_body_bytes).into_response();
+        };
+        let text = kept(&bytes);
+        (Request::from_parts(parts, Body::from(bytes)), text)
+    } else {
+        (req, "(not JSON: not recorded)".to_string())
+    };
+    let caller = req.extensions().get::<Caller>().cloned();
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let response = next.run(req).await;
+    let Some(principal) = caller.and_then(|c| c.principal()) else {
+        return response;
+    };
+    if !audited(principal.role) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let (after, body) = match axum::body::to_bytes(body, MAX_ANSWER_BYTES).await {
+        Ok(bytes) => (kept(&bytes), Body::from(bytes)),
+        Err(_) => ("(answer not readable)".to_string(), Body::empty()),
+    };
+    let conn = state.db.conn();
+    let written = conn
+        .execute_raw(stmt(
+            conn,
+            "INSERT INTO audit_log (id, tenant_id, principal, role, method, route, path, status, \
+             request_id, at, request, after) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            [
+                format!("aud_{}", uuid::Uuid::now_v7().simple()).into(),
+                principal.tenant_id.clone().into(),
+                principal.key_id.clone().into(),
+                principal.role.as_str().into(),
+                method.as_str().into(),
+                route.into(),
+                path.into(),
+                i32::from(parts.status.as_u16()).into(),
+                request_id.into(),
+                now_micros().into(),
+                request_text.into(),
+                after.into(),
+            ],
+        ))
+        .await;
+    if let Err(e) = written {
+        metrics::counter!("tessera_audit_failures_total").increment(1);
+        tracing::error!(error = %e, "audit entry not written");
+    }
+    Response::from_parts(parts, body)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    #[serde(default)]
+    limit: u32,
+    #[serde(default)]
+    starting_after: String,
+    /// Only this principal (API key id).
+    #[serde(default)]
+    principal: String,
+    /// Only this route, e.g. `/v1/campaigns/{id}/{action}`.
+    #[serde(default)]
+    route: String,
+    /// Only this method.
+    #[serde(default)]
+    method: String,
+    /// From (RFC 3339).
+    #[serde(default)]
+    since: String,
+    /// Until (RFC 3339, exclusive).
+    #[serde(default)]
+    until: String,
+}
+
+fn instant(field: &str, value: &str, default: i64) -> Result<i64, ApiError> {
+    if value.is_empty() {
+        return Ok(default);
+    }
+    DateTime::parse_from_rfc3339(value)
+        .map(|t| t.timestamp_micros())
+        .map_err(|_| Error::invalid_field(field, "must be an RFC 3339 time").into())
+}
+
+/// `GET /v1/audit-log`.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    query: QueryResult<AuditQuery>,
+) -> Result<Response, ApiError> {
+    principal.require(&[Role::Admin, Role::Analyst])?;
+    let q = strict(query)?;
+    let limit = match q.limit {
+        0 => 50,
+        n @ 1..=100 => n,
+        _ => return Err(Error::invalid_field("limit", "must be within 1..=100").into()),
+    };
+    let since = instant("since", &q.since, 0)?;
+    let until = instant("until", &q.until, i64::MAX)?;
+    let before = if q.starting_after.is_empty() {
+        "~".to_string()
+    } else {
+        q.starting_after.clone()
+    };
+    let conn = state.db.conn();
+    let rows = conn
+        .query_all_raw(stmt(
+            conn,
+            "SELECT id, principal, role, method, route, path, status, request_id, at, request, \
+             after FROM audit_log WHERE tenant_id = $1 AND id < $2 AND at >= $3 AND at < $4 \
+             AND ($5 = '' OR principal = $5) AND ($6 = '' OR route = $6) \
+             AND ($7 = '' OR method = $7) ORDER BY id DESC LIMIT $8",
+            [
+                principal.tenant_id.clone().into(),
+                before.into(),
+                since.into(),
+                until.into(),
+                q.principal.clone().into(),
+                q.route.clone().into(),
+                q.method.to_ascii_uppercase().into(),
+                i64::from(limit + 1).into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+    let mut data = Vec::new();
+    for r in rows.iter().take(limit as usize) {
+        let text = |i| -> Result<String, ApiError> {
+            r.try_get_by_index::<String>(i)
+                .map_err(|e| db_error(e).into())
+        };
+        let parse = |s: String| serde_json::from_str::<Value>(&s).unwrap_or(Value::String(s));
+        let at: i64 = r.try_get_by_index(8).map_err(db_error)?;
+        let status: i32 = r.try_get_by_index(6).map_err(db_error)?;
+        data.push(json!({
+            "id": text(0)?,
+            "principal": text(1)?,
+            "role": text(2)?,
+            "method": text(3)?,
+            "route": text(4)?,
+            "path": text(5)?,
+            "status": status,
+            "request_id": text(7)?,
+            "at": DateTime::<Utc>::from_timestamp_micros(at),
+            "request": parse(text(9)?),
+            "after": parse(text(10)?),
+        }));
+    }
+    let has_more = rows.len() > limit as usize;
+    let next = data
+        .last()
+        .and_then(|d| d["id"].as_str())
+        .map(str::to_string);
+    Ok(Json(json!({
+        "data": data,
+        "has_more": has_more,
+        "next_cursor": if has_more { next } else { None },
+    }))
+    .into_response())
+}
