@@ -1,6 +1,7 @@
 //! End-to-end tests of the foundation, each run on SQLite + in-process cache and on
 //! PostgreSQL + Redis (see `tessera_tests::backend_tests!`).
 
+mod access;
 mod auth;
 mod catalog;
 mod catalog_http;
