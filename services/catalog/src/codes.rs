@@ -564,7 +564,7 @@ pub async fn import(
     let data = serde_json::json!({
         "pool_id": pool_id, "imported": imported, "refused": errors.len(), "principal": ctx.principal,
     });
-    outbox::enqueue(txn, &ctx.tenant_id, "codes.imported", &data).await?;
+    outbox::enqueue(txn, &ctx.tenant_id, "code_pool.imported", &data).await?;
     errors.truncate(MAX_ROW_ERRORS);
     Ok(pb::ImportCodesResponse {
         imported: i64::try_from(imported).unwrap_or(i64::MAX),

@@ -136,7 +136,7 @@ pub async fn create(
     let data = serde_json::json!({
         "job_id": id, "pool_id": pool_id, "requested": count, "principal": ctx.principal,
     });
-    outbox::enqueue(txn, &ctx.tenant_id, "codes.generation_started", &data).await?;
+    outbox::enqueue(txn, &ctx.tenant_id, "code_pool.generation_started", &data).await?;
     get(txn, &ctx.tenant_id, &id).await
 }
 
@@ -323,9 +323,9 @@ impl Generator {
         .await
         .map_err(db_error)?;
         let event = if status == SUCCEEDED {
-            "codes.generated"
+            "code_pool.generated"
         } else {
-            "codes.generation_failed"
+            "code_pool.generation_failed"
         };
         let data = serde_json::json!({
             "job_id": job_id, "pool_id": pool_id, "generated": generated, "error": error,

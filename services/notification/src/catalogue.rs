@@ -140,19 +140,19 @@ const SPECS: &[Spec] = &[
         fields: "code:string pool_id:string disabled:boolean principal:string",
     },
     Spec {
-        names: &["codes.generation_started"],
+        names: &["code_pool.generation_started"],
         source: "catalog",
         description: "A bulk code generation job started.",
         fields: "job_id:string pool_id:string requested:integer principal:string",
     },
     Spec {
-        names: &["codes.generated", "codes.generation_failed"],
+        names: &["code_pool.generated", "code_pool.generation_failed"],
         source: "catalog",
         description: "A bulk code generation job finished, or failed (`error`).",
         fields: "job_id:string pool_id:string generated:integer error:string?",
     },
     Spec {
-        names: &["codes.imported"],
+        names: &["code_pool.imported"],
         source: "catalog",
         description: "Codes were imported from CSV into a pool.",
         fields: "pool_id:string imported:integer refused:integer principal:string",

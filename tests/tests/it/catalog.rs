@@ -583,8 +583,8 @@ async fn codes_are_generated_by_a_job_with_progress(suite: TestSuite) {
                 .all(|l| l.is_ascii_uppercase() && !b"IOL".contains(l))
     };
     assert!(codes.iter().all(re_ok), "codes follow the pattern");
-    let done = eventually(Duration::from_secs(10), "codes.generated", || async {
-        let e = events(&suite, TENANT, "codes.generated").await;
+    let done = eventually(Duration::from_secs(10), "code_pool.generated", || async {
+        let e = events(&suite, TENANT, "code_pool.generated").await;
         (!e.is_empty()).then_some(e)
     })
     .await;
