@@ -344,8 +344,13 @@ fn version_1(schema: &Value) -> Vec<pb::EventSchema> {
     }]
 }
 
-/// The catalogue, by name.
-pub fn event_types() -> Vec<pb::EventType> {
+/// The catalogue, by name (built once).
+pub fn event_types() -> &'static [pb::EventType] {
+    static CATALOGUE: std::sync::LazyLock<Vec<pb::EventType>> = std::sync::LazyLock::new(build);
+    &CATALOGUE
+}
+
+fn build() -> Vec<pb::EventType> {
     let mut out = Vec::new();
     for s in SPECS {
         let schema = schema(s.fields, &[]);
@@ -384,7 +389,8 @@ pub fn event_types() -> Vec<pb::EventType> {
 }
 
 /// The current version of an event type's payload (0: not in the catalogue).
-pub fn current_version(types: &[pb::EventType], name: &str) -> u32 {
+pub fn current_version(name: &str) -> u32 {
+    let types = event_types();
     types
         .binary_search_by(|t| t.name.as_str().cmp(name))
         .ok()
@@ -403,16 +409,16 @@ mod tests {
             types.windows(2).all(|w| w[0].name < w[1].name),
             "sorted, unique"
         );
-        for t in &types {
+        for t in types {
             assert!(!t.description.is_empty(), "{}", t.name);
             let s: Value = serde_json::from_str(&t.schemas[0].json_schema).expect("JSON");
             assert!(!s["required"].as_array().expect("required").is_empty());
         }
-        assert_eq!(current_version(&types, "points.credited"), 1);
-        assert_eq!(current_version(&types, "points.paid_out"), 0);
+        assert_eq!(current_version("points.credited"), 1);
+        assert_eq!(current_version("points.paid_out"), 0);
         // The documentation names every type.
         let doc = include_str!("../../../docs/events.md");
-        for t in &types {
+        for t in types {
             assert!(
                 doc.contains(&format!("`{}`", t.name)),
                 "docs/events.md misses {}",

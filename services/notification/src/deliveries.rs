@@ -139,25 +139,21 @@ pub async fn list<C: ConnectionTrait>(
     limit: u32,
 ) -> Result<(Vec<pb::Delivery>, bool), Error> {
     let mut values: Vec<Value> = vec![tenant.into(), i64::from(limit + 1).into()];
-    let mut filter = String::new();
-    for (column, value) in [
-        ("endpoint_id", endpoint),
-        (
-            "status",
-            if status == pb::DeliveryStatus::Unspecified {
-                ""
-            } else {
-                status_name(status)
-            },
-        ),
-        ("id <", before),
-    ] {
-        if !value.is_empty() {
-            values.push(value.into());
-            let op = if column.ends_with('<') { "" } else { " =" };
-            filter.push_str(&format!(" AND {column}{op} ${}", values.len()));
-        }
-    }
+    let filter = crate::and_given(
+        &mut values,
+        &[
+            ("endpoint_id =", endpoint),
+            (
+                "status =",
+                if status == pb::DeliveryStatus::Unspecified {
+                    ""
+                } else {
+                    status_name(status)
+                },
+            ),
+            ("id <", before),
+        ],
+    );
     let rows = conn
         .query_all_raw(stmt(
             conn,
@@ -270,8 +266,6 @@ pub struct Dispatcher {
     /// Deliveries this process has in flight, per endpoint.
     in_flight: Arc<Mutex<HashMap<String, u32>>>,
     wake: Arc<Notify>,
-    /// Payload versions, for the envelope.
-    catalogue: Arc<Vec<pb::EventType>>,
 }
 
 fn micros(d: Duration) -> i64 {
@@ -292,7 +286,6 @@ impl Dispatcher {
             config,
             in_flight: Arc::default(),
             wake: Arc::new(Notify::new()),
-            catalogue: Arc::new(catalogue::event_types()),
         })
     }
 
@@ -442,7 +435,7 @@ impl Dispatcher {
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         let body = serde_json::to_vec(&json!({
             "type": event_type,
-            "version": catalogue::current_version(&self.catalogue, &event_type),
+            "version": catalogue::current_version(&event_type),
             "timestamp": timestamp,
             "event_id": c.event,
             "data": data,

@@ -264,6 +264,19 @@ impl MigratorTrait for Migrator {
     }
 }
 
+/// ` AND <column op> $n` for each filter with a value (its value appended to `values`);
+/// filters without one are left out.
+pub(crate) fn and_given(values: &mut Vec<sea_orm::Value>, filters: &[(&str, &str)]) -> String {
+    let mut sql = String::new();
+    for (column, value) in filters {
+        if !value.is_empty() {
+            values.push((*value).into());
+            sql.push_str(&format!(" AND {column} ${}", values.len()));
+        }
+    }
+    sql
+}
+
 /// Applies notification's migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     Db::open::<Migrator>(config, SERVICE).await.map(|_| ())

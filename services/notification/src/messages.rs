@@ -236,23 +236,20 @@ pub async fn list<C: ConnectionTrait>(
     limit: u32,
 ) -> Result<(Vec<pb::Message>, bool), Error> {
     let mut values: Vec<Value> = vec![tenant.into(), i64::from(limit + 1).into()];
-    let mut filter = String::new();
     let status = if r.status() == pb::MessageStatus::Unspecified {
         ""
     } else {
         status_name(r.status())
     };
-    for (column, value) in [
-        ("customer_id =", r.customer_id.as_str()),
-        ("cause =", r.cause.as_str()),
-        ("status =", status),
-        ("id <", before),
-    ] {
-        if !value.is_empty() {
-            values.push(value.into());
-            filter.push_str(&format!(" AND {column} ${}", values.len()));
-        }
-    }
+    let filter = crate::and_given(
+        &mut values,
+        &[
+            ("customer_id =", r.customer_id.as_str()),
+            ("cause =", r.cause.as_str()),
+            ("status =", status),
+            ("id <", before),
+        ],
+    );
     let rows = conn
         .query_all_raw(stmt(
             conn,

@@ -516,7 +516,7 @@ impl NotificationService for Notification {
         _request: Request<pb::ListEventTypesRequest>,
     ) -> Result<Response<pb::ListEventTypesResponse>, Status> {
         Ok(Response::new(pb::ListEventTypesResponse {
-            event_types: catalogue::event_types(),
+            event_types: catalogue::event_types().to_vec(),
         }))
     }
 
