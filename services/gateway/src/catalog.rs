@@ -10,15 +10,16 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tessera_proto::catalog::v1 as pb;
 use tessera_runtime::Error;
+use utoipa::IntoParams;
 
 use crate::AppState;
+use crate::api::{Api, Content, Op};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{Principal, Role};
@@ -48,28 +49,194 @@ fn reply<T: prost::Message>(
     transcode::reply(status, &message(name), m)
 }
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v1/rewards", post(create_reward).get(list_rewards))
-        .route("/v1/rewards/preview", post(preview))
-        .route("/v1/rewards/{id}", get(get_reward).put(update_reward))
-        .route("/v1/rewards/{id}/status", post(set_reward_status))
-        .route("/v1/code-pools", post(create_pool).get(list_pools))
-        .route("/v1/code-pools/jobs/{id}", get(get_job))
-        .route("/v1/code-pools/{id}", get(get_pool).put(update_pool))
-        .route("/v1/code-pools/{id}/status", post(set_pool_status))
-        .route("/v1/code-pools/{id}/generate", post(generate))
-        .route("/v1/code-pools/{id}/codes.csv", get(export).post(import))
-        .route("/v1/codes/{code}", get(get_code))
-        .route("/v1/codes/{code}/status", post(set_code_status))
-        .route(
-            "/v1/customers/{id}/rewards",
-            get(customer_rewards).post(publish),
+pub fn routes(api: &mut Api) {
+    const REWARD: &str = "tessera.catalog.v1.Reward";
+    const POOL_MSG: &str = "tessera.catalog.v1.CodePool";
+    const CODE: &str = "tessera.catalog.v1.Code";
+    const PUBLICATION: &str = "tessera.catalog.v1.Publication";
+    const SET: [&str; 2] = ["id", "idempotency_key"];
+    api.tag(
+        "rewards",
+        "Rewards: what an incentive gives (its effects), and previews of them on a cart.",
+    )
+    .add(
+        Op::post("/v1/rewards", create_reward)
+            .summary("Create a reward")
+            .roles(&AUTHORS)
+            .idempotent()
+            .body_proto("tessera.catalog.v1.RewardInput", &[])
+            .answer_proto(201, "The reward.", REWARD),
+    )
+    .add(
+        Op::get("/v1/rewards", list_rewards)
+            .summary("List rewards")
+            .roles(&Role::ALL)
+            .query::<ListQuery>()
+            .answer_page(REWARD),
+    )
+    .add(
+        Op::post("/v1/rewards/preview", preview)
+            .summary("Preview effects on a cart")
+            .describe("Applies effects to a cart without saving anything.")
+            .roles(&Role::ALL)
+            .body_proto("tessera.catalog.v1.PreviewEffectsRequest", &[])
+            .answer_proto(
+                200,
+                "The cart after the effects.",
+                "tessera.catalog.v1.Outcome",
+            ),
+    )
+    .add(
+        Op::get("/v1/rewards/{id}", get_reward)
+            .summary("Get a reward")
+            .roles(&Role::ALL)
+            .answer_proto(200, "The reward.", REWARD),
+    )
+    .add(
+        Op::put("/v1/rewards/{id}", update_reward)
+            .summary("Update a reward")
+            .roles(&AUTHORS)
+            .idempotent()
+            .body_proto("tessera.catalog.v1.UpdateRewardRequest", &SET)
+            .answer_proto(200, "The reward.", REWARD),
+    )
+    .add(
+        Op::post("/v1/rewards/{id}/status", set_reward_status)
+            .summary("Enable or disable a reward")
+            .roles(&AUTHORS)
+            .idempotent()
+            .body_proto("tessera.catalog.v1.SetRewardStatusRequest", &SET)
+            .answer_proto(200, "The reward.", REWARD),
+    );
+    api.tag(
+        "codes",
+        "Code pools, their generation and import jobs, and single codes.",
+    )
+    .add(
+        Op::post("/v1/code-pools", create_pool)
+            .summary("Create a code pool")
+            .roles(&AUTHORS)
+            .idempotent()
+            .body_proto("tessera.catalog.v1.CodePoolInput", &[])
+            .answer_proto(201, "The pool.", POOL_MSG),
+    )
+    .add(
+        Op::get("/v1/code-pools", list_pools)
+            .summary("List code pools")
+            .roles(&Role::ALL)
+            .query::<ListQuery>()
+            .answer_page(POOL_MSG),
+    )
+    .add(
+        Op::get("/v1/code-pools/jobs/{id}", get_job)
+            .summary("Get a generation job")
+            .roles(&Role::ALL)
+            .answer_proto(
+                200,
+                "The job and its progress.",
+                "tessera.catalog.v1.GenerationJob",
+            ),
+    )
+    .add(
+        Op::get("/v1/code-pools/{id}", get_pool)
+            .summary("Get a code pool")
+            .roles(&Role::ALL)
+            .answer_proto(200, "The pool.", POOL_MSG),
+    )
+    .add(
+        Op::put("/v1/code-pools/{id}", update_pool)
+            .summary("Update a code pool")
+            .roles(&AUTHORS)
+            .idempotent()
+            .body_proto("tessera.catalog.v1.CodePoolInput", &[])
+            .answer_proto(200, "The pool.", POOL_MSG),
+    )
+    .add(
+        Op::post("/v1/code-pools/{id}/status", set_pool_status)
+            .summary("Enable or disable a code pool")
+            .roles(&AUTHORS)
+            .idempotent()
+            .body_proto("tessera.catalog.v1.SetCodePoolStatusRequest", &SET)
+            .answer_proto(200, "The pool.", POOL_MSG),
+    )
+    .add(
+        Op::post("/v1/code-pools/{id}/generate", generate)
+            .summary("Generate codes")
+            .describe("Starts a durable generation job; poll it at `/v1/code-pools/jobs/{id}`.")
+            .roles(&AUTHORS)
+            .idempotent()
+            .body_proto(
+                "tessera.catalog.v1.GenerateCodesRequest",
+                &["pool_id", "idempotency_key"],
+            )
+            .answer_proto(202, "The job.", "tessera.catalog.v1.GenerationJob"),
+    )
+    .add(
+        Op::get("/v1/code-pools/{id}/codes.csv", export)
+            .summary("Export a pool's codes as CSV")
+            .roles(&AUTHORS)
+            .answer_with(200, "The codes, streamed.", Content::Csv),
+    )
+    .add(
+        Op::post("/v1/code-pools/{id}/codes.csv", import)
+            .summary("Import codes from CSV")
+            .roles(&AUTHORS)
+            .idempotent()
+            .query::<ImportQuery>()
+            .body_csv()
+            .answer_proto(
+                200,
+                "What was imported and which rows were refused.",
+                "tessera.catalog.v1.ImportCodesResponse",
+            ),
+    )
+    .add(
+        Op::get("/v1/codes/{code}", get_code)
+            .summary("Get a code")
+            .roles(&Role::ALL)
+            .answer_proto(200, "The code.", CODE),
+    )
+    .add(
+        Op::post("/v1/codes/{code}/status", set_code_status)
+            .summary("Enable or disable a code")
+            .roles(&AUTHORS)
+            .idempotent()
+            .body_proto(
+                "tessera.catalog.v1.SetCodeStatusRequest",
+                &["code", "idempotency_key"],
+            )
+            .answer_proto(200, "The code.", CODE),
+    );
+    api.tag("customer rewards", "Rewards published to a customer.")
+        .add(
+            Op::get("/v1/customers/{id}/rewards", customer_rewards)
+                .summary("List a customer's rewards")
+                .roles(&Role::ALL)
+                .query::<ListQuery>()
+                .answer_page("tessera.catalog.v1.CustomerReward"),
         )
-        .route(
-            "/v1/customers/{id}/rewards/{publication}/shown",
-            post(mark_shown),
+        .add(
+            Op::post("/v1/customers/{id}/rewards", publish)
+                .summary("Publish a reward to a customer")
+                .roles(&PUBLISHERS)
+                .idempotent()
+                .body_proto(
+                    "tessera.catalog.v1.PublishRewardRequest",
+                    &["customer_id", "idempotency_key"],
+                )
+                .answer_proto(201, "The publication.", PUBLICATION),
         )
+        .add(
+            Op::post("/v1/customers/{id}/rewards/{publication}/shown", mark_shown)
+                .summary("Record that a customer saw a reward")
+                .roles(&PUBLISHERS)
+                .idempotent()
+                .body_proto(
+                    "tessera.catalog.v1.MarkShownRequest",
+                    &["customer_id", "publication_id", "idempotency_key"],
+                )
+                .answer_proto(200, "The publication.", PUBLICATION),
+        );
 }
 
 /// Everything a catalog handler starts from.
@@ -79,17 +246,11 @@ struct Call {
 }
 
 impl Call {
-    fn new(
-        state: Arc<AppState>,
-        principal: &Principal,
-        roles: &[Role],
-        request_id: &RequestId,
-    ) -> Result<Self, ApiError> {
-        principal.require(roles)?;
-        Ok(Self {
+    fn new(state: Arc<AppState>, principal: &Principal, request_id: &RequestId) -> Self {
+        Self {
             state,
             ctx: principal.context(request_id),
-        })
+        }
     }
 
     fn client(
@@ -106,7 +267,7 @@ async fn create_reward(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let reward = from_json(&message("RewardInput"), body)?;
     let r = call
         .client()
@@ -131,7 +292,7 @@ async fn update_reward(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let request: pb::UpdateRewardRequest = from_json(
         &message("UpdateRewardRequest"),
         with(with(body, "id", id), "idempotency_key", key),
@@ -154,7 +315,7 @@ async fn get_reward(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let r = call
         .client()
         .get_reward(call.ctx.request(pb::GetRewardRequest { id }))
@@ -168,11 +329,13 @@ async fn get_reward(
 }
 
 /// Query of the list routes.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
+    /// Page size, 1..=100 (default 20).
     #[serde(default)]
     limit: u32,
+    /// Cursor: the `next_cursor` of the previous page.
     #[serde(default)]
     starting_after: String,
     /// Rewards: `active` or `disabled`; customer rewards: `available`, `scheduled`,
@@ -260,7 +423,7 @@ async fn list_rewards(
     principal: Principal,
     query: QueryResult<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let q = strict(query)?;
     let request = pb::ListRewardsRequest {
         page: page(&q),
@@ -293,7 +456,7 @@ async fn set_reward_status(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let request: pb::SetRewardStatusRequest = from_json(
         &message("SetRewardStatusRequest"),
         with(with(body, "id", id), "idempotency_key", key),
@@ -316,7 +479,7 @@ async fn preview(
     principal: Principal,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let request: pb::PreviewEffectsRequest = from_json(&message("PreviewEffectsRequest"), body)?;
     let r = call
         .client()
@@ -337,7 +500,7 @@ async fn create_pool(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let pool = from_json(&message("CodePoolInput"), body)?;
     let r = call
         .client()
@@ -360,7 +523,7 @@ async fn list_pools(
     principal: Principal,
     query: QueryResult<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let q = strict(query)?;
     let request = pb::ListCodePoolsRequest {
         page: page(&q),
@@ -385,7 +548,7 @@ async fn get_pool(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let r = call
         .client()
         .get_code_pool(call.ctx.request(pb::GetCodePoolRequest { id }))
@@ -406,7 +569,7 @@ async fn update_pool(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let pool = from_json(&message("CodePoolInput"), body)?;
     let request = pb::UpdateCodePoolRequest {
         idempotency_key: key,
@@ -433,7 +596,7 @@ async fn set_pool_status(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let request: pb::SetCodePoolStatusRequest = from_json(
         &message("SetCodePoolStatusRequest"),
         with(with(body, "id", id), "idempotency_key", key),
@@ -458,7 +621,7 @@ async fn generate(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let request: pb::GenerateCodesRequest = from_json(
         &message("GenerateCodesRequest"),
         with(with(body, "pool_id", id), "idempotency_key", key),
@@ -481,7 +644,7 @@ async fn get_job(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let r = call
         .client()
         .get_generation_job(call.ctx.request(pb::GetGenerationJobRequest { id }))
@@ -501,7 +664,7 @@ async fn export(
     principal: Principal,
     Path(pool_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let stream = call
         .client()
         .export_codes(call.ctx.request(pb::ExportCodesRequest { pool_id }))
@@ -516,7 +679,7 @@ async fn export(
 }
 
 /// Query of the CSV import.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ImportQuery {
     /// Import the good rows and report the bad ones (default: all or nothing).
@@ -535,7 +698,7 @@ async fn import(
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
-    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let q = strict(query)?;
     let is_csv = parts
         .headers
@@ -576,7 +739,7 @@ async fn get_code(
     principal: Principal,
     Path(code): Path<String>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let r = call
         .client()
         .get_code(call.ctx.request(pb::GetCodeRequest { code }))
@@ -593,7 +756,7 @@ async fn set_code_status(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &AUTHORS, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let request: pb::SetCodeStatusRequest = from_json(
         &message("SetCodeStatusRequest"),
         with(with(body, "code", code), "idempotency_key", key),
@@ -613,7 +776,7 @@ async fn customer_rewards(
     Path(customer_id): Path<String>,
     query: QueryResult<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &Role::ALL, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let q = strict(query)?;
     let request = pb::ListCustomerRewardsRequest {
         customer_id,
@@ -646,7 +809,7 @@ async fn publish(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &PUBLISHERS, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let body = with(
         with(body, "customer_id", customer_id),
         "idempotency_key",
@@ -673,7 +836,7 @@ async fn mark_shown(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let call = Call::new(state, &principal, &PUBLISHERS, &request_id)?;
+    let call = Call::new(state, &principal, &request_id);
     let body = with(body, "publication_id", publication_id);
     let body = with(
         with(body, "customer_id", customer_id),

@@ -7,10 +7,9 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::{Path, State};
 use axum::response::Response;
-use axum::routing::{get, post, put};
-use axum::{Extension, Router};
 use serde_json::Value;
 use tessera_proto::eligibility::v1 as pb;
 use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
@@ -18,6 +17,7 @@ use tessera_runtime::RequestContext;
 use tessera_runtime::grpc::Channel;
 
 use crate::AppState;
+use crate::api::{Api, Op};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{Principal, Role};
@@ -38,34 +38,142 @@ fn message(name: &str) -> String {
     format!("tessera.eligibility.v1.{name}")
 }
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v1/qualify", post(qualify))
-        .route(
-            "/v1/customers/{id}/profile",
-            put(upsert_customer)
-                .get(get_customer)
-                .delete(erase_customer),
+pub fn routes(api: &mut Api) {
+    const REDEMPTION: &str = "tessera.eligibility.v1.Redemption";
+    const KEYED: [&str; 1] = ["idempotency_key"];
+    api.tag(
+        "customers",
+        "Customer profiles, orders and events: the facts rules read.",
+    )
+    .add(
+        Op::put("/v1/customers/{id}/profile", upsert_customer)
+            .summary("Create or update a customer's profile")
+            .roles(&FACT_WRITERS)
+            .idempotent()
+            .body_proto("tessera.eligibility.v1.CustomerInput", &["id"])
+            .answer_proto(200, "The customer.", "tessera.eligibility.v1.Customer"),
+    )
+    .add(
+        Op::get("/v1/customers/{id}/profile", get_customer)
+            .summary("Get a customer's profile and aggregates")
+            .roles(&Role::ALL)
+            .answer_proto(
+                200,
+                "The customer.",
+                "tessera.eligibility.v1.GetCustomerResponse",
+            ),
+    )
+    .add(
+        Op::delete("/v1/customers/{id}/profile", erase_customer)
+            .summary("Erase a customer (GDPR)")
+            .roles(&[Role::Admin])
+            .idempotent()
+            .answer_proto(
+                200,
+                "What was erased.",
+                "tessera.eligibility.v1.EraseCustomerResponse",
+            ),
+    )
+    .add(
+        Op::get("/v1/customers/{id}/segments", customer_segments)
+            .summary("The segments a customer is in")
+            .roles(&Role::ALL)
+            .answer_proto(
+                200,
+                "The segments.",
+                "tessera.eligibility.v1.GetCustomerSegmentsResponse",
+            ),
+    )
+    .add(
+        Op::post("/v1/orders", record_order)
+            .summary("Record an order (paid, returned or cancelled)")
+            .describe("Updates the customer's aggregates and runs the earning rules.")
+            .roles(&FACT_WRITERS)
+            .idempotent()
+            .body_proto("tessera.eligibility.v1.Order", &[])
+            .answer_proto(
+                200,
+                "What the order earned.",
+                "tessera.eligibility.v1.RecordOrderResponse",
+            ),
+    )
+    .add(
+        Op::post("/v1/events", record_event)
+            .summary("Record a custom event")
+            .roles(&FACT_WRITERS)
+            .idempotent()
+            .body_proto("tessera.eligibility.v1.Event", &[])
+            .answer_proto(
+                200,
+                "What the event earned.",
+                "tessera.eligibility.v1.RecordEventResponse",
+            ),
+    );
+    api.tag("checkout", "Qualification, validation, redemption, reservation and rollback.")
+        .add(
+            Op::post("/v1/qualify", qualify)
+                .summary("What a customer qualifies for")
+                .describe("Every incentive the customer can use now with its value, ranked, and every one that does not apply with the reasons.")
+                .roles(&ASKERS)
+                .body_proto("tessera.eligibility.v1.QualifyRequest", &[])
+                .answer_proto(200, "Applicable and not applicable incentives.", "tessera.eligibility.v1.QualifyResponse"),
         )
-        .route("/v1/customers/{id}/segments", get(customer_segments))
-        .route("/v1/orders", post(record_order))
-        .route("/v1/events", post(record_event))
-        .route("/v1/validate", post(validate))
-        .route("/v1/redemptions", post(redeem))
-        .route("/v1/redemptions/{id}", get(get_redemption))
-        .route("/v1/redemptions/{id}/rollback", post(rollback))
-        .route("/v1/reservations", post(reserve))
-        .route("/v1/reservations/{id}/confirm", post(confirm))
+        .add(
+            Op::post("/v1/validate", validate)
+                .summary("Validate redeemables on a cart (dry run)")
+                .roles(&ASKERS)
+                .body_proto("tessera.eligibility.v1.ValidateRequest", &[])
+                .answer_proto(200, "What a redemption would apply.", REDEMPTION),
+        )
+        .add(
+            Op::post("/v1/redemptions", redeem)
+                .summary("Redeem")
+                .roles(&FACT_WRITERS)
+                .idempotent()
+                .body_proto("tessera.eligibility.v1.RedeemRequest", &KEYED)
+                .answer_proto(201, "The redemption.", REDEMPTION),
+        )
+        .add(
+            Op::get("/v1/redemptions/{id}", get_redemption)
+                .summary("Get a redemption")
+                .roles(&Role::ALL)
+                .answer_proto(200, "The redemption.", REDEMPTION),
+        )
+        .add(
+            Op::post("/v1/redemptions/{id}/rollback", rollback)
+                .summary("Roll a redemption back, fully or by returned lines")
+                .roles(&FACT_WRITERS)
+                .idempotent()
+                .body_proto(
+                    "tessera.eligibility.v1.RollbackRedemptionRequest",
+                    &["redemption_id", "idempotency_key"],
+                )
+                .answer_proto(200, "The redemption after the rollback.", REDEMPTION),
+        )
+        .add(
+            Op::post("/v1/reservations", reserve)
+                .summary("Reserve at checkout")
+                .describe("Holds budget, code and wallet value for a short time; confirm it or it lapses.")
+                .roles(&FACT_WRITERS)
+                .idempotent()
+                .body_proto("tessera.eligibility.v1.ReserveRequest", &KEYED)
+                .answer_proto(201, "The reservation.", REDEMPTION),
+        )
+        .add(
+            Op::post("/v1/reservations/{id}/confirm", confirm)
+                .summary("Confirm a reservation")
+                .roles(&FACT_WRITERS)
+                .idempotent()
+                .answer_proto(200, "The redemption.", REDEMPTION),
+        );
 }
 
 fn call(
     state: &AppState,
     principal: &Principal,
-    roles: &[Role],
     request_id: &RequestId,
-) -> Result<(EligibilityServiceClient<Channel>, RequestContext), ApiError> {
-    principal.require(roles)?;
-    Ok((state.eligibility.clone(), principal.context(request_id)))
+) -> (EligibilityServiceClient<Channel>, RequestContext) {
+    (state.eligibility.clone(), principal.context(request_id))
 }
 
 async fn qualify(
@@ -74,7 +182,7 @@ async fn qualify(
     principal: Principal,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &ASKERS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let request: pb::QualifyRequest = from_json(&message("QualifyRequest"), body)?;
     let r = client.qualify(ctx.request(request)).await?.into_inner();
     reply(http::StatusCode::OK, &message("QualifyResponse"), &r)
@@ -88,7 +196,7 @@ async fn upsert_customer(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &FACT_WRITERS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let customer: pb::CustomerInput = from_json(&message("CustomerInput"), with(body, "id", id))?;
     let r = client
         .upsert_customer(ctx.request(pb::UpsertCustomerRequest {
@@ -110,7 +218,7 @@ async fn get_customer(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let r = client
         .get_customer(ctx.request(pb::GetCustomerRequest { id }))
         .await?
@@ -125,7 +233,7 @@ async fn erase_customer(
     Path(id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &[Role::Admin], &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let r = client
         .erase_customer(ctx.request(pb::EraseCustomerRequest {
             idempotency_key: key,
@@ -142,7 +250,7 @@ async fn customer_segments(
     principal: Principal,
     Path(customer_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let r = client
         .get_customer_segments(ctx.request(pb::GetCustomerSegmentsRequest { customer_id }))
         .await?
@@ -161,7 +269,7 @@ async fn record_order(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &FACT_WRITERS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let order: pb::Order = from_json(&message("Order"), body)?;
     let r = client
         .record_order(ctx.request(pb::RecordOrderRequest {
@@ -180,7 +288,7 @@ async fn record_event(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &FACT_WRITERS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let event: pb::Event = from_json(&message("Event"), body)?;
     let r = client
         .record_event(ctx.request(pb::RecordEventRequest {
@@ -204,7 +312,7 @@ async fn validate(
     principal: Principal,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &ASKERS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let request: pb::ValidateRequest = from_json(&message("ValidateRequest"), body)?;
     let r = client.validate(ctx.request(request)).await?.into_inner();
     redemption(http::StatusCode::OK, r.redemption)
@@ -218,7 +326,7 @@ async fn redeem(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &FACT_WRITERS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let mut request: pb::RedeemRequest = from_json(&message("RedeemRequest"), body)?;
     request.idempotency_key = key;
     let r = client.redeem(ctx.request(request)).await?.into_inner();
@@ -233,7 +341,7 @@ async fn reserve(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &FACT_WRITERS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let mut request: pb::ReserveRequest = from_json(&message("ReserveRequest"), body)?;
     request.idempotency_key = key;
     let r = client.reserve(ctx.request(request)).await?.into_inner();
@@ -247,7 +355,7 @@ async fn confirm(
     Path(redemption_id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &FACT_WRITERS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let r = client
         .confirm(ctx.request(pb::ConfirmRequest {
             idempotency_key: key,
@@ -267,7 +375,7 @@ async fn rollback(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &FACT_WRITERS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let mut request: pb::RollbackRedemptionRequest = from_json(
         &message("RollbackRedemptionRequest"),
         with(body, "redemptionId", id),
@@ -286,7 +394,7 @@ async fn get_redemption(
     principal: Principal,
     Path(redemption_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let r = client
         .get_redemption(ctx.request(pb::GetRedemptionRequest { redemption_id }))
         .await?

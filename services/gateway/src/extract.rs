@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use tessera_runtime::{Code, Error, RequestContext};
 
 use crate::AppState;
+use crate::api::Allowed;
 use crate::error::ApiError;
 use crate::keys::{Principal, Role};
 use crate::observe::RequestId;
@@ -127,13 +128,16 @@ impl FromRequestParts<Arc<AppState>> for Principal {
                 .with_reason("RATE_LIMITED"),
             ));
         }
+        // The route's roles (see `crate::api`); a route that declares none serves no key.
+        let allowed = parts.extensions.get::<Allowed>().map_or(&[][..], |a| a.0);
+        principal.require(allowed)?;
         Ok(principal)
     }
 }
 
 impl Principal {
     /// Refuses with 403 unless the caller has one of `roles`.
-    pub fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
+    fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
         if roles.contains(&self.role) {
             Ok(())
         } else {

@@ -3,6 +3,7 @@
 //! validates and parses JSON strictly, passes the `Idempotency-Key`, request id and trace
 //! context on, and renders errors in one JSON shape. Business rules live in the services.
 
+mod api;
 mod audit;
 mod campaigns;
 mod catalog;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub(crate) notification: NotificationServiceClient<grpc::Channel>,
     pub(crate) max_body_bytes: usize,
     pub(crate) limits: Arc<ratelimit::Limits>,
+    /// `/openapi.json`, rendered once when the routes are built.
+    pub(crate) openapi: std::sync::OnceLock<String>,
 }
 
 /// A gateway ready to serve.
@@ -110,6 +113,7 @@ impl Gateway {
             )?),
             max_body_bytes: config.gateway.max_body_bytes,
             limits: Arc::new(ratelimit::Limits::new(&config.gateway)),
+            openapi: std::sync::OnceLock::new(),
         };
         let router = routes::router(
             Arc::new(state),

@@ -7,18 +7,19 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::{Path, State};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, put};
-use axum::{Extension, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tessera_proto::notification::v1 as pb;
 use tessera_proto::notification::v1::notification_service_client::NotificationServiceClient;
 use tessera_runtime::grpc::Channel;
 use tessera_runtime::{Error, RequestContext};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
+use crate::api::{Api, Content, Op};
 use crate::catalog::{QueryResult, enum_value, page_reply, page_request, strict};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
@@ -42,32 +43,100 @@ fn message(name: &str) -> String {
     format!("tessera.notification.v1.{name}")
 }
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v1/brand", get(get_brand).put(put_brand))
-        .route(
-            "/v1/templates",
-            get(list_templates)
-                .put(put_template)
-                .delete(delete_template),
+pub fn routes(api: &mut Api) {
+    const CHANNELS: [&str; 3] = ["email", "sms", "push"];
+    api.tag("messages", "Brand, templates, messages to customers, subscriptions and the event catalogue.")
+        .add(
+            Op::get("/v1/brand", get_brand)
+                .summary("The tenant's brand")
+                .roles(&READERS)
+                .answer_proto(200, "The brand.", "tessera.notification.v1.Brand"),
         )
-        .route("/v1/customers/{id}/messages", get(list).post(send))
-        .route(
-            "/v1/customers/{id}/subscriptions/{channel}",
-            put(subscription),
+        .add(
+            Op::put("/v1/brand", put_brand)
+                .summary("Set the tenant's brand")
+                .roles(&AUTHORS)
+                .idempotent()
+                .body_proto("tessera.notification.v1.Brand", &[])
+                .answer_proto(200, "The brand.", "tessera.notification.v1.Brand"),
         )
-        .route("/v1/unsubscribe", get(unsubscribe_page).post(unsubscribe))
-        .route("/v1/event-types", get(event_types))
+        .add(
+            Op::get("/v1/templates", list_templates)
+                .summary("List templates")
+                .roles(&READERS)
+                .query::<TemplateQuery>()
+                .answer_page("tessera.notification.v1.Template"),
+        )
+        .add(
+            Op::put("/v1/templates", put_template)
+                .summary("Create or replace a template")
+                .describe("Compiled when saved: a syntax error is refused with the field and line.")
+                .roles(&AUTHORS)
+                .idempotent()
+                .body_proto("tessera.notification.v1.Template", &[])
+                .answer_proto(200, "The template.", "tessera.notification.v1.Template"),
+        )
+        .add(
+            Op::delete("/v1/templates", delete_template)
+                .summary("Delete a template")
+                .roles(&AUTHORS)
+                .idempotent()
+                .query::<TemplateQuery>()
+                .answer_with(204, "Deleted.", Content::Empty),
+        )
+        .add(
+            Op::post("/v1/customers/{id}/messages", send)
+                .summary("Send a customer a message")
+                .roles(&SENDERS)
+                .idempotent()
+                .body::<SendBody>()
+                .answer_proto(202, "The message, queued.", "tessera.notification.v1.Message"),
+        )
+        .add(
+            Op::get("/v1/customers/{id}/messages", list)
+                .summary("A customer's delivery log")
+                .roles(&READERS)
+                .query::<ListQuery>()
+                .answer_page("tessera.notification.v1.Message"),
+        )
+        .add(
+            Op::put("/v1/customers/{id}/subscriptions/{channel}", subscription)
+                .summary("Subscribe a customer to marketing on a channel, or not")
+                .roles(&[Role::Admin, Role::SupportAgent, Role::Touchpoint])
+                .idempotent()
+                .path_enum("channel", &CHANNELS)
+                .body::<SubscriptionBody>()
+                .answer::<Subscription>(200, "The subscription."),
+        )
+        .add(
+            Op::get("/v1/unsubscribe", unsubscribe_page)
+                .summary("The unsubscribe link's page")
+                .describe("No API key: the token is signed. Link scanners follow GETs, so this only shows a form that posts.")
+                .query::<TokenQuery>()
+                .answer_with(200, "A form that posts the token.", Content::Html),
+        )
+        .add(
+            Op::post("/v1/unsubscribe", unsubscribe)
+                .summary("Unsubscribe (RFC 8058 one-click)")
+                .describe("No API key: the token names tenant, customer and channel, and is signed.")
+                .query::<TokenQuery>()
+                .answer_proto(200, "Unsubscribed.", "tessera.notification.v1.UnsubscribeResponse"),
+        )
+        .add(
+            Op::get("/v1/event-types", event_types)
+                .summary("The event catalogue")
+                .describe("Every event type with its source, description and JSON Schema per version.")
+                .roles(&Role::ALL)
+                .answer_page("tessera.notification.v1.EventType"),
+        );
 }
 
 fn call(
     state: &AppState,
     principal: &Principal,
-    roles: &[Role],
     request_id: &RequestId,
-) -> Result<(NotificationServiceClient<Channel>, RequestContext), ApiError> {
-    principal.require(roles)?;
-    Ok((state.notification.clone(), principal.context(request_id)))
+) -> (NotificationServiceClient<Channel>, RequestContext) {
+    (state.notification.clone(), principal.context(request_id))
 }
 
 async fn get_brand(
@@ -75,7 +144,7 @@ async fn get_brand(
     Extension(request_id): Extension<RequestId>,
     principal: Principal,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &READERS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let r = client
         .get_brand(ctx.request(pb::GetBrandRequest {}))
         .await?
@@ -94,7 +163,7 @@ async fn put_brand(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &AUTHORS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let brand: pb::Brand = from_json(&message("Brand"), body)?;
     let r = client
         .put_brand(ctx.request(pb::PutBrandRequest {
@@ -117,7 +186,7 @@ async fn put_template(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &AUTHORS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let template: pb::Template = from_json(&message("Template"), body)?;
     let r = client
         .put_template(ctx.request(pb::PutTemplateRequest {
@@ -133,9 +202,10 @@ async fn put_template(
     )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct TemplateQuery {
+    /// The template's name (`incentive_issued`, …).
     #[serde(default)]
     name: String,
     /// `email`, `sms` or `push` (delete).
@@ -153,7 +223,7 @@ async fn list_templates(
     principal: Principal,
     query: QueryResult<TemplateQuery>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &READERS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let q = strict(query)?;
     let r = client
         .list_templates(ctx.request(pb::ListTemplatesRequest { name: q.name }))
@@ -173,7 +243,7 @@ async fn delete_template(
     IdempotencyKey(key): IdempotencyKey,
     query: QueryResult<TemplateQuery>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &AUTHORS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let q = strict(query)?;
     client
         .delete_template(ctx.request(pb::DeleteTemplateRequest {
@@ -188,7 +258,7 @@ async fn delete_template(
 }
 
 /// What `POST /v1/customers/{id}/messages` takes.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SendBody {
     /// `email`, `sms` or `push`.
@@ -209,7 +279,7 @@ async fn send(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<SendBody>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &SENDERS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let r = client
         .send_message(ctx.request(pb::SendMessageRequest {
             idempotency_key: key,
@@ -228,11 +298,13 @@ async fn send(
     )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
+    /// Page size, 1..=100 (default 20).
     #[serde(default)]
     limit: u32,
+    /// Cursor: the `next_cursor` of the previous page.
     #[serde(default)]
     starting_after: String,
     /// `queued`, `sent`, `skipped` or `failed`.
@@ -247,7 +319,7 @@ async fn list(
     Path(customer_id): Path<String>,
     query: QueryResult<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &READERS, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let q = strict(query)?;
     let r = client
         .list_messages(ctx.request(pb::ListMessagesRequest {
@@ -266,7 +338,7 @@ async fn list(
     page_reply(to_json_list(&message("Message"), &r.messages)?, r.page)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SubscriptionBody {
     subscribed: bool,
@@ -280,12 +352,7 @@ async fn subscription(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<SubscriptionBody>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(
-        &state,
-        &principal,
-        &[Role::Admin, Role::SupportAgent, Role::Touchpoint],
-        &request_id,
-    )?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     client
         .set_subscription(ctx.request(pb::SetSubscriptionRequest {
             idempotency_key: key,
@@ -294,17 +361,26 @@ async fn subscription(
             subscribed: body.subscribed,
         }))
         .await?;
-    Ok(axum::Json(serde_json::json!({
-        "customer_id": customer_id,
-        "channel": name,
-        "subscribed": body.subscribed,
-    }))
+    Ok(axum::Json(Subscription {
+        customer_id,
+        channel: name,
+        subscribed: body.subscribed,
+    })
     .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// A customer's marketing subscription on a channel.
+#[derive(Serialize, ToSchema)]
+struct Subscription {
+    customer_id: String,
+    channel: String,
+    subscribed: bool,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct TokenQuery {
+    /// The signed token of the link.
     token: String,
 }
 
@@ -376,7 +452,7 @@ async fn event_types(
     Extension(request_id): Extension<RequestId>,
     principal: Principal,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &Role::ALL, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let r = client
         .list_event_types(ctx.request(pb::ListEventTypesRequest {}))
         .await?

@@ -1,22 +1,24 @@
 //! Routes. Each handler: authenticate, check the role, parse strictly, call one service.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tessera_proto::wallet::v1::{self as pb, AssetKind};
 use tessera_runtime::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
+use crate::api::{Api, Content, Op};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{Principal, Role};
@@ -26,34 +28,139 @@ use crate::observe::{RequestId, observe};
 const WALLET_GRPC_NAME: &str = "tessera.wallet.v1.WalletService";
 
 pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/v1/customers/{id}/points", post(credit_points))
-        .route("/v1/customers/{id}/wallet", get(wallet))
-        .route("/v1/customers/{id}/wallet/transactions", get(transactions))
-        .route("/v1/customers/{id}/wallet/adjustments", post(adjust))
-        .route("/v1/customers/{id}/wallet/refunds", post(refund))
-        .route("/v1/customers/{id}/wallet/cashback", get(cashback))
-        .route("/v1/customers/{id}/wallet/tier", get(tier))
-        .route("/v1/customers/{id}/cockpit", get(cockpit))
-        .merge(crate::catalog::routes())
-        .merge(crate::eligibility::routes())
-        .merge(crate::campaigns::routes())
-        .merge(crate::webhooks::routes())
-        .merge(crate::messages::routes())
-        .route("/v1/audit-log", get(crate::audit::list))
+    let mut api = Api::default();
+    api.tag(
+        "operations",
+        "Health, readiness, metrics and this document.",
+    )
+    .add(
+        Op::get("/healthz", healthz)
+            .summary("Liveness")
+            .answer::<Status>(200, "The process answers."),
+    )
+    .add(
+        Op::get("/readyz", readyz)
+            .summary("Readiness")
+            .describe("The gateway's database and the services it calls are serving.")
+            .answer::<Readiness>(200, "Ready.")
+            .answer::<Readiness>(503, "Not ready; `checks` says what is not."),
+    )
+    .add(
+        Op::get("/metrics", metrics)
+            .summary("Prometheus metrics")
+            .answer_with(200, "Prometheus text exposition.", Content::Text),
+    )
+    .add(
+        Op::get("/openapi.json", openapi)
+            .summary("This document")
+            .answer_with(200, "OpenAPI 3.1.", Content::Json(crate::api::object())),
+    );
+    api.tag("wallet", "Balances, history, cashback status and tiers; agents' corrections.")
+        .add(
+            Op::post("/v1/customers/{id}/points", credit_points)
+                .summary("Credit points")
+                .roles(&AGENTS)
+                .idempotent()
+                .body::<CreditPoints>()
+                .answer::<Posted>(201, "The transaction and the new balance."),
+        )
+        .add(
+            Op::get("/v1/customers/{id}/wallet", wallet)
+                .summary("A customer's balances")
+                .roles(&Role::ALL)
+                .answer::<Wallet>(200, "Every balance of the customer."),
+        )
+        .add(
+            Op::get("/v1/customers/{id}/wallet/transactions", transactions)
+                .summary("A customer's wallet history, newest first")
+                .roles(&Role::ALL)
+                .query::<TransactionsQuery>()
+                .answer::<TransactionPage>(200, "A page of transactions."),
+        )
+        .add(
+            Op::post("/v1/customers/{id}/wallet/adjustments", adjust)
+                .summary("Correct a customer's points")
+                .roles(&AGENTS)
+                .idempotent()
+                .body::<Adjustment>()
+                .answer::<Posted>(201, "The transaction and the new balance."),
+        )
+        .add(
+            Op::post("/v1/customers/{id}/wallet/refunds", refund)
+                .summary("Refund a spend or claw back a credit")
+                .roles(&AGENTS)
+                .idempotent()
+                .body::<Refund>()
+                .answer::<Posted>(201, "The reversal and the new balance."),
+        )
+        .add(
+            Op::get("/v1/customers/{id}/wallet/cashback", cashback)
+                .summary("A customer's cashback and other pending value, with status history")
+                .roles(&Role::ALL)
+                .query::<PageQuery>()
+                .answer::<CashbackPage>(200, "A page of credits, newest first."),
+        )
+        .add(
+            Op::get("/v1/customers/{id}/wallet/tier", tier)
+                .summary("A customer's tier")
+                .describe("The tier, what qualifies the customer, what the next tier needs, and the latest changes.")
+                .roles(&Role::ALL)
+                .query::<TierQuery>()
+                .answer::<TierStatus>(200, "The tier status."),
+        )
+        .add(
+            Op::get("/v1/customers/{id}/cockpit", cockpit)
+                .summary("What a customer sees of themselves, in one answer")
+                .roles(&Role::ALL)
+                .answer::<Cockpit>(200, "Balances, tier, usable rewards and referral status."),
+        );
+    crate::catalog::routes(&mut api);
+    crate::eligibility::routes(&mut api);
+    crate::campaigns::routes(&mut api);
+    crate::webhooks::routes(&mut api);
+    crate::messages::routes(&mut api);
+    api.tag("audit", "The append-only record of admin mutations.")
+        .add(
+            Op::get("/v1/audit-log", crate::audit::list)
+                .summary("Search the audit log")
+                .roles(&[Role::Admin, Role::Analyst])
+                .query::<crate::audit::AuditQuery>()
+                .answer::<crate::audit::AuditPage>(200, "A page of entries, newest first."),
+        );
+    let (routes, document) = api.finish();
+    let document = serde_json::to_string(&document).expect("the OpenAPI document serializes");
+    let _ = state.openapi.set(document);
+    routes
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             crate::audit::record,
         ))
         .with_state(state)
-        .merge(tessera_runtime::metrics::router())
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             deadline(timeout, req, next)
         }))
         .layer(middleware::from_fn(observe))
+}
+
+/// Roles that correct a customer's wallet.
+const AGENTS: [Role; 2] = [Role::Admin, Role::SupportAgent];
+
+/// `/openapi.json`.
+async fn openapi(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(http::header::CONTENT_TYPE, "application/json")],
+        state.openapi.get().cloned().unwrap_or_default(),
+    )
+        .into_response()
+}
+
+async fn metrics() -> Response {
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        tessera_runtime::metrics::render(),
+    )
+        .into_response()
 }
 
 async fn deadline(timeout: Duration, req: Request, next: Next) -> Response {
@@ -70,17 +177,34 @@ async fn not_found() -> ApiError {
 }
 
 /// Liveness: the process answers.
-async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+async fn healthz() -> Json<Status> {
+    Json(Status {
+        status: "ok".into(),
+    })
+}
+
+/// `{"status": "ok"}`.
+#[derive(Serialize, ToSchema)]
+struct Status {
+    status: String,
+}
+
+/// Readiness and what it was made of.
+#[derive(Serialize, ToSchema)]
+struct Readiness {
+    /// `ready` or `not_ready`.
+    status: String,
+    /// Each dependency: `ok`, or what is wrong with it.
+    checks: BTreeMap<String, String>,
 }
 
 /// Readiness: the gateway's database and the services it calls are serving.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let mut checks = serde_json::Map::new();
+    let mut checks = BTreeMap::new();
     let db = state.db.ping().await.map_err(|e| e.to_string());
     checks.insert(
-        "database".into(),
-        json!(db.as_ref().map_or_else(|e| e.as_str(), |()| "ok")),
+        "database".to_string(),
+        db.as_ref().map_or_else(Clone::clone, |()| "ok".to_string()),
     );
     let wallet = HealthClient::new(state.wallet_channel.clone())
         .check(HealthCheckRequest {
@@ -90,8 +214,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         .map(|r| r.into_inner().status() == ServingStatus::Serving);
     let wallet_ok = matches!(wallet, Ok(true));
     checks.insert(
-        "wallet".into(),
-        json!(if wallet_ok { "ok" } else { "unavailable" }),
+        "wallet".to_string(),
+        if wallet_ok { "ok" } else { "unavailable" }.to_string(),
     );
     let ready = db.is_ok() && wallet_ok;
     let status = if ready {
@@ -99,15 +223,19 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     } else {
         http::StatusCode::SERVICE_UNAVAILABLE
     };
+    let status_name = if ready { "ready" } else { "not_ready" };
     (
         status,
-        Json(json!({ "status": if ready { "ready" } else { "not_ready" }, "checks": checks })),
+        Json(Readiness {
+            status: status_name.into(),
+            checks,
+        }),
     )
         .into_response()
 }
 
 /// Body of `POST /v1/customers/{id}/points`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreditPoints {
     /// Points to credit: a positive integer.
@@ -124,59 +252,129 @@ fn default_program() -> String {
     "default".into()
 }
 
-fn asset_json(asset: Option<&pb::Asset>) -> Value {
-    let asset = asset.cloned().unwrap_or_default();
-    let kind = match AssetKind::try_from(asset.kind).unwrap_or(AssetKind::Unspecified) {
-        AssetKind::Points => "points",
-        AssetKind::Cashback => "cashback",
-        AssetKind::GiftCard => "gift_card",
-        AssetKind::Unspecified => "unspecified",
-    };
-    json!({ "kind": kind, "code": asset.code })
+/// What a balance or transaction is in.
+#[derive(Serialize, ToSchema)]
+struct Asset {
+    /// `points`, `cashback` or `gift_card`.
+    kind: String,
+    /// The programme (points), currency (cashback) or card code (gift card).
+    code: String,
 }
 
-fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Value {
+impl Asset {
+    fn of(asset: Option<&pb::Asset>) -> Self {
+        let asset = asset.cloned().unwrap_or_default();
+        let kind = match AssetKind::try_from(asset.kind).unwrap_or(AssetKind::Unspecified) {
+            AssetKind::Points => "points",
+            AssetKind::Cashback => "cashback",
+            AssetKind::GiftCard => "gift_card",
+            AssetKind::Unspecified => "unspecified",
+        };
+        Self {
+            kind: kind.into(),
+            code: asset.code,
+        }
+    }
+}
+
+/// RFC 3339 with microseconds, or None.
+fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Option<String> {
     ts.and_then(|t| {
         chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
     })
-    .map_or(Value::Null, |t| {
-        json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
-    })
+    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
 }
 
-fn balance_json(b: &pb::Balance) -> Value {
-    json!({
-        "asset": asset_json(b.asset.as_ref()),
-        "available": b.available,
-        "held": b.held,
-        "pending": b.pending,
-        "expiring": { "30d": b.expiring_30d, "60d": b.expiring_60d, "90d": b.expiring_90d },
-    })
+/// What expires within 30, 60 and 90 days.
+#[derive(Serialize, ToSchema)]
+struct Expiring {
+    #[serde(rename = "30d")]
+    d30: i64,
+    #[serde(rename = "60d")]
+    d60: i64,
+    #[serde(rename = "90d")]
+    d90: i64,
 }
 
-fn transaction_json(tx: &pb::Transaction) -> Value {
-    json!({
-        "id": tx.id,
-        "customer_id": tx.customer_id,
-        "asset": asset_json(tx.asset.as_ref()),
-        "amount": tx.amount,
-        "kind": tx.kind,
-        "reason": tx.reason,
-        "created_at": rfc3339(tx.created_at.as_ref()),
-    })
+/// One balance (integers: points, or minor units of money).
+#[derive(Serialize, ToSchema)]
+struct Balance {
+    asset: Asset,
+    /// What can be spent now.
+    available: i64,
+    /// Held by reservations at checkout.
+    held: i64,
+    /// Credited but not yet confirmed (cashback in its return window).
+    pending: i64,
+    expiring: Expiring,
+}
+
+impl From<&pb::Balance> for Balance {
+    fn from(b: &pb::Balance) -> Self {
+        Self {
+            asset: Asset::of(b.asset.as_ref()),
+            available: b.available,
+            held: b.held,
+            pending: b.pending,
+            expiring: Expiring {
+                d30: b.expiring_30d,
+                d60: b.expiring_60d,
+                d90: b.expiring_90d,
+            },
+        }
+    }
+}
+
+fn balances(list: &[pb::Balance]) -> Vec<Balance> {
+    list.iter().map(Balance::from).collect()
+}
+
+/// A posted wallet transaction.
+#[derive(Serialize, ToSchema)]
+struct Transaction {
+    id: String,
+    customer_id: String,
+    asset: Asset,
+    /// Signed: credits are positive, debits negative.
+    amount: i64,
+    /// `credit`, `debit`, `refund`, `adjustment`, `expiry`, …
+    kind: String,
+    reason: String,
+    created_at: Option<String>,
+}
+
+impl From<&pb::Transaction> for Transaction {
+    fn from(tx: &pb::Transaction) -> Self {
+        Self {
+            id: tx.id.clone(),
+            customer_id: tx.customer_id.clone(),
+            asset: Asset::of(tx.asset.as_ref()),
+            amount: tx.amount,
+            kind: tx.kind.clone(),
+            reason: tx.reason.clone(),
+            created_at: rfc3339(tx.created_at.as_ref()),
+        }
+    }
+}
+
+/// A posted transaction and the account's new balance.
+#[derive(Serialize, ToSchema)]
+struct Posted {
+    transaction: Option<Transaction>,
+    balance: Option<Balance>,
 }
 
 /// `201 Created` with a posted transaction and the account's new balance.
 fn created(
     transaction: Option<&pb::Transaction>,
     balance: Option<&pb::Balance>,
-) -> (http::StatusCode, Json<Value>) {
+) -> (http::StatusCode, Json<Posted>) {
     (
         http::StatusCode::CREATED,
-        Json(json!({
-            "transaction": transaction.map(transaction_json),
-            "balance": balance.map(balance_json),
-        })),
+        Json(Posted {
+            transaction: transaction.map(Transaction::from),
+            balance: balance.map(Balance::from),
+        }),
     )
 }
 
@@ -195,8 +393,7 @@ async fn credit_points(
     Path(customer_id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<CreditPoints>,
-) -> Result<(http::StatusCode, Json<Value>), ApiError> {
-    principal.require(&[Role::Admin, Role::SupportAgent])?;
+) -> Result<(http::StatusCode, Json<Posted>), ApiError> {
     let ctx = principal.context(&request_id);
     let response = state
         .wallet
@@ -226,8 +423,7 @@ async fn wallet(
     Extension(request_id): Extension<RequestId>,
     principal: Principal,
     Path(customer_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    principal.require(&Role::ALL)?;
+) -> Result<Json<Wallet>, ApiError> {
     let ctx = principal.context(&request_id);
     let response = state
         .wallet
@@ -235,14 +431,21 @@ async fn wallet(
         .get_balance(ctx.request(pb::GetBalanceRequest { customer_id }))
         .await?
         .into_inner();
-    Ok(Json(json!({
-        "customer_id": response.customer_id,
-        "balances": response.balances.iter().map(balance_json).collect::<Vec<_>>(),
-    })))
+    Ok(Json(Wallet {
+        customer_id: response.customer_id,
+        balances: balances(&response.balances),
+    }))
+}
+
+/// A customer's balances.
+#[derive(Serialize, ToSchema)]
+struct Wallet {
+    customer_id: String,
+    balances: Vec<Balance>,
 }
 
 /// Query of `GET /v1/customers/{id}/wallet/transactions`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct TransactionsQuery {
     /// Page size, 1..=100 (default 20).
@@ -257,7 +460,7 @@ struct TransactionsQuery {
 }
 
 /// Cursor pagination parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct PageQuery {
     /// Page size, 1..=100 (default 20).
@@ -278,14 +481,51 @@ fn page_request(
     })
 }
 
-/// A page as JSON.
-fn page_json(data: Vec<Value>, page: Option<tessera_proto::common::v1::PageResponse>) -> Value {
+/// `has_more` and `next_cursor` of a page.
+fn cursor(page: Option<tessera_proto::common::v1::PageResponse>) -> (bool, Option<String>) {
     let page = page.unwrap_or_default();
-    json!({
-        "data": data,
-        "has_more": page.has_more,
-        "next_cursor": if page.has_more { Some(page.next_cursor) } else { None },
-    })
+    (page.has_more, page.has_more.then_some(page.next_cursor))
+}
+
+/// A page of a customer's transactions.
+#[derive(Serialize, ToSchema)]
+struct TransactionPage {
+    data: Vec<Transaction>,
+    has_more: bool,
+    /// Pass as `starting_after` for the next page; null on the last.
+    next_cursor: Option<String>,
+}
+
+/// A page of a customer's pending-value credits.
+#[derive(Serialize, ToSchema)]
+struct CashbackPage {
+    data: Vec<Credit>,
+    has_more: bool,
+    /// Pass as `starting_after` for the next page; null on the last.
+    next_cursor: Option<String>,
+}
+
+/// A credit that was pending (cashback in its return window), with its history.
+#[derive(Serialize, ToSchema)]
+struct Credit {
+    id: String,
+    asset: Asset,
+    amount: i64,
+    /// `pending`, `confirmed`, `paid_out` or `cancelled`.
+    status: String,
+    reason: String,
+    /// When it confirms by itself (null: only when activated).
+    activate_at: Option<String>,
+    /// Every status it went through, oldest first.
+    history: Vec<StatusChange>,
+}
+
+/// One status a credit went through.
+#[derive(Serialize, ToSchema)]
+struct StatusChange {
+    status: String,
+    at: Option<String>,
+    reason: String,
 }
 
 /// Parses a query string strictly, naming the fault.
@@ -307,8 +547,7 @@ async fn transactions(
         axum::extract::Query<TransactionsQuery>,
         axum::extract::rejection::QueryRejection,
     >,
-) -> Result<Json<Value>, ApiError> {
-    principal.require(&Role::ALL)?;
+) -> Result<Json<TransactionPage>, ApiError> {
     let query = strict_query(query)?;
     let ctx = principal.context(&request_id);
     let response = state
@@ -322,10 +561,16 @@ async fn transactions(
         }))
         .await?
         .into_inner();
-    Ok(Json(page_json(
-        response.transactions.iter().map(transaction_json).collect(),
-        response.page,
-    )))
+    let (has_more, next_cursor) = cursor(response.page);
+    Ok(Json(TransactionPage {
+        data: response
+            .transactions
+            .iter()
+            .map(Transaction::from)
+            .collect(),
+        has_more,
+        next_cursor,
+    }))
 }
 
 /// A credit status as the wallet stores and emits it (`paid_out`).
@@ -344,8 +589,7 @@ async fn cashback(
     principal: Principal,
     Path(customer_id): Path<String>,
     query: Result<axum::extract::Query<PageQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    principal.require(&Role::ALL)?;
+) -> Result<Json<CashbackPage>, ApiError> {
     let query = strict_query(query)?;
     let ctx = principal.context(&request_id);
     let response = state
@@ -361,27 +605,34 @@ async fn cashback(
     let data = response
         .credits
         .iter()
-        .map(|c| {
-            json!({
-                "id": c.id,
-                "asset": asset_json(c.asset.as_ref()),
-                "amount": c.amount,
-                "status": credit_status_name(c.status),
-                "reason": c.reason,
-                "activate_at": rfc3339(c.activate_at.as_ref()),
-                "history": c.history.iter().map(|h| json!({
-                    "status": credit_status_name(h.status),
-                    "at": rfc3339(h.at.as_ref()),
-                    "reason": h.reason,
-                })).collect::<Vec<_>>(),
-            })
+        .map(|c| Credit {
+            id: c.id.clone(),
+            asset: Asset::of(c.asset.as_ref()),
+            amount: c.amount,
+            status: credit_status_name(c.status),
+            reason: c.reason.clone(),
+            activate_at: rfc3339(c.activate_at.as_ref()),
+            history: c
+                .history
+                .iter()
+                .map(|h| StatusChange {
+                    status: credit_status_name(h.status),
+                    at: rfc3339(h.at.as_ref()),
+                    reason: h.reason.clone(),
+                })
+                .collect(),
         })
         .collect();
-    Ok(Json(page_json(data, response.page)))
+    let (has_more, next_cursor) = cursor(response.page);
+    Ok(Json(CashbackPage {
+        data,
+        has_more,
+        next_cursor,
+    }))
 }
 
 /// Query of `GET /v1/customers/{id}/wallet/tier`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct TierQuery {
     /// Loyalty programme id (default `default`).
@@ -389,16 +640,58 @@ struct TierQuery {
     program: String,
 }
 
-fn tier_json(t: Option<&pb::Tier>) -> Value {
-    t.map_or(Value::Null, |t| {
-        json!({
-            "id": t.id,
-            "name": t.name,
-            "threshold": t.threshold,
-            "earn_multiplier_permille": t.earn_multiplier_permille,
-            "expiry_extension_days": t.expiry_extension_days,
+/// A tier of a programme.
+#[derive(Serialize, ToSchema)]
+struct Tier {
+    id: String,
+    name: String,
+    /// What qualifies: points earned or amount spent over the programme's window.
+    threshold: i64,
+    /// Earn multiplier in thousandths (1500: ×1.5).
+    earn_multiplier_permille: u32,
+    /// Days added to the expiry of points earned in this tier.
+    expiry_extension_days: u32,
+}
+
+impl Tier {
+    fn of(t: Option<&pb::Tier>) -> Option<Self> {
+        t.map(|t| Self {
+            id: t.id.clone(),
+            name: t.name.clone(),
+            threshold: t.threshold,
+            earn_multiplier_permille: t.earn_multiplier_permille,
+            expiry_extension_days: t.expiry_extension_days,
         })
-    })
+    }
+}
+
+/// A customer's tier, what qualifies them, and what the next tier needs.
+#[derive(Serialize, ToSchema)]
+struct TierStatus {
+    customer_id: String,
+    program: String,
+    tier: Option<Tier>,
+    /// Points earned or amount spent in the window.
+    qualifying: i64,
+    since: Option<String>,
+    /// Until when a downgrade waits.
+    grace_until: Option<String>,
+    next_tier: Option<Tier>,
+    /// What is missing to reach the next tier.
+    to_next_tier: i64,
+    /// The latest changes, newest first.
+    history: Vec<TierChange>,
+}
+
+/// An up- or downgrade.
+#[derive(Serialize, ToSchema)]
+struct TierChange {
+    from: String,
+    to: String,
+    /// `up` or `down`.
+    direction: String,
+    qualifying: i64,
+    at: Option<String>,
 }
 
 /// A customer's tier in a programme, what qualifies them, what the next tier needs, and the
@@ -409,8 +702,7 @@ async fn tier(
     principal: Principal,
     Path(customer_id): Path<String>,
     query: Result<axum::extract::Query<TierQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    principal.require(&Role::ALL)?;
+) -> Result<Json<TierStatus>, ApiError> {
     let query = strict_query(query)?;
     let ctx = principal.context(&request_id);
     let mut wallet = state.wallet.clone();
@@ -429,27 +721,31 @@ async fn tier(
         }))
         .await?
         .into_inner();
-    Ok(Json(json!({
-        "customer_id": status.customer_id,
-        "program": status.program_id,
-        "tier": tier_json(status.tier.as_ref()),
-        "qualifying": status.qualifying,
-        "since": rfc3339(status.since.as_ref()),
-        "grace_until": rfc3339(status.grace_until.as_ref()),
-        "next_tier": tier_json(status.next_tier.as_ref()),
-        "to_next_tier": status.to_next_tier,
-        "history": history.changes.iter().map(|c| json!({
-            "from": c.from_tier,
-            "to": c.to_tier,
-            "direction": c.direction,
-            "qualifying": c.qualifying,
-            "at": rfc3339(c.at.as_ref()),
-        })).collect::<Vec<_>>(),
-    })))
+    Ok(Json(TierStatus {
+        customer_id: status.customer_id,
+        program: status.program_id,
+        tier: Tier::of(status.tier.as_ref()),
+        qualifying: status.qualifying,
+        since: rfc3339(status.since.as_ref()),
+        grace_until: rfc3339(status.grace_until.as_ref()),
+        next_tier: Tier::of(status.next_tier.as_ref()),
+        to_next_tier: status.to_next_tier,
+        history: history
+            .changes
+            .iter()
+            .map(|c| TierChange {
+                from: c.from_tier.clone(),
+                to: c.to_tier.clone(),
+                direction: c.direction.clone(),
+                qualifying: c.qualifying,
+                at: rfc3339(c.at.as_ref()),
+            })
+            .collect(),
+    }))
 }
 
 /// Body of `POST /v1/customers/{id}/wallet/refunds`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Refund {
     /// The customer's credit, debit or capture to reverse.
@@ -470,8 +766,7 @@ async fn refund(
     Path(customer_id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Refund>,
-) -> Result<(http::StatusCode, Json<Value>), ApiError> {
-    principal.require(&[Role::Admin, Role::SupportAgent])?;
+) -> Result<(http::StatusCode, Json<Posted>), ApiError> {
     let ctx = principal.context(&request_id);
     let response = state
         .wallet
@@ -492,7 +787,7 @@ async fn refund(
 }
 
 /// Body of `POST /v1/customers/{id}/wallet/adjustments`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Adjustment {
     /// Signed, non-zero points: positive credits, negative debits.
@@ -512,8 +807,7 @@ async fn adjust(
     Path(customer_id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Adjustment>,
-) -> Result<(http::StatusCode, Json<Value>), ApiError> {
-    principal.require(&[Role::Admin, Role::SupportAgent])?;
+) -> Result<(http::StatusCode, Json<Posted>), ApiError> {
     let ctx = principal.context(&request_id);
     let response = state
         .wallet
@@ -543,10 +837,9 @@ async fn cockpit(
     Extension(request_id): Extension<RequestId>,
     principal: Principal,
     Path(customer_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Cockpit>, ApiError> {
     use tessera_proto::catalog::v1 as cpb;
     use tessera_proto::eligibility::v1 as epb;
-    principal.require(&Role::ALL)?;
     let ctx = principal.context(&request_id);
     let (mut wallet, mut tiers, mut catalog, mut eligibility) = (
         state.wallet.clone(),
@@ -582,16 +875,16 @@ async fn cockpit(
     let tier = match tier {
         Ok(t) => {
             let t = t.into_inner();
-            json!({
-                "program": t.program_id,
-                "tier": tier_json(t.tier.as_ref()),
-                "qualifying": t.qualifying,
-                "grace_until": rfc3339(t.grace_until.as_ref()),
-                "next_tier": tier_json(t.next_tier.as_ref()),
-                "to_next_tier": t.to_next_tier,
+            Some(CockpitTier {
+                program: t.program_id,
+                tier: Tier::of(t.tier.as_ref()),
+                qualifying: t.qualifying,
+                grace_until: rfc3339(t.grace_until.as_ref()),
+                next_tier: Tier::of(t.next_tier.as_ref()),
+                to_next_tier: t.to_next_tier,
             })
         }
-        Err(s) if absent(&s) => Value::Null,
+        Err(s) if absent(&s) => None,
         Err(s) => return Err(s.into()),
     };
     let rewards = rewards?.into_inner();
@@ -607,22 +900,64 @@ async fn cockpit(
                     _ => None,
                 });
             let ordered = c.aggregates.is_some_and(|a| a.orders_total > 0);
-            referred_by.map_or(
-                Value::Null,
-                |by| json!({"referred_by": by, "first_order_placed": ordered}),
-            )
+            referred_by.map(|by| Referral {
+                referred_by: by,
+                first_order_placed: ordered,
+            })
         }
-        Err(s) if absent(&s) => Value::Null,
+        Err(s) if absent(&s) => None,
         Err(s) => return Err(s.into()),
     };
-    Ok(Json(json!({
-        "customer_id": customer_id,
-        "balances": balance.balances.iter().map(balance_json).collect::<Vec<_>>(),
-        "tier": tier,
-        "rewards": crate::transcode::to_json_list(
+    Ok(Json(Cockpit {
+        customer_id,
+        balances: balances(&balance.balances),
+        tier,
+        rewards: crate::transcode::to_json_list(
             "tessera.catalog.v1.CustomerReward",
             &rewards.rewards,
         )?,
-        "referral": referral,
-    })))
+        referral,
+    }))
+}
+
+/// A customer's own summary.
+#[derive(Serialize, ToSchema)]
+struct Cockpit {
+    customer_id: String,
+    /// Balances with what expires in 30/60/90 days.
+    balances: Vec<Balance>,
+    /// The tier in the `default` programme; null without tiers.
+    tier: Option<CockpitTier>,
+    /// The rewards the customer can use now.
+    #[schema(schema_with = customer_rewards)]
+    rewards: Vec<Value>,
+    /// Who referred the customer; null when nobody did.
+    referral: Option<Referral>,
+}
+
+fn customer_rewards() -> utoipa::openapi::Array {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .items(utoipa::openapi::Ref::from_schema_name(
+            "tessera.catalog.v1.CustomerReward",
+        ))
+        .build()
+}
+
+/// The cockpit's tier.
+#[derive(Serialize, ToSchema)]
+struct CockpitTier {
+    program: String,
+    tier: Option<Tier>,
+    qualifying: i64,
+    grace_until: Option<String>,
+    next_tier: Option<Tier>,
+    to_next_tier: i64,
+}
+
+/// A referred customer's referral.
+#[derive(Serialize, ToSchema)]
+struct Referral {
+    referred_by: String,
+    /// Whether the first order (which rewards both) is placed.
+    first_order_placed: bool,
 }

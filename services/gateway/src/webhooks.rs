@@ -6,18 +6,19 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::{Path, State};
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::{Extension, Router};
 use serde::Deserialize;
 use serde_json::Value;
 use tessera_proto::notification::v1 as pb;
 use tessera_proto::notification::v1::notification_service_client::NotificationServiceClient;
 use tessera_runtime::RequestContext;
 use tessera_runtime::grpc::Channel;
+use utoipa::IntoParams;
 
 use crate::AppState;
+use crate::api::{Api, Op};
 use crate::catalog::{QueryResult, enum_value, page_reply, page_request, strict};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
@@ -32,23 +33,104 @@ fn message(name: &str) -> String {
     format!("tessera.notification.v1.{name}")
 }
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v1/webhook-endpoints", post(create).get(list))
-        .route("/v1/webhook-endpoints/{id}", get(get_one).put(update))
-        .route("/v1/webhook-endpoints/{id}/rotate-secret", post(rotate))
-        .route("/v1/deliveries", get(deliveries))
-        .route("/v1/deliveries/replay", post(replay))
-        .route("/v1/deliveries/{id}", get(delivery))
+pub fn routes(api: &mut Api) {
+    const ENDPOINT: &str = "tessera.notification.v1.WebhookEndpoint";
+    const DELIVERY: &str = "tessera.notification.v1.Delivery";
+    api.tag(
+        "webhooks",
+        "Signed event deliveries to the tenant's endpoints, with retries and replay.",
+    )
+    .add(
+        Op::post("/v1/webhook-endpoints", create)
+            .summary("Create a webhook endpoint")
+            .describe("The answer carries the signing secret, shown once.")
+            .roles(&ADMINS)
+            .idempotent()
+            .body_proto(
+                "tessera.notification.v1.CreateWebhookEndpointRequest",
+                &["idempotency_key"],
+            )
+            .answer_proto(
+                201,
+                "The endpoint and its secret.",
+                "tessera.notification.v1.CreateWebhookEndpointResponse",
+            ),
+    )
+    .add(
+        Op::get("/v1/webhook-endpoints", list)
+            .summary("List webhook endpoints")
+            .roles(&ADMINS)
+            .query::<ListQuery>()
+            .answer_page(ENDPOINT),
+    )
+    .add(
+        Op::get("/v1/webhook-endpoints/{id}", get_one)
+            .summary("Get a webhook endpoint")
+            .roles(&ADMINS)
+            .answer_proto(200, "The endpoint.", ENDPOINT),
+    )
+    .add(
+        Op::put("/v1/webhook-endpoints/{id}", update)
+            .summary("Update a webhook endpoint")
+            .roles(&ADMINS)
+            .idempotent()
+            .body_proto(
+                "tessera.notification.v1.UpdateWebhookEndpointRequest",
+                &["id", "idempotency_key"],
+            )
+            .answer_proto(200, "The endpoint.", ENDPOINT),
+    )
+    .add(
+        Op::post("/v1/webhook-endpoints/{id}/rotate-secret", rotate)
+            .summary("Rotate an endpoint's signing secret")
+            .roles(&ADMINS)
+            .idempotent()
+            .body_proto(
+                "tessera.notification.v1.RotateWebhookSecretRequest",
+                &["id", "idempotency_key"],
+            )
+            .answer_proto(
+                200,
+                "The new secret, shown once.",
+                "tessera.notification.v1.RotateWebhookSecretResponse",
+            ),
+    )
+    .add(
+        Op::get("/v1/deliveries", deliveries)
+            .summary("List deliveries")
+            .roles(&ADMINS)
+            .query::<ListQuery>()
+            .answer_page(DELIVERY),
+    )
+    .add(
+        Op::post("/v1/deliveries/replay", replay)
+            .summary("Replay deliveries")
+            .roles(&ADMINS)
+            .idempotent()
+            .body_proto(
+                "tessera.notification.v1.ReplayDeliveriesRequest",
+                &["idempotency_key"],
+            )
+            .answer_proto(
+                200,
+                "How many deliveries were queued again.",
+                "tessera.notification.v1.ReplayDeliveriesResponse",
+            ),
+    )
+    .add(
+        Op::get("/v1/deliveries/{id}", delivery)
+            .summary("Get a delivery with every attempt")
+            .roles(&ADMINS)
+            .answer_proto(200, "The delivery.", DELIVERY),
+    );
 }
 
 fn call(
     state: &AppState,
     principal: &Principal,
     request_id: &RequestId,
-) -> Result<(NotificationServiceClient<Channel>, RequestContext), ApiError> {
-    principal.require(&ADMINS)?;
-    Ok((state.notification.clone(), principal.context(request_id)))
+) -> (NotificationServiceClient<Channel>, RequestContext) {
+    (state.notification.clone(), principal.context(request_id))
 }
 
 async fn create(
@@ -58,7 +140,7 @@ async fn create(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let mut request: pb::CreateWebhookEndpointRequest =
         from_json(&message("CreateWebhookEndpointRequest"), body)?;
     request.idempotency_key = key;
@@ -81,7 +163,7 @@ async fn update(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let mut request: pb::UpdateWebhookEndpointRequest = from_json(
         &message("UpdateWebhookEndpointRequest"),
         with(body, "id", id),
@@ -104,7 +186,7 @@ async fn get_one(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let r = client
         .get_webhook_endpoint(ctx.request(pb::GetWebhookEndpointRequest { id }))
         .await?
@@ -116,11 +198,13 @@ async fn get_one(
     )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
+    /// Page size, 1..=100 (default 20).
     #[serde(default)]
     limit: u32,
+    /// Cursor: the `next_cursor` of the previous page.
     #[serde(default)]
     starting_after: String,
     /// Deliveries: of this endpoint.
@@ -143,7 +227,7 @@ async fn list(
     principal: Principal,
     query: QueryResult<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let q = strict(query)?;
     let r = client
         .list_webhook_endpoints(ctx.request(pb::ListWebhookEndpointsRequest { page: q.page() }))
@@ -163,7 +247,7 @@ async fn rotate(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let mut request: pb::RotateWebhookSecretRequest =
         from_json(&message("RotateWebhookSecretRequest"), with(body, "id", id))?;
     request.idempotency_key = key;
@@ -184,7 +268,7 @@ async fn deliveries(
     principal: Principal,
     query: QueryResult<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let q = strict(query)?;
     let status = enum_value(
         "status",
@@ -209,7 +293,7 @@ async fn delivery(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let r = client
         .get_delivery(ctx.request(pb::GetDeliveryRequest { id }))
         .await?
@@ -228,7 +312,7 @@ async fn replay(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (mut client, ctx) = call(&state, &principal, &request_id)?;
+    let (mut client, ctx) = call(&state, &principal, &request_id);
     let mut request: pb::ReplayDeliveriesRequest =
         from_json(&message("ReplayDeliveriesRequest"), body)?;
     request.idempotency_key = key;

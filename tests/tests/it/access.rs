@@ -1,7 +1,8 @@
-//! Access on every route: no key → 401; a role the route does not serve → 403 (before
-//! anything is read or written); another tenant's object → 404. The public routes
-//! (`/healthz`, `/readyz`, `/metrics`, the signed `/v1/unsubscribe` link) are not listed;
-//! a new route belongs in [`routes`].
+//! Access on every route, read from the gateway's own OpenAPI document (which is built
+//! with the routes, so it lists every one): no key → 401; every role the route does not
+//! document in `x-roles` → 403, before anything is read or written; every role it does
+//! document → past the role check; another tenant's object → 404. Routes without `x-roles`
+//! are public, and only the known public ones may be.
 
 use serde_json::{Value, json};
 use tessera_gateway::{ApiKeys, Role};
@@ -9,203 +10,42 @@ use tessera_tests::{TestSuite, backend_tests};
 
 backend_tests!(every_route_checks_key_role_and_tenant);
 
-/// Every route and method, with a body that passes parsing, and a role it refuses (None:
-/// every role may call it).
-fn routes() -> Vec<(&'static str, &'static str, Value, Option<Role>)> {
-    use Role::{Analyst, Marketer, Touchpoint};
-    let empty = json!({});
-    vec![
-        ("POST", "/v1/campaigns", empty.clone(), Some(Analyst)),
-        ("GET", "/v1/campaigns", Value::Null, None),
-        ("GET", "/v1/campaigns/c1", Value::Null, None),
-        ("PUT", "/v1/campaigns/c1", empty.clone(), Some(Analyst)),
-        ("GET", "/v1/campaigns/c1/history", Value::Null, None),
-        ("GET", "/v1/campaigns/c1/jobs", Value::Null, None),
-        (
-            "POST",
-            "/v1/campaigns/c1/pause",
-            empty.clone(),
-            Some(Analyst),
-        ),
-        (
-            "POST",
-            "/v1/campaigns/c1/distributions",
-            json!({"segment_id": "s"}),
-            Some(Analyst),
-        ),
-        ("GET", "/v1/campaigns/c1/codes.csv", Value::Null, None),
-        ("GET", "/v1/distributions/d1", Value::Null, None),
-        ("POST", "/v1/rewards", empty.clone(), Some(Analyst)),
-        ("GET", "/v1/rewards", Value::Null, None),
-        ("POST", "/v1/rewards/preview", empty.clone(), None),
-        ("GET", "/v1/rewards/r1", Value::Null, None),
-        ("PUT", "/v1/rewards/r1", empty.clone(), Some(Analyst)),
-        (
-            "POST",
-            "/v1/rewards/r1/status",
-            empty.clone(),
-            Some(Analyst),
-        ),
-        ("POST", "/v1/code-pools", empty.clone(), Some(Analyst)),
-        ("GET", "/v1/code-pools", Value::Null, None),
-        ("GET", "/v1/code-pools/jobs/j1", Value::Null, None),
-        ("GET", "/v1/code-pools/p1", Value::Null, None),
-        ("PUT", "/v1/code-pools/p1", empty.clone(), Some(Analyst)),
-        (
-            "POST",
-            "/v1/code-pools/p1/status",
-            empty.clone(),
-            Some(Analyst),
-        ),
-        (
-            "POST",
-            "/v1/code-pools/p1/generate",
-            empty.clone(),
-            Some(Analyst),
-        ),
-        (
-            "GET",
-            "/v1/code-pools/p1/codes.csv",
-            Value::Null,
-            Some(Analyst),
-        ),
-        // (A CSV body: the role check follows the content type's; 401 only here.)
-        ("POST", "/v1/code-pools/p1/codes.csv", Value::Null, None),
-        ("GET", "/v1/codes/C1", Value::Null, None),
-        ("POST", "/v1/codes/C1/status", empty.clone(), Some(Analyst)),
-        ("GET", "/v1/customers/u1/rewards", Value::Null, None),
-        (
-            "POST",
-            "/v1/customers/u1/rewards",
-            empty.clone(),
-            Some(Analyst),
-        ),
-        (
-            "POST",
-            "/v1/customers/u1/rewards/p1/shown",
-            empty.clone(),
-            Some(Analyst),
-        ),
-        ("POST", "/v1/qualify", empty.clone(), Some(Analyst)),
-        (
-            "PUT",
-            "/v1/customers/u1/profile",
-            empty.clone(),
-            Some(Analyst),
-        ),
-        ("GET", "/v1/customers/u1/profile", Value::Null, None),
-        (
-            "DELETE",
-            "/v1/customers/u1/profile",
-            Value::Null,
-            Some(Marketer),
-        ),
-        ("GET", "/v1/customers/u1/segments", Value::Null, None),
-        ("POST", "/v1/orders", empty.clone(), Some(Analyst)),
-        ("POST", "/v1/events", empty.clone(), Some(Analyst)),
-        ("POST", "/v1/validate", empty.clone(), Some(Analyst)),
-        ("POST", "/v1/redemptions", empty.clone(), Some(Analyst)),
-        ("GET", "/v1/redemptions/x1", Value::Null, None),
-        (
-            "POST",
-            "/v1/redemptions/x1/rollback",
-            empty.clone(),
-            Some(Analyst),
-        ),
-        ("POST", "/v1/reservations", empty.clone(), Some(Analyst)),
-        (
-            "POST",
-            "/v1/reservations/x1/confirm",
-            empty.clone(),
-            Some(Analyst),
-        ),
-        ("GET", "/v1/brand", Value::Null, Some(Touchpoint)),
-        ("PUT", "/v1/brand", empty.clone(), Some(Analyst)),
-        ("GET", "/v1/templates", Value::Null, Some(Touchpoint)),
-        ("PUT", "/v1/templates", empty.clone(), Some(Analyst)),
-        ("DELETE", "/v1/templates?name=t", Value::Null, Some(Analyst)),
-        (
-            "POST",
-            "/v1/customers/u1/messages",
-            json!({"channel": "email", "template": "t"}),
-            Some(Analyst),
-        ),
-        (
-            "GET",
-            "/v1/customers/u1/messages",
-            Value::Null,
-            Some(Touchpoint),
-        ),
-        (
-            "PUT",
-            "/v1/customers/u1/subscriptions/email",
-            json!({"subscribed": true}),
-            Some(Analyst),
-        ),
-        ("GET", "/v1/event-types", Value::Null, None),
-        (
-            "POST",
-            "/v1/customers/u1/points",
-            json!({"amount": 5}),
-            Some(Analyst),
-        ),
-        ("GET", "/v1/customers/u1/wallet", Value::Null, None),
-        (
-            "GET",
-            "/v1/customers/u1/wallet/transactions",
-            Value::Null,
-            None,
-        ),
-        (
-            "POST",
-            "/v1/customers/u1/wallet/adjustments",
-            json!({"amount": 5, "reason": "r"}),
-            Some(Analyst),
-        ),
-        (
-            "POST",
-            "/v1/customers/u1/wallet/refunds",
-            json!({"transaction_id": "t", "reason": "r"}),
-            Some(Analyst),
-        ),
-        ("GET", "/v1/customers/u1/wallet/cashback", Value::Null, None),
-        ("GET", "/v1/customers/u1/wallet/tier", Value::Null, None),
-        ("GET", "/v1/customers/u1/cockpit", Value::Null, None),
-        ("GET", "/v1/audit-log", Value::Null, Some(Touchpoint)),
-        (
-            "POST",
-            "/v1/webhook-endpoints",
-            empty.clone(),
-            Some(Marketer),
-        ),
-        ("GET", "/v1/webhook-endpoints", Value::Null, Some(Marketer)),
-        (
-            "GET",
-            "/v1/webhook-endpoints/w1",
-            Value::Null,
-            Some(Marketer),
-        ),
-        (
-            "PUT",
-            "/v1/webhook-endpoints/w1",
-            empty.clone(),
-            Some(Marketer),
-        ),
-        (
-            "POST",
-            "/v1/webhook-endpoints/w1/rotate-secret",
-            empty.clone(),
-            Some(Marketer),
-        ),
-        ("GET", "/v1/deliveries", Value::Null, Some(Marketer)),
-        (
-            "POST",
-            "/v1/deliveries/replay",
-            empty.clone(),
-            Some(Marketer),
-        ),
-        ("GET", "/v1/deliveries/x1", Value::Null, Some(Marketer)),
-    ]
+/// The routes served without an API key.
+const PUBLIC: [&str; 6] = [
+    "GET /healthz",
+    "GET /readyz",
+    "GET /metrics",
+    "GET /openapi.json",
+    "GET /v1/unsubscribe",
+    "POST /v1/unsubscribe",
+];
+
+/// Every operation of the document: method, a concrete path, and its roles (None: public).
+fn operations(document: &Value) -> Vec<(String, String, String, Option<Vec<String>>)> {
+    let mut out = Vec::new();
+    for (template, item) in document["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().expect("path item") {
+            let mut path = template.clone();
+            for parameter in operation["parameters"].as_array().into_iter().flatten() {
+                if parameter["in"] != "path" {
+                    continue;
+                }
+                let name = parameter["name"].as_str().expect("name");
+                let value = parameter["schema"]["enum"][0].as_str().unwrap_or("x1");
+                path = path.replace(&format!("{{{name}}}"), value);
+            }
+            let roles = operation.get("x-roles").map(|roles| {
+                roles
+                    .as_array()
+                    .expect("x-roles")
+                    .iter()
+                    .map(|r| r.as_str().expect("role").to_string())
+                    .collect()
+            });
+            out.push((method.to_uppercase(), template.clone(), path, roles));
+        }
+    }
+    out
 }
 
 async fn call(
@@ -241,24 +81,63 @@ async fn every_route_checks_key_role_and_tenant(suite: TestSuite) {
             .expect("key");
         role_keys.insert(role.as_str(), key);
     }
-    for (method, path, body, refused) in routes() {
-        let (status, answer) = call(&suite, method, path, &body, None).await;
+    let document: Value = suite
+        .http
+        .get(format!("{}/openapi.json", suite.base_url))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("the document");
+    assert!(
+        document["openapi"]
+            .as_str()
+            .expect("version")
+            .starts_with("3.1")
+    );
+    let operations = operations(&document);
+    assert!(
+        operations.len() >= 70,
+        "only {} operations",
+        operations.len()
+    );
+    let body = json!({});
+    let mut public = Vec::new();
+    for (method, template, path, roles) in operations {
+        let Some(roles) = roles else {
+            public.push(format!("{method} {template}"));
+            continue;
+        };
+        let (status, answer) = call(&suite, &method, &path, &body, None).await;
         assert_eq!(status, 401, "{method} {path} without a key: {answer}");
         assert_eq!(
             answer["error"]["code"], "unauthenticated",
             "{method} {path}"
         );
-        if let Some(role) = refused {
+        for role in Role::ALL {
             let key = &role_keys[role.as_str()];
-            let (status, answer) = call(&suite, method, path, &body, Some(key)).await;
-            assert_eq!(
-                status,
-                403,
-                "{method} {path} as {}: {answer}",
-                role.as_str()
-            );
+            let (status, answer) = call(&suite, &method, &path, &body, Some(key)).await;
+            if roles.iter().any(|r| r == role.as_str()) {
+                assert!(
+                    status != 401 && status != 403,
+                    "{method} {path} as {}, a role it documents: {status} {answer}",
+                    role.as_str()
+                );
+            } else {
+                assert_eq!(
+                    status,
+                    403,
+                    "{method} {path} as {}: {answer}",
+                    role.as_str()
+                );
+            }
         }
     }
+    public.sort();
+    let mut expected: Vec<String> = PUBLIC.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(public, expected, "the public routes");
 
     // Objects of tenant `default`, asked for with another tenant's admin key.
     let created: Value = suite
