@@ -218,11 +218,14 @@ impl Error {
         )
     }
 
-    /// The gRPC status, with field violations and reason as standard error details.
+    /// The gRPC status, with field violations and reason as standard error details. They
+    /// travel in HTTP/2 trailers, which peers cap (16 KiB by default), so a status carries
+    /// at most [`MAX_VIOLATIONS`] violations and texts of at most [`MAX_TEXT`] bytes each:
+    /// a request with a thousand bad fields still gets its first ones named.
     pub fn to_status(&self) -> tonic::Status {
         let mut details = ErrorDetails::new();
-        for v in &self.field_violations {
-            details.add_bad_request_violation(v.field.clone(), v.description.clone());
+        for v in self.field_violations.iter().take(MAX_VIOLATIONS) {
+            details.add_bad_request_violation(clip(&v.field), clip(&v.description));
         }
         if let Some(reason) = &self.reason {
             details.set_error_info(
@@ -231,10 +234,11 @@ impl Error {
                 std::collections::HashMap::<String, String>::new(),
             );
         }
+        let message = clip(&self.message);
         if self.field_violations.is_empty() && self.reason.is_none() {
-            tonic::Status::new(self.code.grpc(), self.message.clone())
+            tonic::Status::new(self.code.grpc(), message)
         } else {
-            tonic::Status::with_error_details(self.code.grpc(), self.message.clone(), details)
+            tonic::Status::with_error_details(self.code.grpc(), message, details)
         }
     }
 
@@ -263,6 +267,23 @@ impl Error {
             reason,
         }
     }
+}
+
+/// Most field violations a gRPC status carries.
+pub const MAX_VIOLATIONS: usize = 20;
+/// Longest message, field or description (bytes) a gRPC status carries.
+pub const MAX_TEXT: usize = 240;
+
+/// `text`, cut to [`MAX_TEXT`] bytes on a character boundary, with `…` when cut.
+fn clip(text: &str) -> String {
+    if text.len() <= MAX_TEXT {
+        return text.to_string();
+    }
+    let mut end = MAX_TEXT - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 impl fmt::Display for Error {
@@ -323,6 +344,24 @@ impl Violations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_stays_small_however_many_fields_are_wrong() {
+        let long = "é".repeat(1000);
+        let mut error = Error::new(Code::InvalidArgument, long.clone());
+        error.field_violations = (0..1000)
+            .map(|i| FieldViolation::new(format!("lines.{i}.{long}"), long.clone()))
+            .collect();
+        let back = Error::from_status(&error.to_status());
+        assert_eq!(back.field_violations.len(), MAX_VIOLATIONS);
+        assert!(back.field_violations[0].field.starts_with("lines.0."));
+        assert!(back.message.len() <= MAX_TEXT && back.message.ends_with('…'));
+        for v in &back.field_violations {
+            assert!(v.field.len() <= MAX_TEXT && v.description.len() <= MAX_TEXT);
+        }
+        // Short texts pass untouched.
+        assert_eq!(clip("amount"), "amount");
+    }
 
     const ALL: [Code; 13] = [
         Code::InvalidArgument,

@@ -80,14 +80,16 @@ impl Pattern {
         };
         let mut slots = Vec::new();
         if p.pattern.is_empty() {
-            if !(4..=32).contains(&p.length) {
+            slots.extend(fixed(v, "prefix", &p.prefix));
+            // (A length out of range builds nothing: 2^31 slots would exhaust memory.)
+            if (4..=32).contains(&p.length) {
+                slots.extend((0..p.length).map(|_| charset.clone()));
+            } else {
                 v.add(
                     format!("{field}.length"),
                     "must be 4 to 32 when there is no pattern",
                 );
             }
-            slots.extend(fixed(v, "prefix", &p.prefix));
-            slots.extend((0..p.length).map(|_| charset.clone()));
             slots.extend(fixed(v, "suffix", &p.suffix));
         } else {
             if p.length != 0 || !p.prefix.is_empty() || !p.suffix.is_empty() {
@@ -189,6 +191,14 @@ mod tests {
         assert_eq!(
             bad(pb::CodePattern {
                 length: 2,
+                ..Default::default()
+            }),
+            ["pattern.length"]
+        );
+        // Refused before anything of that size is built.
+        assert_eq!(
+            bad(pb::CodePattern {
+                length: u32::MAX,
                 ..Default::default()
             }),
             ["pattern.length"]
