@@ -23,6 +23,11 @@ test:
 # Lint, proto lint and test: what CI checks.
 verify: lint proto-lint test
 
+# Schemathesis against /openapi.json of a running `tessera up` (release build), as CI runs it.
+api-fuzz:
+    cargo build --release -p tessera
+    bash .ci/api-fuzz target/release/tessera
+
 # Run the whole suite in one process on embedded defaults.
 up:
     cargo run --release -p tessera -- up
