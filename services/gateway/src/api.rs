@@ -42,7 +42,7 @@ pub struct Allowed(pub &'static [Role]);
 /// What a body or answer is.
 pub enum Content {
     /// JSON with this schema.
-    Json(RefOr<Schema>),
+    Json(Box<RefOr<Schema>>),
     /// `text/csv`.
     Csv,
     /// `text/html`.
@@ -153,7 +153,7 @@ impl Op {
 
     /// A JSON body of type `T`.
     pub fn body<T: ToSchema>(mut self) -> Self {
-        self.body = Some(Content::Json(self.typed::<T>()));
+        self.body = Some(Content::Json(Box::new(self.typed::<T>())));
         self
     }
 
@@ -179,7 +179,7 @@ impl Op {
             self.protos.extend(referenced(&descriptor));
             RefOr::T(message_schema(&descriptor, set_by_route))
         };
-        self.body = Some(Content::Json(schema));
+        self.body = Some(Content::Json(Box::new(schema)));
         self
     }
 
@@ -193,7 +193,7 @@ impl Op {
     pub fn answer<T: ToSchema>(mut self, status: u16, description: &'static str) -> Self {
         let schema = self.typed::<T>();
         self.answers
-            .push((status, description, Content::Json(schema)));
+            .push((status, description, Content::Json(Box::new(schema))));
         self
     }
 
@@ -201,7 +201,7 @@ impl Op {
     pub fn answer_proto(mut self, status: u16, description: &'static str, name: &str) -> Self {
         let schema = self.proto(name);
         self.answers
-            .push((status, description, Content::Json(schema)));
+            .push((status, description, Content::Json(Box::new(schema))));
         self
     }
 
@@ -225,16 +225,22 @@ impl Op {
                 RefOr::T(Schema::Array(ArrayBuilder::new().items(item).build())),
             );
         }
-        self.answers
-            .push((status, description, Content::Json(RefOr::T(schema))));
+        self.answers.push((
+            status,
+            description,
+            Content::Json(Box::new(RefOr::T(schema))),
+        ));
         self
     }
 
     /// Answers 200 with a page of protobuf messages `name`.
     pub fn answer_page(mut self, name: &str) -> Self {
         let item = self.proto(name);
-        self.answers
-            .push((200, "A page, in order.", Content::Json(page_of(item))));
+        self.answers.push((
+            200,
+            "A page, in order.",
+            Content::Json(Box::new(page_of(item))),
+        ));
         self
     }
 
@@ -256,14 +262,13 @@ impl Op {
         T::schema()
     }
 
+    /// The operation, with the components it needs added to `schemas` and `protos`.
     fn operation(
         self,
         tag: &str,
-    ) -> (
-        Vec<(String, RefOr<Schema>)>,
-        Vec<String>,
-        utoipa::openapi::path::Operation,
-    ) {
+        schemas: &mut BTreeMap<String, RefOr<Schema>>,
+        protos: &mut BTreeSet<String>,
+    ) -> utoipa::openapi::path::Operation {
         let mut parameters: Vec<Parameter> = path_params(self.path, &self.path_enums);
         parameters.extend(self.params);
         if self.idempotent {
@@ -302,13 +307,15 @@ impl Op {
             responses
                 .responses
                 .entry(status.to_string())
-                .or_insert_with(|| RefOr::T(response(description, Content::Json(error_ref()))));
+                .or_insert_with(|| {
+                    RefOr::T(response(description, Content::Json(Box::new(error_ref()))))
+                });
         }
         responses.responses.insert(
             "default".into(),
             RefOr::T(response(
                 "Any other error, in the same shape.",
-                Content::Json(error_ref()),
+                Content::Json(Box::new(error_ref())),
             )),
         );
         let mut operation = OperationBuilder::new()
@@ -351,7 +358,9 @@ impl Op {
                 .content(media, ContentBuilder::new().schema(schema).build());
             operation = operation.request_body(Some(request.build()));
         }
-        (self.schemas, self.protos, operation.build())
+        schemas.extend(self.schemas);
+        protos.extend(self.protos);
+        operation.build()
     }
 }
 
@@ -394,9 +403,7 @@ impl Api {
         };
         let router = std::mem::take(&mut self.router);
         self.router = router.route(path, route);
-        let (schemas, protos, operation) = op.operation(tag);
-        self.schemas.extend(schemas);
-        self.protos.extend(protos);
+        let operation = op.operation(tag, &mut self.schemas, &mut self.protos);
         self.paths.add_path_operation(path, vec![method], operation);
         self
     }
@@ -537,7 +544,7 @@ fn media(content: Content) -> Option<(&'static str, Option<RefOr<Schema>>)> {
         )))
     };
     Some(match content {
-        Content::Json(schema) => ("application/json", Some(schema)),
+        Content::Json(schema) => ("application/json", Some(*schema)),
         Content::Csv => ("text/csv", text()),
         Content::Html => ("text/html", text()),
         Content::Text => ("text/plain", text()),

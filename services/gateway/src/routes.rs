@@ -53,7 +53,11 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
     .add(
         Op::get("/openapi.json", openapi)
             .summary("This document")
-            .answer_with(200, "OpenAPI 3.1.", Content::Json(crate::api::object())),
+            .answer_with(
+                200,
+                "OpenAPI 3.1.",
+                Content::Json(Box::new(crate::api::object())),
+            ),
     );
     api.tag("wallet", "Balances, history, cashback status and tiers; agents' corrections.")
         .add(
