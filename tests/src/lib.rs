@@ -202,6 +202,34 @@ impl TestSuite {
         request.send().await.expect("request sent")
     }
 
+    /// `method path` with API key `key` (none: no key), a fresh `Idempotency-Key` and, unless
+    /// null, `body` as JSON; the status and the JSON answer (null when it is not JSON).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: &serde_json::Value,
+        key: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base_url))
+            .header("Idempotency-Key", uuid::Uuid::new_v4().to_string());
+        if !body.is_null() {
+            request = request.json(body);
+        }
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("request sent");
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
     /// `GET {path}` with the admin key.
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.http

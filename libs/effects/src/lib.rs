@@ -3,12 +3,14 @@
 //! adjustments. [`engine`] holds the model and `apply`; [`wire`] converts the protobuf form,
 //! checking every field.
 
+pub mod ceiling;
 pub mod engine;
 pub mod wire;
 
 #[cfg(test)]
 mod tests;
 
+pub use ceiling::{Ceiling, check_junior};
 pub use engine::{
     Adjustment, Allocation, Application, Cart, Effect, Line, Outcome, Selector, Target, apply,
 };

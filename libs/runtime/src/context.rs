@@ -68,6 +68,25 @@ impl RequestContext {
         })
     }
 
+    /// Refuses (PERMISSION_DENIED) unless the caller's role is one of `roles`. The gateway
+    /// checks the same roles first; this is the service's own check. A service acting on its
+    /// own behalf (`system`) passes.
+    pub fn require_role(&self, roles: &[&str]) -> Result<(), Error> {
+        if self.role == "system" || roles.contains(&self.role.as_str()) {
+            Ok(())
+        } else {
+            let role = if self.role.is_empty() {
+                "(none)"
+            } else {
+                &self.role
+            };
+            Err(Error::new(
+                Code::PermissionDenied,
+                format!("the `{role}` role may not do this"),
+            ))
+        }
+    }
+
     /// Wraps a message for an outgoing call on behalf of this context.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);

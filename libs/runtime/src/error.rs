@@ -331,6 +331,17 @@ impl Violations {
         }
     }
 
+    /// `Ok(())` when nothing was added, else `code` with `message`, `reason` and every
+    /// violation (e.g. PERMISSION_DENIED for what the caller's role may not write).
+    pub fn finish_as(self, code: Code, message: &str, reason: &str) -> Result<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let mut error = Error::new(code, message).with_reason(reason);
+        error.field_violations = self.0;
+        Err(error)
+    }
+
     /// `Ok(())` when nothing was added, else INVALID_ARGUMENT with every violation.
     pub fn finish(self) -> Result<()> {
         if self.0.is_empty() {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use sea_orm::ConnectionTrait;
 
+use tessera_proto::catalog::v1 as cpb;
 use tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
 use tessera_proto::eligibility::v1 as epb;
 use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
@@ -34,6 +35,10 @@ pub struct Scheduler {
     pub jobs_wake: Arc<tokio::sync::Notify>,
 }
 
+/// Roles that write campaigns, move them through their states and distribute them (the
+/// gateway checks the same; this is the scheduler's own check).
+const AUTHORS: [&str; 3] = ["admin", "marketer", "junior_marketer"];
+
 /// A page limit and a cursor that is a campaign id (any visible ASCII).
 fn page(v: &mut Violations, page: Option<tessera_proto::common::v1::PageRequest>) -> (u32, String) {
     let page = page.unwrap_or_default();
@@ -55,6 +60,7 @@ impl Scheduler {
         key: &str,
         c: Option<&pb::Campaign>,
     ) -> Result<pb::Campaign, Error> {
+        ctx.require_role(&AUTHORS)?;
         let mut v = Violations::new();
         check_idempotency_key(&mut v, key);
         match c {
@@ -76,6 +82,21 @@ impl Scheduler {
         self.sync
             .validate(&ctx.tenant_id, &campaigns::projection(&c))
             .await?;
+        if ctx.role == "junior_marketer" {
+            // What a junior marketer's campaign gives is capped by the tenant's policy,
+            // which the catalog keeps.
+            let policy = self
+                .catalog
+                .clone()
+                .get_access_policy(ctx.request(cpb::GetAccessPolicyRequest {}))
+                .await
+                .map_err(|s| Error::from_status(&s))?
+                .into_inner()
+                .policy
+                .unwrap_or_default();
+            let effect = c.definition.as_ref().and_then(|d| d.effect.as_ref());
+            tessera_effects::check_junior(&policy, "campaign.definition.effect", effect)?;
+        }
         Ok(c)
     }
 
@@ -84,6 +105,7 @@ impl Scheduler {
         request: Request<pb::ChangeCampaignStateRequest>,
     ) -> Result<pb::Campaign, Error> {
         let ctx = RequestContext::from_metadata(request.metadata())?;
+        ctx.require_role(&AUTHORS)?;
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
@@ -327,6 +349,7 @@ impl SchedulerService for Scheduler {
         request: Request<pb::DistributeCampaignRequest>,
     ) -> Result<Response<pb::DistributeCampaignResponse>, Status> {
         let ctx = context_of(&request)?;
+        ctx.require_role(&AUTHORS)?;
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);

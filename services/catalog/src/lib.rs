@@ -9,6 +9,7 @@ mod gift_cards;
 mod jobs;
 mod migrations;
 mod pattern;
+pub mod policy;
 mod publications;
 mod rewards;
 mod service;

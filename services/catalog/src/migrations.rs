@@ -177,6 +177,21 @@ impl MigratorTrait for Migrator {
                 )]
             },
         }));
+        all.push(Box::new(Migration {
+            name: "m0102_access_policies",
+            tables: || {
+                vec![table(
+                    "access_policies",
+                    vec![
+                        col::text("tenant_id"),
+                        col::blob("policy"),
+                        col::big("updated_at"),
+                    ],
+                    &["tenant_id"],
+                )]
+            },
+            indexes: Vec::new,
+        }));
         all
     }
 }

@@ -18,9 +18,9 @@ use tokio::sync::Notify;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::jobs::{self, Generator};
-use crate::pattern;
 use crate::publications::{self, Publish};
 use crate::{codes, rewards};
+use crate::{pattern, policy};
 
 pub struct Catalog {
     pub db: Db,
@@ -117,11 +117,19 @@ impl CatalogService for Catalog {
         request: Request<pb::CreateRewardRequest>,
     ) -> Result<Response<pb::CreateRewardResponse>, Status> {
         let ctx = context_of(&request)?;
+        ctx.require_role(&policy::AUTHORS)?;
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
         let checked = rewards::check(&mut v, "reward", request.reward.as_ref(), now_micros());
         v.finish()?;
+        policy::check_author(
+            self.db.conn(),
+            &ctx,
+            "reward.effect",
+            effect_of(&request.reward),
+        )
+        .await?;
         let (kind, starts_at, ends_at) = checked.ok_or_else(|| Status::internal("unchecked"))?;
         let (input, work_ctx) = (request.reward.clone().unwrap_or_default(), ctx.clone());
         let reward = self
@@ -151,6 +159,7 @@ impl CatalogService for Catalog {
         request: Request<pb::UpdateRewardRequest>,
     ) -> Result<Response<pb::UpdateRewardResponse>, Status> {
         let ctx = context_of(&request)?;
+        ctx.require_role(&policy::AUTHORS)?;
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
@@ -160,6 +169,13 @@ impl CatalogService for Catalog {
             v.add("expected_version", "must be 0 (any) or a version");
         }
         v.finish()?;
+        policy::check_author(
+            self.db.conn(),
+            &ctx,
+            "reward.effect",
+            effect_of(&request.reward),
+        )
+        .await?;
         let checked = checked.ok_or_else(|| Status::internal("unchecked"))?;
         let (input, work_ctx) = (request.reward.clone().unwrap_or_default(), ctx.clone());
         let (id, expected) = (request.id.clone(), request.expected_version);
@@ -232,6 +248,7 @@ impl CatalogService for Catalog {
         request: Request<pb::SetRewardStatusRequest>,
     ) -> Result<Response<pb::SetRewardStatusResponse>, Status> {
         let ctx = context_of(&request)?;
+        ctx.require_role(&policy::AUTHORS)?;
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
@@ -327,6 +344,7 @@ impl CatalogService for Catalog {
         request: Request<pb::CreateCodePoolRequest>,
     ) -> Result<Response<pb::CreateCodePoolResponse>, Status> {
         let ctx = context_of(&request)?;
+        ctx.require_role(&policy::AUTHORS)?;
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
@@ -356,6 +374,7 @@ impl CatalogService for Catalog {
         request: Request<pb::UpdateCodePoolRequest>,
     ) -> Result<Response<pb::UpdateCodePoolResponse>, Status> {
         let ctx = context_of(&request)?;
+        ctx.require_role(&policy::AUTHORS)?;
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
@@ -427,6 +446,7 @@ impl CatalogService for Catalog {
         request: Request<pb::SetCodePoolStatusRequest>,
     ) -> Result<Response<pb::SetCodePoolStatusResponse>, Status> {
         let ctx = context_of(&request)?;
+        ctx.require_role(&policy::AUTHORS)?;
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
@@ -464,6 +484,7 @@ impl CatalogService for Catalog {
         request: Request<pb::GenerateCodesRequest>,
     ) -> Result<Response<pb::GenerateCodesResponse>, Status> {
         let ctx = context_of(&request)?;
+        ctx.require_role(&policy::AUTHORS)?;
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
@@ -517,6 +538,7 @@ impl CatalogService for Catalog {
     ) -> Result<Response<pb::ImportCodesResponse>, Status> {
         use pb::import_codes_request::Part;
         let ctx = context_of(&request)?;
+        ctx.require_role(&policy::AUTHORS)?;
         let mut stream = request.into_inner();
         let header = match stream.message().await?.and_then(|m| m.part) {
             Some(Part::Header(h)) => h,
@@ -610,6 +632,7 @@ impl CatalogService for Catalog {
         request: Request<pb::SetCodeStatusRequest>,
     ) -> Result<Response<pb::SetCodeStatusResponse>, Status> {
         let ctx = context_of(&request)?;
+        ctx.require_role(&policy::AUTHORS)?;
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
@@ -647,6 +670,7 @@ impl CatalogService for Catalog {
         request: Request<pb::PublishRewardRequest>,
     ) -> Result<Response<pb::PublishRewardResponse>, Status> {
         let ctx = context_of(&request)?;
+        ctx.require_role(&policy::PUBLISHERS)?;
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
@@ -671,6 +695,7 @@ impl CatalogService for Catalog {
             check_id(&mut v, "pool_id", &request.pool_id);
         }
         v.finish()?;
+        policy::check_publisher(self.db.conn(), &ctx, &request).await?;
         let publish = Publish {
             customer_id: request.customer_id.clone(),
             reward_id: request.reward_id.clone(),
@@ -739,6 +764,7 @@ impl CatalogService for Catalog {
         request: Request<pb::MarkShownRequest>,
     ) -> Result<Response<pb::MarkShownResponse>, Status> {
         let ctx = context_of(&request)?;
+        ctx.require_role(&policy::PUBLISHERS)?;
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
@@ -775,4 +801,51 @@ impl CatalogService for Catalog {
             .await?;
         Ok(Response::new(response))
     }
+
+    async fn get_access_policy(
+        &self,
+        request: Request<pb::GetAccessPolicyRequest>,
+    ) -> Result<Response<pb::GetAccessPolicyResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let policy = policy::get(self.db.conn(), &ctx.tenant_id).await?;
+        Ok(Response::new(pb::GetAccessPolicyResponse {
+            policy: Some(policy),
+        }))
+    }
+
+    async fn put_access_policy(
+        &self,
+        request: Request<pb::PutAccessPolicyRequest>,
+    ) -> Result<Response<pb::PutAccessPolicyResponse>, Status> {
+        let ctx = context_of(&request)?;
+        ctx.require_role(&["admin"])?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        policy::check(&mut v, "policy", request.policy.as_ref());
+        v.finish()?;
+        let (input, work_ctx) = (request.policy.clone().unwrap_or_default(), ctx.clone());
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "catalog.PutAccessPolicy",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let policy = policy::put(txn, &work_ctx, input, now_micros()).await?;
+                        Ok(pb::PutAccessPolicyResponse {
+                            policy: Some(policy),
+                        })
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+}
+
+fn effect_of(reward: &Option<pb::RewardInput>) -> Option<&pb::Effect> {
+    reward.as_ref().and_then(|r| r.effect.as_ref())
 }

@@ -63,6 +63,7 @@ pub struct Op {
     description: Option<&'static str>,
     roles: Option<&'static [Role]>,
     idempotent: bool,
+    before: Option<&'static str>,
     body: Option<Content>,
     body_required: bool,
     path_enums: Vec<(&'static str, &'static [&'static str])>,
@@ -110,6 +111,7 @@ impl Op {
             description: None,
             roles: None,
             idempotent: false,
+            before: None,
             body: None,
             body_required: true,
             path_enums: Vec::new(),
@@ -141,6 +143,13 @@ impl Op {
     /// A write that takes the `Idempotency-Key` header.
     pub fn idempotent(mut self) -> Self {
         self.idempotent = true;
+        self
+    }
+
+    /// The route that shows the object this write changes (`/v1/rewards/{id}` for
+    /// `PUT /v1/rewards/{id}/status`), read into the audit log as the state before.
+    pub fn before(mut self, read: &'static str) -> Self {
+        self.before = Some(read);
         self
     }
 
@@ -367,6 +376,7 @@ impl Op {
 /// The routes and their document, built together.
 pub struct Api {
     router: Router<Arc<AppState>>,
+    reads: crate::audit::Reads,
     paths: Paths,
     schemas: BTreeMap<String, RefOr<Schema>>,
     protos: BTreeSet<String>,
@@ -377,6 +387,7 @@ impl Default for Api {
     fn default() -> Self {
         Self {
             router: Router::new(),
+            reads: crate::audit::Reads::new(),
             paths: Paths::new(),
             schemas: BTreeMap::new(),
             protos: BTreeSet::new(),
@@ -396,6 +407,10 @@ impl Api {
     pub fn add(&mut self, mut op: Op) -> &mut Self {
         let tag = self.tags.last().map_or("other", |t| t.0);
         let (path, method) = (op.path, op.method.0.clone());
+        if let Some(read) = op.before {
+            self.reads
+                .insert((op.method.1.to_ascii_uppercase(), path.to_string()), read);
+        }
         let route = std::mem::take(&mut op.route);
         let route = match op.roles {
             Some(roles) => route.layer(axum::Extension(Allowed(roles))),
@@ -408,8 +423,9 @@ impl Api {
         self
     }
 
-    /// The router and the OpenAPI document of every route added.
-    pub fn finish(self) -> (Router<Arc<AppState>>, OpenApi) {
+    /// The router, the OpenAPI document of every route added, and where the audit log reads
+    /// the state before each write that declared it.
+    pub fn finish(self) -> (Router<Arc<AppState>>, OpenApi, crate::audit::Reads) {
         let mut components = ComponentsBuilder::new()
             .schema("Error", error_schema())
             .security_scheme(
@@ -452,7 +468,7 @@ impl Api {
                     .build()
             })))
             .build();
-        (self.router, document)
+        (self.router, document, self.reads)
     }
 }
 

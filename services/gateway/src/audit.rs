@@ -1,25 +1,29 @@
 //! The audit log: every mutation made through the gateway by a console role (admin,
 //! marketer, junior marketer, support agent) is recorded, refused ones included, with who
-//! (key and role), what (method, route, path, the request body), the outcome (status and
-//! the answer: the object after the change), when, and the request id. Touchpoint traffic
+//! (key and role), what (method, route, path, the request body), the object before the
+//! change (read through the route that shows it, with the caller's key, for the writes that
+//! name one), the outcome (status and the answer: the object after the change), when, and
+//! the request id. Touchpoint traffic
 //! (orders, redemptions) is the services' own history, not audited here. The log is
 //! append-only: there is no route to change or delete an entry. `GET /v1/audit-log` reads
 //! it (admins and analysts), newest first, filtered by principal, route, method and time.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use sea_orm::ConnectionTrait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tessera_runtime::Error;
-use tessera_store::migrate::{Migration, col, index, table};
+use tessera_store::migrate::{AddColumns, Migration, col, index, table};
 use tessera_store::{db_error, now_micros, stmt};
+use tower::ServiceExt;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
@@ -33,6 +37,73 @@ const KEEP_BYTES: usize = 16 * 1024;
 
 /// Answers larger than this are not read into the log.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+/// The state before: the column added to the log.
+pub fn before_migration() -> AddColumns {
+    AddColumns {
+        name: "m0102_audit_before",
+        columns: || vec![("audit_log", col::text_null("before_state"))],
+    }
+}
+
+/// Where the state before a write is read: (method, route) → the route that shows the
+/// object, with the same parameters.
+pub type Reads = HashMap<(String, String), &'static str>;
+
+/// What the audit middleware needs: the gateway's state, its routes (to read the state
+/// before a write, as the caller would) and which write reads where.
+pub struct Auditor {
+    pub state: Arc<AppState>,
+    pub reader: Router,
+    pub reads: Reads,
+}
+
+/// `read` with the parameters `template` matched in `path`
+/// (`/v1/rewards/{id}/status`, `/v1/rewards/r1/status`, `/v1/rewards/{id}` → `/v1/rewards/r1`).
+fn read_path(template: &str, path: &str, read: &str) -> String {
+    let values: HashMap<&str, &str> = template
+        .split('/')
+        .zip(path.split('/'))
+        .filter_map(|(t, v)| Some((t.strip_prefix('{')?.strip_suffix('}')?, v)))
+        .collect();
+    read.split('/')
+        .map(|segment| {
+            segment
+                .strip_prefix('{')
+                .and_then(|s| s.strip_suffix('}'))
+                .and_then(|name| values.get(name).copied())
+                .unwrap_or(segment)
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The object at `path` as the caller (`headers`' key) sees it now; None when it cannot
+/// be read (it does not exist yet, or the caller may not read it).
+async fn read_before(
+    auditor: &Auditor,
+    path: String,
+    headers: &http::HeaderMap,
+    request_id: &str,
+) -> Option<String> {
+    let mut request = Request::get(path).body(Body::empty()).ok()?;
+    for name in [http::header::AUTHORIZATION.as_str(), "x-api-key"] {
+        if let Some(value) = headers.get(name) {
+            request.headers_mut().insert(name, value.clone());
+        }
+    }
+    request
+        .extensions_mut()
+        .insert(RequestId(request_id.to_string()));
+    let response = auditor.reader.clone().oneshot(request).await.ok()?;
+    if response.status() != http::StatusCode::OK {
+        return None;
+    }
+    let bytes = axum::body::to_bytes(response.into_body(), MAX_ANSWER_BYTES)
+        .await
+        .ok()?;
+    Some(kept(&bytes))
+}
 
 pub fn migration() -> Migration {
     Migration {
@@ -75,6 +146,14 @@ fn audited(role: Role) -> bool {
     )
 }
 
+/// Whether the request's key is valid and its role's writes are audited.
+async fn audited_key(state: &AppState, headers: &http::HeaderMap) -> bool {
+    let Some(key) = crate::extract::api_key(headers) else {
+        return false;
+    };
+    matches!(state.keys.authenticate(key).await, Ok(Some(p)) if audited(p.role))
+}
+
 fn kept(bytes: &[u8]) -> String {
     if bytes.len() <= KEEP_BYTES {
         String::from_utf8_lossy(bytes).into_owned()
@@ -88,7 +167,8 @@ fn kept(bytes: &[u8]) -> String {
 }
 
 /// Records the mutations of console roles (a middleware around every route).
-pub async fn record(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub async fn record(State(auditor): State<Arc<Auditor>>, req: Request, next: Next) -> Response {
+    let state = &auditor.state;
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let mutation = matches!(
@@ -123,6 +203,18 @@ pub async fn record(State(state): State<Arc<AppState>>, req: Request, next: Next
         .get::<RequestId>()
         .map(|r| r.0.clone())
         .unwrap_or_default();
+    // The state before, for the writes that name where it is read and for callers whose
+    // writes are audited (not for touchpoints' profile syncs, say).
+    let before = match auditor
+        .reads
+        .get(&(method.as_str().to_string(), route.clone()))
+    {
+        Some(read) if audited_key(state, req.headers()).await => {
+            let path = read_path(&route, &path, read);
+            read_before(&auditor, path, req.headers(), &request_id).await
+        }
+        _ => None,
+    };
     let response = next.run(req).await;
     let Some(principal) = caller.and_then(|c| c.principal()) else {
         return response;
@@ -140,8 +232,8 @@ pub async fn record(State(state): State<Arc<AppState>>, req: Request, next: Next
         .execute_raw(stmt(
             conn,
             "INSERT INTO audit_log (id, tenant_id, principal, role, method, route, path, status, \
-             request_id, at, request, after) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+             request_id, at, request, after, before_state) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
             [
                 format!("aud_{}", uuid::Uuid::now_v7().simple()).into(),
                 principal.tenant_id.clone().into(),
@@ -155,6 +247,7 @@ pub async fn record(State(state): State<Arc<AppState>>, req: Request, next: Next
                 now_micros().into(),
                 request_text.into(),
                 after.into(),
+                before.into(),
             ],
         ))
         .await;
@@ -225,7 +318,7 @@ pub async fn list(
         .query_all_raw(stmt(
             conn,
             "SELECT id, principal, role, method, route, path, status, request_id, at, request, \
-             after FROM audit_log WHERE tenant_id = $1 AND id < $2 AND at >= $3 AND at < $4 \
+             after, before_state FROM audit_log WHERE tenant_id = $1 AND id < $2 AND at >= $3 AND at < $4 \
              AND ($5 = '' OR principal = $5) AND ($6 = '' OR route = $6) \
              AND ($7 = '' OR method = $7) ORDER BY id DESC LIMIT $8",
             [
@@ -248,6 +341,7 @@ pub async fn list(
                 .map_err(|e| db_error(e).into())
         };
         let parse = |s: String| serde_json::from_str::<Value>(&s).unwrap_or(Value::String(s));
+        let before: Option<String> = r.try_get_by_index(11).map_err(db_error)?;
         let at: i64 = r.try_get_by_index(8).map_err(db_error)?;
         let status: i32 = r.try_get_by_index(6).map_err(db_error)?;
         data.push(Entry {
@@ -259,8 +353,10 @@ pub async fn list(
             path: text(5)?,
             status,
             request_id: text(7)?,
-            at: DateTime::<Utc>::from_timestamp_micros(at).map(|t| t.to_rfc3339()),
+            at: DateTime::<Utc>::from_timestamp_micros(at)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
             request: parse(text(9)?),
+            before: before.map_or(Value::Null, parse),
             after: parse(text(10)?),
         });
     }
@@ -300,6 +396,9 @@ pub struct Entry {
     at: Option<String>,
     /// The request body (JSON, or its text).
     request: Value,
+    /// The object before the change, for writes to an object that can be read (null when
+    /// it did not exist or the caller could not read it).
+    before: Value,
     /// The answer's body: the object after the change.
     after: Value,
 }

@@ -33,8 +33,9 @@ use crate::keys::{Principal, Role};
 use crate::observe::RequestId;
 use crate::transcode::{from_json, reply, to_json, to_json_list, with};
 
-/// Roles that write campaigns and move them through their states.
-const AUTHORS: [Role; 2] = [Role::Admin, Role::Marketer];
+/// Roles that write campaigns and move them through their states (a junior marketer's
+/// effects within the tenant's access policy, which the scheduler enforces).
+const AUTHORS: [Role; 3] = [Role::Admin, Role::Marketer, Role::JuniorMarketer];
 
 fn message(name: &str) -> String {
     format!("tessera.scheduler.v1.{name}")
@@ -72,6 +73,7 @@ pub fn routes(api: &mut Api) {
             .summary("Update a campaign")
             .roles(&AUTHORS)
             .idempotent()
+            .before("/v1/campaigns/{id}")
             .query::<UpdateQuery>()
             .body_proto(CAMPAIGN, &["id"])
             .answer_proto(200, "The campaign.", CAMPAIGN),
@@ -129,6 +131,7 @@ pub fn routes(api: &mut Api) {
             .summary("Start, pause, resume, stop or kill a campaign")
             .roles(&AUTHORS)
             .idempotent()
+            .before("/v1/campaigns/{id}")
             .path_enum("action", &["start", "pause", "resume", "stop", "kill"])
             .body_optional::<ActionBody>()
             .answer_proto(200, "The campaign.", CAMPAIGN),

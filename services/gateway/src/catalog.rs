@@ -26,9 +26,19 @@ use crate::keys::{Principal, Role};
 use crate::observe::RequestId;
 use crate::transcode::{self, POOL, from_json, to_json, with};
 
-/// Roles that define rewards and pools.
-const AUTHORS: [Role; 2] = [Role::Admin, Role::Marketer];
-/// Roles that hand rewards to customers (a support agent's "sorry" coupon, a touchpoint).
+/// Roles that define rewards and pools (a junior marketer's effects within the tenant's
+/// access policy, which the catalog enforces).
+const AUTHORS: [Role; 3] = [Role::Admin, Role::Marketer, Role::JuniorMarketer];
+/// Roles that read the access policy.
+const POLICY_READERS: [Role; 5] = [
+    Role::Admin,
+    Role::Marketer,
+    Role::JuniorMarketer,
+    Role::SupportAgent,
+    Role::Analyst,
+];
+/// Roles that hand rewards to customers (a support agent's "sorry" reward from the tenant's
+/// list, a touchpoint).
 const PUBLISHERS: [Role; 4] = [
     Role::Admin,
     Role::Marketer,
@@ -54,6 +64,7 @@ pub fn routes(api: &mut Api) {
     const POOL_MSG: &str = "tessera.catalog.v1.CodePool";
     const CODE: &str = "tessera.catalog.v1.Code";
     const PUBLICATION: &str = "tessera.catalog.v1.Publication";
+    const POLICY: &str = "tessera.catalog.v1.AccessPolicy";
     const SET: [&str; 2] = ["id", "idempotency_key"];
     api.tag(
         "rewards",
@@ -97,6 +108,7 @@ pub fn routes(api: &mut Api) {
             .summary("Update a reward")
             .roles(&AUTHORS)
             .idempotent()
+            .before("/v1/rewards/{id}")
             .body_proto("tessera.catalog.v1.UpdateRewardRequest", &SET)
             .answer_proto(200, "The reward.", REWARD),
     )
@@ -105,6 +117,7 @@ pub fn routes(api: &mut Api) {
             .summary("Enable or disable a reward")
             .roles(&AUTHORS)
             .idempotent()
+            .before("/v1/rewards/{id}")
             .body_proto("tessera.catalog.v1.SetRewardStatusRequest", &SET)
             .answer_proto(200, "The reward.", REWARD),
     );
@@ -148,6 +161,7 @@ pub fn routes(api: &mut Api) {
             .summary("Update a code pool")
             .roles(&AUTHORS)
             .idempotent()
+            .before("/v1/code-pools/{id}")
             .body_proto("tessera.catalog.v1.CodePoolInput", &[])
             .answer_proto(200, "The pool.", POOL_MSG),
     )
@@ -156,6 +170,7 @@ pub fn routes(api: &mut Api) {
             .summary("Enable or disable a code pool")
             .roles(&AUTHORS)
             .idempotent()
+            .before("/v1/code-pools/{id}")
             .body_proto("tessera.catalog.v1.SetCodePoolStatusRequest", &SET)
             .answer_proto(200, "The pool.", POOL_MSG),
     )
@@ -201,11 +216,38 @@ pub fn routes(api: &mut Api) {
             .summary("Enable or disable a code")
             .roles(&AUTHORS)
             .idempotent()
+            .before("/v1/codes/{code}")
             .body_proto(
                 "tessera.catalog.v1.SetCodeStatusRequest",
                 &["code", "idempotency_key"],
             )
             .answer_proto(200, "The code.", CODE),
+    );
+    api.tag(
+        "access policy",
+        "What junior marketers may give and which rewards support agents may hand out.",
+    )
+    .add(
+        Op::get("/v1/access-policy", get_policy)
+            .summary("The tenant's access policy")
+            .roles(&POLICY_READERS)
+            .answer_proto(200, "The policy (the defaults when none was set).", POLICY),
+    )
+    .add(
+        Op::put("/v1/access-policy", put_policy)
+            .summary("Replace the tenant's access policy")
+            .describe(
+                "Junior marketers' rewards and campaigns may give at most \
+                 `junior_max_percent_bp` (percent-off, buy-x-get-y, cashback) and \
+                 `junior_max_amount` (amount-off, cashback, gift card); support agents may \
+                 publish only `support_reward_ids`. The services refuse anything else with \
+                 403 and the field named.",
+            )
+            .roles(&[Role::Admin])
+            .idempotent()
+            .before("/v1/access-policy")
+            .body_proto(POLICY, &["updated_at"])
+            .answer_proto(200, "The policy.", POLICY),
     );
     api.tag("customer rewards", "Rewards published to a customer.")
         .add(
@@ -853,5 +895,47 @@ async fn mark_shown(
         http::StatusCode::OK,
         "Publication",
         &r.publication.unwrap_or_default(),
+    )
+}
+
+async fn get_policy(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &request_id);
+    let r = call
+        .client()
+        .get_access_policy(call.ctx.request(pb::GetAccessPolicyRequest {}))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        "AccessPolicy",
+        &r.policy.unwrap_or_default(),
+    )
+}
+
+async fn put_policy(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let call = Call::new(state, &principal, &request_id);
+    let policy = from_json(&message("AccessPolicy"), body)?;
+    let r = call
+        .client()
+        .put_access_policy(call.ctx.request(pb::PutAccessPolicyRequest {
+            idempotency_key: key,
+            policy: Some(policy),
+        }))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        "AccessPolicy",
+        &r.policy.unwrap_or_default(),
     )
 }

@@ -50,6 +50,7 @@ pub fn routes(api: &mut Api) {
             .summary("Create or update a customer's profile")
             .roles(&FACT_WRITERS)
             .idempotent()
+            .before("/v1/customers/{id}/profile")
             .body_proto("tessera.eligibility.v1.CustomerInput", &["id"])
             .answer_proto(200, "The customer.", "tessera.eligibility.v1.Customer"),
     )
@@ -68,6 +69,7 @@ pub fn routes(api: &mut Api) {
             .summary("Erase a customer (GDPR)")
             .roles(&[Role::Admin])
             .idempotent()
+            .before("/v1/customers/{id}/profile")
             .answer_proto(
                 200,
                 "What was erased.",

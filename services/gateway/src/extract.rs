@@ -85,6 +85,15 @@ pub fn too_large(limit: usize) -> ApiError {
     )
 }
 
+/// The API key of a request: `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
+pub fn api_key(headers: &http::HeaderMap) -> Option<&str> {
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    header(http::header::AUTHORIZATION.as_str())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| header("x-api-key"))
+        .map(str::trim)
+}
+
 /// The authenticated caller, from `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
 impl FromRequestParts<Arc<AppState>> for Principal {
     type Rejection = ApiError;
@@ -93,17 +102,7 @@ impl FromRequestParts<Arc<AppState>> for Principal {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let header = |name| {
-            parts
-                .headers
-                .get(name)
-                .and_then(|v: &http::HeaderValue| v.to_str().ok())
-        };
-        let key = header(http::header::AUTHORIZATION.as_str())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .or_else(|| header("x-api-key"))
-            .map(str::trim);
-        let Some(key) = key else {
+        let Some(key) = api_key(&parts.headers) else {
             return Err(ApiError::new(
                 Code::Unauthenticated,
                 "missing API key: send `Authorization: Bearer <key>`",

@@ -46,6 +46,7 @@ impl MigratorTrait for Migrator {
         let mut all = tessera_store::migrate::plumbing();
         all.push(Box::new(keys::migration()));
         all.push(Box::new(audit::migration()));
+        all.push(Box::new(audit::before_migration()));
         all
     }
 }

@@ -57,6 +57,7 @@ pub fn routes(api: &mut Api) {
                 .summary("Set the tenant's brand")
                 .roles(&AUTHORS)
                 .idempotent()
+                .before("/v1/brand")
                 .body_proto("tessera.notification.v1.Brand", &[])
                 .answer_proto(200, "The brand.", "tessera.notification.v1.Brand"),
         )

@@ -65,6 +65,7 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
                 .summary("Credit points")
                 .roles(&AGENTS)
                 .idempotent()
+                .before("/v1/customers/{id}/wallet")
                 .body::<CreditPoints>()
                 .answer::<Posted>(201, "The transaction and the new balance."),
         )
@@ -86,6 +87,7 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
                 .summary("Correct a customer's points")
                 .roles(&AGENTS)
                 .idempotent()
+                .before("/v1/customers/{id}/wallet")
                 .body::<Adjustment>()
                 .answer::<Posted>(201, "The transaction and the new balance."),
         )
@@ -94,6 +96,7 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
                 .summary("Refund a spend or claw back a credit")
                 .roles(&AGENTS)
                 .idempotent()
+                .before("/v1/customers/{id}/wallet")
                 .body::<Refund>()
                 .answer::<Posted>(201, "The reversal and the new balance."),
         )
@@ -131,13 +134,18 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
                 .query::<crate::audit::AuditQuery>()
                 .answer::<crate::audit::AuditPage>(200, "A page of entries, newest first."),
         );
-    let (routes, document) = api.finish();
+    let (routes, document, reads) = api.finish();
     let document = serde_json::to_string(&document).expect("the OpenAPI document serializes");
     let _ = state.openapi.set(document);
+    let auditor = Arc::new(crate::audit::Auditor {
+        state: state.clone(),
+        reader: routes.clone().with_state(state.clone()),
+        reads,
+    });
     routes
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
-            state.clone(),
+            auditor,
             crate::audit::record,
         ))
         .with_state(state)

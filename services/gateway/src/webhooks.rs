@@ -74,6 +74,7 @@ pub fn routes(api: &mut Api) {
             .summary("Update a webhook endpoint")
             .roles(&ADMINS)
             .idempotent()
+            .before("/v1/webhook-endpoints/{id}")
             .body_proto(
                 "tessera.notification.v1.UpdateWebhookEndpointRequest",
                 &["id", "idempotency_key"],
@@ -85,6 +86,7 @@ pub fn routes(api: &mut Api) {
             .summary("Rotate an endpoint's signing secret")
             .roles(&ADMINS)
             .idempotent()
+            .before("/v1/webhook-endpoints/{id}")
             .body_proto(
                 "tessera.notification.v1.RotateWebhookSecretRequest",
                 &["id", "idempotency_key"],

@@ -48,29 +48,6 @@ fn operations(document: &Value) -> Vec<(String, String, String, Option<Vec<Strin
     out
 }
 
-async fn call(
-    suite: &TestSuite,
-    method: &str,
-    path: &str,
-    body: &Value,
-    key: Option<&str>,
-) -> (u16, Value) {
-    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-    let mut request = suite
-        .http
-        .request(method, format!("{}{path}", suite.base_url))
-        .header("Idempotency-Key", uuid::Uuid::new_v4().to_string());
-    if !body.is_null() {
-        request = request.json(body);
-    }
-    if let Some(key) = key {
-        request = request.bearer_auth(key);
-    }
-    let response = request.send().await.expect("sent");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 async fn every_route_checks_key_role_and_tenant(suite: TestSuite) {
     let keys = ApiKeys::new(suite.db("gateway").await);
     let mut role_keys = std::collections::HashMap::new();
@@ -109,7 +86,7 @@ async fn every_route_checks_key_role_and_tenant(suite: TestSuite) {
             public.push(format!("{method} {template}"));
             continue;
         };
-        let (status, answer) = call(&suite, &method, &path, &body, None).await;
+        let (status, answer) = suite.call(&method, &path, &body, None).await;
         assert_eq!(status, 401, "{method} {path} without a key: {answer}");
         assert_eq!(
             answer["error"]["code"], "unauthenticated",
@@ -117,7 +94,7 @@ async fn every_route_checks_key_role_and_tenant(suite: TestSuite) {
         );
         for role in Role::ALL {
             let key = &role_keys[role.as_str()];
-            let (status, answer) = call(&suite, &method, &path, &body, Some(key)).await;
+            let (status, answer) = suite.call(&method, &path, &body, Some(key)).await;
             if roles.iter().any(|r| r == role.as_str()) {
                 assert!(
                     status != 401 && status != 403,
@@ -172,19 +149,16 @@ async fn every_route_checks_key_role_and_tenant(suite: TestSuite) {
         format!("/v1/rewards/{reward_id}"),
         "/v1/campaigns/mine/history".to_string(),
     ] {
-        let (status, answer) = call(&suite, "GET", &path, &Value::Null, Some(other)).await;
+        let (status, answer) = suite.call("GET", &path, &Value::Null, Some(other)).await;
         assert_eq!(status, 404, "{path} from another tenant: {answer}");
-        let (status, _) = call(&suite, "GET", &path, &Value::Null, Some(&suite.admin_key)).await;
+        let (status, _) = suite
+            .call("GET", &path, &Value::Null, Some(&suite.admin_key))
+            .await;
         assert_eq!(status, 200, "{path} from its tenant");
     }
-    let (status, _) = call(
-        &suite,
-        "POST",
-        "/v1/campaigns/mine/pause",
-        &json!({}),
-        Some(other),
-    )
-    .await;
+    let (status, _) = suite
+        .call("POST", "/v1/campaigns/mine/pause", &json!({}), Some(other))
+        .await;
     assert_eq!(status, 404, "another tenant cannot act on it");
     suite.cleanup().await;
 }

@@ -260,4 +260,21 @@ async fn console_mutations_are_audited(suite: TestSuite) {
     assert_eq!(delete.status(), 405);
     let again: serde_json::Value = read(admin, "").await.json().await.unwrap();
     assert_eq!(again["data"].as_array().unwrap().len(), 2);
+    // A creation has nothing before it.
+    assert!(again["data"][1]["before"].is_null(), "{again}");
+
+    // A change records the object before it beside the object after it.
+    let mut renamed = campaign.clone();
+    renamed["name"] = json!("Renamed");
+    let (status, answer) = suite
+        .call("PUT", "/v1/campaigns/audited", &renamed, Some(admin))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let log: serde_json::Value = read(admin, "?method=put").await.json().await.unwrap();
+    let change = &log["data"][0];
+    assert_eq!(change["route"], "/v1/campaigns/{id}");
+    assert_eq!(change["before"]["name"], "Audited", "{change}");
+    assert_eq!(change["before"]["version"], 1);
+    assert_eq!(change["after"]["name"], "Renamed");
+    assert_eq!(change["after"]["version"], 2);
 }

@@ -14,6 +14,7 @@ mod jobs;
 mod messages;
 mod metrics;
 mod outbox;
+mod policy;
 mod redemption;
 mod scheduler;
 mod segment_cache;
