@@ -154,6 +154,39 @@ async fn audited_key(state: &AppState, headers: &http::HeaderMap) -> bool {
     matches!(state.keys.authenticate(key).await, Ok(Some(p)) if audited(p.role))
 }
 
+/// A JSON answer with every `secret` (an API key, a webhook signing secret: shown to the
+/// caller once) replaced, so the log never holds one.
+fn redacted(bytes: &[u8]) -> Vec<u8> {
+    fn scrub(value: &mut Value) -> bool {
+        match value {
+            Value::Object(map) => {
+                let mut changed = false;
+                for (name, inner) in map.iter_mut() {
+                    if name == "secret" && inner.is_string() {
+                        *inner = Value::String("[redacted]".into());
+                        changed = true;
+                    } else {
+                        changed |= scrub(inner);
+                    }
+                }
+                changed
+            }
+            Value::Array(items) => items.iter_mut().fold(false, |c, i| scrub(i) | c),
+            _ => false,
+        }
+    }
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(mut value) => {
+            if scrub(&mut value) {
+                serde_json::to_vec(&value).unwrap_or_default()
+            } else {
+                bytes.to_vec()
+            }
+        }
+        Err(_) => bytes.to_vec(),
+    }
+}
+
 fn kept(bytes: &[u8]) -> String {
     if bytes.len() <= KEEP_BYTES {
         String::from_utf8_lossy(bytes).into_owned()
@@ -224,7 +257,7 @@ pub async fn record(State(auditor): State<Arc<Auditor>>, req: Request, next: Nex
     }
     let (parts, body) = response.into_parts();
     let (after, body) = match axum::body::to_bytes(body, MAX_ANSWER_BYTES).await {
-        Ok(bytes) => (kept(&bytes), Body::from(bytes)),
+        Ok(bytes) => (kept(&redacted(&bytes)), Body::from(bytes)),
         Err(_) => ("(answer not readable)".to_string(), Body::empty()),
     };
     let conn = state.db.conn();

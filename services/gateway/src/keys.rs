@@ -1,13 +1,17 @@
 //! API keys: one per integration, bound to a tenant and a role, shown once and stored only
 //! as a SHA-256 hash (keys are 192-bit random, so a fast hash is enough to make a leaked
-//! table useless), revocable.
+//! table useless), revocable. A tenant's admins manage its keys over HTTP
+//! (`POST|GET /v1/api-keys`, `DELETE /v1/api-keys/{id}`); an operator gives a new tenant its
+//! first admin key with `tessera create-key`.
 
 use rand::RngCore;
-use sea_orm::ConnectionTrait;
+use sea_orm::{ConnectionTrait, QueryResult};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tessera_runtime::Error;
+use tessera_runtime::{Code, Error};
 use tessera_store::migrate::{Migration, col, index, table};
 use tessera_store::{Db, db_error, now_micros, stmt};
+use utoipa::ToSchema;
 
 /// Tenant the bootstrap admin key belongs to.
 pub const DEFAULT_TENANT: &str = "default";
@@ -104,6 +108,47 @@ pub fn generate() -> String {
     rand::rng().fill_bytes(&mut bytes);
     format!("{KEY_PREFIX}{}", hex::encode(bytes))
 }
+
+/// A key as its tenant's admins see it (never the key itself).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct KeyInfo {
+    /// `key_…`: what the audit log names as the principal.
+    pub id: String,
+    pub name: String,
+    /// `admin`, `marketer`, `junior_marketer`, `support_agent`, `touchpoint` or `analyst`.
+    pub role: String,
+    pub created_at: Option<String>,
+    /// Set once the key is revoked; it authenticates nothing after that.
+    pub revoked_at: Option<String>,
+}
+
+/// What `POST /v1/api-keys` takes.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    /// What the key is for ("web shop", "CRM sync"): 1 to 100 characters.
+    pub name: String,
+    /// Its role.
+    pub role: String,
+}
+
+fn rfc3339(micros: Option<i64>) -> Option<String> {
+    micros
+        .and_then(chrono::DateTime::from_timestamp_micros)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+}
+
+fn info(row: &QueryResult) -> Result<KeyInfo, Error> {
+    Ok(KeyInfo {
+        id: row.try_get_by_index(0).map_err(db_error)?,
+        name: row.try_get_by_index(1).map_err(db_error)?,
+        role: row.try_get_by_index(2).map_err(db_error)?,
+        created_at: rfc3339(Some(row.try_get_by_index(3).map_err(db_error)?)),
+        revoked_at: rfc3339(row.try_get_by_index(4).map_err(db_error)?),
+    })
+}
+
+const INFO: &str = "id, name, role, created_at, revoked_at";
 
 /// The API key store.
 #[derive(Debug, Clone)]
@@ -207,6 +252,121 @@ impl ApiKeys {
             .await
             .map_err(db_error)?;
         Ok(result.rows_affected() == 1)
+    }
+
+    /// Creates a key for `tenant`, once per `idempotency_key`: the new key is returned this
+    /// once; a retry with the same key and body finds the key it made (without the key
+    /// itself, which is not kept), another body is refused.
+    pub async fn create(
+        &self,
+        tenant: &str,
+        new: &NewKey,
+        idempotency_key: &str,
+    ) -> Result<(KeyInfo, Option<String>), Error> {
+        let id = format!(
+            "key_{}",
+            &hex::encode(Sha256::digest(format!("{tenant}\n{idempotency_key}")))[..32]
+        );
+        let key = generate();
+        let conn = self.db.conn();
+        let inserted = conn
+            .execute_raw(stmt(
+                conn,
+                "INSERT INTO api_keys (id, tenant_id, name, role, key_hash, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+                [
+                    id.clone().into(),
+                    tenant.into(),
+                    new.name.clone().into(),
+                    new.role.clone().into(),
+                    hash(&key).into(),
+                    now_micros().into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?
+            .rows_affected()
+            == 1;
+        let stored = self
+            .get(tenant, &id)
+            .await?
+            .ok_or_else(|| Error::internal("a created key is missing"))?;
+        if inserted {
+            return Ok((stored, Some(key)));
+        }
+        if stored.name != new.name || stored.role != new.role {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                "this Idempotency-Key was used with another request",
+            )
+            .with_reason("IDEMPOTENCY_KEY_REUSED"));
+        }
+        Ok((stored, None))
+    }
+
+    /// A key of `tenant`.
+    pub async fn get(&self, tenant: &str, id: &str) -> Result<Option<KeyInfo>, Error> {
+        let conn = self.db.conn();
+        conn.query_one_raw(stmt(
+            conn,
+            &format!("SELECT {INFO} FROM api_keys WHERE tenant_id = $1 AND id = $2"),
+            [tenant.into(), id.into()],
+        ))
+        .await
+        .map_err(db_error)?
+        .map(|row| info(&row))
+        .transpose()
+    }
+
+    /// A page of `tenant`'s keys by id, after `starting_after`; and whether more follow.
+    pub async fn list(
+        &self,
+        tenant: &str,
+        limit: u32,
+        starting_after: &str,
+    ) -> Result<(Vec<KeyInfo>, bool), Error> {
+        let conn = self.db.conn();
+        let rows = conn
+            .query_all_raw(stmt(
+                conn,
+                &format!(
+                    "SELECT {INFO} FROM api_keys WHERE tenant_id = $1 AND id > $2 \
+                     ORDER BY id LIMIT $3"
+                ),
+                [
+                    tenant.into(),
+                    starting_after.into(),
+                    i64::from(limit + 1).into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        let more = rows.len() > limit as usize;
+        let keys = rows
+            .iter()
+            .take(limit as usize)
+            .map(info)
+            .collect::<Result<_, _>>()?;
+        Ok((keys, more))
+    }
+
+    /// Whether `tenant` has an admin key in use other than `except`.
+    pub async fn other_admin(&self, tenant: &str, except: &str) -> Result<bool, Error> {
+        let conn = self.db.conn();
+        let count: i64 = conn
+            .query_one_raw(stmt(
+                conn,
+                "SELECT COUNT(*) FROM api_keys WHERE tenant_id = $1 AND role = $2 \
+                 AND revoked_at IS NULL AND id <> $3",
+                [tenant.into(), Role::Admin.as_str().into(), except.into()],
+            ))
+            .await
+            .map_err(db_error)?
+            .map(|r| r.try_get_by_index(0))
+            .transpose()
+            .map_err(db_error)?
+            .unwrap_or(0);
+        Ok(count > 0)
     }
 }
 

@@ -10,6 +10,7 @@ mod catalog;
 mod eligibility;
 mod error;
 mod extract;
+mod key_routes;
 mod keys;
 mod messages;
 mod observe;
@@ -144,6 +145,30 @@ impl Gateway {
         tracing::info!(%addr, "HTTP gateway stopped");
         Ok(())
     }
+}
+
+/// Creates an API key with `role` for `tenant` (an operator giving a new tenant its first
+/// admin key) and returns it: it is stored only as a hash, so this is the one time it is seen.
+pub async fn create_key(
+    config: &Config,
+    tenant: &str,
+    role: &str,
+    name: &str,
+) -> anyhow::Result<String> {
+    if !tessera_runtime::context::is_valid_tenant_id(tenant) {
+        anyhow::bail!("tenant: 1 to 64 of a-z 0-9 _ -, starting with a letter or digit");
+    }
+    let role = Role::parse(role).ok_or_else(|| {
+        let roles: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+        anyhow::anyhow!("role: one of {}", roles.join(", "))
+    })?;
+    let db = Db::open::<Migrator>(config, SERVICE).await?;
+    let key = keys::generate();
+    ApiKeys::new(db)
+        .insert(tenant, name, role, &key)
+        .await
+        .map_err(|e| anyhow::anyhow!("storing the key: {e}"))?;
+    Ok(key)
 }
 
 /// Runs the gateway alone on `listener` until `shutdown`.

@@ -1,4 +1,4 @@
-//! `tessera up | serve <service> | migrate [<service>…] | generate-codes`.
+//! `tessera up | serve <service> | migrate [<service>…] | create-key | generate-codes`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +42,18 @@ enum Command {
     Migrate {
         #[arg(value_enum)]
         services: Vec<Service>,
+    },
+    /// Create an API key (e.g. a new tenant's first admin key) and print it, once.
+    CreateKey {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// admin, marketer, junior_marketer, support_agent, touchpoint or analyst.
+        #[arg(long, default_value = "admin")]
+        role: String,
+        /// What the key is for.
+        #[arg(long, default_value = "created by the operator")]
+        name: String,
     },
     /// Generate codes into a catalog pool and show the job's progress until it ends.
     GenerateCodes {
@@ -108,6 +120,11 @@ fn main() -> anyhow::Result<()> {
                     idempotency_key.unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4()));
                 generate_codes(&grpc_url, &tenant, &pool, count, key).await
             }
+            Command::CreateKey { tenant, role, name } => {
+                let key = tessera_gateway::create_key(&config, &tenant, &role, &name).await?;
+                print_key(&key);
+                Ok(())
+            }
             Command::Migrate { services } => {
                 let services = if services.is_empty() {
                     Service::ALL.to_vec()
@@ -122,6 +139,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+#[allow(clippy::print_stdout)]
+fn print_key(key: &str) {
+    println!("{key}");
 }
 
 #[allow(clippy::print_stdout)]

@@ -140,6 +140,46 @@ async fn every_route_checks_key_role_and_tenant(suite: TestSuite) {
         .await
         .expect("reward");
     let reward_id = reward["id"].as_str().expect("reward id").to_string();
+    let json_of = |r: reqwest::Response| async move { r.json::<Value>().await.expect("json") };
+    let pool = json_of(
+        suite
+            .post(
+                "/v1/code-pools",
+                Some("acc-3"),
+                &json!({"reward_id": reward_id, "name": "mine", "pattern": {"pattern": "MY-####"}}),
+            )
+            .await,
+    )
+    .await;
+    let pool_id = pool["id"].as_str().expect("pool id").to_string();
+    let endpoint = json_of(
+        suite
+            .post(
+                "/v1/webhook-endpoints",
+                Some("acc-4"),
+                &json!({"url": "http://127.0.0.1:9/hook"}),
+            )
+            .await,
+    )
+    .await;
+    let endpoint_id = endpoint["endpoint"]["id"]
+        .as_str()
+        .expect("endpoint id")
+        .to_string();
+    let order = json!({"id": "acc-o1", "customer_id": "ann", "status": "ORDER_STATUS_PAID",
+                       "currency": "USD", "lines": [{"sku": "TV", "quantity": 1, "unit_amount": 100}]});
+    assert_eq!(
+        suite
+            .post("/v1/orders", Some("acc-5"), &order)
+            .await
+            .status(),
+        200
+    );
+    let keys_page = json_of(suite.get("/v1/api-keys").await).await;
+    let key_id = keys_page["data"][0]["id"]
+        .as_str()
+        .expect("key id")
+        .to_string();
     let other = "tsk_admin_of_another_tenant_000000000001";
     keys.insert("other", "other admin", Role::Admin, other)
         .await
@@ -148,6 +188,10 @@ async fn every_route_checks_key_role_and_tenant(suite: TestSuite) {
         "/v1/campaigns/mine".to_string(),
         format!("/v1/rewards/{reward_id}"),
         "/v1/campaigns/mine/history".to_string(),
+        format!("/v1/code-pools/{pool_id}"),
+        format!("/v1/webhook-endpoints/{endpoint_id}"),
+        "/v1/customers/ann/profile".to_string(),
+        format!("/v1/api-keys/{key_id}"),
     ] {
         let (status, answer) = suite.call("GET", &path, &Value::Null, Some(other)).await;
         assert_eq!(status, 404, "{path} from another tenant: {answer}");

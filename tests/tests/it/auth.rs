@@ -1,13 +1,17 @@
 //! API keys: no key → 401, unknown or revoked key → 401, wrong role → 403, and a tenant
 //! never sees another tenant's data.
 
-use serde_json::json;
+use serde_json::{Value, json};
 use tessera_gateway::{ApiKeys, Role};
 use tessera_tests::{TestSuite, backend_tests};
 
 use crate::points;
 
-backend_tests!(keys_roles_and_tenants, console_mutations_are_audited);
+backend_tests!(
+    keys_roles_and_tenants,
+    console_mutations_are_audited,
+    keys_are_managed_over_http
+);
 
 mod rate_limits {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,4 +281,137 @@ async fn console_mutations_are_audited(suite: TestSuite) {
     assert_eq!(change["before"]["version"], 1);
     assert_eq!(change["after"]["name"], "Renamed");
     assert_eq!(change["after"]["version"], 2);
+}
+
+async fn keys_are_managed_over_http(suite: TestSuite) {
+    let admin = suite.admin_key.clone();
+    let admin = Some(admin.as_str());
+    let new = json!({"name": "web shop", "role": "touchpoint"});
+    let create = |key: &'static str, body: Value| {
+        let request = suite
+            .http
+            .post(format!("{}/v1/api-keys", suite.base_url))
+            .bearer_auth(&suite.admin_key)
+            .header("Idempotency-Key", key)
+            .json(&body);
+        async move {
+            let response = request.send().await.expect("sent");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.expect("json"))
+        }
+    };
+    let (status, created) = create("key-1", new.clone()).await;
+    assert_eq!(status, 201, "{created}");
+    let secret = created["secret"]
+        .as_str()
+        .expect("the key, once")
+        .to_string();
+    assert!(secret.starts_with("tsk_"));
+    let id = created["info"]["id"].as_str().expect("id").to_string();
+    assert_eq!(created["info"]["role"], "touchpoint");
+    // The key works, with its role.
+    let (status, _) = suite
+        .call(
+            "GET",
+            "/v1/customers/bob/wallet",
+            &Value::Null,
+            Some(&secret),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = suite
+        .call("GET", "/v1/api-keys", &Value::Null, Some(&secret))
+        .await;
+    assert_eq!(status, 403, "a touchpoint does not manage keys");
+    // A retry finds the same key without showing it again; another body is refused.
+    let (status, again) = create("key-1", new.clone()).await;
+    assert_eq!((status, &again["secret"]), (200, &Value::Null), "{again}");
+    assert_eq!(again["info"]["id"], id.as_str());
+    let (status, reused) = create("key-1", json!({"name": "other", "role": "analyst"})).await;
+    assert_eq!(status, 422, "{reused}");
+    let (status, bad) = create("key-2", json!({"name": "x", "role": "root"})).await;
+    assert_eq!(status, 400);
+    assert_eq!(bad["error"]["field_violations"][0]["field"], "role");
+
+    // Listed without secrets; the audit log keeps none either.
+    let (status, list) = suite.call("GET", "/v1/api-keys", &Value::Null, admin).await;
+    assert_eq!(status, 200);
+    let listed = list["data"].as_array().expect("data");
+    assert!(listed.iter().any(|k| k["id"] == id.as_str()), "{list}");
+    assert!(!list.to_string().contains(&secret));
+    let (_, log) = suite
+        .call(
+            "GET",
+            "/v1/audit-log?route=/v1/api-keys",
+            &Value::Null,
+            admin,
+        )
+        .await;
+    assert!(!log.to_string().contains(&secret), "{log}");
+    assert_eq!(
+        log["data"][log["data"].as_array().unwrap().len() - 1]["after"]["secret"],
+        "[redacted]"
+    );
+
+    // Revoked: the key stops working; revoking again changes nothing.
+    let (status, revoked) = suite
+        .call("DELETE", &format!("/v1/api-keys/{id}"), &Value::Null, admin)
+        .await;
+    assert_eq!(status, 200, "{revoked}");
+    assert!(revoked["revoked_at"].is_string());
+    let (status, _) = suite
+        .call(
+            "GET",
+            "/v1/customers/bob/wallet",
+            &Value::Null,
+            Some(&secret),
+        )
+        .await;
+    assert_eq!(status, 401);
+    let (status, _) = suite
+        .call("DELETE", &format!("/v1/api-keys/{id}"), &Value::Null, admin)
+        .await;
+    assert_eq!(status, 200);
+
+    // The tenant's last admin key stays.
+    let own = listed
+        .iter()
+        .find(|k| k["role"] == "admin")
+        .and_then(|k| k["id"].as_str())
+        .expect("the admin key");
+    let (status, answer) = suite
+        .call(
+            "DELETE",
+            &format!("/v1/api-keys/{own}"),
+            &Value::Null,
+            admin,
+        )
+        .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"]["reason"], "LAST_ADMIN_KEY");
+
+    // An operator gives a new tenant its first admin key; it sees only its own tenant.
+    let acme = tessera_gateway::create_key(&suite.config, "acme", "admin", "acme admin")
+        .await
+        .expect("key");
+    let (status, acme_keys) = suite
+        .call("GET", "/v1/api-keys", &Value::Null, Some(&acme))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(acme_keys["data"].as_array().map(Vec::len), Some(1));
+    let (status, _) = suite
+        .call(
+            "GET",
+            &format!("/v1/api-keys/{id}"),
+            &Value::Null,
+            Some(&acme),
+        )
+        .await;
+    assert_eq!(status, 404, "another tenant's key");
+    assert!(
+        tessera_gateway::create_key(&suite.config, "Bad Tenant", "admin", "x")
+            .await
+            .is_err()
+    );
+    suite.cleanup().await;
 }

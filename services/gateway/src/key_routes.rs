@@ -1,0 +1,175 @@
+//! API key routes (admins of the tenant): `POST /v1/api-keys` makes a key with a role and
+//! shows it this once; `GET /v1/api-keys` lists them (never the keys themselves);
+//! `DELETE /v1/api-keys/{id}` revokes one, except the tenant's last admin key.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::{Deserialize, Serialize};
+use tessera_runtime::error::Violations;
+use tessera_runtime::{Code, Error};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::AppState;
+use crate::api::{Api, Op};
+use crate::catalog::{QueryResult, strict};
+use crate::error::ApiError;
+use crate::extract::{IdempotencyKey, StrictJson};
+use crate::keys::{KeyInfo, NewKey, Principal, Role};
+
+pub fn routes(api: &mut Api) {
+    const ADMINS: [Role; 1] = [Role::Admin];
+    api.tag("api keys", "The tenant's API keys, each with a role.")
+        .add(
+            Op::post("/v1/api-keys", create)
+                .summary("Create an API key")
+                .describe(
+                    "The key is in the answer this once and stored only as a hash. A retry \
+                     with the same Idempotency-Key and body answers 200 with the key's \
+                     description and `secret: null`.",
+                )
+                .roles(&ADMINS)
+                .idempotent()
+                .body::<NewKey>()
+                .answer::<CreatedKey>(201, "The key, shown this once.")
+                .answer::<CreatedKey>(200, "A retry: the key made before, without the key."),
+        )
+        .add(
+            Op::get("/v1/api-keys", list)
+                .summary("List the tenant's API keys")
+                .roles(&ADMINS)
+                .query::<PageQuery>()
+                .answer::<KeyPage>(200, "A page of keys, by id."),
+        )
+        .add(
+            Op::delete("/v1/api-keys/{id}", revoke)
+                .summary("Revoke an API key")
+                .describe("Idempotent. The tenant's last admin key cannot be revoked (422).")
+                .roles(&ADMINS)
+                .idempotent()
+                .before("/v1/api-keys/{id}")
+                .answer::<KeyInfo>(200, "The key, revoked."),
+        )
+        .add(
+            Op::get("/v1/api-keys/{id}", get_one)
+                .summary("Get an API key's description")
+                .roles(&ADMINS)
+                .answer::<KeyInfo>(200, "The key's description."),
+        );
+}
+
+/// A new key and its description.
+#[derive(Serialize, ToSchema)]
+struct CreatedKey {
+    /// The key to send as `Authorization: Bearer <key>`; null on a retry.
+    secret: Option<String>,
+    info: KeyInfo,
+}
+
+/// A page of keys.
+#[derive(Serialize, ToSchema)]
+struct KeyPage {
+    data: Vec<KeyInfo>,
+    has_more: bool,
+    /// Pass as `starting_after` for the next page; null on the last.
+    next_cursor: Option<String>,
+}
+
+/// Cursor pagination parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    /// Page size, 1..=100 (default 20).
+    #[serde(default)]
+    limit: u32,
+    /// Cursor: the `next_cursor` of the previous page.
+    #[serde(default)]
+    starting_after: String,
+}
+
+async fn create(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<NewKey>,
+) -> Result<(http::StatusCode, Json<CreatedKey>), ApiError> {
+    let mut v = Violations::new();
+    let length = body.name.trim().chars().count();
+    if !(1..=100).contains(&length) {
+        v.add("name", "must be 1 to 100 characters");
+    }
+    if Role::parse(&body.role).is_none() {
+        let roles: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+        v.add("role", format!("must be one of {}", roles.join(", ")));
+    }
+    v.finish()?;
+    let (info, key) = state.keys.create(&principal.tenant_id, &body, &key).await?;
+    let status = if key.is_some() {
+        http::StatusCode::CREATED
+    } else {
+        http::StatusCode::OK
+    };
+    Ok((status, Json(CreatedKey { secret: key, info })))
+}
+
+async fn list(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    query: QueryResult<PageQuery>,
+) -> Result<Json<KeyPage>, ApiError> {
+    let q = strict(query)?;
+    let mut v = Violations::new();
+    let limit = v.page_limit(q.limit);
+    v.finish()?;
+    let (data, has_more) = state
+        .keys
+        .list(&principal.tenant_id, limit, &q.starting_after)
+        .await?;
+    let next_cursor = data.last().filter(|_| has_more).map(|k| k.id.clone());
+    Ok(Json(KeyPage {
+        data,
+        has_more,
+        next_cursor,
+    }))
+}
+
+async fn get_one(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<KeyInfo>, ApiError> {
+    let info = state.keys.get(&principal.tenant_id, &id).await?;
+    Ok(Json(info.ok_or_else(|| not_found(&id))?))
+}
+
+async fn revoke(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(id): Path<String>,
+    IdempotencyKey(_): IdempotencyKey,
+) -> Result<Json<KeyInfo>, ApiError> {
+    let tenant = &principal.tenant_id;
+    let info = state
+        .keys
+        .get(tenant, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    if info.revoked_at.is_none() {
+        if info.role == Role::Admin.as_str() && !state.keys.other_admin(tenant, &id).await? {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                "this is the tenant's last admin key: create another admin key first",
+            )
+            .with_reason("LAST_ADMIN_KEY")
+            .into());
+        }
+        state.keys.revoke(tenant, &id).await?;
+    }
+    let info = state.keys.get(tenant, &id).await?;
+    Ok(Json(info.ok_or_else(|| not_found(&id))?))
+}
+
+fn not_found(id: &str) -> ApiError {
+    Error::not_found(format!("API key `{id}`")).into()
+}
