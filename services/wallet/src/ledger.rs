@@ -140,6 +140,11 @@ pub(crate) async fn account(
     owner: Owner<'_>,
     asset: &Asset,
 ) -> Result<String, Error> {
+    // Accounts are created once and never removed: look first (one statement on every
+    // write after the first), create only when missing.
+    if let Some(id) = account_id(txn, tenant, owner, asset).await? {
+        return Ok(id);
+    }
     let now = now_micros();
     txn.execute_raw(stmt(
         txn,
@@ -158,23 +163,33 @@ pub(crate) async fn account(
     ))
     .await
     .map_err(db_error)?;
-    let row = txn
-        .query_one_raw(stmt(
-            txn,
-            "SELECT id FROM accounts WHERE tenant_id = $1 AND owner_kind = $2 AND owner_id = $3 \
-             AND asset_kind = $4 AND asset_code = $5",
-            [
-                tenant.into(),
-                owner.kind().into(),
-                owner.id().into(),
-                (asset.kind as i32).into(),
-                asset.code.clone().into(),
-            ],
-        ))
-        .await
-        .map_err(db_error)?
-        .ok_or_else(|| Error::internal("account vanished after insert"))?;
-    row.try_get_by_index(0).map_err(db_error)
+    account_id(txn, tenant, owner, asset)
+        .await?
+        .ok_or_else(|| Error::internal("account vanished after insert"))
+}
+
+async fn account_id(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    owner: Owner<'_>,
+    asset: &Asset,
+) -> Result<Option<String>, Error> {
+    txn.query_one_raw(stmt(
+        txn,
+        "SELECT id FROM accounts WHERE tenant_id = $1 AND owner_kind = $2 AND owner_id = $3 \
+         AND asset_kind = $4 AND asset_code = $5",
+        [
+            tenant.into(),
+            owner.kind().into(),
+            owner.id().into(),
+            (asset.kind as i32).into(),
+            asset.code.clone().into(),
+        ],
+    ))
+    .await
+    .map_err(db_error)?
+    .map(|row| row.try_get_by_index(0).map_err(db_error))
+    .transpose()
 }
 
 /// One leg of a ledger transaction: an account and the amount it moves by.
