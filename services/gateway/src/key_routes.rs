@@ -7,8 +7,8 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
+use tessera_runtime::Error;
 use tessera_runtime::error::Violations;
-use tessera_runtime::{Code, Error};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
@@ -149,24 +149,7 @@ async fn revoke(
     Path(id): Path<String>,
     IdempotencyKey(_): IdempotencyKey,
 ) -> Result<Json<KeyInfo>, ApiError> {
-    let tenant = &principal.tenant_id;
-    let info = state
-        .keys
-        .get(tenant, &id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
-    if info.revoked_at.is_none() {
-        if info.role == Role::Admin.as_str() && !state.keys.other_admin(tenant, &id).await? {
-            return Err(Error::new(
-                Code::FailedPrecondition,
-                "this is the tenant's last admin key: create another admin key first",
-            )
-            .with_reason("LAST_ADMIN_KEY")
-            .into());
-        }
-        state.keys.revoke(tenant, &id).await?;
-    }
-    let info = state.keys.get(tenant, &id).await?;
+    let info = state.keys.revoke_checked(&principal.tenant_id, &id).await?;
     Ok(Json(info.ok_or_else(|| not_found(&id))?))
 }
 

@@ -350,23 +350,46 @@ impl ApiKeys {
         Ok((keys, more))
     }
 
-    /// Whether `tenant` has an admin key in use other than `except`.
-    pub async fn other_admin(&self, tenant: &str, except: &str) -> Result<bool, Error> {
-        let conn = self.db.conn();
-        let count: i64 = conn
-            .query_one_raw(stmt(
-                conn,
-                "SELECT COUNT(*) FROM api_keys WHERE tenant_id = $1 AND role = $2 \
-                 AND revoked_at IS NULL AND id <> $3",
-                [tenant.into(), Role::Admin.as_str().into(), except.into()],
+    /// Revokes key `id` of `tenant` unless it is the tenant's last admin key in use (then
+    /// `FAILED_PRECONDITION`, reason `LAST_ADMIN_KEY`). The tenant's admin keys are locked
+    /// first (PostgreSQL; SQLite has one writer), so two admins revoking each other's keys
+    /// at once cannot leave the tenant without one. Revoking a revoked key changes nothing.
+    /// Returns the key as it is after; None when the tenant has no such key.
+    pub async fn revoke_checked(&self, tenant: &str, id: &str) -> Result<Option<KeyInfo>, Error> {
+        let txn = self.db.begin_write().await?;
+        let lock = self.db.backend().row_lock();
+        let admins = txn
+            .query_all_raw(stmt(
+                &txn,
+                &format!(
+                    "SELECT id FROM api_keys WHERE tenant_id = $1 AND role = $2 \
+                     AND revoked_at IS NULL ORDER BY id{lock}"
+                ),
+                [tenant.into(), Role::Admin.as_str().into()],
             ))
             .await
             .map_err(db_error)?
-            .map(|r| r.try_get_by_index(0))
-            .transpose()
-            .map_err(db_error)?
-            .unwrap_or(0);
-        Ok(count > 0)
+            .iter()
+            .map(|r| r.try_get_by_index::<String>(0))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db_error)?;
+        if admins.len() == 1 && admins[0] == id {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                "this is the tenant's last admin key: create another admin key first",
+            )
+            .with_reason("LAST_ADMIN_KEY"));
+        }
+        txn.execute_raw(stmt(
+            &txn,
+            "UPDATE api_keys SET revoked_at = $1 WHERE tenant_id = $2 AND id = $3 \
+             AND revoked_at IS NULL",
+            [now_micros().into(), tenant.into(), id.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)?;
+        self.get(tenant, id).await
     }
 }
 

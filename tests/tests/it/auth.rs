@@ -413,5 +413,60 @@ async fn keys_are_managed_over_http(suite: TestSuite) {
             .await
             .is_err()
     );
+
+    // Two admins revoking each other's keys at once leave the tenant one admin key.
+    let (mut admin_key, mut admin_id) = (
+        acme.clone(),
+        acme_keys["data"][0]["id"].as_str().expect("id").to_string(),
+    );
+    let secret = |v: &Value| v["secret"].as_str().expect("secret").to_string();
+    let id_of = |v: &Value| v["info"]["id"].as_str().expect("id").to_string();
+    for round in 0..5 {
+        let mut made = Vec::new();
+        for name in ["a", "b"] {
+            let body = json!({"name": format!("admin {name}{round}"), "role": "admin"});
+            let (status, key) = suite
+                .call("POST", "/v1/api-keys", &body, Some(&admin_key))
+                .await;
+            assert_eq!(status, 201, "{key}");
+            made.push(key);
+        }
+        let (a, b) = (secret(&made[0]), secret(&made[1]));
+        // The previous admin key goes, so the two new ones are the tenant's only admins.
+        let path = format!("/v1/api-keys/{admin_id}");
+        let (status, _) = suite.call("DELETE", &path, &Value::Null, Some(&a)).await;
+        assert_eq!(status, 200);
+        let (revoke_b, revoke_a) = (
+            format!("/v1/api-keys/{}", id_of(&made[1])),
+            format!("/v1/api-keys/{}", id_of(&made[0])),
+        );
+        let ((s1, _), (s2, _)) = tokio::join!(
+            suite.call("DELETE", &revoke_b, &Value::Null, Some(&a)),
+            suite.call("DELETE", &revoke_a, &Value::Null, Some(&b)),
+        );
+        assert!(
+            matches!((s1, s2), (200, 422 | 401) | (422 | 401, 200)),
+            "round {round}: {s1} {s2}"
+        );
+        let survivor = if s1 == 200 { 0 } else { 1 };
+        admin_key = secret(&made[survivor]);
+        admin_id = id_of(&made[survivor]);
+        let (status, keys) = suite
+            .call(
+                "GET",
+                "/v1/api-keys?limit=100",
+                &Value::Null,
+                Some(&admin_key),
+            )
+            .await;
+        assert_eq!(status, 200, "the surviving admin key works");
+        let active_admins = keys["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .filter(|k| k["role"] == "admin" && k["revoked_at"].is_null())
+            .count();
+        assert_eq!(active_admins, 1, "round {round}: {keys}");
+    }
     suite.cleanup().await;
 }
