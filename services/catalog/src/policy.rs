@@ -9,7 +9,7 @@ use tessera_effects::wire::MAX_AMOUNT;
 use tessera_proto::catalog::v1 as pb;
 use tessera_runtime::error::Violations;
 use tessera_runtime::{Code, Error, RequestContext};
-use tessera_store::outbox::micros_to_timestamp;
+use tessera_store::outbox::{self, micros_to_timestamp};
 use tessera_store::{db_error, stmt};
 
 use tessera_store::api::check_id;
@@ -83,7 +83,7 @@ pub async fn get<C: ConnectionTrait>(conn: &C, tenant: &str) -> Result<pb::Acces
     Ok(policy)
 }
 
-/// Replaces the tenant's policy.
+/// Replaces the tenant's policy, with its `access_policy.updated` event.
 pub async fn put<C: ConnectionTrait>(
     conn: &C,
     ctx: &RequestContext,
@@ -106,6 +106,13 @@ pub async fn put<C: ConnectionTrait>(
     ))
     .await
     .map_err(db_error)?;
+    let event = serde_json::json!({
+        "junior_max_percent_bp": policy.junior_max_percent_bp,
+        "junior_max_amount": policy.junior_max_amount,
+        "support_reward_ids": policy.support_reward_ids,
+        "principal": ctx.principal,
+    });
+    outbox::enqueue(conn, &ctx.tenant_id, "access_policy.updated", &event).await?;
     policy.updated_at = Some(micros_to_timestamp(now));
     Ok(policy)
 }

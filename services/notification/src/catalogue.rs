@@ -102,6 +102,15 @@ const SPECS: &[Spec] = &[
         fields: REWARD,
     },
     Spec {
+        names: &["access_policy.updated"],
+        source: "catalog",
+        description: "The tenant's access policy was replaced: how much a junior marketer's \
+                      rewards and campaigns may give, and which rewards support agents may \
+                      hand out.",
+        fields: "junior_max_percent_bp:integer junior_max_amount:integer \
+                 support_reward_ids:array principal:string",
+    },
+    Spec {
         names: &["reward.published"],
         source: "catalog",
         description: "A reward (and its code, if any: null without) was published to a \

@@ -221,5 +221,7 @@ async fn roles_below_marketer_act_within_the_tenant_policy(suite: TestSuite) {
         .await
         .expect_err("refused");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    // `access_policy.updated` and every other event of these flows match the catalogue.
+    crate::check_catalogue(&suite, "default").await;
     suite.cleanup().await;
 }
