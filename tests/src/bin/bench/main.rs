@@ -8,6 +8,10 @@
 
 #![allow(clippy::print_stdout)]
 
+/// The allocator the `tessera` binary ships with, so the figures are the shipped ones.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod qualify;
 mod redeem;
 mod webhooks;

@@ -342,8 +342,10 @@ pub async fn qualification(suite: &TestSuite, label: &str) {
         let (one, one_elapsed, _) =
             measure(&client, suite, &cart, pb::Explain::Counts, 1, per_call).await;
         let server = server_share(&before);
+        let before = server_buckets();
         let (four, four_elapsed, _) =
             measure(&client, suite, &cart, pb::Explain::Counts, 4, per_call / 2).await;
+        let server_four = server_share(&before);
         let (all, _, explained) =
             measure(&client, suite, &cart, pb::Explain::All, 1, per_call / 4).await;
         let pct = |l: &[Duration], p: f64| ms(l[((l.len() as f64 - 1.0) * p).round() as usize]);
@@ -390,6 +392,7 @@ pub async fn qualification(suite: &TestSuite, label: &str) {
             pct(&four, 0.99),
             four.len() as f64 / four_elapsed.as_secs_f64(),
         );
+        println!("      4 clients, counts:  {server_four}");
         println!(
             "      1 in flight, every rejection listed ({} rejected): p50 {:>6.2} ms  p99 {:>6.2} ms",
             explained.rejected.len(),
