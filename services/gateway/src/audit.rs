@@ -16,7 +16,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use sea_orm::ConnectionTrait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -386,8 +386,7 @@ pub async fn list(
             path: text(5)?,
             status,
             request_id: text(7)?,
-            at: DateTime::<Utc>::from_timestamp_micros(at)
-                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+            at: crate::routes::rfc3339_micros(at),
             request: parse(text(9)?),
             before: before.map_or(Value::Null, parse),
             after: parse(text(10)?),

@@ -26,7 +26,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::api::{Api, Content, Op};
-use crate::catalog::{QueryResult, enum_value, page_reply, page_request, strict};
+use crate::catalog::{PageQuery, QueryResult, enum_value, page_reply, page_request, strict};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{Principal, Role};
@@ -254,18 +254,6 @@ async fn list(
         .await?
         .into_inner();
     page_reply(items("Campaign", &r.campaigns)?, r.page)
-}
-
-/// Query of the history and jobs routes.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-struct PageQuery {
-    /// Page size, 1..=100 (default 20).
-    #[serde(default)]
-    limit: u32,
-    /// Cursor: the `next_cursor` of the previous page.
-    #[serde(default)]
-    starting_after: String,
 }
 
 fn page(q: PageQuery) -> Option<tessera_proto::common::v1::PageRequest> {

@@ -396,6 +396,18 @@ fn page(q: &ListQuery) -> Option<tessera_proto::common::v1::PageRequest> {
     page_request(q.limit, &q.starting_after)
 }
 
+/// Query of the list routes that only page.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PageQuery {
+    /// Page size, 1..=100 (default 20).
+    #[serde(default)]
+    pub limit: u32,
+    /// Cursor: the `next_cursor` of the previous page.
+    #[serde(default)]
+    pub starting_after: String,
+}
+
 /// The page of a list route's `limit` and `starting_after` query parameters.
 pub(crate) fn page_request(
     limit: u32,

@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tessera_runtime::Error;
 use tessera_runtime::error::Violations;
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::api::{Api, Op};
-use crate::catalog::{QueryResult, strict};
+use crate::catalog::{PageQuery, QueryResult, strict};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{KeyInfo, NewKey, Principal, Role};
@@ -74,18 +74,6 @@ struct KeyPage {
     has_more: bool,
     /// Pass as `starting_after` for the next page; null on the last.
     next_cursor: Option<String>,
-}
-
-/// Cursor pagination parameters.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-struct PageQuery {
-    /// Page size, 1..=100 (default 20).
-    #[serde(default)]
-    limit: u32,
-    /// Cursor: the `next_cursor` of the previous page.
-    #[serde(default)]
-    starting_after: String,
 }
 
 async fn create(

@@ -13,6 +13,8 @@ use tessera_store::migrate::{Migration, col, index, table};
 use tessera_store::{Db, db_error, now_micros, stmt};
 use utoipa::ToSchema;
 
+use crate::routes::rfc3339_micros;
+
 /// Tenant the bootstrap admin key belongs to.
 pub const DEFAULT_TENANT: &str = "default";
 const KEY_PREFIX: &str = "tsk_";
@@ -132,19 +134,16 @@ pub struct NewKey {
     pub role: String,
 }
 
-fn rfc3339(micros: Option<i64>) -> Option<String> {
-    micros
-        .and_then(chrono::DateTime::from_timestamp_micros)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
-}
-
 fn info(row: &QueryResult) -> Result<KeyInfo, Error> {
     Ok(KeyInfo {
         id: row.try_get_by_index(0).map_err(db_error)?,
         name: row.try_get_by_index(1).map_err(db_error)?,
         role: row.try_get_by_index(2).map_err(db_error)?,
-        created_at: rfc3339(Some(row.try_get_by_index(3).map_err(db_error)?)),
-        revoked_at: rfc3339(row.try_get_by_index(4).map_err(db_error)?),
+        created_at: rfc3339_micros(row.try_get_by_index(3).map_err(db_error)?),
+        revoked_at: row
+            .try_get_by_index::<Option<i64>>(4)
+            .map_err(db_error)?
+            .and_then(rfc3339_micros),
     })
 }
 

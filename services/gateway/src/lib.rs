@@ -66,7 +66,7 @@ pub struct AppState {
     pub(crate) max_body_bytes: usize,
     pub(crate) limits: Arc<ratelimit::Limits>,
     /// `/openapi.json`, rendered once when the routes are built.
-    pub(crate) openapi: std::sync::OnceLock<String>,
+    pub(crate) openapi: std::sync::OnceLock<axum::body::Bytes>,
 }
 
 /// A gateway ready to serve.

@@ -19,6 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::api::{Api, Content, Op};
+use crate::catalog::{PageQuery, page_request, strict};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{Principal, Role};
@@ -137,7 +138,7 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
         );
     let (routes, document, reads) = api.finish();
     let document = serde_json::to_string(&document).expect("the OpenAPI document serializes");
-    let _ = state.openapi.set(document);
+    let _ = state.openapi.set(document.into());
     let auditor = Arc::new(crate::audit::Auditor {
         state: state.clone(),
         reader: routes.clone().with_state(state.clone()),
@@ -290,12 +291,16 @@ impl Asset {
     }
 }
 
-/// RFC 3339 with microseconds, or None.
+/// A protobuf time as RFC 3339 with microseconds, or None.
 fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Option<String> {
-    ts.and_then(|t| {
-        chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
-    })
-    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+    ts.and_then(|t| rfc3339_micros(t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000))
+}
+
+/// Microseconds since the epoch as RFC 3339 with microseconds (`…Z`): every time the
+/// gateway writes itself.
+pub(crate) fn rfc3339_micros(micros: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
 }
 
 /// What expires within 30, 60 and 90 days.
@@ -472,28 +477,6 @@ struct TransactionsQuery {
     kind: String,
 }
 
-/// Cursor pagination parameters.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-struct PageQuery {
-    /// Page size, 1..=100 (default 20).
-    #[serde(default)]
-    limit: u32,
-    /// Cursor: the `next_cursor` of the previous page.
-    #[serde(default)]
-    starting_after: String,
-}
-
-fn page_request(
-    limit: u32,
-    starting_after: String,
-) -> Option<tessera_proto::common::v1::PageRequest> {
-    Some(tessera_proto::common::v1::PageRequest {
-        limit,
-        starting_after,
-    })
-}
-
 /// `has_more` and `next_cursor` of a page.
 fn cursor(page: Option<tessera_proto::common::v1::PageResponse>) -> (bool, Option<String>) {
     let page = page.unwrap_or_default();
@@ -541,15 +524,6 @@ struct StatusChange {
     reason: String,
 }
 
-/// Parses a query string strictly, naming the fault.
-fn strict_query<T>(
-    query: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
-) -> Result<T, ApiError> {
-    query
-        .map(|q| q.0)
-        .map_err(|e| tessera_runtime::Error::invalid_field("query", e.body_text()).into())
-}
-
 /// A customer's wallet history, newest first.
 async fn transactions(
     State(state): State<Arc<AppState>>,
@@ -561,7 +535,7 @@ async fn transactions(
         axum::extract::rejection::QueryRejection,
     >,
 ) -> Result<Json<TransactionPage>, ApiError> {
-    let query = strict_query(query)?;
+    let query = strict(query)?;
     let ctx = principal.context(&request_id);
     let response = state
         .wallet
@@ -569,7 +543,7 @@ async fn transactions(
         .list_transactions(ctx.request(pb::ListTransactionsRequest {
             customer_id,
             kind: query.kind,
-            page: page_request(query.limit, query.starting_after),
+            page: page_request(query.limit, &query.starting_after),
             ..Default::default()
         }))
         .await?
@@ -603,7 +577,7 @@ async fn cashback(
     Path(customer_id): Path<String>,
     query: Result<axum::extract::Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<CashbackPage>, ApiError> {
-    let query = strict_query(query)?;
+    let query = strict(query)?;
     let ctx = principal.context(&request_id);
     let response = state
         .wallet
@@ -611,7 +585,7 @@ async fn cashback(
         .get_cashback_status(ctx.request(pb::GetCashbackStatusRequest {
             customer_id,
             credit_id: String::new(),
-            page: page_request(query.limit, query.starting_after),
+            page: page_request(query.limit, &query.starting_after),
         }))
         .await?
         .into_inner();
@@ -716,7 +690,7 @@ async fn tier(
     Path(customer_id): Path<String>,
     query: Result<axum::extract::Query<TierQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<TierStatus>, ApiError> {
-    let query = strict_query(query)?;
+    let query = strict(query)?;
     let ctx = principal.context(&request_id);
     let mut wallet = state.wallet.clone();
     let status = wallet
@@ -871,7 +845,7 @@ async fn cockpit(
         catalog.list_customer_rewards(ctx.request(cpb::ListCustomerRewardsRequest {
             customer_id: customer_id.clone(),
             status: cpb::CustomerRewardStatus::Available.into(),
-            page: crate::catalog::page_request(100, ""),
+            page: page_request(100, ""),
         })),
         eligibility.get_customer(ctx.request(epb::GetCustomerRequest {
             id: customer_id.clone(),
