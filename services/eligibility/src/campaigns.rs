@@ -70,6 +70,23 @@ impl Compiled {
 
     /// Whether it has a campaign-wide budget (redemptions, discount, order value): a row
     /// every redemption of it shares.
+    /// Whether its effect spends the customer's points (pay with points, an exchange).
+    pub fn spends_points(&self) -> bool {
+        self.application.as_ref().is_some_and(|a| {
+            matches!(
+                a.effect,
+                Effect::PayWithPoints { .. } | Effect::PointsExchange { .. }
+            )
+        })
+    }
+
+    /// Whether its effect pays with a gift card's value.
+    pub fn is_gift_card(&self) -> bool {
+        self.application
+            .as_ref()
+            .is_some_and(|a| matches!(a.effect, Effect::GiftCard { .. }))
+    }
+
     pub fn has_budget(&self) -> bool {
         self.def.limits.as_ref().is_some_and(|l| {
             l.max_redemptions > 0 || l.max_discount_total > 0 || l.max_order_value_total > 0

@@ -1,5 +1,7 @@
 //! The validation, redemption and checkout handlers (the work is in [`crate::redeem`]).
 
+use std::collections::HashMap;
+
 use tessera_effects::Cart;
 use tessera_proto::eligibility::v1 as pb;
 use tessera_runtime::error::Violations;
@@ -13,6 +15,7 @@ use crate::facts::{self, Settings};
 use crate::qualify::{self, Input};
 use crate::redeem::{self, Commit};
 use crate::service::Eligibility;
+use crate::spends;
 
 /// Who a failed code attempt counts against: the customer and the calling principal.
 fn subjects(ctx: &RequestContext, checkout: &pb::Checkout) -> Vec<String> {
@@ -81,6 +84,34 @@ impl Eligibility {
         let (candidates, unlocked) = redeem::candidates(&index, checkout, || {
             index.candidates(&segment_set, &keys, &[], None)
         })?;
+        // What the wallet holds for the incentives that spend from it: the programme's
+        // points, the value of the gift cards entered.
+        let spends_points = !checkout.program_id.is_empty()
+            && candidates
+                .iter()
+                .any(|&i| index.campaigns[i as usize].spends_points());
+        let cards = unlocked
+            .iter()
+            .any(|(&i, _)| index.campaigns[i as usize].is_gift_card());
+        let mut cart = cart.clone();
+        let mut card_balances = HashMap::new();
+        if spends_points || cards {
+            let held = spends::balances(
+                &self.wallet,
+                ctx,
+                &checkout.customer_id,
+                &checkout.program_id,
+            )
+            .await?;
+            if spends_points {
+                cart.points_balance = if cart.points_balance > 0 {
+                    cart.points_balance.min(held.points)
+                } else {
+                    held.points
+                };
+            }
+            card_balances = held.cards;
+        }
         let customer = (checkout.customer_id.as_str(), now, settings);
         let usage = qualify::usage_for(conn, tenant, &index, &candidates, customer).await?;
         let tier = if !checkout.program_id.is_empty() && qualify::reads_tier(&index, &candidates) {
@@ -97,7 +128,7 @@ impl Eligibility {
         let input = Input {
             facts: &facts,
             segments: &segments,
-            cart,
+            cart: &cart,
             currency,
             codes: &checkout.codes,
             event: None,
@@ -112,6 +143,7 @@ impl Eligibility {
             !checkout.campaign_ids.is_empty(),
             &input,
             &usage,
+            &card_balances,
         )
     }
 
@@ -139,6 +171,10 @@ impl Eligibility {
         let plan = self.plan(ctx, &checkout, &cart, &settings, now, true).await;
         let tenant = ctx.tenant_id.clone();
         let job = checkout.clone();
+        let holder = spends::Holder {
+            wallet: self.wallet.clone(),
+            ctx: ctx.clone(),
+        };
         let outcome = self
             .idempotency
             .run(ctx, scope, key, request, move |txn| {
@@ -150,6 +186,7 @@ impl Eligibility {
                         input_settings: &settings,
                         now,
                         hold,
+                        holder: &holder,
                     };
                     redeem::commit(txn, commit, plan?).await
                 })
@@ -159,6 +196,7 @@ impl Eligibility {
             Ok(r) => {
                 self.facts_changed(&ctx.tenant_id, &checkout.customer_id)
                     .await;
+                self.settle_spends(&ctx.tenant_id, &r).await;
                 Ok(r)
             }
             Err(err) => {
@@ -228,6 +266,9 @@ impl Eligibility {
                 },
             )
             .await?;
+        if let Some(r) = &redemption.redemption {
+            self.settle_spends(&ctx.tenant_id, r).await;
+        }
         Ok(redemption)
     }
 
@@ -305,6 +346,7 @@ impl Eligibility {
             .await?;
         if let Some(r) = &response.redemption {
             self.facts_changed(&ctx.tenant_id, &r.customer_id).await;
+            self.settle_spends(&ctx.tenant_id, r).await;
         }
         Ok(response)
     }
@@ -328,6 +370,19 @@ impl Eligibility {
         Ok(pb::GetRedemptionResponse {
             redemption: Some(r),
         })
+    }
+}
+
+impl Eligibility {
+    /// Carries out at once what a redemption's wallet spends wait for (capture, release,
+    /// refund); the sweep retries what fails here.
+    async fn settle_spends(&self, tenant: &str, r: &pb::Redemption) {
+        if r.spends.is_empty() {
+            return;
+        }
+        if let Err(e) = spends::settle(&self.db, &self.wallet, Some((tenant, &r.id))).await {
+            tracing::warn!(error = %e, redemption = %r.id, "wallet spends wait for the wallet");
+        }
     }
 }
 

@@ -16,6 +16,7 @@ mod redeem;
 pub mod rules;
 mod segments;
 mod service;
+mod spends;
 mod triggers;
 
 use std::sync::Arc;
@@ -118,8 +119,9 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
 }
 
 /// Every second: releases reservations whose hold ended (several replicas may run it: each
-/// is released once, under its row lock), settles earnings still waiting for the wallet and
-/// triggered incentives still waiting for the scheduler (idempotent per row).
+/// is released once, under its row lock), settles redemptions' wallet spends and earnings
+/// still waiting for the wallet and triggered incentives still waiting for the scheduler
+/// (idempotent per row).
 async fn sweep(
     db: Db,
     wallet: WalletServiceClient<grpc::Channel>,
@@ -137,6 +139,9 @@ async fn sweep(
             Ok(0) => {}
             Ok(n) => tracing::info!(released = n, "reservations expired"),
             Err(e) => tracing::warn!(error = %e, "reservation sweep failed"),
+        }
+        if let Err(e) = spends::settle(&db, &wallet, None).await {
+            tracing::warn!(error = %e, "redemption spends wait for the wallet");
         }
         if let Err(e) = earning::settle(&db, &wallet, None).await {
             tracing::warn!(error = %e, "earnings wait for the wallet");

@@ -385,6 +385,40 @@ impl MigratorTrait for Migrator {
                 ]
             },
         }));
+        // Wallet value a redemption spends: one row per asset, with the wallet hold and
+        // what is left to do with it (`due`: a capture, release or refund waits).
+        all.push(Box::new(Migration {
+            name: "m0207_redemption_spends",
+            tables: || {
+                vec![table(
+                    "redemption_spends",
+                    vec![
+                        col::text("tenant_id"),
+                        col::text("redemption_id"),
+                        col::int("asset_kind"),
+                        col::text("asset_code"),
+                        col::text("customer_id"),
+                        col::big("amount"),
+                        col::text("hold_id"),
+                        col::text("state"),
+                        col::text("capture_tx"),
+                        col::big("refund_target"),
+                        col::big("refunded"),
+                        col::int("due"),
+                        col::text("error"),
+                    ],
+                    &["tenant_id", "redemption_id", "asset_kind", "asset_code"],
+                )]
+            },
+            indexes: || {
+                vec![index(
+                    "redemption_spends_due",
+                    "redemption_spends",
+                    &["due"],
+                    false,
+                )]
+            },
+        }));
         all
     }
 }

@@ -24,7 +24,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait, Value};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tessera_effects::engine::div_half_even;
-use tessera_effects::{Application, Cart, Outcome, Target, apply, wire};
+use tessera_effects::{Application, Cart, Effect, Outcome, Target, apply, wire};
 use tessera_proto::eligibility::v1 as pb;
 use tessera_runtime::error::Violations;
 use tessera_runtime::{Code, Error};
@@ -35,6 +35,7 @@ use tessera_store::{Db, db_error, stmt};
 use crate::campaigns::{Compiled, Index};
 use crate::facts::Settings;
 use crate::qualify::{self, Input, Notes, Usage, UsageMap};
+use crate::spends;
 
 /// Unknown codes one customer may try in [`ATTEMPT_WINDOW_MICROS`].
 pub const MAX_FAILED_ATTEMPTS_PER_CUSTOMER: i64 = 10;
@@ -55,10 +56,13 @@ pub struct Pick {
     pub strict: bool,
     /// Its value on the cart on its own (the selection order's tie-break).
     pub own_value: i64,
+    /// A gift card unlocked by its code: the value its wallet account holds, which caps the
+    /// card's face value.
+    pub card: Option<i64>,
 }
 
 impl Pick {
-    fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         &self.campaign.def.id
     }
 
@@ -72,6 +76,8 @@ impl Pick {
 
 /// What a checkout would get.
 pub struct Plan {
+    /// The cart it was planned on (points balance from the wallet).
+    pub cart: Cart,
     /// Applied, in application order.
     pub picks: Vec<Pick>,
     /// Their combined effect; adjustments labelled by campaign id.
@@ -157,7 +163,8 @@ pub fn candidates(
 }
 
 /// Evaluates, stacks and applies: what the checkout gets now. Fails when something the
-/// caller asked for (a code, a named campaign) cannot apply.
+/// caller asked for (a code, a named campaign) cannot apply. `cards` holds the wallet value
+/// of the gift-card codes among `unlocked` (a card holding nothing does not apply).
 pub fn plan(
     index: &Index,
     candidates: &[u32],
@@ -165,25 +172,54 @@ pub fn plan(
     strict_ids: bool,
     input: &Input,
     usage: &UsageMap,
+    cards: &HashMap<String, i64>,
 ) -> Result<Plan, Error> {
     let present = qualify::presence(index, input);
     let mut notes = Notes::new(pb::Explain::All);
-    let qualified = qualify::evaluate(index, candidates, input, &present, usage, &mut notes);
-    let picks = qualified
-        .into_iter()
-        .map(|(c, q)| {
-            let at = index.find(&c.def.id).unwrap_or_default();
-            Pick {
-                code: unlocked.get(&at).cloned().unwrap_or_default(),
-                strict: strict_ids || unlocked.contains_key(&at),
-                own_value: q.value,
-                campaign: c,
+    // Without points, what spends them cannot apply, whatever else holds.
+    let no_points = input.cart.points_balance <= 0;
+    let evaluated: Vec<u32> = candidates
+        .iter()
+        .copied()
+        .filter(|&i| {
+            let c = &index.campaigns[i as usize];
+            if no_points && c.spends_points() {
+                let why = "the customer has no points to spend".to_string();
+                notes.note(&c.def.id, (pb::Reason::InsufficientBalance, why));
+                return false;
             }
+            true
         })
         .collect();
+    let qualified = qualify::evaluate(index, &evaluated, input, &present, usage, &mut notes);
+    let mut picks = Vec::with_capacity(qualified.len());
+    for (c, q) in qualified {
+        let at = index.find(&c.def.id).unwrap_or_default();
+        let code = unlocked.get(&at).cloned().unwrap_or_default();
+        let card =
+            (c.is_gift_card() && !code.is_empty()).then(|| cards.get(&code).copied().unwrap_or(0));
+        if card == Some(0) {
+            notes.note(
+                &c.def.id,
+                (
+                    pb::Reason::InsufficientBalance,
+                    format!("the gift card `{code}` holds no value for this customer"),
+                ),
+            );
+            continue;
+        }
+        picks.push(Pick {
+            strict: strict_ids || unlocked.contains_key(&at),
+            own_value: q.value,
+            campaign: c,
+            code,
+            card,
+        });
+    }
     let picks = stack(picks, input.settings.max_incentives_per_order, &mut notes);
     let (picks, outcome) = combine(picks, input.cart, &mut notes);
     let plan = Plan {
+        cart: input.cart.clone(),
         picks,
         outcome,
         notes,
@@ -327,9 +363,13 @@ fn combine(picks: Vec<Pick>, cart: &Cart, notes: &mut Notes) -> (Vec<Pick>, Outc
     let applications: Vec<Application> = picks
         .iter()
         .filter_map(|p| {
+            let mut application = p.campaign.application.clone()?;
+            if let (Some(held), Effect::GiftCard { value }) = (p.card, &mut application.effect) {
+                *value = (*value).min(held);
+            }
             Some(Application {
                 reward_id: p.id().to_string(),
-                ..p.campaign.application.clone()?
+                ..application
             })
         })
         .collect();
@@ -414,6 +454,7 @@ pub fn redemption(plan: &Plan, checkout: &pb::Checkout, order_value: i64) -> pb:
         outcome: Some(outcome),
         not_applied,
         order_value,
+        spends: spends::of_plan(plan, &checkout.program_id),
         ..Default::default()
     }
 }
@@ -831,6 +872,8 @@ pub struct Commit<'a> {
     pub now: i64,
     /// `Some(seconds)`: a reservation held that long.
     pub hold: Option<u32>,
+    /// The wallet, for what the redemption spends from it.
+    pub holder: &'a spends::Holder,
 }
 
 /// A campaign that did not fit under its lock.
@@ -847,6 +890,12 @@ pub async fn commit(
     job: Commit<'_>,
     mut plan: Plan,
 ) -> Result<pb::Redemption, Error> {
+    if plan.outcome.points_spent > 0 && job.checkout.program_id.is_empty() {
+        return Err(Error::invalid_field(
+            "checkout.program_id",
+            "is required: the incentives spend points, taken from this programme's balance",
+        ));
+    }
     let id = uuid::Uuid::now_v7().to_string();
     // Two redemptions of one order queue on its row; the second returns the first.
     if !job.checkout.order_id.is_empty()
@@ -872,7 +921,28 @@ pub async fn commit(
             attempt(txn, &job, &plan, &id).await?
         };
         let (p, (reason, detail)) = match outcome {
-            Ok(record) => return Ok(record),
+            Ok(mut record) => {
+                if !record.spends.is_empty() {
+                    let deadline = record
+                        .expires_at
+                        .as_ref()
+                        .map_or(job.now, outbox::timestamp_to_micros);
+                    let (tenant, reserved) = (job.tenant, job.hold.is_some());
+                    spends::hold(txn, job.holder, tenant, &mut record, deadline, reserved).await?;
+                    txn.execute_raw(stmt(
+                        txn,
+                        "UPDATE redemptions SET record = $3 WHERE tenant_id = $1 AND id = $2",
+                        [
+                            tenant.into(),
+                            id.clone().into(),
+                            record.encode_to_vec().into(),
+                        ],
+                    ))
+                    .await
+                    .map_err(db_error)?;
+                }
+                return Ok(record);
+            }
             Err(refused) => refused,
         };
         if p.strict {
@@ -889,7 +959,7 @@ pub async fn commit(
             .into_iter()
             .filter(|q| q.id() != p.id())
             .collect();
-        let (picks, outcome) = combine(rest, job.cart, &mut plan.notes);
+        let (picks, outcome) = combine(rest, &plan.cart, &mut plan.notes);
         plan.picks = picks;
         plan.outcome = outcome;
         if plan.picks.is_empty() {
@@ -916,6 +986,7 @@ async fn attempt(
         input_settings: settings,
         now,
         hold,
+        ..
     } = *job;
     let order_value: i64 = cart.lines.iter().map(tessera_effects::Line::total).sum();
     let periods: BTreeMap<String, i64> = plan
@@ -1047,6 +1118,15 @@ fn event_data(r: &pb::Redemption) -> serde_json::Value {
             "discount": a.discount,
             "released_discount": a.released_discount,
         })).collect::<Vec<_>>(),
+        "spends": r.spends.iter().map(|s| {
+            let asset = s.asset.clone().unwrap_or_default();
+            json!({
+                "asset_kind": asset.kind().as_str_name(),
+                "asset_code": asset.code,
+                "amount": s.amount,
+                "refunded": s.refunded,
+            })
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -1192,6 +1272,7 @@ pub async fn confirm(
     r.set_status(pb::RedemptionStatus::Redeemed);
     r.expires_at = None;
     store(txn, tenant, &r, &counted).await?;
+    spends::capture_later(txn, tenant, &r).await?;
     outbox::enqueue(txn, tenant, "redemption.succeeded", &event_data(&r)).await?;
     Ok(r)
 }
@@ -1245,6 +1326,7 @@ pub async fn rollback(
     status: pb::RedemptionStatus,
     reason: &str,
 ) -> Result<pb::Redemption, Error> {
+    let reserved = r.status() == pb::RedemptionStatus::Reserved;
     let whole = returned.as_ref().is_none_or(|ret| {
         counted
             .lines
@@ -1341,6 +1423,11 @@ pub async fn rollback(
             .map_err(db_error)?;
         }
         bump_facts(txn, tenant, &r.customer_id).await?;
+    }
+    if reserved {
+        spends::release_later(txn, tenant, &r).await?;
+    } else {
+        spends::refund_later(txn, tenant, &mut r, counted.order_value_released, whole).await?;
     }
     store(txn, tenant, &r, &counted).await?;
     let event = if status == pb::RedemptionStatus::Expired {

@@ -24,7 +24,7 @@ const CAMPAIGN_STATE: &str = "campaign_id:string from:string to:string action:st
 const REDEMPTION: &str = "redemption_id:string customer_id:string order_id:string \
                           status:string order_value:integer discount:integer \
                           shipping_discount:integer cashback:integer total_due:integer \
-                          applied:array";
+                          applied:array spends:array";
 const REWARD: &str = "reward_id:string name:string? effect_kind:string? status:string \
                       version:integer reason:string? principal:string";
 
@@ -208,7 +208,8 @@ const SPECS: &[Spec] = &[
                       reservation expired unconfirmed.",
         fields: "redemption_id:string customer_id:string order_id:string status:string \
                  order_value:integer discount:integer shipping_discount:integer \
-                 cashback:integer total_due:integer applied:array partial:boolean \
+                 cashback:integer total_due:integer applied:array spends:array \
+                 partial:boolean \
                  reason:string order_value_released:integer discount_released:integer",
     },
     Spec {

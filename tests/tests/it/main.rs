@@ -19,6 +19,7 @@ mod redemption;
 mod scheduler;
 mod segment_cache;
 mod slice;
+mod tender;
 mod trace;
 mod wallet;
 mod wallet_flows;

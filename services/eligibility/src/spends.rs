@@ -1,0 +1,488 @@
+//! Wallet value a redemption spends: the points of the checkout's programme (pay with
+//! points, points exchanges) and the value of gift cards unlocked by their code.
+//!
+//! A saga across eligibility and the wallet, whose data live apart:
+//! - planning reads the customer's wallet balances, so the engine spends only what is there;
+//! - Redeem and Reserve place one wallet hold per asset inside the redemption's transaction,
+//!   after its counters were taken (a refusal holds nothing), and write a row per hold in
+//!   that transaction. A hold that fails fails the redemption (INSUFFICIENT_BALANCE when a
+//!   concurrent spend took the value) and the holds already placed are released;
+//! - what is left to do is state on those rows, carried out by [`settle`] right after the
+//!   commit and again by the sweep until it succeeds, under idempotency keys derived from
+//!   the row: a redeemed redemption's holds are captured, a released or expired
+//!   reservation's holds released, and a rollback's share reversed (points come back to
+//!   their lots with their original expiry).
+//!
+//! A hold orphaned by a crash between the wallet's answer and the commit lapses at its
+//! expiry (a day past the redemption's own deadline) and the wallet's sweep releases it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
+use tessera_effects::Target;
+use tessera_proto::eligibility::v1 as pb;
+use tessera_proto::wallet::v1 as wpb;
+use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
+use tessera_runtime::{Code, Error, RequestContext, grpc};
+use tessera_store::idempotency::derived_key;
+use tessera_store::outbox::micros_to_timestamp;
+use tessera_store::{Db, db_error, stmt};
+
+use crate::redeem::Plan;
+
+/// How long past the redemption's deadline its holds last (time for the capture to land).
+const HOLD_GRACE_MICROS: i64 = 24 * 3600 * 1_000_000;
+
+/// What the plan takes from the wallet, one entry per asset (no hold yet).
+pub fn of_plan(plan: &Plan, program: &str) -> Vec<pb::WalletSpend> {
+    let mut by_asset: BTreeMap<(i32, String), i64> = BTreeMap::new();
+    if plan.outcome.points_spent > 0 && !program.is_empty() {
+        by_asset.insert(
+            (wpb::AssetKind::Points as i32, program.to_string()),
+            plan.outcome.points_spent,
+        );
+    }
+    for p in plan.picks.iter().filter(|p| p.card.is_some()) {
+        let paid: i64 = plan
+            .outcome
+            .adjustments
+            .iter()
+            .filter(|a| a.reward_id == p.id() && a.target == Target::Tender)
+            .map(|a| a.amount)
+            .sum();
+        if paid > 0 {
+            *by_asset
+                .entry((wpb::AssetKind::GiftCard as i32, p.code.clone()))
+                .or_default() += paid;
+        }
+    }
+    by_asset
+        .into_iter()
+        .map(|((kind, code), amount)| pb::WalletSpend {
+            asset: Some(wpb::Asset { kind, code }),
+            amount,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// The customer's spendable wallet value: points of `program` and value per gift-card code.
+pub struct Balances {
+    pub points: i64,
+    pub cards: HashMap<String, i64>,
+}
+
+/// Reads the customer's balances from the wallet.
+pub async fn balances(
+    wallet: &WalletServiceClient<grpc::Channel>,
+    ctx: &RequestContext,
+    customer: &str,
+    program: &str,
+) -> Result<Balances, Error> {
+    let response = wallet
+        .clone()
+        .get_balance(ctx.request(wpb::GetBalanceRequest {
+            customer_id: customer.to_string(),
+        }))
+        .await
+        .map_err(|s| Error::from_status(&s))?
+        .into_inner();
+    let mut out = Balances {
+        points: 0,
+        cards: HashMap::new(),
+    };
+    for b in response.balances {
+        let asset = b.asset.unwrap_or_default();
+        match asset.kind() {
+            wpb::AssetKind::Points if asset.code == program => out.points = b.available,
+            wpb::AssetKind::GiftCard => {
+                out.cards.insert(asset.code, b.available);
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The wallet, called as the caller of the redemption.
+#[derive(Clone)]
+pub struct Holder {
+    pub wallet: WalletServiceClient<grpc::Channel>,
+    pub ctx: RequestContext,
+}
+
+fn asset_of(s: &pb::WalletSpend) -> wpb::Asset {
+    s.asset.clone().unwrap_or_default()
+}
+
+fn describe(asset: &wpb::Asset) -> String {
+    match asset.kind() {
+        wpb::AssetKind::GiftCard => format!("gift card `{}`", asset.code),
+        _ => format!("points of programme `{}`", asset.code),
+    }
+}
+
+/// The idempotency key of one wallet step of one spend.
+fn key(redemption: &str, asset: &wpb::Asset, step: &str) -> String {
+    derived_key(
+        "redemption",
+        &[redemption, &asset.kind.to_string(), &asset.code, step],
+    )
+}
+
+/// Holds what `record` spends (in its transaction `txn`, which must then commit) until
+/// `deadline` plus a grace, and records the holds: to capture at once when `reserved` is
+/// false, else when the reservation is confirmed. On failure nothing stays held.
+pub async fn hold(
+    txn: &DatabaseTransaction,
+    holder: &Holder,
+    tenant: &str,
+    record: &mut pb::Redemption,
+    deadline: i64,
+    reserved: bool,
+) -> Result<(), Error> {
+    let mut placed: Vec<String> = Vec::new();
+    let outcome = place(txn, holder, tenant, record, deadline, reserved, &mut placed).await;
+    if outcome.is_err() {
+        for id in &placed {
+            let request = holder.ctx.request(wpb::ReleaseRequest {
+                idempotency_key: derived_key("redemption-undo", &[id]),
+                hold_id: id.clone(),
+            });
+            if let Err(e) = holder.wallet.clone().release(request).await {
+                tracing::warn!(error = %e, hold = %id, "hold left to lapse");
+            }
+        }
+    }
+    outcome
+}
+
+async fn place(
+    txn: &DatabaseTransaction,
+    holder: &Holder,
+    tenant: &str,
+    record: &mut pb::Redemption,
+    deadline: i64,
+    reserved: bool,
+    placed: &mut Vec<String>,
+) -> Result<(), Error> {
+    for s in &mut record.spends {
+        let asset = asset_of(s);
+        let request = holder.ctx.request(wpb::HoldRequest {
+            idempotency_key: key(&record.id, &asset, "hold"),
+            customer_id: record.customer_id.clone(),
+            asset: Some(asset.clone()),
+            amount: s.amount,
+            reason: format!("redemption {}", record.id),
+            expires_at: Some(micros_to_timestamp(deadline + HOLD_GRACE_MICROS)),
+        });
+        let held = holder
+            .wallet
+            .clone()
+            .hold(request)
+            .await
+            .map_err(|status| {
+                let err = Error::from_status(&status);
+                if err.reason.as_deref() == Some("INSUFFICIENT_BALANCE") {
+                    Error::new(
+                        Code::FailedPrecondition,
+                        format!(
+                            "the customer's {} no longer cover {}: {}",
+                            describe(&asset),
+                            s.amount,
+                            err.message
+                        ),
+                    )
+                    .with_reason("INSUFFICIENT_BALANCE")
+                } else {
+                    err
+                }
+            })?;
+        s.hold_id = held.into_inner().hold.map(|h| h.id).unwrap_or_default();
+        placed.push(s.hold_id.clone());
+    }
+    let (state, due) = if reserved {
+        ("held", 0)
+    } else {
+        ("capture", 1)
+    };
+    for s in &record.spends {
+        let asset = asset_of(s);
+        txn.execute_raw(stmt(
+            txn,
+            "INSERT INTO redemption_spends (tenant_id, redemption_id, asset_kind, asset_code, \
+             customer_id, amount, hold_id, state, capture_tx, refund_target, refunded, due, \
+             error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '', 0, 0, $9, '')",
+            [
+                tenant.into(),
+                record.id.clone().into(),
+                asset.kind.into(),
+                asset.code.clone().into(),
+                record.customer_id.clone().into(),
+                s.amount.into(),
+                s.hold_id.clone().into(),
+                state.into(),
+                due.into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// A reservation was confirmed: its holds are to be captured.
+pub async fn capture_later(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    record: &pb::Redemption,
+) -> Result<(), Error> {
+    move_state(txn, tenant, record, "capture").await
+}
+
+/// A reservation was rolled back or expired: its holds are to be released.
+pub async fn release_later(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    record: &pb::Redemption,
+) -> Result<(), Error> {
+    move_state(txn, tenant, record, "release").await
+}
+
+async fn move_state(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    record: &pb::Redemption,
+    to: &str,
+) -> Result<(), Error> {
+    if record.spends.is_empty() {
+        return Ok(());
+    }
+    txn.execute_raw(stmt(
+        txn,
+        "UPDATE redemption_spends SET state = $3, due = 1 \
+         WHERE tenant_id = $1 AND redemption_id = $2 AND state = 'held'",
+        [tenant.into(), record.id.clone().into(), to.into()],
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// A redeemed redemption gave back `released` of its `order_value` (in all, so far): each
+/// spend is refunded in that proportion (rounded down; all of it when `whole`).
+pub async fn refund_later(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    record: &mut pb::Redemption,
+    released: i64,
+    whole: bool,
+) -> Result<(), Error> {
+    for s in &mut record.spends {
+        let target = if whole || record.order_value <= 0 {
+            s.amount
+        } else {
+            i64::try_from(
+                i128::from(s.amount) * i128::from(released.clamp(0, record.order_value))
+                    / i128::from(record.order_value),
+            )
+            .unwrap_or(s.amount)
+        };
+        if target <= s.refunded {
+            continue;
+        }
+        s.refunded = target;
+        let asset = asset_of(s);
+        txn.execute_raw(stmt(
+            txn,
+            "UPDATE redemption_spends SET refund_target = $5, due = 1 \
+             WHERE tenant_id = $1 AND redemption_id = $2 AND asset_kind = $3 \
+             AND asset_code = $4",
+            [
+                tenant.into(),
+                record.id.clone().into(),
+                asset.kind.into(),
+                asset.code.into(),
+                target.into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// One spend with work left.
+struct Due {
+    tenant: String,
+    redemption: String,
+    asset: wpb::Asset,
+    customer: String,
+    hold: String,
+    state: String,
+    capture_tx: String,
+    refund_target: i64,
+    refunded: i64,
+}
+
+const WHERE_ROW: &str =
+    "tenant_id = $1 AND redemption_id = $2 AND asset_kind = $3 AND asset_code = $4";
+
+impl Due {
+    fn filter(&self) -> Vec<sea_orm::Value> {
+        vec![
+            self.tenant.clone().into(),
+            self.redemption.clone().into(),
+            self.asset.kind.into(),
+            self.asset.code.clone().into(),
+        ]
+    }
+}
+
+/// Carries out what is due on the spends of one redemption (`only`) or of all; returns
+/// how many it settled. A refusal by the wallet is kept on the row (and logged) instead of
+/// being retried forever.
+pub async fn settle(
+    db: &Db,
+    wallet: &WalletServiceClient<grpc::Channel>,
+    only: Option<(&str, &str)>,
+) -> Result<usize, Error> {
+    let conn = db.conn();
+    let (filter, values): (&str, Vec<sea_orm::Value>) = match only {
+        Some((tenant, redemption)) => (
+            "AND tenant_id = $1 AND redemption_id = $2",
+            vec![tenant.into(), redemption.into()],
+        ),
+        None => ("", Vec::new()),
+    };
+    let rows = conn
+        .query_all_raw(stmt(
+            conn,
+            &format!(
+                "SELECT tenant_id, redemption_id, asset_kind, asset_code, customer_id, \
+                 hold_id, state, capture_tx, refund_target, refunded FROM redemption_spends \
+                 WHERE due = 1 AND error = '' {filter} LIMIT 100"
+            ),
+            values,
+        ))
+        .await
+        .map_err(db_error)?;
+    let mut settled = 0;
+    for row in rows {
+        let s = |i: usize| -> Result<String, Error> { row.try_get_by_index(i).map_err(db_error) };
+        let n = |i: usize| -> Result<i64, Error> { row.try_get_by_index(i).map_err(db_error) };
+        let kind: i32 = row.try_get_by_index(2).map_err(db_error)?;
+        let d = Due {
+            tenant: s(0)?,
+            redemption: s(1)?,
+            asset: wpb::Asset { kind, code: s(3)? },
+            customer: s(4)?,
+            hold: s(5)?,
+            state: s(6)?,
+            capture_tx: s(7)?,
+            refund_target: n(8)?,
+            refunded: n(9)?,
+        };
+        match settle_one(db, wallet, &d).await {
+            Ok(()) => settled += 1,
+            Err(e) if e.is_deterministic() => {
+                tracing::error!(error = %e, redemption = %d.redemption, "the wallet refused a spend");
+                conn.execute_raw(stmt(
+                    conn,
+                    &format!("UPDATE redemption_spends SET error = $5 WHERE {WHERE_ROW}"),
+                    d.filter().into_iter().chain([e.message.clone().into()]),
+                ))
+                .await
+                .map_err(db_error)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(settled)
+}
+
+async fn settle_one(
+    db: &Db,
+    wallet: &WalletServiceClient<grpc::Channel>,
+    d: &Due,
+) -> Result<(), Error> {
+    let conn = db.conn();
+    let ctx = RequestContext::system(d.tenant.clone(), crate::SERVICE);
+    let mut state = d.state.clone();
+    let mut capture_tx = d.capture_tx.clone();
+    let mut refunded = d.refunded;
+    match state.as_str() {
+        "capture" => {
+            let captured = wallet
+                .clone()
+                .capture(ctx.request(wpb::CaptureRequest {
+                    idempotency_key: key(&d.redemption, &d.asset, "capture"),
+                    hold_id: d.hold.clone(),
+                    amount: 0,
+                }))
+                .await
+                .map_err(|s| Error::from_status(&s))?
+                .into_inner();
+            capture_tx = captured
+                .hold
+                .map(|h| h.capture_transaction_id)
+                .unwrap_or_default();
+            state = "captured".into();
+        }
+        "release" => {
+            let released = wallet
+                .clone()
+                .release(ctx.request(wpb::ReleaseRequest {
+                    idempotency_key: key(&d.redemption, &d.asset, "release"),
+                    hold_id: d.hold.clone(),
+                }))
+                .await
+                .map_err(|s| Error::from_status(&s));
+            match released {
+                Ok(_) => {}
+                // It lapsed and the wallet's sweep released it already.
+                Err(e) if e.reason.as_deref() == Some("HOLD_NOT_ACTIVE") => {}
+                Err(e) => return Err(e),
+            }
+            state = "released".into();
+        }
+        _ => {}
+    }
+    if d.refund_target > refunded && !capture_tx.is_empty() {
+        wallet
+            .clone()
+            .reverse(ctx.request(wpb::ReverseRequest {
+                idempotency_key: key(
+                    &d.redemption,
+                    &d.asset,
+                    &format!("refund-{}", d.refund_target),
+                ),
+                transaction_id: capture_tx.clone(),
+                amount: d.refund_target - refunded,
+                reason: format!("redemption {} rolled back", d.redemption),
+                customer_id: d.customer.clone(),
+            }))
+            .await
+            .map_err(|s| Error::from_status(&s))?;
+        refunded = d.refund_target;
+    }
+    // Still due when a rollback raised the refund meanwhile.
+    conn.execute_raw(stmt(
+        conn,
+        &format!(
+            "UPDATE redemption_spends SET state = $5, capture_tx = $6, refunded = $7, \
+             due = CASE WHEN refund_target > $7 THEN 1 ELSE 0 END \
+             WHERE {WHERE_ROW} AND refunded = $8 AND state = $9"
+        ),
+        d.filter().into_iter().chain([
+            state.into(),
+            capture_tx.into(),
+            refunded.into(),
+            d.refunded.into(),
+            d.state.clone().into(),
+        ]),
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
