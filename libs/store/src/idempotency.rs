@@ -388,11 +388,17 @@ impl Idempotency {
         // concurrent duplicate is refused by the advisory lock (PostgreSQL) or waits for the
         // writer (SQLite) and then finds the key settled and replays it.
         let txn = self.db.begin_write().await?;
-        if self.db.backend() == Backend::Postgres && !self.lock_key(&txn, ctx, scope, key).await? {
-            txn.rollback().await.map_err(db_error)?;
-            return Err(in_flight());
-        }
-        let claim = self.claim_in(&txn, ctx, scope, key, request).await?;
+        let claim = if self.db.backend() == Backend::Postgres {
+            match self.lock_and_claim(&txn, ctx, scope, key, request).await? {
+                Some(claim) => claim,
+                None => {
+                    txn.rollback().await.map_err(db_error)?;
+                    return Err(in_flight());
+                }
+            }
+        } else {
+            self.claim_in(&txn, ctx, scope, key, request).await?
+        };
         let Some(claim) = claim else {
             // The key exists: replay, refuse, or take over a dead owner's claim.
             txn.rollback().await.map_err(db_error)?;
@@ -427,16 +433,19 @@ impl Idempotency {
         }
     }
 
-    /// Takes a transaction-scoped advisory lock on the key (PostgreSQL): `false` when another
-    /// transaction holds it, i.e. the same key is in flight. Without it a duplicate would
-    /// wait on the first request's uncommitted claim instead of being told.
-    async fn lock_key(
+    /// PostgreSQL, in one round trip: takes a transaction-scoped advisory lock on the key and,
+    /// holding it, inserts the in-flight claim. `None` when another transaction holds the
+    /// lock, i.e. the same key is in flight (without the lock a duplicate would wait on the
+    /// first request's uncommitted claim instead of being told); `Some(None)` when the key
+    /// exists already.
+    async fn lock_and_claim(
         &self,
         txn: &DatabaseTransaction,
         ctx: &RequestContext,
         scope: &str,
         key: &str,
-    ) -> Result<bool, Error> {
+        request: &impl Message,
+    ) -> Result<Option<Option<Claim>>, Error> {
         let mut hasher = Sha256::new();
         for part in [ctx.tenant_id.as_str(), scope, key] {
             hasher.update(part.as_bytes());
@@ -445,16 +454,59 @@ impl Idempotency {
         let digest = hasher.finalize();
         let mut first = [0u8; 8];
         first.copy_from_slice(&digest[..8]);
+        let (owner, mut values) = self.claim_values(ctx, scope, key, request);
+        values.push(i64::from_be_bytes(first).into());
+        // `l` is referenced twice, so PostgreSQL evaluates it (and takes the lock) once.
         let row = txn
             .query_one_raw(stmt(
                 txn,
-                "SELECT pg_try_advisory_xact_lock($1)",
-                [i64::from_be_bytes(first).into()],
+                "WITH l AS (SELECT pg_try_advisory_xact_lock($9) AS ok), \
+                 i AS (INSERT INTO idempotency_keys \
+                 (tenant_id, scope, key, fingerprint, state, owner, locked_until, created_at) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM l WHERE l.ok \
+                 ON CONFLICT (tenant_id, scope, key) DO NOTHING RETURNING 1) \
+                 SELECT (SELECT ok FROM l), (SELECT COUNT(*) FROM i)",
+                values,
             ))
             .await
             .map_err(db_error)?
-            .ok_or_else(|| Error::internal("advisory lock returned no row"))?;
-        row.try_get_by_index(0).map_err(db_error)
+            .ok_or_else(|| Error::internal("claim returned no row"))?;
+        let locked: bool = row.try_get_by_index(0).map_err(db_error)?;
+        let inserted: i64 = row.try_get_by_index(1).map_err(db_error)?;
+        Ok(locked.then(|| (inserted == 1).then(|| self.claim(ctx, scope, key, owner))))
+    }
+
+    /// The values of a new in-flight claim ($1..$8) and its owner.
+    fn claim_values(
+        &self,
+        ctx: &RequestContext,
+        scope: &str,
+        key: &str,
+        request: &impl Message,
+    ) -> (String, Vec<sea_orm::Value>) {
+        let owner = uuid::Uuid::new_v4().to_string();
+        let now = now_micros();
+        let lease_until = now + i64::try_from(self.lease.as_micros()).unwrap_or(i64::MAX);
+        let values = vec![
+            ctx.tenant_id.clone().into(),
+            scope.into(),
+            key.into(),
+            fingerprint(scope, request).into(),
+            IN_FLIGHT.into(),
+            owner.clone().into(),
+            lease_until.into(),
+            now.into(),
+        ];
+        (owner, values)
+    }
+
+    fn claim(&self, ctx: &RequestContext, scope: &str, key: &str, owner: String) -> Claim {
+        Claim {
+            tenant_id: ctx.tenant_id.clone(),
+            scope: scope.to_string(),
+            key: key.to_string(),
+            owner,
+        }
     }
 
     /// Inserts an in-flight claim on `conn`; `None` when the key exists already.
@@ -466,9 +518,7 @@ impl Idempotency {
         key: &str,
         request: &impl Message,
     ) -> Result<Option<Claim>, Error> {
-        let owner = uuid::Uuid::new_v4().to_string();
-        let now = now_micros();
-        let lease_until = now + i64::try_from(self.lease.as_micros()).unwrap_or(i64::MAX);
+        let (owner, values) = self.claim_values(ctx, scope, key, request);
         let inserted = conn
             .execute_raw(stmt(
                 conn,
@@ -476,25 +526,11 @@ impl Idempotency {
                  (tenant_id, scope, key, fingerprint, state, owner, locked_until, created_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                  ON CONFLICT (tenant_id, scope, key) DO NOTHING",
-                [
-                    ctx.tenant_id.clone().into(),
-                    scope.into(),
-                    key.into(),
-                    fingerprint(scope, request).into(),
-                    IN_FLIGHT.into(),
-                    owner.clone().into(),
-                    lease_until.into(),
-                    now.into(),
-                ],
+                values,
             ))
             .await
             .map_err(db_error)?;
-        Ok((inserted.rows_affected() == 1).then(|| Claim {
-            tenant_id: ctx.tenant_id.clone(),
-            scope: scope.to_string(),
-            key: key.to_string(),
-            owner,
-        }))
+        Ok((inserted.rows_affected() == 1).then(|| self.claim(ctx, scope, key, owner)))
     }
 
     async fn run_claimed<R, F>(&self, claim: &Claim, work: F) -> Result<R, Error>

@@ -175,10 +175,26 @@ impl Eligibility {
             wallet: self.wallet.clone(),
             ctx: ctx.clone(),
         };
+        // What the plan spends from the wallet is held before the transaction begins, so no
+        // database connection waits on the wallet; holds the redemption does not end up with
+        // (a replay, a refusal, an order redeemed already) are released below.
+        let id = uuid::Uuid::now_v7().to_string();
+        let deadline = now + hold.map_or(0, |s| i64::from(s) * 1_000_000);
+        let held = match &plan {
+            Ok(p) => {
+                let wanted = spends::of_plan(p, &checkout.program_id);
+                spends::hold(&holder, &id, &checkout.customer_id, wanted, deadline).await
+            }
+            Err(_) => Ok(Vec::new()),
+        };
+        let mine = held.clone().unwrap_or_default();
+        let wallet = holder.clone();
         let outcome = self
             .idempotency
             .run(ctx, scope, key, request, move |txn| {
                 Box::pin(async move {
+                    let plan = plan?;
+                    let held = held?;
                     let commit = Commit {
                         tenant: &tenant,
                         checkout: &job,
@@ -186,12 +202,22 @@ impl Eligibility {
                         input_settings: &settings,
                         now,
                         hold,
-                        holder: &holder,
+                        id: &id,
+                        holder: &wallet,
+                        held: &held,
                     };
-                    redeem::commit(txn, commit, plan?).await
+                    redeem::commit(txn, commit, plan).await
                 })
             })
             .await;
+        if !mine.is_empty() {
+            let kept = outcome.as_ref().map(|r| r.spends.as_slice()).unwrap_or(&[]);
+            let unused: Vec<_> = mine
+                .into_iter()
+                .filter(|s| !kept.iter().any(|k| k.hold_id == s.hold_id))
+                .collect();
+            spends::release_now(&holder, &unused).await;
+        }
         match outcome {
             Ok(r) => {
                 self.facts_changed(&ctx.tenant_id, &checkout.customer_id)

@@ -872,8 +872,19 @@ pub struct Commit<'a> {
     pub now: i64,
     /// `Some(seconds)`: a reservation held that long.
     pub hold: Option<u32>,
+    /// The redemption's id.
+    pub id: &'a str,
     /// The wallet, for what the redemption spends from it.
     pub holder: &'a spends::Holder,
+    /// What the plan spends from the wallet, held already.
+    pub held: &'a [pb::WalletSpend],
+}
+
+impl Commit<'_> {
+    /// When the redemption's holds may end: now for a redemption, the end of a reservation.
+    pub fn deadline(&self) -> i64 {
+        self.now + self.hold.map_or(0, |s| i64::from(s) * 1_000_000)
+    }
 }
 
 /// A campaign that did not fit under its lock.
@@ -888,7 +899,7 @@ type Refused = (Pick, (pb::Reason, String));
 pub async fn commit(
     txn: &DatabaseTransaction,
     job: Commit<'_>,
-    mut plan: Plan,
+    plan: Plan,
 ) -> Result<pb::Redemption, Error> {
     if plan.outcome.points_spent > 0 && job.checkout.program_id.is_empty() {
         return Err(Error::invalid_field(
@@ -896,13 +907,16 @@ pub async fn commit(
             "is required: the incentives spend points, taken from this programme's balance",
         ));
     }
-    let id = uuid::Uuid::now_v7().to_string();
+    let id = job.id;
     // Two redemptions of one order queue on its row; the second returns the first.
     if !job.checkout.order_id.is_empty()
-        && let Some(existing) = claim_order(txn, job.tenant, &job.checkout.order_id, &id).await?
+        && let Some(existing) = claim_order(txn, job.tenant, &job.checkout.order_id, id).await?
     {
         return Ok(existing);
     }
+    let mut held = job.held.to_vec();
+    let held = &mut held;
+    let mut plan = plan;
     loop {
         let guarded = plan
             .picks
@@ -910,7 +924,7 @@ pub async fn commit(
             .any(|p| !p.strict && p.campaign.has_budget());
         let outcome = if guarded {
             let savepoint = txn.begin().await.map_err(db_error)?;
-            let outcome = attempt(&savepoint, &job, &plan, &id).await?;
+            let outcome = attempt(&savepoint, &job, &plan, id, held).await?;
             if outcome.is_ok() {
                 savepoint.commit().await.map_err(db_error)?;
             } else {
@@ -918,29 +932,28 @@ pub async fn commit(
             }
             outcome
         } else {
-            attempt(txn, &job, &plan, &id).await?
+            attempt(txn, &job, &plan, id, held).await?
         };
         let (p, (reason, detail)) = match outcome {
             Ok(mut record) => {
-                if !record.spends.is_empty() {
-                    let deadline = record
-                        .expires_at
-                        .as_ref()
-                        .map_or(job.now, outbox::timestamp_to_micros);
-                    let (tenant, reserved) = (job.tenant, job.hold.is_some());
-                    spends::hold(txn, job.holder, tenant, &mut record, deadline, reserved).await?;
+                if !spends::same(&record.spends, held) {
+                    // An incentive dropped under its lock changed what is spent: the caller
+                    // releases what it held, this holds what is spent now.
+                    let wanted = std::mem::take(&mut record.spends);
+                    let customer = record.customer_id.as_str();
+                    let again = format!("{id}:replanned");
+                    *held =
+                        spends::hold(job.holder, &again, customer, wanted, job.deadline()).await?;
+                    record.spends.clone_from(held);
                     txn.execute_raw(stmt(
                         txn,
                         "UPDATE redemptions SET record = $3 WHERE tenant_id = $1 AND id = $2",
-                        [
-                            tenant.into(),
-                            id.clone().into(),
-                            record.encode_to_vec().into(),
-                        ],
+                        [job.tenant.into(), id.into(), record.encode_to_vec().into()],
                     ))
                     .await
                     .map_err(db_error)?;
                 }
+                spends::record(txn, job.tenant, &record, job.hold.is_some()).await?;
                 return Ok(record);
             }
             Err(refused) => refused,
@@ -978,6 +991,7 @@ async fn attempt(
     job: &Commit<'_>,
     plan: &Plan,
     id: &str,
+    held: &[pb::WalletSpend],
 ) -> Result<Result<pb::Redemption, Refused>, Error> {
     let Commit {
         tenant,
@@ -1008,6 +1022,9 @@ async fn attempt(
         }
     }
     let mut record = redemption(plan, checkout, order_value);
+    if spends::same(&record.spends, held) {
+        record.spends = held.to_vec();
+    }
     record.id = id.to_string();
     record.created_at = Some(micros_to_timestamp(now));
     let (status, expires_at) = match hold {

@@ -4,9 +4,10 @@
 //! A saga across eligibility and the wallet, whose data live apart:
 //! - planning reads the customer's wallet balances, so the engine spends only what is there;
 //! - Redeem and Reserve place one wallet hold per asset inside the redemption's transaction,
-//!   after its counters were taken (a refusal holds nothing), and write a row per hold in
-//!   that transaction. A hold that fails fails the redemption (INSUFFICIENT_BALANCE when a
-//!   concurrent spend took the value) and the holds already placed are released;
+//!   before its counters are locked (so the wallet's answer never keeps a campaign's shared
+//!   row waiting), and write a row per hold in that transaction. A hold that fails fails the
+//!   redemption (INSUFFICIENT_BALANCE when a concurrent spend took the value); when the
+//!   redemption fails after its holds (a budget ran out), they are released at once;
 //! - what is left to do is state on those rows, carried out by [`settle`] right after the
 //!   commit and again by the sweep until it succeeds, under idempotency keys derived from
 //!   the row: a redeemed redemption's holds are captured, a released or expired
@@ -130,77 +131,82 @@ fn key(redemption: &str, asset: &wpb::Asset, step: &str) -> String {
     )
 }
 
-/// Holds what `record` spends (in its transaction `txn`, which must then commit) until
-/// `deadline` plus a grace, and records the holds: to capture at once when `reserved` is
-/// false, else when the reservation is confirmed. On failure nothing stays held.
+/// Whether `a` and `b` spend the same (ignoring hold ids).
+pub fn same(a: &[pb::WalletSpend], b: &[pb::WalletSpend]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.asset == y.asset && x.amount == y.amount)
+}
+
+/// Holds `wanted` in the customer's wallet for redemption `redemption` until `deadline`
+/// plus a grace; returns them with their hold ids. On failure nothing stays held.
 pub async fn hold(
-    txn: &DatabaseTransaction,
     holder: &Holder,
-    tenant: &str,
-    record: &mut pb::Redemption,
+    redemption: &str,
+    customer: &str,
+    wanted: Vec<pb::WalletSpend>,
     deadline: i64,
-    reserved: bool,
-) -> Result<(), Error> {
-    let mut placed: Vec<String> = Vec::new();
-    let outcome = place(txn, holder, tenant, record, deadline, reserved, &mut placed).await;
-    if outcome.is_err() {
-        for id in &placed {
-            let request = holder.ctx.request(wpb::ReleaseRequest {
-                idempotency_key: derived_key("redemption-undo", &[id]),
-                hold_id: id.clone(),
-            });
-            if let Err(e) = holder.wallet.clone().release(request).await {
-                tracing::warn!(error = %e, hold = %id, "hold left to lapse");
+) -> Result<Vec<pb::WalletSpend>, Error> {
+    let mut placed: Vec<pb::WalletSpend> = Vec::with_capacity(wanted.len());
+    for mut s in wanted {
+        let asset = asset_of(&s);
+        let request = holder.ctx.request(wpb::HoldRequest {
+            idempotency_key: key(redemption, &asset, "hold"),
+            customer_id: customer.to_string(),
+            asset: Some(asset.clone()),
+            amount: s.amount,
+            reason: format!("redemption {redemption}"),
+            expires_at: Some(micros_to_timestamp(deadline + HOLD_GRACE_MICROS)),
+        });
+        match holder.wallet.clone().hold(request).await {
+            Ok(held) => {
+                s.hold_id = held.into_inner().hold.map(|h| h.id).unwrap_or_default();
+                placed.push(s);
+            }
+            Err(status) => {
+                release_now(holder, &placed).await;
+                let err = Error::from_status(&status);
+                if err.reason.as_deref() != Some("INSUFFICIENT_BALANCE") {
+                    return Err(err);
+                }
+                return Err(Error::new(
+                    Code::FailedPrecondition,
+                    format!(
+                        "the customer's {} no longer cover {}: {}",
+                        describe(&asset),
+                        s.amount,
+                        err.message
+                    ),
+                )
+                .with_reason("INSUFFICIENT_BALANCE"));
             }
         }
     }
-    outcome
+    Ok(placed)
 }
 
-async fn place(
-    txn: &DatabaseTransaction,
-    holder: &Holder,
-    tenant: &str,
-    record: &mut pb::Redemption,
-    deadline: i64,
-    reserved: bool,
-    placed: &mut Vec<String>,
-) -> Result<(), Error> {
-    for s in &mut record.spends {
-        let asset = asset_of(s);
-        let request = holder.ctx.request(wpb::HoldRequest {
-            idempotency_key: key(&record.id, &asset, "hold"),
-            customer_id: record.customer_id.clone(),
-            asset: Some(asset.clone()),
-            amount: s.amount,
-            reason: format!("redemption {}", record.id),
-            expires_at: Some(micros_to_timestamp(deadline + HOLD_GRACE_MICROS)),
+/// Releases holds of a redemption that was not made (best effort: a hold left over lapses).
+pub async fn release_now(holder: &Holder, held: &[pb::WalletSpend]) {
+    for s in held {
+        let request = holder.ctx.request(wpb::ReleaseRequest {
+            idempotency_key: derived_key("redemption-undo", &[&s.hold_id]),
+            hold_id: s.hold_id.clone(),
         });
-        let held = holder
-            .wallet
-            .clone()
-            .hold(request)
-            .await
-            .map_err(|status| {
-                let err = Error::from_status(&status);
-                if err.reason.as_deref() == Some("INSUFFICIENT_BALANCE") {
-                    Error::new(
-                        Code::FailedPrecondition,
-                        format!(
-                            "the customer's {} no longer cover {}: {}",
-                            describe(&asset),
-                            s.amount,
-                            err.message
-                        ),
-                    )
-                    .with_reason("INSUFFICIENT_BALANCE")
-                } else {
-                    err
-                }
-            })?;
-        s.hold_id = held.into_inner().hold.map(|h| h.id).unwrap_or_default();
-        placed.push(s.hold_id.clone());
+        if let Err(e) = holder.wallet.clone().release(request).await {
+            tracing::warn!(error = %e, hold = %s.hold_id, "hold left to lapse");
+        }
     }
+}
+
+/// Records the holds of `record` in its transaction: to capture at once when `reserved` is
+/// false, else when the reservation is confirmed.
+pub async fn record(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    record: &pb::Redemption,
+    reserved: bool,
+) -> Result<(), Error> {
     let (state, due) = if reserved {
         ("held", 0)
     } else {

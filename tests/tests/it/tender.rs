@@ -204,6 +204,7 @@ async fn points_and_gift_cards_pay_from_the_wallet(suite: TestSuite) {
     .await
     .expect("replay");
     assert_eq!(replay, r);
+    assert_eq!(balance(&mut wallet, &suite, "ann", &points()).await, (0, 0));
 
     // The card is empty now: the code is refused with the reason.
     let empty = redeem(
@@ -336,4 +337,48 @@ async fn concurrent_spends_never_overdraw(suite: TestSuite) {
         assert_eq!(reason(err), "INSUFFICIENT_BALANCE", "{err:?}");
     }
     settles(&wallet, &suite, "cal", points(), (0, 0)).await;
+
+    // Ten customers race for a budget of one, each paying with points: the losers that held
+    // their points before the budget refused them get them back.
+    put_campaign(
+        &mut c,
+        &suite,
+        pb::Campaign {
+            limits: Some(pb::Limits {
+                max_redemptions: 1,
+                ..Default::default()
+            }),
+            ..campaign("first", crate::eligibility::amount_off(1_00))
+        },
+    )
+    .await;
+    for i in 0..10 {
+        load(&mut wallet, &suite, &format!("r{i}"), points(), 1_000).await;
+    }
+    let attempts = (0..10).map(|i| {
+        let (mut c, suite) = (c.clone(), &suite);
+        async move {
+            let checkout = pb::Checkout {
+                program_id: "default".into(),
+                ..checkout(&format!("r{i}"), "", &[], &["first", "pwp"])
+            };
+            redeem(&mut c, suite, &key(), checkout).await
+        }
+    });
+    let results = futures::future::join_all(attempts).await;
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    for (i, r) in results.iter().enumerate() {
+        let want = match r {
+            Ok(_) => (0, 0),
+            Err(e) => {
+                assert_eq!(reason(e), "BUDGET_EXHAUSTED", "{e:?}");
+                (1_000, 0)
+            }
+        };
+        settles(&wallet, &suite, &format!("r{i}"), points(), want).await;
+    }
 }

@@ -2,7 +2,9 @@
 //! per-customer limit (its counter row is the hot row every redemption locks), each call a
 //! new customer and order with a 3-line cart. Beside it, a bare SQL transaction of the same
 //! shape on the same database (claim row, lock and bump the budget row, bump the customer's
-//! row, insert the redemption and the outbox event), and the ratio between the two.
+//! row, insert the redemption and the outbox event), and the ratio between the two. Then
+//! the same redemptions paying a quarter of the order with points: the wallet's balance read,
+//! hold and capture on top.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +14,9 @@ use tessera_proto::catalog::v1 as cpb;
 use tessera_proto::catalog::v1::effect::Kind;
 use tessera_proto::eligibility::v1 as pb;
 use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
+use tessera_proto::wallet::v1 as wpb;
+use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
+use tessera_runtime::grpc::Channel;
 use tessera_store::db::Backend;
 use tessera_store::stmt;
 use tessera_tests::{TENANT, TestSuite};
@@ -38,33 +43,28 @@ fn cart() -> cpb::Cart {
     }
 }
 
-pub async fn redemption(suite: &TestSuite, label: &str) {
-    let client = EligibilityServiceClient::new(suite.channel());
-    client
-        .clone()
-        .put_campaign(suite.ctx(TENANT).request(pb::PutCampaignRequest {
-            idempotency_key: "bench-redeem-campaign".into(),
-            campaign: Some(pb::Campaign {
-                id: "bench-redeem".into(),
-                name: "bench".into(),
-                status: pb::CampaignStatus::Active.into(),
-                effect: Some(cpb::Effect {
-                    kind: Some(Kind::PercentOff(cpb::PercentOff {
-                        percent_bp: 1000,
-                        ..Default::default()
-                    })),
-                }),
-                limits: Some(pb::Limits {
-                    max_redemptions: 1_000_000,
-                    max_redemptions_per_customer: 1,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }))
-        .await
-        .expect("campaign");
+fn campaign(id: &str, kind: Kind, limits: Option<pb::Limits>) -> pb::Campaign {
+    pb::Campaign {
+        id: id.into(),
+        name: id.into(),
+        status: pb::CampaignStatus::Active.into(),
+        effect: Some(cpb::Effect { kind: Some(kind) }),
+        limits,
+        ..Default::default()
+    }
+}
+
+type Client = EligibilityServiceClient<Channel>;
+
+/// `PER_CLIENT` redemptions on each of `CLIENTS` workers, of `checkout(worker, i)`; prints
+/// the line and returns the rate.
+async fn drive(
+    suite: &TestSuite,
+    client: &Client,
+    label: &str,
+    what: &str,
+    checkout: fn(usize, usize) -> pb::Checkout,
+) -> f64 {
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..CLIENTS {
@@ -72,15 +72,10 @@ pub async fn redemption(suite: &TestSuite, label: &str) {
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(PER_CLIENT);
             for i in 0..PER_CLIENT {
+                let checkout = checkout(worker, i);
                 let request = pb::RedeemRequest {
-                    idempotency_key: format!("bench-redeem-{worker}-{i}"),
-                    checkout: Some(pb::Checkout {
-                        customer_id: format!("bench-{worker}-{i}"),
-                        order_id: format!("bench-order-{worker}-{i}"),
-                        cart: Some(cart()),
-                        campaign_ids: vec!["bench-redeem".into()],
-                        ..Default::default()
-                    }),
+                    idempotency_key: format!("bench-redeem-{}", checkout.customer_id),
+                    checkout: Some(checkout),
                 };
                 let t = Instant::now();
                 client.redeem(ctx.request(request)).await.expect("redeem");
@@ -95,20 +90,108 @@ pub async fn redemption(suite: &TestSuite, label: &str) {
     }
     let elapsed = started.elapsed();
     latencies.sort();
-    report(
+    report(label, what, latencies.len(), &latencies, elapsed);
+    latencies.len() as f64 / elapsed.as_secs_f64()
+}
+
+pub async fn redemption(suite: &TestSuite, label: &str) {
+    let client = EligibilityServiceClient::new(suite.channel());
+    let budget = pb::Limits {
+        max_redemptions: 1_000_000,
+        max_redemptions_per_customer: 1,
+        ..Default::default()
+    };
+    let tenth_off = Kind::PercentOff(cpb::PercentOff {
+        percent_bp: 1000,
+        ..Default::default()
+    });
+    // 100 points pay $1, for at most a quarter of the order.
+    let points = Kind::PayWithPoints(cpb::PayWithPoints {
+        points: 100,
+        amount: 1_00,
+        min_share_bp: 0,
+        max_share_bp: 2500,
+    });
+    for (id, c) in [
+        (
+            "bench-redeem",
+            campaign("bench-redeem", tenth_off, Some(budget)),
+        ),
+        ("bench-points", campaign("bench-points", points, None)),
+    ] {
+        client
+            .clone()
+            .put_campaign(suite.ctx(TENANT).request(pb::PutCampaignRequest {
+                idempotency_key: format!("bench-campaign-{id}"),
+                campaign: Some(c),
+                ..Default::default()
+            }))
+            .await
+            .expect("campaign");
+    }
+    let ours = drive(
+        suite,
+        &client,
         label,
         &format!("Redeem ({CLIENTS} clients)"),
-        latencies.len(),
-        &latencies,
-        elapsed,
-    );
-    let ours = latencies.len() as f64 / elapsed.as_secs_f64();
+        |worker, i| pb::Checkout {
+            customer_id: format!("bench-{worker}-{i}"),
+            order_id: format!("bench-order-{worker}-{i}"),
+            cart: Some(cart()),
+            campaign_ids: vec!["bench-redeem".into()],
+            ..Default::default()
+        },
+    )
+    .await;
     let (bare, bare_p99) = bare_sql(suite).await;
     println!(
         "  {label:<28} bare SQL transaction     {bare:>8.0}/s  p99 {:>7.2} ms  -> Redeem does {:.0}% of it",
         bare_p99.as_secs_f64() * 1e3,
         100.0 * ours / bare
     );
+    // The same with points as tender: every customer holds 2,000 points and pays a quarter
+    // of the order ($15, 1,500 points) with them, held and captured in the wallet.
+    let mut wallet = WalletServiceClient::new(suite.channel());
+    let customers: Vec<String> = (0..CLIENTS)
+        .flat_map(|w| (0..PER_CLIENT).map(move |i| format!("bench-pts-{w}-{i}")))
+        .collect();
+    for (n, chunk) in customers.chunks(1000).enumerate() {
+        let entries = chunk
+            .iter()
+            .map(|c| wpb::BatchCreditEntry {
+                customer_id: c.clone(),
+                asset: Some(wpb::Asset {
+                    kind: wpb::AssetKind::Points as i32,
+                    code: "default".into(),
+                }),
+                amount: 2_000,
+                reason: "bench".into(),
+                expires_at: None,
+            })
+            .collect();
+        wallet
+            .batch_credit(suite.ctx(TENANT).request(wpb::BatchCreditRequest {
+                idempotency_key: format!("bench-redeem-points-{n}"),
+                entries,
+            }))
+            .await
+            .expect("points");
+    }
+    drive(
+        suite,
+        &client,
+        label,
+        &format!("Redeem + points ({CLIENTS} cl.)"),
+        |worker, i| pb::Checkout {
+            customer_id: format!("bench-pts-{worker}-{i}"),
+            order_id: format!("bench-pts-order-{worker}-{i}"),
+            cart: Some(cart()),
+            campaign_ids: vec!["bench-redeem".into(), "bench-points".into()],
+            program_id: "default".into(),
+            ..Default::default()
+        },
+    )
+    .await;
 }
 
 /// The same writes as a redemption, as plain SQL from 32 tasks on the service's own pool
