@@ -104,6 +104,29 @@ impl MigrationTrait for AddColumns {
     }
 }
 
+/// A migration of plain SQL statements (data fills), run in order; each must be safe to
+/// run again (a half-applied run is repeated).
+pub struct Statements {
+    pub name: &'static str,
+    pub sql: &'static [&'static str],
+}
+
+impl MigrationName for Statements {
+    fn name(&self) -> &str {
+        self.name
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for Statements {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), sea_orm::DbErr> {
+        for sql in self.sql {
+            manager.get_connection().execute_unprepared(sql).await?;
+        }
+        Ok(())
+    }
+}
+
 /// Column helpers, so table definitions read like DDL.
 pub mod col {
     use super::{Alias, ColumnDef};

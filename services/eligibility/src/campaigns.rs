@@ -996,11 +996,15 @@ pub async fn usage<C: ConnectionTrait>(
 ) -> Result<crate::qualify::UsageMap, Error> {
     let mut out = HashMap::new();
     for chunk in ids.chunks(500) {
+        let ids = Db::placeholders(2, chunk.len());
         let sql = format!(
-            "SELECT campaign_id, redemptions, discount_total, order_value_total \
-             FROM campaign_usage \
-             WHERE tenant_id = $1 AND campaign_id IN ({})",
-            Db::placeholders(2, chunk.len())
+            "SELECT campaign_id, CAST(SUM(redemptions) AS BIGINT), \
+             CAST(SUM(discount_total) AS BIGINT), CAST(SUM(order_value_total) AS BIGINT) \
+             FROM (SELECT campaign_id, redemptions, discount_total, order_value_total \
+             FROM campaign_usage WHERE tenant_id = $1 AND campaign_id IN ({ids}) \
+             UNION ALL SELECT campaign_id, redemptions, discount_total, order_value_total \
+             FROM campaign_usage_shards WHERE tenant_id = $1 AND campaign_id IN ({ids})) u \
+             GROUP BY campaign_id"
         );
         let values = std::iter::once(tenant.into()).chain(chunk.iter().map(|id| (*id).into()));
         let rows = conn

@@ -419,6 +419,27 @@ impl MigratorTrait for Migrator {
                 )]
             },
         }));
+        // The counts of campaigns without a budget, spread over shards so concurrent
+        // redemptions do not queue on one row; a campaign's usage is its `campaign_usage` row
+        // plus its shards.
+        all.push(Box::new(Migration {
+            name: "m0208_campaign_usage_shards",
+            tables: || {
+                vec![table(
+                    "campaign_usage_shards",
+                    vec![
+                        col::text("tenant_id"),
+                        col::text("campaign_id"),
+                        col::int("shard"),
+                        col::big("redemptions"),
+                        col::big("discount_total"),
+                        col::big("order_value_total"),
+                    ],
+                    &["tenant_id", "campaign_id", "shard"],
+                )]
+            },
+            indexes: Vec::new,
+        }));
         all
     }
 }

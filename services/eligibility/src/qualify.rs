@@ -36,7 +36,7 @@ pub struct Input<'a> {
 
 type Verdict = Result<(), (pb::Reason, String)>;
 
-/// A campaign's usage counters (`campaign_usage`).
+/// A campaign's usage counters (`campaign_usage` plus its shards).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
     pub redemptions: i64,

@@ -34,7 +34,7 @@ use tessera_store::{Db, db_error, stmt};
 
 use crate::campaigns::{Compiled, Index};
 use crate::facts::Settings;
-use crate::qualify::{self, Input, Notes, Usage, UsageMap};
+use crate::qualify::{self, Input, Notes, UsageMap};
 use crate::spends;
 
 /// Unknown codes one customer may try in [`ATTEMPT_WINDOW_MICROS`].
@@ -658,8 +658,12 @@ async fn give_back_uses(txn: &DatabaseTransaction, keys: &Keys<'_>) -> Result<()
     Ok(())
 }
 
+/// Shards of a campaign's unchecked counts.
+const USAGE_SHARDS: u8 = 16;
+
 /// The campaign's counters: `uses` redemptions, `discount` and `order_value` added (negative
-/// to give back), without a check.
+/// to give back), without a check, on a shard picked at random (a campaign every checkout
+/// applies would otherwise queue all of them on its one row).
 async fn count_campaign(
     txn: &DatabaseTransaction,
     keys: &Keys<'_>,
@@ -667,10 +671,12 @@ async fn count_campaign(
     discount: i64,
     order_value: i64,
 ) -> Result<(), Error> {
+    let shard = i32::from(uuid::Uuid::new_v4().as_bytes()[0] % USAGE_SHARDS);
+    let [tenant, campaign] = keys.campaign();
     add_counter(
         txn,
-        "campaign_usage",
-        &keys.campaign(),
+        "campaign_usage_shards",
+        &[tenant, campaign, ("shard", shard.into())],
         &[
             ("redemptions", uses),
             ("discount_total", discount),
@@ -691,13 +697,18 @@ async fn take_budget(
     order_value: i64,
 ) -> Result<Result<(), (pb::Reason, String)>, Error> {
     let l = c.def.limits.unwrap_or_default();
+    // The shards hold what was counted while the campaign had no budget, and rollbacks.
     let update = "UPDATE campaign_usage SET redemptions = redemptions + 1, \
                   discount_total = discount_total + $3, \
                   order_value_total = order_value_total + $4 \
+                  FROM (SELECT CAST(COALESCE(SUM(redemptions), 0) AS BIGINT) AS r, \
+                  CAST(COALESCE(SUM(discount_total), 0) AS BIGINT) AS d, \
+                  CAST(COALESCE(SUM(order_value_total), 0) AS BIGINT) AS o \
+                  FROM campaign_usage_shards WHERE tenant_id = $1 AND campaign_id = $2) s \
                   WHERE tenant_id = $1 AND campaign_id = $2 \
-                  AND ($5 = 0 OR redemptions < $5) \
-                  AND ($6 = 0 OR (discount_total < $6 AND discount_total + $3 <= $6)) \
-                  AND ($7 = 0 OR order_value_total + $4 <= $7)";
+                  AND ($5 = 0 OR redemptions + s.r < $5) \
+                  AND ($6 = 0 OR (discount_total + s.d < $6 AND discount_total + s.d + $3 <= $6)) \
+                  AND ($7 = 0 OR order_value_total + s.o + $4 <= $7)";
     let values = || -> Vec<Value> {
         vec![
             keys.tenant.into(),
@@ -731,19 +742,10 @@ async fn take_budget(
             .map_err(db_error)?;
         }
     }
-    let row = lock_counter(
-        txn,
-        "campaign_usage",
-        &keys.campaign(),
-        &["redemptions", "discount_total", "order_value_total"],
-    )
-    .await?;
-    let usage = Usage {
-        redemptions: row[0],
-        discount_total: row[1],
-        order_value_total: row[2],
-        customer_period: 0,
-    };
+    let usage = crate::campaigns::usage(txn, keys.tenant, &[keys.campaign])
+        .await?
+        .remove(keys.campaign)
+        .unwrap_or_default();
     Ok(Err(qualify::check_limits(
         c,
         usage,

@@ -157,7 +157,7 @@ pub async fn hold(
         tenant,
         &entry.id,
         &[
-            Leg::Customer(&customer, -new.amount),
+            Leg::Held(&customer, -new.amount),
             Leg::System(&holds, new.amount),
         ],
         now,
@@ -241,7 +241,7 @@ async fn give_back(
         &entry.id,
         &[
             Leg::System(&holds, -amount),
-            Leg::Customer(&hold.account_id, amount),
+            Leg::Held(&hold.account_id, amount),
         ],
         now,
     )
@@ -328,6 +328,7 @@ pub async fn capture(
         now,
     )
     .await?;
+    ledger::move_outside(txn, tenant, &hold.account_id, ledger::Outside::Held, -amount).await?;
     if amount < hold.amount {
         give_back(txn, ctx, &hold, hold.amount - amount, now).await?;
     }

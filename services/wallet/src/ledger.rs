@@ -197,6 +197,9 @@ async fn account_id(
 pub(crate) enum Leg<'a> {
     /// A customer account: its balance row moves with the posting.
     Customer(&'a str, i64),
+    /// A customer account whose value moves between available and held (a hold placed,
+    /// released): the balance row moves by the amount and its `held` by the opposite.
+    Held(&'a str, i64),
     /// A tenant system account. System accounts keep no balance row (every credit would
     /// queue on the issuance account's row lock): their balances are the sums of their
     /// postings, which is what `GetLiability` reports.
@@ -214,7 +217,9 @@ pub(crate) async fn post(
     let rows = legs
         .iter()
         .map(|leg| {
-            let (Leg::Customer(account, amount) | Leg::System(account, amount)) = *leg;
+            let (Leg::Customer(account, amount)
+            | Leg::Held(account, amount)
+            | Leg::System(account, amount)) = *leg;
             vec![
                 tenant.into(),
                 transaction_id.into(),
@@ -232,14 +237,25 @@ pub(crate) async fn post(
     )
     .await?;
     for leg in legs {
-        let Leg::Customer(account, amount) = *leg else {
-            continue;
+        let (sql, account, amount) = match *leg {
+            Leg::Customer(account, amount) => (
+                "UPDATE accounts SET balance = balance + $1, version = version + 1, \
+                 updated_at = $2 WHERE tenant_id = $3 AND id = $4",
+                account,
+                amount,
+            ),
+            Leg::Held(account, amount) => (
+                "UPDATE accounts SET balance = balance + $1, held = held - $1, \
+                 version = version + 1, updated_at = $2 WHERE tenant_id = $3 AND id = $4",
+                account,
+                amount,
+            ),
+            Leg::System(..) => continue,
         };
         let updated = txn
             .execute_raw(stmt(
                 txn,
-                "UPDATE accounts SET balance = balance + $1, version = version + 1, \
-                 updated_at = $2 WHERE tenant_id = $3 AND id = $4",
+                sql,
                 [amount.into(), now.into(), tenant.into(), account.into()],
             ))
             .await
@@ -1115,6 +1131,38 @@ async fn announce_expiring(
     Ok(())
 }
 
+/// Moves a customer account's `held` or `pending` total (value outside its balance, kept on
+/// the row so a balance is one row read).
+pub(crate) async fn move_outside(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    account_id: &str,
+    column: Outside,
+    delta: i64,
+) -> Result<(), Error> {
+    let column = match column {
+        Outside::Held => "held",
+        Outside::Pending => "pending",
+    };
+    txn.execute_raw(stmt(
+        txn,
+        &format!("UPDATE accounts SET {column} = {column} + $1 WHERE tenant_id = $2 AND id = $3"),
+        [delta.into(), tenant.into(), account_id.into()],
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// Value of a customer account kept outside its balance.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outside {
+    /// Reserved by active holds.
+    Held,
+    /// Credited, waiting for confirmation.
+    Pending,
+}
+
 /// The balance of one customer account (zero when it does not exist).
 pub(crate) async fn account_balance<C: ConnectionTrait>(
     conn: &C,
@@ -1161,15 +1209,13 @@ async fn balances_of<C: ConnectionTrait>(
              CAST(COALESCE(SUM(CASE WHEN l.expires_at > $3 AND l.expires_at <= $4 THEN l.remaining ELSE 0 END), 0) AS BIGINT), \
              CAST(COALESCE(SUM(CASE WHEN l.expires_at > $3 AND l.expires_at <= $5 THEN l.remaining ELSE 0 END), 0) AS BIGINT), \
              CAST(COALESCE(SUM(CASE WHEN l.expires_at > $3 AND l.expires_at <= $6 THEN l.remaining ELSE 0 END), 0) AS BIGINT), \
-             CAST(COALESCE((SELECT SUM(h.amount) FROM holds h WHERE h.tenant_id = a.tenant_id \
-               AND h.account_id = a.id AND h.status = 'active'), 0) AS BIGINT), \
-             CAST(COALESCE((SELECT SUM(pc.amount) FROM pending_credits pc WHERE pc.tenant_id = a.tenant_id \
-               AND pc.account_id = a.id AND pc.status = 'pending'), 0) AS BIGINT) \
+             a.held, a.pending \
              FROM accounts a LEFT JOIN lots l ON l.tenant_id = a.tenant_id AND l.account_id = a.id \
              AND l.remaining > 0 AND l.expires_at IS NOT NULL \
              WHERE a.tenant_id = $1 AND a.owner_kind = 'customer' AND a.owner_id = $2 \
              AND ($7 = 0 OR (a.asset_kind = $7 AND a.asset_code = $8)) \
-             GROUP BY a.tenant_id, a.id, a.asset_kind, a.asset_code, a.balance ORDER BY a.asset_kind, a.asset_code",
+             GROUP BY a.tenant_id, a.id, a.asset_kind, a.asset_code, a.balance, a.held, a.pending \
+             ORDER BY a.asset_kind, a.asset_code",
             [
                 tenant.into(),
                 customer_id.into(),

@@ -5,7 +5,9 @@
 //! status history; plus the shared plumbing tables.
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
-use tessera_store::migrate::{AddColumns, Migration, ReplaceIndex, col, index, plumbing, table};
+use tessera_store::migrate::{
+    AddColumns, Migration, ReplaceIndex, Statements, col, index, plumbing, table,
+};
 
 /// The wallet's migrations, in order.
 pub struct Migrator;
@@ -399,6 +401,29 @@ impl MigratorTrait for Migrator {
         all.push(Box::new(AddColumns {
             name: "m0106_lots_expiring_notice",
             columns: || vec![("lots", col::int("expiry_announced").default(0).to_owned())],
+        }));
+        // What active holds reserve and pending credits wait with, kept on the account row
+        // beside its balance, so a balance is one row read (filled from the holds and credits
+        // there are).
+        all.push(Box::new(AddColumns {
+            name: "m0107_account_held_pending",
+            columns: || {
+                vec![
+                    ("accounts", col::big_zero("held")),
+                    ("accounts", col::big_zero("pending")),
+                ]
+            },
+        }));
+        all.push(Box::new(Statements {
+            name: "m0108_account_held_pending_fill",
+            sql: &[
+                "UPDATE accounts SET held = (SELECT COALESCE(SUM(h.amount), 0) FROM holds h \
+                 WHERE h.tenant_id = accounts.tenant_id AND h.account_id = accounts.id \
+                 AND h.status = 'active')",
+                "UPDATE accounts SET pending = (SELECT COALESCE(SUM(p.amount), 0) \
+                 FROM pending_credits p WHERE p.tenant_id = accounts.tenant_id \
+                 AND p.account_id = accounts.id AND p.status = 'pending')",
+            ],
         }));
         all
     }

@@ -133,7 +133,8 @@ pub async fn points(suite: &TestSuite, customer: &str) -> i64 {
 /// equals its postings and its lots' remainder and is never negative; every lot's remainder is
 /// what it earned less what was taken plus what was given back, within `0..=amount`; nothing
 /// gives back more of a lot than its source took; the `holds` and `pending` accounts hold
-/// exactly the active holds and pending credits.
+/// exactly the active holds and pending credits, and so does every customer account's `held`
+/// and `pending`.
 pub async fn assert_ledger_invariants(suite: &TestSuite) {
     assert_tenant_ledger(&suite.db("wallet").await, TENANT).await;
 }
@@ -186,6 +187,14 @@ pub async fn assert_tenant_ledger(db: &tessera_store::Db, tenant: &str) {
                WHERE p.tenant_id = $1 AND a.owner_kind = 'system' AND a.owner_id = 'pending') \
              - (SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM pending_credits \
                WHERE tenant_id = $1 AND status = 'pending')",
+        ),
+        (
+            "customer accounts whose held or pending total is off their holds or credits",
+            "SELECT COUNT(*) FROM accounts a WHERE a.tenant_id = $1 AND a.owner_kind = 'customer' AND (\
+             a.held <> (SELECT CAST(COALESCE(SUM(h.amount), 0) AS BIGINT) FROM holds h \
+                        WHERE h.tenant_id = a.tenant_id AND h.account_id = a.id AND h.status = 'active') OR \
+             a.pending <> (SELECT CAST(COALESCE(SUM(c.amount), 0) AS BIGINT) FROM pending_credits c \
+                        WHERE c.tenant_id = a.tenant_id AND c.account_id = a.id AND c.status = 'pending'))",
         ),
     ];
     for (what, sql) in checks {

@@ -23,6 +23,7 @@ backend_tests!(
     redemption_stacks_counts_and_rolls_back,
     codes_are_refused_with_reasons_and_guessing_is_limited,
     budgets_and_limits_hold_under_concurrent_redeems,
+    a_budget_set_later_counts_what_was_redeemed_before,
     reservations_hold_until_confirmed_or_expired,
     touchpoints_check_out_over_http,
 );
@@ -103,8 +104,10 @@ async fn usage(suite: &TestSuite, campaign: &str, column: &str) -> i64 {
     counter(
         suite,
         &format!(
-            "SELECT CAST(COALESCE(SUM({column}), 0) AS BIGINT) FROM campaign_usage \
-             WHERE tenant_id = $1 AND campaign_id = $2"
+            "SELECT CAST(COALESCE(SUM({column}), 0) AS BIGINT) FROM (SELECT {column} \
+             FROM campaign_usage WHERE tenant_id = $1 AND campaign_id = $2 \
+             UNION ALL SELECT {column} FROM campaign_usage_shards \
+             WHERE tenant_id = $1 AND campaign_id = $2) u"
         ),
         vec![TENANT.into(), campaign.into()],
     )
@@ -618,6 +621,48 @@ async fn concurrently(
     }
     eprintln!("{n} concurrent redeems in {:?}", started.elapsed());
     won
+}
+
+async fn a_budget_set_later_counts_what_was_redeemed_before(suite: TestSuite) {
+    let mut c = client(&suite);
+    // Without a budget, 20 concurrent redemptions are counted on spread-out rows.
+    put_campaign(&mut c, &suite, campaign("open", amount_off(1_00))).await;
+    let attempts = (0..20).map(|i| {
+        let (mut c, suite) = (c.clone(), &suite);
+        async move {
+            let checkout = checkout(&format!("o{i}"), "", &[], &["open"]);
+            redeem(&mut c, suite, &key(), checkout).await
+        }
+    });
+    for r in futures::future::join_all(attempts).await {
+        r.expect("no budget");
+    }
+    assert_eq!(usage(&suite, "open", "redemptions").await, 20);
+    assert_eq!(usage(&suite, "open", "discount_total").await, 20_00);
+    // A budget of 22 set now leaves two.
+    put_campaign(
+        &mut c,
+        &suite,
+        pb::Campaign {
+            limits: Some(pb::Limits {
+                max_redemptions: 22,
+                ..Default::default()
+            }),
+            ..campaign("open", amount_off(1_00))
+        },
+    )
+    .await;
+    for i in 20..22 {
+        let checkout = checkout(&format!("o{i}"), "", &[], &["open"]);
+        redeem(&mut c, &suite, &key(), checkout)
+            .await
+            .expect("within the budget");
+    }
+    let over = redeem(&mut c, &suite, &key(), checkout("o22", "", &[], &["open"]))
+        .await
+        .expect_err("budget spent");
+    assert_eq!(reason(&over), "BUDGET_EXHAUSTED");
+    assert_eq!(usage(&suite, "open", "redemptions").await, 22);
 }
 
 async fn budgets_and_limits_hold_under_concurrent_redeems(suite: TestSuite) {

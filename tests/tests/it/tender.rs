@@ -260,6 +260,7 @@ async fn points_and_gift_cards_pay_from_the_wallet(suite: TestSuite) {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert_eq!(violations(&refused), vec!["checkout.program_id"]);
     crate::check_catalogue(&suite, TENANT).await;
+    crate::assert_ledger_invariants(&suite).await;
 }
 
 async fn wallet_holds_follow_reservations(suite: TestSuite) {
@@ -310,6 +311,7 @@ async fn wallet_holds_follow_reservations(suite: TestSuite) {
     let lapsed = reserve(1).await;
     assert_eq!(spent(&lapsed, &points()).amount, 1_000);
     settles(&wallet, &suite, "bea", points(), (1_000, 0)).await;
+    crate::assert_ledger_invariants(&suite).await;
 }
 
 async fn concurrent_spends_never_overdraw(suite: TestSuite) {
@@ -381,4 +383,5 @@ async fn concurrent_spends_never_overdraw(suite: TestSuite) {
         };
         settles(&wallet, &suite, &format!("r{i}"), points(), want).await;
     }
+    crate::assert_ledger_invariants(&suite).await;
 }
