@@ -659,7 +659,7 @@ async fn give_back_uses(txn: &DatabaseTransaction, keys: &Keys<'_>) -> Result<()
 }
 
 /// Shards of a campaign's unchecked counts.
-const USAGE_SHARDS: u8 = 16;
+const USAGE_SHARDS: u8 = 32;
 
 /// The campaign's counters: `uses` redemptions, `discount` and `order_value` added (negative
 /// to give back), without a check, on a shard picked at random (a campaign every checkout
@@ -954,8 +954,8 @@ pub async fn commit(
                     ))
                     .await
                     .map_err(db_error)?;
+                    spends::record(txn, job.tenant, &record, job.hold.is_some()).await?;
                 }
-                spends::record(txn, job.tenant, &record, job.hold.is_some()).await?;
                 return Ok(record);
             }
             Err(refused) => refused,
@@ -1078,6 +1078,9 @@ async fn attempt(
         "redemption.succeeded"
     };
     outbox::enqueue(txn, tenant, event, &event_data(&record)).await?;
+    if !record.spends.is_empty() && spends::same(&record.spends, held) {
+        spends::record(txn, tenant, &record, hold.is_some()).await?;
+    }
     // The shared rows last.
     for p in &by_id {
         let keys = keys_for(tenant, &checkout.customer_id, p, &periods);
