@@ -328,7 +328,14 @@ pub async fn capture(
         now,
     )
     .await?;
-    ledger::move_outside(txn, tenant, &hold.account_id, ledger::Outside::Held, -amount).await?;
+    ledger::move_outside(
+        txn,
+        tenant,
+        &hold.account_id,
+        ledger::Outside::Held,
+        -amount,
+    )
+    .await?;
     if amount < hold.amount {
         give_back(txn, ctx, &hold, hold.amount - amount, now).await?;
     }

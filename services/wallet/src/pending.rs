@@ -117,7 +117,14 @@ async fn change_status(
 ) -> Result<(), Error> {
     let tenant = ctx.tenant_id.as_str();
     if row.status == CreditStatus::Pending {
-        ledger::move_outside(txn, tenant, &row.account_id, ledger::Outside::Pending, -row.amount).await?;
+        ledger::move_outside(
+            txn,
+            tenant,
+            &row.account_id,
+            ledger::Outside::Pending,
+            -row.amount,
+        )
+        .await?;
     }
     txn.execute_raw(stmt(
         txn,
@@ -216,7 +223,14 @@ pub async fn create(
         now,
     )
     .await?;
-    ledger::move_outside(txn, tenant, &customer, ledger::Outside::Pending, credit.amount).await?;
+    ledger::move_outside(
+        txn,
+        tenant,
+        &customer,
+        ledger::Outside::Pending,
+        credit.amount,
+    )
+    .await?;
     txn.execute_raw(stmt(
         txn,
         "INSERT INTO pending_credits (tenant_id, id, customer_id, account_id, asset_kind, \
