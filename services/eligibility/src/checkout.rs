@@ -179,7 +179,7 @@ impl Eligibility {
         // database connection waits on the wallet; holds the redemption does not end up with
         // (a replay, a refusal, an order redeemed already) are released below.
         let id = uuid::Uuid::now_v7().to_string();
-        let deadline = now + hold.map_or(0, |s| i64::from(s) * 1_000_000);
+        let deadline = redeem::deadline(now, hold);
         let held = match &plan {
             Ok(p) => {
                 let wanted = spends::of_plan(p, &checkout.program_id);

@@ -438,22 +438,41 @@ pub async fn settle(
             target: n(8)?,
             reversed: n(9)?,
         };
-        match settle_one(db, wallet, &p).await {
-            Ok(()) => settled += 1,
-            Err(e) if e.is_deterministic() => {
-                tracing::warn!(error = %e, source = %p.source, "the wallet refused an earning");
-                conn.execute_raw(stmt(
-                    conn,
-                    &format!("UPDATE earnings SET error = $6 WHERE {WHERE_ROW}"),
-                    p.filter().into_iter().chain([e.message.clone().into()]),
-                ))
-                .await
-                .map_err(db_error)?;
-            }
-            Err(e) => return Err(e),
-        }
+        let outcome = settle_one(db, wallet, &p).await;
+        let what = format!("the earning of {}", p.source);
+        settled += usize::from(
+            keep_refusal(conn, "earnings", WHERE_ROW, p.filter(), outcome, &what).await?,
+        );
     }
     Ok(settled)
+}
+
+/// The outcome of a row's work with a peer: `true` when done; a refusal (a deterministic
+/// error) is kept on the row's `error` (and logged), so the sweep stops retrying it, and
+/// gives `false`; a transient error is returned and the row stays due.
+pub(crate) async fn keep_refusal(
+    conn: &sea_orm::DatabaseConnection,
+    table: &str,
+    where_row: &str,
+    filter: Vec<sea_orm::Value>,
+    outcome: Result<(), Error>,
+    what: &str,
+) -> Result<bool, Error> {
+    let err = match outcome {
+        Ok(()) => return Ok(true),
+        Err(e) if e.is_deterministic() => e,
+        Err(e) => return Err(e),
+    };
+    tracing::error!(error = %err, "the peer refused {what}; it is not retried");
+    let at = filter.len() + 1;
+    conn.execute_raw(stmt(
+        conn,
+        &format!("UPDATE {table} SET error = ${at} WHERE {where_row}"),
+        filter.into_iter().chain([err.message.into()]),
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(false)
 }
 
 async fn settle_one(

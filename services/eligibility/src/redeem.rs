@@ -883,10 +883,16 @@ pub struct Commit<'a> {
 }
 
 impl Commit<'_> {
-    /// When the redemption's holds may end: now for a redemption, the end of a reservation.
+    /// See [`deadline`].
     pub fn deadline(&self) -> i64 {
-        self.now + self.hold.map_or(0, |s| i64::from(s) * 1_000_000)
+        deadline(self.now, self.hold)
     }
+}
+
+/// When a redemption's wallet holds may end: `now` for a redemption, the end of a
+/// reservation held `hold` seconds.
+pub fn deadline(now: i64, hold: Option<u32>) -> i64 {
+    now + hold.map_or(0, |s| i64::from(s) * 1_000_000)
 }
 
 /// A campaign that did not fit under its lock.

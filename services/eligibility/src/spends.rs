@@ -29,6 +29,7 @@ use tessera_store::idempotency::derived_key;
 use tessera_store::outbox::micros_to_timestamp;
 use tessera_store::{Db, db_error, stmt};
 
+use crate::earning::keep_refusal;
 use crate::redeem::Plan;
 
 /// How long past the redemption's deadline its holds last (time for the capture to land).
@@ -389,20 +390,11 @@ pub async fn settle(
             refund_target: n(8)?,
             refunded: n(9)?,
         };
-        match settle_one(db, wallet, &d).await {
-            Ok(()) => settled += 1,
-            Err(e) if e.is_deterministic() => {
-                tracing::error!(error = %e, redemption = %d.redemption, "the wallet refused a spend");
-                conn.execute_raw(stmt(
-                    conn,
-                    &format!("UPDATE redemption_spends SET error = $5 WHERE {WHERE_ROW}"),
-                    d.filter().into_iter().chain([e.message.clone().into()]),
-                ))
-                .await
-                .map_err(db_error)?;
-            }
-            Err(e) => return Err(e),
-        }
+        let outcome = settle_one(db, wallet, &d).await;
+        let what = format!("a spend of redemption {}", d.redemption);
+        let table = "redemption_spends";
+        settled +=
+            usize::from(keep_refusal(conn, table, WHERE_ROW, d.filter(), outcome, &what).await?);
     }
     Ok(settled)
 }

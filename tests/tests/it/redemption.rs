@@ -63,7 +63,7 @@ pub(crate) async fn redeem(
     .map(|r| r.into_inner().redemption.expect("redemption"))
 }
 
-async fn rollback(
+pub(crate) async fn rollback(
     c: &mut Client,
     suite: &TestSuite,
     id: &str,
@@ -90,7 +90,7 @@ fn not_applied<'a>(r: &'a pb::Redemption, id: &str) -> &'a pb::Rejected {
         .unwrap_or_else(|| panic!("{id} is reported as not applied"))
 }
 
-fn reason(status: &tonic::Status) -> String {
+pub(crate) fn reason(status: &tonic::Status) -> String {
     tessera_runtime::Error::from_status(status)
         .reason
         .unwrap_or_default()

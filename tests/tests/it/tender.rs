@@ -15,8 +15,8 @@ use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::grpc::Channel;
 use tessera_tests::{TENANT, TestSuite, backend_tests, eventually};
 
-use crate::eligibility::{Client, campaign, client, key, put_campaign, violations};
-use crate::redemption::{checkout, redeem};
+use crate::eligibility::{campaign, client, key, put_campaign, violations};
+use crate::redemption::{checkout, reason, redeem, rollback};
 
 backend_tests!(
     points_and_gift_cards_pay_from_the_wallet,
@@ -136,23 +136,6 @@ fn with_tender(customer: &str, order: &str, codes: &[&str]) -> pb::Checkout {
     }
 }
 
-fn reason(status: &tonic::Status) -> String {
-    tessera_runtime::Error::from_status(status)
-        .reason
-        .unwrap_or_default()
-}
-
-async fn rollback(c: &mut Client, suite: &TestSuite, id: &str, lines: Vec<pb::ReturnedLine>) {
-    c.rollback_redemption(suite.ctx(TENANT).request(pb::RollbackRedemptionRequest {
-        idempotency_key: key(),
-        redemption_id: id.into(),
-        lines,
-        reason: "returned".into(),
-    }))
-    .await
-    .expect("rollback");
-}
-
 async fn points_and_gift_cards_pay_from_the_wallet(suite: TestSuite) {
     let (mut c, mut wallet) = (client(&suite), WalletServiceClient::new(suite.channel()));
     put_campaign(&mut c, &suite, pay_with_points(5000)).await;
@@ -231,11 +214,14 @@ async fn points_and_gift_cards_pay_from_the_wallet(suite: TestSuite) {
             quantity: 1,
         }],
     )
-    .await;
+    .await
+    .expect("partial rollback");
     settles(&wallet, &suite, "ann", points(), (272, 0)).await;
     settles(&wallet, &suite, "ann", card("GC-ANN-1"), (2_72, 0)).await;
     // The rest: everything is back.
-    rollback(&mut c, &suite, &r.id, Vec::new()).await;
+    rollback(&mut c, &suite, &r.id, Vec::new())
+        .await
+        .expect("rollback");
     settles(&wallet, &suite, "ann", points(), (3_000, 0)).await;
     settles(&wallet, &suite, "ann", card("GC-ANN-1"), (30_00, 0)).await;
     let got = c
@@ -306,7 +292,9 @@ async fn wallet_holds_follow_reservations(suite: TestSuite) {
         balance(&mut wallet, &suite, "bea", &points()).await,
         (0, 1_000)
     );
-    rollback(&mut c, &suite, &released.id, Vec::new()).await;
+    rollback(&mut c, &suite, &released.id, Vec::new())
+        .await
+        .expect("rollback");
     settles(&wallet, &suite, "bea", points(), (1_000, 0)).await;
     let lapsed = reserve(1).await;
     assert_eq!(spent(&lapsed, &points()).amount, 1_000);
