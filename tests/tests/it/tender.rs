@@ -299,6 +299,28 @@ async fn wallet_holds_follow_reservations(suite: TestSuite) {
     let lapsed = reserve(1).await;
     assert_eq!(spent(&lapsed, &points()).amount, 1_000);
     settles(&wallet, &suite, "bea", points(), (1_000, 0)).await;
+
+    // Over HTTP: the spends are in the answer; once the points are gone, 422 with the reason.
+    load(&mut wallet, &suite, "bea", points(), 500).await;
+    let body = serde_json::json!({"checkout": {
+        "customer_id": "bea", "program_id": "default", "campaign_ids": ["pwp"],
+        "cart": {"currency": "USD", "lines": [
+            {"id": "l1", "sku": "SHOE", "quantity": 1, "unit_price": 50_00}]}}});
+    let made = suite
+        .post("/v1/redemptions", Some("tender-web-1"), &body)
+        .await;
+    assert_eq!(made.status(), 201);
+    let made: serde_json::Value = made.json().await.expect("json");
+    assert_eq!(made["spends"][0]["asset"]["kind"], "ASSET_KIND_POINTS");
+    assert_eq!(made["spends"][0]["amount"], 1_500);
+    assert_eq!(made["outcome"]["tender"], 15_00);
+    settles(&wallet, &suite, "bea", points(), (0, 0)).await;
+    let refused = suite
+        .post("/v1/redemptions", Some("tender-web-2"), &body)
+        .await;
+    assert_eq!(refused.status(), 422);
+    let refused: serde_json::Value = refused.json().await.expect("json");
+    assert_eq!(refused["error"]["reason"], "INSUFFICIENT_BALANCE");
     crate::assert_ledger_invariants(&suite).await;
 }
 
