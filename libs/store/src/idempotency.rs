@@ -82,6 +82,17 @@ pub struct Claim {
     owner: String,
 }
 
+impl Claim {
+    fn new(ctx: &RequestContext, scope: &str, key: &str, owner: String) -> Self {
+        Self {
+            tenant_id: ctx.tenant_id.clone(),
+            scope: scope.to_string(),
+            key: key.to_string(),
+            owner,
+        }
+    }
+}
+
 /// What claiming a key found.
 #[derive(Debug)]
 pub enum Begin<R> {
@@ -180,12 +191,7 @@ impl Idempotency {
         let fingerprint = fingerprint(scope, request);
         let now = now_micros();
         let lease_until = now + i64::try_from(self.lease.as_micros()).unwrap_or(i64::MAX);
-        let claim = Claim {
-            tenant_id: ctx.tenant_id.clone(),
-            scope: scope.to_string(),
-            key: key.to_string(),
-            owner: uuid::Uuid::new_v4().to_string(),
-        };
+        let claim = Claim::new(ctx, scope, key, uuid::Uuid::new_v4().to_string());
         let locked_until = match self.lookup::<R>(ctx, scope, key, &fingerprint).await? {
             None => return Err(Error::new(Code::Aborted, "idempotency key changed, retry")),
             Some(Stored::Done(result)) => return Ok(Begin::Replay(result)),
@@ -473,7 +479,7 @@ impl Idempotency {
             .ok_or_else(|| Error::internal("claim returned no row"))?;
         let locked: bool = row.try_get_by_index(0).map_err(db_error)?;
         let inserted: i64 = row.try_get_by_index(1).map_err(db_error)?;
-        Ok(locked.then(|| (inserted == 1).then(|| self.claim(ctx, scope, key, owner))))
+        Ok(locked.then(|| (inserted == 1).then(|| Claim::new(ctx, scope, key, owner))))
     }
 
     /// The values of a new in-flight claim ($1..$8) and its owner.
@@ -500,15 +506,6 @@ impl Idempotency {
         (owner, values)
     }
 
-    fn claim(&self, ctx: &RequestContext, scope: &str, key: &str, owner: String) -> Claim {
-        Claim {
-            tenant_id: ctx.tenant_id.clone(),
-            scope: scope.to_string(),
-            key: key.to_string(),
-            owner,
-        }
-    }
-
     /// Inserts an in-flight claim on `conn`; `None` when the key exists already.
     async fn claim_in<C: ConnectionTrait>(
         &self,
@@ -530,7 +527,7 @@ impl Idempotency {
             ))
             .await
             .map_err(db_error)?;
-        Ok((inserted.rows_affected() == 1).then(|| self.claim(ctx, scope, key, owner)))
+        Ok((inserted.rows_affected() == 1).then(|| Claim::new(ctx, scope, key, owner)))
     }
 
     async fn run_claimed<R, F>(&self, claim: &Claim, work: F) -> Result<R, Error>

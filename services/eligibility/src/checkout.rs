@@ -93,8 +93,9 @@ impl Eligibility {
         let cards = unlocked
             .iter()
             .any(|(&i, _)| index.campaigns[i as usize].is_gift_card());
-        let mut cart = cart.clone();
         let mut card_balances = HashMap::new();
+        let with_points;
+        let mut cart = cart;
         if spends_points || cards {
             let held = spends::balances(
                 &self.wallet,
@@ -104,11 +105,16 @@ impl Eligibility {
             )
             .await?;
             if spends_points {
-                cart.points_balance = if cart.points_balance > 0 {
+                let points_balance = if cart.points_balance > 0 {
                     cart.points_balance.min(held.points)
                 } else {
                     held.points
                 };
+                with_points = Cart {
+                    points_balance,
+                    ..cart.clone()
+                };
+                cart = &with_points;
             }
             card_balances = held.cards;
         }
@@ -128,7 +134,7 @@ impl Eligibility {
         let input = Input {
             facts: &facts,
             segments: &segments,
-            cart: &cart,
+            cart,
             currency,
             codes: &checkout.codes,
             event: None,
@@ -188,7 +194,7 @@ impl Eligibility {
             Err(_) => Ok(Vec::new()),
         };
         let mine = held.clone().unwrap_or_default();
-        let wallet = holder.clone();
+        let inner = holder.clone();
         let outcome = self
             .idempotency
             .run(ctx, scope, key, request, move |txn| {
@@ -203,7 +209,7 @@ impl Eligibility {
                         now,
                         hold,
                         id: &id,
-                        holder: &wallet,
+                        holder: &inner,
                         held: &held,
                     };
                     redeem::commit(txn, commit, plan).await

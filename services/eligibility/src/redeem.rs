@@ -76,8 +76,8 @@ impl Pick {
 
 /// What a checkout would get.
 pub struct Plan {
-    /// The cart it was planned on (points balance from the wallet).
-    pub cart: Cart,
+    /// The points it was planned with (the wallet's balance, see [`Cart::points_balance`]).
+    pub points_balance: i64,
     /// Applied, in application order.
     pub picks: Vec<Pick>,
     /// Their combined effect; adjustments labelled by campaign id.
@@ -219,7 +219,7 @@ pub fn plan(
     let picks = stack(picks, input.settings.max_incentives_per_order, &mut notes);
     let (picks, outcome) = combine(picks, input.cart, &mut notes);
     let plan = Plan {
-        cart: input.cart.clone(),
+        points_balance: input.cart.points_balance,
         picks,
         outcome,
         notes,
@@ -882,13 +882,6 @@ pub struct Commit<'a> {
     pub held: &'a [pb::WalletSpend],
 }
 
-impl Commit<'_> {
-    /// See [`deadline`].
-    pub fn deadline(&self) -> i64 {
-        deadline(self.now, self.hold)
-    }
-}
-
 /// When a redemption's wallet holds may end: `now` for a redemption, the end of a
 /// reservation held `hold` seconds.
 pub fn deadline(now: i64, hold: Option<u32>) -> i64 {
@@ -907,7 +900,7 @@ type Refused = (Pick, (pb::Reason, String));
 pub async fn commit(
     txn: &DatabaseTransaction,
     job: Commit<'_>,
-    plan: Plan,
+    mut plan: Plan,
 ) -> Result<pb::Redemption, Error> {
     if plan.outcome.points_spent > 0 && job.checkout.program_id.is_empty() {
         return Err(Error::invalid_field(
@@ -923,8 +916,6 @@ pub async fn commit(
         return Ok(existing);
     }
     let mut held = job.held.to_vec();
-    let held = &mut held;
-    let mut plan = plan;
     loop {
         let guarded = plan
             .picks
@@ -932,7 +923,7 @@ pub async fn commit(
             .any(|p| !p.strict && p.campaign.has_budget());
         let outcome = if guarded {
             let savepoint = txn.begin().await.map_err(db_error)?;
-            let outcome = attempt(&savepoint, &job, &plan, id, held).await?;
+            let outcome = attempt(&savepoint, &job, &plan, id, &held).await?;
             if outcome.is_ok() {
                 savepoint.commit().await.map_err(db_error)?;
             } else {
@@ -940,19 +931,19 @@ pub async fn commit(
             }
             outcome
         } else {
-            attempt(txn, &job, &plan, id, held).await?
+            attempt(txn, &job, &plan, id, &held).await?
         };
         let (p, (reason, detail)) = match outcome {
             Ok(mut record) => {
-                if !spends::same(&record.spends, held) {
+                if !spends::same(&record.spends, &held) {
                     // An incentive dropped under its lock changed what is spent: the caller
                     // releases what it held, this holds what is spent now.
                     let wanted = std::mem::take(&mut record.spends);
                     let customer = record.customer_id.as_str();
                     let again = format!("{id}:replanned");
-                    *held =
-                        spends::hold(job.holder, &again, customer, wanted, job.deadline()).await?;
-                    record.spends.clone_from(held);
+                    let until = deadline(job.now, job.hold);
+                    held = spends::hold(job.holder, &again, customer, wanted, until).await?;
+                    record.spends.clone_from(&held);
                     txn.execute_raw(stmt(
                         txn,
                         "UPDATE redemptions SET record = $3 WHERE tenant_id = $1 AND id = $2",
@@ -980,7 +971,11 @@ pub async fn commit(
             .into_iter()
             .filter(|q| q.id() != p.id())
             .collect();
-        let (picks, outcome) = combine(rest, &plan.cart, &mut plan.notes);
+        let cart = Cart {
+            points_balance: plan.points_balance,
+            ..job.cart.clone()
+        };
+        let (picks, outcome) = combine(rest, &cart, &mut plan.notes);
         plan.picks = picks;
         plan.outcome = outcome;
         if plan.picks.is_empty() {
@@ -1030,7 +1025,9 @@ async fn attempt(
         }
     }
     let mut record = redemption(plan, checkout, order_value);
-    if spends::same(&record.spends, held) {
+    // What was held before the transaction, unless this attempt spends otherwise.
+    let as_held = spends::same(&record.spends, held);
+    if as_held {
         record.spends = held.to_vec();
     }
     record.id = id.to_string();
@@ -1084,7 +1081,7 @@ async fn attempt(
         "redemption.succeeded"
     };
     outbox::enqueue(txn, tenant, event, &event_data(&record)).await?;
-    if !record.spends.is_empty() && spends::same(&record.spends, held) {
+    if as_held {
         spends::record(txn, tenant, &record, hold.is_some()).await?;
     }
     // The shared rows last.

@@ -3,11 +3,11 @@
 //!
 //! A saga across eligibility and the wallet, whose data live apart:
 //! - planning reads the customer's wallet balances, so the engine spends only what is there;
-//! - Redeem and Reserve place one wallet hold per asset inside the redemption's transaction,
-//!   before its counters are locked (so the wallet's answer never keeps a campaign's shared
-//!   row waiting), and write a row per hold in that transaction. A hold that fails fails the
-//!   redemption (INSUFFICIENT_BALANCE when a concurrent spend took the value); when the
-//!   redemption fails after its holds (a budget ran out), they are released at once;
+//! - Redeem and Reserve place one wallet hold per asset before the redemption's transaction
+//!   begins (no pooled connection, no counter lock waits on the wallet), and the transaction
+//!   writes a row per hold. A hold that fails fails the redemption (INSUFFICIENT_BALANCE when
+//!   a concurrent spend took the value); holds the redemption does not end up with (a replay,
+//!   a budget that ran out, an order redeemed already) are released at once;
 //! - what is left to do is state on those rows, carried out by [`settle`] right after the
 //!   commit and again by the sweep until it succeeds, under idempotency keys derived from
 //!   the row: a redeemed redemption's holds are captured, a released or expired

@@ -62,17 +62,10 @@ fn asset(program: &str) -> Option<wpb::Asset> {
 }
 
 async fn balance(wallet: &mut Wallet, suite: &TestSuite, customer: &str, program: &str) -> i64 {
-    wallet
-        .get_balance(suite.ctx(TENANT).request(wpb::GetBalanceRequest {
-            customer_id: customer.into(),
-        }))
+    let asset = asset(program).unwrap_or_default();
+    crate::tender::balance(wallet, suite, customer, &asset)
         .await
-        .expect("balance")
-        .into_inner()
-        .balances
-        .into_iter()
-        .find(|b| b.asset == asset(program))
-        .map_or(0, |b| b.available)
+        .0
 }
 
 /// Waits until the wallet shows `expected` (earnings are credited right after the fact is

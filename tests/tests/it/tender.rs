@@ -86,7 +86,7 @@ async fn load(wallet: &mut Wallet, suite: &TestSuite, customer: &str, asset: wpb
 }
 
 /// `(available, held)` of one asset.
-async fn balance(
+pub(crate) async fn balance(
     wallet: &mut Wallet,
     suite: &TestSuite,
     customer: &str,

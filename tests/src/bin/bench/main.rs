@@ -34,11 +34,15 @@ const BATCH_CLIENTS: usize = 4;
 
 type Client = WalletServiceClient<Channel>;
 
-fn points() -> Option<pb::Asset> {
+pub(crate) fn points() -> Option<pb::Asset> {
     Some(pb::Asset {
         kind: pb::AssetKind::Points as i32,
         code: "default".into(),
     })
+}
+
+fn wallet(suite: &TestSuite) -> Client {
+    WalletServiceClient::new(suite.channel())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -47,18 +51,19 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Runs `per_client` calls of `call(client, ctx, worker, i)` on each of `clients` workers
-/// and returns every call's latency plus the wall time.
-async fn drive<F, Fut>(
+/// and returns every call's latency (sorted) plus the wall time.
+async fn drive<C, F, Fut>(
     suite: &TestSuite,
+    client: C,
     clients: usize,
     per_client: usize,
     call: F,
 ) -> (Vec<Duration>, Duration)
 where
-    F: Fn(Client, RequestContext, usize, usize) -> Fut + Clone + Send + 'static,
+    C: Clone + Send + 'static,
+    F: Fn(C, RequestContext, usize, usize) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send,
 {
-    let client = WalletServiceClient::new(suite.channel());
     let ctx = suite.ctx(TENANT);
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -95,6 +100,7 @@ fn report(label: &str, what: &str, units: usize, latencies: &[Duration], elapsed
 async fn credits(suite: &TestSuite, label: &str) {
     let (latencies, elapsed) = drive(
         suite,
+        wallet(suite),
         CONCURRENCY,
         CREDITS / CONCURRENCY,
         |mut client, ctx, worker, i| async move {
@@ -125,6 +131,7 @@ async fn credits(suite: &TestSuite, label: &str) {
 async fn batch_credits(suite: &TestSuite, label: &str) {
     let (latencies, elapsed) = drive(
         suite,
+        wallet(suite),
         BATCH_CLIENTS,
         BATCHES / BATCH_CLIENTS,
         |mut client, ctx, worker, i| async move {
@@ -179,6 +186,7 @@ async fn debits(suite: &TestSuite, label: &str) {
         .expect("funding");
     let (latencies, elapsed) = drive(
         suite,
+        wallet(suite),
         CONCURRENCY,
         DEBITS / CONCURRENCY,
         |mut client, ctx, worker, i| async move {

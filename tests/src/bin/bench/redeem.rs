@@ -21,7 +21,7 @@ use tessera_store::db::Backend;
 use tessera_store::stmt;
 use tessera_tests::{TENANT, TestSuite};
 
-use crate::{percentile, report};
+use crate::{drive, percentile, points, report};
 
 const CLIENTS: usize = 32;
 const PER_CLIENT: usize = 150;
@@ -58,38 +58,28 @@ type Client = EligibilityServiceClient<Channel>;
 
 /// `PER_CLIENT` redemptions on each of `CLIENTS` workers, of `checkout(worker, i)`; prints
 /// the line and returns the rate.
-async fn drive(
+async fn redeem_all(
     suite: &TestSuite,
     client: &Client,
     label: &str,
     what: &str,
     checkout: fn(usize, usize) -> pb::Checkout,
 ) -> f64 {
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for worker in 0..CLIENTS {
-        let (mut client, ctx) = (client.clone(), suite.ctx(TENANT));
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(PER_CLIENT);
-            for i in 0..PER_CLIENT {
-                let checkout = checkout(worker, i);
-                let request = pb::RedeemRequest {
-                    idempotency_key: format!("bench-redeem-{}", checkout.customer_id),
-                    checkout: Some(checkout),
-                };
-                let t = Instant::now();
-                client.redeem(ctx.request(request)).await.expect("redeem");
-                latencies.push(t.elapsed());
-            }
-            latencies
-        }));
-    }
-    let mut latencies = Vec::new();
-    for w in workers {
-        latencies.extend(w.await.expect("worker"));
-    }
-    let elapsed = started.elapsed();
-    latencies.sort();
+    let (latencies, elapsed) = drive(
+        suite,
+        client.clone(),
+        CLIENTS,
+        PER_CLIENT,
+        move |mut client: Client, ctx, worker, i| async move {
+            let checkout = checkout(worker, i);
+            let request = pb::RedeemRequest {
+                idempotency_key: format!("bench-redeem-{}", checkout.customer_id),
+                checkout: Some(checkout),
+            };
+            client.redeem(ctx.request(request)).await.expect("redeem");
+        },
+    )
+    .await;
     report(label, what, latencies.len(), &latencies, elapsed);
     latencies.len() as f64 / elapsed.as_secs_f64()
 }
@@ -106,7 +96,7 @@ pub async fn redemption(suite: &TestSuite, label: &str) {
         ..Default::default()
     });
     // 100 points pay $1, for at most a quarter of the order.
-    let points = Kind::PayWithPoints(cpb::PayWithPoints {
+    let pay_with_points = Kind::PayWithPoints(cpb::PayWithPoints {
         points: 100,
         amount: 1_00,
         min_share_bp: 0,
@@ -117,7 +107,10 @@ pub async fn redemption(suite: &TestSuite, label: &str) {
             "bench-redeem",
             campaign("bench-redeem", tenth_off, Some(budget)),
         ),
-        ("bench-points", campaign("bench-points", points, None)),
+        (
+            "bench-points",
+            campaign("bench-points", pay_with_points, None),
+        ),
     ] {
         client
             .clone()
@@ -129,7 +122,7 @@ pub async fn redemption(suite: &TestSuite, label: &str) {
             .await
             .expect("campaign");
     }
-    let ours = drive(
+    let ours = redeem_all(
         suite,
         &client,
         label,
@@ -160,10 +153,7 @@ pub async fn redemption(suite: &TestSuite, label: &str) {
             .iter()
             .map(|c| wpb::BatchCreditEntry {
                 customer_id: c.clone(),
-                asset: Some(wpb::Asset {
-                    kind: wpb::AssetKind::Points as i32,
-                    code: "default".into(),
-                }),
+                asset: points(),
                 amount: 2_000,
                 reason: "bench".into(),
                 expires_at: None,
@@ -177,7 +167,7 @@ pub async fn redemption(suite: &TestSuite, label: &str) {
             .await
             .expect("points");
     }
-    drive(
+    redeem_all(
         suite,
         &client,
         label,
