@@ -228,7 +228,11 @@ impl Eligibility {
             Ok(r) => {
                 self.facts_changed(&ctx.tenant_id, &checkout.customer_id)
                     .await;
-                self.settle_spends(&ctx.tenant_id, &r).await;
+                // Captured by the spend settler, batched with the redemptions committed
+                // meanwhile (a reservation's holds wait for its confirmation).
+                if !r.spends.is_empty() && hold.is_none() {
+                    self.spends_due.notify_one();
+                }
                 Ok(r)
             }
             Err(err) => {

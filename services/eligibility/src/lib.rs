@@ -32,6 +32,7 @@ use tessera_store::Db;
 use tessera_store::idempotency::Idempotency;
 use tessera_store::outbox::{NotificationPublisher, Relay};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use migrations::Migrator;
@@ -79,6 +80,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         config.peer_timeout(),
     )?);
     let degraded = segments.degraded.clone();
+    let spends_due = Arc::new(Notify::new());
     let service = service::Eligibility {
         db: db.clone(),
         idempotency: Idempotency::new(
@@ -90,6 +92,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         segments,
         wallet: wallet.clone(),
         scheduler: scheduler.clone(),
+        spends_due: spends_due.clone(),
     };
     Ok(Component::new(SERVICE)
         .grpc(GRPC_NAME, move |routes| {
@@ -97,6 +100,12 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
                 EligibilityServiceServer::new(service).max_decoding_message_size(8 * 1024 * 1024),
             );
         })
+        .task(tokio::spawn(settle_spends(
+            db.clone(),
+            wallet.clone(),
+            spends_due,
+            shutdown.clone(),
+        )))
         .task(tokio::spawn(sweep(
             db.clone(),
             wallet,
@@ -118,10 +127,40 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         ))
 }
 
+/// Settles redemptions' wallet spends when a redemption wakes it and every second (what
+/// failed before): while one batch is with the wallet, the redemptions committed meanwhile
+/// gather into the next, so under load captures are group-committed. Several replicas may
+/// run it: the wallet captures a hold once, and a row is brought up to date once.
+async fn settle_spends(
+    db: Db,
+    wallet: WalletServiceClient<grpc::Channel>,
+    due: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = due.notified() => {}
+            _ = tick.tick() => {}
+        }
+        loop {
+            match spends::settle(&db, &wallet, None).await {
+                Ok(n) if n == spends::SETTLE_BATCH => {}
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "redemption spends wait for the wallet");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Every second: releases reservations whose hold ended (several replicas may run it: each
-/// is released once, under its row lock), settles redemptions' wallet spends and earnings
-/// still waiting for the wallet and triggered incentives still waiting for the scheduler
-/// (idempotent per row).
+/// is released once, under its row lock), settles earnings still waiting for the wallet and
+/// triggered incentives still waiting for the scheduler (idempotent per row).
 async fn sweep(
     db: Db,
     wallet: WalletServiceClient<grpc::Channel>,
@@ -139,9 +178,6 @@ async fn sweep(
             Ok(0) => {}
             Ok(n) => tracing::info!(released = n, "reservations expired"),
             Err(e) => tracing::warn!(error = %e, "reservation sweep failed"),
-        }
-        if let Err(e) = spends::settle(&db, &wallet, None).await {
-            tracing::warn!(error = %e, "redemption spends wait for the wallet");
         }
         if let Err(e) = earning::settle(&db, &wallet, None).await {
             tracing::warn!(error = %e, "earnings wait for the wallet");

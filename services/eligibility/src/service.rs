@@ -15,6 +15,7 @@ use tessera_runtime::{Error, RequestContext, grpc};
 use tessera_store::api::{check_customer_id, check_idempotency_key, page_response};
 use tessera_store::idempotency::Idempotency;
 use tessera_store::{Db, now_micros, outbox};
+use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 use crate::campaigns::{self, Campaigns};
@@ -34,6 +35,8 @@ pub struct Eligibility {
     pub segments: Arc<Segments>,
     pub wallet: WalletServiceClient<grpc::Channel>,
     pub scheduler: SchedulerServiceClient<grpc::Channel>,
+    /// Wakes the spend settler: a redemption committed spends to capture.
+    pub spends_due: Arc<Notify>,
 }
 
 impl Eligibility {

@@ -346,9 +346,13 @@ impl Due {
     }
 }
 
-/// Carries out what is due on the spends of one redemption (`only`) or of all; returns
-/// how many it settled. A refusal by the wallet is kept on the row (and logged) instead of
-/// being retried forever.
+/// Most spends one pass settles (and captures in one wallet call per tenant).
+pub const SETTLE_BATCH: usize = 500;
+
+/// Carries out what is due on the spends of one redemption (`only`) or of all, up to
+/// [`SETTLE_BATCH`]; returns how many rows it worked on. Captures go to the wallet in one
+/// `BatchCapture` per tenant (a group commit); releases and refunds one by one. A refusal
+/// by the wallet is kept on the row (and logged) instead of being retried forever.
 pub async fn settle(
     db: &Db,
     wallet: &WalletServiceClient<grpc::Channel>,
@@ -368,18 +372,18 @@ pub async fn settle(
             &format!(
                 "SELECT tenant_id, redemption_id, asset_kind, asset_code, customer_id, \
                  hold_id, state, capture_tx, refund_target, refunded FROM redemption_spends \
-                 WHERE due = 1 AND error = '' {filter} LIMIT 100"
+                 WHERE due = 1 AND error = '' {filter} LIMIT {SETTLE_BATCH}"
             ),
             values,
         ))
         .await
         .map_err(db_error)?;
-    let mut settled = 0;
+    let mut dues = Vec::with_capacity(rows.len());
     for row in rows {
         let s = |i: usize| -> Result<String, Error> { row.try_get_by_index(i).map_err(db_error) };
         let n = |i: usize| -> Result<i64, Error> { row.try_get_by_index(i).map_err(db_error) };
         let kind: i32 = row.try_get_by_index(2).map_err(db_error)?;
-        let d = Due {
+        dues.push(Due {
             tenant: s(0)?,
             redemption: s(1)?,
             asset: wpb::Asset { kind, code: s(3)? },
@@ -389,20 +393,77 @@ pub async fn settle(
             capture_tx: s(7)?,
             refund_target: n(8)?,
             refunded: n(9)?,
+        });
+    }
+    let mut captured = capture_all(wallet, &dues).await?;
+    for d in &dues {
+        let outcome = match captured.remove(&(d.tenant.clone(), d.hold.clone())) {
+            Some(Err(refused)) => Err(refused),
+            capture => settle_one(db, wallet, d, capture.and_then(Result::ok)).await,
         };
-        let outcome = settle_one(db, wallet, &d).await;
         let what = format!("a spend of redemption {}", d.redemption);
         let table = "redemption_spends";
-        settled +=
-            usize::from(keep_refusal(conn, table, WHERE_ROW, d.filter(), outcome, &what).await?);
+        keep_refusal(conn, table, WHERE_ROW, d.filter(), outcome, &what).await?;
     }
-    Ok(settled)
+    Ok(dues.len())
 }
 
+/// Captures the holds of the spends due for capture, one `BatchCapture` per tenant: the
+/// capture transaction of each hold, or the wallet's refusal. A hold the wallet captured
+/// already reports its capture, so a batch cut short by a crash is simply sent again.
+async fn capture_all(
+    wallet: &WalletServiceClient<grpc::Channel>,
+    dues: &[Due],
+) -> Result<HashMap<(String, String), Result<String, Error>>, Error> {
+    let mut by_tenant: BTreeMap<&str, Vec<&Due>> = BTreeMap::new();
+    for d in dues.iter().filter(|d| d.state == "capture") {
+        by_tenant.entry(d.tenant.as_str()).or_default().push(d);
+    }
+    let mut out = HashMap::new();
+    for (tenant, due) in by_tenant {
+        let holds: Vec<&str> = due.iter().map(|d| d.hold.as_str()).collect();
+        let ctx = RequestContext::system(tenant.to_string(), crate::SERVICE);
+        let response = wallet
+            .clone()
+            .batch_capture(
+                ctx.request(wpb::BatchCaptureRequest {
+                    idempotency_key: derived_key("redemption-captures", &holds),
+                    captures: holds
+                        .iter()
+                        .map(|h| wpb::BatchCaptureEntry {
+                            hold_id: (*h).to_string(),
+                            amount: 0,
+                        })
+                        .collect(),
+                }),
+            )
+            .await
+            .map_err(|s| Error::from_status(&s))?
+            .into_inner();
+        for o in response.outcomes {
+            let outcome = if o.reason.is_empty() {
+                Ok(o.hold.map(|h| h.capture_transaction_id).unwrap_or_default())
+            } else {
+                let code = if o.reason == "NOT_FOUND" {
+                    Code::NotFound
+                } else {
+                    Code::FailedPrecondition
+                };
+                Err(Error::new(code, o.message).with_reason(o.reason))
+            };
+            out.insert((tenant.to_string(), o.hold_id), outcome);
+        }
+    }
+    Ok(out)
+}
+
+/// The rest of a spend's work once its capture (when due) is known: a release, a refund,
+/// and the row brought up to date.
 async fn settle_one(
     db: &Db,
     wallet: &WalletServiceClient<grpc::Channel>,
     d: &Due,
+    captured: Option<String>,
 ) -> Result<(), Error> {
     let conn = db.conn();
     let ctx = RequestContext::system(d.tenant.clone(), crate::SERVICE);
@@ -411,20 +472,7 @@ async fn settle_one(
     let mut refunded = d.refunded;
     match state.as_str() {
         "capture" => {
-            let captured = wallet
-                .clone()
-                .capture(ctx.request(wpb::CaptureRequest {
-                    idempotency_key: key(&d.redemption, &d.asset, "capture"),
-                    hold_id: d.hold.clone(),
-                    amount: 0,
-                }))
-                .await
-                .map_err(|s| Error::from_status(&s))?
-                .into_inner();
-            capture_tx = captured
-                .hold
-                .map(|h| h.capture_transaction_id)
-                .unwrap_or_default();
+            capture_tx = captured.ok_or_else(|| Error::internal("capture without its outcome"))?;
             state = "captured".into();
         }
         "release" => {

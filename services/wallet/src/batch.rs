@@ -190,18 +190,8 @@ pub async fn batch_credit(
         }
         response.transaction_ids.push(id);
     }
-    if backend == Backend::Postgres {
-        txn.execute_raw(stmt(
-            txn,
-            &format!(
-                "SELECT id FROM accounts WHERE tenant_id = $1 AND id IN {} ORDER BY id FOR UPDATE",
-                tuples(2, deltas.len(), 1)
-            ),
-            std::iter::once(tenant.into()).chain(deltas.keys().map(|k| k.clone().into())),
-        ))
-        .await
-        .map_err(db_error)?;
-    }
+    let locked: BTreeSet<&str> = deltas.keys().map(String::as_str).collect();
+    crate::ledger::lock_accounts(txn, tenant, backend, &locked).await?;
     insert_rows(
         txn,
         "INSERT INTO transactions (id, tenant_id, kind, customer_id, asset_kind, asset_code, \

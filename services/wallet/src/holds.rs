@@ -3,10 +3,12 @@
 //! moves all or part of it on to `redemption` and releases the rest; a release (or the sweep,
 //! once the hold lapses) gives it back to the very lots it came from, with their expiry.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use tessera_proto::wallet::v1 as pb;
 use tessera_runtime::{Code, Error, RequestContext};
-use tessera_store::{Backend, db_error, now_micros, outbox, stmt};
+use tessera_store::{Backend, db_error, insert_rows, now_micros, outbox, stmt, tuples};
 
 use crate::ledger::{
     self, Asset, Entry, Leg, Owner, account, account_balance, emit, insufficient, lock_account,
@@ -63,28 +65,11 @@ impl HoldRow {
     }
 }
 
-/// Reads a hold; with `backend`, locks it (after locking its account: accounts before holds).
-async fn load(
-    txn: &DatabaseTransaction,
-    tenant: &str,
-    id: &str,
-    backend: Option<Backend>,
-) -> Result<Option<HoldRow>, Error> {
-    let lock = backend.map_or("", Backend::row_lock);
-    let row = txn
-        .query_one_raw(stmt(
-            txn,
-            &format!(
-                "SELECT id, customer_id, account_id, asset_kind, asset_code, amount, captured, \
-                 status, expires_at, capture_transaction_id FROM holds \
-                 WHERE tenant_id = $1 AND id = $2{lock}"
-            ),
-            [tenant.into(), id.into()],
-        ))
-        .await
-        .map_err(db_error)?;
-    let Some(row) = row else { return Ok(None) };
-    let hold = (|| {
+const HOLD_COLUMNS: &str = "id, customer_id, account_id, asset_kind, asset_code, amount, \
+     captured, status, expires_at, capture_transaction_id";
+
+fn hold_of(row: &sea_orm::QueryResult) -> Result<HoldRow, Error> {
+    (|| {
         Ok::<_, sea_orm::DbErr>(HoldRow {
             id: row.try_get_by_index(0)?,
             customer_id: row.try_get_by_index(1)?,
@@ -97,8 +82,51 @@ async fn load(
             capture_transaction_id: row.try_get_by_index(9)?,
         })
     })()
-    .map_err(db_error)?;
-    Ok(Some(hold))
+    .map_err(db_error)
+}
+
+/// Reads a hold; with `backend`, locks it (after locking its account: accounts before holds).
+async fn load(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    id: &str,
+    backend: Option<Backend>,
+) -> Result<Option<HoldRow>, Error> {
+    let lock = backend.map_or("", Backend::row_lock);
+    txn.query_one_raw(stmt(
+        txn,
+        &format!("SELECT {HOLD_COLUMNS} FROM holds WHERE tenant_id = $1 AND id = $2{lock}"),
+        [tenant.into(), id.into()],
+    ))
+    .await
+    .map_err(db_error)?
+    .as_ref()
+    .map(hold_of)
+    .transpose()
+}
+
+/// Reads holds by id, in id order; with `backend`, locks them (after their accounts).
+async fn load_many(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    ids: &BTreeSet<&str>,
+    backend: Option<Backend>,
+) -> Result<HashMap<String, HoldRow>, Error> {
+    let lock = backend.map_or("", Backend::row_lock);
+    txn.query_all_raw(stmt(
+        txn,
+        &format!(
+            "SELECT {HOLD_COLUMNS} FROM holds WHERE tenant_id = $1 AND id IN {} \
+             ORDER BY id{lock}",
+            tuples(2, ids.len(), 1)
+        ),
+        std::iter::once(tenant.into()).chain(ids.iter().map(|id| (*id).into())),
+    ))
+    .await
+    .map_err(db_error)?
+    .iter()
+    .map(|row| hold_of(row).map(|h| (h.id.clone(), h)))
+    .collect()
 }
 
 /// Locks the hold's account, then the hold, and checks the hold is still active.
@@ -281,6 +309,209 @@ async fn settle(
     })
 }
 
+/// Most captures one `BatchCapture` carries.
+pub const MAX_CAPTURES: usize = 500;
+
+/// One capture asked for: a hold and the amount to capture (0: all of it).
+#[derive(Debug, Clone)]
+pub struct CaptureOf {
+    pub hold_id: String,
+    pub amount: i64,
+}
+
+/// How one capture went.
+enum Captured {
+    /// Captured now.
+    Now(HoldRow),
+    /// Captured before, by the amount asked (or by any amount when 0 was asked).
+    Before(HoldRow),
+    /// Not captured: the error, and the hold as it stands when there is one.
+    Refused(Error, Option<HoldRow>),
+}
+
+/// Captures holds (each at most once in `wanted`) in the caller's transaction with a few
+/// multi-row statements: accounts locked in id order, then the holds; every capture moves
+/// its value from the tenant's `holds` account to `redemption` and releases what it leaves.
+async fn capture_many(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    backend: Backend,
+    wanted: &[CaptureOf],
+) -> Result<Vec<Captured>, Error> {
+    let tenant = ctx.tenant_id.as_str();
+    let now = now_micros();
+    let ids: BTreeSet<&str> = wanted.iter().map(|c| c.hold_id.as_str()).collect();
+    let seen = load_many(txn, tenant, &ids, None).await?;
+    let accounts: BTreeSet<&str> = seen.values().map(|h| h.account_id.as_str()).collect();
+    ledger::lock_accounts(txn, tenant, backend, &accounts).await?;
+    let holds = load_many(txn, tenant, &ids, Some(backend)).await?;
+
+    let mut outcomes = Vec::with_capacity(wanted.len());
+    for c in wanted {
+        let Some(hold) = holds.get(&c.hold_id) else {
+            let e = Error::not_found(format!("hold `{}`", c.hold_id));
+            outcomes.push(Captured::Refused(e, None));
+            continue;
+        };
+        let refused = |code, reason: &str, message: String| {
+            Captured::Refused(
+                Error::new(code, message).with_reason(reason),
+                Some(hold.clone()),
+            )
+        };
+        let amount = if c.amount == 0 { hold.amount } else { c.amount };
+        outcomes.push(match hold.status.as_str() {
+            "captured" if c.amount == 0 || c.amount == hold.captured => {
+                Captured::Before(hold.clone())
+            }
+            "active" if hold.expires_at <= now => refused(
+                Code::FailedPrecondition,
+                "HOLD_EXPIRED",
+                format!("hold `{}` lapsed; place a new one", hold.id),
+            ),
+            "active" if amount > hold.amount => refused(
+                Code::InvalidArgument,
+                "AMOUNT_ABOVE_HOLD",
+                format!("must be at most the held amount {}", hold.amount),
+            ),
+            "active" => Captured::Now(HoldRow {
+                status: "captured".into(),
+                captured: amount,
+                capture_transaction_id: Some(uuid::Uuid::now_v7().to_string()),
+                ..hold.clone()
+            }),
+            status => refused(
+                Code::FailedPrecondition,
+                "HOLD_NOT_ACTIVE",
+                format!("hold `{}` is {status}, not active", hold.id),
+            ),
+        });
+    }
+    let now_captured: Vec<&HoldRow> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Captured::Now(h) => Some(h),
+            _ => None,
+        })
+        .collect();
+    if now_captured.is_empty() {
+        return Ok(outcomes);
+    }
+
+    let mut system: HashMap<&Asset, (String, String)> = HashMap::new();
+    let mut transactions = Vec::with_capacity(now_captured.len());
+    let mut postings = Vec::with_capacity(now_captured.len() * 2);
+    let mut held: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut settled = Vec::with_capacity(now_captured.len());
+    let mut events = Vec::with_capacity(now_captured.len());
+    for h in &now_captured {
+        if !system.contains_key(&h.asset) {
+            let holds = account(txn, tenant, Owner::System("holds"), &h.asset).await?;
+            let redemption = account(txn, tenant, Owner::System("redemption"), &h.asset).await?;
+            system.insert(&h.asset, (holds, redemption));
+        }
+        let (holds_account, redemption_account) = &system[&h.asset];
+        let tx = h.capture_transaction_id.clone().unwrap_or_default();
+        transactions.push(vec![
+            tx.clone().into(),
+            tenant.into(),
+            "capture".into(),
+            h.customer_id.clone().into(),
+            (h.asset.kind as i32).into(),
+            h.asset.code.clone().into(),
+            (-h.captured).into(),
+            "hold captured".into(),
+            ctx.principal.clone().into(),
+            now.into(),
+        ]);
+        for (account, amount) in [
+            (holds_account, -h.captured),
+            (redemption_account, h.captured),
+        ] {
+            postings.push(vec![
+                tenant.into(),
+                tx.clone().into(),
+                account.clone().into(),
+                amount.into(),
+                now.into(),
+            ]);
+        }
+        *held.entry(h.account_id.as_str()).or_default() += h.captured;
+        settled.extend([h.id.clone().into(), h.captured.into(), tx.clone().into()]);
+        events.push((
+            format!("{}.captured", h.asset.event_prefix()),
+            serde_json::json!({
+                "hold_id": h.id,
+                "transaction_id": tx,
+                "customer_id": h.customer_id,
+                "amount": h.captured,
+                "released": h.amount - h.captured,
+                "asset": h.asset.to_json(),
+            }),
+        ));
+    }
+    insert_rows(
+        txn,
+        "INSERT INTO transactions (id, tenant_id, kind, customer_id, asset_kind, asset_code, \
+         amount, reason, principal, created_at)",
+        "",
+        transactions,
+    )
+    .await?;
+    insert_rows(
+        txn,
+        "INSERT INTO postings (tenant_id, transaction_id, account_id, amount, created_at)",
+        "",
+        postings,
+    )
+    .await?;
+    // The captured value leaves the accounts' held totals (their balances moved when held).
+    let moved = txn
+        .execute_raw(stmt(
+            txn,
+            &format!(
+                "UPDATE accounts SET held = held - v.column2 FROM (VALUES {}) AS v \
+                 WHERE accounts.tenant_id = $1 AND accounts.id = v.column1",
+                tuples(2, 2, held.len())
+            ),
+            std::iter::once(tenant.into()).chain(
+                held.iter()
+                    .flat_map(|(id, amount)| [(*id).into(), (*amount).into()]),
+            ),
+        ))
+        .await
+        .map_err(db_error)?;
+    if moved.rows_affected() != held.len() as u64 {
+        return Err(Error::internal("capture from a missing account"));
+    }
+    for h in &now_captured {
+        if h.captured < h.amount {
+            give_back(txn, ctx, h, h.amount - h.captured, now).await?;
+        }
+    }
+    txn.execute_raw(stmt(
+        txn,
+        &format!(
+            "UPDATE holds SET status = 'captured', captured = v.column2, \
+             capture_transaction_id = v.column3, updated_at = $2 FROM (VALUES {}) AS v \
+             WHERE holds.tenant_id = $1 AND holds.id = v.column1",
+            tuples(3, 3, now_captured.len())
+        ),
+        [tenant.into(), now.into()].into_iter().chain(settled),
+    ))
+    .await
+    .map_err(db_error)?;
+    outbox::enqueue_many(
+        txn,
+        tenant,
+        events
+            .iter()
+            .map(|(event_type, data)| (event_type.as_str(), data)),
+    )
+    .await?;
+    Ok(outcomes)
+}
+
 /// Captures `amount` of a hold (0: all of it) and releases the rest.
 pub async fn capture(
     txn: &DatabaseTransaction,
@@ -289,74 +520,62 @@ pub async fn capture(
     hold_id: &str,
     amount: i64,
 ) -> Result<pb::CaptureResponse, Error> {
-    let tenant = ctx.tenant_id.as_str();
+    let wanted = [CaptureOf {
+        hold_id: hold_id.to_string(),
+        amount,
+    }];
+    let hold = match capture_many(txn, ctx, backend, &wanted).await?.pop() {
+        Some(Captured::Now(hold)) => hold,
+        Some(Captured::Before(_)) => {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                format!("hold `{hold_id}` is captured, not active"),
+            )
+            .with_reason("HOLD_NOT_ACTIVE"));
+        }
+        Some(Captured::Refused(e, _)) if e.code == Code::InvalidArgument => {
+            return Err(Error::invalid_field("amount", e.message));
+        }
+        Some(Captured::Refused(e, _)) => return Err(e),
+        None => return Err(Error::internal("a capture without its outcome")),
+    };
     let now = now_micros();
-    let hold = lock_active(txn, tenant, backend, hold_id).await?;
-    if hold.expires_at <= now {
-        return Err(Error::new(
-            Code::FailedPrecondition,
-            format!("hold `{hold_id}` lapsed; place a new one"),
-        )
-        .with_reason("HOLD_EXPIRED"));
-    }
-    let amount = if amount == 0 { hold.amount } else { amount };
-    if amount > hold.amount {
-        return Err(Error::invalid_field(
-            "amount",
-            format!("must be at most the held amount {}", hold.amount),
-        ));
-    }
-    let entry = Entry::new(
-        "capture",
-        &hold.customer_id,
-        &hold.asset,
-        -amount,
-        "hold captured",
-        now,
-    );
-    entry.write(txn, ctx).await?;
-    let holds = account(txn, tenant, Owner::System("holds"), &hold.asset).await?;
-    let redemption = account(txn, tenant, Owner::System("redemption"), &hold.asset).await?;
-    post(
-        txn,
-        tenant,
-        &entry.id,
-        &[
-            Leg::System(&holds, -amount),
-            Leg::System(&redemption, amount),
-        ],
-        now,
-    )
-    .await?;
-    ledger::move_outside(
-        txn,
-        tenant,
-        &hold.account_id,
-        ledger::Outside::Held,
-        -amount,
-    )
-    .await?;
-    if amount < hold.amount {
-        give_back(txn, ctx, &hold, hold.amount - amount, now).await?;
-    }
-    let settled = settle(txn, tenant, &hold, "captured", amount, Some(&entry.id), now).await?;
-    emit(
-        txn,
-        tenant,
-        &hold.asset,
-        "captured",
-        serde_json::json!({
-            "hold_id": hold.id,
-            "transaction_id": entry.id,
-            "customer_id": hold.customer_id,
-            "amount": amount,
-            "released": hold.amount - amount,
-        }),
-    )
-    .await?;
     Ok(pb::CaptureResponse {
-        hold: Some(settled.to_proto()),
-        balance: Some(account_balance(txn, tenant, &hold.customer_id, &hold.asset, now).await?),
+        balance: Some(
+            account_balance(txn, &ctx.tenant_id, &hold.customer_id, &hold.asset, now).await?,
+        ),
+        hold: Some(hold.to_proto()),
+    })
+}
+
+/// Captures many holds, each on its own: see [`capture_many`].
+pub async fn batch_capture(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    backend: Backend,
+    wanted: &[CaptureOf],
+) -> Result<pb::BatchCaptureResponse, Error> {
+    let outcomes = capture_many(txn, ctx, backend, wanted).await?;
+    Ok(pb::BatchCaptureResponse {
+        outcomes: wanted
+            .iter()
+            .zip(outcomes)
+            .map(|(c, o)| {
+                let (hold, error) = match o {
+                    Captured::Now(h) | Captured::Before(h) => (Some(h), None),
+                    Captured::Refused(e, h) => (h, Some(e)),
+                };
+                pb::BatchCaptureOutcome {
+                    hold_id: c.hold_id.clone(),
+                    hold: hold.map(|h| h.to_proto()),
+                    reason: error
+                        .as_ref()
+                        .map(|e| e.reason.clone().unwrap_or_else(|| "NOT_FOUND".into()))
+                        .unwrap_or_default(),
+                    message: error.map(|e| e.message).unwrap_or_default(),
+                }
+            })
+            .collect(),
     })
 }
 

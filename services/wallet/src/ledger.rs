@@ -3,11 +3,13 @@
 //! lots (recorded in `lot_consumptions`), so a balance always equals its postings and the
 //! remaining value of its lots.
 
+use std::collections::BTreeSet;
+
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use tessera_proto::wallet::v1::{self as pb, AssetKind};
 use tessera_runtime::error::Violations;
 use tessera_runtime::{Code, Error, RequestContext};
-use tessera_store::{Backend, db_error, insert_rows, now_micros, outbox, stmt};
+use tessera_store::{Backend, db_error, insert_rows, now_micros, outbox, stmt, tuples};
 
 use crate::{programs, rules, tiers};
 
@@ -39,7 +41,7 @@ impl Owner<'_> {
 }
 
 /// A validated asset.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Asset {
     pub kind: AssetKind,
     pub code: String,
@@ -380,6 +382,30 @@ pub(crate) async fn lock_account(
     account_id: &str,
 ) -> Result<AccountRow, Error> {
     account_row(txn, tenant, account_id, backend.row_lock()).await
+}
+
+/// Locks many accounts in id order (PostgreSQL; SQLite's write transaction excludes other
+/// writers), so concurrent batches and single operations cannot deadlock.
+pub(crate) async fn lock_accounts(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    backend: Backend,
+    ids: &BTreeSet<&str>,
+) -> Result<(), Error> {
+    if backend != Backend::Postgres || ids.is_empty() {
+        return Ok(());
+    }
+    txn.execute_raw(stmt(
+        txn,
+        &format!(
+            "SELECT id FROM accounts WHERE tenant_id = $1 AND id IN {} ORDER BY id FOR UPDATE",
+            tuples(2, ids.len(), 1)
+        ),
+        std::iter::once(tenant.into()).chain(ids.iter().map(|id| (*id).into())),
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(())
 }
 
 /// An account's owner and asset, read with `lock` (a row lock, or nothing).
@@ -1131,36 +1157,22 @@ async fn announce_expiring(
     Ok(())
 }
 
-/// Moves a customer account's `held` or `pending` total (value outside its balance, kept on
-/// the row so a balance is one row read).
-pub(crate) async fn move_outside(
+/// Moves a customer account's `pending` total (credited value waiting for confirmation,
+/// kept on the row beside the balance so a balance is one row read).
+pub(crate) async fn move_pending(
     txn: &DatabaseTransaction,
     tenant: &str,
     account_id: &str,
-    column: Outside,
     delta: i64,
 ) -> Result<(), Error> {
-    let column = match column {
-        Outside::Held => "held",
-        Outside::Pending => "pending",
-    };
     txn.execute_raw(stmt(
         txn,
-        &format!("UPDATE accounts SET {column} = {column} + $1 WHERE tenant_id = $2 AND id = $3"),
+        "UPDATE accounts SET pending = pending + $1 WHERE tenant_id = $2 AND id = $3",
         [delta.into(), tenant.into(), account_id.into()],
     ))
     .await
     .map_err(db_error)?;
     Ok(())
-}
-
-/// Value of a customer account kept outside its balance.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Outside {
-    /// Reserved by active holds.
-    Held,
-    /// Credited, waiting for confirmation.
-    Pending,
 }
 
 /// The balance of one customer account (zero when it does not exist).

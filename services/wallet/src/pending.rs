@@ -117,14 +117,7 @@ async fn change_status(
 ) -> Result<(), Error> {
     let tenant = ctx.tenant_id.as_str();
     if row.status == CreditStatus::Pending {
-        ledger::move_outside(
-            txn,
-            tenant,
-            &row.account_id,
-            ledger::Outside::Pending,
-            -row.amount,
-        )
-        .await?;
+        ledger::move_pending(txn, tenant, &row.account_id, -row.amount).await?;
     }
     txn.execute_raw(stmt(
         txn,
@@ -223,14 +216,7 @@ pub async fn create(
         now,
     )
     .await?;
-    ledger::move_outside(
-        txn,
-        tenant,
-        &customer,
-        ledger::Outside::Pending,
-        credit.amount,
-    )
-    .await?;
+    ledger::move_pending(txn, tenant, &customer, credit.amount).await?;
     txn.execute_raw(stmt(
         txn,
         "INSERT INTO pending_credits (tenant_id, id, customer_id, account_id, asset_kind, \

@@ -643,6 +643,58 @@ impl WalletService for Wallet {
         Ok(Response::new(response))
     }
 
+    async fn batch_capture(
+        &self,
+        request: Request<pb::BatchCaptureRequest>,
+    ) -> Result<Response<pb::BatchCaptureResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        if request.captures.is_empty() || request.captures.len() > holds::MAX_CAPTURES {
+            v.add(
+                "captures",
+                format!("must hold 1 to {} captures", holds::MAX_CAPTURES),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, c) in request.captures.iter().enumerate() {
+            let field = format!("captures[{i}].hold_id");
+            check_id(&mut v, &field, &c.hold_id);
+            if !seen.insert(c.hold_id.as_str()) {
+                v.add(&field, "names a hold captured earlier in this batch");
+            }
+            if c.amount != 0 {
+                ledger::check_amount(&mut v, &format!("captures[{i}].amount"), c.amount);
+            }
+        }
+        v.finish()?;
+        let wanted: Vec<holds::CaptureOf> = request
+            .captures
+            .iter()
+            .map(|c| holds::CaptureOf {
+                hold_id: c.hold_id.clone(),
+                amount: c.amount,
+            })
+            .collect();
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "wallet.BatchCapture",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(
+                        async move { holds::batch_capture(txn, &work_ctx, backend, &wanted).await },
+                    )
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
     async fn release(
         &self,
         request: Request<pb::ReleaseRequest>,

@@ -14,6 +14,7 @@ use crate::{assert_ledger_invariants, events};
 
 backend_tests!(
     holds_capture_release_and_refunds,
+    batch_capture_settles_each_hold_on_its_own,
     reversals_refund_debits_and_claw_back_credits,
     transfers_keep_the_senders_expiry,
     pending_cashback_lifecycle,
@@ -200,6 +201,157 @@ async fn holds_capture_release_and_refunds(suite: TestSuite) {
     .await
     .unwrap_err();
     assert!(field_of(&far).contains("expires_at"), "{far:?}");
+    assert_ledger_invariants(&suite).await;
+    crate::check_catalogue(&suite, TENANT).await;
+    suite.cleanup().await;
+}
+
+fn batch(key: &str, captures: &[(&str, i64)]) -> pb::BatchCaptureRequest {
+    pb::BatchCaptureRequest {
+        idempotency_key: key.into(),
+        captures: captures
+            .iter()
+            .map(|(hold_id, amount)| pb::BatchCaptureEntry {
+                hold_id: (*hold_id).into(),
+                amount: *amount,
+            })
+            .collect(),
+    }
+}
+
+async fn batch_capture_settles_each_hold_on_its_own(suite: TestSuite) {
+    let mut wallet = WalletServiceClient::new(suite.channel());
+    for (key, customer) in [("c1", "ivo"), ("c2", "jun"), ("c3", "kai")] {
+        credit(&mut wallet, &suite, key, customer, 100, None).await;
+    }
+    let mut held = Vec::new();
+    for (key, customer, amount) in [
+        ("h1", "ivo", 40),
+        ("h2", "ivo", 60),
+        ("h3", "jun", 100),
+        ("h4", "kai", 50),
+        ("h5", "kai", 50),
+    ] {
+        let h = hold(&mut wallet, &suite, key, customer, amount, None)
+            .await
+            .unwrap();
+        held.push(h.hold.unwrap().id);
+    }
+    wallet
+        .release(suite.ctx(TENANT).request(pb::ReleaseRequest {
+            idempotency_key: "rel".into(),
+            hold_id: held[4].clone(),
+        }))
+        .await
+        .unwrap();
+
+    // The batch is checked whole: a hold named twice, a bad amount, too many captures.
+    let twice = wallet
+        .batch_capture(
+            suite
+                .ctx(TENANT)
+                .request(batch("b0", &[(&held[0], 0), (&held[0], 0)])),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), tonic::Code::InvalidArgument);
+    assert!(
+        field_of(&twice).contains("captures[1].hold_id"),
+        "{twice:?}"
+    );
+    let negative = wallet
+        .batch_capture(suite.ctx(TENANT).request(batch("b0", &[(&held[0], -1)])))
+        .await
+        .unwrap_err();
+    assert!(
+        field_of(&negative).contains("captures[0].amount"),
+        "{negative:?}"
+    );
+    let ids: Vec<String> = (0..501).map(|i| format!("h{i}")).collect();
+    let many: Vec<(&str, i64)> = ids.iter().map(|id| (id.as_str(), 0)).collect();
+    let too_many = wallet
+        .batch_capture(suite.ctx(TENANT).request(batch("b0", &many)))
+        .await
+        .unwrap_err();
+    assert!(field_of(&too_many).contains("captures"), "{too_many:?}");
+
+    // Each capture stands alone: two of one account (one partial), an amount above its hold,
+    // a released hold, an unknown one.
+    let outcomes = wallet
+        .batch_capture(suite.ctx(TENANT).request(batch(
+            "b1",
+            &[
+                (&held[0], 0),
+                (&held[1], 25),
+                (&held[2], 101),
+                (&held[4], 0),
+                ("01900000-0000-7000-8000-000000000000", 0),
+            ],
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcomes;
+    let reasons: Vec<&str> = outcomes.iter().map(|o| o.reason.as_str()).collect();
+    assert_eq!(
+        reasons,
+        ["", "", "AMOUNT_ABOVE_HOLD", "HOLD_NOT_ACTIVE", "NOT_FOUND"],
+        "{outcomes:?}"
+    );
+    let captured: Vec<(i32, i64)> = outcomes[..2]
+        .iter()
+        .map(|o| o.hold.as_ref().map(|h| (h.status, h.captured)).unwrap())
+        .collect();
+    let done = pb::HoldStatus::Captured as i32;
+    assert_eq!(captured, [(done, 40), (done, 25)]);
+    assert!(
+        outcomes[..2]
+            .iter()
+            .all(|o| !o.hold.as_ref().unwrap().capture_transaction_id.is_empty())
+    );
+    assert!(outcomes[4].hold.is_none());
+    // ivo: 40 + 25 spent, 35 back; jun's hold is untouched; kai has 50 held still.
+    let b = balance(&mut wallet, &suite, "ivo").await;
+    assert_eq!((b.available, b.held), (35, 0));
+    let b = balance(&mut wallet, &suite, "jun").await;
+    assert_eq!((b.available, b.held), (0, 100));
+
+    // Sent again (another key, as after a crash), the captured holds report their capture
+    // and move nothing; the others are captured now.
+    let again = wallet
+        .batch_capture(suite.ctx(TENANT).request(batch(
+            "b2",
+            &[(&held[0], 0), (&held[1], 25), (&held[2], 0), (&held[3], 0)],
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcomes;
+    assert!(again.iter().all(|o| o.reason.is_empty()), "{again:?}");
+    assert_eq!(
+        again[0].hold.as_ref().unwrap().capture_transaction_id,
+        outcomes[0].hold.as_ref().unwrap().capture_transaction_id
+    );
+    assert_eq!(balance(&mut wallet, &suite, "ivo").await.available, 35);
+    let b = balance(&mut wallet, &suite, "jun").await;
+    assert_eq!((b.available, b.held), (0, 0));
+    // A different amount for a captured hold is refused, as a single Capture of it is.
+    let other = wallet
+        .batch_capture(suite.ctx(TENANT).request(batch("b3", &[(&held[1], 30)])))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcomes;
+    assert_eq!(other[0].reason, "HOLD_NOT_ACTIVE");
+    let single = wallet
+        .capture(suite.ctx(TENANT).request(pb::CaptureRequest {
+            idempotency_key: "cap".into(),
+            hold_id: held[0].clone(),
+            amount: 0,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(single.code(), tonic::Code::FailedPrecondition);
     assert_ledger_invariants(&suite).await;
     crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
