@@ -127,6 +127,13 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         ))
 }
 
+/// A one-second tick that never bunches up after a slow pass.
+fn each_second() -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
 /// Settles redemptions' wallet spends when a redemption wakes it and every second (what
 /// failed before): while one batch is with the wallet, the redemptions committed meanwhile
 /// gather into the next, so under load captures are group-committed. Several replicas may
@@ -137,8 +144,7 @@ async fn settle_spends(
     due: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = each_second();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -167,8 +173,7 @@ async fn sweep(
     scheduler: SchedulerServiceClient<grpc::Channel>,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = each_second();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,

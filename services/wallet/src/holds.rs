@@ -276,35 +276,22 @@ async fn give_back(
     .await
 }
 
-/// Marks a hold captured or released. Returns it as stored now.
-async fn settle(
+/// Marks a hold released. Returns it as stored now.
+async fn mark_released(
     txn: &DatabaseTransaction,
     tenant: &str,
     hold: &HoldRow,
-    status: &str,
-    captured: i64,
-    capture_transaction_id: Option<&str>,
     now: i64,
 ) -> Result<HoldRow, Error> {
     txn.execute_raw(stmt(
         txn,
-        "UPDATE holds SET status = $1, captured = $2, capture_transaction_id = $3, updated_at = $4 \
-         WHERE tenant_id = $5 AND id = $6",
-        [
-            status.into(),
-            captured.into(),
-            capture_transaction_id.map(str::to_string).into(),
-            now.into(),
-            tenant.into(),
-            hold.id.clone().into(),
-        ],
+        "UPDATE holds SET status = 'released', updated_at = $1 WHERE tenant_id = $2 AND id = $3",
+        [now.into(), tenant.into(), hold.id.clone().into()],
     ))
     .await
     .map_err(db_error)?;
     Ok(HoldRow {
-        status: status.to_string(),
-        captured,
-        capture_transaction_id: capture_transaction_id.map(str::to_string),
+        status: "released".into(),
         ..hold.clone()
     })
 }
@@ -588,7 +575,7 @@ async fn release_locked(
     now: i64,
 ) -> Result<HoldRow, Error> {
     give_back(txn, ctx, hold, hold.amount, now).await?;
-    let settled = settle(txn, &ctx.tenant_id, hold, "released", 0, None, now).await?;
+    let settled = mark_released(txn, &ctx.tenant_id, hold, now).await?;
     emit(
         txn,
         &ctx.tenant_id,
