@@ -179,6 +179,7 @@ impl Eligibility {
         let job = checkout.clone();
         let holder = spends::Holder {
             wallet: self.wallet.clone(),
+            holds: self.holds.clone(),
             ctx: ctx.clone(),
         };
         // What the plan spends from the wallet is held before the transaction begins, so no

@@ -81,6 +81,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
     )?);
     let degraded = segments.degraded.clone();
     let spends_due = Arc::new(Notify::new());
+    let (holds, gather_holds) = spends::HoldBatcher::start(wallet.clone(), shutdown.clone());
     let service = service::Eligibility {
         db: db.clone(),
         idempotency: Idempotency::new(
@@ -93,6 +94,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         wallet: wallet.clone(),
         scheduler: scheduler.clone(),
         spends_due: spends_due.clone(),
+        holds,
     };
     Ok(Component::new(SERVICE)
         .grpc(GRPC_NAME, move |routes| {
@@ -100,6 +102,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
                 EligibilityServiceServer::new(service).max_decoding_message_size(8 * 1024 * 1024),
             );
         })
+        .task(gather_holds)
         .task(tokio::spawn(settle_spends(
             db.clone(),
             wallet.clone(),

@@ -35,6 +35,8 @@ pub struct Eligibility {
     pub segments: Arc<Segments>,
     pub wallet: WalletServiceClient<grpc::Channel>,
     pub scheduler: SchedulerServiceClient<grpc::Channel>,
+    /// Gathers redemptions' wallet holds into batches.
+    pub holds: crate::spends::HoldBatcher,
     /// Wakes the spend settler: a redemption committed spends to capture.
     pub spends_due: Arc<Notify>,
 }

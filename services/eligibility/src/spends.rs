@@ -28,6 +28,8 @@ use tessera_runtime::{Code, Error, RequestContext, grpc};
 use tessera_store::idempotency::derived_key;
 use tessera_store::outbox::micros_to_timestamp;
 use tessera_store::{Db, db_error, stmt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::earning::keep_refusal;
 use crate::redeem::Plan;
@@ -110,7 +112,112 @@ pub async fn balances(
 #[derive(Clone)]
 pub struct Holder {
     pub wallet: WalletServiceClient<grpc::Channel>,
+    pub holds: HoldBatcher,
     pub ctx: RequestContext,
+}
+
+/// Most holds gathered into one `BatchHold`.
+const HOLD_BATCH: usize = 200;
+
+/// One hold a redemption waits for.
+struct Ask {
+    ctx: RequestContext,
+    key: String,
+    entry: wpb::BatchHoldEntry,
+    reply: oneshot::Sender<Result<wpb::BatchHoldOutcome, Error>>,
+}
+
+/// Gathers the holds of concurrent redemptions into one wallet `BatchHold` per tenant and
+/// caller, a group commit: while one batch is with the wallet, the next one gathers. Each
+/// hold still stands or fails on its own.
+#[derive(Clone)]
+pub struct HoldBatcher {
+    asks: mpsc::Sender<Ask>,
+}
+
+impl HoldBatcher {
+    /// The batcher and its task (which ends with `shutdown`).
+    pub fn start(
+        wallet: WalletServiceClient<grpc::Channel>,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (asks, rx) = mpsc::channel(4 * HOLD_BATCH);
+        let task = tokio::spawn(gather_holds(wallet, rx, shutdown));
+        (Self { asks }, task)
+    }
+
+    async fn hold(
+        &self,
+        ctx: &RequestContext,
+        key: String,
+        entry: wpb::BatchHoldEntry,
+    ) -> Result<wpb::BatchHoldOutcome, Error> {
+        let (reply, outcome) = oneshot::channel();
+        let ask = Ask {
+            ctx: ctx.clone(),
+            key,
+            entry,
+            reply,
+        };
+        let stopped = || Error::new(Code::Unavailable, "the eligibility is shutting down");
+        self.asks.send(ask).await.map_err(|_| stopped())?;
+        outcome.await.map_err(|_| stopped())?
+    }
+}
+
+async fn gather_holds(
+    wallet: WalletServiceClient<grpc::Channel>,
+    mut asks: mpsc::Receiver<Ask>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return,
+            ask = asks.recv() => match ask {
+                Some(ask) => ask,
+                None => return,
+            },
+        };
+        let mut groups: BTreeMap<(String, String), Vec<Ask>> = BTreeMap::new();
+        let mut gathered = 1;
+        let mut next = Some(first);
+        while let Some(ask) = next {
+            let group = (ask.ctx.tenant_id.clone(), ask.ctx.principal.clone());
+            groups.entry(group).or_default().push(ask);
+            next = (gathered < HOLD_BATCH)
+                .then(|| asks.try_recv().ok())
+                .flatten();
+            gathered += 1;
+        }
+        for group in groups.into_values() {
+            hold_batch(&wallet, group).await;
+        }
+    }
+}
+
+/// Sends one batch and answers each of its redemptions.
+async fn hold_batch(wallet: &WalletServiceClient<grpc::Channel>, group: Vec<Ask>) {
+    let keys: Vec<&str> = group.iter().map(|a| a.key.as_str()).collect();
+    let request = group[0].ctx.request(wpb::BatchHoldRequest {
+        idempotency_key: derived_key("redemption-holds", &keys),
+        holds: group.iter().map(|a| a.entry.clone()).collect(),
+    });
+    match wallet.clone().batch_hold(request).await {
+        Ok(response) => {
+            let mut outcomes = response.into_inner().outcomes.into_iter();
+            for ask in group {
+                let outcome = outcomes
+                    .next()
+                    .ok_or_else(|| Error::internal("the wallet answered fewer holds"));
+                let _ = ask.reply.send(outcome);
+            }
+        }
+        Err(status) => {
+            for ask in group {
+                let _ = ask.reply.send(Err(Error::from_status(&status)));
+            }
+        }
+    }
 }
 
 fn asset_of(s: &pb::WalletSpend) -> wpb::Asset {
@@ -152,37 +259,38 @@ pub async fn hold(
     let mut placed: Vec<pb::WalletSpend> = Vec::with_capacity(wanted.len());
     for mut s in wanted {
         let asset = asset_of(&s);
-        let request = holder.ctx.request(wpb::HoldRequest {
-            idempotency_key: key(redemption, &asset, "hold"),
+        let entry = wpb::BatchHoldEntry {
             customer_id: customer.to_string(),
             asset: Some(asset.clone()),
             amount: s.amount,
             reason: format!("redemption {redemption}"),
             expires_at: Some(micros_to_timestamp(deadline + HOLD_GRACE_MICROS)),
-        });
-        match holder.wallet.clone().hold(request).await {
-            Ok(held) => {
-                s.hold_id = held.into_inner().hold.map(|h| h.id).unwrap_or_default();
+        };
+        let key = key(redemption, &asset, "hold");
+        let outcome = holder.holds.hold(&holder.ctx, key, entry).await;
+        let refused = match outcome {
+            Ok(o) if o.reason.is_empty() => {
+                s.hold_id = o.hold.map(|h| h.id).unwrap_or_default();
                 placed.push(s);
+                continue;
             }
-            Err(status) => {
-                release_now(holder, &placed).await;
-                let err = Error::from_status(&status);
-                if err.reason.as_deref() != Some("INSUFFICIENT_BALANCE") {
-                    return Err(err);
-                }
-                return Err(Error::new(
-                    Code::FailedPrecondition,
-                    format!(
-                        "the customer's {} no longer cover {}: {}",
-                        describe(&asset),
-                        s.amount,
-                        err.message
-                    ),
-                )
-                .with_reason("INSUFFICIENT_BALANCE"));
-            }
+            Ok(o) => Error::new(Code::FailedPrecondition, o.message).with_reason(o.reason),
+            Err(e) => e,
+        };
+        release_now(holder, &placed).await;
+        if refused.reason.as_deref() != Some("INSUFFICIENT_BALANCE") {
+            return Err(refused);
         }
+        return Err(Error::new(
+            Code::FailedPrecondition,
+            format!(
+                "the customer's {} no longer cover {}: {}",
+                describe(&asset),
+                s.amount,
+                refused.message
+            ),
+        )
+        .with_reason("INSUFFICIENT_BALANCE"));
     }
     Ok(placed)
 }

@@ -153,6 +153,273 @@ async fn lock_active(
     Ok(hold)
 }
 
+/// Most holds one `BatchHold` carries.
+pub const MAX_HOLDS: usize = 500;
+
+/// A spendable lot of one account, as the batch spends it.
+struct Spendable {
+    id: i64,
+    remaining: i64,
+}
+
+/// Places holds in the caller's transaction with a few multi-row statements, each on its own
+/// and in order (two holds on one account spend its lots one after the other): the accounts
+/// locked in id order, their spendable lots read once, first-to-expire first.
+async fn hold_many(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    backend: Backend,
+    wanted: &[NewHold],
+) -> Result<Vec<Result<HoldRow, Error>>, Error> {
+    let tenant = ctx.tenant_id.as_str();
+    let now = now_micros();
+    let owners: BTreeSet<&str> = wanted.iter().map(|h| h.customer_id.as_str()).collect();
+    let mut account_of: HashMap<(String, Asset), String> = HashMap::new();
+    for row in txn
+        .query_all_raw(stmt(
+            txn,
+            &format!(
+                "SELECT id, owner_id, asset_kind, asset_code FROM accounts \
+                 WHERE tenant_id = $1 AND owner_kind = 'customer' AND owner_id IN {}",
+                tuples(2, owners.len(), 1)
+            ),
+            std::iter::once(tenant.into()).chain(owners.iter().map(|o| (*o).into())),
+        ))
+        .await
+        .map_err(db_error)?
+    {
+        let asset = Asset::stored(
+            row.try_get_by_index(2).map_err(db_error)?,
+            row.try_get_by_index(3).map_err(db_error)?,
+        );
+        let owner: String = row.try_get_by_index(1).map_err(db_error)?;
+        account_of.insert((owner, asset), row.try_get_by_index(0).map_err(db_error)?);
+    }
+    let accounts: BTreeSet<&str> = wanted
+        .iter()
+        .filter_map(|h| account_of.get(&(h.customer_id.clone(), h.asset.clone())))
+        .map(String::as_str)
+        .collect();
+    ledger::lock_accounts(txn, tenant, backend, &accounts).await?;
+    let mut lots: HashMap<String, Vec<Spendable>> = HashMap::new();
+    if !accounts.is_empty() {
+        for row in txn
+            .query_all_raw(stmt(
+                txn,
+                &format!(
+                    "SELECT account_id, id, remaining FROM lots WHERE tenant_id = $1 \
+                     AND account_id IN {} AND remaining > 0 \
+                     AND (expires_at IS NULL OR expires_at > $2) \
+                     ORDER BY account_id, CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END, \
+                     expires_at, earned_at, id",
+                    tuples(3, accounts.len(), 1)
+                ),
+                [tenant.into(), now.into()]
+                    .into_iter()
+                    .chain(accounts.iter().map(|a| (*a).into())),
+            ))
+            .await
+            .map_err(db_error)?
+        {
+            let account: String = row.try_get_by_index(0).map_err(db_error)?;
+            lots.entry(account).or_default().push(Spendable {
+                id: row.try_get_by_index(1).map_err(db_error)?,
+                remaining: row.try_get_by_index(2).map_err(db_error)?,
+            });
+        }
+    }
+
+    let mut outcomes = Vec::with_capacity(wanted.len());
+    let mut transactions = Vec::new();
+    let mut consumptions = Vec::new();
+    let mut taken: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut moved: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut placed: Vec<HoldRow> = Vec::new();
+    for new in wanted {
+        let Some(account) = account_of.get(&(new.customer_id.clone(), new.asset.clone())) else {
+            outcomes.push(Err(insufficient(0, new.amount)));
+            continue;
+        };
+        let spendable = lots.entry(account.clone()).or_default();
+        let available: i64 = spendable.iter().map(|l| l.remaining).sum();
+        if available < new.amount {
+            outcomes.push(Err(insufficient(available, new.amount)));
+            continue;
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        let mut left = new.amount;
+        for lot in spendable.iter_mut().filter(|l| l.remaining > 0) {
+            if left == 0 {
+                break;
+            }
+            let part = lot.remaining.min(left);
+            left -= part;
+            lot.remaining -= part;
+            *taken.entry(lot.id).or_default() += part;
+            consumptions.push(vec![
+                tenant.into(),
+                id.clone().into(),
+                lot.id.into(),
+                part.into(),
+            ]);
+        }
+        transactions.push(vec![
+            id.clone().into(),
+            tenant.into(),
+            "hold".into(),
+            new.customer_id.clone().into(),
+            (new.asset.kind as i32).into(),
+            new.asset.code.clone().into(),
+            (-new.amount).into(),
+            new.reason.clone().into(),
+            ctx.principal.clone().into(),
+            now.into(),
+        ]);
+        *moved.entry(account.as_str()).or_default() += new.amount;
+        let hold = HoldRow {
+            id,
+            customer_id: new.customer_id.clone(),
+            account_id: account.clone(),
+            asset: new.asset.clone(),
+            amount: new.amount,
+            captured: 0,
+            status: "active".into(),
+            expires_at: new.expires_at,
+            capture_transaction_id: None,
+        };
+        placed.push(hold.clone());
+        outcomes.push(Ok(hold));
+    }
+    if placed.is_empty() {
+        return Ok(outcomes);
+    }
+
+    let mut system: HashMap<&Asset, String> = HashMap::new();
+    let mut postings = Vec::with_capacity(placed.len() * 2);
+    let mut rows = Vec::with_capacity(placed.len());
+    let mut events = Vec::with_capacity(placed.len());
+    for h in &placed {
+        if !system.contains_key(&h.asset) {
+            let holds = account(txn, tenant, Owner::System("holds"), &h.asset).await?;
+            system.insert(&h.asset, holds);
+        }
+        for (account, amount) in [(&h.account_id, -h.amount), (&system[&h.asset], h.amount)] {
+            postings.push(vec![
+                tenant.into(),
+                h.id.clone().into(),
+                account.clone().into(),
+                amount.into(),
+                now.into(),
+            ]);
+        }
+        rows.push(vec![
+            tenant.into(),
+            h.id.clone().into(),
+            h.customer_id.clone().into(),
+            h.account_id.clone().into(),
+            (h.asset.kind as i32).into(),
+            h.asset.code.clone().into(),
+            h.amount.into(),
+            0i64.into(),
+            "active".into(),
+            h.expires_at.into(),
+            now.into(),
+            now.into(),
+        ]);
+    }
+    insert_rows(
+        txn,
+        "INSERT INTO transactions (id, tenant_id, kind, customer_id, asset_kind, asset_code, \
+         amount, reason, principal, created_at)",
+        "",
+        transactions,
+    )
+    .await?;
+    txn.execute_raw(stmt(
+        txn,
+        &format!(
+            "UPDATE lots SET remaining = remaining - v.column2 FROM (VALUES {}) AS v \
+             WHERE lots.tenant_id = $1 AND lots.id = v.column1",
+            tuples(2, 2, taken.len())
+        ),
+        std::iter::once(tenant.into()).chain(
+            taken
+                .iter()
+                .flat_map(|(id, part)| [(*id).into(), (*part).into()]),
+        ),
+    ))
+    .await
+    .map_err(db_error)?;
+    insert_rows(
+        txn,
+        "INSERT INTO lot_consumptions (tenant_id, transaction_id, lot_id, amount)",
+        "",
+        consumptions,
+    )
+    .await?;
+    insert_rows(
+        txn,
+        "INSERT INTO postings (tenant_id, transaction_id, account_id, amount, created_at)",
+        "",
+        postings,
+    )
+    .await?;
+    // Held value leaves the balance for the held total (Leg::Held, per account).
+    let updated = txn
+        .execute_raw(stmt(
+            txn,
+            &format!(
+                "UPDATE accounts SET balance = balance - v.column2, held = held + v.column2, \
+                 version = version + 1, updated_at = $2 FROM (VALUES {}) AS v \
+                 WHERE accounts.tenant_id = $1 AND accounts.id = v.column1",
+                tuples(3, 2, moved.len())
+            ),
+            [tenant.into(), now.into()].into_iter().chain(
+                moved
+                    .iter()
+                    .flat_map(|(id, amount)| [(*id).into(), (*amount).into()]),
+            ),
+        ))
+        .await
+        .map_err(db_error)?;
+    if updated.rows_affected() != moved.len() as u64 {
+        return Err(Error::internal("hold on a missing account"));
+    }
+    insert_rows(
+        txn,
+        "INSERT INTO holds (tenant_id, id, customer_id, account_id, asset_kind, asset_code, \
+         amount, captured, status, expires_at, created_at, updated_at)",
+        "",
+        rows,
+    )
+    .await?;
+    for (h, new) in outcomes
+        .iter()
+        .zip(wanted)
+        .filter_map(|(o, new)| o.as_ref().ok().map(|h| (h, new)))
+    {
+        events.push((
+            format!("{}.held", h.asset.event_prefix()),
+            serde_json::json!({
+                "hold_id": h.id,
+                "customer_id": h.customer_id,
+                "amount": h.amount,
+                "reason": new.reason,
+                "asset": h.asset.to_json(),
+            }),
+        ));
+    }
+    outbox::enqueue_many(
+        txn,
+        tenant,
+        events
+            .iter()
+            .map(|(event_type, data)| (event_type.as_str(), data)),
+    )
+    .await?;
+    Ok(outcomes)
+}
+
 /// Places a hold.
 pub async fn hold(
     txn: &DatabaseTransaction,
@@ -160,83 +427,42 @@ pub async fn hold(
     backend: Backend,
     new: &NewHold,
 ) -> Result<pb::HoldResponse, Error> {
-    let tenant = ctx.tenant_id.as_str();
+    let hold = hold_many(txn, ctx, backend, std::slice::from_ref(new))
+        .await?
+        .pop()
+        .ok_or_else(|| Error::internal("a hold without its outcome"))??;
     let now = now_micros();
-    let Some(customer) =
-        ledger::find_customer_account(txn, tenant, &new.customer_id, &new.asset, Some(backend))
-            .await?
-    else {
-        return Err(insufficient(0, new.amount));
-    };
-    let lots = ledger::spendable_for(txn, tenant, &customer, None, now, new.amount).await?;
-    let entry = Entry::new(
-        "hold",
-        &new.customer_id,
-        &new.asset,
-        -new.amount,
-        &new.reason,
-        now,
-    );
-    entry.write(txn, ctx).await?;
-    ledger::take(txn, tenant, &entry.id, &lots, new.amount).await?;
-    let holds = account(txn, tenant, Owner::System("holds"), &new.asset).await?;
-    post(
-        txn,
-        tenant,
-        &entry.id,
-        &[
-            Leg::Held(&customer, -new.amount),
-            Leg::System(&holds, new.amount),
-        ],
-        now,
-    )
-    .await?;
-    let hold = HoldRow {
-        id: entry.id.clone(),
-        customer_id: new.customer_id.clone(),
-        account_id: customer,
-        asset: new.asset.clone(),
-        amount: new.amount,
-        captured: 0,
-        status: "active".into(),
-        expires_at: new.expires_at,
-        capture_transaction_id: None,
-    };
-    txn.execute_raw(stmt(
-        txn,
-        "INSERT INTO holds (tenant_id, id, customer_id, account_id, asset_kind, asset_code, \
-         amount, captured, status, expires_at, capture_transaction_id, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 'active', $8, NULL, $9, $9)",
-        [
-            tenant.into(),
-            hold.id.clone().into(),
-            hold.customer_id.clone().into(),
-            hold.account_id.clone().into(),
-            (hold.asset.kind as i32).into(),
-            hold.asset.code.clone().into(),
-            hold.amount.into(),
-            hold.expires_at.into(),
-            now.into(),
-        ],
-    ))
-    .await
-    .map_err(db_error)?;
-    emit(
-        txn,
-        tenant,
-        &new.asset,
-        "held",
-        serde_json::json!({
-            "hold_id": entry.id,
-            "customer_id": new.customer_id,
-            "amount": new.amount,
-            "reason": new.reason,
-        }),
-    )
-    .await?;
     Ok(pb::HoldResponse {
+        balance: Some(
+            account_balance(txn, &ctx.tenant_id, &hold.customer_id, &hold.asset, now).await?,
+        ),
         hold: Some(hold.to_proto()),
-        balance: Some(account_balance(txn, tenant, &new.customer_id, &new.asset, now).await?),
+    })
+}
+
+/// Places many holds, each on its own: see [`hold_many`].
+pub async fn batch_hold(
+    txn: &DatabaseTransaction,
+    ctx: &RequestContext,
+    backend: Backend,
+    wanted: &[NewHold],
+) -> Result<pb::BatchHoldResponse, Error> {
+    let outcomes = hold_many(txn, ctx, backend, wanted).await?;
+    Ok(pb::BatchHoldResponse {
+        outcomes: outcomes
+            .into_iter()
+            .map(|o| match o {
+                Ok(h) => pb::BatchHoldOutcome {
+                    hold: Some(h.to_proto()),
+                    ..Default::default()
+                },
+                Err(e) => pb::BatchHoldOutcome {
+                    hold: None,
+                    reason: e.reason.unwrap_or_default(),
+                    message: e.message,
+                },
+            })
+            .collect(),
     })
 }
 

@@ -195,6 +195,36 @@ fn check_movement(
     ledger::check_asset(v, "asset", asset)
 }
 
+/// A hold's customer, asset, amount and reason, and its expiry (default: 7 days), checked
+/// under the field names `field` gives.
+fn check_hold(
+    v: &mut Violations,
+    field: &dyn Fn(&str) -> String,
+    (customer_id, asset, amount, reason): (&str, Option<&pb::Asset>, i64, &str),
+    expires_at: Option<&prost_types::Timestamp>,
+    now: i64,
+) -> Option<holds::NewHold> {
+    ledger::check_customer_id(v, &field("customer_id"), customer_id);
+    let asset = ledger::check_asset(v, &field("asset"), asset);
+    ledger::check_amount(v, &field("amount"), amount);
+    check_reason(v, &field("reason"), reason, false);
+    let expires_at = expires_at.map(timestamp_to_micros);
+    check_future(
+        v,
+        &field("expires_at"),
+        expires_at,
+        now,
+        Some(holds::MAX_HOLD_SECS * 1_000_000),
+    );
+    Some(holds::NewHold {
+        customer_id: customer_id.to_string(),
+        asset: asset?,
+        amount,
+        reason: reason.to_string(),
+        expires_at: expires_at.unwrap_or(now + holds::DEFAULT_HOLD_SECS * 1_000_000),
+    })
+}
+
 /// At most 500 characters; `required` also refuses a blank reason.
 fn check_reason(v: &mut Violations, field: &str, reason: &str, required: bool) {
     if reason.chars().count() > 500 {
@@ -570,31 +600,23 @@ impl WalletService for Wallet {
         let ctx = context_of(&request)?;
         let request = request.into_inner();
         let mut v = Violations::new();
-        let asset = check_movement(
-            &mut v,
-            &request.idempotency_key,
-            &request.customer_id,
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        let fields = (
+            request.customer_id.as_str(),
             request.asset.as_ref(),
+            request.amount,
+            request.reason.as_str(),
         );
-        ledger::check_amount(&mut v, "amount", request.amount);
-        check_reason(&mut v, "reason", &request.reason, false);
-        let now = now_micros();
-        let expires_at = request.expires_at.as_ref().map(timestamp_to_micros);
-        check_future(
+        let plain = |name: &str| name.to_string();
+        let new = check_hold(
             &mut v,
-            "expires_at",
-            expires_at,
-            now,
-            Some(holds::MAX_HOLD_SECS * 1_000_000),
+            &plain,
+            fields,
+            request.expires_at.as_ref(),
+            now_micros(),
         );
         v.finish()?;
-        let new = holds::NewHold {
-            customer_id: request.customer_id.clone(),
-            asset: asset.ok_or_else(|| Status::internal("asset validated but missing"))?,
-            amount: request.amount,
-            reason: request.reason.clone(),
-            expires_at: expires_at.unwrap_or(now + holds::DEFAULT_HOLD_SECS * 1_000_000),
-        };
+        let new = new.ok_or_else(|| Status::internal("hold validated but missing"))?;
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
         let response = self
             .idempotency
@@ -605,6 +627,53 @@ impl WalletService for Wallet {
                 &request,
                 move |txn| {
                     Box::pin(async move { holds::hold(txn, &work_ctx, backend, &new).await })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn batch_hold(
+        &self,
+        request: Request<pb::BatchHoldRequest>,
+    ) -> Result<Response<pb::BatchHoldResponse>, Status> {
+        let ctx = context_of(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        if request.holds.is_empty() || request.holds.len() > holds::MAX_HOLDS {
+            v.add(
+                "holds",
+                format!("must hold 1 to {} holds", holds::MAX_HOLDS),
+            );
+        }
+        let now = now_micros();
+        let mut wanted = Vec::with_capacity(request.holds.len());
+        for (i, h) in request.holds.iter().enumerate() {
+            let f = |name: &str| format!("holds[{i}].{name}");
+            let fields = (
+                h.customer_id.as_str(),
+                h.asset.as_ref(),
+                h.amount,
+                h.reason.as_str(),
+            );
+            if let Some(new) = check_hold(&mut v, &f, fields, h.expires_at.as_ref(), now) {
+                wanted.push(new);
+            }
+        }
+        v.finish()?;
+        let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "wallet.BatchHold",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(
+                        async move { holds::batch_hold(txn, &work_ctx, backend, &wanted).await },
+                    )
                 },
             )
             .await?;

@@ -15,6 +15,7 @@ use crate::{assert_ledger_invariants, events};
 backend_tests!(
     holds_capture_release_and_refunds,
     batch_capture_settles_each_hold_on_its_own,
+    batch_hold_places_each_hold_on_its_own,
     reversals_refund_debits_and_claw_back_credits,
     transfers_keep_the_senders_expiry,
     pending_cashback_lifecycle,
@@ -352,6 +353,105 @@ async fn batch_capture_settles_each_hold_on_its_own(suite: TestSuite) {
         .await
         .unwrap_err();
     assert_eq!(single.code(), tonic::Code::FailedPrecondition);
+    assert_ledger_invariants(&suite).await;
+    crate::check_catalogue(&suite, TENANT).await;
+    suite.cleanup().await;
+}
+
+fn entry(customer: &str, amount: i64) -> pb::BatchHoldEntry {
+    pb::BatchHoldEntry {
+        customer_id: customer.into(),
+        asset: points(),
+        amount,
+        reason: "checkout".into(),
+        expires_at: None,
+    }
+}
+
+async fn batch_hold_places_each_hold_on_its_own(suite: TestSuite) {
+    let mut wallet = WalletServiceClient::new(suite.channel());
+    let soon = Some(in_future(Duration::from_secs(10 * 86_400)));
+    credit(&mut wallet, &suite, "c1", "lea", 50, None).await;
+    credit(&mut wallet, &suite, "c2", "lea", 30, soon).await;
+    credit(&mut wallet, &suite, "c3", "max", 10, None).await;
+    let request = |key: &str, holds: Vec<pb::BatchHoldEntry>| {
+        suite.ctx(TENANT).request(pb::BatchHoldRequest {
+            idempotency_key: key.into(),
+            holds,
+        })
+    };
+
+    // Checked whole, each field by its place in the batch.
+    let bad = wallet
+        .batch_hold(request("b0", vec![entry("lea", 10), entry("", 0)]))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    for field in ["holds[1].customer_id", "holds[1].amount"] {
+        assert!(field_of(&bad).contains(field), "{field}: {bad:?}");
+    }
+    let empty = wallet.batch_hold(request("b0", vec![])).await.unwrap_err();
+    assert!(field_of(&empty).contains("holds"), "{empty:?}");
+
+    // In order, each on its own: lea's 80 covers 45 then 35 but not 1 more; max has 10;
+    // nobody has no account.
+    let outcomes = wallet
+        .batch_hold(request(
+            "b1",
+            vec![
+                entry("lea", 45),
+                entry("max", 11),
+                entry("lea", 35),
+                entry("lea", 1),
+                entry("nobody", 5),
+                entry("max", 10),
+            ],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcomes;
+    let reasons: Vec<&str> = outcomes.iter().map(|o| o.reason.as_str()).collect();
+    let no = "INSUFFICIENT_BALANCE";
+    assert_eq!(reasons, ["", no, "", no, no, ""], "{outcomes:?}");
+    let amounts: Vec<i64> = outcomes
+        .iter()
+        .map(|o| o.hold.as_ref().map_or(0, |h| h.amount))
+        .collect();
+    assert_eq!(amounts, [45, 0, 35, 0, 0, 10]);
+    let b = balance(&mut wallet, &suite, "lea").await;
+    assert_eq!((b.available, b.held), (0, 80));
+    // The first hold took the first-to-expire lot: released, its 30 come back with their
+    // expiry, and 15 from the other lot.
+    let first = outcomes[0].hold.clone().unwrap();
+    wallet
+        .release(suite.ctx(TENANT).request(pb::ReleaseRequest {
+            idempotency_key: "rel".into(),
+            hold_id: first.id,
+        }))
+        .await
+        .unwrap();
+    let b = balance(&mut wallet, &suite, "lea").await;
+    assert_eq!((b.available, b.held, b.expiring_30d), (45, 35, 30));
+    // A replay answers the same holds, placing nothing more.
+    let replay = wallet
+        .batch_hold(request(
+            "b1",
+            vec![
+                entry("lea", 45),
+                entry("max", 11),
+                entry("lea", 35),
+                entry("lea", 1),
+                entry("nobody", 5),
+                entry("max", 10),
+            ],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcomes;
+    assert_eq!(replay, outcomes);
+    assert_eq!(balance(&mut wallet, &suite, "max").await.held, 10);
     assert_ledger_invariants(&suite).await;
     crate::check_catalogue(&suite, TENANT).await;
     suite.cleanup().await;
