@@ -27,7 +27,7 @@ use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::{Code, Error, RequestContext, grpc};
 use tessera_store::idempotency::derived_key;
 use tessera_store::outbox::micros_to_timestamp;
-use tessera_store::{Db, db_error, stmt};
+use tessera_store::{Db, db_error, stmt, tuples};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -504,15 +504,28 @@ pub async fn settle(
         });
     }
     let mut captured = capture_all(wallet, &dues).await?;
+    let mut settled = Vec::with_capacity(dues.len());
     for d in &dues {
         let outcome = match captured.remove(&(d.tenant.clone(), d.hold.clone())) {
             Some(Err(refused)) => Err(refused),
-            capture => settle_one(db, wallet, d, capture.and_then(Result::ok)).await,
+            capture => settle_one(wallet, d, capture.and_then(Result::ok)).await,
+        };
+        let outcome = match outcome {
+            Ok(row) => {
+                settled.push(row);
+                continue;
+            }
+            Err(e) => Err(e),
         };
         let what = format!("a spend of redemption {}", d.redemption);
         let table = "redemption_spends";
-        keep_refusal(conn, table, WHERE_ROW, d.filter(), outcome, &what).await?;
+        if let Err(e) = keep_refusal(conn, table, WHERE_ROW, d.filter(), outcome, &what).await {
+            // What was done so far is written before the rest waits for the wallet.
+            write_settled(db, settled).await?;
+            return Err(e);
+        }
     }
+    write_settled(db, settled).await?;
     Ok(dues.len())
 }
 
@@ -565,15 +578,13 @@ async fn capture_all(
     Ok(out)
 }
 
-/// The rest of a spend's work once its capture (when due) is known: a release, a refund,
-/// and the row brought up to date.
+/// The rest of a spend's work once its capture (when due) is known: a release, a refund;
+/// returns the row's new values for [`write_settled`].
 async fn settle_one(
-    db: &Db,
     wallet: &WalletServiceClient<grpc::Channel>,
     d: &Due,
     captured: Option<String>,
-) -> Result<(), Error> {
-    let conn = db.conn();
+) -> Result<Vec<sea_orm::Value>, Error> {
     let ctx = RequestContext::system(d.tenant.clone(), crate::SERVICE);
     let mut state = d.state.clone();
     let mut capture_tx = d.capture_tx.clone();
@@ -620,21 +631,41 @@ async fn settle_one(
             .map_err(|s| Error::from_status(&s))?;
         refunded = d.refund_target;
     }
-    // Still due when a rollback raised the refund meanwhile.
-    conn.execute_raw(stmt(
-        conn,
-        &format!(
-            "UPDATE redemption_spends SET state = $5, capture_tx = $6, refunded = $7, \
-             due = CASE WHEN refund_target > $7 THEN 1 ELSE 0 END \
-             WHERE {WHERE_ROW} AND refunded = $8 AND state = $9"
-        ),
-        d.filter().into_iter().chain([
+    // The row as it is to be written.
+    Ok(d.filter()
+        .into_iter()
+        .chain([
             state.into(),
             capture_tx.into(),
             refunded.into(),
             d.refunded.into(),
             d.state.clone().into(),
-        ]),
+        ])
+        .collect())
+}
+
+/// Brings settled rows up to date in one statement (one commit for the whole pass), each
+/// only if nobody settled it meanwhile; a row stays due when a rollback raised its refund.
+async fn write_settled(db: &Db, rows: Vec<Vec<sea_orm::Value>>) -> Result<(), Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let conn = db.conn();
+    conn.execute_raw(stmt(
+        conn,
+        &format!(
+            "UPDATE redemption_spends SET state = v.column5, capture_tx = v.column6, \
+             refunded = v.column7, \
+             due = CASE WHEN redemption_spends.refund_target > v.column7 THEN 1 ELSE 0 END \
+             FROM (VALUES {}) AS v \
+             WHERE redemption_spends.tenant_id = v.column1 \
+             AND redemption_spends.redemption_id = v.column2 \
+             AND redemption_spends.asset_kind = v.column3 \
+             AND redemption_spends.asset_code = v.column4 \
+             AND redemption_spends.refunded = v.column8 AND redemption_spends.state = v.column9",
+            tuples(1, 9, rows.len())
+        ),
+        rows.into_iter().flatten(),
     ))
     .await
     .map_err(db_error)?;
