@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use chrono::{Datelike, NaiveDate, TimeZone};
 use prost::Message;
-use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait, Value};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tessera_effects::engine::div_half_even;
@@ -922,12 +922,12 @@ pub async fn commit(
             .iter()
             .any(|p| !p.strict && p.campaign.has_budget());
         let outcome = if guarded {
-            let savepoint = txn.begin().await.map_err(db_error)?;
-            let outcome = attempt(&savepoint, &job, &plan, id, &held).await?;
-            if outcome.is_ok() {
-                savepoint.commit().await.map_err(db_error)?;
-            } else {
-                savepoint.rollback().await.map_err(db_error)?;
+            // A budget that refuses undoes the attempt. Kept, the savepoint is released by the
+            // commit: the budget row, locked last, waits for one round trip less.
+            raw(txn, "SAVEPOINT redeem_attempt").await?;
+            let outcome = attempt(txn, &job, &plan, id, &held).await?;
+            if outcome.is_err() {
+                raw(txn, "ROLLBACK TO SAVEPOINT redeem_attempt").await?;
             }
             outcome
         } else {
@@ -986,6 +986,11 @@ pub async fn commit(
             .with_reason("NOTHING_APPLIES"));
         }
     }
+}
+
+async fn raw(txn: &DatabaseTransaction, sql: &str) -> Result<(), Error> {
+    txn.execute_unprepared(sql).await.map_err(db_error)?;
+    Ok(())
 }
 
 /// One try at writing `plan`; `Ok(Err(..))` names the first incentive that did not fit.
