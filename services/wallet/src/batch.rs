@@ -9,7 +9,7 @@ use tessera_proto::wallet::v1 as pb;
 use tessera_runtime::{Error, RequestContext};
 use tessera_store::{Backend, db_error, insert_rows, now_micros, outbox, stmt, tuples};
 
-use crate::ledger::{Asset, CREDIT, Credit, earning_terms, programme_of};
+use crate::ledger::{self, Asset, CREDIT, Credit, earning_terms, programme_of};
 use crate::programs::Program;
 use crate::{rules, tiers};
 
@@ -192,14 +192,7 @@ pub async fn batch_credit(
     }
     let locked: BTreeSet<&str> = deltas.keys().map(String::as_str).collect();
     crate::ledger::lock_accounts(txn, tenant, backend, &locked).await?;
-    insert_rows(
-        txn,
-        "INSERT INTO transactions (id, tenant_id, kind, customer_id, asset_kind, asset_code, \
-         amount, reason, principal, created_at)",
-        "",
-        transactions,
-    )
-    .await?;
+    ledger::write_transactions(txn, transactions).await?;
     insert_rows(
         txn,
         "INSERT INTO lots (tenant_id, account_id, transaction_id, amount, remaining, earned_at, \
@@ -208,13 +201,7 @@ pub async fn batch_credit(
         lots,
     )
     .await?;
-    insert_rows(
-        txn,
-        "INSERT INTO postings (tenant_id, transaction_id, account_id, amount, created_at)",
-        "",
-        postings,
-    )
-    .await?;
+    ledger::write_postings(txn, postings).await?;
     let updated = txn
         .query_all_raw(stmt(
             txn,

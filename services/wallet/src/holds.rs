@@ -327,14 +327,7 @@ async fn hold_many(
             now.into(),
         ]);
     }
-    insert_rows(
-        txn,
-        "INSERT INTO transactions (id, tenant_id, kind, customer_id, asset_kind, asset_code, \
-         amount, reason, principal, created_at)",
-        "",
-        transactions,
-    )
-    .await?;
+    ledger::write_transactions(txn, transactions).await?;
     txn.execute_raw(stmt(
         txn,
         &format!(
@@ -357,13 +350,7 @@ async fn hold_many(
         consumptions,
     )
     .await?;
-    insert_rows(
-        txn,
-        "INSERT INTO postings (tenant_id, transaction_id, account_id, amount, created_at)",
-        "",
-        postings,
-    )
-    .await?;
+    ledger::write_postings(txn, postings).await?;
     // Held value leaves the balance for the held total (Leg::Held, per account).
     let updated = txn
         .execute_raw(stmt(
@@ -420,6 +407,15 @@ async fn hold_many(
     Ok(outcomes)
 }
 
+/// The balance of a hold's account now (what a single hold, capture or release answers).
+async fn balance_after(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    hold: &HoldRow,
+) -> Result<pb::Balance, Error> {
+    account_balance(txn, tenant, &hold.customer_id, &hold.asset, now_micros()).await
+}
+
 /// Places a hold.
 pub async fn hold(
     txn: &DatabaseTransaction,
@@ -431,11 +427,8 @@ pub async fn hold(
         .await?
         .pop()
         .ok_or_else(|| Error::internal("a hold without its outcome"))??;
-    let now = now_micros();
     Ok(pb::HoldResponse {
-        balance: Some(
-            account_balance(txn, &ctx.tenant_id, &hold.customer_id, &hold.asset, now).await?,
-        ),
+        balance: Some(balance_after(txn, &ctx.tenant_id, &hold).await?),
         hold: Some(hold.to_proto()),
     })
 }
@@ -663,21 +656,8 @@ async fn capture_many(
             }),
         ));
     }
-    insert_rows(
-        txn,
-        "INSERT INTO transactions (id, tenant_id, kind, customer_id, asset_kind, asset_code, \
-         amount, reason, principal, created_at)",
-        "",
-        transactions,
-    )
-    .await?;
-    insert_rows(
-        txn,
-        "INSERT INTO postings (tenant_id, transaction_id, account_id, amount, created_at)",
-        "",
-        postings,
-    )
-    .await?;
+    ledger::write_transactions(txn, transactions).await?;
+    ledger::write_postings(txn, postings).await?;
     // The captured value leaves the accounts' held totals (their balances moved when held).
     let moved = txn
         .execute_raw(stmt(
@@ -752,11 +732,8 @@ pub async fn capture(
         Some(Captured::Refused(e, _)) => return Err(e),
         None => return Err(Error::internal("a capture without its outcome")),
     };
-    let now = now_micros();
     Ok(pb::CaptureResponse {
-        balance: Some(
-            account_balance(txn, &ctx.tenant_id, &hold.customer_id, &hold.asset, now).await?,
-        ),
+        balance: Some(balance_after(txn, &ctx.tenant_id, &hold).await?),
         hold: Some(hold.to_proto()),
     })
 }

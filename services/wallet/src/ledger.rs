@@ -208,6 +208,39 @@ pub(crate) enum Leg<'a> {
     System(&'a str, i64),
 }
 
+/// Writes transaction rows `(id, tenant_id, kind, customer_id, asset_kind, asset_code,
+/// amount, reason, principal, created_at)` in multi-row statements.
+pub(crate) async fn write_transactions(
+    txn: &DatabaseTransaction,
+    rows: Vec<Vec<sea_orm::Value>>,
+) -> Result<(), Error> {
+    insert_rows(
+        txn,
+        "INSERT INTO transactions (id, tenant_id, kind, customer_id, asset_kind, asset_code, \
+         amount, reason, principal, created_at)",
+        "",
+        rows,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Writes posting rows `(tenant_id, transaction_id, account_id, amount, created_at)` in
+/// multi-row statements.
+pub(crate) async fn write_postings(
+    txn: &DatabaseTransaction,
+    rows: Vec<Vec<sea_orm::Value>>,
+) -> Result<(), Error> {
+    insert_rows(
+        txn,
+        "INSERT INTO postings (tenant_id, transaction_id, account_id, amount, created_at)",
+        "",
+        rows,
+    )
+    .await
+    .map(|_| ())
+}
+
 /// Writes a transaction's postings (one statement) and moves the customer balance rows.
 pub(crate) async fn post(
     txn: &DatabaseTransaction,
@@ -231,13 +264,7 @@ pub(crate) async fn post(
             ]
         })
         .collect();
-    insert_rows(
-        txn,
-        "INSERT INTO postings (tenant_id, transaction_id, account_id, amount, created_at)",
-        "",
-        rows,
-    )
-    .await?;
+    write_postings(txn, rows).await?;
     for leg in legs {
         let (sql, account, amount) = match *leg {
             Leg::Customer(account, amount) => (

@@ -195,6 +195,13 @@ fn check_movement(
     ledger::check_asset(v, "asset", asset)
 }
 
+/// A batch of 1 to `max` entries.
+fn check_batch(v: &mut Violations, field: &str, len: usize, max: usize) {
+    if len == 0 || len > max {
+        v.add(field, format!("must hold 1 to {max} entries"));
+    }
+}
+
 /// A hold's customer, asset, amount and reason, and its expiry (default: 7 days), checked
 /// under the field names `field` gives.
 fn check_hold(
@@ -542,12 +549,7 @@ impl WalletService for Wallet {
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
-        if request.entries.is_empty() || request.entries.len() > batch::MAX_ENTRIES {
-            v.add(
-                "entries",
-                format!("must hold 1 to {} credits", batch::MAX_ENTRIES),
-            );
-        }
+        check_batch(&mut v, "entries", request.entries.len(), batch::MAX_ENTRIES);
         let now = now_micros();
         let mut credits = Vec::with_capacity(request.entries.len());
         for (i, e) in request.entries.iter().enumerate() {
@@ -641,12 +643,7 @@ impl WalletService for Wallet {
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
-        if request.holds.is_empty() || request.holds.len() > holds::MAX_HOLDS {
-            v.add(
-                "holds",
-                format!("must hold 1 to {} holds", holds::MAX_HOLDS),
-            );
-        }
+        check_batch(&mut v, "holds", request.holds.len(), holds::MAX_HOLDS);
         let now = now_micros();
         let mut wanted = Vec::with_capacity(request.holds.len());
         for (i, h) in request.holds.iter().enumerate() {
@@ -720,12 +717,12 @@ impl WalletService for Wallet {
         let request = request.into_inner();
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
-        if request.captures.is_empty() || request.captures.len() > holds::MAX_CAPTURES {
-            v.add(
-                "captures",
-                format!("must hold 1 to {} captures", holds::MAX_CAPTURES),
-            );
-        }
+        check_batch(
+            &mut v,
+            "captures",
+            request.captures.len(),
+            holds::MAX_CAPTURES,
+        );
         let mut seen = std::collections::HashSet::new();
         for (i, c) in request.captures.iter().enumerate() {
             let field = format!("captures[{i}].hold_id");

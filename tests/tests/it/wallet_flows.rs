@@ -395,18 +395,16 @@ async fn batch_hold_places_each_hold_on_its_own(suite: TestSuite) {
 
     // In order, each on its own: lea's 80 covers 45 then 35 but not 1 more; max has 10;
     // nobody has no account.
+    let asked = vec![
+        entry("lea", 45),
+        entry("max", 11),
+        entry("lea", 35),
+        entry("lea", 1),
+        entry("nobody", 5),
+        entry("max", 10),
+    ];
     let outcomes = wallet
-        .batch_hold(request(
-            "b1",
-            vec![
-                entry("lea", 45),
-                entry("max", 11),
-                entry("lea", 35),
-                entry("lea", 1),
-                entry("nobody", 5),
-                entry("max", 10),
-            ],
-        ))
+        .batch_hold(request("b1", asked.clone()))
         .await
         .unwrap()
         .into_inner()
@@ -435,17 +433,7 @@ async fn batch_hold_places_each_hold_on_its_own(suite: TestSuite) {
     assert_eq!((b.available, b.held, b.expiring_30d), (45, 35, 30));
     // A replay answers the same holds, placing nothing more.
     let replay = wallet
-        .batch_hold(request(
-            "b1",
-            vec![
-                entry("lea", 45),
-                entry("max", 11),
-                entry("lea", 35),
-                entry("lea", 1),
-                entry("nobody", 5),
-                entry("max", 10),
-            ],
-        ))
+        .batch_hold(request("b1", asked.clone()))
         .await
         .unwrap()
         .into_inner()
