@@ -5,14 +5,18 @@
 //! - planning reads the customer's wallet balances, so the engine spends only what is there;
 //! - Redeem and Reserve place one wallet hold per asset before the redemption's transaction
 //!   begins (no pooled connection, no counter lock waits on the wallet), and the transaction
-//!   writes a row per hold. A hold that fails fails the redemption (INSUFFICIENT_BALANCE when
-//!   a concurrent spend took the value); holds the redemption does not end up with (a replay,
-//!   a budget that ran out, an order redeemed already) are released at once;
-//! - what is left to do is state on those rows, carried out by [`settle`] right after the
-//!   commit and again by the sweep until it succeeds, under idempotency keys derived from
-//!   the row: a redeemed redemption's holds are captured, a released or expired
-//!   reservation's holds released, and a rollback's share reversed (points come back to
-//!   their lots with their original expiry).
+//!   writes a row per hold. The holds of concurrent redemptions are gathered into one
+//!   `BatchHold` (a group commit in the wallet; each hold stands or fails on its own). A hold
+//!   that fails fails the redemption (INSUFFICIENT_BALANCE when a concurrent spend took the
+//!   value); holds the redemption does not end up with (a replay, a budget that ran out, an
+//!   order redeemed already) are released at once;
+//! - what is left to do is state on those rows, carried out by [`settle`]: for a redeem, by
+//!   the settler the commit wakes (the captures of every redemption due go to the wallet's
+//!   `BatchCapture` together); for a confirmation or a rollback, right after its commit; and
+//!   again every second until it succeeds, under idempotency keys derived from the row. A
+//!   redeemed redemption's holds are captured, a released or expired reservation's holds
+//!   released, and a rollback's share reversed (points come back to their lots with their
+//!   original expiry).
 //!
 //! A hold orphaned by a crash between the wallet's answer and the commit lapses at its
 //! expiry (a day past the redemption's own deadline) and the wallet's sweep releases it.
