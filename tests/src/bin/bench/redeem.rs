@@ -3,12 +3,14 @@
 //! new customer and order with a 3-line cart. Beside it, a bare SQL transaction of the same
 //! shape on the same database (claim row, lock and bump the budget row, bump the customer's
 //! row, insert the redemption and the outbox event), and the ratio between the two. Then
-//! the same redemptions paying a quarter of the order with points: the wallet's balance read,
-//! hold and capture on top.
+//! the same redemptions paying a quarter of the order with points (the wallet's balance
+//! read, hold and capture on top), beside bare SQL of that shape: a wallet transaction for
+//! the hold, the redemption's, a wallet transaction for the capture.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sea_orm::Value;
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use tessera_proto::catalog::v1 as cpb;
 use tessera_proto::catalog::v1::effect::Kind;
@@ -17,6 +19,7 @@ use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServi
 use tessera_proto::wallet::v1 as wpb;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::grpc::Channel;
+use tessera_store::Db;
 use tessera_store::db::Backend;
 use tessera_store::stmt;
 use tessera_tests::{TENANT, TestSuite};
@@ -136,11 +139,11 @@ pub async fn redemption(suite: &TestSuite, label: &str) {
         },
     )
     .await;
-    let (bare, bare_p99) = bare_sql(suite).await;
-    println!(
-        "  {label:<28} bare SQL transaction     {bare:>8.0}/s  p99 {:>7.2} ms  -> Redeem does {:.0}% of it",
-        bare_p99.as_secs_f64() * 1e3,
-        100.0 * ours / bare
+    compare(
+        label,
+        "bare SQL transaction    ",
+        ours,
+        bare_sql(suite, false).await,
     );
     // The same with points as tender: every customer holds 2,000 points and pays a quarter
     // of the order ($15, 1,500 points) with them, held and captured in the wallet.
@@ -167,7 +170,7 @@ pub async fn redemption(suite: &TestSuite, label: &str) {
             .await
             .expect("points");
     }
-    redeem_all(
+    let ours = redeem_all(
         suite,
         &client,
         label,
@@ -182,76 +185,216 @@ pub async fn redemption(suite: &TestSuite, label: &str) {
         },
     )
     .await;
+    compare(
+        label,
+        "bare SQL hold+txn+capture",
+        ours,
+        bare_sql(suite, true).await,
+    );
 }
 
-/// The same writes as a redemption, as plain SQL from 32 tasks on the service's own pool
-/// size: the floor the database sets.
-async fn bare_sql(suite: &TestSuite) -> (f64, Duration) {
+/// Prints the bare SQL run beside ours.
+fn compare(label: &str, what: &str, ours: f64, (bare, p99): (f64, Duration)) {
+    println!(
+        "  {label:<28} {what} {bare:>6.0}/s  p99 {:>7.2} ms  -> Redeem does {:.0}% of it",
+        p99.as_secs_f64() * 1e3,
+        100.0 * ours / bare
+    );
+}
+
+/// One transaction of plain SQL statements (a write transaction on SQLite, as the services
+/// take); returns what the first `SELECT` found.
+async fn bare_txn(db: &Db, statements: &[(&str, Vec<Value>)]) -> Option<String> {
+    let txn = if db.backend() == Backend::Sqlite {
+        db.begin_write().await.expect("begin")
+    } else {
+        db.conn().begin().await.expect("begin")
+    };
+    let mut found = None;
+    for (sql, values) in statements {
+        let statement = stmt(&txn, sql, values.clone());
+        if sql.starts_with("SELECT") {
+            let row = txn.query_one_raw(statement).await.expect("statement");
+            if found.is_none() {
+                found = row.and_then(|r| r.try_get_by_index::<String>(0).ok());
+            }
+        } else {
+            txn.execute_raw(statement).await.expect("statement");
+        }
+    }
+    txn.commit().await.expect("commit");
+    found
+}
+
+/// The writes of a redemption as plain SQL from 32 tasks on the services' own pools: the
+/// floor the database sets. With `points`, also the wallet's hold before it and capture
+/// after it, each its own transaction (one hold and one capture per redemption, unbatched),
+/// spending 100 points of the customers the points run paid with.
+async fn bare_sql(suite: &TestSuite, points: bool) -> (f64, Duration) {
     let db = Arc::new(suite.db("eligibility").await);
+    let wallet = Arc::new(suite.db("wallet").await);
     let lock = db.backend().row_lock();
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..CLIENTS {
-        let db = db.clone();
+        let (db, wallet) = (db.clone(), wallet.clone());
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(PER_CLIENT);
             for i in 0..PER_CLIENT {
                 let t = Instant::now();
-                let txn = if db.backend() == Backend::Sqlite {
-                    db.begin_write().await.expect("begin")
+                let id = format!("bare-{points}-{worker}-{i}");
+                let customer = format!("bench-pts-{worker}-{i}");
+                let claim = |key: &str| {
+                    (
+                        "INSERT INTO idempotency_keys (tenant_id, scope, key, fingerprint, state, \
+                         owner, locked_until, created_at) \
+                         VALUES ($1, 'bare', $2, '', 'done', '', 0, 0)",
+                        vec![TENANT.into(), key.into()],
+                    )
+                };
+                let event = || {
+                    (
+                        "INSERT INTO outbox (event_id, tenant_id, event_type, payload, traceparent, \
+                         occurred_at, attempts, next_attempt_at, delivered_at) \
+                         VALUES ($1, $2, 'bare', $3, '', 0, 0, 0, 0)",
+                        vec![
+                            uuid::Uuid::now_v7().to_string().into(),
+                            TENANT.into(),
+                            vec![0u8; 300].into(),
+                        ],
+                    )
+                };
+                let account = format!(
+                    "SELECT id FROM accounts WHERE tenant_id = $1 AND owner_kind = 'customer' \
+                     AND owner_id = $2{lock}"
+                );
+                let first_lot = "(SELECT id FROM lots WHERE tenant_id = $1 AND remaining >= 100 \
+                     AND account_id = (SELECT id FROM accounts WHERE tenant_id = $1 \
+                     AND owner_kind = 'customer' AND owner_id = $2) ORDER BY expires_at, id LIMIT 1)";
+                let (lots, take) = (
+                    format!("SELECT CAST(id AS TEXT) FROM lots WHERE id = {first_lot}"),
+                    format!("UPDATE lots SET remaining = remaining - 100 WHERE id = {first_lot}"),
+                );
+                let budget = format!(
+                    "SELECT campaign_id FROM campaign_usage WHERE tenant_id = $1 \
+                     AND campaign_id = 'bench-redeem'{lock}"
+                );
+                let (account_lock, hold_lock) = (
+                    format!("SELECT id FROM accounts WHERE tenant_id = $1 AND id = $2{lock}"),
+                    format!("SELECT id FROM holds WHERE tenant_id = $1 AND id = $2{lock}"),
+                );
+                let who = || vec![TENANT.into(), customer.clone().into()];
+                let entry = |kind: &str| {
+                    (
+                        "INSERT INTO transactions (id, tenant_id, kind, customer_id, asset_kind, \
+                         asset_code, amount, reason, principal, created_at) \
+                         VALUES ($1, $2, $3, $4, 1, 'default', -100, 'bare', '', 0)",
+                        vec![
+                            format!("{id}-{kind}").into(),
+                            TENANT.into(),
+                            kind.into(),
+                            customer.clone().into(),
+                        ],
+                    )
+                };
+                let postings = |kind: &str| {
+                    (
+                        "INSERT INTO postings (tenant_id, transaction_id, account_id, amount, \
+                         created_at) VALUES ($1, $2, 'bare', -100, 0), ($1, $2, 'bare', 100, 0)",
+                        vec![TENANT.into(), format!("{id}-{kind}").into()],
+                    )
+                };
+                let account_id = if points {
+                    let held = bare_txn(
+                        &wallet,
+                        &[
+                            claim(&format!("{id}-hold")),
+                            (account.as_str(), who()),
+                            (lots.as_str(), who()),
+                            (take.as_str(), who()),
+                            (
+                                "INSERT INTO lot_consumptions (tenant_id, transaction_id, lot_id, \
+                                 amount) VALUES ($1, $2, 0, 100)",
+                                vec![TENANT.into(), format!("{id}-hold").into()],
+                            ),
+                            entry("hold"),
+                            postings("hold"),
+                            (
+                                "UPDATE accounts SET balance = balance - 100, held = held + 100, \
+                                 version = version + 1 WHERE tenant_id = $1 AND owner_id = $2",
+                                vec![TENANT.into(), customer.clone().into()],
+                            ),
+                            (
+                                "INSERT INTO holds (tenant_id, id, customer_id, account_id, \
+                                 asset_kind, asset_code, amount, captured, status, expires_at, \
+                                 created_at, updated_at) \
+                                 VALUES ($1, $2, $3, '', 1, 'default', 100, 0, 'active', 0, 0, 0)",
+                                vec![TENANT.into(), id.clone().into(), customer.clone().into()],
+                            ),
+                            event(),
+                        ],
+                    )
+                    .await;
+                    held.unwrap_or_default()
                 } else {
-                    db.conn().begin().await.expect("begin")
+                    String::new()
                 };
-                let id = format!("bare-{worker}-{i}");
-                let run = |sql: &str, values: Vec<sea_orm::Value>| {
-                    let statement = stmt(&txn, sql, values);
-                    let txn = &txn;
-                    async move { txn.execute_raw(statement).await.expect("statement") }
-                };
-                run(
-                    "INSERT INTO idempotency_keys (tenant_id, scope, key, fingerprint, state, \
-                     owner, locked_until, created_at) VALUES ($1, 'bare', $2, '', 'done', '', 0, 0)",
-                    vec![TENANT.into(), id.clone().into()],
-                )
-                .await;
-                txn.query_one_raw(stmt(
-                    &txn,
-                    &format!(
-                        "SELECT redemptions FROM campaign_usage WHERE tenant_id = $1 \
-                         AND campaign_id = 'bench-redeem'{lock}"
+                let mut redemption = vec![
+                    claim(&id),
+                    (budget.as_str(), vec![TENANT.into()]),
+                    (
+                        "UPDATE campaign_usage SET redemptions = redemptions + 1, \
+                         discount_total = discount_total + 600 \
+                         WHERE tenant_id = $1 AND campaign_id = 'bench-redeem'",
+                        vec![TENANT.into()],
                     ),
-                    [TENANT.into()],
-                ))
-                .await
-                .expect("lock");
-                run(
-                    "UPDATE campaign_usage SET redemptions = redemptions + 1, \
-                     discount_total = discount_total + 600 \
-                     WHERE tenant_id = $1 AND campaign_id = 'bench-redeem'",
-                    vec![TENANT.into()],
-                )
-                .await;
-                run(
-                    "INSERT INTO customer_usage (tenant_id, customer_id, campaign_id, redemptions) \
-                     VALUES ($1, $2, 'bench-redeem', 1)",
-                    vec![TENANT.into(), id.clone().into()],
-                )
-                .await;
-                run(
-                    "INSERT INTO redemptions (tenant_id, id, customer_id, order_id, status, \
-                     created_at, expires_at, record, counted) \
-                     VALUES ($1, $2, $2, $2, 'redeemed', 0, 0, $3, '{}')",
-                    vec![TENANT.into(), id.clone().into(), vec![0u8; 300].into()],
-                )
-                .await;
-                run(
-                    "INSERT INTO outbox (event_id, tenant_id, event_type, payload, traceparent, \
-                     occurred_at, attempts, next_attempt_at, delivered_at) \
-                     VALUES ($1, $2, 'bare', $3, '', 0, 0, 0, 0)",
-                    vec![id.clone().into(), TENANT.into(), vec![0u8; 300].into()],
-                )
-                .await;
-                txn.commit().await.expect("commit");
+                    (
+                        "INSERT INTO customer_usage (tenant_id, customer_id, campaign_id, \
+                         redemptions) VALUES ($1, $2, 'bench-redeem', 1)",
+                        vec![TENANT.into(), id.clone().into()],
+                    ),
+                    (
+                        "INSERT INTO redemptions (tenant_id, id, customer_id, order_id, status, \
+                         created_at, expires_at, record, counted) \
+                         VALUES ($1, $2, $2, $2, 'redeemed', 0, 0, $3, '{}')",
+                        vec![TENANT.into(), id.clone().into(), vec![0u8; 300].into()],
+                    ),
+                    event(),
+                ];
+                if points {
+                    redemption.push((
+                        "INSERT INTO redemption_spends (tenant_id, redemption_id, asset_kind, \
+                         asset_code, customer_id, amount, hold_id, state, capture_tx, \
+                         refund_target, refunded, due, error) \
+                         VALUES ($1, $2, 1, 'default', $3, 100, $2, 'capture', '', 0, 0, 1, '')",
+                        vec![TENANT.into(), id.clone().into(), customer.clone().into()],
+                    ));
+                }
+                bare_txn(&db, &redemption).await;
+                if points {
+                    bare_txn(
+                        &wallet,
+                        &[
+                            claim(&format!("{id}-capture")),
+                            (account_lock.as_str(), vec![TENANT.into(), account_id.into()]),
+                            (hold_lock.as_str(), vec![TENANT.into(), id.clone().into()]),
+                            entry("capture"),
+                            postings("capture"),
+                            (
+                                "UPDATE accounts SET held = held - 100 \
+                                 WHERE tenant_id = $1 AND owner_id = $2",
+                                vec![TENANT.into(), customer.clone().into()],
+                            ),
+                            (
+                                "UPDATE holds SET status = 'captured', captured = 100 \
+                                 WHERE tenant_id = $1 AND id = $2",
+                                vec![TENANT.into(), id.clone().into()],
+                            ),
+                            event(),
+                        ],
+                    )
+                    .await;
+                }
                 latencies.push(t.elapsed());
             }
             latencies
