@@ -514,16 +514,17 @@ pub async fn settle(
             Some(Err(refused)) => Err(refused),
             capture => settle_one(wallet, d, capture.and_then(Result::ok)).await,
         };
-        let outcome = match outcome {
+        let refused = match outcome {
             Ok(row) => {
                 settled.push(row);
                 continue;
             }
-            Err(e) => Err(e),
+            Err(e) => e,
         };
         let what = format!("a spend of redemption {}", d.redemption);
         let table = "redemption_spends";
-        if let Err(e) = keep_refusal(conn, table, WHERE_ROW, d.filter(), outcome, &what).await {
+        if let Err(e) = keep_refusal(conn, table, WHERE_ROW, d.filter(), Err(refused), &what).await
+        {
             // What was done so far is written before the rest waits for the wallet.
             write_settled(db, settled).await?;
             return Err(e);

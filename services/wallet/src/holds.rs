@@ -234,7 +234,6 @@ async fn hold_many(
     let mut consumptions = Vec::new();
     let mut taken: BTreeMap<i64, i64> = BTreeMap::new();
     let mut moved: BTreeMap<&str, i64> = BTreeMap::new();
-    let mut placed: Vec<HoldRow> = Vec::new();
     for new in wanted {
         let Some(account) = account_of.get(&(new.customer_id.clone(), new.asset.clone())) else {
             outcomes.push(Err(insufficient(0, new.amount)));
@@ -287,9 +286,9 @@ async fn hold_many(
             expires_at: new.expires_at,
             capture_transaction_id: None,
         };
-        placed.push(hold.clone());
         outcomes.push(Ok(hold));
     }
+    let placed: Vec<&HoldRow> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
     if placed.is_empty() {
         return Ok(outcomes);
     }
@@ -298,7 +297,7 @@ async fn hold_many(
     let mut postings = Vec::with_capacity(placed.len() * 2);
     let mut rows = Vec::with_capacity(placed.len());
     let mut events = Vec::with_capacity(placed.len());
-    for h in &placed {
+    for h in placed {
         if !system.contains_key(&h.asset) {
             let holds = account(txn, tenant, Owner::System("holds"), &h.asset).await?;
             system.insert(&h.asset, holds);
