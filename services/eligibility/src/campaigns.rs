@@ -68,8 +68,6 @@ impl Compiled {
         })
     }
 
-    /// Whether it has a campaign-wide budget (redemptions, discount, order value): a row
-    /// every redemption of it shares.
     /// Whether its effect spends the customer's points (pay with points, an exchange).
     pub fn spends_points(&self) -> bool {
         self.application.as_ref().is_some_and(|a| {
@@ -87,6 +85,8 @@ impl Compiled {
             .is_some_and(|a| matches!(a.effect, Effect::GiftCard { .. }))
     }
 
+    /// Whether it has a campaign-wide budget (redemptions, discount, order value): every
+    /// redemption of it takes from the budget's slices.
     pub fn has_budget(&self) -> bool {
         self.def.limits.as_ref().is_some_and(|l| {
             l.max_redemptions > 0 || l.max_discount_total > 0 || l.max_order_value_total > 0

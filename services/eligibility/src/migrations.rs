@@ -440,6 +440,20 @@ impl MigratorTrait for Migrator {
             },
             indexes: Vec::new,
         }));
+        // A budgeted campaign's remaining budgets are cut into slices, one per shard, so a
+        // redemption takes from one shard's slice without locking the campaign's row; `budget`
+        // names the limits the slices were cut from ("redemptions/discount/order value").
+        all.push(Box::new(AddColumns {
+            name: "m0209_budget_slices",
+            columns: || {
+                vec![
+                    ("campaign_usage_shards", col::big_zero("left_redemptions")),
+                    ("campaign_usage_shards", col::big_zero("left_discount")),
+                    ("campaign_usage_shards", col::big_zero("left_order_value")),
+                    ("campaign_usage_shards", col::text_empty("budget")),
+                ]
+            },
+        }));
         all
     }
 }

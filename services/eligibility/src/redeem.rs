@@ -5,12 +5,12 @@
 //! evaluated as in qualification, stacked by the tenant's and the campaigns' policy
 //! ([`stack`]) and applied together by the cart-effect engine.
 //!
-//! Redeem and Reserve then [`commit`] in one transaction: they lock the counters of the
-//! chosen campaigns that carry a limit (campaign budgets, then the customer's uses, the
-//! period's uses, the code's uses; always in that order and sorted, so concurrent
-//! redemptions queue instead of deadlocking), check them again under the lock, and write the
-//! counts, the redemption and its event. N concurrent redemptions of the last unit give
-//! exactly one winner: row locks on PostgreSQL, one writer at a time on SQLite.
+//! Redeem and Reserve then [`commit`] in one transaction: they take the customer's, the
+//! period's and the code's uses under their row locks, write the redemption and its event,
+//! and take the campaigns' budgets last (sorted, so concurrent redemptions queue instead of
+//! deadlocking), from slices spread over rows ([`take_budget`]). N concurrent redemptions of
+//! the last unit give exactly one winner: row locks on PostgreSQL, one writer at a time on
+//! SQLite.
 //!
 //! What was counted is stored with the redemption, so a rollback or an expired reservation
 //! gives back exactly that and nothing else.
@@ -658,8 +658,13 @@ async fn give_back_uses(txn: &DatabaseTransaction, keys: &Keys<'_>) -> Result<()
     Ok(())
 }
 
-/// Shards of a campaign's unchecked counts.
+/// Shards of a campaign's counts. A budgeted campaign's remaining budgets are also cut into
+/// as many slices, one per shard.
 const USAGE_SHARDS: u8 = 32;
+
+fn random_shard() -> i32 {
+    i32::from(uuid::Uuid::new_v4().as_bytes()[0] % USAGE_SHARDS)
+}
 
 /// The campaign's counters: `uses` redemptions, `discount` and `order_value` added (negative
 /// to give back), without a check, on a shard picked at random (a campaign every checkout
@@ -671,12 +676,11 @@ async fn count_campaign(
     discount: i64,
     order_value: i64,
 ) -> Result<(), Error> {
-    let shard = i32::from(uuid::Uuid::new_v4().as_bytes()[0] % USAGE_SHARDS);
     let [tenant, campaign] = keys.campaign();
     add_counter(
         txn,
         "campaign_usage_shards",
-        &[tenant, campaign, ("shard", shard.into())],
+        &[tenant, campaign, ("shard", random_shard().into())],
         &[
             ("redemptions", uses),
             ("discount_total", discount),
@@ -686,9 +690,22 @@ async fn count_campaign(
     .await
 }
 
-/// Takes one redemption, `discount` and `order_value` from the campaign's budgets in one
-/// conditional update (the row stays locked until the commit, so it is taken last): `Err`
+/// The counter columns of `campaign_usage` and its shards.
+const COUNTS: [&str; 3] = ["redemptions", "discount_total", "order_value_total"];
+
+/// Takes one redemption, `discount` and `order_value` from the campaign's budgets: `Err`
 /// with the reason when this order does not fit any more.
+///
+/// Budgets are escrowed in slices so that concurrent redemptions do not queue on one row
+/// (each would hold it through its commit's WAL flush, which caps a campaign at one
+/// redemption per flush). The usual case is one conditional update of a shard picked at
+/// random: it counts the redemption there and takes it from that shard's slice. Only when
+/// the slice is short, or was cut from another version of the campaign, does the exact
+/// path lock the campaign's row and every shard.
+///
+/// Invariant, per budget: what all shards and the campaign's row count, plus what the
+/// current slices have left, is at most the budget. So a slice that covers an order proves
+/// the order fits, and the exact path, which sees everything, decides the rest.
 async fn take_budget(
     txn: &DatabaseTransaction,
     keys: &Keys<'_>,
@@ -697,67 +714,171 @@ async fn take_budget(
     order_value: i64,
 ) -> Result<Result<(), (pb::Reason, String)>, Error> {
     let l = c.def.limits.unwrap_or_default();
-    // The shards hold what was counted while the campaign had no budget, and rollbacks.
-    let update = "UPDATE campaign_usage SET redemptions = redemptions + 1, \
-                  discount_total = discount_total + $3, \
-                  order_value_total = order_value_total + $4 \
-                  FROM (SELECT CAST(COALESCE(SUM(redemptions), 0) AS BIGINT) AS r, \
-                  CAST(COALESCE(SUM(discount_total), 0) AS BIGINT) AS d, \
-                  CAST(COALESCE(SUM(order_value_total), 0) AS BIGINT) AS o \
-                  FROM campaign_usage_shards WHERE tenant_id = $1 AND campaign_id = $2) s \
-                  WHERE tenant_id = $1 AND campaign_id = $2 \
-                  AND ($5 = 0 OR redemptions + s.r < $5) \
-                  AND ($6 = 0 OR (discount_total + s.d < $6 AND discount_total + s.d + $3 <= $6)) \
-                  AND ($7 = 0 OR order_value_total + s.o + $4 <= $7)";
-    let values = || -> Vec<Value> {
-        vec![
+    let cut_from = format!(
+        "{}:{}/{}/{}",
+        c.version, l.max_redemptions, l.max_discount_total, l.max_order_value_total
+    );
+    let budgeted = |max: i64, amount: i64| if max > 0 { amount } else { 0 };
+    // A used-up discount budget refuses even an order it gives nothing to: such an order
+    // needs 1 left in the slice, and takes nothing.
+    let need_discount = budgeted(l.max_discount_total, discount.max(1));
+    // An update that waited for the shard and then found its slice short still holds the
+    // shard's lock (PostgreSQL locks the newer row before checking it again). Holding it
+    // while the exact path waits for the campaign's row could deadlock with an exact path
+    // that holds the row and waits for this shard, so a short slice rolls back to here.
+    raw(txn, "SAVEPOINT budget_slice").await?;
+    let sliced = txn
+        .execute_raw(stmt(
+            txn,
+            "UPDATE campaign_usage_shards SET redemptions = redemptions + 1, \
+             discount_total = discount_total + $4, order_value_total = order_value_total + $5, \
+             left_redemptions = left_redemptions - $6, left_discount = left_discount - $7, \
+             left_order_value = left_order_value - $8 \
+             WHERE tenant_id = $1 AND campaign_id = $2 AND shard = $3 AND budget = $9 \
+             AND left_redemptions >= $6 AND left_discount >= $10 AND left_order_value >= $8",
+            [
+                keys.tenant.into(),
+                keys.campaign.into(),
+                random_shard().into(),
+                discount.into(),
+                order_value.into(),
+                budgeted(l.max_redemptions, 1).into(),
+                budgeted(l.max_discount_total, discount).into(),
+                budgeted(l.max_order_value_total, order_value).into(),
+                cut_from.clone().into(),
+                need_discount.into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+    if sliced.rows_affected() == 1 {
+        return Ok(Ok(()));
+    }
+    raw(txn, "ROLLBACK TO SAVEPOINT budget_slice").await?;
+    take_budget_exactly(txn, keys, c, &cut_from, discount, order_value).await
+}
+
+/// The exact path of [`take_budget`]: with the campaign's row and then every shard locked
+/// (nothing can take from a slice meanwhile), checks this order against all that was
+/// counted, counts it on the campaign's row, and cuts what the budgets have left after it
+/// into fresh slices, one per shard.
+async fn take_budget_exactly(
+    txn: &DatabaseTransaction,
+    keys: &Keys<'_>,
+    c: &Compiled,
+    cut_from: &str,
+    discount: i64,
+    order_value: i64,
+) -> Result<Result<(), (pb::Reason, String)>, Error> {
+    let campaign = keys.campaign();
+    let [redemptions, discount_total, order_value_total] =
+        <[i64; 3]>::try_from(lock_counter(txn, "campaign_usage", &campaign, &COUNTS).await?)
+            .map_err(|_| Error::internal("campaign_usage counts"))?;
+    let mut usage = qualify::Usage {
+        redemptions,
+        discount_total,
+        order_value_total,
+        customer_period: 0,
+    };
+    for [r, d, o] in lock_shards(txn, keys).await? {
+        usage.redemptions += r;
+        usage.discount_total += d;
+        usage.order_value_total += o;
+    }
+    if let Err(why) = qualify::check_limits(c, usage, 0, discount, order_value) {
+        return Ok(Err(why));
+    }
+    let [tenant, campaign] = campaign;
+    add_counter(
+        txn,
+        "campaign_usage",
+        &[tenant, campaign],
+        &[
+            (COUNTS[0], 1),
+            (COUNTS[1], discount),
+            (COUNTS[2], order_value),
+        ],
+    )
+    .await?;
+    let l = c.def.limits.unwrap_or_default();
+    let left = |max: i64, used: i64| if max > 0 { (max - used).max(0) } else { 0 };
+    let slice = |at: usize| {
+        format!(
+            "${at} / {USAGE_SHARDS} + CASE WHEN shard < ${at} % {USAGE_SHARDS} THEN 1 ELSE 0 END"
+        )
+    };
+    txn.execute_raw(stmt(
+        txn,
+        &format!(
+            "UPDATE campaign_usage_shards SET budget = $3, left_redemptions = {}, \
+             left_discount = {}, left_order_value = {} \
+             WHERE tenant_id = $1 AND campaign_id = $2",
+            slice(4),
+            slice(5),
+            slice(6)
+        ),
+        [
             keys.tenant.into(),
             keys.campaign.into(),
-            discount.into(),
-            order_value.into(),
-            l.max_redemptions.into(),
-            l.max_discount_total.into(),
-            l.max_order_value_total.into(),
-        ]
-    };
-    for attempt in 0..2 {
-        let taken = txn
-            .execute_raw(stmt(txn, update, values()))
+            cut_from.into(),
+            left(l.max_redemptions, usage.redemptions + 1).into(),
+            left(l.max_discount_total, usage.discount_total + discount).into(),
+            left(
+                l.max_order_value_total,
+                usage.order_value_total + order_value,
+            )
+            .into(),
+        ],
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(Ok(()))
+}
+
+/// Locks every shard of the campaign (creating the missing ones at zero) and reads their
+/// counts.
+async fn lock_shards(txn: &DatabaseTransaction, keys: &Keys<'_>) -> Result<Vec<[i64; 3]>, Error> {
+    let select = format!(
+        "SELECT {} FROM campaign_usage_shards WHERE tenant_id = $1 AND campaign_id = $2 \
+         ORDER BY shard{}",
+        COUNTS.join(", "),
+        Backend::of(txn).row_lock()
+    );
+    let values = || [keys.tenant.into(), keys.campaign.into()];
+    let mut rows = txn
+        .query_all_raw(stmt(txn, &select, values()))
+        .await
+        .map_err(db_error)?;
+    if rows.len() < usize::from(USAGE_SHARDS) {
+        let missing = (0..USAGE_SHARDS)
+            .map(|shard| format!("($1, $2, {shard}, 0, 0, 0)"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        txn.execute_raw(stmt(
+            txn,
+            &format!(
+                "INSERT INTO campaign_usage_shards (tenant_id, campaign_id, shard, {}) \
+                 VALUES {missing} ON CONFLICT DO NOTHING",
+                COUNTS.join(", ")
+            ),
+            values(),
+        ))
+        .await
+        .map_err(db_error)?;
+        rows = txn
+            .query_all_raw(stmt(txn, &select, values()))
             .await
             .map_err(db_error)?;
-        if taken.rows_affected() == 1 {
-            return Ok(Ok(()));
-        }
-        if attempt == 0 {
-            // The campaign's first redemption creates its row (or waits for a concurrent
-            // first one to commit it), then the update runs again.
-            txn.execute_raw(stmt(
-                txn,
-                "INSERT INTO campaign_usage (tenant_id, campaign_id, redemptions, \
-                 discount_total, order_value_total) VALUES ($1, $2, 0, 0, 0) \
-                 ON CONFLICT DO NOTHING",
-                [keys.tenant.into(), keys.campaign.into()],
-            ))
-            .await
-            .map_err(db_error)?;
-        }
     }
-    let usage = crate::campaigns::usage(txn, keys.tenant, &[keys.campaign])
-        .await?
-        .remove(keys.campaign)
-        .unwrap_or_default();
-    Ok(Err(qualify::check_limits(
-        c,
-        usage,
-        0,
-        discount,
-        order_value,
-    )
-    .err()
-    .unwrap_or((
-        pb::Reason::BudgetExhausted,
-        "its budget is used up".into(),
-    ))))
+    rows.iter()
+        .map(|row| {
+            Ok([
+                row.try_get_by_index(0).map_err(db_error)?,
+                row.try_get_by_index(1).map_err(db_error)?,
+                row.try_get_by_index(2).map_err(db_error)?,
+            ])
+        })
+        .collect()
 }
 
 /// Adds one use to a counter row unless it holds `max` already (0: no limit), in one
@@ -893,8 +1014,8 @@ type Refused = (Pick, (pb::Reason, String));
 
 /// Commits a plan in `txn`: one live redemption per order; the customer's, period's and
 /// code's limits checked under their locks; the redemption, its counts and its event
-/// written; and last the campaigns' budgets taken with conditional updates, so the hot rows
-/// every redemption of a campaign shares stay locked only for the commit. A requested
+/// written; and last the campaigns' budgets taken from their slices, so the rows
+/// redemptions of a campaign share stay locked only for the commit. A requested
 /// incentive that no longer fits fails the call; an automatic one is dropped and the rest
 /// applied again (inside a savepoint, so what was written for it goes).
 pub async fn commit(
@@ -923,7 +1044,7 @@ pub async fn commit(
             .any(|p| !p.strict && p.campaign.has_budget());
         let outcome = if guarded {
             // A budget that refuses undoes the attempt. Kept, the savepoint is released by the
-            // commit: the budget row, locked last, waits for one round trip less.
+            // commit: the budget's rows, locked last, wait for one round trip less.
             raw(txn, "SAVEPOINT redeem_attempt").await?;
             let outcome = attempt(txn, &job, &plan, id, &held).await?;
             if outcome.is_err() {

@@ -24,6 +24,7 @@ backend_tests!(
     codes_are_refused_with_reasons_and_guessing_is_limited,
     budgets_and_limits_hold_under_concurrent_redeems,
     a_budget_set_later_counts_what_was_redeemed_before,
+    sliced_budgets_refuse_only_what_does_not_fit,
     reservations_hold_until_confirmed_or_expired,
     touchpoints_check_out_over_http,
 );
@@ -588,6 +589,43 @@ async fn redeem_without_checkout(c: &mut Client, suite: &TestSuite) -> tonic::St
     .expect_err("no checkout")
 }
 
+/// Sends all `checkouts` at once; their answers, in the same order.
+async fn at_once(
+    suite: &TestSuite,
+    checkouts: impl IntoIterator<Item = pb::Checkout>,
+) -> Vec<Result<pb::Redemption, tonic::Status>> {
+    let c = pb::eligibility_service_client::EligibilityServiceClient::new(
+        suite.channel_with_deadline(Duration::from_secs(300)),
+    );
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, checkout) in checkouts.into_iter().enumerate() {
+        let mut c = c.clone();
+        let request = suite.ctx(TENANT).request(pb::RedeemRequest {
+            idempotency_key: key(),
+            checkout: Some(checkout),
+        });
+        tasks.spawn(async move {
+            let answer = c.redeem(request).await;
+            (
+                i,
+                answer.map(|r| r.into_inner().redemption.expect("redemption")),
+            )
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        answers.push(result.expect("task"));
+    }
+    eprintln!(
+        "{} concurrent redeems in {:?}",
+        answers.len(),
+        started.elapsed()
+    );
+    answers.sort_by_key(|(i, _)| *i);
+    answers.into_iter().map(|(_, answer)| answer).collect()
+}
+
 /// Runs `n` redemptions at once; returns how many succeeded, after checking every failure
 /// is the expected refusal.
 async fn concurrently(
@@ -596,22 +634,9 @@ async fn concurrently(
     expected: &str,
     checkout: impl Fn(usize) -> pb::Checkout,
 ) -> usize {
-    let c = pb::eligibility_service_client::EligibilityServiceClient::new(
-        suite.channel_with_deadline(Duration::from_secs(300)),
-    );
-    let started = std::time::Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let mut c = c.clone();
-        let request = suite.ctx(TENANT).request(pb::RedeemRequest {
-            idempotency_key: key(),
-            checkout: Some(checkout(i)),
-        });
-        tasks.spawn(async move { c.redeem(request).await });
-    }
     let mut won = 0;
-    while let Some(result) = tasks.join_next().await {
-        match result.expect("task") {
+    for answer in at_once(suite, (0..n).map(checkout)).await {
+        match answer {
             Ok(_) => won += 1,
             Err(e) => {
                 assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
@@ -619,8 +644,110 @@ async fn concurrently(
             }
         }
     }
-    eprintln!("{n} concurrent redeems in {:?}", started.elapsed());
     won
+}
+
+/// Budgets are taken from slices spread over rows; whatever the slices hold, a budget is
+/// never overrun, an order is refused only when the budget truly has no room for it, and
+/// a changed campaign never takes from slices cut for its earlier version.
+async fn sliced_budgets_refuse_only_what_does_not_fit(suite: TestSuite) {
+    let mut c = client(&suite);
+    // A $500 discount budget, 10% off shoes; 200 orders at once with discounts from $1 to
+    // $20.50, so some fit no slice.
+    let budget = 500_00;
+    put_campaign(
+        &mut c,
+        &suite,
+        pb::Campaign {
+            limits: Some(pb::Limits {
+                max_discount_total: budget,
+                ..Default::default()
+            }),
+            ..campaign("spend", percent_off(1000, &["shoes"]))
+        },
+    )
+    .await;
+    let price = |i: usize| (10 + 5 * (i as i64 % 40)) * 1_00;
+    let answers = at_once(
+        &suite,
+        (0..200).map(|i| pb::Checkout {
+            cart: Some(cart(&[("SHOE", "shoes", 1, price(i))])),
+            ..checkout(&format!("d{i}"), &format!("do{i}"), &[], &["spend"])
+        }),
+    )
+    .await;
+    let total = usage(&suite, "spend", "discount_total").await;
+    assert!(total <= budget, "{total} spent of {budget}");
+    let mut granted = 0;
+    for (i, answer) in answers.iter().enumerate() {
+        match answer {
+            Ok(r) => granted += r.outcome.as_ref().expect("outcome").discount,
+            Err(e) => {
+                assert_eq!(reason(e), "BUDGET_EXHAUSTED", "{e:?}");
+                // Room only ever shrinks here, so what was left at the end did not fit it.
+                assert!(
+                    price(i) / 10 > budget - total,
+                    "order {i} ({}) refused with {} left",
+                    price(i) / 10,
+                    budget - total
+                );
+            }
+        }
+    }
+    assert_eq!(granted, total);
+
+    // A budget lowered below what its slices were cut from: exactly what is left of it.
+    put_campaign(
+        &mut c,
+        &suite,
+        limited(
+            "edited",
+            pb::Limits {
+                max_redemptions: 1000,
+                ..Default::default()
+            },
+        ),
+    )
+    .await;
+    let orders = |from: usize, n: usize| {
+        (from..from + n).map(|i| checkout(&format!("e{i}"), &format!("eo{i}"), &[], &["edited"]))
+    };
+    let won = at_once(&suite, orders(0, 10)).await;
+    assert!(won.iter().all(Result::is_ok));
+    let limit = |max_redemptions| {
+        limited(
+            "edited",
+            pb::Limits {
+                max_redemptions,
+                ..Default::default()
+            },
+        )
+    };
+    put_campaign(&mut c, &suite, limit(13)).await;
+    let won = concurrently(&suite, 20, "BUDGET_EXHAUSTED", |i| {
+        orders(10 + i, 1).next().expect("order")
+    })
+    .await;
+    assert_eq!(won, 3);
+    // Raised, dropped and set again to the same figure: the slices cut for the first
+    // version of that budget (5 or 6 redemptions each) are not taken from.
+    put_campaign(&mut c, &suite, limit(200)).await;
+    assert!(at_once(&suite, orders(30, 1)).await[0].is_ok());
+    put_campaign(&mut c, &suite, campaign("edited", amount_off(1_00))).await;
+    assert!(
+        at_once(&suite, orders(40, 180))
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    assert_eq!(usage(&suite, "edited", "redemptions").await, 194);
+    put_campaign(&mut c, &suite, limit(200)).await;
+    let won = concurrently(&suite, 20, "BUDGET_EXHAUSTED", |i| {
+        orders(300 + i, 1).next().expect("order")
+    })
+    .await;
+    assert_eq!(won, 6);
+    assert_eq!(usage(&suite, "edited", "redemptions").await, 200);
 }
 
 async fn a_budget_set_later_counts_what_was_redeemed_before(suite: TestSuite) {

@@ -1,8 +1,8 @@
 //! Redemption: `Redeem` at 32 clients against one campaign with a redemption budget and a
-//! per-customer limit (its counter row is the hot row every redemption locks), each call a
-//! new customer and order with a 3-line cart. Beside it, a bare SQL transaction of the same
-//! shape on the same database (claim row, lock and bump the budget row, bump the customer's
-//! row, insert the redemption and the outbox event), and the ratio between the two. Then
+//! per-customer limit (the budget is taken from one of its 32 slices per redemption), each
+//! call a new customer and order with a 3-line cart. Beside it, a bare SQL transaction of
+//! the same shape on the same database (claim row, take from one budget slice, bump the
+//! customer's row, insert the redemption and the outbox event), and the ratio. Then
 //! the same redemptions paying a quarter of the order with points (the wallet's balance
 //! read, hold and capture on top), beside bare SQL of that shape: a wallet transaction for
 //! the hold, the redemption's, a wallet transaction for the capture.
@@ -275,10 +275,6 @@ async fn bare_sql(suite: &TestSuite, points: bool) -> (f64, Duration) {
                     format!("SELECT CAST(id AS TEXT) FROM lots WHERE id = {first_lot}"),
                     format!("UPDATE lots SET remaining = remaining - 100 WHERE id = {first_lot}"),
                 );
-                let budget = format!(
-                    "SELECT campaign_id FROM campaign_usage WHERE tenant_id = $1 \
-                     AND campaign_id = 'bench-redeem'{lock}"
-                );
                 let (account_lock, hold_lock) = (
                     format!("SELECT id FROM accounts WHERE tenant_id = $1 AND id = $2{lock}"),
                     format!("SELECT id FROM holds WHERE tenant_id = $1 AND id = $2{lock}"),
@@ -341,12 +337,16 @@ async fn bare_sql(suite: &TestSuite, points: bool) -> (f64, Duration) {
                 };
                 let mut redemption = vec![
                     claim(&id),
-                    (budget.as_str(), vec![TENANT.into()]),
                     (
-                        "UPDATE campaign_usage SET redemptions = redemptions + 1, \
-                         discount_total = discount_total + 600 \
-                         WHERE tenant_id = $1 AND campaign_id = 'bench-redeem'",
-                        vec![TENANT.into()],
+                        "UPDATE campaign_usage_shards SET redemptions = redemptions + 1, \
+                         discount_total = discount_total + 600, \
+                         left_redemptions = left_redemptions - 1 \
+                         WHERE tenant_id = $1 AND campaign_id = 'bench-redeem' AND shard = $2 \
+                         AND left_redemptions >= 1",
+                        vec![
+                            TENANT.into(),
+                            i32::from(uuid::Uuid::new_v4().as_bytes()[0] % 32).into(),
+                        ],
                     ),
                     (
                         "INSERT INTO customer_usage (tenant_id, customer_id, campaign_id, \
