@@ -313,11 +313,16 @@ async fn main() {
     // `TESSERA_BENCH=wallet|catalog|qualify|redeem|webhooks` runs one part only.
     let only = std::env::var("TESSERA_BENCH").ok();
     let only = only.as_deref();
+    // `TESSERA_BENCH_ON=sqlite|postgres` runs on one backend only.
+    let on = std::env::var("TESSERA_BENCH_ON").ok();
     qualify::cel_cost();
-    for (backend, label) in [
-        (Backend::Embedded, "SQLite + in-process cache"),
-        (Backend::Production, "PostgreSQL + Redis"),
+    for (backend, name, label) in [
+        (Backend::Embedded, "sqlite", "SQLite + in-process cache"),
+        (Backend::Production, "postgres", "PostgreSQL + Redis"),
     ] {
+        if on.as_deref().is_some_and(|on| on != name) {
+            continue;
+        }
         // The production configuration (pool size, outbox polling), isolated like a test.
         let suite = match tessera_tests::test_config(backend) {
             Some(mut config) => {
