@@ -442,7 +442,8 @@ impl MigratorTrait for Migrator {
         }));
         // A budgeted campaign's remaining budgets are cut into slices, one per shard, so a
         // redemption takes from one shard's slice without locking the campaign's row; `budget`
-        // names the limits the slices were cut from ("redemptions/discount/order value").
+        // names the campaign version and limits the slices were cut from
+        // ("version:redemptions/discount/order value").
         all.push(Box::new(AddColumns {
             name: "m0209_budget_slices",
             columns: || {

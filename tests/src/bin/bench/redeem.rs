@@ -234,11 +234,27 @@ async fn bare_sql(suite: &TestSuite, points: bool) -> (f64, Duration) {
     let db = Arc::new(suite.db("eligibility").await);
     let wallet = Arc::new(suite.db("wallet").await);
     let lock = db.backend().row_lock();
+    // The statements are written once, outside the timed loop.
+    let account = format!(
+        "SELECT id FROM accounts WHERE tenant_id = $1 AND owner_kind = 'customer' \
+         AND owner_id = $2{lock}"
+    );
+    let first_lot = "(SELECT id FROM lots WHERE tenant_id = $1 AND remaining >= 100 \
+         AND account_id = (SELECT id FROM accounts WHERE tenant_id = $1 \
+         AND owner_kind = 'customer' AND owner_id = $2) ORDER BY expires_at, id LIMIT 1)";
+    let sql: Arc<[String; 5]> = Arc::new([
+        account,
+        format!("SELECT CAST(id AS TEXT) FROM lots WHERE id = {first_lot}"),
+        format!("UPDATE lots SET remaining = remaining - 100 WHERE id = {first_lot}"),
+        format!("SELECT id FROM accounts WHERE tenant_id = $1 AND id = $2{lock}"),
+        format!("SELECT id FROM holds WHERE tenant_id = $1 AND id = $2{lock}"),
+    ]);
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..CLIENTS {
-        let (db, wallet) = (db.clone(), wallet.clone());
+        let (db, wallet, sql) = (db.clone(), wallet.clone(), sql.clone());
         workers.push(tokio::spawn(async move {
+            let [account, lots, take, account_lock, hold_lock] = &*sql;
             let mut latencies = Vec::with_capacity(PER_CLIENT);
             for i in 0..PER_CLIENT {
                 let t = Instant::now();
@@ -264,21 +280,6 @@ async fn bare_sql(suite: &TestSuite, points: bool) -> (f64, Duration) {
                         ],
                     )
                 };
-                let account = format!(
-                    "SELECT id FROM accounts WHERE tenant_id = $1 AND owner_kind = 'customer' \
-                     AND owner_id = $2{lock}"
-                );
-                let first_lot = "(SELECT id FROM lots WHERE tenant_id = $1 AND remaining >= 100 \
-                     AND account_id = (SELECT id FROM accounts WHERE tenant_id = $1 \
-                     AND owner_kind = 'customer' AND owner_id = $2) ORDER BY expires_at, id LIMIT 1)";
-                let (lots, take) = (
-                    format!("SELECT CAST(id AS TEXT) FROM lots WHERE id = {first_lot}"),
-                    format!("UPDATE lots SET remaining = remaining - 100 WHERE id = {first_lot}"),
-                );
-                let (account_lock, hold_lock) = (
-                    format!("SELECT id FROM accounts WHERE tenant_id = $1 AND id = $2{lock}"),
-                    format!("SELECT id FROM holds WHERE tenant_id = $1 AND id = $2{lock}"),
-                );
                 let who = || vec![TENANT.into(), customer.clone().into()];
                 let entry = |kind: &str| {
                     (
