@@ -156,7 +156,7 @@ enum Stored<R> {
 pub struct Idempotency {
     db: Db,
     lease: Duration,
-    wake: Option<Arc<Notify>>,
+    wake: Vec<Arc<Notify>>,
 }
 
 impl Idempotency {
@@ -164,14 +164,14 @@ impl Idempotency {
         Self {
             db,
             lease,
-            wake: None,
+            wake: Vec::new(),
         }
     }
 
-    /// Wakes `relay` after every successful [`run`](Self::run), so the events the work
-    /// wrote to the outbox leave at once.
+    /// Wakes `relay` after every successful [`run`](Self::run), so the events (or queue
+    /// items) the work wrote leave at once. Can be called once per relay or worker.
     pub fn waking(mut self, relay: Arc<Notify>) -> Self {
-        self.wake = Some(relay);
+        self.wake.push(relay);
         self
     }
 
@@ -366,10 +366,10 @@ impl Idempotency {
         ) -> futures::future::BoxFuture<'t, Result<R, Error>>,
     {
         let outcome = self.run_once(ctx, scope, key, request, work).await;
-        if outcome.is_ok()
-            && let Some(wake) = &self.wake
-        {
-            wake.notify_one();
+        if outcome.is_ok() {
+            for wake in &self.wake {
+                wake.notify_one();
+            }
         }
         outcome
     }

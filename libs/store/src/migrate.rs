@@ -220,7 +220,7 @@ pub fn index(name: &str, table: &str, columns: &[&str], unique: bool) -> IndexCr
     i.to_owned()
 }
 
-/// The plumbing tables every service has: idempotency keys and the outbox.
+/// The plumbing tables every service has: idempotency keys, the outbox and the work queue.
 pub fn plumbing() -> Vec<Box<dyn MigrationTrait>> {
     vec![
         Box::new(Migration {
@@ -282,6 +282,46 @@ pub fn plumbing() -> Vec<Box<dyn MigrationTrait>> {
                         "outbox_pending",
                         "outbox",
                         &["delivered_at", "next_attempt_at"],
+                        false,
+                    ),
+                ]
+            },
+        }),
+        Box::new(Migration {
+            name: "m0003_work_queue",
+            tables: || {
+                vec![table(
+                    "work_queue",
+                    vec![
+                        col::serial("id"),
+                        col::text("queue"),
+                        col::text("tenant_id"),
+                        col::text("dedupe_key"),
+                        col::text("kind"),
+                        col::blob("payload"),
+                        col::text("traceparent"),
+                        col::int("attempts"),
+                        col::big("next_attempt_at"),
+                        col::text_null("lease_token"),
+                        col::big_null("dead_at"),
+                        col::text_null("last_error"),
+                        col::big("created_at"),
+                    ],
+                    &[],
+                )]
+            },
+            indexes: || {
+                vec![
+                    index(
+                        "work_queue_key",
+                        "work_queue",
+                        &["queue", "tenant_id", "dedupe_key"],
+                        true,
+                    ),
+                    index(
+                        "work_queue_due",
+                        "work_queue",
+                        &["queue", "dead_at", "next_attempt_at", "id"],
                         false,
                     ),
                 ]

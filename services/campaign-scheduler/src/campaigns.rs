@@ -140,6 +140,13 @@ pub fn projection(c: &pb::Campaign) -> epb::Campaign {
         State::Killed => epb::CampaignStatus::Disabled,
         _ => epb::CampaignStatus::Active,
     });
+    // The codes of the pool it issues unlock it at checkout.
+    if let Some(pool) = c.incentive.as_ref().map(|i| &i.pool_id)
+        && !pool.is_empty()
+        && !d.pool_ids.contains(pool)
+    {
+        d.pool_ids.push(pool.clone());
+    }
     d
 }
 

@@ -12,7 +12,7 @@ use tessera_store::outbox::{self, micros_to_timestamp, timestamp_to_micros};
 use tessera_store::{Db, db_error, insert_rows, now_micros, stmt};
 
 use crate::pattern::{self, Pattern};
-use crate::rewards;
+use crate::{rewards, sync};
 
 pub const ACTIVE: &str = "active";
 pub const PUBLISHED: &str = "published";
@@ -195,16 +195,19 @@ pub async fn set_pool_status(
     status: &'static str,
 ) -> Result<pb::CodePool, Error> {
     let changed = txn
-        .execute_raw(stmt(
+        .query_one_raw(stmt(
             txn,
-            "UPDATE code_pools SET status = $3 WHERE tenant_id = $1 AND id = $2 AND status <> $3",
+            "UPDATE code_pools SET status = $3, rev = rev + 1 \
+             WHERE tenant_id = $1 AND id = $2 AND status <> $3 RETURNING rev",
             [ctx.tenant_id.clone().into(), id.into(), status.into()],
         ))
         .await
-        .map_err(db_error)?
-        .rows_affected();
+        .map_err(db_error)?;
     let pool = get_pool(txn, &ctx.tenant_id, id).await?;
-    if changed > 0 {
+    if let Some(row) = &changed {
+        let rev: i64 = row.try_get_by_index(0).map_err(db_error)?;
+        let kind = tessera_proto::eligibility::v1::CatalogSwitchKind::Pool;
+        sync::switch_changed(txn, &ctx.tenant_id, kind, id, status == DISABLED, rev).await?;
         let data = serde_json::json!({"pool_id": id, "status": status, "principal": ctx.principal});
         outbox::enqueue(txn, &ctx.tenant_id, "code_pool.status_changed", &data).await?;
     }
@@ -212,7 +215,10 @@ pub async fn set_pool_status(
 }
 
 pub(crate) const CODE_COLUMNS: &str = "c.code, c.pool_id, c.reward_id, c.state, c.disabled, \
-     c.redemptions, c.max_uses, c.customer_id, c.starts_at, c.ends_at";
+     c.redemptions, c.max_uses, c.customer_id, c.starts_at, c.ends_at, c.redeemed_by, \
+     c.order_id, c.redeemed_at, c.redemption_id";
+/// How many columns [`CODE_COLUMNS`] selects.
+pub(crate) const CODE_COLUMN_COUNT: usize = 14;
 
 /// A code from the columns [`CODE_COLUMNS`], starting at index `at`.
 pub(crate) fn code_from_row(row: &QueryResult, at: usize) -> Result<pb::Code, Error> {
@@ -220,6 +226,12 @@ pub(crate) fn code_from_row(row: &QueryResult, at: usize) -> Result<pb::Code, Er
         |i: usize| -> Result<String, Error> { row.try_get_by_index(at + i).map_err(db_error) };
     let state = get_str(3)?;
     let disabled: i32 = row.try_get_by_index(at + 4).map_err(db_error)?;
+    let text = |i: usize| -> Result<String, Error> {
+        Ok(row
+            .try_get_by_index::<Option<String>>(at + i)
+            .map_err(db_error)?
+            .unwrap_or_default())
+    };
     let time = |i: usize| -> Result<Option<prost_types::Timestamp>, Error> {
         let t: Option<i64> = row.try_get_by_index(at + i).map_err(db_error)?;
         Ok(t.map(micros_to_timestamp))
@@ -237,6 +249,10 @@ pub(crate) fn code_from_row(row: &QueryResult, at: usize) -> Result<pb::Code, Er
             .unwrap_or_default(),
         starts_at: time(8)?,
         ends_at: time(9)?,
+        redeemed_by: text(10)?,
+        order_id: text(11)?,
+        redeemed_at: time(12)?,
+        redemption_id: text(13)?,
     })
 }
 
@@ -292,6 +308,9 @@ pub async fn set_code_status(
         .await
         .map_err(db_error)?
         .rows_affected();
+    if changed > 0 {
+        sync::codes_changed(txn, &ctx.tenant_id, None, std::slice::from_ref(&code)).await?;
+    }
     let current = get_code(txn, &ctx.tenant_id, &code, "").await?;
     if changed > 0 {
         let data = serde_json::json!({
@@ -300,6 +319,55 @@ pub async fn set_code_status(
         outbox::enqueue(txn, &ctx.tenant_id, "code.status_changed", &data).await?;
     }
     Ok(current)
+}
+
+/// Applies the uses eligibility counted (`delta` +1: a redemption or reservation took one;
+/// -1: given back), in order: the code's count, its state (redeemed when no use is left;
+/// back to published or active when one is given back) and its last redemption.
+pub async fn record_uses(
+    txn: &DatabaseTransaction,
+    tenant: &str,
+    uses: &[pb::CodeUse],
+) -> Result<Vec<pb::Code>, Error> {
+    let mut out = Vec::with_capacity(uses.len());
+    for u in uses {
+        let code = pattern::normalize(&u.code);
+        let at = u.at.as_ref().map_or_else(now_micros, timestamp_to_micros);
+        let changed = txn
+            .execute_raw(stmt(
+                txn,
+                "UPDATE codes SET \
+                 redemptions = CASE WHEN redemptions + $3 < 0 THEN 0 ELSE redemptions + $3 END, \
+                 state = CASE WHEN redemptions + $3 >= max_uses THEN 'redeemed' \
+                   WHEN customer_id IS NOT NULL THEN 'published' ELSE 'active' END, \
+                 redeemed_by = CASE WHEN $3 > 0 THEN $4 WHEN redemptions + $3 <= 0 THEN NULL \
+                   ELSE redeemed_by END, \
+                 order_id = CASE WHEN $3 > 0 THEN $5 WHEN redemptions + $3 <= 0 THEN NULL \
+                   ELSE order_id END, \
+                 redeemed_at = CASE WHEN $3 > 0 THEN $6 WHEN redemptions + $3 <= 0 THEN NULL \
+                   ELSE redeemed_at END, \
+                 redemption_id = CASE WHEN $3 > 0 THEN $7 WHEN redemptions + $3 <= 0 THEN NULL \
+                   ELSE redemption_id END \
+                 WHERE tenant_id = $1 AND code = $2",
+                [
+                    tenant.into(),
+                    code.clone().into(),
+                    i64::from(u.delta).into(),
+                    u.customer_id.clone().into(),
+                    u.order_id.clone().into(),
+                    at.into(),
+                    u.redemption_id.clone().into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        if changed == 0 {
+            return Err(Error::not_found(format!("code `{code}`")));
+        }
+        out.push(get_code(txn, tenant, &code, "").await?);
+    }
+    Ok(out)
 }
 
 /// A new code row for [`insert_codes`]: code, pool, reward, max uses, window, job.
@@ -329,19 +397,28 @@ pub(crate) fn code_row(
     ]
 }
 
-/// Inserts code rows, skipping codes the tenant already has. Returns how many were new.
+/// Inserts the codes of `pool` built by [`code_row`], skipping codes the tenant already has,
+/// and sends the new ones to eligibility ([`sync`]). Returns how many were new.
 pub(crate) async fn insert_codes<C: ConnectionTrait>(
     conn: &C,
-    rows: Vec<Vec<sea_orm::Value>>,
+    tenant: &str,
+    pool: &str,
+    codes: Vec<String>,
+    row: impl Fn(String) -> Vec<sea_orm::Value>,
 ) -> Result<u64, Error> {
-    insert_rows(
+    let rows = codes.iter().cloned().map(row).collect();
+    let inserted = insert_rows(
         conn,
         "INSERT INTO codes (tenant_id, code, pool_id, reward_id, state, disabled, redemptions, \
          max_uses, starts_at, ends_at, job_id, created_at)",
         "ON CONFLICT (tenant_id, code) DO NOTHING",
         rows,
     )
-    .await
+    .await?;
+    if inserted > 0 {
+        sync::codes_changed(conn, tenant, Some(pool), &codes).await?;
+    }
+    Ok(inserted)
 }
 
 /// A pool's own validity window, which its codes carry (µs).
@@ -539,21 +616,19 @@ pub async fn import(
     }
     let now = now_micros();
     let wanted = rows.len() as u64;
-    let new_rows = rows
+    let mut windows = HashMap::with_capacity(rows.len());
+    let texts = rows
         .into_iter()
         .map(|r| {
-            code_row(
-                &ctx.tenant_id,
-                &pool,
-                r.code,
-                r.max_uses,
-                r.window,
-                None,
-                now,
-            )
+            windows.insert(r.code.clone(), (r.max_uses, r.window));
+            r.code
         })
         .collect();
-    let imported = insert_codes(txn, new_rows).await?;
+    let imported = insert_codes(txn, &ctx.tenant_id, &pool.id, texts, |code| {
+        let (max_uses, window) = windows[&code];
+        code_row(&ctx.tenant_id, &pool, code, max_uses, window, None, now)
+    })
+    .await?;
     if imported < wanted && !allow_partial {
         return Err(Error::new(
             Code::Aborted,
@@ -609,6 +684,9 @@ pub async fn export_page<C: ConnectionTrait>(
             "customer_id",
             "starts_at",
             "ends_at",
+            "redeemed_by",
+            "order_id",
+            "redeemed_at",
         ])
         .map_err(Error::internal)?;
     }
@@ -635,6 +713,9 @@ pub async fn export_page<C: ConnectionTrait>(
             &c.customer_id,
             &time(&c.starts_at),
             &time(&c.ends_at),
+            &c.redeemed_by,
+            &c.order_id,
+            &time(&c.redeemed_at),
         ])
         .map_err(Error::internal)?;
         last = Some(c.code);

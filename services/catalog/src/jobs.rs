@@ -272,11 +272,12 @@ impl Generator {
                     drawn.insert(pattern.draw(&mut rng));
                 }
             }
-            let rows = drawn
-                .into_iter()
-                .map(|code| code_row(tenant, &pool, code, max_uses, window, Some(job_id), now))
-                .collect();
-            let inserted = i64::try_from(insert_codes(&txn, rows).await?).unwrap_or(0);
+            let drawn = drawn.into_iter().collect();
+            let inserted = insert_codes(&txn, tenant, &pool.id, drawn, |code| {
+                code_row(tenant, &pool, code, max_uses, window, Some(job_id), now)
+            })
+            .await?;
+            let inserted = i64::try_from(inserted).unwrap_or(0);
             empty_batches = if inserted == 0 { empty_batches + 1 } else { 0 };
             txn.execute_raw(stmt(
                 &txn,

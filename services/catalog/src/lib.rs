@@ -13,17 +13,18 @@ pub mod policy;
 mod publications;
 mod rewards;
 mod service;
+mod sync;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_proto::catalog::v1::catalog_service_server::CatalogServiceServer;
-use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::component::{self, Component};
 use tessera_runtime::{Config, grpc};
 use tessera_store::Db;
 use tessera_store::idempotency::Idempotency;
 use tessera_store::outbox::{NotificationPublisher, Relay};
+use tessera_store::queue::commands;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -54,23 +55,20 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         config.outbox.clone(),
     );
     let generator = jobs::Generator::new(db.clone(), relay.waker(), shutdown.clone());
-    let loader = gift_cards::Loader {
-        db: db.clone(),
-        wallet: WalletServiceClient::new(grpc::channel(
-            &config.peers.wallet_url,
-            config.peer_timeout(),
-        )?),
-        wake: Arc::default(),
-    };
+    let commands = commands::worker(db.clone(), SERVICE, config)?;
+    let moved = gift_cards::adopt_waiting_loads(&db).await?;
+    if moved > 0 {
+        tracing::info!(moved, "gift-card loads moved onto the command outbox");
+    }
     let service = service::Catalog {
         db: db.clone(),
         idempotency: Idempotency::new(
             db.clone(),
             Duration::from_secs(config.idempotency.in_flight_lease_secs),
         )
-        .waking(relay.waker()),
+        .waking(relay.waker())
+        .waking(commands.waker()),
         generator: generator.clone(),
-        gift_card_wake: loader.wake.clone(),
     };
     Ok(Component::new(SERVICE)
         .grpc(GRPC_NAME, move |routes| {
@@ -80,8 +78,21 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         })
         .task(tokio::spawn(relay.run(shutdown.clone())))
         .task(tokio::spawn(generator.resume()))
-        .task(tokio::spawn(loader.run(shutdown)))
+        .task(tokio::spawn(backfill_sync(db.clone())))
+        .task(tokio::spawn(commands.run(shutdown)))
         .probe(db.probe()))
+}
+
+/// Sends eligibility the codes created before codes were synced (once; a failure is
+/// retried at the next start).
+async fn backfill_sync(db: Db) {
+    match sync::backfill(&db).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(codes = n, "codes sent to eligibility"),
+        Err(e) => {
+            tracing::warn!(error = %e, "codes not sent to eligibility; retried at the next start")
+        }
+    }
 }
 
 /// Runs the catalog alone on `listener` until `shutdown`.

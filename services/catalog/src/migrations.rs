@@ -4,7 +4,7 @@
 //! shared plumbing tables.
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
-use tessera_store::migrate::{Migration, col, index, plumbing, table};
+use tessera_store::migrate::{AddColumns, Migration, col, index, plumbing, table};
 
 /// The catalog's migrations, in order.
 pub struct Migrator;
@@ -191,6 +191,22 @@ impl MigratorTrait for Migrator {
                 )]
             },
             indexes: Vec::new,
+        }));
+        // Codes and pools carry a revision: eligibility keeps the newest state it was sent
+        // (`rev` 0: never sent, which a start sends; see `sync`). A code shows its last
+        // redemption, as eligibility reports it.
+        all.push(Box::new(AddColumns {
+            name: "m0103_code_sync",
+            columns: || {
+                vec![
+                    ("codes", col::big_zero("rev")),
+                    ("codes", col::text_null("redeemed_by")),
+                    ("codes", col::text_null("order_id")),
+                    ("codes", col::big_null("redeemed_at")),
+                    ("codes", col::text_null("redemption_id")),
+                    ("code_pools", col::big_zero("rev")),
+                ]
+            },
         }));
         all
     }

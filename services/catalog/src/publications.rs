@@ -8,7 +8,7 @@ use tessera_store::outbox::{self, micros_to_timestamp, timestamp_to_micros};
 use tessera_store::{Backend, Db, db_error, now_micros, stmt};
 
 use crate::codes::{self, CODE_COLUMNS, code_from_row};
-use crate::{gift_cards, rewards};
+use crate::{gift_cards, rewards, sync};
 
 /// What to publish.
 pub struct Publish {
@@ -140,6 +140,7 @@ pub async fn publish(
         ))
         .await
         .map_err(db_error)?;
+        sync::codes_changed(txn, tenant, None, std::slice::from_ref(&c.code)).await?;
     }
     let id = uuid::Uuid::now_v7().to_string();
     let code_text = code.map(|c| c.code);
@@ -348,7 +349,9 @@ pub async fn list_for_customer<C: ConnectionTrait>(
         let reward = rewards::from_row_at(row, 6)?;
         let has_code: Option<String> = row.try_get_by_index(12).map_err(db_error)?;
         let code = has_code.map(|_| code_from_row(row, 12)).transpose()?;
-        let state: i32 = row.try_get_by_index(22).map_err(db_error)?;
+        let state: i32 = row
+            .try_get_by_index(12 + codes::CODE_COLUMN_COUNT)
+            .map_err(db_error)?;
         out.push(pb::CustomerReward {
             publication: Some(publication),
             reward: Some(reward),

@@ -11,6 +11,8 @@ use tessera_runtime::{Code, Error, RequestContext};
 use tessera_store::outbox::{self, micros_to_timestamp, timestamp_to_micros};
 use tessera_store::{db_error, now_micros, stmt};
 
+use crate::sync;
+
 pub const ACTIVE: &str = "active";
 pub const DISABLED: &str = "disabled";
 
@@ -283,6 +285,9 @@ pub async fn set_status(
         .rows_affected();
     let reward = get(txn, &ctx.tenant_id, id).await?;
     if changed > 0 {
+        let kind = tessera_proto::eligibility::v1::CatalogSwitchKind::Reward;
+        let off = status == DISABLED;
+        sync::switch_changed(txn, &ctx.tenant_id, kind, id, off, reward.version).await?;
         emit(txn, ctx, "reward.status_changed", &reward, Some(reason)).await?;
     }
     Ok(reward)

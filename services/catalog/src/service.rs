@@ -3,7 +3,6 @@
 //! with its outbox event.
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use futures::Stream;
 use tessera_effects::{Application, wire};
@@ -14,7 +13,6 @@ use tessera_runtime::error::Violations;
 use tessera_store::api::{self, check_customer_id, check_id, check_idempotency_key, page_response};
 use tessera_store::idempotency::Idempotency;
 use tessera_store::{Db, now_micros};
-use tokio::sync::Notify;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::jobs::{self, Generator};
@@ -26,7 +24,6 @@ pub struct Catalog {
     pub db: Db,
     pub idempotency: Idempotency,
     pub generator: Generator,
-    pub gift_card_wake: Arc<Notify>,
 }
 
 /// A channel name: 1 to 64 of a-z, 0-9, `_`, `-`.
@@ -665,6 +662,44 @@ impl CatalogService for Catalog {
         Ok(Response::new(response))
     }
 
+    async fn record_code_uses(
+        &self,
+        request: Request<pb::RecordCodeUsesRequest>,
+    ) -> Result<Response<pb::RecordCodeUsesResponse>, Status> {
+        let ctx = context_of(&request)?;
+        ctx.require_role(&["system"])?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        if request.uses.is_empty() || request.uses.len() > 100 {
+            v.add("uses", "must hold 1 to 100 uses");
+        }
+        for (i, u) in request.uses.iter().enumerate() {
+            check_code(&mut v, &format!("uses.{i}.code"), &u.code);
+            if u.delta != 1 && u.delta != -1 {
+                v.add(format!("uses.{i}.delta"), "must be 1 or -1");
+            }
+        }
+        v.finish()?;
+        let (uses, tenant) = (request.uses.clone(), ctx.tenant_id.clone());
+        let response = self
+            .idempotency
+            .run(
+                &ctx,
+                "catalog.RecordCodeUses",
+                &request.idempotency_key,
+                &request,
+                move |txn| {
+                    Box::pin(async move {
+                        let codes = codes::record_uses(txn, &tenant, &uses).await?;
+                        Ok(pb::RecordCodeUsesResponse { codes })
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
     async fn publish_reward(
         &self,
         request: Request<pb::PublishRewardRequest>,
@@ -722,7 +757,6 @@ impl CatalogService for Catalog {
                 },
             )
             .await?;
-        self.gift_card_wake.notify_one();
         Ok(Response::new(response))
     }
 

@@ -336,6 +336,12 @@ pub fn compile(
             v.add(format!("campaign.codes.{i}"), "must be 1 to 64 characters");
         }
     }
+    if c.pool_ids.len() > 20 {
+        v.add("campaign.pool_ids", "must hold at most 20 pools");
+    }
+    for (i, pool) in c.pool_ids.iter().enumerate() {
+        tessera_store::api::check_id(v, &format!("campaign.pool_ids.{i}"), pool);
+    }
     if c.reward_id.len() > 128 {
         v.add("campaign.reward_id", "must be at most 128 characters");
     }
@@ -603,6 +609,8 @@ pub struct Index {
     /// Every campaign's codes, live or not (redemption tells a disabled or ended code from
     /// one the tenant does not have).
     all_codes: FastMap<Vec<u32>>,
+    /// Every campaign by the catalog pools whose codes unlock it, live or not.
+    by_pool: FastMap<Vec<u32>>,
     /// Campaigns whose rule needs an event of one type.
     by_event: FastMap<Vec<u32>>,
     /// Active campaigns with earning rules or triggers (with or without a checkout effect):
@@ -629,7 +637,14 @@ impl Index {
             for code in &c.def.codes {
                 index.all_codes.entry(code.clone()).or_default().push(i);
             }
+            for pool in &c.def.pool_ids {
+                index.by_pool.entry(pool.clone()).or_default().push(i);
+            }
             if !c.active() {
+                continue;
+            }
+            // Unlocked by its pools' codes only: never automatic.
+            if c.def.codes.is_empty() && !c.def.pool_ids.is_empty() {
                 continue;
             }
             if !c.def.codes.is_empty() {
@@ -677,7 +692,7 @@ impl Index {
                     .iter()
                     .map(|s| intern(format!("seg:{s}")))
                     .collect(),
-                needs_code: !c.def.codes.is_empty(),
+                needs_code: !c.def.codes.is_empty() || !c.def.pool_ids.is_empty(),
                 event: c
                     .rule
                     .as_ref()
@@ -707,7 +722,13 @@ impl Index {
         self.all_codes.get(code).map_or(&[], Vec::as_slice)
     }
 
+    /// The campaigns a catalog pool's codes unlock, live or not.
+    pub fn pool_owners(&self, pool: &str) -> &[u32] {
+        self.by_pool.get(pool).map_or(&[], Vec::as_slice)
+    }
+
     /// The request's segments, cart keys and event type as numbers of this index.
+
     pub fn presence<'a>(
         &self,
         segments: impl IntoIterator<Item = &'a String>,

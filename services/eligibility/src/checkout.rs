@@ -10,12 +10,12 @@ use tessera_store::api::check_idempotency_key;
 use tessera_store::now_micros;
 use tonic::Status;
 
-use crate::campaigns;
 use crate::facts::{self, Settings};
 use crate::qualify::{self, Input};
 use crate::redeem::{self, Commit};
 use crate::service::Eligibility;
 use crate::spends;
+use crate::{campaigns, pool_codes};
 
 /// Who a failed code attempt counts against: the customer and the calling principal.
 fn subjects(ctx: &RequestContext, checkout: &pb::Checkout) -> Vec<String> {
@@ -81,7 +81,10 @@ impl Eligibility {
         };
         let segment_set: campaigns::FastSet = segments.iter().cloned().collect();
         let keys = campaigns::cart_keys(cart);
-        let (candidates, unlocked) = redeem::candidates(&index, checkout, || {
+        let customer = checkout.customer_id.as_str();
+        let pooled =
+            pool_codes::resolve(&self.db, tenant, &index, &checkout.codes, customer, now).await?;
+        let (candidates, unlocked) = redeem::candidates(&index, checkout, &pooled, || {
             index.candidates(&segment_set, &keys, &[], None)
         })?;
         // What the wallet holds for the incentives that spend from it: the programme's
@@ -137,6 +140,7 @@ impl Eligibility {
             cart,
             currency,
             codes: &checkout.codes,
+            pool_codes: &pooled,
             event: None,
             tier: tier.as_deref(),
             now,

@@ -591,6 +591,7 @@ pub async fn evaluate(
         cart: &cart,
         currency,
         codes: &[],
+        pool_codes: &[],
         event,
         tier: None,
         now,

@@ -10,6 +10,7 @@ mod checkout;
 mod earning;
 mod facts;
 mod migrations;
+mod pool_codes;
 mod qualify;
 mod readmodel;
 mod redeem;
@@ -31,6 +32,7 @@ use tessera_runtime::{Config, grpc};
 use tessera_store::Db;
 use tessera_store::idempotency::Idempotency;
 use tessera_store::outbox::{NotificationPublisher, Relay};
+use tessera_store::queue::commands;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -79,6 +81,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         &config.peers.scheduler_url,
         config.peer_timeout(),
     )?);
+    let commands = commands::worker(db.clone(), SERVICE, config)?;
     let degraded = segments.degraded.clone();
     let spends_due = Arc::new(Notify::new());
     let (holds, gather_holds) = spends::HoldBatcher::start(wallet.clone(), shutdown.clone());
@@ -88,7 +91,8 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
             db.clone(),
             Duration::from_secs(config.idempotency.in_flight_lease_secs),
         )
-        .waking(relay.waker()),
+        .waking(relay.waker())
+        .waking(commands.waker()),
         campaigns: Arc::new(campaigns::Campaigns::new(db.clone())),
         segments,
         wallet: wallet.clone(),
@@ -115,6 +119,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
             scheduler,
             shutdown.clone(),
         )))
+        .task(tokio::spawn(commands.run(shutdown.clone())))
         .task(tokio::spawn(relay.run(shutdown)))
         .probe(db.probe())
         .degraded_when(

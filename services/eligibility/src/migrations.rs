@@ -455,6 +455,43 @@ impl MigratorTrait for Migrator {
                 ]
             },
         }));
+        // The catalog's codes and the kill switches of its pools and rewards, as the catalog
+        // sends them (`pool_codes`): each row at the highest revision received.
+        all.push(Box::new(Migration {
+            name: "m0210_catalog_codes",
+            tables: || {
+                vec![
+                    table(
+                        "catalog_codes",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("code"),
+                            col::text("pool_id"),
+                            col::text("reward_id"),
+                            col::text("customer_id"),
+                            col::big("max_uses"),
+                            col::big_null("starts_at"),
+                            col::big_null("ends_at"),
+                            col::int("disabled"),
+                            col::big("rev"),
+                        ],
+                        &["tenant_id", "code"],
+                    ),
+                    table(
+                        "catalog_switches",
+                        vec![
+                            col::text("tenant_id"),
+                            col::text("kind"),
+                            col::text("id"),
+                            col::int("disabled"),
+                            col::big("rev"),
+                        ],
+                        &["tenant_id", "kind", "id"],
+                    ),
+                ]
+            },
+            indexes: Vec::new,
+        }));
         all
     }
 }

@@ -28,6 +28,8 @@ pub struct Input<'a> {
     pub cart: &'a Cart,
     pub currency: &'a str,
     pub codes: &'a [String],
+    /// The catalog codes among `codes` that may be used now.
+    pub pool_codes: &'a [crate::pool_codes::Unlocked],
     pub event: Option<&'a pb::Event>,
     pub tier: Option<&'a str>,
     pub now: i64,
@@ -72,7 +74,7 @@ pub fn cheap_reason(
         pb::Reason::OutsideTimeWindow
     } else if !p.segments.is_empty() && !p.segments.iter().any(|s| present.has(*s)) {
         pb::Reason::NotInSegment
-    } else if p.needs_code && !c.def.codes.iter().any(|code| input.codes.contains(code)) {
+    } else if p.needs_code && unlocking_code(c, input).is_none() {
         pb::Reason::CodeRequired
     } else if p.event.is_some_and(|e| !present.has(e)) {
         pb::Reason::RuleFalse
@@ -85,6 +87,23 @@ pub fn cheap_reason(
     } else {
         return None;
     })
+}
+
+/// The code of the input that unlocks campaign `c`: one it lists, or a catalog code of one
+/// of its pools.
+fn unlocking_code(c: &Compiled, input: &Input) -> Option<String> {
+    c.def
+        .codes
+        .iter()
+        .find(|code| input.codes.contains(code))
+        .or_else(|| {
+            input
+                .pool_codes
+                .iter()
+                .find(|p| c.def.pool_ids.contains(&p.pool_id))
+                .map(|p| &p.code)
+        })
+        .cloned()
 }
 
 /// What a cheap reason means for this campaign, in words.
@@ -359,13 +378,7 @@ pub fn evaluate(
             notes.note(&c.def.id, (pb::Reason::NoEffect, why));
             continue;
         }
-        let code = c
-            .def
-            .codes
-            .iter()
-            .find(|code| input.codes.contains(code))
-            .cloned()
-            .unwrap_or_default();
+        let code = unlocking_code(c, input).unwrap_or_default();
         qualified.push((
             c.clone(),
             pb::Qualified {

@@ -35,7 +35,7 @@ use tessera_store::{Db, db_error, stmt};
 use crate::campaigns::{Compiled, Index};
 use crate::facts::Settings;
 use crate::qualify::{self, Input, Notes, UsageMap};
-use crate::spends;
+use crate::{pool_codes, spends};
 
 /// Unknown codes one customer may try in [`ATTEMPT_WINDOW_MICROS`].
 pub const MAX_FAILED_ATTEMPTS_PER_CUSTOMER: i64 = 10;
@@ -59,6 +59,8 @@ pub struct Pick {
     /// A gift card unlocked by its code: the value its wallet account holds, which caps the
     /// card's face value.
     pub card: Option<i64>,
+    /// A catalog code unlocked it: the uses that code allows.
+    pub pooled: Option<i64>,
 }
 
 impl Pick {
@@ -126,11 +128,13 @@ pub fn check_checkout(
 }
 
 /// The campaigns to evaluate: the named ones (or every automatic candidate of the index)
-/// plus every campaign the codes belong to. A code or id the tenant does not have is
-/// NOT_FOUND, worded the same whether another tenant has it or nobody does.
+/// plus every campaign the codes belong to (listed in the campaign, or the pool of a catalog
+/// code in `pooled`, resolved already). A code or id the tenant does not have is NOT_FOUND,
+/// worded the same whether another tenant has it or nobody does.
 pub fn candidates(
     index: &Index,
     checkout: &pb::Checkout,
+    pooled: &[pool_codes::Unlocked],
     automatic: impl FnOnce() -> Vec<u32>,
 ) -> Result<(Vec<u32>, HashMap<u32, String>), Error> {
     let mut out = if checkout.campaign_ids.is_empty() {
@@ -148,10 +152,19 @@ pub fn candidates(
     };
     let mut unlocked = HashMap::new();
     for code in &checkout.codes {
-        let owners = index.code_owners(code);
-        if owners.is_empty() {
-            return Err(Error::not_found(format!("code `{code}`")).with_reason("CODE_NOT_FOUND"));
-        }
+        let (code, owners) = match index.code_owners(code) {
+            [] => {
+                let code = pool_codes::core::normalize(code);
+                match pooled.iter().find(|p| p.code == code) {
+                    Some(p) => (code, index.pool_owners(&p.pool_id)),
+                    None => {
+                        return Err(Error::not_found(format!("code `{code}`"))
+                            .with_reason("CODE_NOT_FOUND"));
+                    }
+                }
+            }
+            owners => (code.clone(), owners),
+        };
         for &i in owners {
             unlocked.insert(i, code.clone());
             out.push(i);
@@ -208,12 +221,18 @@ pub fn plan(
             );
             continue;
         }
+        let pooled = input
+            .pool_codes
+            .iter()
+            .find(|p| p.code == code)
+            .map(|p| p.max_uses);
         picks.push(Pick {
             strict: strict_ids || unlocked.contains_key(&at),
             own_value: q.value,
             campaign: c,
             code,
             card,
+            pooled,
         });
     }
     let picks = stack(picks, input.settings.max_incentives_per_order, &mut notes);
@@ -283,7 +302,7 @@ fn refuse_strict(
 
 /// FAILED_PRECONDITION with the machine-readable reason (e.g. `ENDED`,
 /// `BUDGET_EXHAUSTED`).
-fn refusal(what: String, reason: pb::Reason, detail: &str) -> Error {
+pub(crate) fn refusal(what: String, reason: pb::Reason, detail: &str) -> Error {
     let name = reason
         .as_str_name()
         .strip_prefix("REASON_")
@@ -476,6 +495,9 @@ pub struct Counted {
     /// Discount per campaign and line, for partial rollbacks.
     #[serde(default)]
     pub line_discounts: BTreeMap<String, BTreeMap<String, i64>>,
+    /// The catalog codes whose uses were counted (reported to the catalog when given back).
+    #[serde(default)]
+    pub pool_codes: Vec<String>,
 }
 
 /// The start (µs) of the tenant-local period holding `now`.
@@ -922,9 +944,9 @@ async fn take_use(
 async fn take_uses(
     txn: &DatabaseTransaction,
     keys: &Keys<'_>,
-    c: &Compiled,
+    p: &Pick,
 ) -> Result<Result<(), (pb::Reason, String)>, Error> {
-    let l = c.def.limits.unwrap_or_default();
+    let l = p.campaign.def.limits.unwrap_or_default();
     let customer = take_use(
         txn,
         "customer_usage",
@@ -963,12 +985,14 @@ async fn take_uses(
         }
     }
     if !keys.code.is_empty() {
-        let code = take_use(txn, "code_usage", &keys.code(), "uses", l.max_uses_per_code).await?;
+        // A catalog code allows its own uses; a code listed in the campaign, the campaign's.
+        let (max, reason) = match p.pooled {
+            Some(max) => (max, pb::Reason::CodeUsed),
+            None => (l.max_uses_per_code, pb::Reason::BudgetExhausted),
+        };
+        let code = take_use(txn, "code_usage", &keys.code(), "uses", max).await?;
         if let Some(used) = code {
-            return Ok(Err((
-                pb::Reason::BudgetExhausted,
-                format!("code used {used} of {} times", l.max_uses_per_code),
-            )));
+            return Ok(Err((reason, format!("code used {used} of {max} times"))));
         }
     }
     Ok(Ok(()))
@@ -1146,7 +1170,7 @@ async fn attempt(
     // The customer's own rows first (they are not shared).
     for p in &by_id {
         let keys = keys_for(tenant, &checkout.customer_id, p, &periods);
-        if let Err(why) = take_uses(txn, &keys, &p.campaign).await? {
+        if let Err(why) = take_uses(txn, &keys, p).await? {
             return Ok(Err(((*p).clone(), why)));
         }
     }
@@ -1178,6 +1202,11 @@ async fn attempt(
             .collect(),
         order_value_released: 0,
         line_discounts: line_discounts(&plan.outcome),
+        pool_codes: by_id
+            .iter()
+            .filter(|p| p.pooled.is_some())
+            .map(|p| p.code.clone())
+            .collect(),
     };
     txn.execute_raw(stmt(
         txn,
@@ -1207,6 +1236,7 @@ async fn attempt(
         "redemption.succeeded"
     };
     outbox::enqueue(txn, tenant, event, &event_data(&record)).await?;
+    pool_codes::report_uses(txn, tenant, &record, &counted.pool_codes, 1, "take", now).await?;
     if as_held {
         spends::record(txn, tenant, &record, hold.is_some()).await?;
     }
@@ -1545,6 +1575,11 @@ pub async fn rollback(
             give_back_uses(txn, &keys).await?;
         }
         count_campaign(txn, &keys, -i64::from(whole), -release, -value_back).await?;
+    }
+    if whole {
+        let now = tessera_store::now_micros();
+        let codes = &counted.pool_codes;
+        pool_codes::report_uses(txn, tenant, &r, codes, -1, "give-back", now).await?;
     }
     r.applied = applied;
     if let Some(ret) = &returned {

@@ -23,10 +23,10 @@ use crate::checkout::CheckoutCall;
 use crate::earning;
 use crate::facts;
 use crate::qualify::{self, Input};
-use crate::redeem;
 use crate::rules::{self, Schema, Scope};
 use crate::segments::{self, Segments};
 use crate::triggers;
+use crate::{pool_codes, redeem};
 
 pub struct Eligibility {
     pub db: Db,
@@ -836,6 +836,48 @@ impl EligibilityService for Eligibility {
         }))
     }
 
+    async fn sync_catalog_codes(
+        &self,
+        request: Request<pb::SyncCatalogCodesRequest>,
+    ) -> Result<Response<pb::SyncCatalogCodesResponse>, Status> {
+        let ctx = context_of(&request)?;
+        ctx.require_role(&["system"])?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        check_idempotency_key(&mut v, &request.idempotency_key);
+        if request.codes.len() > 5_000 || request.switches.len() > 1_000 {
+            v.add("codes", "at most 5000 codes and 1000 switches a call");
+        }
+        for (i, c) in request.codes.iter().enumerate() {
+            if c.code.is_empty()
+                || c.code.len() > 64
+                || c.code != pool_codes::core::normalize(&c.code)
+            {
+                v.add(
+                    format!("codes.{i}.code"),
+                    "must be 1 to 64 characters, upper case",
+                );
+            }
+            if c.pool_id.is_empty() || c.pool_id.len() > 128 {
+                v.add(format!("codes.{i}.pool_id"), "must be 1 to 128 characters");
+            }
+            if c.rev < 1 {
+                v.add(format!("codes.{i}.rev"), "must be positive");
+            }
+        }
+        for (i, s) in request.switches.iter().enumerate() {
+            if s.kind() == pb::CatalogSwitchKind::Unspecified {
+                v.add(format!("switches.{i}.kind"), "must be POOL or REWARD");
+            }
+            if s.id.is_empty() || s.id.len() > 128 {
+                v.add(format!("switches.{i}.id"), "must be 1 to 128 characters");
+            }
+        }
+        v.finish()?;
+        let response = pool_codes::sync(&self.db, &ctx.tenant_id, &request).await?;
+        Ok(Response::new(response))
+    }
+
     async fn put_campaign(
         &self,
         request: Request<pb::PutCampaignRequest>,
@@ -972,7 +1014,21 @@ impl EligibilityService for Eligibility {
         let keys = campaigns::cart_keys(&cart);
         let segment_set: campaigns::FastSet = segments.iter().cloned().collect();
         let event_type = request.event.as_ref().map(|e| e.r#type.as_str());
-        let candidates = index.candidates(&segment_set, &keys, &request.codes, event_type);
+        let mut candidates = index.candidates(&segment_set, &keys, &request.codes, event_type);
+        let pooled = pool_codes::usable(
+            &self.db,
+            tenant,
+            &index,
+            &request.codes,
+            &request.customer_id,
+            now,
+        )
+        .await?;
+        for p in &pooled {
+            candidates.extend_from_slice(index.pool_owners(&p.pool_id));
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
         let customer = (request.customer_id.as_str(), now, &settings);
         let usage = qualify::usage_for(conn, tenant, &index, &candidates, customer).await?;
         let tier = if !request.program_id.is_empty() && qualify::reads_tier(&index, &candidates) {
@@ -992,6 +1048,7 @@ impl EligibilityService for Eligibility {
             cart: &cart,
             currency,
             codes: &request.codes,
+            pool_codes: &pooled,
             event: request.event.as_ref(),
             tier: tier.as_deref(),
             now,

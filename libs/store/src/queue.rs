@@ -1,0 +1,563 @@
+//! The durable work queue every service shares, and the command outbox built on it.
+//!
+//! An item is written with [`push`] inside the caller's transaction, so it exists exactly
+//! when the change that asked for it does. Workers ([`Worker`]) claim items in batches under
+//! a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so replicas claim different items; one
+//! writer at a time on SQLite). A claim is fenced: it stamps the items with a token of its
+//! own, and only that token can complete or retry them, so a worker whose lease ran out
+//! cannot settle what another worker took over. A failed item comes back after a backoff
+//! that grows per item, with jitter; after `max_attempts`, or at once for a failure that
+//! retrying cannot fix, it is dead-lettered with its reason, stays visible
+//! ([`Queue::dead`]) and can be replayed ([`Queue::replay`]).
+//!
+//! Items are de-duplicated by `(queue, tenant, key)` while they wait, so the same follow-up
+//! asked twice runs once. Each carries the `traceparent` of the request that wrote it; the
+//! worker's span is that request's child.
+//!
+//! [`commands`] is the command outbox: "tell service X to call Y with this request, key K",
+//! delivered by a [`commands::Relay`] to any service's gRPC API.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rand::Rng;
+use sea_orm::{ConnectionTrait, QueryResult, Value};
+use tessera_runtime::{Error, telemetry};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::db::{Backend, Db, db_error, insert_rows, now_micros, stmt};
+
+pub mod commands;
+
+/// An item to add to a queue.
+#[derive(Debug, Clone)]
+pub struct NewItem {
+    /// The queue (e.g. `commands`).
+    pub queue: &'static str,
+    pub tenant: String,
+    /// De-duplication key: while an item with this key waits in the queue, another push of
+    /// it is dropped.
+    pub key: String,
+    /// What the item is (for a command, the gRPC method's path).
+    pub kind: String,
+    pub payload: Vec<u8>,
+    /// Not before this time (µs since the epoch); `None`: at once.
+    pub not_before: Option<i64>,
+}
+
+/// A claimed item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub id: i64,
+    pub tenant: String,
+    pub key: String,
+    pub kind: String,
+    pub payload: Vec<u8>,
+    pub traceparent: String,
+    /// Claims so far, this one included.
+    pub attempts: i32,
+    pub created_at: i64,
+}
+
+/// A dead-lettered item, as listed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadItem {
+    pub id: i64,
+    pub queue: String,
+    pub key: String,
+    pub kind: String,
+    pub attempts: i32,
+    pub error: String,
+    pub created_at: i64,
+    pub dead_at: i64,
+}
+
+/// Adds items in the caller's transaction (one multi-row insert). Returns how many were
+/// new (a key already waiting is skipped).
+pub async fn push<C: ConnectionTrait>(
+    txn: &C,
+    items: impl IntoIterator<Item = NewItem>,
+) -> Result<u64, Error> {
+    let now = now_micros();
+    let traceparent = telemetry::current_traceparent();
+    let rows: Vec<Vec<Value>> = items
+        .into_iter()
+        .map(|i| {
+            vec![
+                i.queue.into(),
+                i.tenant.into(),
+                i.key.into(),
+                i.kind.into(),
+                i.payload.into(),
+                traceparent.clone().into(),
+                0i32.into(),
+                i.not_before.unwrap_or(now).into(),
+                now.into(),
+            ]
+        })
+        .collect();
+    insert_rows(
+        txn,
+        "INSERT INTO work_queue (queue, tenant_id, dedupe_key, kind, payload, traceparent, \
+         attempts, next_attempt_at, created_at)",
+        "ON CONFLICT (queue, tenant_id, dedupe_key) DO NOTHING",
+        rows,
+    )
+    .await
+}
+
+/// How a failed item is retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Claims before the item is dead-lettered.
+    pub max_attempts: i32,
+    /// Delay after the first failure; doubled after each further one.
+    pub base: Duration,
+    /// Longest delay.
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 1 s, 2 s, 4 s … up to 5 minutes, dead after 20 claims (about an hour).
+    fn default() -> Self {
+        Self {
+            max_attempts: 20,
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay after `attempts` failed claims, before jitter.
+    pub fn delay(&self, attempts: i32) -> Duration {
+        let exp = u32::try_from(attempts.clamp(1, 31) - 1).unwrap_or(0);
+        self.base
+            .checked_mul(1u32 << exp.min(20))
+            .unwrap_or(self.cap)
+            .min(self.cap)
+    }
+
+    /// The delay with ±20 % jitter, so items that failed together do not come back together.
+    pub fn jittered(&self, attempts: i32) -> Duration {
+        self.delay(attempts)
+            .mul_f64(rand::rng().random_range(0.8..=1.2))
+    }
+}
+
+/// Why an item failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Try again after the backoff (dead-lettered after the last attempt).
+    Retry(String),
+    /// Retrying cannot help: dead-letter it now.
+    Permanent(String),
+}
+
+/// One queue of a service's database.
+#[derive(Clone)]
+pub struct Queue {
+    db: Db,
+    service: &'static str,
+    name: &'static str,
+    policy: RetryPolicy,
+}
+
+/// Most characters of an error kept with an item.
+const MAX_ERROR: usize = 500;
+
+impl Queue {
+    pub fn new(db: Db, service: &'static str, name: &'static str, policy: RetryPolicy) -> Self {
+        Self {
+            db,
+            service,
+            name,
+            policy,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Claims up to `limit` due items for `lease`, oldest due first, and returns them with
+    /// the claim's fencing token.
+    pub async fn claim(&self, limit: u32, lease: Duration) -> Result<(String, Vec<Item>), Error> {
+        let token = uuid::Uuid::new_v4().to_string();
+        let now = now_micros();
+        let until = now + i64::try_from(lease.as_micros()).unwrap_or(i64::MAX / 2);
+        let lock = match self.db.backend() {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        // A claimed item is due again when its lease ends: a worker that dies leaves it to
+        // the next claim, which takes it over with a new token.
+        let sql = format!(
+            "UPDATE work_queue SET lease_token = $1, next_attempt_at = $2, \
+             attempts = attempts + 1 \
+             WHERE id IN (SELECT id FROM work_queue WHERE queue = $3 AND dead_at IS NULL \
+             AND next_attempt_at <= $4 ORDER BY next_attempt_at, id LIMIT $5{lock}) \
+             RETURNING id, tenant_id, dedupe_key, kind, payload, traceparent, attempts, created_at"
+        );
+        let conn = self.db.conn();
+        let rows = conn
+            .query_all_raw(stmt(
+                conn,
+                &sql,
+                [
+                    token.clone().into(),
+                    until.into(),
+                    self.name.into(),
+                    now.into(),
+                    i64::from(limit).into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        let mut items = rows
+            .iter()
+            .map(item_from_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db_error)?;
+        items.sort_by_key(|i| i.id);
+        Ok((token, items))
+    }
+
+    /// Done: the items leave the queue (only while `token` still holds them).
+    pub async fn complete(&self, token: &str, ids: &[i64]) -> Result<u64, Error> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let conn = self.db.conn();
+        let sql = format!(
+            "DELETE FROM work_queue WHERE lease_token = $1 AND id IN ({})",
+            Db::placeholders(2, ids.len())
+        );
+        let values = std::iter::once(Value::from(token.to_string()))
+            .chain(ids.iter().map(|id| Value::from(*id)));
+        let done = conn
+            .execute_raw(stmt(conn, &sql, values))
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        metrics::counter!("tessera_queue_items_total", "service" => self.service, "queue" => self.name, "outcome" => "done")
+            .increment(done);
+        Ok(done)
+    }
+
+    /// Failed: back after the item's backoff, or dead-lettered (last attempt, or a
+    /// permanent failure). Only while `token` still holds it.
+    pub async fn fail(&self, token: &str, item: &Item, failure: &Failure) -> Result<(), Error> {
+        let (error, dead) = match failure {
+            Failure::Retry(e) => (e, item.attempts >= self.policy.max_attempts),
+            Failure::Permanent(e) => (e, true),
+        };
+        let error: String = error.chars().take(MAX_ERROR).collect();
+        let now = now_micros();
+        let conn = self.db.conn();
+        let (sql, at) = if dead {
+            (
+                "UPDATE work_queue SET dead_at = $3, last_error = $4, lease_token = NULL \
+                 WHERE id = $1 AND lease_token = $2",
+                now,
+            )
+        } else {
+            let delay = self.policy.jittered(item.attempts);
+            (
+                "UPDATE work_queue SET next_attempt_at = $3, last_error = $4, \
+                 lease_token = NULL WHERE id = $1 AND lease_token = $2",
+                now + i64::try_from(delay.as_micros()).unwrap_or(i64::MAX / 2),
+            )
+        };
+        conn.execute_raw(stmt(
+            conn,
+            sql,
+            [
+                item.id.into(),
+                token.into(),
+                at.into(),
+                error.clone().into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+        let outcome = if dead { "dead" } else { "retry" };
+        metrics::counter!("tessera_queue_items_total", "service" => self.service, "queue" => self.name, "outcome" => outcome)
+            .increment(1);
+        if dead {
+            tracing::warn!(service = self.service, queue = self.name, id = item.id, key = %item.key, kind = %item.kind, attempts = item.attempts, error = %error, "work item dead-lettered");
+        } else {
+            tracing::info!(service = self.service, queue = self.name, id = item.id, kind = %item.kind, attempts = item.attempts, error = %error, "work item will be retried");
+        }
+        Ok(())
+    }
+
+    /// The tenant's dead-lettered items, oldest first, after id `after`.
+    pub async fn dead(&self, tenant: &str, after: i64, limit: u32) -> Result<Vec<DeadItem>, Error> {
+        let conn = self.db.conn();
+        let rows = conn
+            .query_all_raw(stmt(
+                conn,
+                "SELECT id, queue, dedupe_key, kind, attempts, last_error, created_at, dead_at \
+                 FROM work_queue WHERE queue = $1 AND tenant_id = $2 AND dead_at IS NOT NULL \
+                 AND id > $3 ORDER BY id LIMIT $4",
+                [
+                    self.name.into(),
+                    tenant.into(),
+                    after.into(),
+                    i64::from(limit).into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeadItem {
+                    id: r.try_get_by_index(0)?,
+                    queue: r.try_get_by_index(1)?,
+                    key: r.try_get_by_index(2)?,
+                    kind: r.try_get_by_index(3)?,
+                    attempts: r.try_get_by_index(4)?,
+                    error: r.try_get_by_index::<Option<String>>(5)?.unwrap_or_default(),
+                    created_at: r.try_get_by_index(6)?,
+                    dead_at: r.try_get_by_index(7)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sea_orm::DbErr>>()
+            .map_err(db_error)
+    }
+
+    /// Puts the tenant's dead-lettered items (those of `ids`, or all when empty) back in
+    /// the queue, due now, with their attempts reset. Returns how many.
+    pub async fn replay(&self, tenant: &str, ids: &[i64]) -> Result<u64, Error> {
+        let conn = self.db.conn();
+        let mut sql = "UPDATE work_queue SET dead_at = NULL, attempts = 0, next_attempt_at = $3 \
+                       WHERE queue = $1 AND tenant_id = $2 AND dead_at IS NOT NULL"
+            .to_string();
+        if !ids.is_empty() {
+            sql.push_str(&format!(" AND id IN ({})", Db::placeholders(4, ids.len())));
+        }
+        let values = [self.name.into(), tenant.into(), now_micros().into()]
+            .into_iter()
+            .chain(ids.iter().map(|id| Value::from(*id)));
+        let n = conn
+            .execute_raw(stmt(conn, &sql, values))
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        metrics::counter!("tessera_queue_items_total", "service" => self.service, "queue" => self.name, "outcome" => "replayed")
+            .increment(n);
+        Ok(n)
+    }
+
+    /// Records the queue's gauges: `tessera_queue_depth` (items waiting),
+    /// `tessera_queue_oldest_seconds` (age of the oldest) and `tessera_queue_dead`.
+    pub async fn report(&self) -> Result<(i64, f64, i64), Error> {
+        let conn = self.db.conn();
+        let row = conn
+            .query_one_raw(stmt(
+                conn,
+                "SELECT COUNT(*) FILTER (WHERE dead_at IS NULL), \
+                 MIN(created_at) FILTER (WHERE dead_at IS NULL), \
+                 COUNT(*) FILTER (WHERE dead_at IS NOT NULL) \
+                 FROM work_queue WHERE queue = $1",
+                [self.name.into()],
+            ))
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Error::internal("aggregate returned no row"))?;
+        let depth: i64 = row.try_get_by_index(0).map_err(db_error)?;
+        let oldest: Option<i64> = row.try_get_by_index(1).map_err(db_error)?;
+        let dead: i64 = row.try_get_by_index(2).map_err(db_error)?;
+        let age = oldest.map_or(0.0, |t| (now_micros() - t).max(0) as f64 / 1e6);
+        let labels = [("service", self.service), ("queue", self.name)];
+        metrics::gauge!("tessera_queue_depth", &labels).set(depth as f64);
+        metrics::gauge!("tessera_queue_oldest_seconds", &labels).set(age);
+        metrics::gauge!("tessera_queue_dead", &labels).set(dead as f64);
+        Ok((depth, age, dead))
+    }
+}
+
+fn item_from_row(row: &QueryResult) -> Result<Item, sea_orm::DbErr> {
+    Ok(Item {
+        id: row.try_get_by_index(0)?,
+        tenant: row.try_get_by_index(1)?,
+        key: row.try_get_by_index(2)?,
+        kind: row.try_get_by_index(3)?,
+        payload: row.try_get_by_index(4)?,
+        traceparent: row.try_get_by_index(5)?,
+        attempts: row.try_get_by_index(6)?,
+        created_at: row.try_get_by_index(7)?,
+    })
+}
+
+/// What a worker does with one item.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync {
+    async fn handle(&self, item: &Item) -> Result<(), Failure>;
+}
+
+/// How a worker claims.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerConfig {
+    /// Items per claim.
+    pub batch: u32,
+    /// Items of one claim handled at once.
+    pub concurrency: usize,
+    /// How long a claim holds its items.
+    pub lease: Duration,
+    /// Poll interval when nothing wakes the worker.
+    pub poll: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            batch: 200,
+            concurrency: 16,
+            lease: Duration::from_secs(60),
+            poll: Duration::from_millis(500),
+        }
+    }
+}
+
+/// How often a worker records its queue's gauges.
+const REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a woken worker waits for more commits before it claims.
+const LINGER: Duration = Duration::from_millis(2);
+
+/// Runs a [`Handler`] over a [`Queue`]: claims a batch, handles its items concurrently,
+/// completes the successes in one statement and retries or dead-letters the failures.
+pub struct Worker {
+    queue: Queue,
+    handler: Arc<dyn Handler>,
+    config: WorkerConfig,
+    wake: Arc<Notify>,
+}
+
+impl Worker {
+    pub fn new(queue: Queue, handler: Arc<dyn Handler>, config: WorkerConfig) -> Self {
+        Self {
+            queue,
+            handler,
+            config,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Wakes the worker right after a commit that pushed items, instead of at its next poll.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Works until `shutdown`; the batch in hand is finished first.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut reported: Option<Instant> = None;
+        loop {
+            if reported.is_none_or(|t| t.elapsed() >= REPORT_INTERVAL) {
+                if let Err(e) = self.queue.report().await {
+                    tracing::warn!(queue = self.queue.name, error = %e, "queue gauges not measured");
+                }
+                reported = Some(Instant::now());
+            }
+            let handled = match self.run_once().await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(queue = self.queue.name, error = %e, "queue pass failed");
+                    0
+                }
+            };
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if handled < self.config.batch as usize {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = self.wake.notified() => tokio::time::sleep(LINGER).await,
+                    () = tokio::time::sleep(self.config.poll) => {},
+                }
+            }
+        }
+        tracing::info!(
+            service = self.queue.service,
+            queue = self.queue.name,
+            "queue worker stopped"
+        );
+    }
+
+    /// One claim, handled and settled. Returns how many items it held.
+    pub async fn run_once(&self) -> Result<usize, Error> {
+        let (token, items) = self
+            .queue
+            .claim(self.config.batch, self.config.lease)
+            .await?;
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let count = items.len();
+        let service = self.queue.service;
+        let queue = self.queue.name;
+        let handler = self.handler.clone();
+        let results: Vec<(Item, Result<(), Failure>)> = futures::stream::iter(items)
+            .map(|item| {
+                let handler = handler.clone();
+                async move {
+                    metrics::histogram!("tessera_queue_attempts", "service" => service, "queue" => queue)
+                        .record(f64::from(item.attempts));
+                    let span = tracing::info_span!(
+                        "queue.handle",
+                        otel.kind = "consumer",
+                        service,
+                        queue,
+                        kind = %item.kind,
+                        tenant = %item.tenant,
+                        attempt = item.attempts,
+                    );
+                    telemetry::set_parent_from_traceparent(&span, &item.traceparent);
+                    let result = handler.handle(&item).instrument(span).await;
+                    (item, result)
+                }
+            })
+            .buffer_unordered(self.config.concurrency.max(1))
+            .collect()
+            .await;
+        let mut done = Vec::with_capacity(results.len());
+        for (item, result) in &results {
+            match result {
+                Ok(()) => done.push(item.id),
+                Err(failure) => self.queue.fail(&token, item, failure).await?,
+            }
+        }
+        self.queue.complete(&token, &done).await?;
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.delay(1), Duration::from_secs(1));
+        assert_eq!(p.delay(4), Duration::from_secs(8));
+        assert_eq!(p.delay(30), Duration::from_secs(300));
+        assert_eq!(p.delay(i32::MAX), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn jitter_stays_within_a_fifth() {
+        let p = RetryPolicy::default();
+        for attempts in 1..12 {
+            let d = p.delay(attempts).as_secs_f64();
+            for _ in 0..50 {
+                let j = p.jittered(attempts).as_secs_f64();
+                assert!(j >= d * 0.8 - 1e-9 && j <= d * 1.2 + 1e-9, "{j} vs {d}");
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Catalog codes at checkout. The catalog owns codes (generation, import, publication, kill
+//! switches) and sends each change here ([`sync`], through its command outbox); eligibility
+//! keeps that copy in its own tables, not in memory, so a pool of a million codes costs no
+//! replica memory and a kill switch reaches every replica with the row. A code unlocks the
+//! campaigns that list its pool (`pool_ids`; the scheduler adds a campaign's incentive
+//! pool). Its uses are counted where redemption happens, in the redemption's transaction
+//! (`code_usage`, under its row lock), and each use counted or given back is reported to the
+//! catalog ([`report_uses`]) in that same transaction, so the catalog shows the code
+//! redeemed, by whom and for which order. docs/architecture.md says why.
+
+pub mod core;
+mod store;
+
+use tessera_proto::catalog::v1 as cpb;
+use tessera_proto::eligibility::v1 as pb;
+use tessera_runtime::{Code, Error};
+use tessera_store::outbox::micros_to_timestamp;
+use tessera_store::queue::commands::{self, Command};
+use tessera_store::{Db, db_error};
+
+use self::core::{PoolCode, normalize};
+use crate::campaigns::Index;
+
+pub use store::apply;
+
+/// The catalog's intake of uses.
+const RECORD_USES: &str = "/tessera.catalog.v1.CatalogService/RecordCodeUses";
+
+/// A catalog code a checkout may use: its text and pool, and the uses it allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unlocked {
+    pub code: String,
+    pub pool_id: String,
+    pub max_uses: i64,
+}
+
+/// The catalog codes among `codes` (those no campaign lists itself), checked for `customer`
+/// at `now`. A code the tenant does not have is NOT_FOUND; one that cannot be used now is
+/// FAILED_PRECONDITION with its reason; one whose pool no campaign issues is
+/// FAILED_PRECONDITION `NO_CAMPAIGN`.
+pub async fn resolve(
+    db: &Db,
+    tenant: &str,
+    index: &Index,
+    codes: &[String],
+    customer: &str,
+    now: i64,
+) -> Result<Vec<Unlocked>, Error> {
+    let wanted: Vec<String> = codes
+        .iter()
+        .filter(|c| index.code_owners(c).is_empty())
+        .map(|c| normalize(c))
+        .collect();
+    let found = store::lookup(db.conn(), tenant, &wanted).await?;
+    let mut out = Vec::with_capacity(wanted.len());
+    for code in wanted {
+        let Some(c) = found.get(&code) else {
+            return Err(Error::not_found(format!("code `{code}`")).with_reason("CODE_NOT_FOUND"));
+        };
+        if let Err((reason, detail)) = core::check(c, customer, now) {
+            return Err(crate::redeem::refusal(
+                format!("code `{code}`"),
+                reason,
+                &detail,
+            ));
+        }
+        if index.pool_owners(&c.pool_id).is_empty() {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                format!(
+                    "code `{code}` cannot be used: no campaign issues its pool `{}`",
+                    c.pool_id
+                ),
+            )
+            .with_reason("NO_CAMPAIGN"));
+        }
+        out.push(unlocked(c));
+    }
+    Ok(out)
+}
+
+/// For qualification: the catalog codes among `codes` that `customer` may use now (the
+/// others unlock nothing, and their campaigns say a code is required).
+pub async fn usable(
+    db: &Db,
+    tenant: &str,
+    index: &Index,
+    codes: &[String],
+    customer: &str,
+    now: i64,
+) -> Result<Vec<Unlocked>, Error> {
+    let wanted: Vec<String> = codes
+        .iter()
+        .filter(|c| index.code_owners(c).is_empty())
+        .map(|c| normalize(c))
+        .collect();
+    let found = store::lookup(db.conn(), tenant, &wanted).await?;
+    Ok(found
+        .values()
+        .filter(|c| core::check(c, customer, now).is_ok())
+        .map(unlocked)
+        .collect())
+}
+
+fn unlocked(c: &PoolCode) -> Unlocked {
+    Unlocked {
+        code: c.code.clone(),
+        pool_id: c.pool_id.clone(),
+        max_uses: c.max_uses.max(1),
+    }
+}
+
+/// Stores a sync from the catalog in one transaction.
+pub async fn sync(
+    db: &Db,
+    tenant: &str,
+    request: &pb::SyncCatalogCodesRequest,
+) -> Result<pb::SyncCatalogCodesResponse, Error> {
+    let txn = db.begin_write().await?;
+    let (codes, switches) = apply(&txn, tenant, &request.codes, &request.switches).await?;
+    txn.commit().await.map_err(db_error)?;
+    Ok(pb::SyncCatalogCodesResponse {
+        codes_applied: i64::try_from(codes).unwrap_or(i64::MAX),
+        switches_applied: i64::try_from(switches).unwrap_or(i64::MAX),
+    })
+}
+
+/// Tells the catalog, in the caller's transaction, that `redemption` took (`delta` 1) or
+/// gave back (-1) one use of each of `codes`. `step` names the change in the idempotency
+/// key (`redeem`, `rollback`), so each is reported once.
+pub async fn report_uses<C: sea_orm::ConnectionTrait>(
+    txn: &C,
+    tenant: &str,
+    redemption: &pb::Redemption,
+    codes: &[String],
+    delta: i32,
+    step: &str,
+    now: i64,
+) -> Result<(), Error> {
+    if codes.is_empty() {
+        return Ok(());
+    }
+    let key = format!("eligibility.code-uses:{}:{step}", redemption.id);
+    let request = cpb::RecordCodeUsesRequest {
+        idempotency_key: key.clone(),
+        uses: codes
+            .iter()
+            .map(|code| cpb::CodeUse {
+                code: code.clone(),
+                delta,
+                customer_id: redemption.customer_id.clone(),
+                order_id: redemption.order_id.clone(),
+                redemption_id: redemption.id.clone(),
+                at: Some(micros_to_timestamp(now)),
+            })
+            .collect(),
+    };
+    commands::send(
+        txn,
+        tenant,
+        [Command {
+            path: RECORD_USES,
+            key,
+            request,
+        }],
+    )
+    .await?;
+    Ok(())
+}
