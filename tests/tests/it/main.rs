@@ -15,6 +15,7 @@ mod messages;
 mod metrics;
 mod outbox;
 mod policy;
+mod pool_codes;
 mod redemption;
 mod scheduler;
 mod segment_cache;
