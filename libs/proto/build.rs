@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tessera/wallet/v1/wallet.proto",
         "tessera/scheduler/v1/scheduler.proto",
         "tessera/notification/v1/notification.proto",
+        "tessera/ops/v1/ops.proto",
     ];
     let fds = protox::compile(files, [&root])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);

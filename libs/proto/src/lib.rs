@@ -35,3 +35,8 @@ pub mod notification {
         include!(concat!(env!("OUT_DIR"), "/tessera.notification.v1.rs"));
     }
 }
+pub mod ops {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/tessera.ops.v1.rs"));
+    }
+}

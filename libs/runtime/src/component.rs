@@ -29,6 +29,8 @@ pub struct Component {
     /// Health entries of their own: a failing one reports a degraded dependency without
     /// taking the component out of service.
     degraded: Vec<(String, Probe)>,
+    /// Its work queues' dead letters, served by `tessera.ops.v1.QueueService`.
+    dead_letters: Option<Arc<dyn crate::ops::DeadLetters>>,
 }
 
 impl Component {
@@ -40,6 +42,7 @@ impl Component {
             tasks: Vec::new(),
             probes: Vec::new(),
             degraded: Vec::new(),
+            dead_letters: None,
         }
     }
 
@@ -66,6 +69,13 @@ impl Component {
         self
     }
 
+    /// Hands over the component's dead letters (listed and replayed through
+    /// `tessera.ops.v1.QueueService`, under the component's name).
+    pub fn dead_letters(mut self, queues: Arc<dyn crate::ops::DeadLetters>) -> Self {
+        self.dead_letters = Some(queues);
+        self
+    }
+
     /// Adds a health entry `health_name` reporting a dependency the component can work
     /// without (slower): NOT_SERVING there means degraded, the component stays in service.
     pub fn degraded_when(mut self, health_name: &str, probe: Probe) -> Self {
@@ -89,7 +99,11 @@ pub async fn serve(
     let mut checks = Vec::new();
     let mut names = Vec::new();
     let mut optional = Vec::new();
+    let mut dead_letters = std::collections::BTreeMap::new();
     for component in components {
+        if let Some(queues) = component.dead_letters {
+            dead_letters.insert(component.name, queues);
+        }
         for register in component.register {
             register(&mut routes);
         }
@@ -106,6 +120,9 @@ pub async fn serve(
             names.push(name.clone());
             optional.push((name, probe));
         }
+    }
+    if !dead_letters.is_empty() {
+        routes.add_service(crate::ops::server(dead_letters));
     }
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let prober = {

@@ -12,6 +12,7 @@ pub mod context;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
+pub mod ops;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -295,8 +295,54 @@ impl Queue {
         Ok(())
     }
 
+    /// Records the queue's gauges: `tessera_queue_depth` (items waiting),
+    /// `tessera_queue_oldest_seconds` (age of the oldest) and `tessera_queue_dead`.
+    pub async fn report(&self) -> Result<(i64, f64, i64), Error> {
+        let conn = self.db.conn();
+        let row = conn
+            .query_one_raw(stmt(
+                conn,
+                "SELECT COUNT(*) FILTER (WHERE dead_at IS NULL), \
+                 MIN(created_at) FILTER (WHERE dead_at IS NULL), \
+                 COUNT(*) FILTER (WHERE dead_at IS NOT NULL) \
+                 FROM work_queue WHERE queue = $1",
+                [self.name.into()],
+            ))
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Error::internal("aggregate returned no row"))?;
+        let depth: i64 = row.try_get_by_index(0).map_err(db_error)?;
+        let oldest: Option<i64> = row.try_get_by_index(1).map_err(db_error)?;
+        let dead: i64 = row.try_get_by_index(2).map_err(db_error)?;
+        let age = oldest.map_or(0.0, |t| (now_micros() - t).max(0) as f64 / 1e6);
+        let labels = [("service", self.service), ("queue", self.name)];
+        metrics::gauge!("tessera_queue_depth", &labels).set(depth as f64);
+        metrics::gauge!("tessera_queue_oldest_seconds", &labels).set(age);
+        metrics::gauge!("tessera_queue_dead", &labels).set(dead as f64);
+        Ok((depth, age, dead))
+    }
+}
+
+/// A service's dead letters, in every queue of its database.
+#[derive(Clone)]
+pub struct DeadLetters {
+    db: Db,
+    service: &'static str,
+}
+
+impl DeadLetters {
+    pub fn new(db: Db, service: &'static str) -> Self {
+        Self { db, service }
+    }
+
     /// The tenant's dead-lettered items, oldest first, after id `after`.
-    pub async fn dead(&self, tenant: &str, after: i64, limit: u32) -> Result<Vec<DeadItem>, Error> {
+    pub async fn dead(
+        &self,
+        tenant: &str,
+        queue: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<DeadItem>, Error> {
         let conn = self.db.conn();
         let rows = conn
             .query_all_raw(stmt(
@@ -305,7 +351,7 @@ impl Queue {
                  FROM work_queue WHERE queue = $1 AND tenant_id = $2 AND dead_at IS NOT NULL \
                  AND id > $3 ORDER BY id LIMIT $4",
                 [
-                    self.name.into(),
+                    queue.into(),
                     tenant.into(),
                     after.into(),
                     i64::from(limit).into(),
@@ -332,7 +378,7 @@ impl Queue {
 
     /// Puts the tenant's dead-lettered items (those of `ids`, or all when empty) back in
     /// the queue, due now, with their attempts reset. Returns how many.
-    pub async fn replay(&self, tenant: &str, ids: &[i64]) -> Result<u64, Error> {
+    pub async fn replay(&self, tenant: &str, queue: &str, ids: &[i64]) -> Result<u64, Error> {
         let conn = self.db.conn();
         let mut sql = "UPDATE work_queue SET dead_at = NULL, attempts = 0, next_attempt_at = $3 \
                        WHERE queue = $1 AND tenant_id = $2 AND dead_at IS NOT NULL"
@@ -340,7 +386,7 @@ impl Queue {
         if !ids.is_empty() {
             sql.push_str(&format!(" AND id IN ({})", Db::placeholders(4, ids.len())));
         }
-        let values = [self.name.into(), tenant.into(), now_micros().into()]
+        let values = [queue.into(), tenant.into(), now_micros().into()]
             .into_iter()
             .chain(ids.iter().map(|id| Value::from(*id)));
         let n = conn
@@ -348,36 +394,46 @@ impl Queue {
             .await
             .map_err(db_error)?
             .rows_affected();
-        metrics::counter!("tessera_queue_items_total", "service" => self.service, "queue" => self.name, "outcome" => "replayed")
+        metrics::counter!("tessera_queue_items_total", "service" => self.service, "queue" => queue.to_string(), "outcome" => "replayed")
             .increment(n);
         Ok(n)
     }
+}
 
-    /// Records the queue's gauges: `tessera_queue_depth` (items waiting),
-    /// `tessera_queue_oldest_seconds` (age of the oldest) and `tessera_queue_dead`.
-    pub async fn report(&self) -> Result<(i64, f64, i64), Error> {
-        let conn = self.db.conn();
-        let row = conn
-            .query_one_raw(stmt(
-                conn,
-                "SELECT COUNT(*) FILTER (WHERE dead_at IS NULL), \
-                 MIN(created_at) FILTER (WHERE dead_at IS NULL), \
-                 COUNT(*) FILTER (WHERE dead_at IS NOT NULL) \
-                 FROM work_queue WHERE queue = $1",
-                [self.name.into()],
-            ))
-            .await
-            .map_err(db_error)?
-            .ok_or_else(|| Error::internal("aggregate returned no row"))?;
-        let depth: i64 = row.try_get_by_index(0).map_err(db_error)?;
-        let oldest: Option<i64> = row.try_get_by_index(1).map_err(db_error)?;
-        let dead: i64 = row.try_get_by_index(2).map_err(db_error)?;
-        let age = oldest.map_or(0.0, |t| (now_micros() - t).max(0) as f64 / 1e6);
-        let labels = [("service", self.service), ("queue", self.name)];
-        metrics::gauge!("tessera_queue_depth", &labels).set(depth as f64);
-        metrics::gauge!("tessera_queue_oldest_seconds", &labels).set(age);
-        metrics::gauge!("tessera_queue_dead", &labels).set(dead as f64);
-        Ok((depth, age, dead))
+impl tessera_runtime::ops::DeadLetters for DeadLetters {
+    fn list<'a>(
+        &'a self,
+        tenant: &'a str,
+        queue: &'a str,
+        after: i64,
+        limit: u32,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<tessera_proto::ops::v1::DeadItem>, Error>> {
+        Box::pin(async move {
+            Ok(self
+                .dead(tenant, queue, after, limit)
+                .await?
+                .into_iter()
+                .map(|d| tessera_proto::ops::v1::DeadItem {
+                    id: d.id,
+                    queue: d.queue,
+                    key: d.key,
+                    kind: d.kind,
+                    attempts: d.attempts,
+                    error: d.error,
+                    created_at: Some(crate::outbox::micros_to_timestamp(d.created_at)),
+                    dead_at: Some(crate::outbox::micros_to_timestamp(d.dead_at)),
+                })
+                .collect())
+        })
+    }
+
+    fn replay<'a>(
+        &'a self,
+        tenant: &'a str,
+        queue: &'a str,
+        ids: &'a [i64],
+    ) -> futures::future::BoxFuture<'a, Result<u64, Error>> {
+        Box::pin(self.replay(tenant, queue, ids))
     }
 }
 

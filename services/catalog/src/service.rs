@@ -681,6 +681,11 @@ impl CatalogService for Catalog {
             }
         }
         v.finish()?;
+        // An unknown code is refused before the key is claimed, so the refusal is not
+        // stored: once the code exists, a replay of the dead-lettered command succeeds.
+        for u in &request.uses {
+            codes::get_code(self.db.conn(), &ctx.tenant_id, &u.code, "").await?;
+        }
         let (uses, tenant) = (request.uses.clone(), ctx.tenant_id.clone());
         let response = self
             .idempotency

@@ -101,6 +101,10 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         holds,
     };
     Ok(Component::new(SERVICE)
+        .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
+            db.clone(),
+            SERVICE,
+        )))
         .grpc(GRPC_NAME, move |routes| {
             routes.add_service(
                 EligibilityServiceServer::new(service).max_decoding_message_size(8 * 1024 * 1024),

@@ -14,6 +14,7 @@ mod key_routes;
 mod keys;
 mod messages;
 mod observe;
+mod queues;
 mod ratelimit;
 mod routes;
 mod transcode;
@@ -63,6 +64,11 @@ pub struct AppState {
     pub(crate) eligibility: EligibilityServiceClient<grpc::Channel>,
     pub(crate) scheduler: SchedulerServiceClient<grpc::Channel>,
     pub(crate) notification: NotificationServiceClient<grpc::Channel>,
+    /// The dead letters of the services that keep work queues, by service name.
+    pub(crate) queues: std::collections::BTreeMap<
+        &'static str,
+        tessera_proto::ops::v1::queue_service_client::QueueServiceClient<grpc::Channel>,
+    >,
     pub(crate) max_body_bytes: usize,
     pub(crate) limits: Arc<ratelimit::Limits>,
     /// `/openapi.json`, rendered once when the routes are built.
@@ -113,6 +119,19 @@ impl Gateway {
                 &config.peers.notification_url,
                 config.peer_timeout(),
             )?),
+            queues: [
+                ("catalog", &config.peers.catalog_url),
+                ("eligibility", &config.peers.eligibility_url),
+            ]
+            .into_iter()
+            .map(|(name, url)| {
+                let channel = grpc::channel(url, config.peer_timeout())?;
+                Ok((
+                    name,
+                    tessera_proto::ops::v1::queue_service_client::QueueServiceClient::new(channel),
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?,
             max_body_bytes: config.gateway.max_body_bytes,
             limits: Arc::new(ratelimit::Limits::new(&config.gateway)),
             openapi: std::sync::OnceLock::new(),

@@ -128,6 +128,7 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
     crate::webhooks::routes(&mut api);
     crate::messages::routes(&mut api);
     crate::key_routes::routes(&mut api);
+    crate::queues::routes(&mut api);
     api.tag("audit", "The append-only record of admin mutations.")
         .add(
             Op::get("/v1/audit-log", crate::audit::list)

@@ -563,7 +563,9 @@ async fn codes_are_generated_by_a_job_with_progress(suite: TestSuite) {
     let mut lines = text.lines();
     assert_eq!(
         lines.next(),
-        Some("code,status,redemptions,max_uses,customer_id,starts_at,ends_at")
+        Some(
+            "code,status,redemptions,max_uses,customer_id,starts_at,ends_at,redeemed_by,order_id,redeemed_at"
+        )
     );
     let codes: Vec<&str> = lines.map(|l| l.split(',').next().unwrap()).collect();
     assert_eq!(codes.len(), 25_000);
@@ -772,9 +774,10 @@ async fn csv_import_is_all_or_nothing_and_export_round_trips(suite: TestSuite) {
     }
     assert_eq!(
         String::from_utf8(csv_out).unwrap(),
-        "code,status,redemptions,max_uses,customer_id,starts_at,ends_at\n\
-         SUMMER-1,active,0,3,,,2030-01-01T00:00:00Z\n\
-         SUMMER-2,active,0,1,,,\n"
+        "code,status,redemptions,max_uses,customer_id,starts_at,ends_at,redeemed_by,order_id,\
+         redeemed_at\n\
+         SUMMER-1,active,0,3,,,2030-01-01T00:00:00Z,,,\n\
+         SUMMER-2,active,0,1,,,,,,\n"
     );
 }
 

@@ -138,7 +138,7 @@ async fn rewards_codes_and_publication_over_http(suite: TestSuite) {
     let csv = csv.text().await.unwrap();
     assert_eq!(csv.lines().count(), 1 + 502);
     assert!(
-        csv.contains("\nVIP-ANNA,active,0,5,,,\n"),
+        csv.contains("\nVIP-ANNA,active,0,5,,,,,,\n"),
         "{}",
         &csv[..200]
     );

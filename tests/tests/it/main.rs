@@ -16,6 +16,7 @@ mod metrics;
 mod outbox;
 mod policy;
 mod pool_codes;
+mod queue;
 mod redemption;
 mod scheduler;
 mod segment_cache;

@@ -1,0 +1,142 @@
+//! Dead letters of the services' work queues (admins): `GET /v1/queues/{service}/dead`
+//! lists what a service could not deliver or do after its retries (a command to another
+//! service, say), `POST /v1/queues/{service}/replay` puts it back. Answers are
+//! `tessera.ops.v1` messages in their canonical JSON mapping.
+
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::Value;
+use tessera_proto::ops::v1 as pb;
+use tessera_runtime::error::Error;
+use utoipa::IntoParams;
+
+use crate::AppState;
+use crate::api::{Api, Op};
+use crate::catalog::{QueryResult, strict};
+use crate::error::ApiError;
+use crate::extract::{IdempotencyKey, StrictJson};
+use crate::keys::{Principal, Role};
+use crate::observe::RequestId;
+use crate::transcode::{from_json, reply};
+
+/// Dead letters carry every kind of work of the tenant: admins only.
+const ADMINS: [Role; 1] = [Role::Admin];
+
+/// The services that keep work queues, as the path names them.
+pub const SERVICES: [&str; 2] = ["catalog", "eligibility"];
+
+pub fn routes(api: &mut Api) {
+    api.tag(
+        "queues",
+        "Work a service could not complete after its retries (dead letters), and replay.",
+    )
+    .add(
+        Op::get("/v1/queues/{service}/dead", dead)
+            .summary("List a service's dead-lettered work")
+            .describe("`service`: catalog or eligibility. Oldest first; page with `after_id`.")
+            .roles(&ADMINS)
+            .query::<DeadQuery>()
+            .answer_proto(
+                200,
+                "The dead items and the cursor of the next page.",
+                "tessera.ops.v1.ListDeadItemsResponse",
+            ),
+    )
+    .add(
+        Op::post("/v1/queues/{service}/replay", replay)
+            .summary("Replay a service's dead-lettered work")
+            .describe("Empty `ids`: every dead item of the queue.")
+            .roles(&ADMINS)
+            .idempotent()
+            .body_proto(
+                "tessera.ops.v1.ReplayDeadItemsRequest",
+                &["idempotency_key", "service"],
+            )
+            .answer_proto(
+                200,
+                "How many items went back in the queue.",
+                "tessera.ops.v1.ReplayDeadItemsResponse",
+            ),
+    );
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct DeadQuery {
+    /// The queue (default `commands`).
+    #[serde(default)]
+    queue: String,
+    /// Items after this id (the previous page's `next_after_id`).
+    #[serde(default)]
+    after_id: i64,
+    /// Page size, 1..=500 (default 100).
+    #[serde(default)]
+    limit: u32,
+}
+
+fn client(
+    state: &AppState,
+    service: &str,
+) -> Result<pb::queue_service_client::QueueServiceClient<tessera_runtime::grpc::Channel>, ApiError>
+{
+    state.queues.get(service).cloned().ok_or_else(|| {
+        Error::invalid_field("service", format!("must be one of {}", SERVICES.join(", "))).into()
+    })
+}
+
+async fn dead(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(service): Path<String>,
+    query: QueryResult<DeadQuery>,
+) -> Result<Response, ApiError> {
+    let q = strict(query)?;
+    let mut client = client(&state, &service)?;
+    let r = client
+        .list_dead_items(
+            principal
+                .context(&request_id)
+                .request(pb::ListDeadItemsRequest {
+                    service,
+                    queue: q.queue,
+                    after_id: q.after_id,
+                    limit: q.limit,
+                }),
+        )
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        "tessera.ops.v1.ListDeadItemsResponse",
+        &r,
+    )
+}
+
+async fn replay(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    principal: Principal,
+    Path(service): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    StrictJson(body): StrictJson<Value>,
+) -> Result<Response, ApiError> {
+    let mut client = client(&state, &service)?;
+    let mut request: pb::ReplayDeadItemsRequest =
+        from_json("tessera.ops.v1.ReplayDeadItemsRequest", body)?;
+    request.idempotency_key = key;
+    request.service = service;
+    let r = client
+        .replay_dead_items(principal.context(&request_id).request(request))
+        .await?
+        .into_inner();
+    reply(
+        http::StatusCode::OK,
+        "tessera.ops.v1.ReplayDeadItemsResponse",
+        &r,
+    )
+}
