@@ -226,6 +226,36 @@ impl Idempotency {
         }
     }
 
+    /// The answer stored for a completed request under (`scope`, `key`) of `tenant`:
+    /// `None` while there is none (never made, or still in flight).
+    pub async fn stored<R: Message + Default>(
+        &self,
+        tenant: &str,
+        scope: &str,
+        key: &str,
+    ) -> Result<Option<Result<R, Error>>, Error> {
+        let conn = self.db.conn();
+        let Some(row) = conn
+            .query_one_raw(stmt(
+                conn,
+                "SELECT response_code, response FROM idempotency_keys \
+                 WHERE tenant_id = $1 AND scope = $2 AND key = $3 AND state = $4",
+                [tenant.into(), scope.into(), key.into(), DONE.into()],
+            ))
+            .await
+            .map_err(db_error)?
+        else {
+            return Ok(None);
+        };
+        let code: Option<i32> = row.try_get_by_index(0).map_err(db_error)?;
+        let body: Option<Vec<u8>> = row.try_get_by_index(1).map_err(db_error)?;
+        let body = body.unwrap_or_default();
+        Ok(Some(match code.unwrap_or(0) {
+            0 => R::decode(body.as_slice()).map_err(Error::internal),
+            code => Err(decode_error(code, &body)),
+        }))
+    }
+
     /// The stored state of a key: `None` when it is free.
     async fn lookup<R: Message + Default>(
         &self,

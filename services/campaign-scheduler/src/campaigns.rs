@@ -20,6 +20,9 @@ pub const START_JOB: &str = "campaign.start";
 pub const END_JOB: &str = "campaign.end";
 /// The wallet's points-expiry sweep of a tenant (recurring).
 pub const EXPIRE_JOB: &str = "wallet.expire_due";
+/// Job kind: confirm the wallet's pending credits whose activation date came (cashback
+/// after its return window).
+pub const ACTIVATE_JOB: &str = "wallet.activate_due";
 /// The wallet's tier re-evaluation of a programme (recurring; the payload is its id).
 pub const TIERS_JOB: &str = "wallet.evaluate_tiers";
 /// The recompute of a segment a live campaign targets (recurring; the payload is its id).
@@ -430,8 +433,8 @@ async fn reschedule(
     Ok(())
 }
 
-/// Schedules (once) the wallet's recurring sweeps for a tenant: points expiry, and tier
-/// re-evaluation of each of `programs`.
+/// Schedules (once) the wallet's recurring sweeps for a tenant: points expiry, pending
+/// credits coming due, and tier re-evaluation of each of `programs`.
 pub async fn ensure_wallet_sweeps<C: ConnectionTrait>(
     conn: &C,
     tenant: &str,
@@ -447,6 +450,12 @@ pub async fn ensure_wallet_sweeps<C: ConnectionTrait>(
         due_at: now,
     };
     jobs::ensure(conn, &sweep(EXPIRE_JOB, EXPIRE_JOB.into(), Vec::new()), now).await?;
+    jobs::ensure(
+        conn,
+        &sweep(ACTIVATE_JOB, ACTIVATE_JOB.into(), Vec::new()),
+        now,
+    )
+    .await?;
     for program in programs {
         let key = format!("{TIERS_JOB}:{program}");
         jobs::ensure(

@@ -41,6 +41,8 @@ pub const GRPC_NAME: &str = "tessera.scheduler.v1.SchedulerService";
 
 /// How often the wallet's points-expiry sweep runs for a tenant with earning campaigns.
 const EXPIRE_EVERY: Duration = Duration::from_secs(15 * 60);
+/// How often a tenant's pending credits whose activation date came are confirmed.
+const ACTIVATE_EVERY: Duration = Duration::from_secs(60);
 /// How often tiers are re-evaluated per programme (they also move on every credit).
 const TIERS_EVERY: Duration = Duration::from_secs(24 * 60 * 60);
 /// How often a segment a live campaign targets is recomputed.
@@ -85,6 +87,21 @@ impl Executor for CampaignJobs {
                         .map_err(|s| remote_error(&s))?
                         .into_inner();
                     tracing::info!(tenant = %job.tenant_id, lots = r.lots_expired, amount = r.amount_expired, "points expiry sweep");
+                    Ok(serde_json::Value::Null)
+                }
+                campaigns::ACTIVATE_JOB => {
+                    let r = self
+                        .wallet
+                        .clone()
+                        .activate_due(ctx.request(wpb::ActivateDueRequest {
+                            idempotency_key: job.run_key(),
+                        }))
+                        .await
+                        .map_err(|s| remote_error(&s))?
+                        .into_inner();
+                    if r.activated > 0 {
+                        tracing::info!(tenant = %job.tenant_id, activated = r.activated, "pending credits confirmed");
+                    }
                     Ok(serde_json::Value::Null)
                 }
                 campaigns::TIERS_JOB => {
@@ -204,6 +221,7 @@ impl Executor for CampaignJobs {
                     }
                 }
                 campaigns::EXPIRE_JOB => Ok(Outcome::Again(after(now, EXPIRE_EVERY))),
+                campaigns::ACTIVATE_JOB => Ok(Outcome::Again(after(now, ACTIVATE_EVERY))),
                 campaigns::TIERS_JOB => Ok(Outcome::Again(after(now, TIERS_EVERY))),
                 campaigns::SEGMENT_JOB if remote["stop"].as_bool() == Some(true) => {
                     Ok(Outcome::Done)

@@ -6,6 +6,7 @@
 //! incentive that does not apply.
 
 mod campaigns;
+mod cashback;
 mod checkout;
 mod earning;
 mod facts;

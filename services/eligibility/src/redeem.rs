@@ -35,7 +35,7 @@ use tessera_store::{Db, db_error, stmt};
 use crate::campaigns::{Compiled, Index};
 use crate::facts::Settings;
 use crate::qualify::{self, Input, Notes, UsageMap};
-use crate::{pool_codes, spends};
+use crate::{cashback, pool_codes, spends};
 
 /// Unknown codes one customer may try in [`ATTEMPT_WINDOW_MICROS`].
 pub const MAX_FAILED_ATTEMPTS_PER_CUSTOMER: i64 = 10;
@@ -498,6 +498,12 @@ pub struct Counted {
     /// The catalog codes whose uses were counted (reported to the catalog when given back).
     #[serde(default)]
     pub pool_codes: Vec<String>,
+    /// The cashback's return window in days, when an applied incentive gives cashback.
+    #[serde(default)]
+    pub cashback_days: Option<u32>,
+    /// The cart's currency (the cashback's).
+    #[serde(default)]
+    pub currency: String,
 }
 
 /// The start (µs) of the tenant-local period holding `now`.
@@ -1207,6 +1213,12 @@ async fn attempt(
             .filter(|p| p.pooled.is_some())
             .map(|p| p.code.clone())
             .collect(),
+        cashback_days: cashback::pending_days(&plan.picks),
+        currency: checkout
+            .cart
+            .as_ref()
+            .map(|c| c.currency.clone())
+            .unwrap_or_default(),
     };
     txn.execute_raw(stmt(
         txn,
@@ -1237,6 +1249,10 @@ async fn attempt(
     };
     outbox::enqueue(txn, tenant, event, &event_data(&record)).await?;
     pool_codes::report_uses(txn, tenant, &record, &counted.pool_codes, 1, "take", now).await?;
+    if hold.is_none() {
+        let (currency, days) = (&counted.currency, counted.cashback_days);
+        cashback::credit(txn, tenant, &record, currency, days, now).await?;
+    }
     if as_held {
         spends::record(txn, tenant, &record, hold.is_some()).await?;
     }
@@ -1454,6 +1470,8 @@ pub async fn confirm(
     r.expires_at = None;
     store(txn, tenant, &r, &counted).await?;
     spends::capture_later(txn, tenant, &r).await?;
+    let (currency, days) = (&counted.currency, counted.cashback_days);
+    cashback::credit(txn, tenant, &r, currency, days, now).await?;
     outbox::enqueue(txn, tenant, "redemption.succeeded", &event_data(&r)).await?;
     Ok(r)
 }
@@ -1580,6 +1598,9 @@ pub async fn rollback(
         let now = tessera_store::now_micros();
         let codes = &counted.pool_codes;
         pool_codes::report_uses(txn, tenant, &r, codes, -1, "give-back", now).await?;
+        if !reserved {
+            cashback::cancel(txn, tenant, &r, reason).await?;
+        }
     }
     r.applied = applied;
     if let Some(ret) = &returned {

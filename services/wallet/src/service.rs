@@ -9,7 +9,7 @@ use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClie
 use tessera_proto::wallet::v1::{self as pb, wallet_service_server::WalletService};
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
-use tessera_runtime::{Error, RequestContext, grpc};
+use tessera_runtime::{Code, Error, RequestContext, grpc};
 use tessera_store::api::{self, check_id, check_idempotency_key, page_response};
 use tessera_store::idempotency::{Idempotency, derived_key};
 use tessera_store::outbox::timestamp_to_micros;
@@ -74,6 +74,35 @@ impl Sweeps {
 }
 
 impl Wallet {
+    /// The transaction (pending credit) made by the Credit under idempotency key `key`.
+    async fn credit_made_by(&self, ctx: &RequestContext, key: &str) -> Result<String, Status> {
+        if key.len() > 255 {
+            return Err(
+                Error::invalid_field("credit_key", "must be at most 255 characters").into(),
+            );
+        }
+        let made = self
+            .idempotency
+            .stored::<pb::CreditResponse>(&ctx.tenant_id, "wallet.Credit", key)
+            .await?;
+        match made {
+            None => Err(Error::unavailable(format!(
+                "no credit was made under key `{key}` yet; retry"
+            ))
+            .into()),
+            Some(Err(refused)) => Err(Error::new(
+                Code::FailedPrecondition,
+                format!(
+                    "the credit under key `{key}` was refused: {}",
+                    refused.message
+                ),
+            )
+            .with_reason("CREDIT_REFUSED")
+            .into()),
+            Some(Ok(r)) => Ok(r.transaction.map(|t| t.id).unwrap_or_default()),
+        }
+    }
+
     fn validate_credit(request: &pb::CreditRequest) -> Result<Credit, Status> {
         let mut v = Violations::new();
         let asset = check_movement(
@@ -917,7 +946,10 @@ impl WalletService for Wallet {
         request: Request<pb::CancelPendingRequest>,
     ) -> Result<Response<pb::CancelPendingResponse>, Status> {
         let ctx = context_of(&request)?;
-        let request = request.into_inner();
+        let mut request = request.into_inner();
+        if request.credit_id.is_empty() && !request.credit_key.is_empty() {
+            request.credit_id = self.credit_made_by(&ctx, &request.credit_key).await?;
+        }
         let (id, reason) = check_credit_change(
             &request.idempotency_key,
             &request.credit_id,

@@ -2,7 +2,9 @@
 //! the catalog, a campaign that issues it, a code published to a customer and typed at
 //! checkout through the gateway; the catalog shows who redeemed it; rollbacks give it back;
 //! the kill switches of a code and a pool refuse the next checkout on every replica within a
-//! second; concurrent redemptions of a single-use (and an N-use) code; other tenants.
+//! second; concurrent redemptions of a single-use (and an N-use) code; other tenants; and
+//! a cashback incentive's redemption becoming a pending wallet credit, cancelled by a
+//! rollback.
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,7 @@ backend_tests!(
     pool_codes_work_end_to_end,
     a_single_use_code_is_redeemed_once_under_a_race,
     a_kill_switch_reaches_every_replica_within_a_second,
+    redemption_cashback_is_a_pending_wallet_credit,
 );
 
 async fn json_of(r: reqwest::Response, status: u16) -> Value {
@@ -522,4 +525,80 @@ fn grpc_checkout(
         cart: Some(crate::eligibility::cart(&[("l1", "tees", 1, 2000)])),
         ..Default::default()
     }
+}
+
+async fn redemption_cashback_is_a_pending_wallet_credit(suite: TestSuite) {
+    let campaign = json!({
+        "id": "back5", "name": "5% back", "type": "CAMPAIGN_TYPE_DISCOUNT",
+        "definition": {"codes": ["BACK5"],
+                       "effect": {"cashback": {"percent_bp": 500, "pending_days": 14}}},
+    });
+    json_of(
+        suite.post("/v1/campaigns", Some(&idem()), &campaign).await,
+        201,
+    )
+    .await;
+    json_of(
+        suite
+            .post("/v1/campaigns/back5/start", Some(&idem()), &json!({}))
+            .await,
+        200,
+    )
+    .await;
+    let cashback = |customer: &'static str| {
+        let suite = &suite;
+        async move {
+            json_of(
+                suite
+                    .get(&format!("/v1/customers/{customer}/wallet/cashback"))
+                    .await,
+                200,
+            )
+            .await
+        }
+    };
+    let (status, redeemed) = eventually(Duration::from_secs(5), "campaign live", || async {
+        let answer = send(
+            &suite,
+            "/v1/redemptions",
+            &checkout("uma", "u-1", &["BACK5"]),
+        )
+        .await;
+        (answer.0 == 201).then_some(answer)
+    })
+    .await;
+    assert_eq!(status, 201);
+    // 5 % of $40.
+    assert_eq!(redeemed["outcome"]["cashback"], 200, "{redeemed}");
+    let page = eventually(Duration::from_secs(5), "cashback credited", || async {
+        let page = cashback("uma").await;
+        (page["data"].as_array().map(Vec::len) == Some(1)).then_some(page)
+    })
+    .await;
+    let credit = &page["data"][0];
+    assert_eq!(
+        (credit["status"].as_str(), credit["amount"].as_i64()),
+        (Some("pending"), Some(200))
+    );
+    let activates = credit["activate_at"].as_str().expect("an activation date");
+    let at = chrono::DateTime::parse_from_rfc3339(activates).unwrap();
+    let days = (at.timestamp() - chrono::Utc::now().timestamp()) as f64 / 86_400.0;
+    assert!((13.9..=14.0).contains(&days), "{activates}");
+
+    // Returned: the pending cashback is cancelled, once.
+    let id = redeemed["id"].as_str().unwrap();
+    let (status, body) = send(
+        &suite,
+        &format!("/v1/redemptions/{id}/rollback"),
+        &json!({"reason": "returned"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let page = eventually(Duration::from_secs(5), "cashback cancelled", || async {
+        let page = cashback("uma").await;
+        (page["data"][0]["status"] == "cancelled").then_some(page)
+    })
+    .await;
+    assert_eq!(page["data"].as_array().map(Vec::len), Some(1));
+    suite.cleanup().await;
 }

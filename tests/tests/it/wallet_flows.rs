@@ -651,6 +651,7 @@ async fn pending_cashback_lifecycle(suite: TestSuite) {
         idempotency_key: key.into(),
         credit_id: second.clone(),
         reason: reason.into(),
+        credit_key: String::new(),
     };
     let no_reason = wallet
         .cancel_pending(suite.ctx(TENANT).request(cancel("x1", "")))

@@ -293,6 +293,7 @@ async fn step(
                     idempotency_key: key,
                     credit_id,
                     reason: "prop".into(),
+                    credit_key: String::new(),
                 }))
                 .await?;
         }

@@ -26,10 +26,10 @@ use tessera_tests::{TENANT, TestSuite};
 
 use crate::{drive, percentile, points, report};
 
-const CLIENTS: usize = 32;
-const PER_CLIENT: usize = 150;
+pub(crate) const CLIENTS: usize = 32;
+pub(crate) const PER_CLIENT: usize = 150;
 
-fn cart() -> cpb::Cart {
+pub(crate) fn cart() -> cpb::Cart {
     cpb::Cart {
         currency: "USD".into(),
         lines: (0..3)
