@@ -4,11 +4,11 @@
 //! What is earned is decided on the facts as they were before the order or event (so "the
 //! friend's first order" means no paid order before it) and written as `earnings` rows in
 //! the same transaction as the fact, with its event; per-period caps are counted under a row
-//! lock there. The wallet is another service: each row is then credited with an idempotency
-//! key derived from the row ([`settle`], right after the commit and again by a sweep until
-//! it succeeds), so a crash between the two never loses or doubles points. An order recorded
-//! as returned raises the rows' reversal target to the returned share, and the sweep reverses
-//! that much of the wallet transaction.
+//! lock there. The wallet is another service: each row's credit goes to it through the
+//! command outbox in that transaction, with an idempotency key derived from the row, so a
+//! crash never loses or doubles points. An order recorded as returned raises the rows'
+//! reversal target to the returned share and sends the wallet a reversal of that much of
+//! the credit (named by the credit's key).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -17,9 +17,9 @@ use serde_json::json;
 use tessera_effects::{Cart, Line};
 use tessera_proto::eligibility::v1 as pb;
 use tessera_proto::wallet::v1 as wpb;
-use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
-use tessera_runtime::{Error, RequestContext, grpc};
+use tessera_runtime::{Error, RequestContext};
 use tessera_store::idempotency::derived_key;
+use tessera_store::queue::commands::{self, Command};
 use tessera_store::{Db, db_error, outbox, stmt};
 
 use crate::campaigns::{Compiled, Index};
@@ -277,11 +277,31 @@ pub async fn record(
             txn,
             "INSERT INTO earnings (tenant_id, source_id, campaign_id, rule_id, customer_id, \
              program_id, points, created_at, transaction_id, reversal_target, reversed, error) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '', 0, 0, '')",
-            values,
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, 0, '')",
+            values.into_iter().chain([QUEUED.into()]),
         ))
         .await
         .map_err(db_error)?;
+        let key = earn_key(source, &g.campaign, &g.rule, &g.customer);
+        let reason = format!("earned: {} / {} ({source})", g.campaign, g.rule);
+        let credit = wpb::CreditRequest {
+            idempotency_key: key.clone(),
+            customer_id: g.customer.clone(),
+            asset: Some(points_of(&g.program)),
+            amount: g.points,
+            reason,
+            ..Default::default()
+        };
+        commands::send(
+            txn,
+            tenant,
+            [Command {
+                path: CREDIT,
+                key,
+                request: credit,
+            }],
+        )
+        .await?;
         outbox::enqueue(
             txn,
             tenant,
@@ -337,214 +357,146 @@ pub async fn mark_returned(
         if target <= before {
             continue;
         }
+        let (campaign, rule, customer) = (get(0)?, get(1)?, get(2)?);
         txn.execute_raw(stmt(
             txn,
-            "UPDATE earnings SET reversal_target = $6 WHERE tenant_id = $1 AND source_id = $2 \
-             AND campaign_id = $3 AND rule_id = $4 AND customer_id = $5",
+            "UPDATE earnings SET reversal_target = $6, reversed = $6 WHERE tenant_id = $1 \
+             AND source_id = $2 AND campaign_id = $3 AND rule_id = $4 AND customer_id = $5",
             [
                 tenant.into(),
                 source.clone().into(),
-                get(0)?.into(),
-                get(1)?.into(),
-                get(2)?.into(),
+                campaign.clone().into(),
+                rule.clone().into(),
+                customer.clone().into(),
                 target.into(),
             ],
         ))
         .await
         .map_err(db_error)?;
+        let credit_key = earn_key(&source, &campaign, &rule, &customer);
+        let key = format!("{credit_key}:back:{target}");
+        let reverse = wpb::ReverseRequest {
+            idempotency_key: key.clone(),
+            transaction_key: credit_key,
+            amount: target - before,
+            reason: format!("returned: {source}"),
+            customer_id: customer,
+            ..Default::default()
+        };
+        commands::send(
+            txn,
+            tenant,
+            [Command {
+                path: REVERSE,
+                key,
+                request: reverse,
+            }],
+        )
+        .await?;
         changed += 1;
     }
     Ok(changed)
 }
 
-/// One earnings row waiting for the wallet.
-struct Pending {
-    tenant: String,
-    source: String,
-    campaign: String,
-    rule: String,
-    customer: String,
-    program: String,
-    points: i64,
-    transaction: String,
-    target: i64,
-    reversed: i64,
+/// Set as an earnings row's `transaction_id` once its credit is in the command outbox (rows
+/// written before that were settled by a sweep: [`adopt_waiting`] moves what they wait for).
+const QUEUED: &str = "queued";
+const CREDIT: &str = "/tessera.wallet.v1.WalletService/Credit";
+const REVERSE: &str = "/tessera.wallet.v1.WalletService/Reverse";
+
+/// The idempotency key of an earning's credit: once per source, campaign, rule, customer.
+fn earn_key(source: &str, campaign: &str, rule: &str, customer: &str) -> String {
+    derived_key("earn", &[source, campaign, rule, customer])
 }
 
-impl Pending {
-    fn key(&self) -> String {
-        derived_key(
-            "earn",
-            &[&self.source, &self.campaign, &self.rule, &self.customer],
-        )
-    }
-
-    fn filter(&self) -> Vec<sea_orm::Value> {
-        vec![
-            self.tenant.clone().into(),
-            self.source.clone().into(),
-            self.campaign.clone().into(),
-            self.rule.clone().into(),
-            self.customer.clone().into(),
-        ]
+fn points_of(program: &str) -> wpb::Asset {
+    wpb::Asset {
+        kind: wpb::AssetKind::Points as i32,
+        code: program.to_string(),
     }
 }
 
-const WHERE_ROW: &str = "tenant_id = $1 AND source_id = $2 AND campaign_id = $3 \
-                         AND rule_id = $4 AND customer_id = $5";
-
-/// Credits and reverses, in the wallet, the earnings rows that wait for it (of one source,
-/// or all); returns how many it settled. A refusal by the wallet is kept on the row (and
-/// logged) instead of being retried forever.
-pub async fn settle(
-    db: &Db,
-    wallet: &WalletServiceClient<grpc::Channel>,
-    only: Option<(&str, &str)>,
-) -> Result<usize, Error> {
-    let conn = db.conn();
-    let (filter, values): (&str, Vec<sea_orm::Value>) = match only {
-        Some((tenant, source)) => (
-            "AND tenant_id = $1 AND source_id = $2",
-            vec![tenant.into(), source.into()],
-        ),
-        None => ("", Vec::new()),
-    };
-    let rows = conn
+/// Moves what earnings rows written by an older version still wait for (a credit not made,
+/// a reversal not done) onto the command outbox, under the keys that version used; run at
+/// start. Returns how many rows.
+pub async fn adopt_waiting(db: &Db) -> Result<u64, Error> {
+    let txn = db.begin_write().await?;
+    let rows = txn
         .query_all_raw(stmt(
-            conn,
-            &format!(
-                "SELECT tenant_id, source_id, campaign_id, rule_id, customer_id, program_id, \
-                 points, transaction_id, reversal_target, reversed FROM earnings \
-                 WHERE error = '' AND (transaction_id = '' OR reversal_target > reversed) \
-                 {filter} LIMIT 100"
-            ),
-            values,
+            &txn,
+            "SELECT tenant_id, source_id, campaign_id, rule_id, customer_id, program_id, points, \
+             transaction_id, reversal_target, reversed FROM earnings \
+             WHERE error = '' AND (transaction_id = '' OR reversal_target > reversed)",
+            [],
         ))
         .await
         .map_err(db_error)?;
-    let mut settled = 0;
-    for row in rows {
+    for row in &rows {
         let s = |i: usize| -> Result<String, Error> { row.try_get_by_index(i).map_err(db_error) };
         let n = |i: usize| -> Result<i64, Error> { row.try_get_by_index(i).map_err(db_error) };
-        let p = Pending {
-            tenant: s(0)?,
-            source: s(1)?,
-            campaign: s(2)?,
-            rule: s(3)?,
-            customer: s(4)?,
-            program: s(5)?,
-            points: n(6)?,
-            transaction: s(7)?,
-            target: n(8)?,
-            reversed: n(9)?,
-        };
-        let outcome = settle_one(db, wallet, &p).await;
-        let what = format!("the earning of {}", p.source);
-        settled += usize::from(
-            keep_refusal(conn, "earnings", WHERE_ROW, p.filter(), outcome, &what).await?,
-        );
-    }
-    Ok(settled)
-}
-
-/// The outcome of a row's work with a peer: `true` when done; a refusal (a deterministic
-/// error) is kept on the row's `error` (and logged), so the sweep stops retrying it, and
-/// gives `false`; a transient error is returned and the row stays due.
-pub(crate) async fn keep_refusal(
-    conn: &sea_orm::DatabaseConnection,
-    table: &str,
-    where_row: &str,
-    filter: Vec<sea_orm::Value>,
-    outcome: Result<(), Error>,
-    what: &str,
-) -> Result<bool, Error> {
-    let err = match outcome {
-        Ok(()) => return Ok(true),
-        Err(e) if e.is_deterministic() => e,
-        Err(e) => return Err(e),
-    };
-    tracing::error!(error = %err, "the peer refused {what}; it is not retried");
-    let at = filter.len() + 1;
-    conn.execute_raw(stmt(
-        conn,
-        &format!("UPDATE {table} SET error = ${at} WHERE {where_row}"),
-        filter.into_iter().chain([err.message.into()]),
-    ))
-    .await
-    .map_err(db_error)?;
-    Ok(false)
-}
-
-async fn settle_one(
-    db: &Db,
-    wallet: &WalletServiceClient<grpc::Channel>,
-    p: &Pending,
-) -> Result<(), Error> {
-    let conn = db.conn();
-    let ctx = RequestContext::system(p.tenant.clone(), crate::SERVICE);
-    let asset = Some(wpb::Asset {
-        kind: wpb::AssetKind::Points as i32,
-        code: p.program.clone(),
-    });
-    let mut transaction = p.transaction.clone();
-    if transaction.is_empty() {
-        if p.target >= p.points {
-            // Returned before it was ever credited: nothing to credit or take back.
-            transaction = "-".into();
-        } else {
-            let credited = wallet
-                .clone()
-                .credit(ctx.request(wpb::CreditRequest {
-                    idempotency_key: p.key(),
-                    customer_id: p.customer.clone(),
-                    asset,
-                    amount: p.points,
-                    reason: format!("earned: {} / {} ({})", p.campaign, p.rule, p.source),
-                    ..Default::default()
-                }))
-                .await
-                .map_err(|s| Error::from_status(&s))?
-                .into_inner();
-            transaction = credited.transaction.map(|t| t.id).unwrap_or_default();
+        let (tenant, source, campaign, rule, customer) = (s(0)?, s(1)?, s(2)?, s(3)?, s(4)?);
+        let (points, transaction, target, reversed) = (n(6)?, s(7)?, n(8)?, n(9)?);
+        let key = earn_key(&source, &campaign, &rule, &customer);
+        if transaction.is_empty() {
+            let credit = wpb::CreditRequest {
+                idempotency_key: key.clone(),
+                customer_id: customer.clone(),
+                asset: Some(points_of(&s(5)?)),
+                amount: points,
+                reason: format!("earned: {campaign} / {rule} ({source})"),
+                ..Default::default()
+            };
+            let command = Command {
+                path: CREDIT,
+                key: key.clone(),
+                request: credit,
+            };
+            commands::send(&txn, &tenant, [command]).await?;
         }
-        conn.execute_raw(stmt(
-            conn,
-            &format!(
-                "UPDATE earnings SET transaction_id = $6, \
-                 reversed = CASE WHEN $6 = '-' THEN reversal_target ELSE reversed END \
-                 WHERE {WHERE_ROW}"
-            ),
-            p.filter().into_iter().chain([transaction.clone().into()]),
-        ))
-        .await
-        .map_err(db_error)?;
-        if transaction == "-" {
-            return Ok(());
+        if target > reversed && transaction != "-" {
+            let back = format!("{key}:back:{target}");
+            let reverse = wpb::ReverseRequest {
+                idempotency_key: back.clone(),
+                transaction_id: if transaction.is_empty() {
+                    String::new()
+                } else {
+                    transaction
+                },
+                transaction_key: key,
+                amount: target - reversed,
+                reason: format!("returned: {source}"),
+                customer_id: customer.clone(),
+            };
+            commands::send(
+                &txn,
+                &tenant,
+                [Command {
+                    path: REVERSE,
+                    key: back,
+                    request: reverse,
+                }],
+            )
+            .await?;
         }
-    }
-    if p.target > p.reversed {
-        wallet
-            .clone()
-            .reverse(ctx.request(wpb::ReverseRequest {
-                idempotency_key: format!("{}:back:{}", p.key(), p.target),
-                transaction_id: transaction,
-                amount: p.target - p.reversed,
-                reason: format!("returned: {}", p.source),
-                customer_id: p.customer.clone(),
-            }))
-            .await
-            .map_err(|s| Error::from_status(&s))?;
-        conn.execute_raw(stmt(
-            conn,
-            &format!("UPDATE earnings SET reversed = $6 WHERE {WHERE_ROW} AND reversed = $7"),
-            p.filter()
-                .into_iter()
-                .chain([p.target.into(), p.reversed.into()]),
+        txn.execute_raw(stmt(
+            &txn,
+            "UPDATE earnings SET transaction_id = CASE WHEN transaction_id = '' THEN $6 \
+             ELSE transaction_id END, reversed = reversal_target WHERE tenant_id = $1 \
+             AND source_id = $2 AND campaign_id = $3 AND rule_id = $4 AND customer_id = $5",
+            [
+                tenant.into(),
+                source.into(),
+                campaign.into(),
+                rule.into(),
+                customer.into(),
+                QUEUED.into(),
+            ],
         ))
         .await
         .map_err(db_error)?;
     }
-    Ok(())
+    txn.commit().await.map_err(db_error)?;
+    Ok(rows.len() as u64)
 }
 
 /// The facts, segments and tiers the earning rules of `source` see, and what they grant.

@@ -26,7 +26,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tessera_proto::eligibility::v1::eligibility_service_server::EligibilityServiceServer;
-use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::component::{self, Component};
 use tessera_runtime::{Config, grpc};
@@ -78,11 +77,14 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         &config.peers.wallet_url,
         config.peer_timeout(),
     )?);
-    let scheduler = SchedulerServiceClient::new(grpc::channel(
-        &config.peers.scheduler_url,
-        config.peer_timeout(),
-    )?);
     let commands = commands::worker(db.clone(), SERVICE, config)?;
+    let adopted = earning::adopt_waiting(&db).await?;
+    if adopted > 0 {
+        tracing::info!(
+            adopted,
+            "earnings waiting for the wallet moved onto the command outbox"
+        );
+    }
     let degraded = segments.degraded.clone();
     let spends_due = Arc::new(Notify::new());
     let (holds, gather_holds) = spends::HoldBatcher::start(wallet.clone(), shutdown.clone());
@@ -97,7 +99,6 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         campaigns: Arc::new(campaigns::Campaigns::new(db.clone())),
         segments,
         wallet: wallet.clone(),
-        scheduler: scheduler.clone(),
         spends_due: spends_due.clone(),
         holds,
     };
@@ -118,12 +119,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
             spends_due,
             shutdown.clone(),
         )))
-        .task(tokio::spawn(sweep(
-            db.clone(),
-            wallet,
-            scheduler,
-            shutdown.clone(),
-        )))
+        .task(tokio::spawn(sweep(db.clone(), shutdown.clone())))
         .task(tokio::spawn(commands.run(shutdown.clone())))
         .task(tokio::spawn(relay.run(shutdown)))
         .probe(db.probe())
@@ -178,14 +174,8 @@ async fn settle_spends(
 }
 
 /// Every second: releases reservations whose hold ended (several replicas may run it: each
-/// is released once, under its row lock), settles earnings still waiting for the wallet and
-/// triggered incentives still waiting for the scheduler (idempotent per row).
-async fn sweep(
-    db: Db,
-    wallet: WalletServiceClient<grpc::Channel>,
-    scheduler: SchedulerServiceClient<grpc::Channel>,
-    shutdown: CancellationToken,
-) {
+/// is released once, under its row lock).
+async fn sweep(db: Db, shutdown: CancellationToken) {
     let mut tick = each_second();
     loop {
         tokio::select! {
@@ -196,12 +186,6 @@ async fn sweep(
             Ok(0) => {}
             Ok(n) => tracing::info!(released = n, "reservations expired"),
             Err(e) => tracing::warn!(error = %e, "reservation sweep failed"),
-        }
-        if let Err(e) = earning::settle(&db, &wallet, None).await {
-            tracing::warn!(error = %e, "earnings wait for the wallet");
-        }
-        if let Err(e) = triggers::settle(&db, &scheduler, None).await {
-            tracing::warn!(error = %e, "triggered incentives wait for the scheduler");
         }
     }
 }

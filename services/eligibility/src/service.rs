@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use serde_json::json;
 use tessera_proto::eligibility::v1::{self as pb, eligibility_service_server::EligibilityService};
-use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
@@ -34,7 +33,6 @@ pub struct Eligibility {
     pub campaigns: Arc<Campaigns>,
     pub segments: Arc<Segments>,
     pub wallet: WalletServiceClient<grpc::Channel>,
-    pub scheduler: SchedulerServiceClient<grpc::Channel>,
     /// Gathers redemptions' wallet holds into batches.
     pub holds: crate::spends::HoldBatcher,
     /// Wakes the spend settler: a redemption committed spends to capture.
@@ -46,21 +44,6 @@ impl Eligibility {
     /// invalidation for correctness; this frees the entry at once.
     pub(crate) async fn facts_changed(&self, tenant: &str, customer: &str) {
         self.segments.invalidate(tenant, customer).await;
-    }
-
-    /// Credits (or takes back) in the wallet what a fact earned, right away; the sweep
-    /// retries what fails here.
-    async fn settle_earnings(&self, tenant: &str, source: &str) {
-        if let Err(e) = earning::settle(&self.db, &self.wallet, Some((tenant, source))).await {
-            tracing::warn!(error = %e, "earnings wait for the wallet");
-        }
-    }
-
-    /// Has the scheduler issue what triggers just fired; the sweep retries what fails here.
-    async fn issue_triggered(&self, tenant: &str) {
-        if let Err(e) = triggers::settle(&self.db, &self.scheduler, Some(tenant)).await {
-            tracing::warn!(error = %e, "triggered incentives wait for the scheduler");
-        }
     }
 
     pub(crate) async fn tier(
@@ -462,7 +445,6 @@ impl EligibilityService for Eligibility {
         } else {
             triggers::Effects::default()
         };
-        let fired = !effects.firings.is_empty();
         let earned_from = source.clone();
         let response = self
             .idempotency
@@ -504,10 +486,6 @@ impl EligibilityService for Eligibility {
             .await?;
         let customer = request.order.map(|o| o.customer_id).unwrap_or_default();
         self.facts_changed(&ctx.tenant_id, &customer).await;
-        self.settle_earnings(&ctx.tenant_id, &source).await;
-        if fired {
-            self.issue_triggered(&ctx.tenant_id).await;
-        }
         Ok(Response::new(response))
     }
 
@@ -575,7 +553,6 @@ impl EligibilityService for Eligibility {
         let source = earning::Source::Event(&event).id();
         let effects =
             earning::evaluate(self, &ctx, &earning::Source::Event(&event), now, None).await?;
-        let fired = !effects.firings.is_empty();
         let earned_from = source.clone();
         let response = self
             .idempotency
@@ -599,10 +576,6 @@ impl EligibilityService for Eligibility {
             .await?;
         let customer = request.event.map(|e| e.customer_id).unwrap_or_default();
         self.facts_changed(&ctx.tenant_id, &customer).await;
-        self.settle_earnings(&ctx.tenant_id, &source).await;
-        if fired {
-            self.issue_triggered(&ctx.tenant_id).await;
-        }
         Ok(Response::new(response))
     }
 

@@ -35,7 +35,6 @@ use tessera_store::{Db, db_error, stmt, tuples};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::earning::keep_refusal;
 use crate::redeem::Plan;
 
 /// How long past the redemption's deadline its holds last (time for the capture to land).
@@ -631,6 +630,7 @@ async fn settle_one(
                 amount: d.refund_target - refunded,
                 reason: format!("redemption {} rolled back", d.redemption),
                 customer_id: d.customer.clone(),
+                transaction_key: String::new(),
             }))
             .await
             .map_err(|s| Error::from_status(&s))?;
@@ -675,4 +675,32 @@ async fn write_settled(db: &Db, rows: Vec<Vec<sea_orm::Value>>) -> Result<(), Er
     .await
     .map_err(db_error)?;
     Ok(())
+}
+
+/// The outcome of a row's work with a peer: `true` when done; a refusal (a deterministic
+/// error) is kept on the row's `error` (and logged), so the sweep stops retrying it, and
+/// gives `false`; a transient error is returned and the row stays due.
+pub(crate) async fn keep_refusal(
+    conn: &sea_orm::DatabaseConnection,
+    table: &str,
+    where_row: &str,
+    filter: Vec<sea_orm::Value>,
+    outcome: Result<(), Error>,
+    what: &str,
+) -> Result<bool, Error> {
+    let err = match outcome {
+        Ok(()) => return Ok(true),
+        Err(e) if e.is_deterministic() => e,
+        Err(e) => return Err(e),
+    };
+    tracing::error!(error = %err, "the peer refused {what}; it is not retried");
+    let at = filter.len() + 1;
+    conn.execute_raw(stmt(
+        conn,
+        &format!("UPDATE {table} SET error = ${at} WHERE {where_row}"),
+        filter.into_iter().chain([err.message.into()]),
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(false)
 }

@@ -5,15 +5,15 @@
 //! A trigger's condition sees the customer's facts including the order or event that is
 //! being recorded. A firing is a `trigger_firings` row, written in the fact's transaction
 //! and unique per (campaign, customer), so a second match fires nothing. The scheduler is
-//! another service: each row is then issued with an idempotency key derived from it
-//! ([`settle`], right after the commit and again by the sweep until it succeeds).
+//! another service: a new firing sends it `IssueIncentive` through the command outbox in
+//! the same transaction, with an idempotency key derived from the firing.
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use tessera_proto::scheduler::v1 as spb;
-use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
-use tessera_runtime::{Error, RequestContext, grpc};
+use tessera_runtime::Error;
 use tessera_store::idempotency::derived_key;
-use tessera_store::{Db, db_error, stmt};
+use tessera_store::queue::commands::{self, Command};
+use tessera_store::{db_error, stmt};
 
 use crate::campaigns::Index;
 use crate::earning::{Source, campaign_live, holds, listens};
@@ -92,91 +92,49 @@ pub async fn record(
     now: i64,
 ) -> Result<(), Error> {
     for f in firings {
-        txn.execute_raw(stmt(
-            txn,
-            "INSERT INTO trigger_firings (tenant_id, campaign_id, customer_id, trigger_id, \
+        let fired = txn
+            .execute_raw(stmt(
+                txn,
+                "INSERT INTO trigger_firings (tenant_id, campaign_id, customer_id, trigger_id, \
              source_id, fired_at, issued, error) VALUES ($1, $2, $3, $4, $5, $6, 0, '') \
              ON CONFLICT (tenant_id, campaign_id, customer_id) DO NOTHING",
-            [
-                tenant.into(),
-                f.campaign.clone().into(),
-                f.customer.clone().into(),
-                f.trigger.clone().into(),
-                source.into(),
-                now.into(),
-            ],
-        ))
-        .await
-        .map_err(db_error)?;
+                [
+                    tenant.into(),
+                    f.campaign.clone().into(),
+                    f.customer.clone().into(),
+                    f.trigger.clone().into(),
+                    source.into(),
+                    now.into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        if fired.rows_affected() == 0 {
+            continue;
+        }
+        let key = derived_key("trigger", &[&f.campaign, &f.customer]);
+        let request = spb::IssueIncentiveRequest {
+            idempotency_key: key.clone(),
+            campaign_id: f.campaign.clone(),
+            customer_id: f.customer.clone(),
+            cause: format!("trigger:{}", f.trigger),
+        };
+        commands::send(
+            txn,
+            tenant,
+            [Command {
+                path: ISSUE,
+                key,
+                request,
+            }],
+        )
+        .await?;
     }
     Ok(())
 }
 
-/// Has the scheduler issue the incentives of the firings that wait for it (of one tenant,
-/// or all); returns how many it issued. A refusal (the campaign ended meanwhile) is kept on
-/// the row instead of being retried forever.
-pub async fn settle(
-    db: &Db,
-    scheduler: &SchedulerServiceClient<grpc::Channel>,
-    tenant: Option<&str>,
-) -> Result<usize, Error> {
-    let conn = db.conn();
-    let (filter, values): (&str, Vec<sea_orm::Value>) = match tenant {
-        Some(t) => ("AND tenant_id = $1", vec![t.into()]),
-        None => ("", Vec::new()),
-    };
-    let rows = conn
-        .query_all_raw(stmt(
-            conn,
-            &format!(
-                "SELECT tenant_id, campaign_id, customer_id, trigger_id FROM trigger_firings \
-                 WHERE issued = 0 AND error = '' {filter} LIMIT 100"
-            ),
-            values,
-        ))
-        .await
-        .map_err(db_error)?;
-    let mut issued = 0;
-    for row in rows {
-        let s = |i: usize| -> Result<String, Error> { row.try_get_by_index(i).map_err(db_error) };
-        let (tenant, campaign, customer, trigger) = (s(0)?, s(1)?, s(2)?, s(3)?);
-        let ctx = RequestContext::system(tenant.clone(), crate::SERVICE);
-        let outcome = scheduler
-            .clone()
-            .issue_incentive(ctx.request(spb::IssueIncentiveRequest {
-                idempotency_key: derived_key("trigger", &[&campaign, &customer]),
-                campaign_id: campaign.clone(),
-                customer_id: customer.clone(),
-                cause: format!("trigger:{trigger}"),
-            }))
-            .await
-            .map_err(|s| Error::from_status(&s));
-        let (done, error) = match outcome {
-            Ok(_) => (1, String::new()),
-            Err(e) if e.is_deterministic() => {
-                tracing::warn!(error = %e, %campaign, %customer, "the scheduler refused a trigger's incentive");
-                (0, e.message)
-            }
-            Err(e) => return Err(e),
-        };
-        conn.execute_raw(stmt(
-            conn,
-            "UPDATE trigger_firings SET issued = $4, error = $5 \
-             WHERE tenant_id = $1 AND campaign_id = $2 AND customer_id = $3",
-            [
-                tenant.into(),
-                campaign.into(),
-                customer.into(),
-                done.into(),
-                error.into(),
-            ],
-        ))
-        .await
-        .map_err(db_error)?;
-        issued += done as usize;
-    }
-    Ok(issued)
-}
+/// The scheduler's issue of a campaign's incentive.
+const ISSUE: &str = "/tessera.scheduler.v1.SchedulerService/IssueIncentive";
 
 /// What a recorded order or event did: points to earn and triggers that fired.
 #[derive(Debug, Default)]

@@ -765,6 +765,7 @@ async fn refund(
             amount: body.amount,
             reason: body.reason,
             customer_id,
+            transaction_key: String::new(),
         }))
         .await?
         .into_inner();

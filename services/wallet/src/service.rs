@@ -74,12 +74,16 @@ impl Sweeps {
 }
 
 impl Wallet {
-    /// The transaction (pending credit) made by the Credit under idempotency key `key`.
-    async fn credit_made_by(&self, ctx: &RequestContext, key: &str) -> Result<String, Status> {
+    /// The transaction (the credit, or the pending credit) made by the Credit under
+    /// idempotency key `key` (given as `field`).
+    async fn credit_made_by(
+        &self,
+        ctx: &RequestContext,
+        field: &str,
+        key: &str,
+    ) -> Result<String, Status> {
         if key.len() > 255 {
-            return Err(
-                Error::invalid_field("credit_key", "must be at most 255 characters").into(),
-            );
+            return Err(Error::invalid_field(field, "must be at most 255 characters").into());
         }
         let made = self
             .idempotency
@@ -822,7 +826,12 @@ impl WalletService for Wallet {
         request: Request<pb::ReverseRequest>,
     ) -> Result<Response<pb::ReverseResponse>, Status> {
         let ctx = context_of(&request)?;
-        let request = request.into_inner();
+        let mut request = request.into_inner();
+        if request.transaction_id.is_empty() && !request.transaction_key.is_empty() {
+            request.transaction_id = self
+                .credit_made_by(&ctx, "transaction_key", &request.transaction_key)
+                .await?;
+        }
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);
         check_id(&mut v, "transaction_id", &request.transaction_id);
@@ -948,7 +957,9 @@ impl WalletService for Wallet {
         let ctx = context_of(&request)?;
         let mut request = request.into_inner();
         if request.credit_id.is_empty() && !request.credit_key.is_empty() {
-            request.credit_id = self.credit_made_by(&ctx, &request.credit_key).await?;
+            request.credit_id = self
+                .credit_made_by(&ctx, "credit_key", &request.credit_key)
+                .await?;
         }
         let (id, reason) = check_credit_change(
             &request.idempotency_key,

@@ -29,6 +29,9 @@ async fn metrics_cover_http_grpc_outbox_and_pools(suite: TestSuite) {
             r#"tessera_outbox_pending{service="wallet"}"#,
             r#"tessera_outbox_lag_seconds{service="wallet"}"#,
             r#"tessera_db_pool_connections{service="wallet",state="idle"}"#,
+            r#"tessera_queue_depth{service="eligibility",queue="commands"}"#,
+            r#"tessera_queue_oldest_seconds{service="catalog",queue="commands"}"#,
+            r#"tessera_queue_dead{service="catalog",queue="commands"}"#,
         ];
         expected.iter().all(|line| body.contains(line)).then_some(body)
     })

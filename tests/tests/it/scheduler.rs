@@ -1103,7 +1103,11 @@ async fn wallet_sweeps_run_for_a_tenant_without_campaigns(suite: TestSuite) {
     let jobs = eventually(Duration::from_secs(5), "the sweeps ran", || async {
         let jobs = jobs_of(&suite, "").await;
         let ran = |kind: &str| jobs.iter().any(|j| j.kind == kind && j.runs >= 1);
-        let all = ["wallet.expire_due", "wallet.activate_due", "wallet.evaluate_tiers"];
+        let all = [
+            "wallet.expire_due",
+            "wallet.activate_due",
+            "wallet.evaluate_tiers",
+        ];
         all.into_iter().all(ran).then_some(jobs)
     })
     .await;

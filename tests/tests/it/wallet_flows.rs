@@ -72,6 +72,7 @@ async fn reverse(
             amount,
             reason: "order returned".into(),
             customer_id: String::new(),
+            transaction_key: String::new(),
         }))
         .await
         .map(tonic::Response::into_inner)
@@ -500,6 +501,7 @@ async fn reversals_refund_debits_and_claw_back_credits(suite: TestSuite) {
             amount: -1,
             reason: " ".into(),
             customer_id: String::new(),
+            transaction_key: String::new(),
         }))
         .await
         .unwrap_err();

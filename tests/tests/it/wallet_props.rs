@@ -219,6 +219,7 @@ async fn step(
                     amount,
                     reason: "prop".into(),
                     customer_id: String::new(),
+                    transaction_key: String::new(),
                 }))
                 .await?;
         }
