@@ -728,7 +728,6 @@ impl Index {
     }
 
     /// The request's segments, cart keys and event type as numbers of this index.
-
     pub fn presence<'a>(
         &self,
         segments: impl IntoIterator<Item = &'a String>,
