@@ -120,6 +120,22 @@ async fn pool_campaign(suite: &TestSuite, id: &str, count: u32, imported: &str) 
     pool_id
 }
 
+/// Publishes the pool's next free code to `customer`; returns it.
+async fn give(suite: &TestSuite, customer: &str, pool: &str) -> String {
+    let given = json_of(
+        suite
+            .post(
+                &format!("/v1/customers/{customer}/rewards"),
+                Some(&idem()),
+                &json!({"pool_id": pool, "channel": "email"}),
+            )
+            .await,
+        201,
+    )
+    .await;
+    given["code"].as_str().expect("a code").to_string()
+}
+
 fn checkout(customer: &str, order: &str, codes: &[&str]) -> Value {
     json!({"checkout": {"customer_id": customer, "order_id": order, "codes": codes,
         "cart": {"currency": "USD", "lines": [
@@ -156,18 +172,7 @@ async fn code_of(suite: &TestSuite, code: &str) -> Value {
 async fn pool_codes_work_end_to_end(suite: TestSuite) {
     let pool = pool_campaign(&suite, "welcome", 20, "").await;
     // A customer gets the next free code of the pool.
-    let given = json_of(
-        suite
-            .post(
-                "/v1/customers/alice/rewards",
-                Some(&idem()),
-                &json!({"pool_id": pool, "channel": "email"}),
-            )
-            .await,
-        201,
-    )
-    .await;
-    let code = given["code"].as_str().expect("a code").to_string();
+    let code = give(&suite, "alice", &pool).await;
 
     let dry = validate_until(&suite, "alice", &code, 200, Duration::from_secs(5)).await;
     assert_eq!(dry["applied"][0]["campaign_id"], "welcome", "{dry}");
@@ -297,20 +302,7 @@ async fn pool_codes_work_end_to_end(suite: TestSuite) {
     assert_eq!(status, 201, "{body}");
 
     // The kill switch of the pool, then of the campaign.
-    let other_code = json_of(
-        suite
-            .post(
-                "/v1/customers/dan/rewards",
-                Some(&idem()),
-                &json!({"pool_id": pool, "channel": "email"}),
-            )
-            .await,
-        201,
-    )
-    .await["code"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let other_code = give(&suite, "dan", &pool).await;
     validate_until(&suite, "dan", &other_code, 200, Duration::from_secs(5)).await;
     json_of(
         suite
@@ -438,20 +430,7 @@ async fn a_single_use_code_is_redeemed_once_under_a_race(suite: TestSuite) {
 
 async fn a_kill_switch_reaches_every_replica_within_a_second(suite: TestSuite) {
     let pool = pool_campaign(&suite, "replicas", 3, "").await;
-    let code = json_of(
-        suite
-            .post(
-                "/v1/customers/erin/rewards",
-                Some(&idem()),
-                &json!({"pool_id": pool, "channel": "email"}),
-            )
-            .await,
-        201,
-    )
-    .await["code"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let code = give(&suite, "erin", &pool).await;
     validate_until(&suite, "erin", &code, 200, Duration::from_secs(5)).await;
     // A second eligibility replica on the same database.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -11,6 +11,8 @@
 pub mod core;
 mod store;
 
+use std::collections::HashMap;
+
 use tessera_proto::catalog::v1 as cpb;
 use tessera_proto::eligibility::v1 as pb;
 use tessera_runtime::{Code, Error};
@@ -20,8 +22,6 @@ use tessera_store::{Db, db_error};
 
 use self::core::{PoolCode, normalize};
 use crate::campaigns::Index;
-
-pub use store::apply;
 
 /// The catalog's intake of uses.
 const RECORD_USES: &str = "/tessera.catalog.v1.CatalogService/RecordCodeUses";
@@ -46,12 +46,7 @@ pub async fn resolve(
     customer: &str,
     now: i64,
 ) -> Result<Vec<Unlocked>, Error> {
-    let wanted: Vec<String> = codes
-        .iter()
-        .filter(|c| index.code_owners(c).is_empty())
-        .map(|c| normalize(c))
-        .collect();
-    let found = store::lookup(db.conn(), tenant, &wanted).await?;
+    let (wanted, found) = unlisted(db, tenant, index, codes).await?;
     let mut out = Vec::with_capacity(wanted.len());
     for code in wanted {
         let Some(c) = found.get(&code) else {
@@ -89,17 +84,29 @@ pub async fn usable(
     customer: &str,
     now: i64,
 ) -> Result<Vec<Unlocked>, Error> {
+    let (_, found) = unlisted(db, tenant, index, codes).await?;
+    Ok(found
+        .values()
+        .filter(|c| core::check(c, customer, now).is_ok())
+        .map(unlocked)
+        .collect())
+}
+
+/// The codes among `codes` no campaign lists itself (normalised), and those of them the
+/// tenant's catalog has.
+async fn unlisted(
+    db: &Db,
+    tenant: &str,
+    index: &Index,
+    codes: &[String],
+) -> Result<(Vec<String>, HashMap<String, PoolCode>), Error> {
     let wanted: Vec<String> = codes
         .iter()
         .filter(|c| index.code_owners(c).is_empty())
         .map(|c| normalize(c))
         .collect();
     let found = store::lookup(db.conn(), tenant, &wanted).await?;
-    Ok(found
-        .values()
-        .filter(|c| core::check(c, customer, now).is_ok())
-        .map(unlocked)
-        .collect())
+    Ok((wanted, found))
 }
 
 fn unlocked(c: &PoolCode) -> Unlocked {
@@ -117,7 +124,7 @@ pub async fn sync(
     request: &pb::SyncCatalogCodesRequest,
 ) -> Result<pb::SyncCatalogCodesResponse, Error> {
     let txn = db.begin_write().await?;
-    let (codes, switches) = apply(&txn, tenant, &request.codes, &request.switches).await?;
+    let (codes, switches) = store::apply(&txn, tenant, &request.codes, &request.switches).await?;
     txn.commit().await.map_err(db_error)?;
     Ok(pb::SyncCatalogCodesResponse {
         codes_applied: i64::try_from(codes).unwrap_or(i64::MAX),
