@@ -9,7 +9,7 @@ use tessera_proto::catalog::v1 as pb;
 use tessera_runtime::error::Violations;
 use tessera_runtime::{Code, Error, FieldViolation, RequestContext};
 use tessera_store::outbox::{self, micros_to_timestamp, timestamp_to_micros};
-use tessera_store::{Db, db_error, insert_rows, now_micros, stmt};
+use tessera_store::{Db, db_error, now_micros, stmt};
 
 use crate::pattern::{self, Pattern};
 use crate::{rewards, sync};
@@ -309,7 +309,7 @@ pub async fn set_code_status(
         .map_err(db_error)?
         .rows_affected();
     if changed > 0 {
-        sync::codes_changed(txn, &ctx.tenant_id, None, std::slice::from_ref(&code)).await?;
+        sync::codes_changed(txn, &ctx.tenant_id, std::slice::from_ref(&code)).await?;
     }
     let current = get_code(txn, &ctx.tenant_id, &code, "").await?;
     if changed > 0 {
@@ -333,12 +333,20 @@ pub async fn record_uses(
     for u in uses {
         let code = pattern::normalize(&u.code);
         let at = u.at.as_ref().map_or_else(now_micros, timestamp_to_micros);
-        let changed = txn
-            .execute_raw(stmt(
-                txn,
-                "UPDATE codes SET \
+        // A multi-use gift card is spent until its value is gone: its uses are counted, but
+        // they do not use it up.
+        let reward_id = get_code(txn, tenant, &code, "").await?.reward_id;
+        let reward = rewards::get(txn, tenant, &reward_id).await?;
+        let effect = reward
+            .definition
+            .and_then(|d| d.effect)
+            .and_then(|e| e.kind);
+        let unlimited = matches!(effect, Some(pb::effect::Kind::GiftCard(g)) if g.multi_use);
+        txn.execute_raw(stmt(
+            txn,
+            "UPDATE codes SET \
                  redemptions = CASE WHEN redemptions + $3 < 0 THEN 0 ELSE redemptions + $3 END, \
-                 state = CASE WHEN redemptions + $3 >= max_uses THEN 'redeemed' \
+                 state = CASE WHEN $8 = 0 AND redemptions + $3 >= max_uses THEN 'redeemed' \
                    WHEN customer_id IS NOT NULL THEN 'published' ELSE 'active' END, \
                  redeemed_by = CASE WHEN $3 > 0 THEN $4 WHEN redemptions + $3 <= 0 THEN NULL \
                    ELSE redeemed_by END, \
@@ -349,22 +357,19 @@ pub async fn record_uses(
                  redemption_id = CASE WHEN $3 > 0 THEN $7 WHEN redemptions + $3 <= 0 THEN NULL \
                    ELSE redemption_id END \
                  WHERE tenant_id = $1 AND code = $2",
-                [
-                    tenant.into(),
-                    code.clone().into(),
-                    i64::from(u.delta).into(),
-                    u.customer_id.clone().into(),
-                    u.order_id.clone().into(),
-                    at.into(),
-                    u.redemption_id.clone().into(),
-                ],
-            ))
-            .await
-            .map_err(db_error)?
-            .rows_affected();
-        if changed == 0 {
-            return Err(Error::not_found(format!("code `{code}`")));
-        }
+            [
+                tenant.into(),
+                code.clone().into(),
+                i64::from(u.delta).into(),
+                u.customer_id.clone().into(),
+                u.order_id.clone().into(),
+                at.into(),
+                u.redemption_id.clone().into(),
+                i32::from(unlimited).into(),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
         out.push(get_code(txn, tenant, &code, "").await?);
     }
     Ok(out)
@@ -394,29 +399,37 @@ pub(crate) fn code_row(
         window.1.into(),
         job_id.map(str::to_owned).into(),
         now.into(),
+        // The first revision eligibility is sent.
+        1i64.into(),
     ]
 }
 
-/// Inserts the codes of `pool` built by [`code_row`], skipping codes the tenant already has,
-/// and sends the new ones to eligibility ([`sync`]). Returns how many were new.
+/// Inserts the codes built by [`code_row`], skipping codes the tenant already has, and
+/// sends the new ones to eligibility ([`sync`]), a chunk per statement (the insert returns
+/// what it wrote). Returns how many were new.
 pub(crate) async fn insert_codes<C: ConnectionTrait>(
     conn: &C,
     tenant: &str,
-    pool: &str,
     codes: Vec<String>,
     row: impl Fn(String) -> Vec<sea_orm::Value>,
 ) -> Result<u64, Error> {
-    let rows = codes.iter().cloned().map(row).collect();
-    let inserted = insert_rows(
-        conn,
-        "INSERT INTO codes (tenant_id, code, pool_id, reward_id, state, disabled, redemptions, \
-         max_uses, starts_at, ends_at, job_id, created_at)",
-        "ON CONFLICT (tenant_id, code) DO NOTHING",
-        rows,
-    )
-    .await?;
-    if inserted > 0 {
-        sync::codes_changed(conn, tenant, Some(pool), &codes).await?;
+    let mut inserted = 0;
+    for chunk in codes.chunks(sync::CHUNK) {
+        let rows: Vec<Vec<sea_orm::Value>> = chunk.iter().cloned().map(&row).collect();
+        let arity = rows.first().map_or(0, Vec::len);
+        let sql = format!(
+            "INSERT INTO codes (tenant_id, code, pool_id, reward_id, state, disabled, \
+             redemptions, max_uses, starts_at, ends_at, job_id, created_at, rev) VALUES {} \
+             ON CONFLICT (tenant_id, code) DO NOTHING RETURNING {}",
+            tessera_store::tuples(1, arity, rows.len()),
+            sync::SYNCED_COLUMNS,
+        );
+        let written = conn
+            .query_all_raw(stmt(conn, &sql, rows.into_iter().flatten()))
+            .await
+            .map_err(db_error)?;
+        inserted += written.len() as u64;
+        sync::rows_written(conn, tenant, &written).await?;
     }
     Ok(inserted)
 }
@@ -624,7 +637,7 @@ pub async fn import(
             r.code
         })
         .collect();
-    let imported = insert_codes(txn, &ctx.tenant_id, &pool.id, texts, |code| {
+    let imported = insert_codes(txn, &ctx.tenant_id, texts, |code| {
         let (max_uses, window) = windows[&code];
         code_row(&ctx.tenant_id, &pool, code, max_uses, window, None, now)
     })

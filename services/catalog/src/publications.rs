@@ -140,7 +140,7 @@ pub async fn publish(
         ))
         .await
         .map_err(db_error)?;
-        sync::codes_changed(txn, tenant, None, std::slice::from_ref(&c.code)).await?;
+        sync::codes_changed(txn, tenant, std::slice::from_ref(&c.code)).await?;
     }
     let id = uuid::Uuid::now_v7().to_string();
     let code_text = code.map(|c| c.code);

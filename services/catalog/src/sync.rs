@@ -17,7 +17,8 @@ pub const SYNC: &str = "/tessera.eligibility.v1.EligibilityService/SyncCatalogCo
 /// Codes per command.
 pub const CHUNK: usize = 1_000;
 
-const SYNCED_COLUMNS: &str =
+/// The columns of a code eligibility is sent, in the order [`rows_written`] reads them.
+pub const SYNCED_COLUMNS: &str =
     "code, pool_id, reward_id, customer_id, max_uses, starts_at, ends_at, disabled, rev";
 
 fn synced_from_row(row: &QueryResult) -> Result<epb::CatalogCode, sea_orm::DbErr> {
@@ -41,42 +42,42 @@ fn synced_from_row(row: &QueryResult) -> Result<epb::CatalogCode, sea_orm::DbErr
     })
 }
 
-/// The codes changed in this transaction: bumps their revision and sends their state
-/// (only codes of `pool` when given: a code another pool holds already is not this
-/// change's).
+/// The codes changed in this transaction: bumps their revision and sends their state.
 pub async fn codes_changed<C: ConnectionTrait>(
     txn: &C,
     tenant: &str,
-    pool: Option<&str>,
     codes: &[String],
 ) -> Result<(), Error> {
     for chunk in codes.chunks(CHUNK) {
-        let pool_filter = if pool.is_some() {
-            " AND pool_id = $2"
-        } else {
-            " AND $2 = ''"
-        };
         let sql = format!(
-            "UPDATE codes SET rev = rev + 1 WHERE tenant_id = $1{pool_filter} AND code IN ({}) \
+            "UPDATE codes SET rev = rev + 1 WHERE tenant_id = $1 AND code IN ({}) \
              RETURNING {SYNCED_COLUMNS}",
-            Db::placeholders(3, chunk.len())
+            Db::placeholders(2, chunk.len())
         );
-        let values = [tenant.into(), pool.unwrap_or_default().into()]
-            .into_iter()
+        let values = std::iter::once(Value::from(tenant.to_string()))
             .chain(chunk.iter().map(|c| Value::from(c.clone())));
         let rows = txn
             .query_all_raw(stmt(txn, &sql, values))
             .await
             .map_err(db_error)?;
-        let mut synced = rows
-            .iter()
-            .map(synced_from_row)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db_error)?;
-        synced.sort_by(|a, b| a.code.cmp(&b.code));
-        send(txn, tenant, synced, Vec::new()).await?;
+        rows_written(txn, tenant, &rows).await?;
     }
     Ok(())
+}
+
+/// Sends eligibility the codes of `rows` (selected or returned as [`SYNCED_COLUMNS`]).
+pub async fn rows_written<C: ConnectionTrait>(
+    txn: &C,
+    tenant: &str,
+    rows: &[QueryResult],
+) -> Result<(), Error> {
+    let mut synced = rows
+        .iter()
+        .map(synced_from_row)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_error)?;
+    synced.sort_by(|a, b| a.code.cmp(&b.code));
+    send(txn, tenant, synced, Vec::new()).await
 }
 
 /// A pool's or a reward's kill switch changed (`rev`: the pool's revision, the reward's
@@ -173,7 +174,7 @@ pub async fn backfill(db: &Db) -> Result<u64, Error> {
         }
         for (tenant, codes) in by_tenant {
             sent += codes.len() as u64;
-            codes_changed(&txn, &tenant, None, &codes).await?;
+            codes_changed(&txn, &tenant, &codes).await?;
         }
         txn.commit().await.map_err(db_error)?;
     }

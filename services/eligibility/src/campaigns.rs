@@ -85,6 +85,15 @@ impl Compiled {
             .is_some_and(|a| matches!(a.effect, Effect::GiftCard { .. }))
     }
 
+    /// Whether it is a multi-use gift card: its code is spent until the card's value is gone,
+    /// however many checkouts that takes.
+    pub fn is_multi_use_card(&self) -> bool {
+        matches!(
+            self.def.effect.as_ref().and_then(|e| e.kind.as_ref()),
+            Some(tessera_proto::catalog::v1::effect::Kind::GiftCard(g)) if g.multi_use
+        )
+    }
+
     /// Whether it has a campaign-wide budget (redemptions, discount, order value): every
     /// redemption of it takes from the budget's slices.
     pub fn has_budget(&self) -> bool {

@@ -18,6 +18,7 @@ backend_tests!(
     a_single_use_code_is_redeemed_once_under_a_race,
     a_kill_switch_reaches_every_replica_within_a_second,
     redemption_cashback_is_a_pending_wallet_credit,
+    a_multi_use_gift_card_code_is_spent_until_its_value_is_gone,
 );
 
 async fn json_of(r: reqwest::Response, status: u16) -> Value {
@@ -579,5 +580,105 @@ async fn redemption_cashback_is_a_pending_wallet_credit(suite: TestSuite) {
     })
     .await;
     assert_eq!(page["data"].as_array().map(Vec::len), Some(1));
+    suite.cleanup().await;
+}
+
+async fn a_multi_use_gift_card_code_is_spent_until_its_value_is_gone(suite: TestSuite) {
+    // One definition: the catalog's reward, which the campaign issues through its pool.
+    let card = json!({"gift_card": {"value": 5000, "multi_use": true}});
+    let reward = json_of(
+        suite
+            .post(
+                "/v1/rewards",
+                Some(&idem()),
+                &json!({"name": "$50 card", "currency": "USD", "effect": card}),
+            )
+            .await,
+        201,
+    )
+    .await;
+    let pool = json_of(
+        suite
+            .post(
+                "/v1/code-pools",
+                Some(&idem()),
+                &json!({"reward_id": reward["id"], "name": "cards", "pattern": {"pattern": "GC-########"}}),
+            )
+            .await,
+        201,
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let job = json_of(
+        suite
+            .post(
+                &format!("/v1/code-pools/{pool}/generate"),
+                Some(&idem()),
+                &json!({"count": 2}),
+            )
+            .await,
+        202,
+    )
+    .await;
+    let job_id = job["id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(30), "generation done", || async {
+        let job = json_of(
+            suite.get(&format!("/v1/code-pools/jobs/{job_id}")).await,
+            200,
+        )
+        .await;
+        (job["status"] == "JOB_STATUS_SUCCEEDED").then_some(())
+    })
+    .await;
+    let campaign = json!({
+        "id": "cards", "name": "cards", "type": "CAMPAIGN_TYPE_DISCOUNT",
+        "definition": {"reward_id": reward["id"], "effect": card},
+        "incentive": {"pool_id": pool, "channel": "email"},
+    });
+    json_of(
+        suite.post("/v1/campaigns", Some(&idem()), &campaign).await,
+        201,
+    )
+    .await;
+    json_of(
+        suite
+            .post("/v1/campaigns/cards/start", Some(&idem()), &json!({}))
+            .await,
+        200,
+    )
+    .await;
+    // Published: the card's value is loaded into the wallet.
+    let code = give(&suite, "gina", &pool).await;
+    validate_until(&suite, "gina", &code, 200, Duration::from_secs(5)).await;
+    let mut spent = Vec::new();
+    for order in ["g-1", "g-2"] {
+        let (status, body) = send(
+            &suite,
+            "/v1/redemptions",
+            &checkout("gina", order, &[&code]),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        spent.push(body["spends"][0]["amount"].as_i64().unwrap_or_default());
+    }
+    // $40 then the $10 left: spent twice, though the pool allows one use per code.
+    assert_eq!(spent, [4000, 1000]);
+    let (status, body) = send(
+        &suite,
+        "/v1/redemptions",
+        &checkout("gina", "g-3", &[&code]),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["reason"], "INSUFFICIENT_BALANCE", "{body}");
+    // The catalog counts the spends and still shows the card in use, not redeemed.
+    let shown = eventually(Duration::from_secs(5), "spends counted", || async {
+        let c = code_of(&suite, &code).await;
+        (c["redemptions"] == 2).then_some(c)
+    })
+    .await;
+    assert_eq!(shown["status"], "CODE_STATUS_PUBLISHED", "{shown}");
     suite.cleanup().await;
 }

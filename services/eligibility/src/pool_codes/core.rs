@@ -59,8 +59,9 @@ pub fn check(c: &PoolCode, customer: &str, now: i64) -> Result<(), Refusal> {
             "the code was given to another customer".into(),
         ));
     }
-    let max = c.max_uses.max(1);
-    if c.uses >= max {
+    // 0: not counted (a multi-use gift card: its value runs out, not its uses).
+    let max = c.max_uses;
+    if max > 0 && c.uses >= max {
         return Err((
             pb::Reason::CodeUsed,
             format!("code used {} of {max} times", c.uses),
@@ -139,12 +140,12 @@ mod tests {
     }
 
     proptest! {
-        /// An N-use code takes exactly N uses, whoever uses it.
+        /// An N-use code takes exactly N uses, whoever uses it; 0 counts none.
         #[test]
         fn an_n_use_code_takes_exactly_n(max in 0i64..50, uses in 0i64..100) {
             let c = PoolCode { max_uses: max, uses, ..code() };
             let usable = check(&c, "alice", 10).is_ok();
-            prop_assert_eq!(usable, uses < max.max(1));
+            prop_assert_eq!(usable, max == 0 || uses < max);
         }
 
         /// A kill switch refuses whatever else holds.

@@ -26,7 +26,8 @@ use crate::campaigns::Index;
 /// The catalog's intake of uses.
 const RECORD_USES: &str = "/tessera.catalog.v1.CatalogService/RecordCodeUses";
 
-/// A catalog code a checkout may use: its text and pool, and the uses it allows.
+/// A catalog code a checkout may use: its text and pool, and the uses it allows (0: no
+/// limit, a multi-use gift card).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unlocked {
     pub code: String,
@@ -52,6 +53,7 @@ pub async fn resolve(
         let Some(c) = found.get(&code) else {
             return Err(Error::not_found(format!("code `{code}`")).with_reason("CODE_NOT_FOUND"));
         };
+        let c = &as_spent(index, c);
         if let Err((reason, detail)) = core::check(c, customer, now) {
             return Err(crate::redeem::refusal(
                 format!("code `{code}`"),
@@ -87,8 +89,9 @@ pub async fn usable(
     let (_, found) = unlisted(db, tenant, index, codes).await?;
     Ok(found
         .values()
+        .map(|c| as_spent(index, c))
         .filter(|c| core::check(c, customer, now).is_ok())
-        .map(unlocked)
+        .map(|c| unlocked(&c))
         .collect())
 }
 
@@ -109,11 +112,31 @@ async fn unlisted(
     Ok((wanted, found))
 }
 
+/// A code as its campaigns spend it: the code of a multi-use gift card is not counted in
+/// uses (the card's value in the wallet is what runs out), whatever its pool allows.
+fn as_spent(index: &Index, c: &PoolCode) -> PoolCode {
+    let owners = index.pool_owners(&c.pool_id);
+    let card = !owners.is_empty()
+        && owners
+            .iter()
+            .all(|&i| index.campaigns[i as usize].is_multi_use_card());
+    if card {
+        PoolCode {
+            uses: 0,
+            max_uses: 0,
+            ..c.clone()
+        }
+    } else {
+        c.clone()
+    }
+}
+
+/// `max_uses` 0: not counted against a limit.
 fn unlocked(c: &PoolCode) -> Unlocked {
     Unlocked {
         code: c.code.clone(),
         pool_id: c.pool_id.clone(),
-        max_uses: c.max_uses.max(1),
+        max_uses: c.max_uses,
     }
 }
 
