@@ -333,15 +333,6 @@ pub async fn record_uses(
     for u in uses {
         let code = pattern::normalize(&u.code);
         let at = u.at.as_ref().map_or_else(now_micros, timestamp_to_micros);
-        // A multi-use gift card is spent until its value is gone: its uses are counted, but
-        // they do not use it up.
-        let reward_id = get_code(txn, tenant, &code, "").await?.reward_id;
-        let reward = rewards::get(txn, tenant, &reward_id).await?;
-        let effect = reward
-            .definition
-            .and_then(|d| d.effect)
-            .and_then(|e| e.kind);
-        let unlimited = matches!(effect, Some(pb::effect::Kind::GiftCard(g)) if g.multi_use);
         txn.execute_raw(stmt(
             txn,
             "UPDATE codes SET \
@@ -365,7 +356,8 @@ pub async fn record_uses(
                 u.order_id.clone().into(),
                 at.into(),
                 u.redemption_id.clone().into(),
-                i32::from(unlimited).into(),
+                // A multi-use gift card's uses do not use it up.
+                i32::from(u.spends_value).into(),
             ],
         ))
         .await

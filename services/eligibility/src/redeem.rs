@@ -498,6 +498,9 @@ pub struct Counted {
     /// The catalog codes whose uses were counted (reported to the catalog when given back).
     #[serde(default)]
     pub pool_codes: Vec<String>,
+    /// Those of them that are multi-use gift cards (spent, not used up).
+    #[serde(default)]
+    pub card_codes: Vec<String>,
     /// The cashback's return window in days, when an applied incentive gives cashback.
     #[serde(default)]
     pub cashback_days: Option<u32>,
@@ -1213,6 +1216,11 @@ async fn attempt(
             .filter(|p| p.pooled.is_some())
             .map(|p| p.code.clone())
             .collect(),
+        card_codes: by_id
+            .iter()
+            .filter(|p| p.pooled == Some(0))
+            .map(|p| p.code.clone())
+            .collect(),
         cashback_days: cashback::pending_days(&plan.picks),
         currency: checkout
             .cart
@@ -1248,7 +1256,7 @@ async fn attempt(
         "redemption.succeeded"
     };
     outbox::enqueue(txn, tenant, event, &event_data(&record)).await?;
-    pool_codes::report_uses(txn, tenant, &record, &counted.pool_codes, 1, "take", now).await?;
+    pool_codes::report_uses(txn, tenant, &record, &counted, 1, "take", now).await?;
     if hold.is_none() {
         let (currency, days) = (&counted.currency, counted.cashback_days);
         cashback::credit(txn, tenant, &record, currency, days, now).await?;
@@ -1596,8 +1604,7 @@ pub async fn rollback(
     }
     if whole {
         let now = tessera_store::now_micros();
-        let codes = &counted.pool_codes;
-        pool_codes::report_uses(txn, tenant, &r, codes, -1, "give-back", now).await?;
+        pool_codes::report_uses(txn, tenant, &r, &counted, -1, "give-back", now).await?;
         if !reserved {
             cashback::cancel(txn, tenant, &r, reason).await?;
         }

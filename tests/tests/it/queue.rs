@@ -136,6 +136,7 @@ async fn a_refused_command_is_replayed_over_http(suite: TestSuite) {
             order_id: "o-1".into(),
             redemption_id: "r-1".into(),
             at: None,
+            spends_value: false,
         }],
     };
     commands::send(

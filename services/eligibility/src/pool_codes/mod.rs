@@ -22,6 +22,7 @@ use tessera_store::{Db, db_error};
 
 use self::core::{PoolCode, normalize};
 use crate::campaigns::Index;
+use crate::redeem::Counted;
 
 /// The catalog's intake of uses.
 const RECORD_USES: &str = "/tessera.catalog.v1.CatalogService/RecordCodeUses";
@@ -156,17 +157,18 @@ pub async fn sync(
 }
 
 /// Tells the catalog, in the caller's transaction, that `redemption` took (`delta` 1) or
-/// gave back (-1) one use of each of `codes`. `step` names the change in the idempotency
-/// key (`redeem`, `rollback`), so each is reported once.
+/// gave back (-1) one use of each catalog code it `counted`. `step` names the change in the
+/// idempotency key (`take`, `give-back`), so each is reported once.
 pub async fn report_uses<C: sea_orm::ConnectionTrait>(
     txn: &C,
     tenant: &str,
     redemption: &pb::Redemption,
-    codes: &[String],
+    counted: &Counted,
     delta: i32,
     step: &str,
     now: i64,
 ) -> Result<(), Error> {
+    let codes = &counted.pool_codes;
     if codes.is_empty() {
         return Ok(());
     }
@@ -182,6 +184,7 @@ pub async fn report_uses<C: sea_orm::ConnectionTrait>(
                 order_id: redemption.order_id.clone(),
                 redemption_id: redemption.id.clone(),
                 at: Some(micros_to_timestamp(now)),
+                spends_value: counted.card_codes.contains(code),
             })
             .collect(),
     };
