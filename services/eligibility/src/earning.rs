@@ -282,26 +282,13 @@ pub async fn record(
         ))
         .await
         .map_err(db_error)?;
-        let key = earn_key(source, &g.campaign, &g.rule, &g.customer);
-        let reason = format!("earned: {} / {} ({source})", g.campaign, g.rule);
-        let credit = wpb::CreditRequest {
-            idempotency_key: key.clone(),
-            customer_id: g.customer.clone(),
-            asset: Some(points_of(&g.program)),
-            amount: g.points,
-            reason,
-            ..Default::default()
+        let earned = Earned {
+            source,
+            campaign: &g.campaign,
+            rule: &g.rule,
+            customer: &g.customer,
         };
-        commands::send(
-            txn,
-            tenant,
-            [Command {
-                path: CREDIT,
-                key,
-                request: credit,
-            }],
-        )
-        .await?;
+        earned.credit(txn, tenant, &g.program, g.points).await?;
         outbox::enqueue(
             txn,
             tenant,
@@ -373,26 +360,15 @@ pub async fn mark_returned(
         ))
         .await
         .map_err(db_error)?;
-        let credit_key = earn_key(&source, &campaign, &rule, &customer);
-        let key = format!("{credit_key}:back:{target}");
-        let reverse = wpb::ReverseRequest {
-            idempotency_key: key.clone(),
-            transaction_key: credit_key,
-            amount: target - before,
-            reason: format!("returned: {source}"),
-            customer_id: customer,
-            ..Default::default()
+        let earned = Earned {
+            source: &source,
+            campaign: &campaign,
+            rule: &rule,
+            customer: &customer,
         };
-        commands::send(
-            txn,
-            tenant,
-            [Command {
-                path: REVERSE,
-                key,
-                request: reverse,
-            }],
-        )
-        .await?;
+        earned
+            .reverse(txn, tenant, String::new(), target - before, target)
+            .await?;
         changed += 1;
     }
     Ok(changed)
@@ -404,15 +380,82 @@ const QUEUED: &str = "queued";
 const CREDIT: &str = "/tessera.wallet.v1.WalletService/Credit";
 const REVERSE: &str = "/tessera.wallet.v1.WalletService/Reverse";
 
-/// The idempotency key of an earning's credit: once per source, campaign, rule, customer.
-fn earn_key(source: &str, campaign: &str, rule: &str, customer: &str) -> String {
-    derived_key("earn", &[source, campaign, rule, customer])
+/// One earnings row: what names its wallet commands.
+struct Earned<'a> {
+    source: &'a str,
+    campaign: &'a str,
+    rule: &'a str,
+    customer: &'a str,
 }
 
-fn points_of(program: &str) -> wpb::Asset {
-    wpb::Asset {
-        kind: wpb::AssetKind::Points as i32,
-        code: program.to_string(),
+impl Earned<'_> {
+    /// The idempotency key of its credit: once per source, campaign, rule, customer.
+    fn key(&self) -> String {
+        derived_key(
+            "earn",
+            &[self.source, self.campaign, self.rule, self.customer],
+        )
+    }
+
+    /// Sends the wallet its credit of `points` of `program`, in `txn`.
+    async fn credit<C: ConnectionTrait>(
+        &self,
+        txn: &C,
+        tenant: &str,
+        program: &str,
+        points: i64,
+    ) -> Result<(), Error> {
+        let key = self.key();
+        let request = wpb::CreditRequest {
+            idempotency_key: key.clone(),
+            customer_id: self.customer.to_string(),
+            asset: Some(wpb::Asset {
+                kind: wpb::AssetKind::Points as i32,
+                code: program.to_string(),
+            }),
+            amount: points,
+            reason: format!(
+                "earned: {} / {} ({})",
+                self.campaign, self.rule, self.source
+            ),
+            ..Default::default()
+        };
+        let command = Command {
+            path: CREDIT,
+            key,
+            request,
+        };
+        commands::send(txn, tenant, [command]).await?;
+        Ok(())
+    }
+
+    /// Sends the wallet the reversal of `amount` of its credit (by `transaction_id`, or by
+    /// the credit's key when empty) that brings what was taken back to `target`.
+    async fn reverse<C: ConnectionTrait>(
+        &self,
+        txn: &C,
+        tenant: &str,
+        transaction_id: String,
+        amount: i64,
+        target: i64,
+    ) -> Result<(), Error> {
+        let credit_key = self.key();
+        let key = format!("{credit_key}:back:{target}");
+        let request = wpb::ReverseRequest {
+            idempotency_key: key.clone(),
+            transaction_id,
+            transaction_key: credit_key,
+            amount,
+            reason: format!("returned: {}", self.source),
+            customer_id: self.customer.to_string(),
+        };
+        let command = Command {
+            path: REVERSE,
+            key,
+            request,
+        };
+        commands::send(txn, tenant, [command]).await?;
+        Ok(())
     }
 }
 
@@ -436,47 +479,21 @@ pub async fn adopt_waiting(db: &Db) -> Result<u64, Error> {
         let n = |i: usize| -> Result<i64, Error> { row.try_get_by_index(i).map_err(db_error) };
         let (tenant, source, campaign, rule, customer) = (s(0)?, s(1)?, s(2)?, s(3)?, s(4)?);
         let (points, transaction, target, reversed) = (n(6)?, s(7)?, n(8)?, n(9)?);
-        let key = earn_key(&source, &campaign, &rule, &customer);
+        let earned = Earned {
+            source: &source,
+            campaign: &campaign,
+            rule: &rule,
+            customer: &customer,
+        };
         if transaction.is_empty() {
-            let credit = wpb::CreditRequest {
-                idempotency_key: key.clone(),
-                customer_id: customer.clone(),
-                asset: Some(points_of(&s(5)?)),
-                amount: points,
-                reason: format!("earned: {campaign} / {rule} ({source})"),
-                ..Default::default()
-            };
-            let command = Command {
-                path: CREDIT,
-                key: key.clone(),
-                request: credit,
-            };
-            commands::send(&txn, &tenant, [command]).await?;
+            earned.credit(&txn, &tenant, &s(5)?, points).await?;
         }
         if target > reversed && transaction != "-" {
-            let back = format!("{key}:back:{target}");
-            let reverse = wpb::ReverseRequest {
-                idempotency_key: back.clone(),
-                transaction_id: if transaction.is_empty() {
-                    String::new()
-                } else {
-                    transaction
-                },
-                transaction_key: key,
-                amount: target - reversed,
-                reason: format!("returned: {source}"),
-                customer_id: customer.clone(),
-            };
-            commands::send(
-                &txn,
-                &tenant,
-                [Command {
-                    path: REVERSE,
-                    key: back,
-                    request: reverse,
-                }],
-            )
-            .await?;
+            // Named by its id when the old sweep credited it, else (empty) by its key.
+            let amount = target - reversed;
+            earned
+                .reverse(&txn, &tenant, transaction, amount, target)
+                .await?;
         }
         txn.execute_raw(stmt(
             &txn,

@@ -26,9 +26,6 @@ use crate::transcode::{from_json, reply};
 /// Dead letters carry every kind of work of the tenant: admins only.
 const ADMINS: [Role; 1] = [Role::Admin];
 
-/// The services that keep work queues, as the path names them.
-pub const SERVICES: [&str; 2] = ["catalog", "eligibility"];
-
 pub fn routes(api: &mut Api) {
     api.tag(
         "queues",
@@ -84,7 +81,8 @@ fn client(
 ) -> Result<pb::queue_service_client::QueueServiceClient<tessera_runtime::grpc::Channel>, ApiError>
 {
     state.queues.get(service).cloned().ok_or_else(|| {
-        Error::invalid_field("service", format!("must be one of {}", SERVICES.join(", "))).into()
+        let known: Vec<&str> = state.queues.keys().copied().collect();
+        Error::invalid_field("service", format!("must be one of {}", known.join(", "))).into()
     })
 }
 

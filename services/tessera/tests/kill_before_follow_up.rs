@@ -6,7 +6,6 @@
 //! PostgreSQL; catalog and eligibility run as their own `tessera serve` processes.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tessera_proto::catalog::v1 as cpb;
@@ -15,50 +14,9 @@ use tessera_proto::eligibility::v1 as pb;
 use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
 use tonic::transport::Channel;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(service: &str, env: &HashMap<String, String>) -> Process {
-    let child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["serve", service])
-        .env_clear()
-        .envs(env)
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    Process(child)
-}
-
-async fn channel(port: u16) -> Channel {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .timeout(Duration::from_secs(10));
-        if let Ok(channel) = endpoint.connect().await {
-            return channel;
-        }
-        assert!(Instant::now() < deadline, "service on {port} never came up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use common::{channel, free_port, serve};
 
 fn request<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -233,8 +191,7 @@ async fn run(backend: &str, mut env: HashMap<String, String>) {
     // Committed, and the catalog has not heard of it.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(code_state(&mut catalog, "KILL-1").await.redemptions, 0);
-    eligibility_process.0.kill().expect("SIGKILL");
-    eligibility_process.0.wait().expect("reaped");
+    eligibility_process.kill();
 
     let _eligibility_again = serve("eligibility", &eligibility_env);
     let mut eligibility = EligibilityServiceClient::new(channel(eligibility_port).await);

@@ -6,7 +6,6 @@
 //! when configured, PostgreSQL.
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,52 +15,15 @@ use tessera_runtime::Config;
 use tessera_store::{Db, stmt};
 use tonic::transport::Channel;
 
+mod common;
+
+use common::{free_port, serve};
+
 const ENTRIES: usize = 100;
 const CLIENTS: usize = 6;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Wallet(Child);
-
-impl Drop for Wallet {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(env: &HashMap<String, String>) -> Wallet {
-    let child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["serve", "wallet"])
-        .env_clear()
-        .envs(env)
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn wallet");
-    Wallet(child)
-}
-
 async fn connect(port: u16) -> WalletServiceClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .timeout(Duration::from_secs(10));
-        if let Ok(channel) = endpoint.connect().await {
-            return WalletServiceClient::new(channel);
-        }
-        assert!(Instant::now() < deadline, "wallet never came up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    WalletServiceClient::new(common::channel(port).await)
 }
 
 fn batch(key: &str) -> tonic::Request<pb::BatchCreditRequest> {
@@ -111,7 +73,7 @@ async fn run(backend: &str, mut env: HashMap<String, String>, config: Config) {
         "TESSERA_PEERS__NOTIFICATION_URL".into(),
         format!("http://127.0.0.1:{}", free_port()),
     );
-    let mut wallet = spawn(&env);
+    let mut wallet = serve("wallet", &env);
     let client = connect(port).await;
 
     // Clients send batches until the process dies; each records what was acknowledged.
@@ -140,8 +102,7 @@ async fn run(backend: &str, mut env: HashMap<String, String>, config: Config) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Mid-stream: batches are in flight on every client.
-    wallet.0.kill().expect("SIGKILL");
-    wallet.0.wait().unwrap();
+    wallet.kill();
     for w in workers {
         w.await.unwrap();
     }
@@ -210,7 +171,7 @@ async fn run(backend: &str, mut env: HashMap<String, String>, config: Config) {
 
     // Restarted: an acknowledged batch replays to the same answer; a batch that was cut off
     // completes once its lease has run out, exactly once.
-    let _restarted = spawn(&env);
+    let _restarted = serve("wallet", &env);
     let mut client = connect(port).await;
     let (key, first) = &acknowledged[0];
     let replay = client.batch_credit(batch(key)).await.unwrap().into_inner();

@@ -32,16 +32,27 @@ fn idem() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// A $5-off reward, a pool of `count` generated codes (plus `imported` CSV rows), and an
-/// active campaign `id` whose incentive is the pool. Returns the pool's id.
-async fn pool_campaign(suite: &TestSuite, id: &str, count: u32, imported: &str) -> String {
+/// $5 off the order.
+fn five_off() -> Value {
+    json!({"amount_off": {"amount": 500}})
+}
+
+/// A reward with `effect`, a pool of `count` generated codes (plus `imported` CSV rows), and
+/// an active campaign `id` with that effect whose incentive is the pool. Returns the pool's
+/// id.
+async fn pool_campaign(
+    suite: &TestSuite,
+    id: &str,
+    effect: Value,
+    count: u32,
+    imported: &str,
+) -> String {
     let reward = json_of(
         suite
             .post(
                 "/v1/rewards",
                 Some(&idem()),
-                &json!({"name": "Five off", "currency": "USD",
-                        "effect": {"amount_off": {"amount": 500}}}),
+                &json!({"name": id, "currency": "USD", "effect": effect}),
             )
             .await,
         201,
@@ -97,25 +108,13 @@ async fn pool_campaign(suite: &TestSuite, id: &str, count: u32, imported: &str) 
             .unwrap();
         json_of(response, 200).await;
     }
-    let campaign = json!({
-        "id": id, "name": id, "type": "CAMPAIGN_TYPE_DISCOUNT",
-        "definition": {"reward_id": reward_id, "effect": {"amount_off": {"amount": 500}}},
-        "incentive": {"pool_id": pool_id, "channel": "email"},
-    });
-    json_of(
-        suite.post("/v1/campaigns", Some(&idem()), &campaign).await,
-        201,
-    )
-    .await;
-    json_of(
-        suite
-            .post(
-                &format!("/v1/campaigns/{id}/start"),
-                Some(&idem()),
-                &json!({}),
-            )
-            .await,
-        200,
+    start_campaign(
+        suite,
+        json!({
+            "id": id, "name": id, "type": "CAMPAIGN_TYPE_DISCOUNT",
+            "definition": {"reward_id": reward_id, "effect": effect},
+            "incentive": {"pool_id": pool_id, "channel": "email"},
+        }),
     )
     .await;
     pool_id
@@ -135,6 +134,27 @@ async fn give(suite: &TestSuite, customer: &str, pool: &str) -> String {
     )
     .await;
     given["code"].as_str().expect("a code").to_string()
+}
+
+/// Creates a campaign and starts it.
+async fn start_campaign(suite: &TestSuite, campaign: Value) {
+    let id = campaign["id"].as_str().expect("an id").to_string();
+    json_of(
+        suite.post("/v1/campaigns", Some(&idem()), &campaign).await,
+        201,
+    )
+    .await;
+    json_of(
+        suite
+            .post(
+                &format!("/v1/campaigns/{id}/start"),
+                Some(&idem()),
+                &json!({}),
+            )
+            .await,
+        200,
+    )
+    .await;
 }
 
 fn checkout(customer: &str, order: &str, codes: &[&str]) -> Value {
@@ -171,7 +191,7 @@ async fn code_of(suite: &TestSuite, code: &str) -> Value {
 }
 
 async fn pool_codes_work_end_to_end(suite: TestSuite) {
-    let pool = pool_campaign(&suite, "welcome", 20, "").await;
+    let pool = pool_campaign(&suite, "welcome", five_off(), 20, "").await;
     // A customer gets the next free code of the pool.
     let code = give(&suite, "alice", &pool).await;
 
@@ -351,7 +371,7 @@ async fn pool_codes_work_end_to_end(suite: TestSuite) {
 }
 
 async fn a_single_use_code_is_redeemed_once_under_a_race(suite: TestSuite) {
-    pool_campaign(&suite, "race", 1, "MULTI-3,3\n").await;
+    pool_campaign(&suite, "race", five_off(), 1, "MULTI-3,3\n").await;
     let single = {
         use sea_orm::ConnectionTrait;
         let db = suite.db("catalog").await;
@@ -430,7 +450,7 @@ async fn a_single_use_code_is_redeemed_once_under_a_race(suite: TestSuite) {
 }
 
 async fn a_kill_switch_reaches_every_replica_within_a_second(suite: TestSuite) {
-    let pool = pool_campaign(&suite, "replicas", 3, "").await;
+    let pool = pool_campaign(&suite, "replicas", five_off(), 3, "").await;
     let code = give(&suite, "erin", &pool).await;
     validate_until(&suite, "erin", &code, 200, Duration::from_secs(5)).await;
     // A second eligibility replica on the same database.
@@ -513,18 +533,7 @@ async fn redemption_cashback_is_a_pending_wallet_credit(suite: TestSuite) {
         "definition": {"codes": ["BACK5"],
                        "effect": {"cashback": {"percent_bp": 500, "pending_days": 14}}},
     });
-    json_of(
-        suite.post("/v1/campaigns", Some(&idem()), &campaign).await,
-        201,
-    )
-    .await;
-    json_of(
-        suite
-            .post("/v1/campaigns/back5/start", Some(&idem()), &json!({}))
-            .await,
-        200,
-    )
-    .await;
+    start_campaign(&suite, campaign).await;
     let cashback = |customer: &'static str| {
         let suite = &suite;
         async move {
@@ -586,69 +595,7 @@ async fn redemption_cashback_is_a_pending_wallet_credit(suite: TestSuite) {
 async fn a_multi_use_gift_card_code_is_spent_until_its_value_is_gone(suite: TestSuite) {
     // One definition: the catalog's reward, which the campaign issues through its pool.
     let card = json!({"gift_card": {"value": 5000, "multi_use": true}});
-    let reward = json_of(
-        suite
-            .post(
-                "/v1/rewards",
-                Some(&idem()),
-                &json!({"name": "$50 card", "currency": "USD", "effect": card}),
-            )
-            .await,
-        201,
-    )
-    .await;
-    let pool = json_of(
-        suite
-            .post(
-                "/v1/code-pools",
-                Some(&idem()),
-                &json!({"reward_id": reward["id"], "name": "cards", "pattern": {"pattern": "GC-########"}}),
-            )
-            .await,
-        201,
-    )
-    .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let job = json_of(
-        suite
-            .post(
-                &format!("/v1/code-pools/{pool}/generate"),
-                Some(&idem()),
-                &json!({"count": 2}),
-            )
-            .await,
-        202,
-    )
-    .await;
-    let job_id = job["id"].as_str().unwrap().to_string();
-    eventually(Duration::from_secs(30), "generation done", || async {
-        let job = json_of(
-            suite.get(&format!("/v1/code-pools/jobs/{job_id}")).await,
-            200,
-        )
-        .await;
-        (job["status"] == "JOB_STATUS_SUCCEEDED").then_some(())
-    })
-    .await;
-    let campaign = json!({
-        "id": "cards", "name": "cards", "type": "CAMPAIGN_TYPE_DISCOUNT",
-        "definition": {"reward_id": reward["id"], "effect": card},
-        "incentive": {"pool_id": pool, "channel": "email"},
-    });
-    json_of(
-        suite.post("/v1/campaigns", Some(&idem()), &campaign).await,
-        201,
-    )
-    .await;
-    json_of(
-        suite
-            .post("/v1/campaigns/cards/start", Some(&idem()), &json!({}))
-            .await,
-        200,
-    )
-    .await;
+    let pool = pool_campaign(&suite, "cards", card, 2, "").await;
     // Published: the card's value is loaded into the wallet.
     let code = give(&suite, "gina", &pool).await;
     validate_until(&suite, "gina", &code, 200, Duration::from_secs(5)).await;

@@ -215,23 +215,23 @@ async fn debits(suite: &TestSuite, label: &str) {
 /// Codes one generation job makes.
 const CODES: i64 = 100_000;
 
-/// A 100,000-code generation job, from the request to the job's success.
-async fn code_generation(suite: &TestSuite, label: &str) {
+/// A reward with `effect` and a pool of it whose codes follow `pattern`; returns the pool.
+pub(crate) async fn new_pool(
+    suite: &TestSuite,
+    key: &str,
+    effect: tessera_proto::catalog::v1::Effect,
+    pattern: &str,
+) -> tessera_proto::catalog::v1::CodePool {
     use tessera_proto::catalog::v1 as cpb;
     let mut catalog = cpb::catalog_service_client::CatalogServiceClient::new(suite.channel());
     let ctx = RequestContext::system(TENANT, "bench");
     let reward = catalog
         .create_reward(ctx.request(cpb::CreateRewardRequest {
-            idempotency_key: "bench-reward".into(),
+            idempotency_key: format!("{key}-reward"),
             reward: Some(cpb::RewardInput {
-                name: "bench".into(),
-                currency: "EUR".into(),
-                effect: Some(cpb::Effect {
-                    kind: Some(cpb::effect::Kind::PercentOff(cpb::PercentOff {
-                        percent_bp: 1_000,
-                        ..Default::default()
-                    })),
-                }),
+                name: key.into(),
+                currency: "USD".into(),
+                effect: Some(effect),
                 ..Default::default()
             }),
         }))
@@ -240,14 +240,14 @@ async fn code_generation(suite: &TestSuite, label: &str) {
         .into_inner()
         .reward
         .expect("reward");
-    let pool = catalog
+    catalog
         .create_code_pool(ctx.request(cpb::CreateCodePoolRequest {
-            idempotency_key: "bench-pool".into(),
+            idempotency_key: format!("{key}-pool"),
             pool: Some(cpb::CodePoolInput {
                 reward_id: reward.id,
-                name: "bench".into(),
+                name: key.into(),
                 pattern: Some(cpb::CodePattern {
-                    pattern: "BENCH-????-####".into(),
+                    pattern: pattern.into(),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -257,20 +257,31 @@ async fn code_generation(suite: &TestSuite, label: &str) {
         .expect("pool")
         .into_inner()
         .pool
-        .expect("pool");
-    let started = Instant::now();
+        .expect("pool")
+}
+
+/// Generates `count` codes into `pool` and waits for the job to finish; returns it.
+pub(crate) async fn generate(
+    suite: &TestSuite,
+    key: &str,
+    pool: &str,
+    count: i64,
+) -> tessera_proto::catalog::v1::GenerationJob {
+    use tessera_proto::catalog::v1 as cpb;
+    let mut catalog = cpb::catalog_service_client::CatalogServiceClient::new(suite.channel());
+    let ctx = RequestContext::system(TENANT, "bench");
     let job = catalog
         .generate_codes(ctx.request(cpb::GenerateCodesRequest {
-            idempotency_key: "bench-generate".into(),
-            pool_id: pool.id,
-            count: CODES,
+            idempotency_key: format!("{key}-generate"),
+            pool_id: pool.into(),
+            count,
         }))
         .await
         .expect("generate")
         .into_inner()
         .job
         .expect("job");
-    let job = loop {
+    loop {
         let job = catalog
             .get_generation_job(ctx.request(cpb::GetGenerationJobRequest { id: job.id.clone() }))
             .await
@@ -279,10 +290,24 @@ async fn code_generation(suite: &TestSuite, label: &str) {
             .job
             .expect("job");
         if job.status() != cpb::JobStatus::Running {
-            break job;
+            return job;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A 100,000-code generation job, from the request to the job's success.
+async fn code_generation(suite: &TestSuite, label: &str) {
+    use tessera_proto::catalog::v1 as cpb;
+    let effect = cpb::Effect {
+        kind: Some(cpb::effect::Kind::PercentOff(cpb::PercentOff {
+            percent_bp: 1_000,
+            ..Default::default()
+        })),
     };
+    let pool = new_pool(suite, "bench", effect, "BENCH-????-####").await;
+    let started = Instant::now();
+    let job = generate(suite, "bench", &pool.id, CODES).await;
     let elapsed = started.elapsed();
     println!(
         "  {label:<28} GenerateCodes  {} codes in {:.2} s ({:.0} codes/s), {:?}",

@@ -9,15 +9,13 @@ use std::time::{Duration, Instant};
 
 use sea_orm::ConnectionTrait;
 use tessera_proto::catalog::v1 as cpb;
-use tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
 use tessera_proto::eligibility::v1 as pb;
 use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
-use tessera_runtime::RequestContext;
 use tessera_store::stmt;
 use tessera_tests::{TENANT, TestSuite, scalar};
 
 use crate::redeem::{CLIENTS, PER_CLIENT, cart};
-use crate::{drive, report};
+use crate::{drive, generate, new_pool, report};
 
 /// Resident memory of this process, MiB (Linux).
 fn rss_mib() -> f64 {
@@ -46,68 +44,17 @@ pub async fn pool_codes(suite: &TestSuite, label: &str) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    let ctx = RequestContext::system(TENANT, "bench");
-    let mut catalog = CatalogServiceClient::new(suite.channel());
     let before = rss_mib();
-    let reward = catalog
-        .create_reward(ctx.request(cpb::CreateRewardRequest {
-            idempotency_key: "bench-pool-reward".into(),
-            reward: Some(cpb::RewardInput {
-                name: "bench pool".into(),
-                currency: "USD".into(),
-                effect: percent_off(),
-                ..Default::default()
-            }),
-        }))
-        .await
-        .expect("reward")
-        .into_inner()
-        .reward
-        .expect("reward");
-    let pool = catalog
-        .create_code_pool(ctx.request(cpb::CreateCodePoolRequest {
-            idempotency_key: "bench-pool-pool".into(),
-            pool: Some(cpb::CodePoolInput {
-                reward_id: reward.id,
-                name: "bench pool".into(),
-                pattern: Some(cpb::CodePattern {
-                    pattern: "PB-******-****".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        }))
-        .await
-        .expect("pool")
-        .into_inner()
-        .pool
-        .expect("pool");
+    let pool = new_pool(
+        suite,
+        "bench-pool",
+        percent_off().expect("effect"),
+        "PB-******-****",
+    )
+    .await;
     let started = Instant::now();
-    let job = catalog
-        .generate_codes(ctx.request(cpb::GenerateCodesRequest {
-            idempotency_key: "bench-pool-generate".into(),
-            pool_id: pool.id.clone(),
-            count: size,
-        }))
-        .await
-        .expect("generate")
-        .into_inner()
-        .job
-        .expect("job");
-    loop {
-        let job = catalog
-            .get_generation_job(ctx.request(cpb::GetGenerationJobRequest { id: job.id.clone() }))
-            .await
-            .expect("job")
-            .into_inner()
-            .job
-            .expect("job");
-        if job.status() != cpb::JobStatus::Running {
-            assert_eq!(job.status(), cpb::JobStatus::Succeeded);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let job = generate(suite, "bench-pool", &pool.id, size).await;
+    assert_eq!(job.status(), cpb::JobStatus::Succeeded);
     let generated = started.elapsed();
     let eligibility_db = suite.db("eligibility").await;
     loop {
