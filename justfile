@@ -14,7 +14,7 @@ fmt:
 # Lints: rustfmt check and clippy with warnings denied.
 lint:
     cargo fmt --all -- --check
-    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 # The whole test suite, on SQLite + in-process cache and on PostgreSQL + Redis.
 test:
@@ -23,10 +23,16 @@ test:
 # Lint, proto lint and test: what CI checks.
 verify: lint proto-lint test
 
-# Schemathesis against /openapi.json of a running `tessera up` (release build), as CI runs it.
+# As `verify`, with the benchmark-sized cases at full size: the 2,000-way budget race,
+# 1,000 ledger property cases per backend, the webhook sink down for a whole minute.
+verify-full: lint proto-lint
+    TESSERA_TEST_FULL=1 TESSERA_REQUIRE_BACKENDS=1 cargo test --workspace
+
+# Schemathesis against /openapi.json of a running `tessera up` (the debug binary the
+# tests build), as CI runs it.
 api-fuzz:
-    cargo build --release -p tessera
-    bash .ci/api-fuzz target/release/tessera
+    cargo build -p tessera
+    bash .ci/api-fuzz target/debug/tessera
 
 # Run the whole suite in one process on embedded defaults.
 up:
@@ -39,4 +45,4 @@ proto-lint:
 
 # Benchmarks (release build) on SQLite and PostgreSQL: wallet Credit, BatchCredit and Debit through gRPC; catalog 100k-code generation job; Qualify on the peer promotion dataset (../shared/bench/peer-promotions) beside the peer's figures, and the raw CEL cost. Redeem at 32 clients beside a bare SQL transaction of the same shape. Signed webhook deliveries to a local sink. TESSERA_BENCH=wallet|catalog|qualify|redeem|webhooks runs one part, TESSERA_BENCH_ON=sqlite|postgres one backend.
 bench:
-    cargo run --release -p tessera-tests --bin bench
+    cargo run --release -p tessera-tests --features bench --bin bench

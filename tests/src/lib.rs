@@ -39,6 +39,16 @@ pub struct TestSuite {
     suite: Option<Suite>,
     shutdown: CancellationToken,
     data_dir: PathBuf,
+    /// Set once [`TestSuite::cleanup`] removed the data; otherwise dropping the suite does.
+    cleaned: bool,
+}
+
+/// Whether the benchmark-sized cases run at full size (`TESSERA_TEST_FULL=1`, as
+/// `just verify-full` sets): the 2,000-way budget race and 1,000 ledger property cases.
+/// By default (CI, `cargo test`) they run at a size that still races and still explores,
+/// in a fraction of the time.
+pub fn full_size() -> bool {
+    std::env::var("TESSERA_TEST_FULL").as_deref() == Ok("1")
 }
 
 fn required() -> bool {
@@ -123,6 +133,7 @@ impl TestSuite {
             config,
             suite: Some(suite),
             shutdown,
+            cleaned: false,
         }
     }
 
@@ -147,14 +158,8 @@ impl TestSuite {
     /// Stops the suite and removes its data (SQLite directory, PostgreSQL schemas).
     pub async fn cleanup(mut self) {
         self.stop().await;
-        if self.backend == Backend::Production {
-            for service in tessera::Service::ALL {
-                if let Ok(db) = Db::connect(&self.config, service.name()).await {
-                    let _ = db.drop_schema().await;
-                }
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        drop_data(&self.config, self.backend).await;
+        self.cleaned = true;
     }
 
     /// A direct connection to one service's database (to check what was written).
@@ -238,6 +243,40 @@ impl TestSuite {
             .send()
             .await
             .expect("request sent")
+    }
+}
+
+/// Removes a suite's data: its SQLite directory, or its PostgreSQL schemas.
+async fn drop_data(config: &Config, backend: Backend) {
+    if backend == Backend::Production {
+        futures::future::join_all(tessera::Service::ALL.iter().map(|service| async move {
+            if let Ok(db) = Db::connect(config, service.name()).await {
+                let _ = db.drop_schema().await;
+            }
+        }))
+        .await;
+    }
+    let _ = std::fs::remove_dir_all(&config.data_dir);
+}
+
+/// A test that fails (or never calls [`TestSuite::cleanup`]) still leaves no schema or
+/// directory behind: the suite is stopped and its data removed when it is dropped. Suites
+/// restarted on the same data live until the end of the test, so none loses data early.
+impl Drop for TestSuite {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.shutdown.cancel();
+        let (config, backend) = (self.config.clone(), self.backend);
+        // Drop cannot await; a thread with its own runtime does the async clean-up.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|runtime| runtime.block_on(drop_data(&config, backend)))
+        })
+        .join();
     }
 }
 

@@ -18,6 +18,11 @@ const NON_CONFIG_ENV: &[&str] = &[
     "test_database_url",
     "test_redis_url",
     "require_backends",
+    "test_full",
+    "proptest_cases",
+    "proptest_seed",
+    "bench",
+    "bench_on",
 ];
 
 /// The whole configuration. Every field has a default suitable for `tessera up`.

@@ -94,14 +94,17 @@ pub async fn start_with_peers(
 ) -> anyhow::Result<Suite> {
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
-    let components = vec![
-        tessera_catalog::build(&config, shutdown.clone()).await?,
-        tessera_eligibility::build(&config, shutdown.clone()).await?,
-        tessera_wallet::build(&config, shutdown.clone()).await?,
-        tessera_scheduler::build(&config, shutdown.clone()).await?,
-        tessera_notification::build(&config, shutdown.clone()).await?,
-    ];
-    let gateway = tessera_gateway::Gateway::build(&config).await?;
+    // The services share nothing while they start (each connects to and migrates its own
+    // database), so they start together: a suite is up in the time of its slowest service.
+    let (catalog, eligibility, wallet, scheduler, notification, gateway) = tokio::try_join!(
+        tessera_catalog::build(&config, shutdown.clone()),
+        tessera_eligibility::build(&config, shutdown.clone()),
+        tessera_wallet::build(&config, shutdown.clone()),
+        tessera_scheduler::build(&config, shutdown.clone()),
+        tessera_notification::build(&config, shutdown.clone()),
+        tessera_gateway::Gateway::build(&config),
+    )?;
+    let components = vec![catalog, eligibility, wallet, scheduler, notification];
     let new_admin_key = gateway.new_admin_key.clone();
     let drain = Duration::from_secs(config.shutdown_drain_secs);
     let grpc = tokio::spawn(component::serve(

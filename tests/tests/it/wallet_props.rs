@@ -4,7 +4,7 @@
 //! `assert_tenant_ledger`), and no operation fails with anything but a refusal.
 //!
 //! Seeded and replayable: `TESSERA_PROPTEST_SEED` (a u64) picks the sequences,
-//! `TESSERA_PROPTEST_CASES` how many (default 1,000 per backend). A failure prints the seed
+//! `TESSERA_PROPTEST_CASES` how many (default 150 per backend, 1,000 with `TESSERA_TEST_FULL=1`). A failure prints the seed
 //! and the shrunk sequence. Each case runs in its own tenant, so the checks stay local.
 
 use std::time::Duration;
@@ -304,7 +304,8 @@ async fn step(
 
 async fn ledger_invariants_hold_after_every_step(suite: TestSuite) {
     let seed = env_u64("TESSERA_PROPTEST_SEED", 0x7e55_e2a0);
-    let cases = env_u64("TESSERA_PROPTEST_CASES", 1_000) as u32;
+    let default_cases = if tessera_tests::full_size() { 1_000 } else { 150 };
+    let cases = env_u64("TESSERA_PROPTEST_CASES", default_cases) as u32;
     let mut seed_bytes = [0u8; 32];
     seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
     let mut runner = TestRunner::new_with_rng(

@@ -461,12 +461,19 @@ mod sink_down {
 
 /// The sink answers 503 for 60 s while events arrive, then comes back: every event is
 /// delivered, and the only duplicates are retries of one `webhook-id` (one 2xx each). The
-/// retry schedule here is the production one compressed (0, 5, 10, 20, 40, 80 s).
+/// retry schedule here is the production one compressed (0, 5, 10, 20, 40, 80 s). By
+/// default (see `full_size`) time runs four times faster: down 15 s, retries after 0, 1, 2,
+/// 5, 10 and 20 s; the shape of the outage against the schedule is the same.
 async fn a_sink_down_for_a_minute_loses_nothing(backend: tessera_tests::Backend) {
     let Some(mut config) = tessera_tests::test_config(backend) else {
         return;
     };
-    config.webhooks.retry_schedule_secs = vec![0, 5, 10, 20, 40, 80];
+    let (down_for, schedule) = if tessera_tests::full_size() {
+        (60, vec![0, 5, 10, 20, 40, 80])
+    } else {
+        (15, vec![0, 1, 2, 5, 10, 20])
+    };
+    config.webhooks.retry_schedule_secs = schedule;
     let suite = TestSuite::start_with(backend, config, false).await;
     let mut c = Client::new(suite.channel());
     let (sink, url) = Sink::start().await;
@@ -480,7 +487,7 @@ async fn a_sink_down_for_a_minute_loses_nothing(backend: tessera_tests::Backend)
         published.extend(publish(&mut c, &["points.credited"; 10]).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_secs(60).saturating_sub(down_at.elapsed())).await;
+    tokio::time::sleep(Duration::from_secs(down_for).saturating_sub(down_at.elapsed())).await;
     assert!(
         !sink.received().is_empty() && sink.received().iter().all(|r| r.answered == 503),
         "attempts were made while the sink was down"

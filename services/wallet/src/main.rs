@@ -1,6 +1,0 @@
-//! Runs this service alone (one Deployment per service). Configuration comes from
-//! `TESSERA_*` environment variables and the optional `TESSERA_CONFIG_FILE`.
-
-fn main() -> anyhow::Result<()> {
-    tessera_runtime::bin::service_main(tessera_wallet::SERVICE, false, tessera_wallet::run)
-}
