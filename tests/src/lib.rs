@@ -8,7 +8,6 @@
 //!
 //! [`backend_tests!`] writes each test once and runs it on both.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use tessera::Suite;
@@ -38,7 +37,6 @@ pub struct TestSuite {
     pub http: reqwest::Client,
     suite: Option<Suite>,
     shutdown: CancellationToken,
-    data_dir: PathBuf,
     /// Set once [`TestSuite::cleanup`] removed the data; otherwise dropping the suite does.
     cleaned: bool,
 }
@@ -129,7 +127,6 @@ impl TestSuite {
             grpc_url: format!("http://{}", suite.grpc_addr),
             admin_key: config.bootstrap_admin_key.clone().expect("test key"),
             http: reqwest::Client::new(),
-            data_dir: config.data_dir.clone(),
             config,
             suite: Some(suite),
             shutdown,
