@@ -89,6 +89,9 @@ def check_shape(label, docs, hpas, policies):
                 fail(f"[{label}] {full} readiness is not the gRPC health of {GRPC[name]}")
         elif c["readinessProbe"].get("httpGet", {}).get("path") != "/readyz":
             fail(f"[{label}] gateway readiness is not /readyz")
+        secret_env = [e for e in c.get("env", []) if e["name"] == "TESSERA_INTERNAL_SECRET"]
+        if not secret_env or "secretKeyRef" not in secret_env[0].get("valueFrom", {}):
+            fail(f"[{label}] {full} does not take the internal secret from a Secret")
         if "checksum/config" not in d["spec"]["template"]["metadata"]["annotations"]:
             fail(f"[{label}] {full} has no config checksum")
     jobs = [d for _, d in docs if d["kind"] == "Job"]
@@ -124,11 +127,14 @@ def check_bad_values():
 def main():
     version = kubernetes_validate.latest_version()
     all_on = yaml.safe_load((CHART / "ci" / "all-options-values.yaml").read_text())
-    for label, values, hpas, policies in [("defaults", None, 0, 0), ("all options", all_on, 5, 3)]:
+    # The NetworkPolicies are on by default (gRPC services reachable from the release only).
+    for label, values, hpas, policies in [("defaults", None, 0, 3), ("all options", all_on, 5, 3)]:
         lint(label, values)
         docs = render(values)
         validate(label, docs, version)
         check_shape(label, docs, hpas, policies)
+        if label == "defaults" and "tessera-internal" not in by_kind(docs, "Secret"):
+            fail("[defaults] no generated internal secret")
     check_bad_values()
     if failures:
         print(f"{len(failures)} chart check(s) failed")

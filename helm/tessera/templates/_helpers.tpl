@@ -63,6 +63,16 @@ app.kubernetes.io/component: {{ .name }}
     secretKeyRef:
       name: {{ .Values.cache.existingSecret }}
       key: {{ .Values.cache.urlKey }}
+- name: TESSERA_INTERNAL_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tessera.internalSecretName" . }}
+      key: {{ .Values.internalSecret.key }}
+{{- end -}}
+
+{{/* The Secret holding the suite's shared secret: the operator's, or the chart's own. */}}
+{{- define "tessera.internalSecretName" -}}
+{{- .Values.internalSecret.existingSecret | default (printf "%s-internal" (include "tessera.fullname" .)) -}}
 {{- end -}}
 
 {{/* Restricted pod security (Pod Security Standards "restricted"). */}}
@@ -94,6 +104,14 @@ capabilities:
           app.kubernetes.io/instance: {{ .Release.Name }}
   ports:
     - {port: 50051, protocol: TCP}
+# A service running alone asks the gateway who an API key is.
+- to:
+    - podSelector:
+        matchLabels:
+          app.kubernetes.io/instance: {{ .Release.Name }}
+          app.kubernetes.io/component: gateway
+  ports:
+    - {port: 8080, protocol: TCP}
 {{- with .Values.networkPolicy.externalEgress }}
 {{ toYaml . }}
 {{- end }}

@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use tokio::net::TcpListener;
 use crate::Config;
+use tokio::net::TcpListener;
 
 /// Environment variable naming an optional TOML configuration file.
 pub const CONFIG_FILE_ENV: &str = "TESSERA_CONFIG_FILE";

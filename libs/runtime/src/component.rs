@@ -85,11 +85,13 @@ impl Component {
 }
 
 /// Serves `components` on one listener until `shutdown`, then waits for their tasks.
-/// Probes run every `probe_interval`; a failing probe flips the component's health entries
+/// Every call is authenticated first ([`crate::auth`]); `keys` resolves the API keys of
+/// external callers (None: only the suite's own signed calls are taken). Probes run every `probe_interval`; a failing probe flips the component's health entries
 /// to NOT_SERVING until it passes again.
 pub async fn serve(
     listener: TcpListener,
     components: Vec<Component>,
+    keys: Option<std::sync::Arc<dyn crate::auth::KeyVerifier>>,
     drain: Duration,
     probe_interval: Duration,
     shutdown: CancellationToken,
@@ -173,6 +175,7 @@ pub async fn serve(
         routes.routes(),
         (reporter, health_service),
         names,
+        crate::auth::AuthLayer::new(keys),
         drain,
         shutdown,
     )
@@ -193,9 +196,12 @@ pub async fn serve_one(
     component: Component,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // A service running alone asks the gateway who an API key is.
+    let keys = crate::auth::RemoteKeys::new(&config.peers.gateway_url, config.peer_timeout());
     serve(
         listener,
         vec![component],
+        Some(std::sync::Arc::new(keys)),
         Duration::from_secs(config.shutdown_drain_secs),
         PROBE_INTERVAL,
         shutdown,

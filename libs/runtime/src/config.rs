@@ -45,6 +45,12 @@ pub struct Config {
     /// Seconds between health flipping to NOT_SERVING and the listeners closing on shutdown,
     /// so load balancers stop routing before connections are refused.
     pub shutdown_drain_secs: u64,
+    /// The suite's shared secret (`TESSERA_INTERNAL_SECRET`, at least 32 characters): the
+    /// services sign the context of their calls to each other with it, so no API key can
+    /// claim another tenant or the `system` role. Required when services run apart (one
+    /// Deployment each: the chart keeps it in a Secret); `tessera up` runs every service in
+    /// one process and makes up its own when unset.
+    pub internal_secret: Option<String>,
     pub database: DatabaseConfig,
     pub cache: CacheConfig,
     pub telemetry: TelemetryConfig,
@@ -116,6 +122,9 @@ pub struct PeersConfig {
     pub wallet_url: String,
     pub scheduler_url: String,
     pub notification_url: String,
+    /// The HTTP gateway, which a service running alone asks who an API key is (gRPC
+    /// callers authenticate with the gateway's keys).
+    pub gateway_url: String,
     /// Deadline of every service-to-service call, in milliseconds.
     pub timeout_ms: u64,
 }
@@ -270,6 +279,7 @@ impl Default for Config {
             bootstrap_admin_key: None,
             metrics_addr: None,
             shutdown_drain_secs: 0,
+            internal_secret: None,
             database: DatabaseConfig::default(),
             cache: CacheConfig::default(),
             telemetry: TelemetryConfig::default(),
@@ -324,6 +334,7 @@ impl Default for PeersConfig {
             wallet_url: local.clone(),
             scheduler_url: local.clone(),
             notification_url: local,
+            gateway_url: "http://127.0.0.1:8080".into(),
             timeout_ms: 5_000,
         }
     }
@@ -395,6 +406,11 @@ impl Config {
                 problem: problem.to_string(),
             })
         };
+        if let Some(secret) = &self.internal_secret
+            && secret.len() < crate::auth::MIN_SECRET_LEN
+        {
+            return invalid("internal_secret", "must be at least 32 characters");
+        }
         if let Some(url) = &self.database.url
             && !(url.starts_with("postgres://")
                 || url.starts_with("postgresql://")

@@ -1,6 +1,8 @@
 //! Who is calling, for which tenant. The gateway authenticates an API key and passes tenant,
-//! principal and role to the services in gRPC metadata; every service reads them again with
-//! [`RequestContext::from_metadata`] and scopes every query to the tenant (defence in depth).
+//! principal and role to the services in gRPC metadata, signed with the suite's secret;
+//! every gRPC server checks the signature (or the caller's own API key) before a handler
+//! runs (see [`crate::auth`]). Handlers read the context with
+//! [`RequestContext::from_metadata`] and scope every query to the tenant.
 
 use tonic::metadata::{MetadataMap, MetadataValue};
 
@@ -107,6 +109,17 @@ impl RequestContext {
             if let Ok(value) = MetadataValue::try_from(value.as_str()) {
                 metadata.insert(key, value);
             }
+        }
+        // Signed with the suite's secret: the receiving service trusts this context because
+        // no one without the secret could have written it (see `auth`).
+        let signature = crate::auth::sign(
+            &self.tenant_id,
+            &self.principal,
+            &self.role,
+            &self.request_id,
+        );
+        if let Ok(value) = MetadataValue::try_from(signature.as_str()) {
+            metadata.insert(crate::auth::SIGNATURE_HEADER, value);
         }
     }
 }

@@ -53,6 +53,7 @@ pub async fn serve<H>(
     routes: Routes,
     (reporter, health_service): (HealthReporter, HealthServer<H>),
     health_names: Vec<String>,
+    auth: crate::auth::AuthLayer,
     drain: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()>
@@ -108,6 +109,7 @@ where
         .initial_connection_window_size(Some(2 * WINDOW))
         .trace_fn(server_span)
         .layer(crate::metrics::GrpcMetricsLayer)
+        .layer(auth)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, stop)
         .await?;

@@ -5,6 +5,7 @@
 //! reflection ([`grpc`]), Prometheus metrics ([`metrics`]) and the unit a service hands to it
 //! ([`component`]).
 
+pub mod auth;
 pub mod bin;
 pub mod component;
 pub mod config;

@@ -56,7 +56,33 @@ pub fn routes(api: &mut Api) {
                 .summary("Get an API key's description")
                 .roles(&ADMINS)
                 .answer::<KeyInfo>(200, "The key's description."),
+        )
+        .add(
+            Op::get("/v1/auth/self", whoami)
+                .summary("Who the calling key is")
+                .describe(
+                    "The tenant, key id and role of the key sent. gRPC services running \
+                     alone ask this to authenticate callers that send the same key.",
+                )
+                .roles(&Role::ALL)
+                .answer::<Identity>(200, "The calling key's identity."),
         );
+}
+
+/// The identity of the calling key.
+#[derive(Serialize, ToSchema)]
+struct Identity {
+    tenant_id: String,
+    key_id: String,
+    role: String,
+}
+
+async fn whoami(principal: Principal) -> Json<Identity> {
+    Json(Identity {
+        tenant_id: principal.tenant_id,
+        key_id: principal.key_id,
+        role: principal.role.as_str().to_string(),
+    })
 }
 
 /// A new key and its description.

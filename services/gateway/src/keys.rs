@@ -239,6 +239,11 @@ impl ApiKeys {
         }))
     }
 
+    /// The API keys as gRPC servers in this process resolve them.
+    pub fn verifier(&self) -> std::sync::Arc<dyn tessera_runtime::auth::KeyVerifier> {
+        std::sync::Arc::new(self.clone())
+    }
+
     /// Revokes a key of `tenant`. Returns whether a key was revoked.
     pub async fn revoke(&self, tenant: &str, key_id: &str) -> Result<bool, Error> {
         let conn = self.db.conn();
@@ -389,6 +394,26 @@ impl ApiKeys {
         .map_err(db_error)?;
         txn.commit().await.map_err(db_error)?;
         self.get(tenant, id).await
+    }
+}
+
+/// gRPC callers send the same keys as HTTP ones (see `tessera_runtime::auth`).
+impl tessera_runtime::auth::KeyVerifier for ApiKeys {
+    fn verify<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<tessera_runtime::auth::KeyIdentity>, Error>>
+    {
+        Box::pin(async move {
+            Ok(self
+                .authenticate(key)
+                .await?
+                .map(|p| tessera_runtime::auth::KeyIdentity {
+                    tenant_id: p.tenant_id,
+                    key_id: p.key_id,
+                    role: p.role.as_str().to_string(),
+                }))
+        })
     }
 }
 

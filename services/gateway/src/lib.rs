@@ -81,6 +81,7 @@ pub struct Gateway {
     /// The admin API key created by [`Gateway::build`] on first start, to show the operator
     /// once (it is stored hashed).
     pub new_admin_key: Option<String>,
+    keys: ApiKeys,
 }
 
 /// Applies the gateway's migrations.
@@ -99,7 +100,7 @@ impl Gateway {
             .map_err(|e| anyhow::anyhow!("bootstrap admin key: {e}"))?;
         let wallet_channel = grpc::channel(&config.peers.wallet_url, config.peer_timeout())?;
         let state = AppState {
-            keys,
+            keys: keys.clone(),
             db,
             wallet: WalletServiceClient::new(wallet_channel.clone()),
             wallet_channel,
@@ -143,7 +144,13 @@ impl Gateway {
         Ok(Self {
             router,
             new_admin_key,
+            keys,
         })
+    }
+
+    /// How gRPC servers in this process resolve API keys (the same store the HTTP routes use).
+    pub fn key_verifier(&self) -> Arc<dyn tessera_runtime::auth::KeyVerifier> {
+        self.keys.verifier()
     }
 
     /// Serves HTTP on `listener` until `shutdown`; in-flight requests finish.

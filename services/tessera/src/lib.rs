@@ -94,6 +94,7 @@ pub async fn start_with_peers(
 ) -> anyhow::Result<Suite> {
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
+    tessera_runtime::auth::install_secret(config.internal_secret.as_deref())?;
     // The services share nothing while they start (each connects to and migrates its own
     // database), so they start together: a suite is up in the time of its slowest service.
     let (catalog, eligibility, wallet, scheduler, notification, gateway) = tokio::try_join!(
@@ -110,6 +111,7 @@ pub async fn start_with_peers(
     let grpc = tokio::spawn(component::serve(
         grpc,
         components,
+        Some(gateway.key_verifier()),
         drain,
         PROBE_INTERVAL,
         shutdown.clone(),
@@ -132,6 +134,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let http = service == Service::Gateway;
+    // Services running apart trust each other's calls by the shared secret: every process
+    // must be given the same one.
+    let Some(secret) = config.internal_secret.as_deref() else {
+        anyhow::bail!(
+            "internal_secret (TESSERA_INTERNAL_SECRET) is required when a service runs alone"
+        );
+    };
+    tessera_runtime::auth::install_secret(Some(secret))?;
     let listener = tessera_runtime::bin::bind(if http {
         config.http_addr
     } else {

@@ -19,12 +19,7 @@ mod common;
 use common::{channel, free_port, serve};
 
 fn request<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    let md = request.metadata_mut();
-    md.insert("x-tessera-tenant", "default".parse().unwrap());
-    md.insert("x-tessera-principal", "kill-test".parse().unwrap());
-    md.insert("x-tessera-role", "admin".parse().unwrap());
-    request
+    common::request("admin", message)
 }
 
 fn checkout(code: &str) -> pb::Checkout {

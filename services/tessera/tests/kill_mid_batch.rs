@@ -39,15 +39,13 @@ fn batch(key: &str) -> tonic::Request<pb::BatchCreditRequest> {
             expires_at: None,
         })
         .collect();
-    let mut request = tonic::Request::new(pb::BatchCreditRequest {
-        idempotency_key: key.into(),
-        entries,
-    });
-    let md = request.metadata_mut();
-    md.insert("x-tessera-tenant", "default".parse().unwrap());
-    md.insert("x-tessera-principal", "kill-test".parse().unwrap());
-    md.insert("x-tessera-role", "system".parse().unwrap());
-    request
+    common::request(
+        "system",
+        pb::BatchCreditRequest {
+            idempotency_key: key.into(),
+            entries,
+        },
+    )
 }
 
 async fn count(db: &Db, sql: &str) -> i64 {

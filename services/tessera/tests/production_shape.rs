@@ -119,6 +119,15 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
             format!("tessera-shape-{id}"),
         ),
         ("TESSERA_BOOTSTRAP_ADMIN_KEY".into(), admin_key.clone()),
+        // The services sign their calls to each other with it (a Secret in the chart).
+        (
+            "TESSERA_INTERNAL_SECRET".into(),
+            format!("shape-secret-{id}-0123456789abcdef"),
+        ),
+        (
+            "TESSERA_PEERS__GATEWAY_URL".into(),
+            format!("http://127.0.0.1:{}", ports["gateway"]),
+        ),
         ("TESSERA_SHUTDOWN_DRAIN_SECS".into(), "1".into()),
         ("TESSERA_TELEMETRY__LOG_FORMAT".into(), "json".into()),
         ("TESSERA_TELEMETRY__LOG_FILTER".into(), "warn".into()),
@@ -134,6 +143,9 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
             format!("127.0.0.1:{}", ports["gateway"]),
         ),
     ]);
+    // The test publishes events as a service of the suite would: signed with its secret.
+    tessera_runtime::auth::install_secret(Some(&env["TESSERA_INTERNAL_SECRET"]))
+        .expect("the test's secret");
     for (name, var, _) in GRPC_SERVICES {
         env.insert(
             format!("TESSERA_PEERS__{var}_URL"),
@@ -264,12 +276,11 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
             r#type: "points.credited".into(),
             page: None,
         });
-        request
-            .metadata_mut()
-            .insert("x-tessera-tenant", "default".parse().unwrap());
-        request
-            .metadata_mut()
-            .insert("x-tessera-principal", "test".parse().unwrap());
+        // A lone service asks the gateway who the key is.
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {admin_key}").parse().unwrap(),
+        );
         let events = notification
             .list_events(request)
             .await
@@ -285,6 +296,20 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A caller that writes the context itself, without the suite's signature, is refused.
+    let mut forged = tonic::Request::new(npb::ListEventsRequest {
+        r#type: "points.credited".into(),
+        page: None,
+    });
+    for (key, value) in [
+        ("x-tessera-tenant", "default"),
+        ("x-tessera-principal", "service:wallet"),
+        ("x-tessera-role", "system"),
+    ] {
+        forged.metadata_mut().insert(key, value.parse().unwrap());
+    }
+    let refused = notification.list_events(forged).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 
     let metrics = http
         .get(format!("http://127.0.0.1:{}/metrics", ports["metrics"]))
@@ -321,41 +346,44 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(started.status(), 200);
-    let qualifies = |port: u16| async move {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut request = tonic::Request::new(epb::QualifyRequest {
-            customer_id: "zoe".into(),
-            cart: Some(tessera_proto::catalog::v1::Cart {
-                currency: "USD".into(),
-                lines: vec![tessera_proto::catalog::v1::CartLine {
-                    id: "l1".into(),
-                    sku: "SKU".into(),
-                    quantity: 1,
-                    unit_price: 1000,
+    let bearer = format!("Bearer {admin_key}");
+    let qualifies = |port: u16| {
+        let bearer = bearer.clone();
+        async move {
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+            let mut request = tonic::Request::new(epb::QualifyRequest {
+                customer_id: "zoe".into(),
+                cart: Some(tessera_proto::catalog::v1::Cart {
+                    currency: "USD".into(),
+                    lines: vec![tessera_proto::catalog::v1::CartLine {
+                        id: "l1".into(),
+                        sku: "SKU".into(),
+                        quantity: 1,
+                        unit_price: 1000,
+                        ..Default::default()
+                    }],
                     ..Default::default()
-                }],
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        });
-        request
-            .metadata_mut()
-            .insert("x-tessera-tenant", "default".parse().unwrap());
-        request
-            .metadata_mut()
-            .insert("x-tessera-principal", "test".parse().unwrap());
-        EligibilityServiceClient::new(channel)
-            .qualify(request)
-            .await
-            .unwrap()
-            .into_inner()
-            .qualified
-            .iter()
-            .any(|q| q.campaign_id == "shape")
+            });
+            // A lone service asks the gateway who the key is.
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.parse().unwrap());
+            EligibilityServiceClient::new(channel)
+                .qualify(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .qualified
+                .iter()
+                .any(|q| q.campaign_id == "shape")
+        }
     };
     let eligibility_ports = [ports["eligibility"], ports["eligibility-2"]];
     for port in eligibility_ports {

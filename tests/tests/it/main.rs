@@ -7,6 +7,7 @@ mod catalog;
 mod catalog_http;
 mod earning;
 mod eligibility;
+mod grpc_auth;
 mod health;
 mod idempotency;
 mod input;

@@ -304,7 +304,11 @@ async fn step(
 
 async fn ledger_invariants_hold_after_every_step(suite: TestSuite) {
     let seed = env_u64("TESSERA_PROPTEST_SEED", 0x7e55_e2a0);
-    let default_cases = if tessera_tests::full_size() { 1_000 } else { 150 };
+    let default_cases = if tessera_tests::full_size() {
+        1_000
+    } else {
+        150
+    };
     let cases = env_u64("TESSERA_PROPTEST_CASES", default_cases) as u32;
     let mut seed_bytes = [0u8; 32];
     seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());

@@ -33,12 +33,31 @@ impl Process {
     }
 }
 
-/// Starts `tessera serve <service>` configured only by `env`.
+/// The suite's shared secret in these tests: the processes they start sign their calls to
+/// each other with it, and the test signs its own calls with it (as a service of the suite).
+pub const SECRET: &str = "process-tests-internal-secret-0123456789";
+
+/// `message` as a call on behalf of the `default` tenant with `role`, signed with
+/// [`SECRET`] (so no gateway is needed to check an API key).
+#[allow(dead_code)] // not every test binary sends calls of its own
+pub fn request<T>(role: &str, message: T) -> tonic::Request<T> {
+    tessera_runtime::auth::install_secret(Some(SECRET)).expect("one secret per test process");
+    tessera_runtime::RequestContext {
+        tenant_id: "default".into(),
+        principal: "process-test".into(),
+        role: role.into(),
+        request_id: String::new(),
+    }
+    .request(message)
+}
+
+/// Starts `tessera serve <service>` configured only by `env` (and [`SECRET`]).
 pub fn serve(service: &str, env: &HashMap<String, String>) -> Process {
     let child = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(["serve", service])
         .env_clear()
         .envs(env)
+        .env("TESSERA_INTERNAL_SECRET", SECRET)
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
