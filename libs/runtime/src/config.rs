@@ -220,9 +220,6 @@ pub struct SchedulerConfig {
     pub job_lease_secs: u64,
     /// Milliseconds between polls for due jobs when nothing woke the worker.
     pub job_poll_ms: u64,
-    /// Milliseconds between passes of the campaign sync to eligibility (a change is
-    /// pushed at once; this catches up what failed).
-    pub sync_interval_ms: u64,
 }
 
 impl Default for SchedulerConfig {
@@ -230,7 +227,6 @@ impl Default for SchedulerConfig {
         Self {
             job_lease_secs: 30,
             job_poll_ms: 500,
-            sync_interval_ms: 500,
         }
     }
 }
@@ -478,11 +474,8 @@ impl Config {
         if self.scheduler.job_lease_secs == 0 {
             return invalid("scheduler.job_lease_secs", "must be at least 1");
         }
-        if self.scheduler.job_poll_ms == 0 || self.scheduler.sync_interval_ms == 0 {
-            return invalid(
-                "scheduler",
-                "job_poll_ms and sync_interval_ms must be at least 1",
-            );
+        if self.scheduler.job_poll_ms == 0 {
+            return invalid("scheduler.job_poll_ms", "must be at least 1");
         }
         if self.outbox.poll_interval_ms == 0 {
             return invalid("outbox.poll_interval_ms", "must be at least 1");

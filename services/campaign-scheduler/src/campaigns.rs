@@ -474,9 +474,13 @@ async fn write(
     c: &pb::Campaign,
     now: i64,
 ) -> Result<(), Error> {
+    // The new snapshot goes to eligibility with this transaction; a draft has nothing to
+    // send, so it is never behind.
+    let sent = crate::sync::send(txn, tenant, c).await?;
     txn.execute_raw(stmt(
         txn,
-        "UPDATE campaigns SET campaign = $3, state = $4, version = $5, sync_pending = 1, \
+        "UPDATE campaigns SET campaign = $3, state = $4, version = $5, sync_pending = $7, \
+         synced_version = CASE WHEN $7 = 0 THEN $5 ELSE synced_version END, \
          updated_at = $6 WHERE tenant_id = $1 AND id = $2",
         [
             tenant.into(),
@@ -485,6 +489,7 @@ async fn write(
             state_name(c.state()).into(),
             c.version.into(),
             now.into(),
+            i32::from(sent).into(),
         ],
     ))
     .await

@@ -28,6 +28,7 @@ use tessera_runtime::{Config, Error, RequestContext, grpc};
 use tessera_store::Db;
 use tessera_store::idempotency::Idempotency;
 use tessera_store::outbox::{NotificationPublisher, Relay};
+use tessera_store::queue::commands;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -59,7 +60,8 @@ struct CampaignJobs {
     wallet: WalletServiceClient<grpc::Channel>,
     catalog: CatalogServiceClient<grpc::Channel>,
     eligibility: EligibilityServiceClient<grpc::Channel>,
-    sync: Arc<tokio::sync::Notify>,
+    /// Wakes the command relay (a job changed a campaign: its snapshot is queued).
+    commands: Arc<tokio::sync::Notify>,
 }
 
 fn after(now: i64, every: Duration) -> i64 {
@@ -234,7 +236,7 @@ impl Executor for CampaignJobs {
 
     fn committed(&self, job: &Job) {
         if matches!(job.kind.as_str(), campaigns::START_JOB | campaigns::END_JOB) {
-            self.sync.notify_one();
+            self.commands.notify_one();
         }
     }
 }
@@ -264,7 +266,27 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         &config.peers.catalog_url,
         config.peer_timeout(),
     )?);
-    let sync = sync::Sync::new(db.clone(), eligibility.clone());
+    // Snapshots (and anything else the scheduler must tell a peer) leave through the
+    // command outbox; a second handle lets a request deliver its own change before answering.
+    let commands = commands::worker_with(
+        db.clone(),
+        SERVICE,
+        config,
+        sync::Delivered::wrap(db.clone()),
+    )?;
+    let deliver_now = commands::worker_with(
+        db.clone(),
+        SERVICE,
+        config,
+        sync::Delivered::wrap(db.clone()),
+    )?;
+    let adopted = sync::adopt_pending(&db).await?;
+    if adopted > 0 {
+        tracing::info!(
+            adopted,
+            "campaigns behind eligibility moved onto the command outbox"
+        );
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let worker = Worker::new(
         db.clone(),
@@ -275,7 +297,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
             wallet,
             catalog: catalog.clone(),
             eligibility: eligibility.clone(),
-            sync: sync.waker(),
+            commands: commands.waker(),
         }),
         WorkerConfig {
             lease: Duration::from_secs(config.scheduler.job_lease_secs),
@@ -289,20 +311,24 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
             db.clone(),
             Duration::from_secs(config.idempotency.in_flight_lease_secs),
         )
-        .waking(relay.waker()),
-        sync: sync.clone(),
+        .waking(relay.waker())
+        .waking(commands.waker()),
+        commands: Arc::new(deliver_now),
         catalog,
         eligibility,
         clock,
         jobs_wake: worker.waker(),
     };
-    let sync_every = Duration::from_millis(config.scheduler.sync_interval_ms);
     Ok(Component::new(SERVICE)
+        .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
+            db.clone(),
+            SERVICE,
+        )))
         .grpc(GRPC_NAME, |routes| {
             routes.add_service(SchedulerServiceServer::new(service));
         })
         .task(tokio::spawn(worker.run(shutdown.clone())))
-        .task(tokio::spawn(sync.run(sync_every, shutdown.clone())))
+        .task(tokio::spawn(commands.run(shutdown.clone())))
         .task(tokio::spawn(relay.run(shutdown)))
         .probe(db.probe()))
 }

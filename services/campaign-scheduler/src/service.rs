@@ -21,13 +21,13 @@ use tonic::{Request, Response, Status};
 
 use crate::campaigns::{self, Action};
 use crate::jobs::Clock;
-use crate::sync::Sync;
 use crate::{distributions, issues};
 
 pub struct Scheduler {
     pub db: Db,
     pub idempotency: Idempotency,
-    pub sync: Sync,
+    /// Delivers queued commands (the snapshot a request just wrote) before it answers.
+    pub commands: Arc<tessera_store::queue::Worker>,
     pub catalog: CatalogServiceClient<tessera_runtime::grpc::Channel>,
     pub eligibility: EligibilityServiceClient<tessera_runtime::grpc::Channel>,
     pub clock: Arc<dyn Clock>,
@@ -79,9 +79,12 @@ impl Scheduler {
             ..c.clone()
         };
         c.set_state(pb::CampaignState::Draft);
-        self.sync
-            .validate(&ctx.tenant_id, &campaigns::projection(&c))
-            .await?;
+        crate::sync::validate(
+            &self.eligibility,
+            &ctx.tenant_id,
+            &campaigns::projection(&c),
+        )
+        .await?;
         if ctx.role == "junior_marketer" {
             // What a junior marketer's campaign gives is capped by the tenant's policy,
             // which the catalog keeps.
@@ -155,10 +158,27 @@ impl Scheduler {
         self.fresh(&ctx.tenant_id, response.campaign).await
     }
 
-    /// After a change committed: push it to eligibility now, wake the job worker.
+    /// After a change committed: deliver its snapshot to eligibility before answering (a
+    /// kill lands at once), waiting at most a second for a relay of another replica or
+    /// this one that claimed it first; if eligibility is down the queue retries. Wakes the
+    /// job worker.
     async fn after_change(&self, tenant: &str, id: &str) {
         self.jobs_wake.notify_one();
-        self.sync.push_now(tenant, id).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            if let Err(e) = self.commands.run_once().await {
+                tracing::warn!(error = %e, "campaign snapshot queued; the relay retries");
+                return;
+            }
+            let behind = campaigns::get(self.db.conn(), tenant, id)
+                .await
+                .map(|c| c.synced_version < c.version)
+                .unwrap_or(false);
+            if !behind || std::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// The campaign as it is now (after a push, its synced version is current).

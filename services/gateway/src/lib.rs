@@ -123,6 +123,7 @@ impl Gateway {
             queues: [
                 ("catalog", &config.peers.catalog_url),
                 ("eligibility", &config.peers.eligibility_url),
+                ("campaign-scheduler", &config.peers.scheduler_url),
             ]
             .into_iter()
             .map(|(name, url)| {

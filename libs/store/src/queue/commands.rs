@@ -101,13 +101,20 @@ pub fn worker(
     source: &'static str,
     config: &tessera_runtime::Config,
 ) -> anyhow::Result<Worker> {
+    worker_with(db, source, config, |relay| std::sync::Arc::new(relay))
+}
+
+/// Like [`worker`], with the relay wrapped by `wrap` (a service that records what was
+/// delivered: the scheduler notes the campaign version eligibility has).
+pub fn worker_with(
+    db: Db,
+    source: &'static str,
+    config: &tessera_runtime::Config,
+    wrap: impl FnOnce(Relay) -> std::sync::Arc<dyn Handler>,
+) -> anyhow::Result<Worker> {
     let queue = Queue::new(db, source, QUEUE, RetryPolicy::default());
     let relay = Relay::to_peers(source, config)?;
-    Ok(Worker::new(
-        queue,
-        std::sync::Arc::new(relay),
-        WorkerConfig::default(),
-    ))
+    Ok(Worker::new(queue, wrap(relay), WorkerConfig::default()))
 }
 
 /// Whether retrying a refused call can succeed.
