@@ -124,6 +124,7 @@ impl Gateway {
                 ("catalog", &config.peers.catalog_url),
                 ("eligibility", &config.peers.eligibility_url),
                 ("campaign-scheduler", &config.peers.scheduler_url),
+                ("wallet", &config.peers.wallet_url),
             ]
             .into_iter()
             .map(|(name, url)| {

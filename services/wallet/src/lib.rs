@@ -19,13 +19,13 @@ mod tiers;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 use tessera_proto::wallet::v1::wallet_service_server::WalletServiceServer;
 use tessera_runtime::component::{self, Component};
 use tessera_runtime::{Config, grpc};
 use tessera_store::Db;
 use tessera_store::idempotency::Idempotency;
 use tessera_store::outbox::{NotificationPublisher, Relay};
+use tessera_store::queue::commands;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -54,25 +54,26 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         Arc::new(publisher),
         config.outbox.clone(),
     );
+    let commands = commands::worker(db.clone(), SERVICE, config)?;
     let service = service::Wallet {
         db: db.clone(),
         idempotency: Idempotency::new(
             db.clone(),
             Duration::from_secs(config.idempotency.in_flight_lease_secs),
         )
-        .waking(relay.waker()),
-        sweeps: service::Sweeps {
-            scheduler: SchedulerServiceClient::new(grpc::channel(
-                &config.peers.scheduler_url,
-                config.peer_timeout(),
-            )?),
-            told: Arc::default(),
-        },
+        .waking(relay.waker())
+        .waking(commands.waker()),
+        sweeps: service::Sweeps::default(),
     };
     Ok(Component::new(SERVICE)
+        .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
+            db.clone(),
+            SERVICE,
+        )))
         .grpc(GRPC_NAME, move |routes| {
             routes.add_service(WalletServiceServer::new(service));
         })
+        .task(tokio::spawn(commands.run(shutdown.clone())))
         .task(tokio::spawn(relay.run(shutdown)))
         .probe(db.probe()))
 }

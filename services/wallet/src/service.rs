@@ -5,14 +5,14 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use tessera_proto::scheduler::v1 as spb;
-use tessera_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 use tessera_proto::wallet::v1::{self as pb, wallet_service_server::WalletService};
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
-use tessera_runtime::{Code, Error, RequestContext, grpc};
+use tessera_runtime::{Code, Error, RequestContext};
 use tessera_store::api::{self, check_id, check_idempotency_key, page_response};
 use tessera_store::idempotency::{Idempotency, derived_key};
 use tessera_store::outbox::timestamp_to_micros;
+use tessera_store::queue::commands::{self, Command};
 use tessera_store::{Db, now_micros};
 use tonic::{Request, Response, Status};
 
@@ -27,49 +27,74 @@ pub struct Wallet {
 }
 
 /// Has the campaign scheduler run the wallet's sweeps (points expiry, tier re-evaluation)
-/// for every tenant and programme the wallet credits: told once per process, retried on
-/// the next credit if the scheduler could not be reached.
-#[derive(Clone)]
+/// for every tenant and programme the wallet credits. The first credit of a tenant and
+/// programme in this process sends `EnsureWalletSweeps` through the command outbox, in the
+/// credit's transaction (the queue retries it; the scheduler makes it idempotent); later
+/// credits send nothing.
+#[derive(Clone, Default)]
 pub struct Sweeps {
-    pub scheduler: SchedulerServiceClient<grpc::Channel>,
-    pub told: Arc<Mutex<HashSet<(String, String)>>>,
+    told: Arc<Mutex<HashSet<(String, String)>>>,
 }
 
+const ENSURE_SWEEPS: &str = "/tessera.scheduler.v1.SchedulerService/EnsureWalletSweeps";
+
 impl Sweeps {
-    fn note(&self, tenant: &str, asset: &Asset) {
-        let program = if asset.kind == pb::AssetKind::Points {
-            asset.code.clone()
-        } else {
-            String::new()
-        };
-        let key = (tenant.to_string(), program);
-        if !self
+    /// The programmes of `assets` this process has not told the scheduler about yet.
+    fn untold(&self, tenant: &str, assets: &[Asset]) -> Vec<String> {
+        let told = self
             .told
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key.clone())
-        {
-            return;
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut programs: Vec<String> = assets
+            .iter()
+            .map(|a| {
+                if a.kind == pb::AssetKind::Points {
+                    a.code.clone()
+                } else {
+                    String::new()
+                }
+            })
+            .filter(|p| !told.contains(&(tenant.to_string(), p.clone())))
+            .collect();
+        programs.sort();
+        programs.dedup();
+        programs
+    }
+
+    /// Sends the scheduler `programs` in `txn`.
+    async fn tell(
+        txn: &sea_orm::DatabaseTransaction,
+        tenant: &str,
+        programs: &[String],
+    ) -> Result<(), Error> {
+        if programs.is_empty() {
+            return Ok(());
         }
-        let this = self.clone();
-        tokio::spawn(async move {
-            let ctx = RequestContext::system(key.0.clone(), crate::SERVICE);
-            let asked = this
-                .scheduler
-                .clone()
-                .ensure_wallet_sweeps(ctx.request(spb::EnsureWalletSweepsRequest {
-                    idempotency_key: derived_key("wallet-sweeps", &[&key.1]),
-                    program_id: key.1.clone(),
-                }))
-                .await;
-            if let Err(e) = asked {
-                tracing::warn!(error = %e, tenant = %key.0, "the scheduler was not told to sweep; the next credit tells it");
-                this.told
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .remove(&key);
-            }
-        });
+        let sent: Vec<Command<spb::EnsureWalletSweepsRequest>> = programs
+            .iter()
+            .map(|program| {
+                let key = derived_key("wallet-sweeps", &[program]);
+                Command {
+                    path: ENSURE_SWEEPS,
+                    key: key.clone(),
+                    request: spb::EnsureWalletSweepsRequest {
+                        idempotency_key: key,
+                        program_id: program.clone(),
+                    },
+                }
+            })
+            .collect();
+        commands::send(txn, tenant, sent).await?;
+        Ok(())
+    }
+
+    /// The credit that sent `programs` committed.
+    fn told(&self, tenant: &str, programs: Vec<String>) {
+        let mut told = self
+            .told
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        told.extend(programs.into_iter().map(|p| (tenant.to_string(), p)));
     }
 }
 
@@ -323,6 +348,10 @@ impl WalletService for Wallet {
             .pending
             .as_ref()
             .map(|p| p.activate_at.as_ref().map(timestamp_to_micros));
+        let untold = self
+            .sweeps
+            .untold(&ctx.tenant_id, std::slice::from_ref(&asset));
+        let tell = untold.clone();
         let response = self
             .idempotency
             .run(
@@ -332,6 +361,7 @@ impl WalletService for Wallet {
                 &request,
                 move |txn| {
                     Box::pin(async move {
+                        Sweeps::tell(txn, &work_ctx.tenant_id, &tell).await?;
                         match activate_at {
                             Some(activate_at) => {
                                 pending::create(txn, &work_ctx, &credit, activate_at).await
@@ -342,7 +372,7 @@ impl WalletService for Wallet {
                 },
             )
             .await?;
-        self.sweeps.note(&ctx.tenant_id, &asset);
+        self.sweeps.told(&ctx.tenant_id, untold);
         Ok(Response::new(response))
     }
 
@@ -608,6 +638,8 @@ impl WalletService for Wallet {
         let mut assets: Vec<Asset> = credits.iter().map(|c| c.asset.clone()).collect();
         assets.dedup();
         let (work_ctx, backend) = (ctx.clone(), self.db.backend());
+        let untold = self.sweeps.untold(&ctx.tenant_id, &assets);
+        let tell = untold.clone();
         let response = self
             .idempotency
             .run(
@@ -616,15 +648,14 @@ impl WalletService for Wallet {
                 &request.idempotency_key,
                 &request,
                 move |txn| {
-                    Box::pin(
-                        async move { batch::batch_credit(txn, &work_ctx, backend, &credits).await },
-                    )
+                    Box::pin(async move {
+                        Sweeps::tell(txn, &work_ctx.tenant_id, &tell).await?;
+                        batch::batch_credit(txn, &work_ctx, backend, &credits).await
+                    })
                 },
             )
             .await?;
-        for asset in &assets {
-            self.sweeps.note(&ctx.tenant_id, asset);
-        }
+        self.sweeps.told(&ctx.tenant_id, untold);
         Ok(Response::new(response))
     }
 

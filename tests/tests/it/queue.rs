@@ -172,7 +172,7 @@ async fn a_refused_command_is_replayed_over_http(suite: TestSuite) {
     let (status, body) = suite
         .call(
             "GET",
-            "/v1/queues/wallet/dead",
+            "/v1/queues/billing/dead",
             &serde_json::Value::Null,
             Some(&suite.admin_key),
         )
