@@ -274,7 +274,12 @@ fn micros(d: Duration) -> i64 {
 
 impl Dispatcher {
     pub fn new(db: Db, config: WebhooksConfig) -> anyhow::Result<Self> {
+        // Connections go only to addresses the SSRF guard checked in the same lookup (no
+        // DNS-rebinding window between the check and the connection).
+        let resolver =
+            crate::resolver::Guarded::new(crate::resolver::system(), config.allowed_hosts.clone());
         let http = reqwest::Client::builder()
+            .dns_resolver(Arc::new(resolver))
             .timeout(Duration::from_secs(config.timeout_secs))
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(64)

@@ -12,6 +12,7 @@ mod channels;
 mod deliveries;
 mod endpoints;
 mod messages;
+mod resolver;
 mod service;
 pub mod signing;
 mod templates;
