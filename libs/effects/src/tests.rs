@@ -741,3 +741,79 @@ proptest! {
         for (p, w) in parts.iter().zip(&weights) { prop_assert!(*p >= 0 && p <= w); }
     }
 }
+
+/// A quantity or an amount as a crafted cart may send it: mostly ordinary, sometimes at or
+/// far past the limits.
+fn extreme(ordinary: i64, limit: i64) -> impl Strategy<Value = i64> {
+    prop_oneof![
+        6 => 0..=ordinary,
+        2 => Just(limit),
+        1 => (limit - 10)..=limit,
+        1 => Just(i64::MAX),
+        1 => Just(i64::MIN),
+        1 => 0..=i64::MAX,
+    ]
+}
+
+fn wire_cart(lines: &[(i64, i64)], shipping: i64) -> tessera_proto::catalog::v1::Cart {
+    tessera_proto::catalog::v1::Cart {
+        currency: "USD".into(),
+        lines: lines
+            .iter()
+            .enumerate()
+            .map(
+                |(i, (quantity, unit_price))| tessera_proto::catalog::v1::CartLine {
+                    id: format!("l{i}"),
+                    sku: "SKU".into(),
+                    quantity: *quantity,
+                    unit_price: *unit_price,
+                    ..Default::default()
+                },
+            )
+            .collect(),
+        shipping,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn five_hundred_lines_at_the_limits_are_refused_not_wrapped() {
+    let lines = vec![(wire::MAX_QUANTITY, wire::MAX_AMOUNT); wire::MAX_LINES];
+    let mut v = tessera_runtime::error::Violations::new();
+    wire::cart(&mut v, "cart", Some(&wire_cart(&lines, wire::MAX_AMOUNT)));
+    let err = v.finish().expect_err("refused");
+    assert!(
+        err.field_violations.iter().any(|f| f.field == "cart.lines"),
+        "{err:?}"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Every cart the public entries take goes through `wire::cart`: one with extreme values
+    /// is either refused field by field, or accepted with a total within the bound, and
+    /// then the engine's sums never overflow (tests build with overflow checks).
+    #[test]
+    fn extreme_carts_are_refused_or_summed_exactly(
+        lines in prop::collection::vec(
+            (extreme(20, wire::MAX_QUANTITY), extreme(100_000, wire::MAX_AMOUNT)),
+            1..=wire::MAX_LINES,
+        ),
+        shipping in extreme(2_000, wire::MAX_AMOUNT),
+        apps in arb_applications(),
+    ) {
+        let mut v = tessera_runtime::error::Violations::new();
+        let cart = wire::cart(&mut v, "cart", Some(&wire_cart(&lines, shipping)));
+        let exact = wire::exact_total(lines.iter().copied(), shipping);
+        match v.finish() {
+            Ok(()) => {
+                prop_assert!(exact <= i128::from(wire::MAX_CART_TOTAL));
+                let o = apply(&apps, &cart);
+                prop_assert_eq!(i128::from(o.subtotal) + i128::from(shipping), exact);
+                prop_assert!(o.total_due >= 0 && i128::from(o.total_due) <= exact);
+            }
+            Err(e) => prop_assert!(!e.field_violations.is_empty()),
+        }
+    }
+}

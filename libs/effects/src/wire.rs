@@ -15,6 +15,19 @@ pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
 pub const MAX_QUANTITY: i64 = 1_000_000;
 /// Most lines in a cart.
 pub const MAX_LINES: usize = 500;
+/// Largest total of a cart or an order (its lines and shipping), in minor units (10^15).
+/// Each line may be up to 10^12 × 10^6, and 500 such lines would overflow an i64: the total
+/// is bounded so every sum the engine makes stays far inside it.
+pub const MAX_CART_TOTAL: i64 = 1_000_000_000_000_000;
+
+/// The total of `lines` (quantity × unit amount) and `extra`, for checking against
+/// [`MAX_CART_TOTAL`]: exact while it fits an i128 (each product does), saturating past it.
+pub fn exact_total(lines: impl IntoIterator<Item = (i64, i64)>, extra: i64) -> i128 {
+    lines
+        .into_iter()
+        .map(|(quantity, unit)| i128::from(quantity) * i128::from(unit))
+        .fold(i128::from(extra), i128::saturating_add)
+}
 
 /// The oneof field name of an effect's kind (as `ListRewards` filters it).
 pub fn kind_name(kind: &Kind) -> &'static str {
@@ -371,6 +384,16 @@ pub fn cart(v: &mut Violations, field: &str, c: Option<&pb::Cart>) -> Cart {
             }
         })
         .collect();
+    if exact_total(
+        c.lines.iter().map(|l| (l.quantity, l.unit_price)),
+        c.shipping,
+    ) > i128::from(MAX_CART_TOTAL)
+    {
+        v.add(
+            format!("{field}.lines"),
+            format!("the cart's total (lines and shipping) must be at most {MAX_CART_TOTAL}"),
+        );
+    }
     Cart {
         lines,
         shipping: c.shipping,

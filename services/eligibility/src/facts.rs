@@ -654,11 +654,26 @@ pub fn check_order(v: &mut Violations, o: Option<&pb::Order>, settings: &Setting
             );
         }
     }
-    if o.total < 0 {
-        v.add("order.total", "must not be negative");
+    use tessera_effects::wire::{MAX_CART_TOTAL, exact_total};
+    if !(0..=MAX_CART_TOTAL).contains(&o.total) {
+        v.add(
+            "order.total",
+            format!("must be 0 to {MAX_CART_TOTAL} minor units"),
+        );
     }
-    if o.returned_amount < 0 {
-        v.add("order.returned_amount", "must not be negative");
+    if !(0..=MAX_CART_TOTAL).contains(&o.returned_amount) {
+        v.add(
+            "order.returned_amount",
+            format!("must be 0 to {MAX_CART_TOTAL} minor units"),
+        );
+    }
+    if exact_total(o.lines.iter().map(|l| (l.quantity, l.unit_amount)), 0)
+        > i128::from(MAX_CART_TOTAL)
+    {
+        v.add(
+            "order.lines",
+            format!("the order's total must be at most {MAX_CART_TOTAL} minor units"),
+        );
     }
 }
 
