@@ -482,8 +482,16 @@ impl Idempotency {
         key: &str,
         request: &impl Message,
     ) -> Result<Option<Option<Claim>>, Error> {
+        // Advisory locks are database-wide: the schema is part of the lock's name, or two
+        // deployments (or test suites) sharing a database refuse each other's keys as
+        // "in flight".
         let mut hasher = Sha256::new();
-        for part in [ctx.tenant_id.as_str(), scope, key] {
+        for part in [
+            self.db.schema().unwrap_or_default(),
+            ctx.tenant_id.as_str(),
+            scope,
+            key,
+        ] {
             hasher.update(part.as_bytes());
             hasher.update([0]);
         }
