@@ -1,7 +1,8 @@
 //! The campaign-scheduler service: campaigns as the source of truth (their definition,
 //! state machine and history), their sync to eligibility (versioned snapshots through the
-//! command outbox, delivered before a change answers), and durable time-based jobs (campaign starts and ends, the wallet's
-//! expiry and tier sweeps) that run once however many replicas share the database.
+//! command outbox, delivered before a change answers), and durable time-based jobs
+//! (campaign starts and ends, the wallet's expiry and tier sweeps) that run once however
+//! many replicas share the database.
 
 pub mod campaigns;
 mod distributions;
