@@ -483,6 +483,8 @@ const LINGER: Duration = Duration::from_millis(2);
 
 /// Runs a [`Handler`] over a [`Queue`]: claims a batch, handles its items concurrently,
 /// completes the successes in one statement and retries or dead-letters the failures.
+/// Clones share the queue, the handler and the wake-up.
+#[derive(Clone)]
 pub struct Worker {
     queue: Queue,
     handler: Arc<dyn Handler>,

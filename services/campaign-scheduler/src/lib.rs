@@ -275,12 +275,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         config,
         sync::Delivered::wrap(db.clone()),
     )?;
-    let deliver_now = commands::worker_with(
-        db.clone(),
-        SERVICE,
-        config,
-        sync::Delivered::wrap(db.clone()),
-    )?;
+    let deliver_now = commands.clone();
     let adopted = sync::adopt_pending(&db).await?;
     if adopted > 0 {
         tracing::info!(
