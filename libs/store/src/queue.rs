@@ -450,6 +450,54 @@ fn item_from_row(row: &QueryResult) -> Result<Item, sea_orm::DbErr> {
 #[async_trait::async_trait]
 pub trait Handler: Send + Sync {
     async fn handle(&self, item: &Item) -> Result<(), Failure>;
+
+    /// Handles one claim's items: by default each on its own, `concurrency` at a time, in
+    /// a span that continues the trace of the request that pushed it. A handler that can
+    /// do several items in one call (a group commit in the target) overrides it.
+    async fn handle_all(
+        &self,
+        items: Vec<Item>,
+        ctx: &BatchContext,
+    ) -> Vec<(Item, Result<(), Failure>)> {
+        futures::stream::iter(items)
+            .map(|item| async move {
+                let result = self.handle(&item).instrument(ctx.span_of(&item)).await;
+                (item, result)
+            })
+            .buffer_unordered(ctx.concurrency.max(1))
+            .collect()
+            .await
+    }
+}
+
+/// What [`Handler::handle_all`] knows of the claim it handles.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchContext {
+    pub service: &'static str,
+    pub queue: &'static str,
+    /// Items to handle at once.
+    pub concurrency: usize,
+}
+
+impl BatchContext {
+    /// The span of one item's handling: a consumer span, child of the request that pushed
+    /// the item. Records the item's attempts too.
+    pub fn span_of(&self, item: &Item) -> tracing::Span {
+        let (service, queue) = (self.service, self.queue);
+        metrics::histogram!("tessera_queue_attempts", "service" => service, "queue" => queue)
+            .record(f64::from(item.attempts));
+        let span = tracing::info_span!(
+            "queue.handle",
+            otel.kind = "consumer",
+            service,
+            queue,
+            kind = %item.kind,
+            tenant = %item.tenant,
+            attempt = item.attempts,
+        );
+        telemetry::set_parent_from_traceparent(&span, &item.traceparent);
+        span
+    }
 }
 
 /// How a worker claims.
@@ -552,32 +600,12 @@ impl Worker {
             return Ok(0);
         }
         let count = items.len();
-        let service = self.queue.service;
-        let queue = self.queue.name;
-        let handler = self.handler.clone();
-        let results: Vec<(Item, Result<(), Failure>)> = futures::stream::iter(items)
-            .map(|item| {
-                let handler = handler.clone();
-                async move {
-                    metrics::histogram!("tessera_queue_attempts", "service" => service, "queue" => queue)
-                        .record(f64::from(item.attempts));
-                    let span = tracing::info_span!(
-                        "queue.handle",
-                        otel.kind = "consumer",
-                        service,
-                        queue,
-                        kind = %item.kind,
-                        tenant = %item.tenant,
-                        attempt = item.attempts,
-                    );
-                    telemetry::set_parent_from_traceparent(&span, &item.traceparent);
-                    let result = handler.handle(&item).instrument(span).await;
-                    (item, result)
-                }
-            })
-            .buffer_unordered(self.config.concurrency.max(1))
-            .collect()
-            .await;
+        let ctx = BatchContext {
+            service: self.queue.service,
+            queue: self.queue.name,
+            concurrency: self.config.concurrency,
+        };
+        let results = self.handler.handle_all(items, &ctx).await;
         let mut done = Vec::with_capacity(results.len());
         for (item, result) in &results {
             match result {

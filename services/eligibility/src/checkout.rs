@@ -233,11 +233,6 @@ impl Eligibility {
             Ok(r) => {
                 self.facts_changed(&ctx.tenant_id, &checkout.customer_id)
                     .await;
-                // Captured by the spend settler, batched with the redemptions committed
-                // meanwhile (a reservation's holds wait for its confirmation).
-                if !r.spends.is_empty() && hold.is_none() {
-                    self.spends_due.notify_one();
-                }
                 Ok(r)
             }
             Err(err) => {
@@ -308,7 +303,7 @@ impl Eligibility {
             )
             .await?;
         if let Some(r) = &redemption.redemption {
-            self.settle_spends(&ctx.tenant_id, r).await;
+            self.settle_spends(r).await;
         }
         Ok(redemption)
     }
@@ -387,7 +382,7 @@ impl Eligibility {
             .await?;
         if let Some(r) = &response.redemption {
             self.facts_changed(&ctx.tenant_id, &r.customer_id).await;
-            self.settle_spends(&ctx.tenant_id, r).await;
+            self.settle_spends(r).await;
         }
         Ok(response)
     }
@@ -415,17 +410,27 @@ impl Eligibility {
 }
 
 impl Eligibility {
-    /// Carries out at once what a redemption's wallet spends wait for (capture, release,
-    /// refund); the sweep retries what fails here.
-    async fn settle_spends(&self, tenant: &str, r: &pb::Redemption) {
+    /// Delivers at once what a redemption's wallet spends wait for (capture, release,
+    /// refund), so the wallet shows it when the call returns; the command worker retries
+    /// what does not go through here.
+    async fn settle_spends(&self, r: &pb::Redemption) {
         if r.spends.is_empty() {
             return;
         }
-        if let Err(e) = spends::settle(&self.db, &self.wallet, Some((tenant, &r.id))).await {
-            tracing::warn!(error = %e, redemption = %r.id, "wallet spends wait for the wallet");
+        match tokio::time::timeout(DELIVER_WAIT, self.commands.run_once()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, redemption = %r.id, "wallet spends wait for the wallet");
+            }
+            Err(_) => {
+                tracing::info!(redemption = %r.id, "wallet spends left to the command worker")
+            }
         }
     }
 }
+
+/// How long a confirmation or a rollback waits for its wallet follow-ups.
+const DELIVER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn check_redemption_id(v: &mut Violations, id: &str) {
     if id.is_empty() || id.len() > 64 {

@@ -448,6 +448,7 @@ impl Earned<'_> {
             amount,
             reason: format!("returned: {}", self.source),
             customer_id: self.customer.to_string(),
+            ..Default::default()
         };
         let command = Command {
             path: REVERSE,

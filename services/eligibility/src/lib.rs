@@ -34,7 +34,6 @@ use tessera_store::idempotency::Idempotency;
 use tessera_store::outbox::{NotificationPublisher, Relay};
 use tessera_store::queue::commands;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use migrations::Migrator;
@@ -77,16 +76,21 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         &config.peers.wallet_url,
         config.peer_timeout(),
     )?);
-    let commands = commands::worker(db.clone(), SERVICE, config)?;
-    let adopted = earning::adopt_waiting(&db).await?;
+    let captures = wallet.clone();
+    let commands = commands::worker_with(db.clone(), SERVICE, config, move |relay| {
+        Arc::new(spends::Captures {
+            relay: Arc::new(relay),
+            wallet: captures,
+        })
+    })?;
+    let adopted = earning::adopt_waiting(&db).await? + spends::adopt_waiting(&db).await?;
     if adopted > 0 {
         tracing::info!(
             adopted,
-            "earnings waiting for the wallet moved onto the command outbox"
+            "earnings and spends waiting for the wallet moved onto the command outbox"
         );
     }
     let degraded = segments.degraded.clone();
-    let spends_due = Arc::new(Notify::new());
     let (holds, gather_holds) = spends::HoldBatcher::start(wallet.clone(), shutdown.clone());
     let service = service::Eligibility {
         db: db.clone(),
@@ -99,7 +103,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         campaigns: Arc::new(campaigns::Campaigns::new(db.clone())),
         segments,
         wallet: wallet.clone(),
-        spends_due: spends_due.clone(),
+        commands: commands.clone(),
         holds,
     };
     Ok(Component::new(SERVICE)
@@ -113,12 +117,6 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
             );
         })
         .task(gather_holds)
-        .task(tokio::spawn(settle_spends(
-            db.clone(),
-            wallet.clone(),
-            spends_due,
-            shutdown.clone(),
-        )))
         .task(tokio::spawn(sweep(db.clone(), shutdown.clone())))
         .task(tokio::spawn(commands.run(shutdown.clone())))
         .task(tokio::spawn(relay.run(shutdown)))
@@ -141,36 +139,6 @@ fn each_second() -> tokio::time::Interval {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick
-}
-
-/// Settles redemptions' wallet spends when a redemption wakes it and every second (what
-/// failed before): while one batch is with the wallet, the redemptions committed meanwhile
-/// gather into the next, so under load captures are group-committed. Several replicas may
-/// run it: the wallet captures a hold once, and a row is brought up to date once.
-async fn settle_spends(
-    db: Db,
-    wallet: WalletServiceClient<grpc::Channel>,
-    due: Arc<Notify>,
-    shutdown: CancellationToken,
-) {
-    let mut tick = each_second();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = due.notified() => {}
-            _ = tick.tick() => {}
-        }
-        loop {
-            match spends::settle(&db, &wallet, None).await {
-                Ok(n) if n == spends::SETTLE_BATCH => {}
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "redemption spends wait for the wallet");
-                    break;
-                }
-            }
-        }
-    }
 }
 
 /// Every second: releases reservations whose hold ended (several replicas may run it: each

@@ -14,7 +14,6 @@ use tessera_runtime::{Error, RequestContext, grpc};
 use tessera_store::api::{check_customer_id, check_idempotency_key, page_response};
 use tessera_store::idempotency::Idempotency;
 use tessera_store::{Db, now_micros, outbox};
-use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 use crate::campaigns::{self, Campaigns};
@@ -36,7 +35,8 @@ pub struct Eligibility {
     /// Gathers redemptions' wallet holds into batches.
     pub holds: crate::spends::HoldBatcher,
     /// Wakes the spend settler: a redemption committed spends to capture.
-    pub spends_due: Arc<Notify>,
+    /// The command outbox's worker, run at once after a confirmation or a rollback.
+    pub commands: tessera_store::queue::Worker,
 }
 
 impl Eligibility {

@@ -4,25 +4,26 @@
 //! A saga across eligibility and the wallet, whose data live apart:
 //! - planning reads the customer's wallet balances, so the engine spends only what is there;
 //! - Redeem and Reserve place one wallet hold per asset before the redemption's transaction
-//!   begins (no pooled connection, no counter lock waits on the wallet), and the transaction
-//!   writes a row per hold. The holds of concurrent redemptions are gathered into one
+//!   begins (no pooled connection, no counter lock waits on the wallet), and the redemption
+//!   keeps the hold ids. The holds of concurrent redemptions are gathered into one
 //!   `BatchHold` (a group commit in the wallet; each hold stands or fails on its own). A hold
 //!   that fails fails the redemption (INSUFFICIENT_BALANCE when a concurrent spend took the
 //!   value); holds the redemption does not end up with (a replay, a budget that ran out, an
 //!   order redeemed already) are released at once;
-//! - what is left to do is state on those rows, carried out by [`settle`]: for a redeem, by
-//!   the settler the commit wakes (the captures of every redemption due go to the wallet's
-//!   `BatchCapture` together); for a confirmation or a rollback, right after its commit; and
-//!   again every second until it succeeds, under idempotency keys derived from the row. A
-//!   redeemed redemption's holds are captured, a released or expired reservation's holds
-//!   released, and a rollback's share reversed (points come back to their lots with their
-//!   original expiry).
+//! - what is left to do leaves through the command outbox, in the transaction that decides
+//!   it: a redeem or a confirmation captures the holds, a released or expired reservation
+//!   releases them, a rollback reverses its share of each capture (points come back to their
+//!   lots with their original expiry). Each command's idempotency key is derived from the
+//!   redemption, the asset and the step. [`Captures`] gathers the captures of one claim
+//!   into one `BatchCapture` per tenant.
 //!
 //! A hold orphaned by a crash between the wallet's answer and the commit lapses at its
 //! expiry (a day past the redemption's own deadline) and the wallet's sweep releases it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
+use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use tessera_effects::Target;
 use tessera_proto::eligibility::v1 as pb;
@@ -31,9 +32,12 @@ use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::{Code, Error, RequestContext, grpc};
 use tessera_store::idempotency::derived_key;
 use tessera_store::outbox::micros_to_timestamp;
-use tessera_store::{Db, db_error, stmt, tuples};
+use tessera_store::queue::commands::{self, Command};
+use tessera_store::queue::{BatchContext, Failure, Handler, Item};
+use tessera_store::{Db, db_error, stmt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::redeem::Plan;
 
@@ -311,51 +315,49 @@ pub async fn release_now(holder: &Holder, held: &[pb::WalletSpend]) {
     }
 }
 
-/// Records the holds of `record` in its transaction: to capture at once when `reserved` is
-/// false, else when the reservation is confirmed.
+/// The wallet's methods the spends' follow-ups call.
+const CAPTURE: &str = "/tessera.wallet.v1.WalletService/Capture";
+const RELEASE: &str = "/tessera.wallet.v1.WalletService/Release";
+const REVERSE: &str = "/tessera.wallet.v1.WalletService/Reverse";
+
+/// The holds of `record`, written in its transaction: captured through the command outbox
+/// at once when `reserved` is false, else when the reservation is confirmed.
 pub async fn record(
     txn: &DatabaseTransaction,
     tenant: &str,
     record: &pb::Redemption,
     reserved: bool,
 ) -> Result<(), Error> {
-    let (state, due) = if reserved {
-        ("held", 0)
-    } else {
-        ("capture", 1)
-    };
-    for s in &record.spends {
-        let asset = asset_of(s);
-        txn.execute_raw(stmt(
-            txn,
-            "INSERT INTO redemption_spends (tenant_id, redemption_id, asset_kind, asset_code, \
-             customer_id, amount, hold_id, state, capture_tx, refund_target, refunded, due, \
-             error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '', 0, 0, $9, '')",
-            [
-                tenant.into(),
-                record.id.clone().into(),
-                asset.kind.into(),
-                asset.code.clone().into(),
-                record.customer_id.clone().into(),
-                s.amount.into(),
-                s.hold_id.clone().into(),
-                state.into(),
-                due.into(),
-            ],
-        ))
-        .await
-        .map_err(db_error)?;
+    if reserved {
+        return Ok(());
     }
-    Ok(())
+    capture_later(txn, tenant, record).await
 }
 
-/// A reservation was confirmed: its holds are to be captured.
+/// The redemption's holds are to be captured (a redeem, a confirmed reservation).
 pub async fn capture_later(
     txn: &DatabaseTransaction,
     tenant: &str,
     record: &pb::Redemption,
 ) -> Result<(), Error> {
-    move_state(txn, tenant, record, "capture").await
+    let commands: Vec<_> = record
+        .spends
+        .iter()
+        .map(|s| {
+            let key = key(&record.id, &asset_of(s), "capture");
+            Command {
+                path: CAPTURE,
+                key: key.clone(),
+                request: wpb::CaptureRequest {
+                    idempotency_key: key,
+                    hold_id: s.hold_id.clone(),
+                    amount: 0,
+                },
+            }
+        })
+        .collect();
+    commands::send(txn, tenant, commands).await?;
+    Ok(())
 }
 
 /// A reservation was rolled back or expired: its holds are to be released.
@@ -364,31 +366,29 @@ pub async fn release_later(
     tenant: &str,
     record: &pb::Redemption,
 ) -> Result<(), Error> {
-    move_state(txn, tenant, record, "release").await
-}
-
-async fn move_state(
-    txn: &DatabaseTransaction,
-    tenant: &str,
-    record: &pb::Redemption,
-    to: &str,
-) -> Result<(), Error> {
-    if record.spends.is_empty() {
-        return Ok(());
-    }
-    txn.execute_raw(stmt(
-        txn,
-        "UPDATE redemption_spends SET state = $3, due = 1 \
-         WHERE tenant_id = $1 AND redemption_id = $2 AND state = 'held'",
-        [tenant.into(), record.id.clone().into(), to.into()],
-    ))
-    .await
-    .map_err(db_error)?;
+    let commands: Vec<_> = record
+        .spends
+        .iter()
+        .map(|s| {
+            let key = key(&record.id, &asset_of(s), "release");
+            Command {
+                path: RELEASE,
+                key: key.clone(),
+                request: wpb::ReleaseRequest {
+                    idempotency_key: key,
+                    hold_id: s.hold_id.clone(),
+                },
+            }
+        })
+        .collect();
+    commands::send(txn, tenant, commands).await?;
     Ok(())
 }
 
 /// A redeemed redemption gave back `released` of its `order_value` (in all, so far): each
-/// spend is refunded in that proportion (rounded down; all of it when `whole`).
+/// spend is refunded in that proportion (rounded down; all of it when `whole`), by reversing
+/// the capture of its hold through the command outbox (the wallet answers UNAVAILABLE, so
+/// the command waits, while the capture has not landed yet).
 pub async fn refund_later(
     txn: &DatabaseTransaction,
     tenant: &str,
@@ -396,311 +396,235 @@ pub async fn refund_later(
     released: i64,
     whole: bool,
 ) -> Result<(), Error> {
+    let mut refunds = Vec::new();
     for s in &mut record.spends {
-        let target = if whole || record.order_value <= 0 {
-            s.amount
-        } else {
-            i64::try_from(
-                i128::from(s.amount) * i128::from(released.clamp(0, record.order_value))
-                    / i128::from(record.order_value),
-            )
-            .unwrap_or(s.amount)
-        };
+        let target = refund_target(s.amount, record.order_value, released, whole);
         if target <= s.refunded {
             continue;
         }
+        let key = key(&record.id, &asset_of(s), &format!("refund-{target}"));
+        refunds.push(Command {
+            path: REVERSE,
+            key: key.clone(),
+            request: wpb::ReverseRequest {
+                idempotency_key: key,
+                hold_id: s.hold_id.clone(),
+                amount: target - s.refunded,
+                reason: format!("redemption {} rolled back", record.id),
+                customer_id: record.customer_id.clone(),
+                ..Default::default()
+            },
+        });
         s.refunded = target;
-        let asset = asset_of(s);
-        txn.execute_raw(stmt(
-            txn,
-            "UPDATE redemption_spends SET refund_target = $5, due = 1 \
-             WHERE tenant_id = $1 AND redemption_id = $2 AND asset_kind = $3 \
-             AND asset_code = $4",
-            [
-                tenant.into(),
-                record.id.clone().into(),
-                asset.kind.into(),
-                asset.code.into(),
-                target.into(),
-            ],
-        ))
-        .await
-        .map_err(db_error)?;
     }
+    commands::send(txn, tenant, refunds).await?;
     Ok(())
 }
 
-/// One spend with work left.
-struct Due {
-    tenant: String,
-    redemption: String,
-    asset: wpb::Asset,
-    customer: String,
-    hold: String,
-    state: String,
-    capture_tx: String,
-    refund_target: i64,
-    refunded: i64,
-}
-
-const WHERE_ROW: &str =
-    "tenant_id = $1 AND redemption_id = $2 AND asset_kind = $3 AND asset_code = $4";
-
-impl Due {
-    fn filter(&self) -> Vec<sea_orm::Value> {
-        vec![
-            self.tenant.clone().into(),
-            self.redemption.clone().into(),
-            self.asset.kind.into(),
-            self.asset.code.clone().into(),
-        ]
+/// What of a spend of `amount` is refunded in all once `released` of the redemption's
+/// `order_value` came back: the same proportion, rounded down; all of it when `whole` (or
+/// when the redemption had no order value).
+fn refund_target(amount: i64, order_value: i64, released: i64, whole: bool) -> i64 {
+    if whole || order_value <= 0 {
+        return amount;
     }
+    i64::try_from(
+        i128::from(amount) * i128::from(released.clamp(0, order_value)) / i128::from(order_value),
+    )
+    .unwrap_or(amount)
 }
 
-/// Most spends one pass settles (and captures in one wallet call per tenant).
-pub const SETTLE_BATCH: usize = 500;
-
-/// Carries out what is due on the spends of one redemption (`only`) or of all, up to
-/// [`SETTLE_BATCH`]; returns how many rows it worked on. Captures go to the wallet in one
-/// `BatchCapture` per tenant (a group commit); releases and refunds one by one. A refusal
-/// by the wallet is kept on the row (and logged) instead of being retried forever.
-pub async fn settle(
-    db: &Db,
-    wallet: &WalletServiceClient<grpc::Channel>,
-    only: Option<(&str, &str)>,
-) -> Result<usize, Error> {
-    let conn = db.conn();
-    let (filter, values): (&str, Vec<sea_orm::Value>) = match only {
-        Some((tenant, redemption)) => (
-            "AND tenant_id = $1 AND redemption_id = $2",
-            vec![tenant.into(), redemption.into()],
-        ),
-        None => ("", Vec::new()),
-    };
-    let rows = conn
+/// Moves the follow-ups that the spends table of earlier versions still owed onto the
+/// command outbox (once, at start); returns how many.
+pub async fn adopt_waiting(db: &Db) -> Result<u64, Error> {
+    let txn = db.begin_write().await?;
+    let rows = txn
         .query_all_raw(stmt(
-            conn,
-            &format!(
-                "SELECT tenant_id, redemption_id, asset_kind, asset_code, customer_id, \
-                 hold_id, state, capture_tx, refund_target, refunded FROM redemption_spends \
-                 WHERE due = 1 AND error = '' {filter} LIMIT {SETTLE_BATCH}"
-            ),
-            values,
+            &txn,
+            "SELECT tenant_id, redemption_id, asset_kind, asset_code, customer_id, hold_id, \
+             state, refund_target, refunded FROM redemption_spends \
+             WHERE due = 1 AND error = '' ORDER BY tenant_id, redemption_id",
+            [],
         ))
         .await
         .map_err(db_error)?;
-    let mut dues = Vec::with_capacity(rows.len());
-    for row in rows {
+    let mut adopted = 0;
+    for row in &rows {
         let s = |i: usize| -> Result<String, Error> { row.try_get_by_index(i).map_err(db_error) };
         let n = |i: usize| -> Result<i64, Error> { row.try_get_by_index(i).map_err(db_error) };
+        let (tenant, state) = (s(0)?, s(6)?);
         let kind: i32 = row.try_get_by_index(2).map_err(db_error)?;
-        dues.push(Due {
-            tenant: s(0)?,
-            redemption: s(1)?,
-            asset: wpb::Asset { kind, code: s(3)? },
-            customer: s(4)?,
-            hold: s(5)?,
-            state: s(6)?,
-            capture_tx: s(7)?,
-            refund_target: n(8)?,
-            refunded: n(9)?,
-        });
-    }
-    let mut captured = capture_all(wallet, &dues).await?;
-    let mut settled = Vec::with_capacity(dues.len());
-    for d in &dues {
-        let outcome = match captured.remove(&(d.tenant.clone(), d.hold.clone())) {
-            Some(Err(refused)) => Err(refused),
-            capture => settle_one(wallet, d, capture.and_then(Result::ok)).await,
+        let mut record = pb::Redemption {
+            id: s(1)?,
+            customer_id: s(4)?,
+            spends: vec![pb::WalletSpend {
+                asset: Some(wpb::Asset { kind, code: s(3)? }),
+                hold_id: s(5)?,
+                amount: n(7)?,
+                refunded: n(8)?,
+            }],
+            ..Default::default()
         };
-        let refused = match outcome {
-            Ok(row) => {
-                settled.push(row);
-                continue;
-            }
-            Err(e) => e,
-        };
-        let what = format!("a spend of redemption {}", d.redemption);
-        let table = "redemption_spends";
-        if let Err(e) = keep_refusal(conn, table, WHERE_ROW, d.filter(), Err(refused), &what).await
-        {
-            // What was done so far is written before the rest waits for the wallet.
-            write_settled(db, settled).await?;
-            return Err(e);
+        match state.as_str() {
+            "capture" => capture_later(&txn, &tenant, &record).await?,
+            "release" => release_later(&txn, &tenant, &record).await?,
+            _ => {}
         }
+        // A refund owed: its target is the amount above, so the proportion is all of it.
+        refund_later(&txn, &tenant, &mut record, 0, true).await?;
+        adopted += 1;
     }
-    write_settled(db, settled).await?;
-    Ok(dues.len())
+    txn.execute_raw(stmt(
+        &txn,
+        "UPDATE redemption_spends SET due = 0 WHERE due = 1 AND error = ''",
+        [],
+    ))
+    .await
+    .map_err(db_error)?;
+    txn.commit().await.map_err(db_error)?;
+    Ok(adopted)
 }
 
-/// Captures the holds of the spends due for capture, one `BatchCapture` per tenant: the
-/// capture transaction of each hold, or the wallet's refusal. A hold the wallet captured
-/// already reports its capture, so a batch cut short by a crash is simply sent again.
-async fn capture_all(
-    wallet: &WalletServiceClient<grpc::Channel>,
-    dues: &[Due],
-) -> Result<HashMap<(String, String), Result<String, Error>>, Error> {
-    let mut by_tenant: BTreeMap<&str, Vec<&Due>> = BTreeMap::new();
-    for d in dues.iter().filter(|d| d.state == "capture") {
-        by_tenant.entry(d.tenant.as_str()).or_default().push(d);
+/// The eligibility's command relay, with the spends' captures gathered: the captures of a
+/// claim go to the wallet in one `BatchCapture` per tenant (a group commit; each capture
+/// stands or fails on its own, and a hold captured before reports its capture, so a batch
+/// cut short is simply sent again). Every other command goes to the relay.
+pub struct Captures {
+    pub relay: Arc<dyn Handler>,
+    pub wallet: WalletServiceClient<grpc::Channel>,
+}
+
+#[async_trait::async_trait]
+impl Handler for Captures {
+    async fn handle(&self, item: &Item) -> Result<(), Failure> {
+        self.relay.handle(item).await
     }
-    let mut out = HashMap::new();
-    for (tenant, due) in by_tenant {
-        let holds: Vec<&str> = due.iter().map(|d| d.hold.as_str()).collect();
-        let ctx = RequestContext::system(tenant.to_string(), crate::SERVICE);
-        let response = wallet
+
+    async fn handle_all(
+        &self,
+        items: Vec<Item>,
+        ctx: &BatchContext,
+    ) -> Vec<(Item, Result<(), Failure>)> {
+        let (captures, others): (Vec<Item>, Vec<Item>) =
+            items.into_iter().partition(|i| i.kind == CAPTURE);
+        let mut by_tenant: BTreeMap<String, Vec<Item>> = BTreeMap::new();
+        for item in captures {
+            by_tenant.entry(item.tenant.clone()).or_default().push(item);
+        }
+        let mut done = self.relay.handle_all(others, ctx).await;
+        for (tenant, items) in by_tenant {
+            for chunk in chunks(items, MAX_CAPTURES) {
+                done.extend(self.capture(&tenant, chunk).await);
+            }
+        }
+        done
+    }
+}
+
+/// Most captures in one `BatchCapture` (the wallet's limit).
+const MAX_CAPTURES: usize = 500;
+
+fn chunks(mut items: Vec<Item>, size: usize) -> Vec<Vec<Item>> {
+    let mut out = Vec::new();
+    while items.len() > size {
+        let rest = items.split_off(size);
+        out.push(std::mem::replace(&mut items, rest));
+    }
+    out.push(items);
+    out
+}
+
+impl Captures {
+    async fn capture(&self, tenant: &str, items: Vec<Item>) -> Vec<(Item, Result<(), Failure>)> {
+        let mut entries = Vec::with_capacity(items.len());
+        let mut bad = Vec::new();
+        let mut asked = Vec::with_capacity(items.len());
+        for item in items {
+            match wpb::CaptureRequest::decode(item.payload.as_slice()) {
+                Ok(c) => {
+                    entries.push(wpb::BatchCaptureEntry {
+                        hold_id: c.hold_id,
+                        amount: c.amount,
+                    });
+                    asked.push(item);
+                }
+                Err(e) => {
+                    let failure = Failure::Permanent(format!("undecodable capture: {e}"));
+                    bad.push((item, Err(failure)));
+                }
+            }
+        }
+        if asked.is_empty() {
+            return bad;
+        }
+        let span = tracing::info_span!("spends.capture", tenant, captures = asked.len());
+        let keys: Vec<&str> = asked.iter().map(|i| i.key.as_str()).collect();
+        let request = RequestContext::system(tenant.to_string(), crate::SERVICE).request(
+            wpb::BatchCaptureRequest {
+                idempotency_key: derived_key("redemption-captures", &keys),
+                captures: entries,
+            },
+        );
+        let answer = self
+            .wallet
             .clone()
-            .batch_capture(
-                ctx.request(wpb::BatchCaptureRequest {
-                    idempotency_key: derived_key("redemption-captures", &holds),
-                    captures: holds
-                        .iter()
-                        .map(|h| wpb::BatchCaptureEntry {
-                            hold_id: (*h).to_string(),
-                            amount: 0,
-                        })
-                        .collect(),
-                }),
-            )
-            .await
-            .map_err(|s| Error::from_status(&s))?
-            .into_inner();
-        for o in response.outcomes {
-            let outcome = if o.reason.is_empty() {
-                Ok(o.hold.map(|h| h.capture_transaction_id).unwrap_or_default())
-            } else {
-                let code = if o.reason == "NOT_FOUND" {
-                    Code::NotFound
+            .batch_capture(request)
+            .instrument(span)
+            .await;
+        let outcomes = match answer {
+            Ok(response) => response.into_inner().outcomes,
+            Err(status) => {
+                let text = format!("{}: {}", status.code(), status.message());
+                let failure = if commands::is_permanent(status.code()) {
+                    Failure::Permanent(text)
                 } else {
-                    Code::FailedPrecondition
+                    Failure::Retry(text)
                 };
-                Err(Error::new(code, o.message).with_reason(o.reason))
-            };
-            out.insert((tenant.to_string(), o.hold_id), outcome);
-        }
-    }
-    Ok(out)
-}
-
-/// The rest of a spend's work once its capture (when due) is known: a release, a refund;
-/// returns the row's new values for [`write_settled`].
-async fn settle_one(
-    wallet: &WalletServiceClient<grpc::Channel>,
-    d: &Due,
-    captured: Option<String>,
-) -> Result<Vec<sea_orm::Value>, Error> {
-    let ctx = RequestContext::system(d.tenant.clone(), crate::SERVICE);
-    let mut state = d.state.clone();
-    let mut capture_tx = d.capture_tx.clone();
-    let mut refunded = d.refunded;
-    match state.as_str() {
-        "capture" => {
-            capture_tx = captured.ok_or_else(|| Error::internal("capture without its outcome"))?;
-            state = "captured".into();
-        }
-        "release" => {
-            let released = wallet
-                .clone()
-                .release(ctx.request(wpb::ReleaseRequest {
-                    idempotency_key: key(&d.redemption, &d.asset, "release"),
-                    hold_id: d.hold.clone(),
-                }))
-                .await
-                .map_err(|s| Error::from_status(&s));
-            match released {
-                Ok(_) => {}
-                // It lapsed and the wallet's sweep released it already.
-                Err(e) if e.reason.as_deref() == Some("HOLD_NOT_ACTIVE") => {}
-                Err(e) => return Err(e),
+                bad.extend(asked.into_iter().map(|i| (i, Err(failure.clone()))));
+                return bad;
             }
-            state = "released".into();
+        };
+        let mut outcomes = outcomes.into_iter();
+        for item in asked {
+            let result = match outcomes.next() {
+                Some(o) if o.reason.is_empty() => Ok(()),
+                Some(o) => Err(Failure::Permanent(format!("{}: {}", o.reason, o.message))),
+                None => Err(Failure::Retry("the wallet answered fewer captures".into())),
+            };
+            bad.push((item, result));
         }
-        _ => {}
+        bad
     }
-    if d.refund_target > refunded && !capture_tx.is_empty() {
-        wallet
-            .clone()
-            .reverse(ctx.request(wpb::ReverseRequest {
-                idempotency_key: key(
-                    &d.redemption,
-                    &d.asset,
-                    &format!("refund-{}", d.refund_target),
-                ),
-                transaction_id: capture_tx.clone(),
-                amount: d.refund_target - refunded,
-                reason: format!("redemption {} rolled back", d.redemption),
-                customer_id: d.customer.clone(),
-                transaction_key: String::new(),
-            }))
-            .await
-            .map_err(|s| Error::from_status(&s))?;
-        refunded = d.refund_target;
-    }
-    // The row as it is to be written.
-    Ok(d.filter()
-        .into_iter()
-        .chain([
-            state.into(),
-            capture_tx.into(),
-            refunded.into(),
-            d.refunded.into(),
-            d.state.clone().into(),
-        ])
-        .collect())
 }
 
-/// Brings settled rows up to date in one statement (one commit for the whole pass), each
-/// only if nobody settled it meanwhile; a row stays due when a rollback raised its refund.
-async fn write_settled(db: &Db, rows: Vec<Vec<sea_orm::Value>>) -> Result<(), Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let conn = db.conn();
-    conn.execute_raw(stmt(
-        conn,
-        &format!(
-            "UPDATE redemption_spends SET state = v.column5, capture_tx = v.column6, \
-             refunded = v.column7, \
-             due = CASE WHEN redemption_spends.refund_target > v.column7 THEN 1 ELSE 0 END \
-             FROM (VALUES {}) AS v \
-             WHERE redemption_spends.tenant_id = v.column1 \
-             AND redemption_spends.redemption_id = v.column2 \
-             AND redemption_spends.asset_kind = v.column3 \
-             AND redemption_spends.asset_code = v.column4 \
-             AND redemption_spends.refunded = v.column8 AND redemption_spends.state = v.column9",
-            tuples(1, 9, rows.len())
-        ),
-        rows.into_iter().flatten(),
-    ))
-    .await
-    .map_err(db_error)?;
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
 
-/// The outcome of a row's work with a peer: `true` when done; a refusal (a deterministic
-/// error) is kept on the row's `error` (and logged), so the sweep stops retrying it, and
-/// gives `false`; a transient error is returned and the row stays due.
-pub(crate) async fn keep_refusal(
-    conn: &sea_orm::DatabaseConnection,
-    table: &str,
-    where_row: &str,
-    filter: Vec<sea_orm::Value>,
-    outcome: Result<(), Error>,
-    what: &str,
-) -> Result<bool, Error> {
-    let err = match outcome {
-        Ok(()) => return Ok(true),
-        Err(e) if e.is_deterministic() => e,
-        Err(e) => return Err(e),
-    };
-    tracing::error!(error = %err, "the peer refused {what}; it is not retried");
-    let at = filter.len() + 1;
-    conn.execute_raw(stmt(
-        conn,
-        &format!("UPDATE {table} SET error = ${at} WHERE {where_row}"),
-        filter.into_iter().chain([err.message.into()]),
-    ))
-    .await
-    .map_err(db_error)?;
-    Ok(false)
+    #[test]
+    fn whole_rollbacks_refund_everything() {
+        assert_eq!(refund_target(700, 10_000, 0, true), 700);
+        assert_eq!(refund_target(700, 0, 0, false), 700);
+        assert_eq!(refund_target(700, 10_000, 2_500, false), 175);
+        assert_eq!(refund_target(700, 10_000, 20_000, false), 700);
+    }
+
+    proptest! {
+        /// The refunded share grows with what came back and never exceeds the spend.
+        #[test]
+        fn refunds_are_monotone_and_bounded(
+            amount in 0..i64::MAX / 2,
+            order in 1..i64::MAX / 2,
+            a in 0..i64::MAX / 2,
+            b in 0..i64::MAX / 2,
+        ) {
+            let (lo, hi) = (a.min(b), a.max(b));
+            let (x, y) = (
+                refund_target(amount, order, lo, false),
+                refund_target(amount, order, hi, false),
+            );
+            prop_assert!(0 <= x && x <= y && y <= amount);
+        }
+    }
 }

@@ -765,7 +765,7 @@ async fn refund(
             amount: body.amount,
             reason: body.reason,
             customer_id,
-            transaction_key: String::new(),
+            ..Default::default()
         }))
         .await?
         .into_inner();

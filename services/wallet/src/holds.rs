@@ -803,12 +803,54 @@ pub async fn release(
 ) -> Result<pb::ReleaseResponse, Error> {
     let tenant = ctx.tenant_id.as_str();
     let now = now_micros();
-    let hold = lock_active(txn, tenant, backend, hold_id).await?;
-    let settled = release_locked(txn, ctx, &hold, "released", now).await?;
+    let settled = match lock_active(txn, tenant, backend, hold_id).await {
+        Ok(hold) => release_locked(txn, ctx, &hold, "released", now).await?,
+        // Released before (a lapse, another caller): the end the caller wants.
+        Err(e) if e.reason.as_deref() == Some("HOLD_NOT_ACTIVE") => {
+            match load(txn, tenant, hold_id, None).await? {
+                Some(hold) if hold.status == "released" => hold,
+                _ => return Err(e),
+            }
+        }
+        Err(e) => return Err(e),
+    };
     Ok(pb::ReleaseResponse {
+        balance: Some(
+            account_balance(txn, tenant, &settled.customer_id, &settled.asset, now).await?,
+        ),
         hold: Some(settled.to_proto()),
-        balance: Some(account_balance(txn, tenant, &hold.customer_id, &hold.asset, now).await?),
     })
+}
+
+/// The capture transaction of hold `id`, for a reversal that names the hold: UNAVAILABLE
+/// while it is active (its capture may be on its way), HOLD_NOT_CAPTURED once released.
+pub async fn capture_of<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &str,
+    id: &str,
+) -> Result<String, Error> {
+    let row = conn
+        .query_one_raw(stmt(
+            conn,
+            "SELECT status, capture_transaction_id FROM holds WHERE tenant_id = $1 AND id = $2",
+            [tenant.into(), id.into()],
+        ))
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| Error::not_found(format!("hold `{id}`")))?;
+    let status: String = row.try_get_by_index(0).map_err(db_error)?;
+    let captured: Option<String> = row.try_get_by_index(1).map_err(db_error)?;
+    match (status.as_str(), captured) {
+        (_, Some(tx)) if !tx.is_empty() => Ok(tx),
+        ("active", _) => Err(Error::unavailable(format!(
+            "hold `{id}` is not captured yet; retry"
+        ))),
+        (status, _) => Err(Error::new(
+            Code::FailedPrecondition,
+            format!("hold `{id}` was {status}, not captured: there is nothing to reverse"),
+        )
+        .with_reason("HOLD_NOT_CAPTURED")),
+    }
 }
 
 /// Releases the tenant's holds past their expiry (up to a batch). Returns how many.

@@ -862,6 +862,12 @@ impl WalletService for Wallet {
             request.transaction_id = self
                 .credit_made_by(&ctx, "transaction_key", &request.transaction_key)
                 .await?;
+        } else if request.transaction_id.is_empty() && !request.hold_id.is_empty() {
+            let mut v = Violations::new();
+            check_id(&mut v, "hold_id", &request.hold_id);
+            v.finish()?;
+            request.transaction_id =
+                holds::capture_of(self.db.conn(), &ctx.tenant_id, &request.hold_id).await?;
         }
         let mut v = Violations::new();
         check_idempotency_key(&mut v, &request.idempotency_key);

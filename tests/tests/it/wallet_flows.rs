@@ -72,7 +72,26 @@ async fn reverse(
             amount,
             reason: "order returned".into(),
             customer_id: String::new(),
-            transaction_key: String::new(),
+            ..Default::default()
+        }))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn reverse_hold(
+    wallet: &mut Wallet,
+    suite: &TestSuite,
+    key: &str,
+    hold_id: &str,
+    amount: i64,
+) -> Result<pb::ReverseResponse, tonic::Status> {
+    wallet
+        .reverse(suite.ctx(TENANT).request(pb::ReverseRequest {
+            idempotency_key: key.into(),
+            hold_id: hold_id.into(),
+            amount,
+            reason: "order returned".into(),
+            ..Default::default()
         }))
         .await
         .map(tonic::Response::into_inner)
@@ -136,10 +155,12 @@ async fn holds_capture_release_and_refunds(suite: TestSuite) {
 
     // Refund 20 of the capture, then the rest: lots come back with their own expiry, the
     // latest-to-expire first.
+    // The first names the hold instead of its capture (what a service's command outbox sends).
     let capture_id = settled.capture_transaction_id;
-    let part = reverse(&mut wallet, &suite, "r1", &capture_id, 20)
+    let part = reverse_hold(&mut wallet, &suite, "r1", &h.id, 20)
         .await
         .unwrap();
+    assert_eq!(part.transaction.unwrap().amount, 20);
     let b = part.balance.unwrap();
     assert_eq!((b.available, b.expiring_30d), (100, 0));
     let over = reverse(&mut wallet, &suite, "r2", &capture_id, 101)
@@ -161,15 +182,38 @@ async fn holds_capture_release_and_refunds(suite: TestSuite) {
     let small = hold(&mut wallet, &suite, "h2", "hana", 10, None)
         .await
         .unwrap();
+    let small = small.hold.unwrap().id;
+    // Its capture cannot be reversed while it is active (the caller retries), nor once it
+    // is released.
+    let early = reverse_hold(&mut wallet, &suite, "r5", &small, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(early.code(), tonic::Code::Unavailable, "{early:?}");
     let released = wallet
         .release(suite.ctx(TENANT).request(pb::ReleaseRequest {
             idempotency_key: "rel1".into(),
-            hold_id: small.hold.unwrap().id,
+            hold_id: small.clone(),
         }))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(released.balance.unwrap().available, 200);
+    // Releasing it again, under another key, reports it as it stands and moves nothing.
+    let twice = wallet
+        .release(suite.ctx(TENANT).request(pb::ReleaseRequest {
+            idempotency_key: "rel2".into(),
+            hold_id: small.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(twice.hold.unwrap().status, pb::HoldStatus::Released as i32);
+    assert_eq!(twice.balance.unwrap().available, 200);
+    let late = reverse_hold(&mut wallet, &suite, "r6", &small, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), tonic::Code::FailedPrecondition, "{late:?}");
+    assert!(late.message().contains("not captured"), "{late:?}");
     hold(
         &mut wallet,
         &suite,
@@ -501,7 +545,7 @@ async fn reversals_refund_debits_and_claw_back_credits(suite: TestSuite) {
             amount: -1,
             reason: " ".into(),
             customer_id: String::new(),
-            transaction_key: String::new(),
+            ..Default::default()
         }))
         .await
         .unwrap_err();

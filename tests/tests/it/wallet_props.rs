@@ -219,7 +219,7 @@ async fn step(
                     amount,
                     reason: "prop".into(),
                     customer_id: String::new(),
-                    transaction_key: String::new(),
+                    ..Default::default()
                 }))
                 .await?;
         }
