@@ -155,6 +155,10 @@ pub enum Failure {
     Retry(String),
     /// Retrying cannot help: dead-letter it now.
     Permanent(String),
+    /// Not a failure: part of a long item was done and saved; the rest is claimed again at
+    /// once (by any worker), and this claim does not count as an attempt. Long work is cut
+    /// into slices so a lease never has to outlast it and other items get their turn.
+    Unfinished,
 }
 
 /// One queue of a service's database.
@@ -250,6 +254,7 @@ impl Queue {
         let (error, dead) = match failure {
             Failure::Retry(e) => (e, item.attempts >= self.policy.max_attempts),
             Failure::Permanent(e) => (e, true),
+            Failure::Unfinished => return self.again(token, item).await,
         };
         let error: String = error.chars().take(MAX_ERROR).collect();
         let now = now_micros();
@@ -288,6 +293,22 @@ impl Queue {
         } else {
             tracing::info!(service = self.service, queue = self.name, id = item.id, kind = %item.kind, attempts = item.attempts, error = %error, "work item will be retried");
         }
+        Ok(())
+    }
+
+    /// An unfinished item: due again now, its attempt given back (only while `token` holds it).
+    async fn again(&self, token: &str, item: &Item) -> Result<(), Error> {
+        let conn = self.db.conn();
+        conn.execute_raw(stmt(
+            conn,
+            "UPDATE work_queue SET next_attempt_at = $3, attempts = attempts - 1, \
+             lease_token = NULL WHERE id = $1 AND lease_token = $2",
+            [item.id.into(), token.into(), now_micros().into()],
+        ))
+        .await
+        .map_err(db_error)?;
+        metrics::counter!("tessera_queue_items_total", "service" => self.service, "queue" => self.name, "outcome" => "unfinished")
+            .increment(1);
         Ok(())
     }
 
@@ -565,17 +586,17 @@ impl Worker {
                 }
                 reported = Some(Instant::now());
             }
-            let handled = match self.run_once().await {
+            let (handled, unfinished) = match self.pass().await {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::warn!(queue = self.queue.name, error = %e, "queue pass failed");
-                    0
+                    (0, false)
                 }
             };
             if shutdown.is_cancelled() {
                 break;
             }
-            if handled < self.config.batch as usize {
+            if handled < self.config.batch as usize && !unfinished {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = self.wake.notified() => tokio::time::sleep(LINGER).await,
@@ -592,12 +613,18 @@ impl Worker {
 
     /// One claim, handled and settled. Returns how many items it held.
     pub async fn run_once(&self) -> Result<usize, Error> {
+        self.pass().await.map(|(count, _)| count)
+    }
+
+    /// One claim, handled and settled: how many items it held, and whether some of them
+    /// are unfinished (so the next claim should not wait).
+    async fn pass(&self) -> Result<(usize, bool), Error> {
         let (token, items) = self
             .queue
             .claim(self.config.batch, self.config.lease)
             .await?;
         if items.is_empty() {
-            return Ok(0);
+            return Ok((0, false));
         }
         let count = items.len();
         let ctx = BatchContext {
@@ -607,14 +634,18 @@ impl Worker {
         };
         let results = self.handler.handle_all(items, &ctx).await;
         let mut done = Vec::with_capacity(results.len());
+        let mut unfinished = false;
         for (item, result) in &results {
             match result {
                 Ok(()) => done.push(item.id),
-                Err(failure) => self.queue.fail(&token, item, failure).await?,
+                Err(failure) => {
+                    unfinished |= *failure == Failure::Unfinished;
+                    self.queue.fail(&token, item, failure).await?;
+                }
             }
         }
         self.queue.complete(&token, &done).await?;
-        Ok(count)
+        Ok((count, unfinished))
     }
 }
 

@@ -1,27 +1,37 @@
 //! Bulk code generation as a background job with progress.
 //!
-//! A job row records what was asked and how many codes exist so far. The runner generates
-//! batches of random codes from the pool's pattern and inserts them with
-//! `ON CONFLICT DO NOTHING` (so codes stay unique per tenant), adding what was really
-//! inserted to the job's count in the same transaction: progress is exact, and a job that
-//! was interrupted (crash, deploy) resumes where it stopped. A runner holds a lease on the
-//! job, renewed with every batch, so two replicas never run one job at once.
+//! A job row records what was asked and how many codes exist so far; the work itself is an
+//! item of the service's durable queue (`generation`), pushed in the transaction that
+//! records the job. The [`Generator`] handles it in slices: batches of random codes from
+//! the pool's pattern, inserted with `ON CONFLICT DO NOTHING` (so codes stay unique per
+//! tenant), adding what was really inserted to the job's count in the same transaction
+//! under the job row's lock. Progress is exact; after a slice the item goes back to the
+//! queue ([`Failure::Unfinished`]), so a lease never has to outlast a million codes, jobs of
+//! several tenants take turns, and a job whose worker died (crash, deploy) is resumed by
+//! any replica where it stopped once the lease ends.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult};
 use tessera_proto::catalog::v1 as pb;
 use tessera_runtime::error::Violations;
 use tessera_runtime::{Code, Error, RequestContext};
 use tessera_store::outbox::{self, micros_to_timestamp};
+use tessera_store::queue::{
+    Failure, Handler, Item, NewItem, Queue, RetryPolicy, Worker, WorkerConfig, push,
+};
 use tessera_store::{Db, db_error, now_micros, stmt};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::codes::{self, code_row, insert_codes, pool_window};
 use crate::pattern::Pattern;
+
+/// The queue generation work waits in.
+const QUEUE: &str = "generation";
+/// What a generation item is.
+const KIND: &str = "catalog.generate";
 
 const RUNNING: &str = "running";
 const SUCCEEDED: &str = "succeeded";
@@ -29,8 +39,10 @@ const FAILED: &str = "failed";
 
 /// Codes per batch (one transaction).
 const BATCH: i64 = 10_000;
-/// How long a runner's claim on a job lasts without renewal.
-const LEASE_MICROS: i64 = 30_000_000;
+/// How long a worker's claim on a job lasts: a slice takes far less.
+const LEASE: Duration = Duration::from_secs(30);
+/// How long one slice of a job runs before the job goes back to the queue.
+const SLICE: Duration = Duration::from_secs(2);
 /// Batches in a row that add no new code before the job gives up (pattern exhausted). The
 /// last batches of a job are small (what is left), and in a pool a quarter full one code
 /// collides a quarter of the time: five in a row gave up about once in 800 jobs.
@@ -135,6 +147,7 @@ pub async fn create(
     ))
     .await
     .map_err(db_error)?;
+    push(txn, [work(&ctx.tenant_id, &id)]).await?;
     let data = serde_json::json!({
         "job_id": id, "pool_id": pool_id, "requested": count, "principal": ctx.principal,
     });
@@ -142,88 +155,95 @@ pub async fn create(
     get(txn, &ctx.tenant_id, &id).await
 }
 
-/// Runs generation jobs in this process.
-#[derive(Clone)]
+/// The queue item that runs job `id`.
+fn work(tenant: &str, id: &str) -> NewItem {
+    NewItem {
+        queue: QUEUE,
+        tenant: tenant.to_string(),
+        key: id.to_string(),
+        kind: KIND.to_string(),
+        payload: id.as_bytes().to_vec(),
+        not_before: None,
+    }
+}
+
+/// Puts running jobs without a queue item (recorded before generation used the queue)
+/// on the queue; a job whose item waits or is held is skipped. Returns how many were new.
+pub async fn adopt_running(db: &Db) -> Result<u64, Error> {
+    let conn = db.conn();
+    let rows = conn
+        .query_all_raw(stmt(
+            conn,
+            "SELECT tenant_id, id FROM generation_jobs WHERE status = $1",
+            [RUNNING.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    let items = rows
+        .iter()
+        .map(|row| {
+            let tenant: String = row.try_get_by_index(0).map_err(db_error)?;
+            let id: String = row.try_get_by_index(1).map_err(db_error)?;
+            Ok(work(&tenant, &id))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    if items.is_empty() {
+        return Ok(0);
+    }
+    push(conn, items).await
+}
+
+/// Runs generation jobs: the handler of the `generation` queue.
 pub struct Generator {
     db: Db,
-    owner: String,
-    running: Arc<Mutex<HashSet<(String, String)>>>,
     relay_wake: Arc<Notify>,
-    shutdown: CancellationToken,
 }
 
 impl Generator {
-    pub fn new(db: Db, relay_wake: Arc<Notify>, shutdown: CancellationToken) -> Self {
-        Self {
-            db,
-            owner: uuid::Uuid::new_v4().to_string(),
-            running: Arc::default(),
-            relay_wake,
-            shutdown,
+    /// The worker that runs the jobs of `db` (two at a time per replica).
+    pub fn worker(db: Db, service: &'static str, relay_wake: Arc<Notify>) -> Worker {
+        let queue = Queue::new(db.clone(), service, QUEUE, RetryPolicy::default());
+        let config = WorkerConfig {
+            batch: 2,
+            concurrency: 2,
+            lease: LEASE,
+            poll: Duration::from_secs(1),
+        };
+        Worker::new(queue, Arc::new(Self { db, relay_wake }), config)
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for Generator {
+    async fn handle(&self, item: &Item) -> Result<(), Failure> {
+        let id = String::from_utf8_lossy(&item.payload);
+        match self.slice(&item.tenant, &id).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Failure::Unfinished),
+            Err(e) if e.code == Code::NotFound => Err(Failure::Permanent(e.message)),
+            Err(e) => Err(Failure::Retry(e.message)),
         }
     }
+}
 
-    /// Starts a runner for the job unless this process runs it already.
-    pub fn start(&self, tenant: &str, job_id: &str) {
-        let key = (tenant.to_string(), job_id.to_string());
-        if !self.running.lock().expect("job set").insert(key.clone()) {
-            return;
-        }
-        let this = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = this.run(&key.0, &key.1).await {
-                tracing::warn!(tenant = %key.0, job = %key.1, error = %e, "code generation stopped");
-            }
-            this.running.lock().expect("job set").remove(&key);
-        });
-    }
-
-    /// Resumes jobs whose runner is gone (lease expired), now and then every lease period.
-    pub async fn resume(self) {
-        loop {
-            if let Err(e) = self.resume_once().await {
-                tracing::warn!(error = %e, "resuming code generation jobs failed");
-            }
-            tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_micros(LEASE_MICROS as u64)) => {}
-            }
-        }
-    }
-
-    async fn resume_once(&self) -> Result<(), Error> {
-        let conn = self.db.conn();
-        let rows = conn
-            .query_all_raw(stmt(
-                conn,
-                "SELECT tenant_id, id FROM generation_jobs WHERE status = $1 AND lease_until < $2",
-                [RUNNING.into(), now_micros().into()],
-            ))
-            .await
-            .map_err(db_error)?;
-        for row in rows {
-            let tenant: String = row.try_get_by_index(0).map_err(db_error)?;
-            let id: String = row.try_get_by_index(1).map_err(db_error)?;
-            self.start(&tenant, &id);
-        }
-        Ok(())
-    }
-
-    async fn run(&self, tenant: &str, job_id: &str) -> Result<(), Error> {
+impl Generator {
+    /// Runs job `job_id` for up to [`SLICE`]; returns whether it is over.
+    async fn slice(&self, tenant: &str, job_id: &str) -> Result<bool, Error> {
         let job = get(self.db.conn(), tenant, job_id).await?;
         let pool = codes::get_pool(self.db.conn(), tenant, &job.pool_id).await?;
         let pattern = pattern_of(&pool)?;
         let max_uses = i64::from(pool.definition.as_ref().map_or(1, |d| d.max_uses.max(1)));
         let window = pool_window(&pool);
+        let started = Instant::now();
         let mut empty_batches = 0;
-        while !self.shutdown.is_cancelled() {
+        while started.elapsed() < SLICE {
             let txn = self.db.begin_write().await?;
             let lock = self.db.backend().row_lock();
             let row = txn
                 .query_one_raw(stmt(
                     &txn,
                     &format!(
-                        "SELECT requested, generated, status, owner, lease_until FROM generation_jobs \
+                        "SELECT requested, generated, status FROM generation_jobs \
                          WHERE tenant_id = $1 AND id = $2{lock}"
                     ),
                     [tenant.into(), job_id.into()],
@@ -234,13 +254,8 @@ impl Generator {
             let requested: i64 = row.try_get_by_index(0).map_err(db_error)?;
             let generated: i64 = row.try_get_by_index(1).map_err(db_error)?;
             let status: String = row.try_get_by_index(2).map_err(db_error)?;
-            let owner: Option<String> = row.try_get_by_index(3).map_err(db_error)?;
-            let lease_until: i64 = row.try_get_by_index(4).map_err(db_error)?;
-            let now = now_micros();
-            if status != RUNNING
-                || (owner.as_deref() != Some(self.owner.as_str()) && lease_until > now)
-            {
-                return Ok(());
+            if status != RUNNING {
+                return Ok(true);
             }
             let left = requested - generated;
             if left <= 0 || empty_batches >= MAX_EMPTY_BATCHES {
@@ -264,7 +279,7 @@ impl Generator {
                 .await?;
                 txn.commit().await.map_err(db_error)?;
                 self.relay_wake.notify_one();
-                return Ok(());
+                return Ok(true);
             }
             let batch = left.min(BATCH);
             let mut drawn = HashSet::with_capacity(batch as usize);
@@ -275,6 +290,7 @@ impl Generator {
                 }
             }
             let drawn = drawn.into_iter().collect();
+            let now = now_micros();
             let inserted = insert_codes(&txn, tenant, drawn, |code| {
                 code_row(tenant, &pool, code, max_uses, window, Some(job_id), now)
             })
@@ -283,21 +299,15 @@ impl Generator {
             empty_batches = if inserted == 0 { empty_batches + 1 } else { 0 };
             txn.execute_raw(stmt(
                 &txn,
-                "UPDATE generation_jobs SET generated = generated + $3, owner = $4, lease_until = $5 \
+                "UPDATE generation_jobs SET generated = generated + $3 \
                  WHERE tenant_id = $1 AND id = $2",
-                [
-                    tenant.into(),
-                    job_id.into(),
-                    inserted.into(),
-                    self.owner.clone().into(),
-                    (now + LEASE_MICROS).into(),
-                ],
+                [tenant.into(), job_id.into(), inserted.into()],
             ))
             .await
             .map_err(db_error)?;
             txn.commit().await.map_err(db_error)?;
         }
-        Ok(())
+        Ok(false)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -313,7 +323,7 @@ impl Generator {
     ) -> Result<(), Error> {
         txn.execute_raw(stmt(
             txn,
-            "UPDATE generation_jobs SET status = $3, error = $4, finished_at = $5, lease_until = 0 \
+            "UPDATE generation_jobs SET status = $3, error = $4, finished_at = $5 \
              WHERE tenant_id = $1 AND id = $2",
             [
                 tenant.into(),

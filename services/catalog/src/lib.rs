@@ -54,8 +54,12 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         Arc::new(publisher),
         config.outbox.clone(),
     );
-    let generator = jobs::Generator::new(db.clone(), relay.waker(), shutdown.clone());
+    let generation = jobs::Generator::worker(db.clone(), SERVICE, relay.waker());
     let commands = commands::worker(db.clone(), SERVICE, config)?;
+    let adopted = jobs::adopt_running(&db).await?;
+    if adopted > 0 {
+        tracing::info!(adopted, "running generation jobs moved onto the queue");
+    }
     let moved = gift_cards::adopt_waiting_loads(&db).await?;
     if moved > 0 {
         tracing::info!(moved, "gift-card loads moved onto the command outbox");
@@ -67,8 +71,8 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
             Duration::from_secs(config.idempotency.in_flight_lease_secs),
         )
         .waking(relay.waker())
-        .waking(commands.waker()),
-        generator: generator.clone(),
+        .waking(commands.waker())
+        .waking(generation.waker()),
     };
     Ok(Component::new(SERVICE)
         .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
@@ -81,7 +85,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
             );
         })
         .task(tokio::spawn(relay.run(shutdown.clone())))
-        .task(tokio::spawn(generator.resume()))
+        .task(tokio::spawn(generation.run(shutdown.clone())))
         .task(tokio::spawn(backfill_sync(db.clone())))
         .task(tokio::spawn(commands.run(shutdown)))
         .probe(db.probe()))

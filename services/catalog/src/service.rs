@@ -15,7 +15,7 @@ use tessera_store::idempotency::Idempotency;
 use tessera_store::{Db, now_micros};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::jobs::{self, Generator};
+use crate::jobs;
 use crate::publications::{self, Publish};
 use crate::{codes, rewards};
 use crate::{pattern, policy};
@@ -23,7 +23,6 @@ use crate::{pattern, policy};
 pub struct Catalog {
     pub db: Db,
     pub idempotency: Idempotency,
-    pub generator: Generator,
 }
 
 /// A channel name: 1 to 64 of a-z, 0-9, `_`, `-`.
@@ -506,11 +505,6 @@ impl CatalogService for Catalog {
                 },
             )
             .await?;
-        if let Some(job) = &response.job
-            && job.status == pb::JobStatus::Running as i32
-        {
-            self.generator.start(&ctx.tenant_id, &job.id);
-        }
         Ok(Response::new(response))
     }
 

@@ -121,6 +121,28 @@ async fn claims_are_fenced_retried_and_dead_lettered(suite: TestSuite) {
         .unwrap();
     let dead = letters.dead(TENANT, "permanent", 0, 10).await.unwrap();
     assert_eq!(dead[0].attempts, 1);
+
+    // An unfinished item (a slice of long work done) is due again at once and its claims do
+    // not use up its attempts, however many slices it takes.
+    push(db.conn(), [item("sliced", "s")]).await.unwrap();
+    let q = Queue::new(db.clone(), "wallet", "sliced", quick);
+    for _ in 0..5 {
+        let (token, items) = q.claim(10, lease).await.unwrap();
+        assert_eq!(items.len(), 1, "due again at once");
+        assert_eq!(items[0].attempts, 1);
+        q.fail(&token, &items[0], &Failure::Unfinished)
+            .await
+            .unwrap();
+    }
+    let (token, items) = q.claim(10, lease).await.unwrap();
+    assert_eq!(q.complete(&token, &[items[0].id]).await.unwrap(), 1);
+    assert!(
+        letters
+            .dead(TENANT, "sliced", 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     suite.cleanup().await;
 }
 
