@@ -110,7 +110,7 @@ pub async fn push<C: ConnectionTrait>(
 }
 
 /// How a failed item is retried.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RetryPolicy {
     /// Claims before the item is dead-lettered.
     pub max_attempts: i32,
@@ -118,6 +118,9 @@ pub struct RetryPolicy {
     pub base: Duration,
     /// Longest delay.
     pub cap: Duration,
+    /// Instead of doubling, a fixed schedule: entry `n` is the delay before attempt `n + 1`
+    /// (entry 0, the first attempt's, is unused); the item is dead after its last entry.
+    pub schedule: Vec<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -127,13 +130,28 @@ impl Default for RetryPolicy {
             max_attempts: 20,
             base: Duration::from_secs(1),
             cap: Duration::from_secs(300),
+            schedule: Vec::new(),
         }
     }
 }
 
 impl RetryPolicy {
+    /// A fixed schedule in seconds (a service's `retry_schedule_secs`): see `schedule`.
+    pub fn scheduled(secs: &[u64]) -> Self {
+        let schedule: Vec<Duration> = secs.iter().map(|s| Duration::from_secs(*s)).collect();
+        Self {
+            max_attempts: i32::try_from(schedule.len().max(1)).unwrap_or(i32::MAX),
+            schedule,
+            ..Self::default()
+        }
+    }
+
     /// The delay after `attempts` failed claims, before jitter.
     pub fn delay(&self, attempts: i32) -> Duration {
+        if !self.schedule.is_empty() {
+            let at = usize::try_from(attempts.max(1)).unwrap_or(usize::MAX);
+            return self.schedule[at.min(self.schedule.len() - 1)];
+        }
         let exp = u32::try_from(attempts.clamp(1, 31) - 1).unwrap_or(0);
         self.base
             .checked_mul(1u32 << exp.min(20))
@@ -660,6 +678,15 @@ mod tests {
         assert_eq!(p.delay(4), Duration::from_secs(8));
         assert_eq!(p.delay(30), Duration::from_secs(300));
         assert_eq!(p.delay(i32::MAX), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_schedule_gives_each_retry_its_delay() {
+        let p = RetryPolicy::scheduled(&[0, 5, 300]);
+        assert_eq!(p.max_attempts, 3);
+        assert_eq!(p.delay(1), Duration::from_secs(5));
+        assert_eq!(p.delay(2), Duration::from_secs(300));
+        assert_eq!(p.delay(9), Duration::from_secs(300));
     }
 
     #[test]

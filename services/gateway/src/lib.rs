@@ -125,6 +125,7 @@ impl Gateway {
                 ("eligibility", &config.peers.eligibility_url),
                 ("campaign-scheduler", &config.peers.scheduler_url),
                 ("wallet", &config.peers.wallet_url),
+                ("notification", &config.peers.notification_url),
             ]
             .into_iter()
             .map(|(name, url)| {

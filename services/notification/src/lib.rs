@@ -17,6 +17,7 @@ mod service;
 pub mod signing;
 mod templates;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
@@ -292,12 +293,17 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         config.peer_timeout(),
     )?);
     let tokens = messages::Tokens::load(&db).await?;
-    let sender = messages::Sender::new(
+    let sender = messages::Sender::worker(
         db.clone(),
+        SERVICE,
         config.channels.clone(),
         eligibility,
         tokens.clone(),
     )?;
+    let adopted = messages::adopt_queued(&db).await?;
+    if adopted > 0 {
+        tracing::info!(adopted, "queued messages moved onto the queue");
+    }
     let service = service::Notification {
         db: db.clone(),
         webhooks: config.webhooks.clone(),
@@ -310,6 +316,10 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         dispatch: dispatcher.waker(),
     };
     Ok(Component::new(SERVICE)
+        .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
+            db.clone(),
+            SERVICE,
+        )))
         .grpc(GRPC_NAME, move |routes| {
             routes.add_service(NotificationServiceServer::new(service));
         })

@@ -1,7 +1,8 @@
 //! Messages to customers: queued by `SendMessage`, by events (`campaign.incentive_issued`
 //! and `campaign.reminder` name a channel and a template) and so by distributions; sent at
-//! least once by the [`Sender`], which claims due rows under a lease like the webhook
-//! dispatcher.
+//! least once by the [`Sender`], the handler of the service's durable queue `messages`: an
+//! item is pushed with each message, in its transaction, and a transient failure (the
+//! provider or eligibility unreachable) is retried on the configured schedule.
 //!
 //! Consent is decided when a message is sent, from the customer's profile as it is then
 //! (eligibility owns profiles and consents) and this service's unsubscribe list:
@@ -19,7 +20,6 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use rand::Rng;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
@@ -31,9 +31,10 @@ use tessera_proto::notification::v1 as pb;
 use tessera_runtime::config::ChannelsConfig;
 use tessera_runtime::{Code, Error, RequestContext, grpc};
 use tessera_store::outbox::micros_to_timestamp;
+use tessera_store::queue::{
+    Failure, Handler, Item, NewItem, Queue, RetryPolicy, Worker, WorkerConfig, push,
+};
 use tessera_store::{Db, db_error, insert_rows, now_micros, stmt};
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::channels::{Outgoing, SendError, Transports};
 use crate::templates;
@@ -95,11 +96,13 @@ pub async fn queue(
     now: i64,
 ) -> Result<u64, Error> {
     let mut written = 0;
+    let ids: Vec<String> = messages.iter().map(|_| new_id()).collect();
     let rows: Vec<Vec<Value>> = messages
         .into_iter()
-        .map(|m| {
+        .zip(&ids)
+        .map(|(m, id)| {
             vec![
-                new_id().into(),
+                id.clone().into(),
                 tenant.into(),
                 m.customer_id.into(),
                 (m.channel as i32).into(),
@@ -122,7 +125,51 @@ pub async fn queue(
         )
         .await?;
     }
+    // An item per message; one whose row was not written (its dedupe key was taken) finds
+    // nothing to send.
+    push(txn, ids.iter().map(|id| work(tenant, id))).await?;
     Ok(written)
+}
+
+/// The queue messages wait in.
+const QUEUE: &str = "messages";
+
+/// The queue item that sends message `id`.
+fn work(tenant: &str, id: &str) -> NewItem {
+    NewItem {
+        queue: QUEUE,
+        tenant: tenant.to_string(),
+        key: id.to_string(),
+        kind: "notification.message".to_string(),
+        payload: id.as_bytes().to_vec(),
+        not_before: None,
+    }
+}
+
+/// Puts queued messages without a queue item (queued before messages used the queue) on
+/// the queue; returns how many were new.
+pub async fn adopt_queued(db: &Db) -> Result<u64, Error> {
+    let conn = db.conn();
+    let rows = conn
+        .query_all_raw(stmt(
+            conn,
+            "SELECT tenant_id, id FROM messages WHERE status = 'queued'",
+            [],
+        ))
+        .await
+        .map_err(db_error)?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            let tenant: String = r.try_get_by_index(0).map_err(db_error)?;
+            let id: String = r.try_get_by_index(1).map_err(db_error)?;
+            Ok(work(&tenant, &id))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    if items.is_empty() {
+        return Ok(0);
+    }
+    push(conn, items).await
 }
 
 /// Message ids grow with time (the list's cursor).
@@ -457,117 +504,106 @@ impl Settled {
     }
 }
 
-/// Claims and sends due messages.
-#[derive(Clone)]
+/// Sends messages: the handler of the `messages` queue.
 pub struct Sender {
     db: Db,
-    owner: String,
     config: ChannelsConfig,
     transports: Arc<Transports>,
     eligibility: EligibilityServiceClient<grpc::Channel>,
     tokens: Tokens,
-    wake: Arc<Notify>,
+    policy: RetryPolicy,
 }
 
 /// Messages sent at once by one process.
 const CONCURRENCY: usize = 16;
 
 impl Sender {
-    pub fn new(
+    /// The worker that sends `db`'s messages.
+    pub fn worker(
         db: Db,
+        service: &'static str,
         config: ChannelsConfig,
         eligibility: EligibilityServiceClient<grpc::Channel>,
         tokens: Tokens,
-    ) -> anyhow::Result<Self> {
-        Ok(Self {
+    ) -> anyhow::Result<Worker> {
+        let policy = RetryPolicy::scheduled(&config.retry_schedule_secs);
+        let queue = Queue::new(db.clone(), service, QUEUE, policy.clone());
+        // A claim lasts while its messages go out, CONCURRENCY at a time, each within the
+        // transport's timeout, and their outcomes are written.
+        let rounds = u64::from(config.batch_size)
+            .div_ceil(CONCURRENCY as u64)
+            .max(1);
+        let worker_config = WorkerConfig {
+            batch: config.batch_size,
+            concurrency: CONCURRENCY,
+            lease: Duration::from_secs(rounds * (config.timeout_secs + 5)),
+            poll: Duration::from_millis(250),
+        };
+        let sender = Self {
             db,
-            owner: format!("notification-{}", uuid::Uuid::new_v4().simple()),
             transports: Arc::new(Transports::new(&config)?),
             config,
             eligibility,
             tokens,
-            wake: Arc::new(Notify::new()),
-        })
+            policy,
+        };
+        Ok(Worker::new(queue, Arc::new(sender), worker_config))
     }
 
-    pub fn waker(&self) -> Arc<Notify> {
-        self.wake.clone()
-    }
-
-    /// Claims and sends until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) {
-        loop {
-            let claimed = match self.claim().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "message claim failed");
-                    Vec::new()
-                }
-            };
-            let idle = claimed.is_empty();
-            let this = &self;
-            futures::stream::iter(claimed)
-                .for_each_concurrent(CONCURRENCY, |c| async move {
-                    let outcome = this.attempt(&c).await;
-                    if let Err(e) = this.settle(&c, outcome).await {
-                        tracing::warn!(message = %c.id, error = %e, "message outcome not recorded; the lease will bring it back");
-                    }
-                })
-                .await;
-            if !idle {
-                continue;
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(Duration::from_millis(250)) => {}
-            }
-        }
-    }
-
-    async fn claim(&self) -> Result<Vec<Claimed>, Error> {
-        let now = now_micros();
-        // Time for the server to answer and the outcome to be written: a process that dies
-        // mid-send has its messages tried again after this.
-        let lease_until =
-            now + i64::try_from(self.config.timeout_secs + 5).unwrap_or(20) * 1_000_000;
+    /// The message, while it is still queued.
+    async fn load(&self, tenant: &str, id: &str) -> Result<Option<Claimed>, Error> {
         let conn = self.db.conn();
-        let rows = conn
-            .query_all_raw(stmt(
+        let row = conn
+            .query_one_raw(stmt(
                 conn,
-                "UPDATE messages SET lease_owner = $1, lease_until = $2 \
-                 WHERE status = 'queued' AND lease_until < $3 AND id IN (\
-                   SELECT id FROM messages WHERE status = 'queued' AND next_attempt_at <= $3 \
-                   AND lease_until < $3 ORDER BY next_attempt_at LIMIT $4) \
-                 RETURNING id, tenant_id, customer_id, channel, template, campaign_id, \
-                 variables, attempts",
-                [
-                    self.owner.clone().into(),
-                    lease_until.into(),
-                    now.into(),
-                    i64::from(self.config.batch_size).into(),
-                ],
+                "SELECT id, tenant_id, customer_id, channel, template, campaign_id, variables, \
+                 attempts FROM messages WHERE tenant_id = $1 AND id = $2 AND status = 'queued'",
+                [tenant.into(), id.into()],
             ))
             .await
             .map_err(db_error)?;
-        rows.iter()
-            .map(|r| {
-                let channel: i32 = r.try_get_by_index(3)?;
-                Ok(Claimed {
-                    id: r.try_get_by_index(0)?,
-                    tenant: r.try_get_by_index(1)?,
-                    customer: r.try_get_by_index(2)?,
-                    channel: pb::Channel::try_from(channel).unwrap_or_default(),
-                    template: r.try_get_by_index(4)?,
-                    campaign: r.try_get_by_index(5)?,
-                    variables: r.try_get_by_index(6)?,
-                    attempts: r.try_get_by_index(7)?,
-                })
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let claimed = (|| {
+            let channel: i32 = r.try_get_by_index(3)?;
+            Ok::<_, sea_orm::DbErr>(Claimed {
+                id: r.try_get_by_index(0)?,
+                tenant: r.try_get_by_index(1)?,
+                customer: r.try_get_by_index(2)?,
+                channel: pb::Channel::try_from(channel).unwrap_or_default(),
+                template: r.try_get_by_index(4)?,
+                campaign: r.try_get_by_index(5)?,
+                variables: r.try_get_by_index(6)?,
+                attempts: r.try_get_by_index(7)?,
             })
-            .collect::<Result<Vec<_>, sea_orm::DbErr>>()
-            .map_err(db_error)
+        })()
+        .map_err(db_error)?;
+        Ok(Some(claimed))
     }
+}
 
+#[async_trait::async_trait]
+impl Handler for Sender {
+    async fn handle(&self, item: &Item) -> Result<(), Failure> {
+        let id = String::from_utf8_lossy(&item.payload);
+        let retry = |e: Error| Failure::Retry(e.message);
+        let Some(c) = self.load(&item.tenant, &id).await.map_err(retry)? else {
+            // Sent or settled already, or never written (its dedupe key was taken).
+            return Ok(());
+        };
+        let outcome = self.attempt(&c).await;
+        let last = item.attempts >= self.policy.max_attempts;
+        let transient = outcome.as_ref().err().cloned();
+        self.settle(&c, outcome, last).await.map_err(retry)?;
+        match transient {
+            Some(detail) if !last => Err(Failure::Retry(detail)),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Sender {
     /// Decides, renders and sends one message. `Err` is a transient failure.
     async fn attempt(&self, c: &Claimed) -> Result<Settled, String> {
         let ctx = RequestContext::system(c.tenant.clone(), crate::SERVICE);
@@ -741,21 +777,23 @@ impl Sender {
             .is_some())
     }
 
-    async fn settle(&self, c: &Claimed, outcome: Result<Settled, String>) -> Result<(), Error> {
+    /// Records an attempt's outcome; a transient failure leaves the message queued (the
+    /// queue retries it) unless it was the `last` attempt.
+    async fn settle(
+        &self,
+        c: &Claimed,
+        outcome: Result<Settled, String>,
+        last: bool,
+    ) -> Result<(), Error> {
         let now = now_micros();
         let attempts = c.attempts + 1;
-        let schedule = &self.config.retry_schedule_secs;
-        let (s, next) = match outcome {
-            Ok(s) => (s, now),
-            Err(detail) if usize::try_from(attempts).unwrap_or(usize::MAX) >= schedule.len() => {
-                (Settled::failed("RETRIES_EXHAUSTED", detail), now)
-            }
+        let s = match outcome {
+            Ok(s) => s,
+            Err(detail) if last => Settled::failed("RETRIES_EXHAUSTED", detail),
             Err(detail) => {
-                let delay = schedule[usize::try_from(attempts).unwrap_or(0)] as f64;
-                let jitter = rand::rng().random_range(0.8..1.2);
                 let mut s = Settled::failed("", detail);
                 s.status = pb::MessageStatus::Queued;
-                (s, now + (delay * jitter * 1_000_000.0) as i64)
+                s
             }
         };
         let finished = if s.status == pb::MessageStatus::Queued {
@@ -764,15 +802,17 @@ impl Sender {
             now
         };
         let conn = self.db.conn();
+        // Only while it is queued: a slower attempt of a claim that lapsed does not write
+        // over an outcome.
         let updated = conn
             .execute_raw(stmt(
                 conn,
                 "UPDATE messages SET status = $3, reason = $4, detail = $5, purpose = $6, \
-                 recipient = $7, subject = $8, attempts = $9, next_attempt_at = $10, \
-                 finished_at = $11, lease_until = 0 WHERE id = $1 AND lease_owner = $2",
+                 recipient = $7, subject = $8, attempts = $9, finished_at = $10 \
+                 WHERE tenant_id = $1 AND id = $2 AND status = 'queued'",
                 [
+                    c.tenant.clone().into(),
                     c.id.clone().into(),
-                    self.owner.clone().into(),
                     status_name(s.status).into(),
                     s.reason.into(),
                     s.detail.chars().take(1000).collect::<String>().into(),
@@ -780,7 +820,6 @@ impl Sender {
                     s.recipient.into(),
                     s.subject.into(),
                     attempts.into(),
-                    next.into(),
                     finished.into(),
                 ],
             ))
@@ -788,7 +827,10 @@ impl Sender {
             .map_err(db_error)?
             .rows_affected();
         if updated == 0 {
-            return Err(Error::new(Code::Aborted, "lease lost"));
+            return Err(Error::new(
+                Code::Aborted,
+                "the message was settled meanwhile",
+            ));
         }
         metrics::counter!("tessera_messages_total", "channel" => channel_name(c.channel), "status" => status_name(s.status))
             .increment(1);

@@ -35,6 +35,7 @@ async fn claims_are_fenced_retried_and_dead_lettered(suite: TestSuite) {
         max_attempts: 2,
         base: Duration::from_millis(1),
         cap: Duration::from_millis(5),
+        schedule: Vec::new(),
     };
 
     // Three workers claiming at once take different items, and all of them.
@@ -46,7 +47,7 @@ async fn claims_are_fenced_retried_and_dead_lettered(suite: TestSuite) {
         0,
         "a waiting key is not added twice"
     );
-    let q = Queue::new(db.clone(), "wallet", "spread", quick);
+    let q = Queue::new(db.clone(), "wallet", "spread", quick.clone());
     let lease = Duration::from_secs(60);
     let (a, b, c) = tokio::join!(
         q.claim(120, lease),
@@ -63,7 +64,7 @@ async fn claims_are_fenced_retried_and_dead_lettered(suite: TestSuite) {
 
     // A claim whose lease ran out is taken over, and the first owner can settle nothing.
     push(db.conn(), [item("fenced", "only")]).await.unwrap();
-    let q = Queue::new(db.clone(), "wallet", "fenced", quick);
+    let q = Queue::new(db.clone(), "wallet", "fenced", quick.clone());
     let (old, first) = q.claim(10, Duration::ZERO).await.unwrap();
     assert_eq!(first.len(), 1);
     let (new, second) = q.claim(10, lease).await.unwrap();
@@ -77,7 +78,7 @@ async fn claims_are_fenced_retried_and_dead_lettered(suite: TestSuite) {
 
     // A failure comes back after its backoff; the last attempt is dead-lettered.
     push(db.conn(), [item("retried", "r")]).await.unwrap();
-    let q = Queue::new(db.clone(), "wallet", "retried", quick);
+    let q = Queue::new(db.clone(), "wallet", "retried", quick.clone());
     let (token, items) = q.claim(10, lease).await.unwrap();
     q.fail(&token, &items[0], &Failure::Retry("busy".into()))
         .await
