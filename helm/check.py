@@ -92,6 +92,9 @@ def check_shape(label, docs, hpas, policies):
         secret_env = [e for e in c.get("env", []) if e["name"] == "TESSERA_INTERNAL_SECRET"]
         if not secret_env or "secretKeyRef" not in secret_env[0].get("valueFrom", {}):
             fail(f"[{label}] {full} does not take the internal secret from a Secret")
+        master_env = [e for e in c.get("env", []) if e["name"] == "TESSERA_SECRETS__MASTER_KEY"]
+        if not master_env or "secretKeyRef" not in master_env[0].get("valueFrom", {}):
+            fail(f"[{label}] {full} does not take the master key from a Secret")
         if "checksum/config" not in d["spec"]["template"]["metadata"]["annotations"]:
             fail(f"[{label}] {full} has no config checksum")
     jobs = [d for _, d in docs if d["kind"] == "Job"]

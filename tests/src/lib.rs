@@ -71,6 +71,9 @@ pub fn test_config(backend: Backend) -> Option<Config> {
     config.gateway.rate_limit_per_key_per_minute = 0;
     config.gateway.rate_limit_per_customer_per_minute = 0;
     if backend == Backend::Production {
+        // A shared database needs the master key configured (SQLite suites keep theirs in
+        // their data directory).
+        config.secrets.master_key = Some(tessera_runtime::sealing::new_key_text("test"));
         let (Ok(db), Ok(redis)) = (
             std::env::var("TESSERA_TEST_DATABASE_URL"),
             std::env::var("TESSERA_TEST_REDIS_URL"),

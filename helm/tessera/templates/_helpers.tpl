@@ -68,6 +68,17 @@ app.kubernetes.io/component: {{ .name }}
     secretKeyRef:
       name: {{ include "tessera.internalSecretName" . }}
       key: {{ .Values.internalSecret.key }}
+- name: TESSERA_SECRETS__MASTER_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tessera.internalSecretName" . }}
+      key: {{ .Values.internalSecret.masterKeyKey }}
+- name: TESSERA_SECRETS__RETIRED_MASTER_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tessera.internalSecretName" . }}
+      key: {{ .Values.internalSecret.retiredMasterKeysKey }}
+      optional: true
 {{- end -}}
 
 {{/* The Secret holding the suite's shared secret: the operator's, or the chart's own. */}}

@@ -51,6 +51,7 @@ pub struct Config {
     /// Deployment each: the chart keeps it in a Secret); `tessera up` runs every service in
     /// one process and makes up its own when unset.
     pub internal_secret: Option<String>,
+    pub secrets: SecretsConfig,
     pub database: DatabaseConfig,
     pub cache: CacheConfig,
     pub telemetry: TelemetryConfig,
@@ -243,6 +244,19 @@ pub struct OutboxConfig {
     pub lease_secs: u64,
 }
 
+/// Master keys of the secrets stored sealed (`crate::sealing`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// The key that seals (`TESSERA_SECRETS__MASTER_KEY`): `<id>:<base64 of 32 bytes>`, the
+    /// same in every replica. Unset: an embedded installation keeps one in
+    /// `data_dir/master.key`; with a shared database it is derived from `internal_secret`.
+    pub master_key: Option<String>,
+    /// Retired keys that still open what they sealed (`TESSERA_SECRETS__RETIRED_MASTER_KEYS`,
+    /// comma-separated `<id>:<base64>`): during a rotation.
+    pub retired_master_keys: String,
+}
+
 /// Idempotency keys.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -276,6 +290,7 @@ impl Default for Config {
             metrics_addr: None,
             shutdown_drain_secs: 0,
             internal_secret: None,
+            secrets: SecretsConfig::default(),
             database: DatabaseConfig::default(),
             cache: CacheConfig::default(),
             telemetry: TelemetryConfig::default(),
@@ -406,6 +421,18 @@ impl Config {
             && secret.len() < crate::auth::MIN_SECRET_LEN
         {
             return invalid("internal_secret", "must be at least 32 characters");
+        }
+        if let Some(key) = &self.secrets.master_key
+            && let Err(problem) = crate::sealing::parse_key(key)
+        {
+            return invalid("secrets.master_key", &problem);
+        }
+        for key in self.secrets.retired_master_keys.split(',') {
+            if !key.trim().is_empty()
+                && let Err(problem) = crate::sealing::parse_key(key)
+            {
+                return invalid("secrets.retired_master_keys", &problem);
+            }
         }
         if let Some(url) = &self.database.url
             && !(url.starts_with("postgres://")

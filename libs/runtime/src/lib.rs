@@ -14,6 +14,7 @@ pub mod error;
 pub mod grpc;
 pub mod metrics;
 pub mod ops;
+pub mod sealing;
 pub mod shutdown;
 pub mod telemetry;
 

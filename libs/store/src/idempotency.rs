@@ -157,6 +157,8 @@ pub struct Idempotency {
     db: Db,
     lease: Duration,
     wake: Vec<Arc<Notify>>,
+    /// Seals stored answers (a service whose answers carry secrets).
+    keyring: Option<tessera_runtime::sealing::Keyring>,
 }
 
 impl Idempotency {
@@ -165,6 +167,35 @@ impl Idempotency {
             db,
             lease,
             wake: Vec::new(),
+            keyring: None,
+        }
+    }
+
+    /// Stores answers sealed with `keyring` (bound to tenant, scope and key): for a service
+    /// whose answers carry secrets shown once (a webhook's signing secret), which a replay
+    /// must give again but the database must not hold in the clear.
+    pub fn sealing(mut self, keyring: tessera_runtime::sealing::Keyring) -> Self {
+        self.keyring = Some(keyring);
+        self
+    }
+
+    fn answer_context(tenant: &str, scope: &str, key: &str) -> String {
+        format!("idempotency-answer\n{tenant}\n{scope}\n{key}")
+    }
+
+    /// A stored answer's bytes, opened when sealed.
+    fn reveal(
+        &self,
+        tenant: &str,
+        scope: &str,
+        key: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, Error> {
+        match (&self.keyring, std::str::from_utf8(&body)) {
+            (Some(keyring), Ok(text)) if text.starts_with("sealed:") => {
+                keyring.open(text, &Self::answer_context(tenant, scope, key))
+            }
+            _ => Ok(body),
         }
     }
 
@@ -251,7 +282,8 @@ impl Idempotency {
         let body: Option<Vec<u8>> = row.try_get_by_index(1).map_err(db_error)?;
         let body = body.unwrap_or_default();
         Ok(Some(match code.unwrap_or(0) {
-            0 => R::decode(body.as_slice()).map_err(Error::internal),
+            0 => R::decode(self.reveal(tenant, scope, key, body)?.as_slice())
+                .map_err(Error::internal),
             code => Err(decode_error(code, &body)),
         }))
     }
@@ -294,7 +326,8 @@ impl Idempotency {
         let body: Option<Vec<u8>> = row.try_get_by_index(4).map_err(db_error)?;
         let body = body.unwrap_or_default();
         Ok(Some(Stored::Done(match code.unwrap_or(0) {
-            0 => R::decode(body.as_slice()).map_err(Error::internal),
+            0 => R::decode(self.reveal(&ctx.tenant_id, scope, key, body)?.as_slice())
+                .map_err(Error::internal),
             code => Err(decode_error(code, &body)),
         })))
     }
@@ -307,7 +340,16 @@ impl Idempotency {
         claim: &Claim,
         response: &R,
     ) -> Result<(), Error> {
-        self.finish(txn, claim, 0, response.encode_to_vec()).await
+        let body = match &self.keyring {
+            Some(keyring) => keyring
+                .seal(
+                    &response.encode_to_vec(),
+                    &Self::answer_context(&claim.tenant_id, &claim.scope, &claim.key),
+                )
+                .into_bytes(),
+            None => response.encode_to_vec(),
+        };
+        self.finish(txn, claim, 0, body).await
     }
 
     async fn finish<C: ConnectionTrait>(

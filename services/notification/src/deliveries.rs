@@ -21,6 +21,7 @@ use serde_json::json;
 use tessera_proto::notification::v1 as pb;
 use tessera_runtime::Error;
 use tessera_runtime::config::WebhooksConfig;
+use tessera_runtime::sealing::Keyring;
 use tessera_store::outbox::micros_to_timestamp;
 use tessera_store::{Db, db_error, insert_rows, now_micros, stmt};
 use tokio::sync::Notify;
@@ -266,6 +267,8 @@ pub struct Dispatcher {
     /// Deliveries this process has in flight, per endpoint.
     in_flight: Arc<Mutex<HashMap<String, u32>>>,
     wake: Arc<Notify>,
+    /// Opens the endpoints' sealed signing secrets.
+    keyring: Keyring,
 }
 
 fn micros(d: Duration) -> i64 {
@@ -273,7 +276,7 @@ fn micros(d: Duration) -> i64 {
 }
 
 impl Dispatcher {
-    pub fn new(db: Db, config: WebhooksConfig) -> anyhow::Result<Self> {
+    pub fn new(db: Db, config: WebhooksConfig, keyring: Keyring) -> anyhow::Result<Self> {
         // Connections go only to addresses the SSRF guard checked in the same lookup (no
         // DNS-rebinding window between the check and the connection).
         let resolver =
@@ -291,6 +294,7 @@ impl Dispatcher {
             config,
             in_flight: Arc::default(),
             wake: Arc::new(Notify::new()),
+            keyring,
         })
     }
 
@@ -448,7 +452,9 @@ impl Dispatcher {
         .map_err(Error::internal)?;
         let now = now_micros();
         let sent_at = now / 1_000_000;
-        let signature = signing::header(&endpoint.signing_secrets(now), &c.id, sent_at, &body);
+        let secrets = endpoint.signing_secrets(&self.keyring, &c.tenant, now)?;
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        let signature = signing::header(&secrets, &c.id, sent_at, &body);
         let started = Instant::now();
         let guard =
             endpoints::check_url(&endpoint.endpoint.url, &self.config.allowed_hosts, "url").await;

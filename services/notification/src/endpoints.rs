@@ -7,8 +7,9 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use tessera_proto::notification::v1 as pb;
 use tessera_runtime::Error;
 use tessera_runtime::error::Violations;
+use tessera_runtime::sealing::Keyring;
 use tessera_store::outbox::micros_to_timestamp;
-use tessera_store::{db_error, stmt};
+use tessera_store::{Db, db_error, stmt};
 
 /// Deliveries in flight per endpoint when not set.
 pub const DEFAULT_CONCURRENCY: u32 = 8;
@@ -23,14 +24,89 @@ pub struct Stored {
 }
 
 impl Stored {
-    /// The secrets that sign now: the current one, and the previous one until its overlap ends.
-    pub fn signing_secrets(&self, now: i64) -> Vec<&str> {
-        let mut out = vec![self.secret.as_str()];
+    /// The secrets that sign now, opened: the current one, and the previous one until its
+    /// overlap ends.
+    pub fn signing_secrets(
+        &self,
+        keyring: &Keyring,
+        tenant: &str,
+        now: i64,
+    ) -> Result<Vec<String>, Error> {
+        let context = secret_context(tenant, &self.endpoint.id);
+        let mut out = vec![keyring.open_text(&self.secret, &context)?];
         if !self.previous_secret.is_empty() && now < self.previous_until {
-            out.push(self.previous_secret.as_str());
+            out.push(keyring.open_text(&self.previous_secret, &context)?);
         }
-        out
+        Ok(out)
     }
+}
+
+/// What an endpoint's sealed secrets are bound to (both of them: a rotation moves the
+/// current one to `previous_secret` as it is).
+fn secret_context(tenant: &str, endpoint: &str) -> String {
+    format!("webhook-secret\n{tenant}\n{endpoint}")
+}
+
+/// Brings every endpoint's secrets under the keyring's current master key (sealing those
+/// written before sealing, re-wrapping those under a retired key), one row at a time and
+/// only if the row did not change meanwhile. Returns how many values were rewritten.
+pub async fn reseal(db: &Db, keyring: &Keyring) -> Result<u64, Error> {
+    let conn = db.conn();
+    let rows = conn
+        .query_all_raw(stmt(
+            conn,
+            "SELECT tenant_id, id, secret, previous_secret FROM webhook_endpoints",
+            [],
+        ))
+        .await
+        .map_err(db_error)?;
+    let (mut rewritten, mut current, mut unopenable) = (0, 0u64, 0u64);
+    for row in &rows {
+        let text = |i| -> Result<String, Error> { row.try_get_by_index(i).map_err(db_error) };
+        let (tenant, id) = (text(0)?, text(1)?);
+        let context = secret_context(&tenant, &id);
+        for (column, at) in [("secret", 2), ("previous_secret", 3)] {
+            let stored = text(at)?;
+            if stored.is_empty() {
+                continue;
+            }
+            let fresh = match keyring.rewrap(&stored, &context) {
+                Ok(None) => {
+                    current += 1;
+                    continue;
+                }
+                Ok(Some(fresh)) => fresh,
+                Err(e) => {
+                    tracing::error!(tenant, endpoint = %id, error = %e, "a webhook secret does not open with the configured master keys");
+                    unopenable += 1;
+                    continue;
+                }
+            };
+            current += 1;
+            rewritten += conn
+                .execute_raw(stmt(
+                    conn,
+                    &format!(
+                        "UPDATE webhook_endpoints SET {column} = $4 \
+                         WHERE tenant_id = $1 AND id = $2 AND {column} = $3"
+                    ),
+                    [
+                        tenant.clone().into(),
+                        id.clone().into(),
+                        stored.into(),
+                        fresh.into(),
+                    ],
+                ))
+                .await
+                .map_err(db_error)?
+                .rows_affected();
+        }
+    }
+    metrics::gauge!("tessera_sealed_secrets", "service" => crate::SERVICE, "state" => "current")
+        .set(current as f64);
+    metrics::gauge!("tessera_sealed_secrets", "service" => crate::SERVICE, "state" => "unopenable")
+        .set(unopenable as f64);
+    Ok(rewritten)
 }
 
 /// Whether an event type is one an endpoint asked for: listed, under a `prefix.*`, or the
@@ -221,14 +297,16 @@ pub async fn list<C: ConnectionTrait>(
     Ok((out, more))
 }
 
-/// Stores a new endpoint with its secret.
+/// Stores a new endpoint with its secret (sealed).
 pub async fn create(
     txn: &DatabaseTransaction,
+    keyring: &Keyring,
     tenant: &str,
     e: &pb::WebhookEndpoint,
     secret: &str,
     now: i64,
 ) -> Result<(), Error> {
+    let sealed = keyring.seal(secret.as_bytes(), &secret_context(tenant, &e.id));
     txn.execute_raw(stmt(
         txn,
         "INSERT INTO webhook_endpoints (tenant_id, id, url, description, event_types, enabled, \
@@ -245,7 +323,7 @@ pub async fn create(
                 .into(),
             i32::try_from(e.max_concurrency).unwrap_or(8).into(),
             now.into(),
-            secret.into(),
+            sealed.into(),
         ],
     ))
     .await
@@ -288,15 +366,17 @@ pub async fn update(
     Ok(())
 }
 
-/// Makes `secret` the signing secret; the current one keeps signing until `until`.
+/// Makes `secret` the signing secret (sealed); the current one keeps signing until `until`.
 pub async fn rotate(
     txn: &DatabaseTransaction,
+    keyring: &Keyring,
     tenant: &str,
     id: &str,
     secret: &str,
     until: i64,
     now: i64,
 ) -> Result<(), Error> {
+    let sealed = keyring.seal(secret.as_bytes(), &secret_context(tenant, id));
     let changed = txn
         .execute_raw(stmt(
             txn,
@@ -305,7 +385,7 @@ pub async fn rotate(
             [
                 tenant.into(),
                 id.into(),
-                secret.into(),
+                sealed.into(),
                 until.into(),
                 now.into(),
             ],

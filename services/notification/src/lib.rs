@@ -24,6 +24,7 @@ use sea_orm_migration::{MigrationTrait, MigratorTrait};
 use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
 use tessera_proto::notification::v1::notification_service_server::NotificationServiceServer;
 use tessera_runtime::component::{self, Component};
+use tessera_runtime::sealing::Keyring;
 use tessera_runtime::{Config, grpc};
 use tessera_store::Db;
 use tessera_store::idempotency::Idempotency;
@@ -287,12 +288,14 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
 /// Connects, migrates and assembles the notification service.
 pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Component> {
     let db = Db::open::<Migrator>(config, SERVICE).await?;
-    let dispatcher = deliveries::Dispatcher::new(db.clone(), config.webhooks.clone())?;
+    let keyring = Keyring::from_config(config)?;
+    let dispatcher =
+        deliveries::Dispatcher::new(db.clone(), config.webhooks.clone(), keyring.clone())?;
     let eligibility = EligibilityServiceClient::new(grpc::channel(
         &config.peers.eligibility_url,
         config.peer_timeout(),
     )?);
-    let tokens = messages::Tokens::load(&db).await?;
+    let tokens = messages::Tokens::load(&db, &keyring).await?;
     let sender = messages::Sender::worker(
         db.clone(),
         SERVICE,
@@ -312,8 +315,10 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         idempotency: Idempotency::new(
             db.clone(),
             Duration::from_secs(config.idempotency.in_flight_lease_secs),
-        ),
+        )
+        .sealing(keyring.clone()),
         dispatch: dispatcher.waker(),
+        keyring: keyring.clone(),
     };
     Ok(Component::new(SERVICE)
         .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
@@ -323,9 +328,26 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         .grpc(GRPC_NAME, move |routes| {
             routes.add_service(NotificationServiceServer::new(service));
         })
+        .task(tokio::spawn(reseal(db.clone(), keyring)))
         .task(tokio::spawn(dispatcher.run(shutdown.clone())))
         .task(tokio::spawn(sender.run(shutdown)))
         .probe(db.probe()))
+}
+
+/// Brings the stored webhook secrets under the current master key (once, at start: after
+/// a master-key rotation, the first replica with the new key re-wraps them).
+async fn reseal(db: Db, keyring: Keyring) {
+    match endpoints::reseal(&db, &keyring).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            secrets = n,
+            key = keyring.current_id(),
+            "webhook secrets sealed under the current master key"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "webhook secrets not re-sealed; retried at the next start")
+        }
+    }
 }
 
 /// Runs notification alone on `listener` until `shutdown`.

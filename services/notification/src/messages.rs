@@ -29,6 +29,7 @@ use tessera_proto::eligibility::v1 as epb;
 use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
 use tessera_proto::notification::v1 as pb;
 use tessera_runtime::config::ChannelsConfig;
+use tessera_runtime::sealing::Keyring;
 use tessera_runtime::{Code, Error, RequestContext, grpc};
 use tessera_store::outbox::micros_to_timestamp;
 use tessera_store::queue::{
@@ -402,15 +403,18 @@ pub struct Tokens {
 
 impl Tokens {
     /// Loads the signing key, creating it on first start.
-    pub async fn load(db: &Db) -> Result<Self, Error> {
+    /// The unsubscribe key, made on first use; stored sealed (one written before sealing, or
+    /// under a retired master key, is sealed again under the current one).
+    pub async fn load(db: &Db, keyring: &Keyring) -> Result<Self, Error> {
         let conn = db.conn();
         let mut fresh = [0u8; 32];
         rand::rng().fill(&mut fresh);
+        let sealed = keyring.seal(&fresh, UNSUBSCRIBE_CONTEXT);
         conn.execute_raw(stmt(
             conn,
             "INSERT INTO notification_secrets (name, value) VALUES ('unsubscribe', $1) \
              ON CONFLICT (name) DO NOTHING",
-            [fresh.to_vec().into()],
+            [sealed.into_bytes().into()],
         ))
         .await
         .map_err(db_error)?;
@@ -423,9 +427,23 @@ impl Tokens {
             .await
             .map_err(db_error)?
             .ok_or_else(|| Error::internal("unsubscribe key missing"))?;
-        Ok(Self {
-            key: Arc::new(row.try_get_by_index(0).map_err(db_error)?),
-        })
+        let stored: Vec<u8> = row.try_get_by_index(0).map_err(db_error)?;
+        let key = match String::from_utf8(stored.clone()) {
+            Ok(text) if text.starts_with("sealed:") => {
+                let key = keyring.open(&text, UNSUBSCRIBE_CONTEXT)?;
+                if let Some(rewrapped) = keyring.rewrap(&text, UNSUBSCRIBE_CONTEXT)? {
+                    store_if_unchanged(db, &stored, rewrapped.into_bytes()).await?;
+                }
+                key
+            }
+            // Raw bytes, from before secrets were sealed.
+            _ => {
+                let sealed = keyring.seal(&stored, UNSUBSCRIBE_CONTEXT);
+                store_if_unchanged(db, &stored, sealed.into_bytes()).await?;
+                stored
+            }
+        };
+        Ok(Self { key: Arc::new(key) })
     }
 
     fn mac(&self, payload: &[u8]) -> Vec<u8> {
@@ -456,6 +474,22 @@ impl Tokens {
         let (tenant, customer, channel) = (parts.next()?, parts.next()?, parts.next()?);
         Some((tenant.into(), customer.into(), channel_from(channel)))
     }
+}
+
+/// What the sealed unsubscribe key is bound to.
+const UNSUBSCRIBE_CONTEXT: &str = "notification-secret\nunsubscribe";
+
+/// Replaces the stored unsubscribe key's form, unless another replica did meanwhile.
+async fn store_if_unchanged(db: &Db, was: &[u8], new: Vec<u8>) -> Result<(), Error> {
+    let conn = db.conn();
+    conn.execute_raw(stmt(
+        conn,
+        "UPDATE notification_secrets SET value = $2 WHERE name = 'unsubscribe' AND value = $1",
+        [was.to_vec().into(), new.into()],
+    ))
+    .await
+    .map_err(db_error)?;
+    Ok(())
 }
 
 /// A claimed message.

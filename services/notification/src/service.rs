@@ -31,6 +31,8 @@ pub struct Notification {
     pub dispatch: Arc<Notify>,
     /// Signs and reads unsubscribe links.
     pub tokens: messages::Tokens,
+    /// Seals webhook signing secrets.
+    pub keyring: tessera_runtime::sealing::Keyring,
     /// Wakes the message sender.
     pub send: Arc<Notify>,
 }
@@ -279,6 +281,7 @@ impl NotificationService for Notification {
             ..Default::default()
         };
         let tenant = ctx.tenant_id.clone();
+        let keyring = self.keyring.clone();
         let response = self
             .idempotency
             .run(
@@ -289,7 +292,7 @@ impl NotificationService for Notification {
                 move |txn| {
                     Box::pin(async move {
                         let secret = signing::new_secret();
-                        endpoints::create(txn, &tenant, &endpoint, &secret, now).await?;
+                        endpoints::create(txn, &keyring, &tenant, &endpoint, &secret, now).await?;
                         Ok(pb::CreateWebhookEndpointResponse {
                             endpoint: Some(endpoint),
                             secret,
@@ -399,6 +402,7 @@ impl NotificationService for Notification {
             request.overlap_seconds
         };
         let (tenant, id) = (ctx.tenant_id.clone(), request.id.clone());
+        let keyring = self.keyring.clone();
         let response = self
             .idempotency
             .run(
@@ -411,7 +415,7 @@ impl NotificationService for Notification {
                         let now = now_micros();
                         let until = now + overlap * 1_000_000;
                         let secret = signing::new_secret();
-                        endpoints::rotate(txn, &tenant, &id, &secret, until, now).await?;
+                        endpoints::rotate(txn, &keyring, &tenant, &id, &secret, until, now).await?;
                         Ok(pb::RotateWebhookSecretResponse {
                             secret,
                             previous_valid_until: Some(micros_to_timestamp(until)),

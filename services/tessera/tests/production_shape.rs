@@ -124,6 +124,11 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
             "TESSERA_INTERNAL_SECRET".into(),
             format!("shape-secret-{id}-0123456789abcdef"),
         ),
+        // Webhook secrets and the unsubscribe key are sealed with it (the chart's Secret).
+        (
+            "TESSERA_SECRETS__MASTER_KEY".into(),
+            tessera_runtime::sealing::new_key_text("shape"),
+        ),
         (
             "TESSERA_PEERS__GATEWAY_URL".into(),
             format!("http://127.0.0.1:{}", ports["gateway"]),

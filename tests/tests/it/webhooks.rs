@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::HeaderMap;
+use sea_orm::ConnectionTrait;
 use tessera_proto::notification::v1 as pb;
 use tessera_proto::notification::v1::notification_service_client::NotificationServiceClient;
 use tessera_runtime::RequestContext;
@@ -291,17 +292,65 @@ async fn rotation_filters_guard_and_slow_endpoints(suite: TestSuite) {
         .await
         .expect("endpoint");
     let (old, id) = (created.secret, created.endpoint.expect("endpoint").id);
+    let rotation = pb::RotateWebhookSecretRequest {
+        idempotency_key: key(),
+        id: id.clone(),
+        overlap_seconds: 3600,
+    };
     let new = c
-        .rotate_webhook_secret(suite.ctx(TENANT).request(pb::RotateWebhookSecretRequest {
-            idempotency_key: key(),
-            id: id.clone(),
-            overlap_seconds: 3600,
-        }))
+        .rotate_webhook_secret(suite.ctx(TENANT).request(rotation.clone()))
         .await
         .expect("rotate")
         .into_inner()
         .secret;
     assert_ne!(new, old);
+    // A replay gives the same secret back from the stored (sealed) answer.
+    let replayed = c
+        .rotate_webhook_secret(suite.ctx(TENANT).request(rotation))
+        .await
+        .expect("rotate replayed")
+        .into_inner()
+        .secret;
+    assert_eq!(replayed, new);
+    // Neither secret is in the database in the clear: not in the endpoint's row, not in the
+    // stored answers of the creation and the rotation.
+    let db = suite.db("notification").await;
+    let conn = db.conn();
+    let rows = conn
+        .query_all_raw(tessera_store::stmt(
+            conn,
+            "SELECT secret, previous_secret FROM webhook_endpoints",
+            [],
+        ))
+        .await
+        .expect("endpoints");
+    for row in &rows {
+        for i in 0..2 {
+            let stored: String = row.try_get_by_index(i).expect("secret column");
+            assert!(
+                stored.is_empty() || stored.starts_with("sealed:v1:"),
+                "{stored}"
+            );
+            assert!(!stored.contains(&old) && !stored.contains(&new));
+        }
+    }
+    let answers = conn
+        .query_all_raw(tessera_store::stmt(
+            conn,
+            "SELECT response FROM idempotency_keys",
+            [],
+        ))
+        .await
+        .expect("answers");
+    assert!(!answers.is_empty());
+    for row in &answers {
+        let body: Option<Vec<u8>> = row.try_get_by_index(0).expect("response");
+        let body = String::from_utf8_lossy(body.as_deref().unwrap_or_default()).into_owned();
+        assert!(
+            !body.contains(&old) && !body.contains(&new),
+            "a secret in the clear"
+        );
+    }
     publish(&mut c, &["campaign.started"]).await;
     eventually(Duration::from_secs(5), "the delivery", || async {
         (sink.received().len() == 1).then_some(())

@@ -36,6 +36,9 @@ impl Process {
 /// The suite's shared secret in these tests: the processes they start sign their calls to
 /// each other with it, and the test signs its own calls with it (as a service of the suite).
 pub const SECRET: &str = "process-tests-internal-secret-0123456789";
+/// The master key of the processes' sealed secrets (the same in every one of them, as the
+/// chart's Secret makes it).
+pub const MASTER_KEY: &str = "process-test:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
 
 /// `message` as a call on behalf of the `default` tenant with `role`, signed with
 /// [`SECRET`] (so no gateway is needed to check an API key).
@@ -58,6 +61,7 @@ pub fn serve(service: &str, env: &HashMap<String, String>) -> Process {
         .env_clear()
         .envs(env)
         .env("TESSERA_INTERNAL_SECRET", SECRET)
+        .env("TESSERA_SECRETS__MASTER_KEY", MASTER_KEY)
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
