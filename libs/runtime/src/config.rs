@@ -52,6 +52,7 @@ pub struct Config {
     /// one process and makes up its own when unset.
     pub internal_secret: Option<String>,
     pub secrets: SecretsConfig,
+    pub retention: RetentionConfig,
     pub database: DatabaseConfig,
     pub cache: CacheConfig,
     pub telemetry: TelemetryConfig,
@@ -257,6 +258,40 @@ pub struct SecretsConfig {
     pub retired_master_keys: String,
 }
 
+/// How long what grows with use is kept (`tessera_store::retention`); 0 keeps forever.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Minutes between purges (each service purges its own tables).
+    pub interval_minutes: u64,
+    /// Hours a settled idempotency key answers a retry (at least 24).
+    pub idempotency_hours: u64,
+    /// Days a dead letter stays listed for replay.
+    pub dead_letters_days: u64,
+    /// Days received events, settled webhook deliveries and their attempts stay.
+    pub events_days: u64,
+    /// Days a finished message (sent, skipped, failed) stays in the customer's log.
+    pub messages_days: u64,
+    /// Days finished jobs (code generation, the scheduler's runs) and code-guess failures stay.
+    pub jobs_days: u64,
+    /// Days the audit log keeps an entry.
+    pub audit_days: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            interval_minutes: 60,
+            idempotency_hours: 72,
+            dead_letters_days: 30,
+            events_days: 30,
+            messages_days: 90,
+            jobs_days: 30,
+            audit_days: 400,
+        }
+    }
+}
+
 /// Idempotency keys.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -291,6 +326,7 @@ impl Default for Config {
             shutdown_drain_secs: 0,
             internal_secret: None,
             secrets: SecretsConfig::default(),
+            retention: RetentionConfig::default(),
             database: DatabaseConfig::default(),
             cache: CacheConfig::default(),
             telemetry: TelemetryConfig::default(),

@@ -10,5 +10,6 @@ pub mod idempotency;
 pub mod migrate;
 pub mod outbox;
 pub mod queue;
+pub mod retention;
 
 pub use db::{Backend, Db, db_error, insert_rows, now_micros, stmt, tuples};

@@ -327,6 +327,22 @@ pub fn plumbing() -> Vec<Box<dyn MigrationTrait>> {
                 ]
             },
         }),
+        // What retention purges by age (`crate::retention`).
+        Box::new(Migration {
+            name: "m0004_retention",
+            tables: Vec::new,
+            indexes: || {
+                vec![
+                    index(
+                        "idempotency_keys_age",
+                        "idempotency_keys",
+                        &["created_at"],
+                        false,
+                    ),
+                    index("work_queue_dead_age", "work_queue", &["dead_at"], false),
+                ]
+            },
+        }),
     ]
 }
 

@@ -315,6 +315,22 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         clock,
         jobs_wake: worker.waker(),
     };
+    let retention = tessera_store::retention::Purger::start(
+        db.clone(),
+        SERVICE,
+        {
+            let mut rules = tessera_store::retention::plumbing(&config.retention);
+            rules.push(tessera_store::retention::Rule::new(
+                "job_runs",
+                "ran_at",
+                "",
+                tessera_store::retention::days(config.retention.jobs_days),
+            ));
+            rules
+        },
+        &config.retention,
+    )
+    .await?;
     Ok(Component::new(SERVICE)
         .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
             db.clone(),
@@ -323,6 +339,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         .grpc(GRPC_NAME, |routes| {
             routes.add_service(SchedulerServiceServer::new(service));
         })
+        .task(tokio::spawn(retention.run(shutdown.clone())))
         .task(tokio::spawn(worker.run(shutdown.clone())))
         .task(tokio::spawn(commands.run(shutdown.clone())))
         .task(tokio::spawn(relay.run(shutdown)))

@@ -163,6 +163,12 @@ impl MigratorTrait for Migrator {
             },
             indexes: Vec::new,
         }));
+        // What retention purges by age (`tessera_store::retention`).
+        all.push(Box::new(Migration {
+            name: "m0403_retention",
+            tables: Vec::new,
+            indexes: || vec![index("job_runs_age", "job_runs", &["ran_at"], false)],
+        }));
         all
     }
 }

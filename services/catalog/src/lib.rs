@@ -74,6 +74,22 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         .waking(commands.waker())
         .waking(generation.waker()),
     };
+    let retention = tessera_store::retention::Purger::start(
+        db.clone(),
+        SERVICE,
+        {
+            let mut rules = tessera_store::retention::plumbing(&config.retention);
+            rules.push(tessera_store::retention::Rule::new(
+                "generation_jobs",
+                "finished_at",
+                "status <> 'running'",
+                tessera_store::retention::days(config.retention.jobs_days),
+            ));
+            rules
+        },
+        &config.retention,
+    )
+    .await?;
     Ok(Component::new(SERVICE)
         .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
             db.clone(),
@@ -84,6 +100,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
                 CatalogServiceServer::new(service).max_decoding_message_size(8 * 1024 * 1024),
             );
         })
+        .task(tokio::spawn(retention.run(shutdown.clone())))
         .task(tokio::spawn(relay.run(shutdown.clone())))
         .task(tokio::spawn(generation.run(shutdown.clone())))
         .task(tokio::spawn(backfill_sync(db.clone())))

@@ -208,6 +208,19 @@ impl MigratorTrait for Migrator {
                 ]
             },
         }));
+        // What retention purges by age (`tessera_store::retention`).
+        all.push(Box::new(Migration {
+            name: "m0104_retention",
+            tables: Vec::new,
+            indexes: || {
+                vec![index(
+                    "generation_jobs_finished",
+                    "generation_jobs",
+                    &["finished_at"],
+                    false,
+                )]
+            },
+        }));
         all
     }
 }

@@ -106,6 +106,22 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         commands: commands.clone(),
         holds,
     };
+    let retention = tessera_store::retention::Purger::start(
+        db.clone(),
+        SERVICE,
+        {
+            let mut rules = tessera_store::retention::plumbing(&config.retention);
+            rules.push(tessera_store::retention::Rule::new(
+                "code_failures",
+                "at",
+                "",
+                tessera_store::retention::days(config.retention.jobs_days),
+            ));
+            rules
+        },
+        &config.retention,
+    )
+    .await?;
     Ok(Component::new(SERVICE)
         .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
             db.clone(),
@@ -116,6 +132,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
                 EligibilityServiceServer::new(service).max_decoding_message_size(8 * 1024 * 1024),
             );
         })
+        .task(tokio::spawn(retention.run(shutdown.clone())))
         .task(gather_holds)
         .task(tokio::spawn(sweep(db.clone(), shutdown.clone())))
         .task(tokio::spawn(commands.run(shutdown.clone())))

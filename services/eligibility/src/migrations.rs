@@ -492,6 +492,12 @@ impl MigratorTrait for Migrator {
             },
             indexes: Vec::new,
         }));
+        // What retention purges by age (`tessera_store::retention`).
+        all.push(Box::new(Migration {
+            name: "m0211_retention",
+            tables: Vec::new,
+            indexes: || vec![index("code_failures_age", "code_failures", &["at"], false)],
+        }));
         all
     }
 }

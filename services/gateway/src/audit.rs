@@ -46,6 +46,27 @@ pub fn before_migration() -> AddColumns {
     }
 }
 
+/// What retention purges the log by (`tessera_store::retention`).
+pub fn retention_migration() -> Migration {
+    Migration {
+        name: "m0103_audit_retention",
+        tables: Vec::new,
+        indexes: || vec![index("audit_log_age", "audit_log", &["at"], false)],
+    }
+}
+
+/// The log's retention rule: entries stay `retention.audit_days`.
+pub fn retention_rule(
+    config: &tessera_runtime::config::RetentionConfig,
+) -> tessera_store::retention::Rule {
+    tessera_store::retention::Rule::new(
+        "audit_log",
+        "at",
+        "",
+        tessera_store::retention::days(config.audit_days),
+    )
+}
+
 /// Where the state before a write is read: (method, route) → the route that shows the
 /// object, with the same parameters.
 pub type Reads = HashMap<(String, String), &'static str>;

@@ -49,6 +49,7 @@ impl MigratorTrait for Migrator {
         all.push(Box::new(keys::migration()));
         all.push(Box::new(audit::migration()));
         all.push(Box::new(audit::before_migration()));
+        all.push(Box::new(audit::retention_migration()));
         all
     }
 }
@@ -82,6 +83,18 @@ pub struct Gateway {
     /// once (it is stored hashed).
     pub new_admin_key: Option<String>,
     keys: ApiKeys,
+    /// Purges the audit log and the plumbing tables past their retention.
+    retention: tessera_store::queue::Worker,
+}
+
+/// What the gateway keeps: the plumbing tables and the audit log
+/// (`retention.audit_days`).
+pub fn retention_rules(
+    config: &tessera_runtime::config::RetentionConfig,
+) -> Vec<tessera_store::retention::Rule> {
+    let mut rules = tessera_store::retention::plumbing(config);
+    rules.push(audit::retention_rule(config));
+    rules
 }
 
 /// Applies the gateway's migrations.
@@ -98,6 +111,13 @@ impl Gateway {
             .bootstrap(config.bootstrap_admin_key.as_deref())
             .await
             .map_err(|e| anyhow::anyhow!("bootstrap admin key: {e}"))?;
+        let retention = tessera_store::retention::Purger::start(
+            db.clone(),
+            SERVICE,
+            retention_rules(&config.retention),
+            &config.retention,
+        )
+        .await?;
         let wallet_channel = grpc::channel(&config.peers.wallet_url, config.peer_timeout())?;
         let state = AppState {
             keys: keys.clone(),
@@ -148,6 +168,7 @@ impl Gateway {
             router,
             new_admin_key,
             keys,
+            retention,
         })
     }
 
@@ -168,9 +189,11 @@ impl Gateway {
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
+        let purging = tokio::spawn(self.retention.run(shutdown.clone()));
         axum::serve(listener, self.router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await?;
+        let _ = purging.await;
         tracing::info!(%addr, "HTTP gateway stopped");
         Ok(())
     }

@@ -263,6 +263,19 @@ impl MigratorTrait for Migrator {
                 ]
             },
         }));
+        // What retention purges by age (`tessera_store::retention`).
+        all.push(Box::new(Migration {
+            name: "m0103_retention",
+            tables: Vec::new,
+            indexes: || {
+                vec![
+                    index("events_age", "events", &["received_at"], false),
+                    index("deliveries_age", "deliveries", &["created_at"], false),
+                    index("delivery_attempts_age", "delivery_attempts", &["at"], false),
+                    index("messages_finished", "messages", &["finished_at"], false),
+                ]
+            },
+        }));
         all
     }
 }
@@ -320,6 +333,13 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         dispatch: dispatcher.waker(),
         keyring: keyring.clone(),
     };
+    let retention = tessera_store::retention::Purger::start(
+        db.clone(),
+        SERVICE,
+        retention_rules(&config.retention),
+        &config.retention,
+    )
+    .await?;
     Ok(Component::new(SERVICE)
         .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
             db.clone(),
@@ -328,10 +348,46 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         .grpc(GRPC_NAME, move |routes| {
             routes.add_service(NotificationServiceServer::new(service));
         })
+        .task(tokio::spawn(retention.run(shutdown.clone())))
         .task(tokio::spawn(reseal(db.clone(), keyring)))
         .task(tokio::spawn(dispatcher.run(shutdown.clone())))
         .task(tokio::spawn(sender.run(shutdown)))
         .probe(db.probe()))
+}
+
+/// What notification keeps, besides the plumbing: received events (while none of their
+/// deliveries is pending), settled deliveries and their attempts, finished messages.
+pub fn retention_rules(
+    config: &tessera_runtime::config::RetentionConfig,
+) -> Vec<tessera_store::retention::Rule> {
+    let events = tessera_store::retention::days(config.events_days);
+    let mut rules = tessera_store::retention::plumbing(config);
+    rules.extend([
+        tessera_store::retention::Rule::new(
+            "events",
+            "received_at",
+            "NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.tenant_id = events.tenant_id \
+             AND d.event_id = events.event_id AND d.status = 'pending')",
+            events,
+        ),
+        tessera_store::retention::Rule::new(
+            "deliveries",
+            "created_at",
+            "status <> 'pending'",
+            events,
+        ),
+        tessera_store::retention::Rule {
+            tenanted: false,
+            ..tessera_store::retention::Rule::new("delivery_attempts", "at", "", events)
+        },
+        tessera_store::retention::Rule::new(
+            "messages",
+            "finished_at",
+            "status <> 'queued'",
+            tessera_store::retention::days(config.messages_days),
+        ),
+    ]);
+    rules
 }
 
 /// Brings the stored webhook secrets under the current master key (once, at start: after

@@ -65,6 +65,13 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         .waking(commands.waker()),
         sweeps: service::Sweeps::default(),
     };
+    let retention = tessera_store::retention::Purger::start(
+        db.clone(),
+        SERVICE,
+        tessera_store::retention::plumbing(&config.retention),
+        &config.retention,
+    )
+    .await?;
     Ok(Component::new(SERVICE)
         .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
             db.clone(),
@@ -73,6 +80,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         .grpc(GRPC_NAME, move |routes| {
             routes.add_service(WalletServiceServer::new(service));
         })
+        .task(tokio::spawn(retention.run(shutdown.clone())))
         .task(tokio::spawn(commands.run(shutdown.clone())))
         .task(tokio::spawn(relay.run(shutdown)))
         .probe(db.probe()))

@@ -19,6 +19,7 @@ mod policy;
 mod pool_codes;
 mod queue;
 mod redemption;
+mod retention;
 mod scheduler;
 mod segment_cache;
 mod slice;

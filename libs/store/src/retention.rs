@@ -1,0 +1,249 @@
+//! Retention: every table that grows with use says how long its rows stay ([`Rule`]), and
+//! each service purges what is past its time from its own durable queue (queue
+//! `retention`): one item per period (`retention.interval_minutes`), claimed by one replica,
+//! worked in slices of bounded deletes (at most [`BATCH`] rows per statement, one tenant at a
+//! time, so no statement holds many locks or runs long), handed back between slices
+//! ([`Failure::Unfinished`]), and the next period's item pushed when the purge is done.
+//!
+//! What is purged is what nobody needs any more: settled idempotency keys after their
+//! replay window (at least a day), dead letters after they were left unreplayed, delivered
+//! events and settled webhook deliveries with their attempts, finished messages, finished
+//! jobs, old code-guess failures, and the audit log last (400 days by default). A setting of
+//! 0 keeps that class forever.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sea_orm::ConnectionTrait;
+use tessera_runtime::Error;
+use tessera_runtime::config::RetentionConfig;
+
+use crate::db::{Backend, Db, db_error, now_micros, stmt};
+use crate::queue::{
+    Failure, Handler, Item, NewItem, Queue, RetryPolicy, Worker, WorkerConfig, push,
+};
+
+/// Rows one statement deletes at most.
+pub const BATCH: i64 = 1_000;
+/// How long one slice of a purge runs before it goes back to the queue.
+const SLICE: Duration = Duration::from_secs(1);
+/// The queue purges wait in.
+const QUEUE: &str = "retention";
+
+/// How long the rows of one table stay.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub table: &'static str,
+    /// The column holding the time the row's age counts from (µs since the epoch).
+    pub at: &'static str,
+    /// What else a row must be to go (settled, finished…), as SQL; `""`: nothing else.
+    pub when: &'static str,
+    /// Whether the table has a `tenant_id` (deletes are then bound to one tenant at a time).
+    pub tenanted: bool,
+    /// How long rows stay; `None`: forever.
+    pub keep: Option<Duration>,
+}
+
+impl Rule {
+    /// A tenant-scoped table's rule.
+    pub fn new(
+        table: &'static str,
+        at: &'static str,
+        when: &'static str,
+        keep: Option<Duration>,
+    ) -> Self {
+        Self {
+            table,
+            at,
+            when,
+            tenanted: true,
+            keep,
+        }
+    }
+}
+
+/// `n` days, or `None` (forever) for 0.
+pub fn days(n: u64) -> Option<Duration> {
+    (n > 0).then(|| Duration::from_secs(n * 86_400))
+}
+
+/// The rules of the plumbing tables every service has: settled idempotency keys (kept at
+/// least a day, so a retry within it still gets its answer) and dead letters.
+pub fn plumbing(config: &RetentionConfig) -> Vec<Rule> {
+    vec![
+        Rule::new(
+            "idempotency_keys",
+            "created_at",
+            "state = 'done'",
+            (config.idempotency_hours > 0)
+                .then(|| Duration::from_secs(config.idempotency_hours.max(24) * 3_600)),
+        ),
+        Rule::new(
+            "work_queue",
+            "dead_at",
+            "dead_at IS NOT NULL",
+            days(config.dead_letters_days),
+        ),
+    ]
+}
+
+/// Purges one service's tables: the handler of its `retention` queue.
+pub struct Purger {
+    db: Db,
+    service: &'static str,
+    rules: Vec<Rule>,
+    interval: Duration,
+}
+
+impl Purger {
+    pub fn new(db: Db, service: &'static str, rules: Vec<Rule>, config: &RetentionConfig) -> Self {
+        Self {
+            db,
+            service,
+            rules,
+            interval: Duration::from_secs(config.interval_minutes.max(1) * 60),
+        }
+    }
+
+    /// The worker that purges `db` by `rules` every `config.interval_minutes`, and the
+    /// first period's item pushed (a period's item is pushed once, whatever the replicas).
+    pub async fn start(
+        db: Db,
+        service: &'static str,
+        rules: Vec<Rule>,
+        config: &RetentionConfig,
+    ) -> Result<Worker, Error> {
+        let purger = Self::new(db.clone(), service, rules, config);
+        push(db.conn(), [purger.period_item(now_micros(), true)]).await?;
+        let queue = Queue::new(db, service, QUEUE, RetryPolicy::default());
+        let config = WorkerConfig {
+            batch: 1,
+            concurrency: 1,
+            lease: Duration::from_secs(60),
+            poll: Duration::from_secs(5),
+        };
+        Ok(Worker::new(queue, Arc::new(purger), config))
+    }
+
+    /// The item of the period holding `at` (due now when `now`), else of the next one.
+    fn period_item(&self, at: i64, now: bool) -> NewItem {
+        let period = i64::try_from(self.interval.as_micros()).unwrap_or(i64::MAX);
+        let slot = at / period + i64::from(!now);
+        NewItem {
+            queue: QUEUE,
+            tenant: String::new(),
+            key: format!("purge@{slot}"),
+            kind: "retention.purge".into(),
+            payload: Vec::new(),
+            not_before: (!now).then_some(slot * period),
+        }
+    }
+
+    /// Deletes what is due, for up to [`SLICE`]; returns whether nothing is left.
+    pub async fn purge(&self) -> Result<bool, Error> {
+        let started = Instant::now();
+        let now = now_micros();
+        for rule in &self.rules {
+            let Some(keep) = rule.keep else { continue };
+            let cutoff = now - i64::try_from(keep.as_micros()).unwrap_or(i64::MAX / 2);
+            loop {
+                if started.elapsed() >= SLICE {
+                    return Ok(false);
+                }
+                let deleted = self.purge_batch(rule, cutoff).await?;
+                if deleted == 0 {
+                    break;
+                }
+                metrics::counter!("tessera_retention_purged_total", "service" => self.service, "table" => rule.table)
+                    .increment(deleted);
+            }
+        }
+        Ok(true)
+    }
+
+    /// One bounded delete of `rule`'s rows older than `cutoff` (of one tenant when the table
+    /// has tenants); how many went.
+    async fn purge_batch(&self, rule: &Rule, cutoff: i64) -> Result<u64, Error> {
+        let conn = self.db.conn();
+        let row_id = match self.db.backend() {
+            Backend::Postgres => "ctid",
+            Backend::Sqlite => "rowid",
+        };
+        let when = if rule.when.is_empty() {
+            String::new()
+        } else {
+            format!(" AND {}", rule.when)
+        };
+        let (table, at) = (rule.table, rule.at);
+        if !rule.tenanted {
+            let sql = format!(
+                "DELETE FROM {table} WHERE {row_id} IN (SELECT {row_id} FROM {table} \
+                 WHERE {at} < $1{when} LIMIT {BATCH})"
+            );
+            return Ok(conn
+                .execute_raw(stmt(conn, &sql, [cutoff.into()]))
+                .await
+                .map_err(db_error)?
+                .rows_affected());
+        }
+        let tenant = conn
+            .query_one_raw(stmt(
+                conn,
+                &format!("SELECT tenant_id FROM {table} WHERE {at} < $1{when} LIMIT 1"),
+                [cutoff.into()],
+            ))
+            .await
+            .map_err(db_error)?;
+        let Some(tenant) = tenant else {
+            return Ok(0);
+        };
+        let tenant: String = tenant.try_get_by_index(0).map_err(db_error)?;
+        let sql = format!(
+            "DELETE FROM {table} WHERE {row_id} IN (SELECT {row_id} FROM {table} \
+             WHERE tenant_id = $1 AND {at} < $2{when} LIMIT {BATCH})"
+        );
+        Ok(conn
+            .execute_raw(stmt(conn, &sql, [tenant.into(), cutoff.into()]))
+            .await
+            .map_err(db_error)?
+            .rows_affected())
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for Purger {
+    async fn handle(&self, _item: &Item) -> Result<(), Failure> {
+        match self.purge().await {
+            Ok(false) => Err(Failure::Unfinished),
+            Ok(true) => {
+                // The next period's purge; one item per period, whichever replica pushes it.
+                push(self.db.conn(), [self.period_item(now_micros(), false)])
+                    .await
+                    .map_err(|e| Failure::Retry(e.message))?;
+                Ok(())
+            }
+            Err(e) => Err(Failure::Retry(e.message)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_keeps_forever() {
+        assert_eq!(days(0), None);
+        assert_eq!(days(2), Some(Duration::from_secs(172_800)));
+        let config = RetentionConfig {
+            idempotency_hours: 1,
+            ..RetentionConfig::default()
+        };
+        let rules = plumbing(&config);
+        assert_eq!(
+            rules[0].keep,
+            Some(Duration::from_secs(24 * 3_600)),
+            "idempotency keys stay at least a day"
+        );
+    }
+}
