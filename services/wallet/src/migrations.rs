@@ -425,6 +425,39 @@ impl MigratorTrait for Migrator {
                  AND p.account_id = accounts.id AND p.status = 'pending')",
             ],
         }));
+        // The liability report's rolled-up days (`liability`) and the postings by time.
+        all.push(Box::new(Migration {
+            name: "m0109_liability_days",
+            tables: || {
+                vec![
+                    table(
+                        "liability_days",
+                        vec![
+                            col::text("tenant_id"),
+                            col::big("day"),
+                            col::int("asset_kind"),
+                            col::text("asset_code"),
+                            col::text("owner"),
+                            col::big("amount"),
+                        ],
+                        &["tenant_id", "day", "asset_kind", "asset_code", "owner"],
+                    ),
+                    table(
+                        "liability_rolled",
+                        vec![col::text("tenant_id"), col::big("until_day")],
+                        &["tenant_id"],
+                    ),
+                ]
+            },
+            indexes: || {
+                vec![index(
+                    "postings_by_time",
+                    "postings",
+                    &["tenant_id", "created_at"],
+                    false,
+                )]
+            },
+        }));
         all
     }
 }

@@ -1136,7 +1136,7 @@ impl WalletService for Wallet {
         if from >= until {
             return Err(Error::invalid_field("until", "must be after `from`").into());
         }
-        let assets = liability::liability(self.db.conn(), &ctx.tenant_id, from, until).await?;
+        let assets = liability::liability(&self.db, &ctx.tenant_id, from, until).await?;
         Ok(Response::new(pb::GetLiabilityResponse { assets }))
     }
 

@@ -22,6 +22,7 @@ backend_tests!(
     batch_credit_posts_all_or_nothing,
     gift_card_expiry_can_be_forbidden,
     concurrent_transfers_holds_and_debits_stay_consistent,
+    liability_rolls_up_past_days_and_agrees_with_the_ledger,
 );
 
 type Wallet = WalletServiceClient<Channel>;
@@ -1004,5 +1005,85 @@ async fn concurrent_transfers_holds_and_debits_stay_consistent(suite: TestSuite)
     assert_eq!(total, 2_000 - spent, "value is conserved");
     assert_ledger_invariants(&suite).await;
     crate::check_catalogue(&suite, TENANT).await;
+    suite.cleanup().await;
+}
+
+/// The liability report reads rolled-up days plus live postings: over ranges that start and
+/// end inside rolled days, inside the open day and at the edges, it gives what the postings
+/// say, the first time (rolling up) and again (reading the rolled days).
+async fn liability_rolls_up_past_days_and_agrees_with_the_ledger(suite: TestSuite) {
+    use sea_orm::ConnectionTrait;
+    const HOUR: i64 = 3_600 * 1_000_000;
+    const DAY: i64 = 24 * HOUR;
+    let mut wallet = WalletServiceClient::new(suite.channel());
+    let now = tessera_store::now_micros();
+    let ana = credit(&mut wallet, &suite, "l1", "ana", 100, None).await;
+    let bo = credit(&mut wallet, &suite, "l2", "bo", 50, None).await;
+    let spent = wallet
+        .debit(suite.ctx(TENANT).request(debit_request("l3", "ana", 30)))
+        .await
+        .unwrap()
+        .into_inner();
+    credit(&mut wallet, &suite, "l4", "ana", 20, None).await;
+    // Move the first three into the past: ten days, three days, two days and five hours.
+    let db = suite.db("wallet").await;
+    let conn = db.conn();
+    for (tx, age) in [
+        (ana.transaction.unwrap().id, 10 * DAY),
+        (bo.transaction.unwrap().id, 3 * DAY),
+        (spent.transaction.unwrap().id, 2 * DAY + 5 * HOUR),
+    ] {
+        conn.execute_raw(tessera_store::stmt(
+            conn,
+            "UPDATE postings SET created_at = created_at - $1 WHERE tenant_id = $2 \
+             AND transaction_id = $3",
+            [age.into(), TENANT.into(), tx.into()],
+        ))
+        .await
+        .unwrap();
+    }
+    let at = |micros: i64| Some(tessera_store::outbox::micros_to_timestamp(micros));
+    // (from, until) → (outstanding at until, issued, redeemed within).
+    let cases = [
+        (None, None, (140, 170, 30)),
+        (at(now - 5 * DAY), None, (140, 70, 30)),
+        (at(now - 5 * DAY / 2), at(now - DAY), (120, 0, 30)),
+        (None, at(now - 4 * DAY), (100, 100, 0)),
+        (
+            at(now - 10 * DAY - HOUR),
+            at(now - 10 * DAY + HOUR),
+            (100, 100, 0),
+        ),
+    ];
+    for round in ["rolling up", "rolled"] {
+        for (from, until, want) in &cases {
+            let report = wallet
+                .get_liability(suite.ctx(TENANT).request(pb::GetLiabilityRequest {
+                    from: *from,
+                    until: *until,
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            let pts = report
+                .assets
+                .iter()
+                .find(|l| l.asset == points())
+                .expect("points");
+            assert_eq!(
+                (pts.outstanding, pts.issued, pts.redeemed),
+                *want,
+                "{round}: {from:?}..{until:?}"
+            );
+        }
+    }
+    let rolled = tessera_tests::scalar(
+        &db,
+        "SELECT COUNT(*) FROM liability_days WHERE tenant_id = $1",
+        vec![TENANT.into()],
+    )
+    .await;
+    assert!(rolled >= 3, "past days are rolled up ({rolled})");
+    assert_ledger_invariants(&suite).await;
     suite.cleanup().await;
 }
