@@ -31,6 +31,8 @@ pub struct Component {
     degraded: Vec<(String, Probe)>,
     /// Its work queues' dead letters, served by `tessera.ops.v1.QueueService`.
     dead_letters: Option<Arc<dyn crate::ops::DeadLetters>>,
+    /// Its personal data, served by `tessera.ops.v1.PrivacyService`.
+    customer_data: Option<Arc<dyn crate::ops::CustomerData>>,
 }
 
 impl Component {
@@ -43,6 +45,7 @@ impl Component {
             probes: Vec::new(),
             degraded: Vec::new(),
             dead_letters: None,
+            customer_data: None,
         }
     }
 
@@ -76,6 +79,13 @@ impl Component {
         self
     }
 
+    /// Serves the personal data the component keeps (`tessera.ops.v1.PrivacyService`,
+    /// under the component's name).
+    pub fn customer_data(mut self, data: Arc<dyn crate::ops::CustomerData>) -> Self {
+        self.customer_data = Some(data);
+        self
+    }
+
     /// Adds a health entry `health_name` reporting a dependency the component can work
     /// without (slower): NOT_SERVING there means degraded, the component stays in service.
     pub fn degraded_when(mut self, health_name: &str, probe: Probe) -> Self {
@@ -102,9 +112,13 @@ pub async fn serve(
     let mut names = Vec::new();
     let mut optional = Vec::new();
     let mut dead_letters = std::collections::BTreeMap::new();
+    let mut customer_data = std::collections::BTreeMap::new();
     for component in components {
         if let Some(queues) = component.dead_letters {
             dead_letters.insert(component.name, queues);
+        }
+        if let Some(data) = component.customer_data {
+            customer_data.insert(component.name, data);
         }
         for register in component.register {
             register(&mut routes);
@@ -125,6 +139,9 @@ pub async fn serve(
     }
     if !dead_letters.is_empty() {
         routes.add_service(crate::ops::server(dead_letters));
+    }
+    if !customer_data.is_empty() {
+        routes.add_service(crate::ops::privacy_server(customer_data));
     }
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let prober = {

@@ -9,6 +9,7 @@ pub mod db;
 pub mod idempotency;
 pub mod migrate;
 pub mod outbox;
+pub mod privacy;
 pub mod queue;
 pub mod retention;
 

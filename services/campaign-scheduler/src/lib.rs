@@ -332,6 +332,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
     )
     .await?;
     Ok(Component::new(SERVICE)
+        .customer_data(customer_data(db.clone()))
         .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
             db.clone(),
             SERVICE,
@@ -344,6 +345,21 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         .task(tokio::spawn(commands.run(shutdown.clone())))
         .task(tokio::spawn(relay.run(shutdown)))
         .probe(db.probe()))
+}
+
+/// What the scheduler keeps about a customer (GDPR): the incentives issued to them, kept
+/// under the pseudonym on erasure.
+fn customer_data(db: Db) -> Arc<dyn tessera_runtime::ops::CustomerData> {
+    use tessera_store::privacy::{CustomerData, Erase::Pseudonymize, Personal};
+    Arc::new(CustomerData::new(
+        db,
+        vec![Personal::new(
+            "issues",
+            "customer_id",
+            "campaign_id, occasion, publication_id, code, cause, issued_at",
+            Pseudonymize,
+        )],
+    ))
 }
 
 /// Runs the campaign-scheduler alone on `listener` until `shutdown`.

@@ -91,6 +91,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
     )
     .await?;
     Ok(Component::new(SERVICE)
+        .customer_data(customer_data(db.clone()))
         .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
             db.clone(),
             SERVICE,
@@ -118,6 +119,35 @@ async fn backfill_sync(db: Db) {
             tracing::warn!(error = %e, "codes not sent to eligibility; retried at the next start")
         }
     }
+}
+
+/// What the catalog keeps about a customer (GDPR): the codes given to them, publications and
+/// gift-card loads, kept under the pseudonym on erasure (the codes stay counted).
+fn customer_data(db: Db) -> Arc<dyn tessera_runtime::ops::CustomerData> {
+    use tessera_store::privacy::{CustomerData, Erase::Pseudonymize, Personal};
+    Arc::new(CustomerData::new(
+        db,
+        vec![
+            Personal::new(
+                "codes",
+                "customer_id",
+                "code, pool_id, reward_id, state, redemptions, created_at",
+                Pseudonymize,
+            ),
+            Personal::new(
+                "publications",
+                "customer_id",
+                "id, reward_id, code, channel, created_at",
+                Pseudonymize,
+            ),
+            Personal::new(
+                "wallet_commands",
+                "customer_id",
+                "id, card_code, amount, created_at",
+                Pseudonymize,
+            ),
+        ],
+    ))
 }
 
 /// Runs the catalog alone on `listener` until `shutdown`.

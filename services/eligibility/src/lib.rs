@@ -12,6 +12,7 @@ mod earning;
 mod facts;
 mod migrations;
 mod pool_codes;
+mod privacy;
 mod qualify;
 mod readmodel;
 mod redeem;
@@ -123,6 +124,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
     )
     .await?;
     Ok(Component::new(SERVICE)
+        .customer_data(privacy::customer_data(db.clone()))
         .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
             db.clone(),
             SERVICE,

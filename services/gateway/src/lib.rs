@@ -14,6 +14,7 @@ mod key_routes;
 mod keys;
 mod messages;
 mod observe;
+mod privacy;
 mod queues;
 mod ratelimit;
 mod routes;
@@ -50,6 +51,7 @@ impl MigratorTrait for Migrator {
         all.push(Box::new(audit::migration()));
         all.push(Box::new(audit::before_migration()));
         all.push(Box::new(audit::retention_migration()));
+        all.push(Box::new(privacy::migration()));
         all
     }
 }
@@ -70,6 +72,13 @@ pub struct AppState {
         &'static str,
         tessera_proto::ops::v1::queue_service_client::QueueServiceClient<grpc::Channel>,
     >,
+    /// The personal data of each service (export), by service name.
+    pub(crate) privacy: std::collections::BTreeMap<
+        &'static str,
+        tessera_proto::ops::v1::privacy_service_client::PrivacyServiceClient<grpc::Channel>,
+    >,
+    /// Wakes the command worker that carries erasures to the services.
+    pub(crate) erasures_wake: Arc<tokio::sync::Notify>,
     pub(crate) max_body_bytes: usize,
     pub(crate) limits: Arc<ratelimit::Limits>,
     /// `/openapi.json`, rendered once when the routes are built.
@@ -85,6 +94,8 @@ pub struct Gateway {
     keys: ApiKeys,
     /// Purges the audit log and the plumbing tables past their retention.
     retention: tessera_store::queue::Worker,
+    /// Delivers erasures to the services (the gateway's command outbox).
+    commands: tessera_store::queue::Worker,
 }
 
 /// What the gateway keeps: the plumbing tables and the audit log
@@ -118,6 +129,18 @@ impl Gateway {
             &config.retention,
         )
         .await?;
+        let parts_db = db.clone();
+        let commands = tessera_store::queue::commands::worker_with(
+            db.clone(),
+            SERVICE,
+            config,
+            move |relay| {
+                Arc::new(privacy::Parts {
+                    relay: Arc::new(relay),
+                    db: parts_db,
+                })
+            },
+        )?;
         let wallet_channel = grpc::channel(&config.peers.wallet_url, config.peer_timeout())?;
         let state = AppState {
             keys: keys.clone(),
@@ -156,6 +179,26 @@ impl Gateway {
                 ))
             })
             .collect::<anyhow::Result<_>>()?,
+            privacy: privacy::SERVICES
+                .iter()
+                .map(|(name, _)| {
+                    let url = match *name {
+                        "catalog" => &config.peers.catalog_url,
+                        "eligibility" => &config.peers.eligibility_url,
+                        "wallet" => &config.peers.wallet_url,
+                        "campaign-scheduler" => &config.peers.scheduler_url,
+                        _ => &config.peers.notification_url,
+                    };
+                    let channel = grpc::channel(url, config.peer_timeout())?;
+                    Ok((
+                        *name,
+                        tessera_proto::ops::v1::privacy_service_client::PrivacyServiceClient::new(
+                            channel,
+                        ),
+                    ))
+                })
+                .collect::<anyhow::Result<_>>()?,
+            erasures_wake: commands.waker(),
             max_body_bytes: config.gateway.max_body_bytes,
             limits: Arc::new(ratelimit::Limits::new(&config.gateway)),
             openapi: std::sync::OnceLock::new(),
@@ -169,6 +212,7 @@ impl Gateway {
             new_admin_key,
             keys,
             retention,
+            commands,
         })
     }
 
@@ -190,10 +234,12 @@ impl Gateway {
             let _ = tcp.set_nodelay(true);
         });
         let purging = tokio::spawn(self.retention.run(shutdown.clone()));
+        let erasing = tokio::spawn(self.commands.run(shutdown.clone()));
         axum::serve(listener, self.router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await?;
         let _ = purging.await;
+        let _ = erasing.await;
         tracing::info!(%addr, "HTTP gateway stopped");
         Ok(())
     }

@@ -129,6 +129,7 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
     crate::messages::routes(&mut api);
     crate::key_routes::routes(&mut api);
     crate::queues::routes(&mut api);
+    crate::privacy::routes(&mut api);
     api.tag("audit", "The append-only record of admin mutations.")
         .add(
             Op::get("/v1/audit-log", crate::audit::list)

@@ -341,6 +341,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
     )
     .await?;
     Ok(Component::new(SERVICE)
+        .customer_data(customer_data(db.clone()))
         .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
             db.clone(),
             SERVICE,
@@ -404,6 +405,30 @@ async fn reseal(db: Db, keyring: Keyring) {
             tracing::warn!(error = %e, "webhook secrets not re-sealed; retried at the next start")
         }
     }
+}
+
+/// What notification keeps about a customer (GDPR): the message log and unsubscribes,
+/// deleted on erasure.
+fn customer_data(db: Db) -> Arc<dyn tessera_runtime::ops::CustomerData> {
+    use tessera_store::privacy::{CustomerData, Erase::Delete, Personal};
+    Arc::new(CustomerData::new(
+        db,
+        vec![
+            Personal::new(
+                "messages",
+                "customer_id",
+                "id, channel, template, campaign_id, cause, status, reason, recipient, subject, \
+                 created_at, finished_at",
+                Delete,
+            ),
+            Personal::new(
+                "subscriptions",
+                "customer_id",
+                "channel, subscribed, updated_at",
+                Delete,
+            ),
+        ],
+    ))
 }
 
 /// Runs notification alone on `listener` until `shutdown`.

@@ -73,6 +73,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
     )
     .await?;
     Ok(Component::new(SERVICE)
+        .customer_data(customer_data(db.clone()))
         .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
             db.clone(),
             SERVICE,
@@ -84,6 +85,63 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         .task(tokio::spawn(commands.run(shutdown.clone())))
         .task(tokio::spawn(relay.run(shutdown)))
         .probe(db.probe()))
+}
+
+/// What the wallet keeps about a customer (GDPR): accounts and everything posted to them,
+/// kept under the pseudonym on erasure so the ledger's sums stay whole.
+fn customer_data(db: Db) -> Arc<dyn tessera_runtime::ops::CustomerData> {
+    use tessera_store::privacy::{CustomerData, Erase::Pseudonymize, Personal};
+    let accounts = Personal {
+        when: "owner_kind = 'customer'",
+        ..Personal::new(
+            "accounts",
+            "owner_id",
+            "id, asset_kind, asset_code, balance, created_at",
+            Pseudonymize,
+        )
+    };
+    Arc::new(CustomerData::new(
+        db,
+        vec![
+            accounts,
+            Personal::new(
+                "transactions",
+                "customer_id",
+                "id, kind, asset_kind, asset_code, amount, reason, created_at",
+                Pseudonymize,
+            ),
+            Personal::new(
+                "holds",
+                "customer_id",
+                "id, asset_kind, asset_code, amount, captured, status, created_at",
+                Pseudonymize,
+            ),
+            Personal::new(
+                "pending_credits",
+                "customer_id",
+                "id, asset_kind, asset_code, amount, reason, status, created_at",
+                Pseudonymize,
+            ),
+            Personal::new(
+                "tier_activity",
+                "customer_id",
+                "program_id, points, spent, at",
+                Pseudonymize,
+            ),
+            Personal::new(
+                "member_tiers",
+                "customer_id",
+                "program_id, tier_id, since",
+                Pseudonymize,
+            ),
+            Personal::new(
+                "tier_history",
+                "customer_id",
+                "id, program_id, from_tier, to_tier, direction, at",
+                Pseudonymize,
+            ),
+        ],
+    ))
 }
 
 /// Runs the wallet alone on `listener` until `shutdown`.

@@ -17,6 +17,7 @@ mod metrics;
 mod outbox;
 mod policy;
 mod pool_codes;
+mod privacy;
 mod queue;
 mod redemption;
 mod retention;

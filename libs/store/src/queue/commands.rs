@@ -53,9 +53,19 @@ pub async fn send<C: ConnectionTrait, M: Message>(
     .await
 }
 
-/// The service a method path belongs to: `/tessera.catalog.v1.X/Y` → `catalog`.
+/// The service a method path belongs to: `/tessera.catalog.v1.X/Y` → `catalog`. A method
+/// every service serves (`tessera.ops.v1`) names its target before an `@`:
+/// `wallet@/tessera.ops.v1.PrivacyService/EraseCustomerData`.
 pub fn target_of(path: &str) -> Option<&str> {
-    path.strip_prefix("/tessera.")?.split('.').next()
+    match path.split_once('@') {
+        Some((target, _)) => Some(target),
+        None => path.strip_prefix("/tessera.")?.split('.').next(),
+    }
+}
+
+/// The method path of a command's kind (without its `target@`).
+fn method_of(kind: &str) -> &str {
+    kind.split_once('@').map_or(kind, |(_, path)| path)
 }
 
 /// Delivers commands to the services' gRPC APIs.
@@ -134,7 +144,7 @@ pub fn is_permanent(code: Code) -> bool {
 #[async_trait::async_trait]
 impl Handler for Relay {
     async fn handle(&self, item: &Item) -> Result<(), Failure> {
-        let path = http::uri::PathAndQuery::try_from(item.kind.as_str())
+        let path = http::uri::PathAndQuery::try_from(method_of(&item.kind))
             .map_err(|e| Failure::Permanent(format!("bad method path `{}`: {e}", item.kind)))?;
         let target = target_of(&item.kind)
             .ok_or_else(|| Failure::Permanent(format!("no service for `{}`", item.kind)))?;
@@ -216,6 +226,12 @@ mod tests {
             Some("wallet")
         );
         assert_eq!(target_of("/grpc.health.v1.Health/Check"), None);
+        let ops = "scheduler@/tessera.ops.v1.PrivacyService/EraseCustomerData";
+        assert_eq!(target_of(ops), Some("scheduler"));
+        assert_eq!(
+            method_of(ops),
+            "/tessera.ops.v1.PrivacyService/EraseCustomerData"
+        );
     }
 
     #[test]
