@@ -43,6 +43,6 @@ proto-lint:
     test -x .tools/node_modules/.bin/buf || (mkdir -p .tools && cd .tools && npm install --no-audit --no-fund --silent @bufbuild/buf)
     cd proto && ../.tools/node_modules/.bin/buf lint
 
-# Benchmarks (release build) on SQLite and PostgreSQL: wallet Credit, BatchCredit and Debit through gRPC; catalog 100k-code generation job; Qualify on the peer promotion dataset (../shared/bench/peer-promotions) beside the peer's figures, and the raw CEL cost. Redeem at 32 clients beside a bare SQL transaction of the same shape. Signed webhook deliveries to a local sink. TESSERA_BENCH=wallet|catalog|qualify|redeem|webhooks runs one part, TESSERA_BENCH_ON=sqlite|postgres one backend.
+# Benchmarks (release build) on SQLite and PostgreSQL: wallet Credit, BatchCredit and Debit through gRPC; catalog 100k-code generation job; Qualify on the peer promotion dataset (../shared/bench/peer-promotions) beside the peer's figures, and the raw CEL cost. Redeem at 32 clients beside a bare SQL transaction of the same shape. Signed webhook deliveries to a local sink. A retention purge of 1,000,000 rows under load. TESSERA_BENCH=wallet|catalog|qualify|redeem|codes|queue|webhooks|retention runs one part, TESSERA_BENCH_ON=sqlite|postgres one backend.
 bench:
     cargo run --release -p tessera-tests --bin bench

@@ -546,10 +546,20 @@ impl Config {
         if self.gateway.max_body_bytes < 1024 {
             return invalid("gateway.max_body_bytes", "must be at least 1024");
         }
-        if let Some(key) = &self.bootstrap_admin_key
-            && key.len() < 24
-        {
-            return invalid("bootstrap_admin_key", "must be at least 24 characters");
+        if let Some(key) = &self.bootstrap_admin_key {
+            // A key the gateway could never accept would lock the operator out.
+            if !key.starts_with("tsk_") {
+                return invalid(
+                    "bootstrap_admin_key",
+                    "must start with `tsk_` (API keys are `tsk_…`; this one could never authenticate)",
+                );
+            }
+            if key.len() < 24 || key.len() > 128 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+                return invalid(
+                    "bootstrap_admin_key",
+                    "must be 24 to 128 visible ASCII characters",
+                );
+            }
         }
         for (field, url) in [
             ("peers.catalog_url", &self.peers.catalog_url),
@@ -620,5 +630,34 @@ mod tests {
             assert!(err.to_string().contains("database.url"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_bootstrap_key_that_could_never_authenticate_is_refused() {
+        let with = |key: &str| Config {
+            bootstrap_admin_key: Some(key.into()),
+            ..Config::default()
+        };
+        let err = with("admin-key-without-the-prefix-0000")
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("`tsk_`"), "{err}");
+        assert!(with("tsk_short").validate().is_err());
+        assert!(with("tsk_has a space in it 000000000").validate().is_err());
+        with("tsk_a_good_bootstrap_key_0000000")
+            .validate()
+            .expect("valid");
+    }
+
+    #[test]
+    fn master_keys_are_checked() {
+        let mut config = Config::default();
+        config.secrets.master_key = Some("no-key".into());
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("secrets.master_key"), "{err}");
+        config.secrets.master_key = Some(crate::sealing::new_key_text("k1"));
+        config.secrets.retired_master_keys = format!("{},bad", crate::sealing::new_key_text("k0"));
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("retired_master_keys"), "{err}");
     }
 }

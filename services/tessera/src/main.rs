@@ -81,7 +81,23 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+/// Runs the command; a failure is one line on stderr (`tessera: …`, causes joined), then the
+/// backtrace only when `RUST_BACKTRACE` asks for it.
+#[allow(clippy::print_stderr)]
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera: {e:#}");
+            if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+                eprintln!("\n{}", e.backtrace());
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = load_config(cli.config)?;
     if let Command::Up {
