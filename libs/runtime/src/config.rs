@@ -251,7 +251,8 @@ pub struct OutboxConfig {
 pub struct SecretsConfig {
     /// The key that seals (`TESSERA_SECRETS__MASTER_KEY`): `<id>:<base64 of 32 bytes>`, the
     /// same in every replica. Unset: an embedded installation keeps one in
-    /// `data_dir/master.key`; with a shared database it is derived from `internal_secret`.
+    /// `data_dir/master.key`; with a shared database it is derived from `internal_secret`
+    /// (or, for one process without it, kept in `data_dir/master.key` too).
     pub master_key: Option<String>,
     /// Retired keys that still open what they sealed (`TESSERA_SECRETS__RETIRED_MASTER_KEYS`,
     /// comma-separated `<id>:<base64>`): during a rotation.

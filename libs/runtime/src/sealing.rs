@@ -173,7 +173,8 @@ impl Keyring {
     /// (SQLite under `data_dir`) keeps one in `data_dir/master.key`, made on first use; with
     /// a shared database every replica derives the same one from the suite's
     /// `internal_secret` (a separate `master_key` is better: rotating the internal secret
-    /// then leaves sealed secrets alone).
+    /// then leaves sealed secrets alone), and a single process without one (`tessera up` on
+    /// PostgreSQL) keeps a key file like the embedded installation.
     pub fn from_config(config: &crate::Config) -> anyhow::Result<Self> {
         let retired: Vec<String> = config
             .secrets
@@ -184,13 +185,12 @@ impl Keyring {
         let current = match &config.secrets.master_key {
             Some(key) => key.clone(),
             None if config.database.url.is_none() => key_file(&config.data_dir)?,
-            None if config.internal_secret.is_some() => {
-                derived_key(config.internal_secret.as_deref().unwrap_or_default())
-            }
-            None => anyhow::bail!(
-                "secrets.master_key (TESSERA_SECRETS__MASTER_KEY) is required with a shared \
-                 database: `<id>:<base64 of 32 bytes>`, the same in every replica"
-            ),
+            None => match config.internal_secret.as_deref() {
+                Some(secret) => derived_key(secret),
+                // One process on a shared database (`tessera up` on PostgreSQL): its own
+                // key file. Replicas (`tessera serve`) always have the internal secret.
+                None => key_file(&config.data_dir)?,
+            },
         };
         Self::new(&current, &retired).map_err(|e| anyhow::anyhow!("secrets.master_key: {e}"))
     }

@@ -2,8 +2,9 @@
 //! each service purges what is past its time from its own durable queue (queue
 //! `retention`): one item per period (`retention.interval_minutes`), claimed by one replica,
 //! worked in slices of bounded deletes (at most [`BATCH`] rows per statement, one tenant at a
-//! time, so no statement holds many locks or runs long), handed back between slices
-//! ([`Failure::Unfinished`]), and the next period's item pushed when the purge is done.
+//! time, so no statement holds many locks or runs long; paced, so requests writing beside it
+//! wait for one batch at most), handed back between slices ([`Failure::Unfinished`]), and
+//! the next period's item pushed when the purge is done.
 //!
 //! What is purged is what nobody needs any more: settled idempotency keys after their
 //! replay window (at least a day), dead letters after they were left unreplayed, delivered
@@ -25,6 +26,8 @@ use crate::queue::{
 
 /// Rows one statement deletes at most.
 pub const BATCH: i64 = 1_000;
+/// A purge works one part of the time in `PACE` (the rest it leaves to requests).
+const PACE: u32 = 4;
 /// How long one slice of a purge runs before it goes back to the queue.
 const SLICE: Duration = Duration::from_secs(1);
 /// The queue purges wait in.
@@ -150,12 +153,16 @@ impl Purger {
                 if started.elapsed() >= SLICE {
                     return Ok(false);
                 }
+                let batch = Instant::now();
                 let deleted = self.purge_batch(rule, cutoff).await?;
                 if deleted == 0 {
                     break;
                 }
                 metrics::counter!("tessera_retention_purged_total", "service" => self.service, "table" => rule.table)
                     .increment(deleted);
+                // Paced: busy at most 1 / PACE of the time, so the requests writing beside
+                // the purge (one writer at a time on SQLite) wait for one batch at most.
+                tokio::time::sleep(batch.elapsed() * (PACE - 1)).await;
             }
         }
         Ok(true)
@@ -165,9 +172,11 @@ impl Purger {
     /// has tenants); how many went.
     async fn purge_batch(&self, rule: &Rule, cutoff: i64) -> Result<u64, Error> {
         let conn = self.db.conn();
-        let row_id = match self.db.backend() {
-            Backend::Postgres => "ctid",
-            Backend::Sqlite => "rowid",
+        // The rows to delete by physical id: `ctid = ANY(ARRAY(…))` is a TID scan on
+        // PostgreSQL (`ctid IN (…)` would scan the table for every batch).
+        let (row_id, open, close) = match self.db.backend() {
+            Backend::Postgres => ("ctid", "= ANY(ARRAY(", "))"),
+            Backend::Sqlite => ("rowid", "IN (", ")"),
         };
         let when = if rule.when.is_empty() {
             String::new()
@@ -177,8 +186,8 @@ impl Purger {
         let (table, at) = (rule.table, rule.at);
         if !rule.tenanted {
             let sql = format!(
-                "DELETE FROM {table} WHERE {row_id} IN (SELECT {row_id} FROM {table} \
-                 WHERE {at} < $1{when} LIMIT {BATCH})"
+                "DELETE FROM {table} WHERE {row_id} {open}SELECT {row_id} FROM {table} \
+                 WHERE {at} < $1{when} LIMIT {BATCH}{close}"
             );
             return Ok(conn
                 .execute_raw(stmt(conn, &sql, [cutoff.into()]))
@@ -199,8 +208,8 @@ impl Purger {
         };
         let tenant: String = tenant.try_get_by_index(0).map_err(db_error)?;
         let sql = format!(
-            "DELETE FROM {table} WHERE {row_id} IN (SELECT {row_id} FROM {table} \
-             WHERE tenant_id = $1 AND {at} < $2{when} LIMIT {BATCH})"
+            "DELETE FROM {table} WHERE {row_id} {open}SELECT {row_id} FROM {table} \
+             WHERE tenant_id = $1 AND {at} < $2{when} LIMIT {BATCH}{close}"
         );
         Ok(conn
             .execute_raw(stmt(conn, &sql, [tenant.into(), cutoff.into()]))
