@@ -336,10 +336,15 @@ pub fn plumbing() -> Vec<Box<dyn MigrationTrait>> {
                     index(
                         "idempotency_keys_age",
                         "idempotency_keys",
-                        &["created_at"],
+                        &["tenant_id", "created_at"],
                         false,
                     ),
-                    index("work_queue_dead_age", "work_queue", &["dead_at"], false),
+                    index(
+                        "work_queue_dead_age",
+                        "work_queue",
+                        &["tenant_id", "dead_at"],
+                        false,
+                    ),
                 ]
             },
         }),

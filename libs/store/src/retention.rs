@@ -149,28 +149,70 @@ impl Purger {
         for rule in &self.rules {
             let Some(keep) = rule.keep else { continue };
             let cutoff = now - i64::try_from(keep.as_micros()).unwrap_or(i64::MAX / 2);
-            loop {
-                if started.elapsed() >= SLICE {
-                    return Ok(false);
+            let tenants = if rule.tenanted {
+                self.tenants(rule.table)
+                    .await?
+                    .into_iter()
+                    .map(Some)
+                    .collect()
+            } else {
+                vec![None]
+            };
+            for tenant in tenants {
+                loop {
+                    if started.elapsed() >= SLICE {
+                        return Ok(false);
+                    }
+                    let batch = Instant::now();
+                    let deleted = self.purge_batch(rule, tenant.as_deref(), cutoff).await?;
+                    if deleted == 0 {
+                        break;
+                    }
+                    metrics::counter!("tessera_retention_purged_total", "service" => self.service, "table" => rule.table)
+                        .increment(deleted);
+                    // Paced: busy at most 1 / PACE of the time, so the requests writing
+                    // beside the purge (one writer at a time on SQLite) wait for one batch
+                    // at most.
+                    tokio::time::sleep(batch.elapsed() * (PACE - 1)).await;
+                    if deleted < BATCH as u64 {
+                        break;
+                    }
                 }
-                let batch = Instant::now();
-                let deleted = self.purge_batch(rule, cutoff).await?;
-                if deleted == 0 {
-                    break;
-                }
-                metrics::counter!("tessera_retention_purged_total", "service" => self.service, "table" => rule.table)
-                    .increment(deleted);
-                // Paced: busy at most 1 / PACE of the time, so the requests writing beside
-                // the purge (one writer at a time on SQLite) wait for one batch at most.
-                tokio::time::sleep(batch.elapsed() * (PACE - 1)).await;
             }
         }
         Ok(true)
     }
 
-    /// One bounded delete of `rule`'s rows older than `cutoff` (of one tenant when the table
-    /// has tenants); how many went.
-    async fn purge_batch(&self, rule: &Rule, cutoff: i64) -> Result<u64, Error> {
+    /// The tenants with rows in `table`, read off its `(tenant_id, …)` index one tenant at a
+    /// time (a loose index scan), so finding them costs one probe per tenant, not a scan.
+    async fn tenants(&self, table: &str) -> Result<Vec<String>, Error> {
+        let conn = self.db.conn();
+        let rows = conn
+            .query_all_raw(stmt(
+                conn,
+                &format!(
+                    "WITH RECURSIVE t(tenant) AS (SELECT MIN(tenant_id) FROM {table} \
+                     UNION ALL SELECT (SELECT MIN(tenant_id) FROM {table} WHERE tenant_id > t.tenant) \
+                     FROM t WHERE t.tenant IS NOT NULL) \
+                     SELECT tenant FROM t WHERE tenant IS NOT NULL"
+                ),
+                [],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| r.try_get_by_index(0).map_err(db_error))
+            .collect()
+    }
+
+    /// One bounded delete of `rule`'s rows older than `cutoff`, of `tenant` when the table
+    /// has tenants (over its `(tenant_id, age)` index); how many went.
+    async fn purge_batch(
+        &self,
+        rule: &Rule,
+        tenant: Option<&str>,
+        cutoff: i64,
+    ) -> Result<u64, Error> {
         let conn = self.db.conn();
         // The rows to delete by physical id: `ctid = ANY(ARRAY(…))` is a TID scan on
         // PostgreSQL (`ctid IN (…)` would scan the table for every batch).
@@ -184,35 +226,16 @@ impl Purger {
             format!(" AND {}", rule.when)
         };
         let (table, at) = (rule.table, rule.at);
-        if !rule.tenanted {
-            let sql = format!(
-                "DELETE FROM {table} WHERE {row_id} {open}SELECT {row_id} FROM {table} \
-                 WHERE {at} < $1{when} LIMIT {BATCH}{close}"
-            );
-            return Ok(conn
-                .execute_raw(stmt(conn, &sql, [cutoff.into()]))
-                .await
-                .map_err(db_error)?
-                .rows_affected());
-        }
-        let tenant = conn
-            .query_one_raw(stmt(
-                conn,
-                &format!("SELECT tenant_id FROM {table} WHERE {at} < $1{when} LIMIT 1"),
-                [cutoff.into()],
-            ))
-            .await
-            .map_err(db_error)?;
-        let Some(tenant) = tenant else {
-            return Ok(0);
+        let (scope, values): (&str, Vec<sea_orm::Value>) = match tenant {
+            Some(tenant) => ("tenant_id = $2 AND ", vec![cutoff.into(), tenant.into()]),
+            None => ("", vec![cutoff.into()]),
         };
-        let tenant: String = tenant.try_get_by_index(0).map_err(db_error)?;
         let sql = format!(
             "DELETE FROM {table} WHERE {row_id} {open}SELECT {row_id} FROM {table} \
-             WHERE tenant_id = $1 AND {at} < $2{when} LIMIT {BATCH}{close}"
+             WHERE {scope}{at} < $1{when} LIMIT {BATCH}{close}"
         );
         Ok(conn
-            .execute_raw(stmt(conn, &sql, [tenant.into(), cutoff.into()]))
+            .execute_raw(stmt(conn, &sql, values))
             .await
             .map_err(db_error)?
             .rows_affected())

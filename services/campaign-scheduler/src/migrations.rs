@@ -167,7 +167,14 @@ impl MigratorTrait for Migrator {
         all.push(Box::new(Migration {
             name: "m0403_retention",
             tables: Vec::new,
-            indexes: || vec![index("job_runs_age", "job_runs", &["ran_at"], false)],
+            indexes: || {
+                vec![index(
+                    "job_runs_age",
+                    "job_runs",
+                    &["tenant_id", "ran_at"],
+                    false,
+                )]
+            },
         }));
         all
     }

@@ -216,7 +216,7 @@ impl MigratorTrait for Migrator {
                 vec![index(
                     "generation_jobs_finished",
                     "generation_jobs",
-                    &["finished_at"],
+                    &["tenant_id", "finished_at"],
                     false,
                 )]
             },

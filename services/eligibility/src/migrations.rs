@@ -496,7 +496,14 @@ impl MigratorTrait for Migrator {
         all.push(Box::new(Migration {
             name: "m0211_retention",
             tables: Vec::new,
-            indexes: || vec![index("code_failures_age", "code_failures", &["at"], false)],
+            indexes: || {
+                vec![index(
+                    "code_failures_age",
+                    "code_failures",
+                    &["tenant_id", "at"],
+                    false,
+                )]
+            },
         }));
         all
     }

@@ -51,7 +51,14 @@ pub fn retention_migration() -> Migration {
     Migration {
         name: "m0103_audit_retention",
         tables: Vec::new,
-        indexes: || vec![index("audit_log_age", "audit_log", &["at"], false)],
+        indexes: || {
+            vec![index(
+                "audit_log_age",
+                "audit_log",
+                &["tenant_id", "at"],
+                false,
+            )]
+        },
     }
 }
 

@@ -269,10 +269,20 @@ impl MigratorTrait for Migrator {
             tables: Vec::new,
             indexes: || {
                 vec![
-                    index("events_age", "events", &["received_at"], false),
-                    index("deliveries_age", "deliveries", &["created_at"], false),
+                    index("events_age", "events", &["tenant_id", "received_at"], false),
+                    index(
+                        "deliveries_age",
+                        "deliveries",
+                        &["tenant_id", "created_at"],
+                        false,
+                    ),
                     index("delivery_attempts_age", "delivery_attempts", &["at"], false),
-                    index("messages_finished", "messages", &["finished_at"], false),
+                    index(
+                        "messages_finished",
+                        "messages",
+                        &["tenant_id", "finished_at"],
+                        false,
+                    ),
                 ]
             },
         }));
