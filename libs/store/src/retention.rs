@@ -27,7 +27,7 @@ use crate::queue::{
 /// Rows one statement deletes at most.
 pub const BATCH: i64 = 1_000;
 /// A purge works one part of the time in `PACE` (the rest it leaves to requests).
-const PACE: u32 = 8;
+const PACE: u32 = 4;
 /// How long one slice of a purge runs before it goes back to the queue.
 const SLICE: Duration = Duration::from_secs(1);
 /// The queue purges wait in.
