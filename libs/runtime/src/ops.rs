@@ -53,13 +53,22 @@ pub struct Queues {
 
 impl Queues {
     fn find(&self, v: &mut Violations, service: &str) -> Option<&Arc<dyn DeadLetters>> {
-        let found = self.services.get(service);
-        if found.is_none() {
-            let known: Vec<&str> = self.services.keys().copied().collect();
-            v.add("service", format!("must be one of {}", known.join(", ")));
-        }
-        found
+        lookup(&self.services, v, service)
     }
+}
+
+/// The entry of `service`, or a violation naming the services this process serves.
+fn lookup<'a, T>(
+    services: &'a BTreeMap<&'static str, T>,
+    v: &mut Violations,
+    service: &str,
+) -> Option<&'a T> {
+    let found = services.get(service);
+    if found.is_none() {
+        let known: Vec<&str> = services.keys().copied().collect();
+        v.add("service", format!("must be one of {}", known.join(", ")));
+    }
+    found
 }
 
 fn queue_of(v: &mut Violations, queue: &str) -> String {
@@ -181,12 +190,7 @@ impl Privacy {
         {
             v.add("customer_id", "must be 1 to 128 visible ASCII characters");
         }
-        let found = self.services.get(service);
-        if found.is_none() {
-            let known: Vec<&str> = self.services.keys().copied().collect();
-            v.add("service", format!("must be one of {}", known.join(", ")));
-        }
-        found
+        lookup(&self.services, v, service)
     }
 }
 

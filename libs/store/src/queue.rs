@@ -48,6 +48,50 @@ pub struct NewItem {
     pub not_before: Option<i64>,
 }
 
+impl NewItem {
+    /// The item that works on row `id` of `tenant` (its key and its payload), due now.
+    pub fn for_row(queue: &'static str, kind: &str, tenant: &str, id: &str) -> Self {
+        Self {
+            queue,
+            tenant: tenant.to_string(),
+            key: id.to_string(),
+            kind: kind.to_string(),
+            payload: id.as_bytes().to_vec(),
+            not_before: None,
+        }
+    }
+}
+
+/// Puts on `queue` an item ([`NewItem::for_row`]) per `(tenant_id, id)` row that `sql`
+/// selects: work recorded before the queue carried it, adopted at start. A row whose item
+/// waits or is held is skipped. Returns how many were new.
+pub async fn adopt(
+    db: &Db,
+    sql: &str,
+    values: Vec<Value>,
+    queue: &'static str,
+    kind: &str,
+) -> Result<u64, Error> {
+    let conn = db.conn();
+    let rows = conn
+        .query_all_raw(stmt(conn, sql, values))
+        .await
+        .map_err(db_error)?;
+    let items = rows
+        .iter()
+        .map(|row| {
+            let tenant: String = row.try_get_by_index(0)?;
+            let id: String = row.try_get_by_index(1)?;
+            Ok(NewItem::for_row(queue, kind, &tenant, &id))
+        })
+        .collect::<Result<Vec<_>, sea_orm::DbErr>>()
+        .map_err(db_error)?;
+    if items.is_empty() {
+        return Ok(0);
+    }
+    push(conn, items).await
+}
+
 /// A claimed item.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Item {

@@ -72,7 +72,7 @@ pub fn days(n: u64) -> Option<Duration> {
 
 /// The rules of the plumbing tables every service has: settled idempotency keys (kept at
 /// least a day, so a retry within it still gets its answer) and dead letters.
-pub fn plumbing(config: &RetentionConfig) -> Vec<Rule> {
+fn plumbing(config: &RetentionConfig) -> Vec<Rule> {
     vec![
         Rule::new(
             "idempotency_keys",
@@ -99,16 +99,20 @@ pub struct Purger {
 }
 
 impl Purger {
+    /// A purger of the plumbing tables and the service's own `rules`.
     pub fn new(db: Db, service: &'static str, rules: Vec<Rule>, config: &RetentionConfig) -> Self {
+        let mut all = plumbing(config);
+        all.extend(rules);
         Self {
             db,
             service,
-            rules,
+            rules: all,
             interval: Duration::from_secs(config.interval_minutes.max(1) * 60),
         }
     }
 
-    /// The worker that purges `db` by `rules` every `config.interval_minutes`, and the
+    /// The worker that purges `db` (the plumbing and `rules`) every
+    /// `config.interval_minutes`, and the
     /// first period's item pushed (a period's item is pushed once, whatever the replicas).
     pub async fn start(
         db: Db,

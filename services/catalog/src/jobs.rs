@@ -20,7 +20,7 @@ use tessera_runtime::error::Violations;
 use tessera_runtime::{Code, Error, RequestContext};
 use tessera_store::outbox::{self, micros_to_timestamp};
 use tessera_store::queue::{
-    Failure, Handler, Item, NewItem, Queue, RetryPolicy, Worker, WorkerConfig, push,
+    self, Failure, Handler, Item, NewItem, Queue, RetryPolicy, Worker, WorkerConfig, push,
 };
 use tessera_store::{Db, db_error, now_micros, stmt};
 use tokio::sync::Notify;
@@ -157,40 +157,14 @@ pub async fn create(
 
 /// The queue item that runs job `id`.
 fn work(tenant: &str, id: &str) -> NewItem {
-    NewItem {
-        queue: QUEUE,
-        tenant: tenant.to_string(),
-        key: id.to_string(),
-        kind: KIND.to_string(),
-        payload: id.as_bytes().to_vec(),
-        not_before: None,
-    }
+    NewItem::for_row(QUEUE, KIND, tenant, id)
 }
 
 /// Puts running jobs without a queue item (recorded before generation used the queue)
-/// on the queue; a job whose item waits or is held is skipped. Returns how many were new.
+/// on the queue; returns how many were new.
 pub async fn adopt_running(db: &Db) -> Result<u64, Error> {
-    let conn = db.conn();
-    let rows = conn
-        .query_all_raw(stmt(
-            conn,
-            "SELECT tenant_id, id FROM generation_jobs WHERE status = $1",
-            [RUNNING.into()],
-        ))
-        .await
-        .map_err(db_error)?;
-    let items = rows
-        .iter()
-        .map(|row| {
-            let tenant: String = row.try_get_by_index(0).map_err(db_error)?;
-            let id: String = row.try_get_by_index(1).map_err(db_error)?;
-            Ok(work(&tenant, &id))
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
-    if items.is_empty() {
-        return Ok(0);
-    }
-    push(conn, items).await
+    let sql = "SELECT tenant_id, id FROM generation_jobs WHERE status = $1";
+    queue::adopt(db, sql, vec![RUNNING.into()], QUEUE, KIND).await
 }
 
 /// Runs generation jobs: the handler of the `generation` queue.

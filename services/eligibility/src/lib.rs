@@ -110,16 +110,12 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
     let retention = tessera_store::retention::Purger::start(
         db.clone(),
         SERVICE,
-        {
-            let mut rules = tessera_store::retention::plumbing(&config.retention);
-            rules.push(tessera_store::retention::Rule::new(
-                "code_failures",
-                "at",
-                "",
-                tessera_store::retention::days(config.retention.jobs_days),
-            ));
-            rules
-        },
+        vec![tessera_store::retention::Rule::new(
+            "code_failures",
+            "at",
+            "",
+            tessera_store::retention::days(config.retention.jobs_days),
+        )],
         &config.retention,
     )
     .await?;

@@ -98,14 +98,12 @@ pub struct Gateway {
     commands: tessera_store::queue::Worker,
 }
 
-/// What the gateway keeps: the plumbing tables and the audit log
+/// What the gateway keeps besides the plumbing tables: the audit log
 /// (`retention.audit_days`).
 pub fn retention_rules(
     config: &tessera_runtime::config::RetentionConfig,
 ) -> Vec<tessera_store::retention::Rule> {
-    let mut rules = tessera_store::retention::plumbing(config);
-    rules.push(audit::retention_rule(config));
-    rules
+    vec![audit::retention_rule(config)]
 }
 
 /// Applies the gateway's migrations.

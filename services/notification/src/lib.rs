@@ -366,14 +366,13 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         .probe(db.probe()))
 }
 
-/// What notification keeps, besides the plumbing: received events (while none of their
+/// What notification keeps, besides the plumbing tables: received events (while none of their
 /// deliveries is pending), settled deliveries and their attempts, finished messages.
 pub fn retention_rules(
     config: &tessera_runtime::config::RetentionConfig,
 ) -> Vec<tessera_store::retention::Rule> {
     let events = tessera_store::retention::days(config.events_days);
-    let mut rules = tessera_store::retention::plumbing(config);
-    rules.extend([
+    vec![
         tessera_store::retention::Rule::new(
             "events",
             "received_at",
@@ -397,8 +396,7 @@ pub fn retention_rules(
             "status <> 'queued'",
             tessera_store::retention::days(config.messages_days),
         ),
-    ]);
-    rules
+    ]
 }
 
 /// Brings the stored webhook secrets under the current master key (once, at start: after

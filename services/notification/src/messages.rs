@@ -33,7 +33,7 @@ use tessera_runtime::sealing::Keyring;
 use tessera_runtime::{Code, Error, RequestContext, grpc};
 use tessera_store::outbox::micros_to_timestamp;
 use tessera_store::queue::{
-    Failure, Handler, Item, NewItem, Queue, RetryPolicy, Worker, WorkerConfig, push,
+    self, Failure, Handler, Item, NewItem, Queue, RetryPolicy, Worker, WorkerConfig, push,
 };
 use tessera_store::{Db, db_error, insert_rows, now_micros, stmt};
 
@@ -135,42 +135,19 @@ pub async fn queue(
 /// The queue messages wait in.
 const QUEUE: &str = "messages";
 
+/// What a message's item is.
+const KIND: &str = "notification.message";
+
 /// The queue item that sends message `id`.
 fn work(tenant: &str, id: &str) -> NewItem {
-    NewItem {
-        queue: QUEUE,
-        tenant: tenant.to_string(),
-        key: id.to_string(),
-        kind: "notification.message".to_string(),
-        payload: id.as_bytes().to_vec(),
-        not_before: None,
-    }
+    NewItem::for_row(QUEUE, KIND, tenant, id)
 }
 
 /// Puts queued messages without a queue item (queued before messages used the queue) on
 /// the queue; returns how many were new.
 pub async fn adopt_queued(db: &Db) -> Result<u64, Error> {
-    let conn = db.conn();
-    let rows = conn
-        .query_all_raw(stmt(
-            conn,
-            "SELECT tenant_id, id FROM messages WHERE status = 'queued'",
-            [],
-        ))
-        .await
-        .map_err(db_error)?;
-    let items = rows
-        .iter()
-        .map(|r| {
-            let tenant: String = r.try_get_by_index(0).map_err(db_error)?;
-            let id: String = r.try_get_by_index(1).map_err(db_error)?;
-            Ok(work(&tenant, &id))
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
-    if items.is_empty() {
-        return Ok(0);
-    }
-    push(conn, items).await
+    let sql = "SELECT tenant_id, id FROM messages WHERE status = 'queued'";
+    queue::adopt(db, sql, Vec::new(), QUEUE, KIND).await
 }
 
 /// Message ids grow with time (the list's cursor).

@@ -72,7 +72,7 @@ pub async fn liability(
 
 /// The sum of every posting before `at`, per group: the rolled days before `at`'s day (or
 /// before `rolled`, the first day not rolled), plus the live postings from there to `at`.
-pub async fn balance_before<C: ConnectionTrait>(
+async fn balance_before<C: ConnectionTrait>(
     conn: &C,
     tenant: &str,
     at: i64,
@@ -132,7 +132,7 @@ async fn grouped<C: ConnectionTrait>(
 /// Rolls up the tenant's whole days that ended an hour before `now` and are not rolled yet;
 /// returns the first day not rolled. Concurrent reports roll a day once (its rows are keyed
 /// by day and group, and the mark only moves forward).
-pub async fn roll_up(db: &Db, tenant: &str, now: i64) -> Result<i64, Error> {
+async fn roll_up(db: &Db, tenant: &str, now: i64) -> Result<i64, Error> {
     let target = (now - GRACE) / DAY;
     let conn = db.conn();
     let done = conn

@@ -65,13 +65,9 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         .waking(commands.waker()),
         sweeps: service::Sweeps::default(),
     };
-    let retention = tessera_store::retention::Purger::start(
-        db.clone(),
-        SERVICE,
-        tessera_store::retention::plumbing(&config.retention),
-        &config.retention,
-    )
-    .await?;
+    let retention =
+        tessera_store::retention::Purger::start(db.clone(), SERVICE, Vec::new(), &config.retention)
+            .await?;
     Ok(Component::new(SERVICE)
         .customer_data(customer_data(db.clone()))
         .dead_letters(Arc::new(tessera_store::queue::DeadLetters::new(
