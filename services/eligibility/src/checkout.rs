@@ -417,11 +417,16 @@ impl Eligibility {
         if r.spends.is_empty() {
             return;
         }
-        match tokio::time::timeout(DELIVER_WAIT, self.commands.run_once()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
+        // In a task of its own: a pass cut off by the wait would leave what it claimed
+        // leased (out of reach) until its lease ends.
+        let commands = self.commands.clone();
+        let pass = tokio::spawn(async move { commands.run_once().await });
+        match tokio::time::timeout(DELIVER_WAIT, pass).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(e))) => {
                 tracing::warn!(error = %e, redemption = %r.id, "wallet spends wait for the wallet");
             }
+            Ok(Err(e)) => tracing::warn!(error = %e, "a delivery pass failed"),
             Err(_) => {
                 tracing::info!(redemption = %r.id, "wallet spends left to the command worker")
             }
