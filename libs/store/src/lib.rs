@@ -5,6 +5,7 @@
 //! belong to a domain live in the service that owns them.
 
 pub mod api;
+pub mod clock;
 pub mod db;
 pub mod idempotency;
 pub mod migrate;

@@ -104,6 +104,40 @@ impl MigrationTrait for AddColumns {
     }
 }
 
+/// A migration that drops columns no longer used: `(table, column)` pairs. Skips a column
+/// that is already gone, so a half-applied run can be repeated. A dropped column must not
+/// be in an index.
+pub struct DropColumns {
+    pub name: &'static str,
+    pub columns: &'static [(&'static str, &'static str)],
+}
+
+impl MigrationName for DropColumns {
+    fn name(&self) -> &str {
+        self.name
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for DropColumns {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), sea_orm::DbErr> {
+        for (table, column) in self.columns {
+            if !manager.has_column(*table, *column).await? {
+                continue;
+            }
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(Alias::new(*table))
+                        .drop_column(Alias::new(*column))
+                        .to_owned(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 /// A migration of plain SQL statements (data fills), run in order; each must be safe to
 /// run again (a half-applied run is repeated).
 pub struct Statements {
@@ -347,6 +381,11 @@ pub fn plumbing() -> Vec<Box<dyn MigrationTrait>> {
                     ),
                 ]
             },
+        }),
+        // The group of an item in a grouped queue (`crate::queue::Groups`).
+        Box::new(AddColumns {
+            name: "m0005_work_queue_groups",
+            columns: || vec![("work_queue", col::text_empty("grp"))],
         }),
     ]
 }

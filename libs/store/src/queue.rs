@@ -11,13 +11,17 @@
 //! ([`Queue::dead`]) and can be replayed ([`Queue::replay`]).
 //!
 //! Items are de-duplicated by `(queue, tenant, key)` while they wait, so the same follow-up
-//! asked twice runs once. Each carries the `traceparent` of the request that wrote it; the
+//! asked twice runs once; work that is moved rather than asked again (a scheduled job whose
+//! time changed) is [`put`] in place of the waiting item, or [`withdraw`]n. A handler whose
+//! effects are local can [`settle`] its item in its own transaction, under the claim's
+//! fence, so those effects commit exactly once. Time comes from a [`Clock`] (tests move it). Each carries the `traceparent` of the request that wrote it; the
 //! worker's span is that request's child.
 //!
 //! [`commands`] is the command outbox: "tell service X to call Y with this request, key K",
 //! delivered by a [`commands::Relay`] to any service's gRPC API.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -28,6 +32,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::clock::{Clock, SystemClock};
 use crate::db::{Backend, Db, db_error, insert_rows, now_micros, stmt};
 
 pub mod commands;
@@ -46,6 +51,9 @@ pub struct NewItem {
     pub payload: Vec<u8>,
     /// Not before this time (µs since the epoch); `None`: at once.
     pub not_before: Option<i64>,
+    /// In a grouped queue ([`Groups`]), the group it belongs to (unique across tenants: an
+    /// id); empty otherwise.
+    pub group: String,
 }
 
 impl NewItem {
@@ -58,6 +66,7 @@ impl NewItem {
             kind: kind.to_string(),
             payload: id.as_bytes().to_vec(),
             not_before: None,
+            group: String::new(),
         }
     }
 }
@@ -72,6 +81,21 @@ pub async fn adopt(
     queue: &'static str,
     kind: &str,
 ) -> Result<u64, Error> {
+    adopt_rows(db, sql, values, |row| {
+        let tenant: String = row.try_get_by_index(0)?;
+        let id: String = row.try_get_by_index(1)?;
+        Ok(NewItem::for_row(queue, kind, &tenant, &id))
+    })
+    .await
+}
+
+/// Like [`adopt`], with the item of each selected row made by `item`.
+pub async fn adopt_rows(
+    db: &Db,
+    sql: &str,
+    values: Vec<Value>,
+    item: impl Fn(&QueryResult) -> Result<NewItem, sea_orm::DbErr>,
+) -> Result<u64, Error> {
     let conn = db.conn();
     let rows = conn
         .query_all_raw(stmt(conn, sql, values))
@@ -79,11 +103,7 @@ pub async fn adopt(
         .map_err(db_error)?;
     let items = rows
         .iter()
-        .map(|row| {
-            let tenant: String = row.try_get_by_index(0)?;
-            let id: String = row.try_get_by_index(1)?;
-            Ok(NewItem::for_row(queue, kind, &tenant, &id))
-        })
+        .map(item)
         .collect::<Result<Vec<_>, sea_orm::DbErr>>()
         .map_err(db_error)?;
     if items.is_empty() {
@@ -104,6 +124,13 @@ pub struct Item {
     /// Claims so far, this one included.
     pub attempts: i32,
     pub created_at: i64,
+    /// The fencing token of the claim that holds it.
+    pub token: String,
+    /// Its group, in a grouped queue.
+    pub group: String,
+    /// The service and queue that hold it (metric labels).
+    pub service: &'static str,
+    pub queue: &'static str,
 }
 
 /// A dead-lettered item, as listed.
@@ -125,6 +152,134 @@ pub async fn push<C: ConnectionTrait>(
     txn: &C,
     items: impl IntoIterator<Item = NewItem>,
 ) -> Result<u64, Error> {
+    insert(
+        txn,
+        items,
+        "ON CONFLICT (queue, tenant_id, dedupe_key) DO NOTHING",
+    )
+    .await
+}
+
+/// Adds an item, or replaces the one of its key (waiting, held or dead-lettered): kind,
+/// payload and due time become the new ones and its attempts start again. A claim holding
+/// the old one loses it (it can no longer settle it). For work that moves, such as a job
+/// whose time changed.
+pub async fn put<C: ConnectionTrait>(txn: &C, item: NewItem) -> Result<(), Error> {
+    insert(
+        txn,
+        [item],
+        "ON CONFLICT (queue, tenant_id, dedupe_key) DO UPDATE SET kind = excluded.kind, \
+         payload = excluded.payload, traceparent = excluded.traceparent, attempts = 0, \
+         next_attempt_at = excluded.next_attempt_at, grp = excluded.grp, lease_token = NULL, \
+         dead_at = NULL, last_error = NULL",
+    )
+    .await
+    .map(drop)
+}
+
+/// Removes the item of a key, whatever its state; a claim holding it loses it. Returns
+/// whether there was one.
+pub async fn withdraw<C: ConnectionTrait>(
+    txn: &C,
+    queue: &str,
+    tenant: &str,
+    key: &str,
+) -> Result<bool, Error> {
+    let gone = txn
+        .execute_raw(stmt(
+            txn,
+            "DELETE FROM work_queue WHERE queue = $1 AND tenant_id = $2 AND dedupe_key = $3",
+            [queue.into(), tenant.into(), key.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    Ok(gone.rows_affected() > 0)
+}
+
+/// In a handler's own transaction: whether its claim still holds `item`, locking the item
+/// until that transaction ends (so nothing can take it over or move it meanwhile). When
+/// false, the claim was overtaken (its lease ran out and another worker took the item, or
+/// the item was moved or withdrawn): the handler must write nothing.
+pub async fn holds<C: ConnectionTrait>(txn: &C, item: &Item) -> Result<bool, Error> {
+    let held = txn
+        .execute_raw(stmt(
+            txn,
+            "UPDATE work_queue SET lease_token = lease_token WHERE id = $1 AND lease_token = $2",
+            [item.id.into(), item.token.clone().into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    Ok(held.rows_affected() > 0)
+}
+
+/// How a handler settles its item in its own transaction ([`settle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement<'a> {
+    /// Done: the item leaves the queue.
+    Done,
+    /// Done for now; due again at this time (recurring work), its attempts reset.
+    Again(i64),
+    /// This attempt failed: due again at this time, with the reason.
+    RetryAt(i64, &'a str),
+    /// Failed for good: dead-lettered with the reason.
+    Dead(&'a str),
+}
+
+/// In a handler's own transaction, after [`holds`]: settles `item` with the handler's
+/// effects, so both commit together, exactly once. The worker then leaves the item alone.
+/// Returns false when that transaction itself had already withdrawn or moved the item
+/// ([`withdraw`], [`put`]: a job that cancelled or rescheduled its own key), which is left
+/// as it made it.
+pub async fn settle<C: ConnectionTrait>(
+    txn: &C,
+    item: &Item,
+    settlement: Settlement<'_>,
+) -> Result<bool, Error> {
+    let mut values: Vec<Value> = vec![item.id.into(), item.token.clone().into()];
+    let outcome = match settlement {
+        Settlement::Done | Settlement::Again(_) => "done",
+        Settlement::RetryAt(..) => "retry",
+        Settlement::Dead(_) => "dead",
+    };
+    let sql = match settlement {
+        Settlement::Done => "DELETE FROM work_queue WHERE id = $1 AND lease_token = $2",
+        Settlement::Again(at) => {
+            values.push(at.into());
+            "UPDATE work_queue SET next_attempt_at = $3, attempts = 0, lease_token = NULL, \
+             last_error = NULL WHERE id = $1 AND lease_token = $2"
+        }
+        Settlement::RetryAt(at, error) => {
+            values.extend([at.into(), truncated(error).into()]);
+            "UPDATE work_queue SET next_attempt_at = $3, last_error = $4, lease_token = NULL \
+             WHERE id = $1 AND lease_token = $2"
+        }
+        Settlement::Dead(error) => {
+            values.extend([now_micros().into(), truncated(error).into()]);
+            "UPDATE work_queue SET dead_at = $3, last_error = $4, lease_token = NULL \
+             WHERE id = $1 AND lease_token = $2"
+        }
+    };
+    let settled = txn
+        .execute_raw(stmt(txn, sql, values))
+        .await
+        .map_err(db_error)?
+        .rows_affected();
+    // Counted before the caller commits: a rolled-back settlement is counted too.
+    metrics::counter!("tessera_queue_items_total", "service" => item.service, "queue" => item.queue, "outcome" => outcome)
+        .increment(settled);
+    Ok(settled > 0)
+}
+
+/// An error as kept with an item: its first [`MAX_ERROR`] characters.
+fn truncated(error: &str) -> String {
+    error.chars().take(MAX_ERROR).collect()
+}
+
+async fn insert<C: ConnectionTrait>(
+    txn: &C,
+    items: impl IntoIterator<Item = NewItem>,
+    on_conflict: &str,
+) -> Result<u64, Error> {
     let now = now_micros();
     let traceparent = telemetry::current_traceparent();
     let rows: Vec<Vec<Value>> = items
@@ -140,14 +295,15 @@ pub async fn push<C: ConnectionTrait>(
                 0i32.into(),
                 i.not_before.unwrap_or(now).into(),
                 now.into(),
+                i.group.into(),
             ]
         })
         .collect();
     insert_rows(
         txn,
         "INSERT INTO work_queue (queue, tenant_id, dedupe_key, kind, payload, traceparent, \
-         attempts, next_attempt_at, created_at)",
-        "ON CONFLICT (queue, tenant_id, dedupe_key) DO NOTHING",
+         attempts, next_attempt_at, created_at, grp)",
+        on_conflict,
         rows,
     )
     .await
@@ -230,6 +386,7 @@ pub struct Queue {
     service: &'static str,
     name: &'static str,
     policy: RetryPolicy,
+    clock: Arc<dyn Clock>,
 }
 
 /// Most characters of an error kept with an item.
@@ -242,14 +399,26 @@ impl Queue {
             service,
             name,
             policy,
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// The same queue on another clock (tests of leases and backoff).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     /// Claims up to `limit` due items for `lease`, oldest due first, and returns them with
     /// the claim's fencing token.
     pub async fn claim(&self, limit: u32, lease: Duration) -> Result<(String, Vec<Item>), Error> {
         let token = uuid::Uuid::new_v4().to_string();
-        let now = now_micros();
+        let now = self.clock.now();
         let until = now + i64::try_from(lease.as_micros()).unwrap_or(i64::MAX / 2);
         let lock = match self.db.backend() {
             Backend::Postgres => " FOR UPDATE SKIP LOCKED",
@@ -262,26 +431,83 @@ impl Queue {
              attempts = attempts + 1 \
              WHERE id IN (SELECT id FROM work_queue WHERE queue = $3 AND dead_at IS NULL \
              AND next_attempt_at <= $4 ORDER BY next_attempt_at, id LIMIT $5{lock}) \
-             RETURNING id, tenant_id, dedupe_key, kind, payload, traceparent, attempts, created_at"
+             RETURNING {RETURNED}"
         );
+        let values = vec![
+            token.clone().into(),
+            until.into(),
+            self.name.into(),
+            now.into(),
+            i64::from(limit).into(),
+        ];
+        self.claimed(token, &sql, values).await
+    }
+
+    /// Claims like [`Queue::claim`], in a grouped queue: no more items of a group than its
+    /// cap in `groups`, less `busy` (what this process has in flight per group), and none
+    /// of a group absent from it.
+    pub async fn claim_grouped(
+        &self,
+        limit: u32,
+        lease: Duration,
+        groups: &Groups,
+        busy: &[(String, u32)],
+    ) -> Result<(String, Vec<Item>), Error> {
+        let token = uuid::Uuid::new_v4().to_string();
+        let now = self.clock.now();
+        let until = now + i64::try_from(lease.as_micros()).unwrap_or(i64::MAX / 2);
+        let mut values: Vec<Value> = vec![
+            token.clone().into(),
+            until.into(),
+            self.name.into(),
+            now.into(),
+            i64::from(limit).into(),
+        ];
+        let mut cases = String::new();
+        for (group, n) in busy {
+            values.push(group.clone().into());
+            cases.push_str(&format!(" WHEN ${} THEN {n}", values.len()));
+        }
+        let in_flight = if cases.is_empty() {
+            "0".to_string()
+        } else {
+            format!("CASE q.grp{cases} ELSE 0 END")
+        };
+        // Window functions rule out `FOR UPDATE`: the outer statement re-checks that each
+        // item is still due, so of two claims racing for one item only the first takes it.
+        let sql = format!(
+            "UPDATE work_queue SET lease_token = $1, next_attempt_at = $2, \
+             attempts = attempts + 1 \
+             WHERE queue = $3 AND dead_at IS NULL AND next_attempt_at <= $4 AND id IN (\
+               SELECT id FROM (\
+                 SELECT q.id, q.next_attempt_at, ROW_NUMBER() OVER (\
+                   PARTITION BY q.grp ORDER BY q.next_attempt_at, q.id) AS rn, \
+                   g.cap - {in_flight} AS free \
+                 FROM work_queue q JOIN ({relation}) g \
+                   ON g.tenant_id = q.tenant_id AND g.grp = q.grp \
+                 WHERE q.queue = $3 AND q.dead_at IS NULL AND q.next_attempt_at <= $4\
+               ) ranked WHERE rn <= free ORDER BY next_attempt_at, id LIMIT $5) \
+             RETURNING {RETURNED}",
+            relation = groups.relation,
+        );
+        self.claimed(token, &sql, values).await
+    }
+
+    /// Runs a claiming statement; its items, by id.
+    async fn claimed(
+        &self,
+        token: String,
+        sql: &str,
+        values: Vec<Value>,
+    ) -> Result<(String, Vec<Item>), Error> {
         let conn = self.db.conn();
         let rows = conn
-            .query_all_raw(stmt(
-                conn,
-                &sql,
-                [
-                    token.clone().into(),
-                    until.into(),
-                    self.name.into(),
-                    now.into(),
-                    i64::from(limit).into(),
-                ],
-            ))
+            .query_all_raw(stmt(conn, sql, values))
             .await
             .map_err(db_error)?;
         let mut items = rows
             .iter()
-            .map(item_from_row)
+            .map(|row| item_from_row(row, &token, self.service, self.name))
             .collect::<Result<Vec<_>, _>>()
             .map_err(db_error)?;
         items.sort_by_key(|i| i.id);
@@ -318,8 +544,8 @@ impl Queue {
             Failure::Permanent(e) => (e, true),
             Failure::Unfinished => return self.again(token, item).await,
         };
-        let error: String = error.chars().take(MAX_ERROR).collect();
-        let now = now_micros();
+        let error = truncated(error);
+        let now = self.clock.now();
         let conn = self.db.conn();
         let (sql, at) = if dead {
             (
@@ -365,7 +591,7 @@ impl Queue {
             conn,
             "UPDATE work_queue SET next_attempt_at = $3, attempts = attempts - 1, \
              lease_token = NULL WHERE id = $1 AND lease_token = $2",
-            [item.id.into(), token.into(), now_micros().into()],
+            [item.id.into(), token.into(), self.clock.now().into()],
         ))
         .await
         .map_err(db_error)?;
@@ -516,7 +742,12 @@ impl tessera_runtime::ops::DeadLetters for DeadLetters {
     }
 }
 
-fn item_from_row(row: &QueryResult) -> Result<Item, sea_orm::DbErr> {
+fn item_from_row(
+    row: &QueryResult,
+    token: &str,
+    service: &'static str,
+    queue: &'static str,
+) -> Result<Item, sea_orm::DbErr> {
     Ok(Item {
         id: row.try_get_by_index(0)?,
         tenant: row.try_get_by_index(1)?,
@@ -526,7 +757,24 @@ fn item_from_row(row: &QueryResult) -> Result<Item, sea_orm::DbErr> {
         traceparent: row.try_get_by_index(5)?,
         attempts: row.try_get_by_index(6)?,
         created_at: row.try_get_by_index(7)?,
+        token: token.to_string(),
+        group: row.try_get_by_index(8)?,
+        service,
+        queue,
     })
+}
+
+/// The columns a claim returns, in [`item_from_row`]'s order.
+const RETURNED: &str =
+    "id, tenant_id, dedupe_key, kind, payload, traceparent, attempts, created_at, grp";
+
+/// What makes a queue grouped: items carry a group (a webhook endpoint, say) and a group's
+/// cap lives in the service's own tables. `relation` is a query of the service's database
+/// giving `(tenant_id, grp, cap)`: the groups whose items may run now, and how many of each
+/// at once per process. An item whose group is absent waits (a paused group).
+#[derive(Debug, Clone, Copy)]
+pub struct Groups {
+    pub relation: &'static str,
 }
 
 /// What a worker does with one item.
@@ -621,6 +869,7 @@ pub struct Worker {
     handler: Arc<dyn Handler>,
     config: WorkerConfig,
     wake: Arc<Notify>,
+    groups: Option<Groups>,
 }
 
 impl Worker {
@@ -630,6 +879,23 @@ impl Worker {
             handler,
             config,
             wake: Arc::new(Notify::new()),
+            groups: None,
+        }
+    }
+
+    /// A worker of a grouped queue. Each item is handled in its own task and settled as
+    /// soon as it is done, and the worker claims again as slots free up: a slow group
+    /// holds only its own slots (its cap), never a whole claim. `config.concurrency` caps
+    /// the items in flight; `config.batch`, those of one claim.
+    pub fn grouped(
+        queue: Queue,
+        handler: Arc<dyn Handler>,
+        config: WorkerConfig,
+        groups: Groups,
+    ) -> Self {
+        Self {
+            groups: Some(groups),
+            ..Self::new(queue, handler, config)
         }
     }
 
@@ -638,16 +904,14 @@ impl Worker {
         self.wake.clone()
     }
 
-    /// Works until `shutdown`; the batch in hand is finished first.
+    /// Works until `shutdown`; the work in hand is finished first.
     pub async fn run(self, shutdown: CancellationToken) {
+        if let Some(groups) = self.groups {
+            return self.run_grouped(groups, shutdown).await;
+        }
         let mut reported: Option<Instant> = None;
         loop {
-            if reported.is_none_or(|t| t.elapsed() >= REPORT_INTERVAL) {
-                if let Err(e) = self.queue.report().await {
-                    tracing::warn!(queue = self.queue.name, error = %e, "queue gauges not measured");
-                }
-                reported = Some(Instant::now());
-            }
+            self.report(&mut reported).await;
             let (handled, unfinished) = match self.pass().await {
                 Ok(n) => n,
                 Err(e) => {
@@ -673,6 +937,101 @@ impl Worker {
         );
     }
 
+    /// Records the queue's gauges when they are due.
+    async fn report(&self, reported: &mut Option<Instant>) {
+        if reported.is_none_or(|t| t.elapsed() >= REPORT_INTERVAL) {
+            if let Err(e) = self.queue.report().await {
+                tracing::warn!(queue = self.queue.name, error = %e, "queue gauges not measured");
+            }
+            *reported = Some(Instant::now());
+        }
+    }
+
+    /// The loop of a grouped queue ([`Worker::grouped`]).
+    async fn run_grouped(self, groups: Groups, shutdown: CancellationToken) {
+        let busy: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut reported: Option<Instant> = None;
+        let ctx = self.context();
+        loop {
+            self.report(&mut reported).await;
+            while tasks.try_join_next().is_some() {}
+            let asked = self
+                .config
+                .concurrency
+                .saturating_sub(tasks.len())
+                .min(self.config.batch as usize);
+            let mut claimed = 0;
+            if asked > 0 {
+                let snapshot: Vec<(String, u32)> = lock(&busy)
+                    .iter()
+                    .map(|(group, n)| (group.clone(), *n))
+                    .collect();
+                let limit = u32::try_from(asked).unwrap_or(u32::MAX);
+                match self
+                    .queue
+                    .claim_grouped(limit, self.config.lease, &groups, &snapshot)
+                    .await
+                {
+                    Ok((token, items)) => {
+                        claimed = items.len();
+                        for item in items {
+                            *lock(&busy).entry(item.group.clone()).or_default() += 1;
+                            let (queue, handler, busy) =
+                                (self.queue.clone(), self.handler.clone(), busy.clone());
+                            let token = token.clone();
+                            tasks.spawn(async move {
+                                let result = handler.handle(&item).instrument(ctx.span_of(&item)).await;
+                                let settled = match &result {
+                                    Ok(()) => queue.complete(&token, &[item.id]).await.map(drop),
+                                    Err(failure) => queue.fail(&token, &item, failure).await,
+                                };
+                                if let Err(e) = settled {
+                                    tracing::warn!(queue = queue.name, id = item.id, error = %e, "work item not settled; its lease brings it back");
+                                }
+                                let mut busy = lock(&busy);
+                                if let Some(n) = busy.get_mut(&item.group) {
+                                    *n = n.saturating_sub(1);
+                                    if *n == 0 {
+                                        busy.remove(&item.group);
+                                    }
+                                }
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = self.queue.name, error = %e, "queue claim failed")
+                    }
+                }
+            }
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if claimed < asked || asked == 0 {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = self.wake.notified() => tokio::time::sleep(LINGER).await,
+                    () = tokio::time::sleep(self.config.poll) => {},
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {},
+                }
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        tracing::info!(
+            service = self.queue.service,
+            queue = self.queue.name,
+            "queue worker stopped"
+        );
+    }
+
+    fn context(&self) -> BatchContext {
+        BatchContext {
+            service: self.queue.service,
+            queue: self.queue.name,
+            concurrency: self.config.concurrency,
+        }
+    }
+
     /// One claim, handled and settled. Returns how many items it held.
     pub async fn run_once(&self) -> Result<usize, Error> {
         self.pass().await.map(|(count, _)| count)
@@ -681,20 +1040,16 @@ impl Worker {
     /// One claim, handled and settled: how many items it held, and whether some of them
     /// are unfinished (so the next claim should not wait).
     async fn pass(&self) -> Result<(usize, bool), Error> {
-        let (token, items) = self
-            .queue
-            .claim(self.config.batch, self.config.lease)
-            .await?;
+        let (batch, lease) = (self.config.batch, self.config.lease);
+        let (token, items) = match &self.groups {
+            Some(groups) => self.queue.claim_grouped(batch, lease, groups, &[]).await?,
+            None => self.queue.claim(batch, lease).await?,
+        };
         if items.is_empty() {
             return Ok((0, false));
         }
         let count = items.len();
-        let ctx = BatchContext {
-            service: self.queue.service,
-            queue: self.queue.name,
-            concurrency: self.config.concurrency,
-        };
-        let results = self.handler.handle_all(items, &ctx).await;
+        let results = self.handler.handle_all(items, &self.context()).await;
         let mut done = Vec::with_capacity(results.len());
         let mut unfinished = false;
         for (item, result) in &results {
@@ -709,6 +1064,12 @@ impl Worker {
         self.queue.complete(&token, &done).await?;
         Ok((count, unfinished))
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -143,6 +143,7 @@ impl Purger {
             kind: "retention.purge".into(),
             payload: Vec::new(),
             not_before: (!now).then_some(slot * period),
+            group: String::new(),
         }
     }
 

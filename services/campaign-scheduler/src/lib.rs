@@ -283,6 +283,10 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
             "campaigns behind eligibility moved onto the command outbox"
         );
     }
+    let adopted = jobs::adopt(&db).await?;
+    if adopted > 0 {
+        tracing::info!(adopted, "pending jobs moved onto the shared work queue");
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let worker = Worker::new(
         db.clone(),

@@ -2,7 +2,7 @@
 //! their state and versions), their history, and the durable jobs with their run log.
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
-use tessera_store::migrate::{Migration, col, index, plumbing, table};
+use tessera_store::migrate::{AddColumns, DropColumns, Migration, col, index, plumbing, table};
 
 /// The campaign-scheduler's migrations, in order.
 pub struct Migrator;
@@ -47,10 +47,9 @@ impl MigratorTrait for Migrator {
                         ],
                         &["tenant_id", "campaign_id", "seq"],
                     ),
-                    // A job is a row: due at `due_at`, claimed under a lease (`lease_owner`,
-                    // `lease_until`) and a fencing token (`fence`, bumped by every claim),
-                    // so only the latest claimant can complete it. `job_key` names it in
-                    // the tenant (one start job per campaign, one sweep per programme).
+                    // A job is a row, due at `due_at`; `job_key` names it in the tenant (one
+                    // start job per campaign, one sweep per programme). Its lease columns
+                    // went when jobs moved onto the shared work queue (m0404).
                     table(
                         "jobs",
                         vec![
@@ -74,7 +73,7 @@ impl MigratorTrait for Migrator {
                         &["id"],
                     ),
                     // One row per completed execution, written in the execution's own
-                    // transaction: the audit of what ran, when, where and under which token.
+                    // transaction: the audit of what ran, when, where and at which attempt.
                     table(
                         "job_runs",
                         vec![
@@ -175,6 +174,22 @@ impl MigratorTrait for Migrator {
                     false,
                 )]
             },
+        }));
+        // Jobs run on the shared work queue (`jobs::QUEUE`): its items carry the lease and
+        // the fence, so the job's own lease columns go; a run records its attempt instead
+        // of its token.
+        all.push(Box::new(DropColumns {
+            name: "m0404_jobs_on_queue",
+            columns: &[
+                ("jobs", "lease_owner"),
+                ("jobs", "lease_until"),
+                ("jobs", "fence"),
+                ("job_runs", "fence"),
+            ],
+        }));
+        all.push(Box::new(AddColumns {
+            name: "m0405_job_run_attempt",
+            columns: || vec![("job_runs", col::big_zero("attempt"))],
         }));
         all
     }

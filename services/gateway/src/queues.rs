@@ -34,7 +34,7 @@ pub fn routes(api: &mut Api) {
     .add(
         Op::get("/v1/queues/{service}/dead", dead)
             .summary("List a service's dead-lettered work")
-            .describe("`service`: catalog, eligibility, wallet, campaign-scheduler or notification. `queue`: `commands` (the command outbox), `generation` (catalog code generation), `messages` (notification). Oldest first; page with `after_id`.")
+            .describe("`service`: catalog, eligibility, wallet, campaign-scheduler or notification. `queue`: `commands` (the command outbox), `generation` (catalog code generation), `jobs` (campaign-scheduler jobs), `messages` (notification). Oldest first; page with `after_id`.")
             .roles(&ADMINS)
             .query::<DeadQuery>()
             .answer_proto(

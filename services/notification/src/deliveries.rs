@@ -2,17 +2,18 @@
 //!
 //! When events arrive, one `deliveries` row per (event, matching enabled endpoint) is written
 //! in the same transaction (unique per endpoint and event, so a redelivered event is not
-//! delivered twice). The [`Dispatcher`] claims due rows under a lease (several replicas share
-//! the work; a claimed row's lease is re-checked in the claiming statement), never more per
-//! endpoint than its concurrency limit minus what this process already has in flight, and
-//! sends each in its own task, so a slow endpoint only ever holds its own slots. Every
-//! attempt is logged (status, latency, the start of the answer); a failure is retried on the
-//! schedule (immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h, each ±20 % jitter), then
-//! the delivery is dead (the dead-letter list) until replayed. Each attempt carries the same
+//! delivered twice), with an item on the shared work queue (queue [`QUEUE`]) grouped by
+//! endpoint. The queue's grouped worker claims due items (several replicas share the work),
+//! never more per endpoint than its concurrency limit minus what this process already has in
+//! flight, none for a disabled endpoint, and sends each in its own task, so a slow endpoint
+//! only ever holds its own slots. The [`Dispatcher`] sends one; the attempt is logged
+//! (status, latency, the start of the answer) and the delivery and its queue item are
+//! settled in one transaction, under the claim's fence. A failure is retried on the schedule
+//! (immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h, each ±20 % jitter), then the
+//! delivery is dead (the dead-letter list) until replayed. Each attempt carries the same
 //! `webhook-id` with a fresh timestamp and signature.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -23,13 +24,36 @@ use tessera_runtime::Error;
 use tessera_runtime::config::WebhooksConfig;
 use tessera_runtime::sealing::Keyring;
 use tessera_store::outbox::micros_to_timestamp;
+use tessera_store::queue::{
+    self, Failure, Groups, Handler, Item, NewItem, Queue, RetryPolicy, Settlement,
+};
 use tessera_store::{Db, db_error, insert_rows, now_micros, stmt};
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::catalogue;
 use crate::endpoints::{self, Stored};
 use crate::signing;
+
+/// The work queue that sends deliveries, grouped by endpoint.
+pub const QUEUE: &str = "webhooks";
+
+/// The endpoints whose deliveries may be sent now, each with its concurrency limit.
+const ENDPOINTS: Groups = Groups {
+    relation: "SELECT tenant_id, id AS grp, max_concurrency AS cap FROM webhook_endpoints \
+               WHERE enabled = 1",
+};
+
+/// The queue item that sends a delivery.
+fn work(tenant: &str, id: &str, endpoint: &str, event_type: &str, at: i64) -> NewItem {
+    NewItem {
+        queue: QUEUE,
+        tenant: tenant.to_string(),
+        key: id.to_string(),
+        kind: event_type.to_string(),
+        payload: id.as_bytes().to_vec(),
+        not_before: Some(at),
+        group: endpoint.to_string(),
+    }
+}
 
 /// Attempts in all: the first, then one per retry delay.
 pub fn max_attempts(schedule: &[u64]) -> i32 {
@@ -54,13 +78,16 @@ pub async fn fan_out(
         return Ok(0);
     }
     let mut rows: Vec<Vec<Value>> = Vec::new();
+    let mut items = Vec::new();
     for e in events {
         for t in targets
             .iter()
             .filter(|t| endpoints::wants(&t.endpoint.event_types, e.event_type))
         {
+            let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
+            items.push(work(tenant, &id, &t.endpoint.id, e.event_type, now));
             rows.push(vec![
-                format!("msg_{}", uuid::Uuid::now_v7().simple()).into(),
+                id.into(),
                 tenant.into(),
                 t.endpoint.id.clone().into(),
                 e.id.into(),
@@ -68,8 +95,6 @@ pub async fn fan_out(
                 "pending".into(),
                 0i32.into(),
                 now.into(),
-                "".into(),
-                0i64.into(),
                 now.into(),
             ]);
         }
@@ -77,17 +102,16 @@ pub async fn fan_out(
     if rows.is_empty() {
         return Ok(0);
     }
-    let mut written = 0;
-    for chunk in rows.chunks(500) {
-        written += insert_rows(
-            txn,
-            "INSERT INTO deliveries (id, tenant_id, endpoint_id, event_id, event_type, status, \
-             attempts, next_attempt_at, lease_owner, lease_until, created_at)",
-            "ON CONFLICT (endpoint_id, event_id) DO NOTHING",
-            chunk.to_vec(),
-        )
-        .await?;
-    }
+    let written = insert_rows(
+        txn,
+        "INSERT INTO deliveries (id, tenant_id, endpoint_id, event_id, event_type, status, \
+         attempts, next_attempt_at, created_at)",
+        "ON CONFLICT (endpoint_id, event_id) DO NOTHING",
+        rows,
+    )
+    .await?;
+    // An item whose delivery was not written (the pair existed) finds nothing to send.
+    queue::push(txn, items).await?;
     Ok(written)
 }
 
@@ -220,53 +244,75 @@ pub async fn replay(
     endpoint: &str,
     now: i64,
 ) -> Result<u32, Error> {
-    let mut replayed = 0u64;
+    let mut rows = Vec::new();
+    let again = "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $3 \
+                 WHERE tenant_id = $1";
+    let returning = "RETURNING id, endpoint_id, event_type";
     if !endpoint.is_empty() {
-        replayed += txn
-            .execute_raw(stmt(
+        rows.extend(
+            txn.query_all_raw(stmt(
                 txn,
-                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $3, \
-                 lease_until = 0 WHERE tenant_id = $1 AND endpoint_id = $2 AND status = 'dead'",
+                &format!("{again} AND endpoint_id = $2 AND status = 'dead' {returning}"),
                 [tenant.into(), endpoint.into(), now.into()],
             ))
             .await
-            .map_err(db_error)?
-            .rows_affected();
+            .map_err(db_error)?,
+        );
     }
     for id in ids {
-        replayed += txn
-            .execute_raw(stmt(
+        rows.extend(
+            txn.query_all_raw(stmt(
                 txn,
-                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $3, \
-                 lease_until = 0 WHERE tenant_id = $1 AND id = $2 AND status <> 'pending'",
+                &format!("{again} AND id = $2 AND status <> 'pending' {returning}"),
                 [tenant.into(), id.clone().into(), now.into()],
             ))
             .await
-            .map_err(db_error)?
-            .rows_affected();
+            .map_err(db_error)?,
+        );
     }
-    Ok(u32::try_from(replayed).unwrap_or(u32::MAX))
+    for row in &rows {
+        let text = |i| -> Result<String, Error> { row.try_get_by_index(i).map_err(db_error) };
+        queue::put(txn, work(tenant, &text(0)?, &text(1)?, &text(2)?, now)).await?;
+    }
+    Ok(u32::try_from(rows.len()).unwrap_or(u32::MAX))
 }
 
-/// A claimed delivery.
+/// Puts pending deliveries written before deliveries ran on the shared queue onto it (at
+/// start).
+pub async fn adopt(db: &Db) -> Result<u64, Error> {
+    queue::adopt_rows(
+        db,
+        "SELECT d.tenant_id, d.id, d.endpoint_id, d.event_type, d.next_attempt_at \
+         FROM deliveries d WHERE d.status = 'pending' AND NOT EXISTS (SELECT 1 FROM work_queue q \
+         WHERE q.queue = $1 AND q.tenant_id = d.tenant_id AND q.dedupe_key = d.id)",
+        vec![QUEUE.into()],
+        |row| {
+            let text = |i| row.try_get_by_index::<String>(i);
+            Ok(work(
+                &text(0)?,
+                &text(1)?,
+                &text(2)?,
+                &text(3)?,
+                row.try_get_by_index(4)?,
+            ))
+        },
+    )
+    .await
+}
+
+/// A delivery to attempt.
 struct Claimed {
     id: String,
     tenant: String,
     endpoint: String,
     event: String,
-    attempts: i32,
 }
 
-/// Claims and sends due deliveries.
-#[derive(Clone)]
+/// Sends deliveries: the handler of queue [`QUEUE`].
 pub struct Dispatcher {
     db: Db,
-    owner: String,
     http: reqwest::Client,
     config: WebhooksConfig,
-    /// Deliveries this process has in flight, per endpoint.
-    in_flight: Arc<Mutex<HashMap<String, u32>>>,
-    wake: Arc<Notify>,
     /// Opens the endpoints' sealed signing secrets.
     keyring: Keyring,
 }
@@ -276,7 +322,14 @@ fn micros(d: Duration) -> i64 {
 }
 
 impl Dispatcher {
-    pub fn new(db: Db, config: WebhooksConfig, keyring: Keyring) -> anyhow::Result<Self> {
+    /// The grouped queue worker that sends deliveries, endpoint by endpoint within their
+    /// limits.
+    pub fn worker(
+        db: Db,
+        service: &'static str,
+        config: WebhooksConfig,
+        keyring: Keyring,
+    ) -> anyhow::Result<queue::Worker> {
         // Connections go only to addresses the SSRF guard checked in the same lookup (no
         // DNS-rebinding window between the check and the connection).
         let resolver =
@@ -287,142 +340,62 @@ impl Dispatcher {
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(64)
             .build()?;
-        Ok(Self {
+        let queue = Queue::new(
+            db.clone(),
+            service,
+            QUEUE,
+            RetryPolicy::scheduled(&config.retry_schedule_secs),
+        );
+        let batch = config.batch_size.max(1);
+        let worker_config = queue::WorkerConfig {
+            batch,
+            concurrency: batch as usize,
+            // The answer's deadline plus time to record it: a process that dies
+            // mid-attempt has its deliveries sent again (same webhook-id) once this passes.
+            lease: Duration::from_secs(config.timeout_secs + 5),
+            poll: Duration::from_millis(250),
+        };
+        let dispatcher = Self {
             db,
-            owner: format!("notification-{}", uuid::Uuid::new_v4().simple()),
             http,
             config,
-            in_flight: Arc::default(),
-            wake: Arc::new(Notify::new()),
             keyring,
-        })
-    }
-
-    /// Wakes the dispatcher (new deliveries were written).
-    pub fn waker(&self) -> Arc<Notify> {
-        self.wake.clone()
-    }
-
-    /// Claims and sends until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) {
-        loop {
-            let claimed = match self.claim().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "webhook claim failed");
-                    Vec::new()
-                }
-            };
-            let idle = claimed.is_empty();
-            for c in claimed {
-                let this = self.clone();
-                tokio::spawn(async move {
-                    let endpoint = c.endpoint.clone();
-                    if let Err(e) = this.send(&c).await {
-                        tracing::warn!(delivery = %c.id, error = %e, "webhook attempt not recorded; the lease will bring it back");
-                    }
-                    this.release_slot(&endpoint);
-                    this.wake.notify_one();
-                });
-            }
-            if !idle {
-                continue;
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(Duration::from_millis(250)) => {}
-            }
-        }
-    }
-
-    fn release_slot(&self, endpoint: &str) {
-        let mut in_flight = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = in_flight.get_mut(endpoint) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                in_flight.remove(endpoint);
-            }
-        }
-    }
-
-    /// Claims due deliveries of enabled endpoints, at most each endpoint's free slots.
-    async fn claim(&self) -> Result<Vec<Claimed>, Error> {
-        let now = now_micros();
-        // The answer's deadline plus time to record it: a process that dies mid-attempt has
-        // its deliveries sent again (same webhook-id) once this passes.
-        let lease_until = now + micros(Duration::from_secs(self.config.timeout_secs + 5));
-        let busy: Vec<(String, u32)> = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        // Free slots per endpoint: its limit minus what is in flight here.
-        let mut values: Vec<Value> = vec![
-            self.owner.clone().into(),
-            lease_until.into(),
-            now.into(),
-            i64::from(self.config.batch_size).into(),
-        ];
-        let mut busy_cases = String::new();
-        for (endpoint, n) in &busy {
-            values.push(endpoint.clone().into());
-            busy_cases.push_str(&format!(" WHEN ${} THEN {n}", values.len()));
-        }
-        let in_flight = if busy_cases.is_empty() {
-            "0".to_string()
-        } else {
-            format!("CASE d.endpoint_id{busy_cases} ELSE 0 END")
         };
-        let sql = format!(
-            "UPDATE deliveries SET lease_owner = $1, lease_until = $2 \
-             WHERE status = 'pending' AND lease_until < $3 AND id IN (\
-               SELECT id FROM (\
-                 SELECT d.id, d.next_attempt_at, ROW_NUMBER() OVER (\
-                   PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at, d.id) AS rn, \
-                   w.max_concurrency - {in_flight} AS free \
-                 FROM deliveries d JOIN webhook_endpoints w \
-                   ON w.tenant_id = d.tenant_id AND w.id = d.endpoint_id \
-                 WHERE d.status = 'pending' AND d.next_attempt_at <= $3 \
-                   AND d.lease_until < $3 AND w.enabled = 1\
-               ) ranked WHERE rn <= free ORDER BY next_attempt_at LIMIT $4) \
-             RETURNING id, tenant_id, endpoint_id, event_id, attempts"
-        );
+        Ok(queue::Worker::grouped(
+            queue,
+            Arc::new(dispatcher),
+            worker_config,
+            ENDPOINTS,
+        ))
+    }
+
+    /// The delivery an item sends, if it is still to send (pending, or dead and replayed
+    /// from the dead letters).
+    async fn claimed(&self, item: &Item) -> Result<Option<Claimed>, Error> {
         let conn = self.db.conn();
-        let rows = conn
-            .query_all_raw(stmt(conn, &sql, values))
+        let row = conn
+            .query_one_raw(stmt(
+                conn,
+                "SELECT id, endpoint_id, event_id FROM deliveries \
+                 WHERE tenant_id = $1 AND id = $2 AND status IN ('pending', 'dead')",
+                [item.tenant.clone().into(), item.key.clone().into()],
+            ))
             .await
             .map_err(db_error)?;
-        let claimed = rows
-            .iter()
-            .map(|r| {
-                Ok(Claimed {
-                    id: r.try_get_by_index(0)?,
-                    tenant: r.try_get_by_index(1)?,
-                    endpoint: r.try_get_by_index(2)?,
-                    event: r.try_get_by_index(3)?,
-                    attempts: r.try_get_by_index(4)?,
-                })
+        row.map(|r| {
+            Ok(Claimed {
+                id: r.try_get_by_index(0)?,
+                tenant: item.tenant.clone(),
+                endpoint: r.try_get_by_index(1)?,
+                event: r.try_get_by_index(2)?,
             })
-            .collect::<Result<Vec<_>, sea_orm::DbErr>>()
-            .map_err(db_error)?;
-        let mut in_flight = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for c in &claimed {
-            *in_flight.entry(c.endpoint.clone()).or_default() += 1;
-        }
-        Ok(claimed)
+        })
+        .transpose()
+        .map_err(db_error)
     }
 
     /// One attempt: sign, send, log, and settle the delivery (succeeded, retry later, dead).
-    async fn send(&self, c: &Claimed) -> Result<(), Error> {
+    async fn send(&self, item: &Item, c: &Claimed) -> Result<(), Error> {
         let conn = self.db.conn();
         let endpoint: Stored = endpoints::get(conn, &c.tenant, &c.endpoint).await?;
         let event = conn
@@ -490,11 +463,14 @@ impl Dispatcher {
         };
         let latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
         let ok = (200..300).contains(&status_code);
-        self.settle(c, ok, status_code, latency_ms, &excerpt).await
+        self.settle(item, c, ok, status_code, latency_ms, &excerpt)
+            .await
     }
 
+    /// Logs the attempt and settles the delivery and its queue item together.
     async fn settle(
         &self,
+        item: &Item,
         c: &Claimed,
         ok: bool,
         status_code: i32,
@@ -502,18 +478,25 @@ impl Dispatcher {
         excerpt: &str,
     ) -> Result<(), Error> {
         let now = now_micros();
-        let number = c.attempts + 1;
+        let number = item.attempts;
         let schedule = &self.config.retry_schedule_secs;
-        let (status, next) = if ok {
-            ("succeeded", now)
+        let error = format!("HTTP {status_code}: {excerpt}");
+        let (status, next, settlement) = if ok {
+            ("succeeded", now, Settlement::Done)
         } else if number >= max_attempts(schedule) {
-            ("dead", now)
+            ("dead", now, Settlement::Dead(&error))
         } else {
             let delay = schedule[usize::try_from(number).unwrap_or(0)] as f64;
             let jitter = rand::rng().random_range(0.8..1.2);
-            ("pending", now + (delay * jitter * 1_000_000.0) as i64)
+            let at = now + (delay * jitter * 1_000_000.0) as i64;
+            ("pending", at, Settlement::RetryAt(at, &error))
         };
         let txn = self.db.begin_write().await?;
+        if !queue::holds(&txn, item).await? {
+            txn.rollback().await.map_err(db_error)?;
+            tracing::info!(delivery = %c.id, "delivery taken over; this attempt is not recorded");
+            return Ok(());
+        }
         txn.execute_raw(stmt(
             &txn,
             // Numbered across replays: the log keeps every attempt ever made.
@@ -532,11 +515,11 @@ impl Dispatcher {
         .map_err(db_error)?;
         txn.execute_raw(stmt(
             &txn,
-            "UPDATE deliveries SET status = $3, attempts = $4, next_attempt_at = $5, \
-             lease_until = 0 WHERE id = $1 AND lease_owner = $2",
+            "UPDATE deliveries SET status = $3, attempts = $4, next_attempt_at = $5 \
+             WHERE tenant_id = $1 AND id = $2",
             [
+                c.tenant.clone().into(),
                 c.id.clone().into(),
-                self.owner.clone().into(),
                 status.into(),
                 number.into(),
                 next.into(),
@@ -544,6 +527,7 @@ impl Dispatcher {
         ))
         .await
         .map_err(db_error)?;
+        queue::settle(&txn, item, settlement).await?;
         let disable_after = micros(Duration::from_secs(self.config.disable_after_failing_secs));
         if endpoints::record_health(&txn, &c.tenant, &c.endpoint, ok, now, disable_after).await? {
             tracing::warn!(endpoint = %c.endpoint, "webhook endpoint disabled after failing too long");
@@ -552,5 +536,17 @@ impl Dispatcher {
         metrics::counter!("tessera_webhook_attempts_total", "outcome" => if ok { "delivered" } else { "failed" })
             .increment(1);
         Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for Dispatcher {
+    async fn handle(&self, item: &Item) -> Result<(), Failure> {
+        let sent = match self.claimed(item).await {
+            Ok(Some(c)) => self.send(item, &c).await,
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        sent.map_err(|e| Failure::Retry(e.to_string()))
     }
 }

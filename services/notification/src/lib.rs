@@ -28,7 +28,7 @@ use tessera_runtime::sealing::Keyring;
 use tessera_runtime::{Config, grpc};
 use tessera_store::Db;
 use tessera_store::idempotency::Idempotency;
-use tessera_store::migrate::{Migration, col, index, plumbing, table};
+use tessera_store::migrate::{DropColumns, Migration, col, index, plumbing, table};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -286,6 +286,17 @@ impl MigratorTrait for Migrator {
                 ]
             },
         }));
+        // Deliveries and messages run on the shared work queue, whose items carry the
+        // lease: their own lease columns go.
+        all.push(Box::new(DropColumns {
+            name: "m0104_leases_on_queue",
+            columns: &[
+                ("deliveries", "lease_owner"),
+                ("deliveries", "lease_until"),
+                ("messages", "lease_owner"),
+                ("messages", "lease_until"),
+            ],
+        }));
         all
     }
 }
@@ -312,8 +323,16 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
 pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Component> {
     let db = Db::open::<Migrator>(config, SERVICE).await?;
     let keyring = Keyring::from_config(config)?;
-    let dispatcher =
-        deliveries::Dispatcher::new(db.clone(), config.webhooks.clone(), keyring.clone())?;
+    let dispatcher = deliveries::Dispatcher::worker(
+        db.clone(),
+        SERVICE,
+        config.webhooks.clone(),
+        keyring.clone(),
+    )?;
+    let adopted = deliveries::adopt(&db).await?;
+    if adopted > 0 {
+        tracing::info!(adopted, "pending webhook deliveries moved onto the queue");
+    }
     let eligibility = EligibilityServiceClient::new(grpc::channel(
         &config.peers.eligibility_url,
         config.peer_timeout(),

@@ -25,6 +25,8 @@ const HOUR: i64 = 3_600_000_000;
 struct Effects {
     owner: &'static str,
     stall: AtomicBool,
+    /// While set, the remote part fails.
+    broken: AtomicBool,
 }
 
 impl Executor for Effects {
@@ -32,6 +34,9 @@ impl Executor for Effects {
         Box::pin(async move {
             if self.stall.load(Ordering::SeqCst) {
                 futures::future::pending::<()>().await;
+            }
+            if self.broken.load(Ordering::SeqCst) {
+                return Err(Error::unavailable("the peer is down"));
             }
             Ok(serde_json::Value::Null)
         })
@@ -90,6 +95,7 @@ impl Bench {
         let effects = Arc::new(Effects {
             owner,
             stall: AtomicBool::new(stall),
+            broken: AtomicBool::new(false),
         });
         let worker = Worker::new(
             self.db.clone(),
@@ -159,6 +165,12 @@ impl Bench {
             n,
             "runs logged"
         );
+        assert_eq!(
+            self.count("SELECT COUNT(*) FROM work_queue WHERE queue = 'jobs'")
+                .await,
+            0,
+            "queue items left"
+        );
     }
 
     async fn cleanup(self) {
@@ -198,6 +210,7 @@ on_both!(
     three_workers_run_each_of_1000_due_jobs_once,
     a_dead_workers_jobs_are_taken_over_after_the_lease_and_run_once,
     missed_runs_are_caught_up_once_and_moved_jobs_are_not_completed_by_a_late_worker,
+    a_job_that_keeps_failing_is_dead_lettered_and_runs_once_replayed,
 );
 
 async fn three_workers_run_each_of_1000_due_jobs_once(bench: Bench) {
@@ -344,5 +357,59 @@ async fn missed_runs_are_caught_up_once_and_moved_jobs_are_not_completed_by_a_la
         1
     );
     assert_eq!(bench.count("SELECT COUNT(*) FROM effects").await, 5);
+    bench.cleanup().await;
+}
+
+async fn a_job_that_keeps_failing_is_dead_lettered_and_runs_once_replayed(bench: Bench) {
+    let (worker, effects) = bench.worker("a", false);
+    effects.broken.store(true, Ordering::SeqCst);
+    bench.schedule(1, "job-").await;
+    // Five attempts (the test's limit), each after its backoff.
+    for attempt in 1..=5 {
+        assert_eq!(
+            worker.run_due().await.expect("attempt"),
+            1,
+            "attempt {attempt}"
+        );
+        let (attempts, failed) = (
+            bench
+                .count("SELECT CAST(attempts AS BIGINT) FROM jobs")
+                .await,
+            bench
+                .count("SELECT COUNT(*) FROM jobs WHERE status = 'failed'")
+                .await,
+        );
+        assert_eq!(
+            (attempts, failed),
+            (i64::from(attempt), i64::from(attempt == 5))
+        );
+        bench.clock.advance(Duration::from_secs(600));
+    }
+    assert_eq!(
+        worker.run_due().await.expect("dead"),
+        0,
+        "dead work is not claimed"
+    );
+    let dead = tessera_store::queue::DeadLetters::new(bench.db.clone(), "campaign-scheduler");
+    let listed = dead
+        .dead("default", "jobs", 0, 10)
+        .await
+        .expect("dead letters");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].key, "job-0");
+    assert!(
+        listed[0].error.starts_with("unavailable"),
+        "{}",
+        listed[0].error
+    );
+
+    // The peer is back; an operator replays the job: it runs once and is done.
+    effects.broken.store(false, Ordering::SeqCst);
+    assert_eq!(
+        dead.replay("default", "jobs", &[]).await.expect("replay"),
+        1
+    );
+    assert_eq!(worker.run_due().await.expect("replayed"), 1);
+    bench.assert_once(1).await;
     bench.cleanup().await;
 }

@@ -9,11 +9,12 @@ use std::time::Duration;
 use serde_json::json;
 use tessera_proto::catalog::v1 as cpb;
 use tessera_store::queue::commands::{self, Command};
-use tessera_store::queue::{DeadLetters, Failure, NewItem, Queue, RetryPolicy, push};
+use tessera_store::queue::{DeadLetters, Failure, Groups, NewItem, Queue, RetryPolicy, push};
 use tessera_tests::{TENANT, TestSuite, backend_tests, eventually};
 
 backend_tests!(
     claims_are_fenced_retried_and_dead_lettered,
+    a_grouped_claim_keeps_each_group_within_its_cap,
     a_refused_command_is_replayed_over_http,
 );
 
@@ -25,6 +26,7 @@ fn item(queue: &'static str, key: impl Into<String>) -> NewItem {
         kind: "test".into(),
         payload: b"x".to_vec(),
         not_before: None,
+        group: String::new(),
     }
 }
 
@@ -144,6 +146,57 @@ async fn claims_are_fenced_retried_and_dead_lettered(suite: TestSuite) {
             .unwrap()
             .is_empty()
     );
+    suite.cleanup().await;
+}
+
+async fn a_grouped_claim_keeps_each_group_within_its_cap(suite: TestSuite) {
+    use sea_orm::ConnectionTrait;
+    let db = suite.db("wallet").await;
+    db.conn()
+        .execute_unprepared(
+            "CREATE TABLE test_groups (tenant_id TEXT NOT NULL, grp TEXT NOT NULL, cap INTEGER NOT NULL)",
+        )
+        .await
+        .unwrap();
+    let caps = |sql: &'static str| async { db.conn().execute_unprepared(sql).await.unwrap() };
+    caps("INSERT INTO test_groups VALUES ('default', 'a', 1), ('default', 'b', 2)").await;
+    let groups = Groups {
+        relation: "SELECT tenant_id, grp, cap FROM test_groups",
+    };
+    let items = ["a", "b", "c"].into_iter().flat_map(|g| {
+        (0..5).map(move |i| NewItem {
+            group: g.to_string(),
+            ..item("grouped", format!("{g}{i}"))
+        })
+    });
+    push(db.conn(), items).await.unwrap();
+    let q = Queue::new(db.clone(), "wallet", "grouped", RetryPolicy::default());
+    let lease = Duration::from_secs(60);
+    let groups_of = |items: &[tessera_store::queue::Item]| {
+        let mut g: Vec<String> = items.iter().map(|i| i.group.clone()).collect();
+        g.sort();
+        g
+    };
+
+    // Each group up to its cap, oldest first; nothing of `c`, which has no cap (paused).
+    let (token, first) = q.claim_grouped(100, lease, &groups, &[]).await.unwrap();
+    assert_eq!(groups_of(&first), ["a", "b", "b"]);
+    assert_eq!(first[0].key, "a0");
+    // What is in flight here counts against the cap.
+    let busy = vec![("a".to_string(), 1), ("b".to_string(), 2)];
+    let (_, none) = q.claim_grouped(100, lease, &groups, &busy).await.unwrap();
+    assert!(none.is_empty(), "{none:?}");
+    q.complete(&token, &[first[0].id]).await.unwrap();
+    let busy = vec![("b".to_string(), 2)];
+    let (_, next) = q.claim_grouped(100, lease, &groups, &busy).await.unwrap();
+    assert_eq!(groups_of(&next), ["a"]);
+    assert_eq!(next[0].key, "a1");
+
+    // `c` gets a cap: its items go too, within it.
+    caps("INSERT INTO test_groups VALUES ('default', 'c', 3)").await;
+    let busy = vec![("a".to_string(), 1), ("b".to_string(), 2)];
+    let (_, c) = q.claim_grouped(100, lease, &groups, &busy).await.unwrap();
+    assert_eq!(groups_of(&c), ["c", "c", "c"]);
     suite.cleanup().await;
 }
 

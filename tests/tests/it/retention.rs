@@ -63,6 +63,7 @@ async fn each_service_purges_what_is_past_its_time(suite: TestSuite) {
         kind: "test".into(),
         payload: Vec::new(),
         not_before: None,
+        group: String::new(),
     };
     push(db.conn(), [item("dead-old"), item("dead-new")])
         .await
@@ -143,9 +144,9 @@ async fn each_service_purges_what_is_past_its_time(suite: TestSuite) {
     exec(
         &db,
         "INSERT INTO deliveries (id, tenant_id, endpoint_id, event_id, event_type, status, \
-         attempts, next_attempt_at, lease_owner, lease_until, created_at) \
+         attempts, next_attempt_at, created_at) \
          VALUES ('msg_pending', $1, 'ep-gone', $4, 'points.credited', 'pending', \
-         3, $2, '', 0, $3)",
+         3, $2, $3)",
         vec![
             TENANT.into(),
             (now + 365 * DAY).into(),

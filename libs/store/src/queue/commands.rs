@@ -48,6 +48,7 @@ pub async fn send<C: ConnectionTrait, M: Message>(
             kind: c.path.to_string(),
             payload: c.request.encode_to_vec(),
             not_before: None,
+            group: String::new(),
         }),
     )
     .await

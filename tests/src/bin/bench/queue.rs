@@ -36,6 +36,7 @@ pub async fn queue(suite: &TestSuite, label: &str) {
                 kind: "bench".into(),
                 payload: vec![0u8; 200],
                 not_before: None,
+                group: String::new(),
             }),
         )
         .await
