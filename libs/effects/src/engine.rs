@@ -17,7 +17,10 @@
 //! is rounded half to even, once, from the exact fraction. An amount spread over several
 //! lines is split by the largest-remainder method: every line gets the floor of its exact
 //! share and the units left over go to the largest fractional parts (ties to the earlier
-//! line), so the parts always add up to the amount.
+//! line), so the parts always add up to the amount. Both come from `tessera_money`, the
+//! suite's one money arithmetic.
+
+use tessera_money::{Money, Rounding};
 
 /// 100% in basis points.
 pub const FULL_BP: i64 = 10_000;
@@ -216,40 +219,14 @@ pub struct Outcome {
     pub points_spent: i64,
 }
 
-/// `n / d` rounded half to even; `n >= 0`, `d > 0`.
+/// `n / d` rounded half to even; `n >= 0`, `d > 0`. Every quantity the engine divides is
+/// bounded by the cart's checked limits (`tessera_money::MAX_CART_TOTAL`), so the quotient
+/// fits; past it, it saturates.
 pub fn div_half_even(n: i128, d: i128) -> i64 {
-    let (q, r) = (n / d, n % d);
-    let q = match (2 * r).cmp(&d) {
-        std::cmp::Ordering::Greater => q + 1,
-        std::cmp::Ordering::Equal if q % 2 == 1 => q + 1,
-        _ => q,
-    };
-    i64::try_from(q).unwrap_or(i64::MAX)
+    tessera_money::div(n, d, Rounding::HalfEven).map_or(i64::MAX, Money::get)
 }
 
-/// Splits `amount` over `weights` in proportion (largest remainder; ties to the earlier
-/// index). With `amount <= sum(weights)`, no part exceeds its weight.
-pub fn distribute(amount: i64, weights: &[i64]) -> Vec<i64> {
-    let total: i128 = weights.iter().map(|w| i128::from(*w)).sum();
-    if total <= 0 || amount <= 0 {
-        return vec![0; weights.len()];
-    }
-    let amount = i128::from(amount);
-    let mut parts: Vec<i64> = Vec::with_capacity(weights.len());
-    let mut remainders: Vec<(i128, usize)> = Vec::with_capacity(weights.len());
-    for (i, w) in weights.iter().enumerate() {
-        let exact = amount * i128::from(*w);
-        parts.push(i64::try_from(exact / total).unwrap_or(i64::MAX));
-        remainders.push((exact % total, i));
-    }
-    let given: i128 = parts.iter().map(|p| i128::from(*p)).sum();
-    let left = usize::try_from(amount - given).unwrap_or(0);
-    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    for (_, i) in remainders.into_iter().take(left) {
-        parts[i] += 1;
-    }
-    parts
-}
+pub use tessera_money::distribute;
 
 /// The running state of one application: what is left of every line, points and tender.
 struct State<'c> {

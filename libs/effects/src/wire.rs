@@ -9,25 +9,7 @@ use crate::engine::{
     Adjustment, Allocation, Cart, Effect, FULL_BP, Line, Outcome, Selector, Target,
 };
 
-/// Largest amount, in minor units, anywhere in an effect or a cart (10^12).
-pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
-/// Largest quantity of a line or a limit.
-pub const MAX_QUANTITY: i64 = 1_000_000;
-/// Most lines in a cart.
-pub const MAX_LINES: usize = 500;
-/// Largest total of a cart or an order (its lines and shipping), in minor units (10^15).
-/// Each line may be up to 10^12 × 10^6, and 500 such lines would overflow an i64: the total
-/// is bounded so every sum the engine makes stays far inside it.
-pub const MAX_CART_TOTAL: i64 = 1_000_000_000_000_000;
-
-/// The total of `lines` (quantity × unit amount) and `extra`, for checking against
-/// [`MAX_CART_TOTAL`]: exact while it fits an i128 (each product does), saturating past it.
-pub fn exact_total(lines: impl IntoIterator<Item = (i64, i64)>, extra: i64) -> i128 {
-    lines
-        .into_iter()
-        .map(|(quantity, unit)| i128::from(quantity) * i128::from(unit))
-        .fold(i128::from(extra), i128::saturating_add)
-}
+pub use tessera_money::{MAX_AMOUNT, MAX_CART_TOTAL, MAX_LINES, MAX_QUANTITY, exact_total};
 
 /// The oneof field name of an effect's kind (as `ListRewards` filters it).
 pub fn kind_name(kind: &Kind) -> &'static str {

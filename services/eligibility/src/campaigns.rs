@@ -1017,23 +1017,21 @@ pub async fn remove(txn: &DatabaseTransaction, tenant: &str, id: &str) -> Result
     bump(txn, tenant).await
 }
 
-/// Usage counters of some campaigns.
+/// Usage counters of some campaigns: the campaign's row and its shards, added up here with
+/// saturation (a database's SUM would fail past the largest BIGINT).
 pub async fn usage<C: ConnectionTrait>(
     conn: &C,
     tenant: &str,
     ids: &[&str],
 ) -> Result<crate::qualify::UsageMap, Error> {
-    let mut out = HashMap::new();
+    let mut out: crate::qualify::UsageMap = HashMap::new();
     for chunk in ids.chunks(500) {
         let ids = Db::placeholders(2, chunk.len());
         let sql = format!(
-            "SELECT campaign_id, CAST(SUM(redemptions) AS BIGINT), \
-             CAST(SUM(discount_total) AS BIGINT), CAST(SUM(order_value_total) AS BIGINT) \
-             FROM (SELECT campaign_id, redemptions, discount_total, order_value_total \
+            "SELECT campaign_id, redemptions, discount_total, order_value_total \
              FROM campaign_usage WHERE tenant_id = $1 AND campaign_id IN ({ids}) \
              UNION ALL SELECT campaign_id, redemptions, discount_total, order_value_total \
-             FROM campaign_usage_shards WHERE tenant_id = $1 AND campaign_id IN ({ids})) u \
-             GROUP BY campaign_id"
+             FROM campaign_usage_shards WHERE tenant_id = $1 AND campaign_id IN ({ids})"
         );
         let values = std::iter::once(tenant.into()).chain(chunk.iter().map(|id| (*id).into()));
         let rows = conn
@@ -1041,15 +1039,13 @@ pub async fn usage<C: ConnectionTrait>(
             .await
             .map_err(db_error)?;
         for row in rows {
-            out.insert(
-                row.try_get_by_index(0).map_err(db_error)?,
-                crate::qualify::Usage {
-                    redemptions: row.try_get_by_index(1).map_err(db_error)?,
-                    discount_total: row.try_get_by_index(2).map_err(db_error)?,
-                    order_value_total: row.try_get_by_index(3).map_err(db_error)?,
-                    customer_period: 0,
-                },
-            );
+            let count = |i| row.try_get_by_index::<i64>(i).map_err(db_error);
+            let usage = out
+                .entry(row.try_get_by_index(0).map_err(db_error)?)
+                .or_default();
+            usage.redemptions = usage.redemptions.saturating_add(count(1)?);
+            usage.discount_total = usage.discount_total.saturating_add(count(2)?);
+            usage.order_value_total = usage.order_value_total.saturating_add(count(3)?);
         }
     }
     Ok(out)

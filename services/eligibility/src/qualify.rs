@@ -170,8 +170,12 @@ pub fn check_limits(
             format!("{redemptions} of {} redemptions used", l.max_redemptions),
         );
     }
+    // A sum past the largest amount is past every budget.
+    let over =
+        |used: i64, added: i64, max: i64| !tessera_money::add(used, added).is_ok_and(|t| t <= max);
     if l.max_discount_total > 0
-        && (discount >= l.max_discount_total || discount + discount_added > l.max_discount_total)
+        && (discount >= l.max_discount_total
+            || over(discount, discount_added, l.max_discount_total))
     {
         return reject(
             pb::Reason::BudgetExhausted,
@@ -181,7 +185,8 @@ pub fn check_limits(
             ),
         );
     }
-    if l.max_order_value_total > 0 && order_value_total + order_value > l.max_order_value_total {
+    if l.max_order_value_total > 0 && over(order_value_total, order_value, l.max_order_value_total)
+    {
         return reject(
             pb::Reason::BudgetExhausted,
             format!(

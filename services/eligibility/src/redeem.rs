@@ -578,6 +578,17 @@ pub(crate) async fn lock_counter(
 }
 
 /// Adds `deltas` to a counter row (created at the deltas if missing).
+/// SQL for `count + delta` (a non-negative count) that saturates at the largest BIGINT
+/// instead of failing every later redemption (PostgreSQL) or turning into a float (SQLite):
+/// a saturated budget is used up.
+fn saturating_sum(count: &str, delta: &str) -> String {
+    format!(
+        "CASE WHEN {delta} <= 0 THEN {count} + {delta} WHEN {count} > {max} - {delta} \
+         THEN {max} ELSE {count} + {delta} END",
+        max = i64::MAX
+    )
+}
+
 pub(crate) async fn add_counter(
     txn: &DatabaseTransaction,
     table: &str,
@@ -591,7 +602,12 @@ pub(crate) async fn add_counter(
         .collect();
     let updates = deltas
         .iter()
-        .map(|(c, _)| format!("{c} = {table}.{c} + excluded.{c}"))
+        .map(|(c, _)| {
+            format!(
+                "{c} = {}",
+                saturating_sum(&format!("{table}.{c}"), &format!("excluded.{c}"))
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ");
     let sql = format!(
@@ -761,12 +777,16 @@ async fn take_budget(
     let sliced = txn
         .execute_raw(stmt(
             txn,
-            "UPDATE campaign_usage_shards SET redemptions = redemptions + 1, \
-             discount_total = discount_total + $4, order_value_total = order_value_total + $5, \
-             left_redemptions = left_redemptions - $6, left_discount = left_discount - $7, \
-             left_order_value = left_order_value - $8 \
-             WHERE tenant_id = $1 AND campaign_id = $2 AND shard = $3 AND budget = $9 \
-             AND left_redemptions >= $6 AND left_discount >= $10 AND left_order_value >= $8",
+            &format!(
+                "UPDATE campaign_usage_shards SET redemptions = redemptions + 1, \
+                 discount_total = {}, order_value_total = {}, \
+                 left_redemptions = left_redemptions - $6, left_discount = left_discount - $7, \
+                 left_order_value = left_order_value - $8 \
+                 WHERE tenant_id = $1 AND campaign_id = $2 AND shard = $3 AND budget = $9 \
+                 AND left_redemptions >= $6 AND left_discount >= $10 AND left_order_value >= $8",
+                saturating_sum("discount_total", "$4"),
+                saturating_sum("order_value_total", "$5"),
+            ),
             [
                 keys.tenant.into(),
                 keys.campaign.into(),
@@ -812,9 +832,9 @@ async fn take_budget_exactly(
         customer_period: 0,
     };
     for [r, d, o] in lock_shards(txn, keys).await? {
-        usage.redemptions += r;
-        usage.discount_total += d;
-        usage.order_value_total += o;
+        usage.redemptions = usage.redemptions.saturating_add(r);
+        usage.discount_total = usage.discount_total.saturating_add(d);
+        usage.order_value_total = usage.order_value_total.saturating_add(o);
     }
     if let Err(why) = qualify::check_limits(c, usage, 0, discount, order_value) {
         return Ok(Err(why));
@@ -852,11 +872,15 @@ async fn take_budget_exactly(
             keys.tenant.into(),
             keys.campaign.into(),
             cut_from.into(),
-            left(l.max_redemptions, usage.redemptions + 1).into(),
-            left(l.max_discount_total, usage.discount_total + discount).into(),
+            left(l.max_redemptions, usage.redemptions.saturating_add(1)).into(),
+            left(
+                l.max_discount_total,
+                usage.discount_total.saturating_add(discount),
+            )
+            .into(),
             left(
                 l.max_order_value_total,
-                usage.order_value_total + order_value,
+                usage.order_value_total.saturating_add(order_value),
             )
             .into(),
         ],

@@ -14,8 +14,8 @@ use tessera_store::{Backend, db_error, insert_rows, now_micros, outbox, stmt, tu
 use crate::{programs, rules, tiers};
 
 /// Largest single amount accepted (points or minor units); far above any real credit, far
-/// below where sums could overflow 64 bits.
-pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
+/// below where sums could overflow 64 bits. The suite's one limit (`tessera_money`).
+pub use tessera_money::MAX_AMOUNT;
 
 /// Who owns an account.
 #[derive(Debug, Clone, Copy)]

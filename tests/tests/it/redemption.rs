@@ -24,6 +24,7 @@ backend_tests!(
     codes_are_refused_with_reasons_and_guessing_is_limited,
     budgets_and_limits_hold_under_concurrent_redeems,
     a_budget_set_later_counts_what_was_redeemed_before,
+    counts_saturate_instead_of_overflowing,
     sliced_budgets_refuse_only_what_does_not_fit,
     reservations_hold_until_confirmed_or_expired,
     touchpoints_check_out_over_http,
@@ -767,6 +768,73 @@ async fn a_budget_set_later_counts_what_was_redeemed_before(suite: TestSuite) {
         .expect_err("budget spent");
     assert_eq!(reason(&over), "BUDGET_EXHAUSTED");
     assert_eq!(usage(&suite, "open", "redemptions").await, 22);
+}
+
+async fn counts_saturate_instead_of_overflowing(suite: TestSuite) {
+    let mut c = client(&suite);
+    put_campaign(&mut c, &suite, campaign("huge", amount_off(1_00))).await;
+    redeem(&mut c, &suite, &key(), checkout("h0", "", &[], &["huge"]))
+        .await
+        .expect("first");
+    // Years of orders later, the campaign's order-value count is a few units short of the
+    // largest BIGINT on every shard.
+    let db = suite.db("eligibility").await;
+    {
+        use sea_orm::ConnectionTrait;
+        let conn = db.conn();
+        let sql = "DELETE FROM campaign_usage_shards WHERE tenant_id = $1 AND campaign_id = $2";
+        let values: [sea_orm::Value; 2] = [TENANT.into(), "huge".into()];
+        conn.execute_raw(tessera_store::stmt(conn, sql, values))
+            .await
+            .expect("shards cleared");
+        for shard in 0..32i32 {
+            let values: [sea_orm::Value; 4] = [
+                TENANT.into(),
+                "huge".into(),
+                shard.into(),
+                (i64::MAX - 5).into(),
+            ];
+            conn.execute_raw(tessera_store::stmt(
+                conn,
+                "INSERT INTO campaign_usage_shards (tenant_id, campaign_id, shard, redemptions, \
+                 discount_total, order_value_total) VALUES ($1, $2, $3, 0, 0, $4)",
+                values,
+            ))
+            .await
+            .expect("shard set");
+        }
+    }
+    // The next order neither fails (PostgreSQL: out of range) nor turns the count into a
+    // float (SQLite): the count saturates.
+    redeem(&mut c, &suite, &key(), checkout("h1", "", &[], &["huge"]))
+        .await
+        .expect("a saturated count does not fail the redemption");
+    let highest = "SELECT MAX(order_value_total) FROM (SELECT order_value_total \
+                   FROM campaign_usage WHERE tenant_id = $1 AND campaign_id = $2 \
+                   UNION ALL SELECT order_value_total FROM campaign_usage_shards \
+                   WHERE tenant_id = $1 AND campaign_id = $2) u";
+    assert_eq!(
+        counter(&suite, highest, vec![TENANT.into(), "huge".into()]).await,
+        i64::MAX
+    );
+    // A budget as large as an amount can be: what was counted already exceeds it (the sum
+    // past the largest amount is past every budget), so the order is refused, not failed.
+    put_campaign(
+        &mut c,
+        &suite,
+        limited(
+            "huge",
+            pb::Limits {
+                max_order_value_total: i64::MAX,
+                ..Default::default()
+            },
+        ),
+    )
+    .await;
+    let over = redeem(&mut c, &suite, &key(), checkout("h2", "", &[], &["huge"]))
+        .await
+        .expect_err("the budget is used up");
+    assert_eq!(reason(&over), "BUDGET_EXHAUSTED");
 }
 
 async fn budgets_and_limits_hold_under_concurrent_redeems(suite: TestSuite) {
