@@ -21,7 +21,6 @@ use sea_orm::ConnectionTrait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tessera_runtime::Error;
-use tessera_store::migrate::{AddColumns, Migration, col, index, table};
 use tessera_store::{db_error, now_micros, stmt};
 use tower::ServiceExt;
 use utoipa::{IntoParams, ToSchema};
@@ -37,30 +36,6 @@ const KEEP_BYTES: usize = 16 * 1024;
 
 /// Answers larger than this are not read into the log.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
-
-/// The state before: the column added to the log.
-pub fn before_migration() -> AddColumns {
-    AddColumns {
-        name: "m0102_audit_before",
-        columns: || vec![("audit_log", col::text_null("before_state"))],
-    }
-}
-
-/// What retention purges the log by (`tessera_store::retention`).
-pub fn retention_migration() -> Migration {
-    Migration {
-        name: "m0103_audit_retention",
-        tables: Vec::new,
-        indexes: || {
-            vec![index(
-                "audit_log_age",
-                "audit_log",
-                &["tenant_id", "at"],
-                false,
-            )]
-        },
-    }
-}
 
 /// The log's retention rule: entries stay `retention.audit_days`.
 pub fn retention_rule(
@@ -131,40 +106,6 @@ async fn read_before(
         .await
         .ok()?;
     Some(kept(&bytes))
-}
-
-pub fn migration() -> Migration {
-    Migration {
-        name: "m0101_audit_log",
-        tables: || {
-            vec![table(
-                "audit_log",
-                vec![
-                    col::text("id"),
-                    col::text("tenant_id"),
-                    col::text("principal"),
-                    col::text("role"),
-                    col::text("method"),
-                    col::text("route"),
-                    col::text("path"),
-                    col::int("status"),
-                    col::text("request_id"),
-                    col::big("at"),
-                    col::text("request"),
-                    col::text("after"),
-                ],
-                &["id"],
-            )]
-        },
-        indexes: || {
-            vec![index(
-                "audit_log_by_tenant",
-                "audit_log",
-                &["tenant_id", "id"],
-                false,
-            )]
-        },
-    }
 }
 
 fn audited(role: Role) -> bool {

@@ -9,7 +9,6 @@ use sea_orm::{ConnectionTrait, QueryResult};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tessera_runtime::{Code, Error};
-use tessera_store::migrate::{Migration, col, index, table};
 use tessera_store::{Db, db_error, now_micros, stmt};
 use utoipa::ToSchema;
 
@@ -71,33 +70,6 @@ pub struct Principal {
     pub key_id: String,
     pub tenant_id: String,
     pub role: Role,
-}
-
-pub fn migration() -> Migration {
-    Migration {
-        name: "m0100_api_keys",
-        tables: || {
-            vec![table(
-                "api_keys",
-                vec![
-                    col::text("id"),
-                    col::text("tenant_id"),
-                    col::text("name"),
-                    col::text("role"),
-                    col::text("key_hash"),
-                    col::big("created_at"),
-                    col::big_null("revoked_at"),
-                ],
-                &["id"],
-            )]
-        },
-        indexes: || {
-            vec![
-                index("api_keys_hash", "api_keys", &["key_hash"], true),
-                index("api_keys_tenant", "api_keys", &["tenant_id"], false),
-            ]
-        },
-    }
 }
 
 fn hash(key: &str) -> String {

@@ -13,6 +13,7 @@ mod extract;
 mod key_routes;
 mod keys;
 mod messages;
+mod migrations;
 mod observe;
 mod privacy;
 mod queues;
@@ -25,7 +26,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use sea_orm_migration::{MigrationTrait, MigratorTrait};
 use tessera_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
 use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
 use tessera_proto::notification::v1::notification_service_client::NotificationServiceClient;
@@ -37,24 +37,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use keys::{ApiKeys, Role};
+pub use migrations::Migrator;
 
 /// Service name: SQLite file / PostgreSQL schema and log label.
 pub const SERVICE: &str = "gateway";
-
-/// The gateway's migrations: API keys (plus the shared plumbing tables).
-pub struct Migrator;
-
-impl MigratorTrait for Migrator {
-    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        let mut all = tessera_store::migrate::plumbing();
-        all.push(Box::new(keys::migration()));
-        all.push(Box::new(audit::migration()));
-        all.push(Box::new(audit::before_migration()));
-        all.push(Box::new(audit::retention_migration()));
-        all.push(Box::new(privacy::migration()));
-        all
-    }
-}
 
 /// Shared state of the handlers.
 #[derive(Clone)]

@@ -23,7 +23,6 @@ use sha2::{Digest, Sha256};
 use tessera_proto::ops::v1 as pb;
 use tessera_runtime::Error;
 use tessera_runtime::error::Violations;
-use tessera_store::migrate::{Migration, col, table};
 use tessera_store::queue::commands::{self, Command};
 use tessera_store::queue::{BatchContext, Failure, Handler, Item};
 use tessera_store::{Backend, Db, db_error, now_micros, stmt};
@@ -62,40 +61,6 @@ pub const SERVICES: [(&str, &str); 5] = [
         "notification@/tessera.ops.v1.PrivacyService/EraseCustomerData",
     ),
 ];
-
-pub fn migration() -> Migration {
-    Migration {
-        name: "m0104_erasures",
-        tables: || {
-            vec![
-                table(
-                    "erasures",
-                    vec![
-                        col::text("tenant_id"),
-                        col::text("id"),
-                        col::text("customer_hash"),
-                        col::text("pseudonym"),
-                        col::big("created_at"),
-                    ],
-                    &["tenant_id", "id"],
-                ),
-                table(
-                    "erasure_parts",
-                    vec![
-                        col::text("tenant_id"),
-                        col::text("erasure_id"),
-                        col::text("service"),
-                        col::text("status"),
-                        col::text("error"),
-                        col::big("updated_at"),
-                    ],
-                    &["tenant_id", "erasure_id", "service"],
-                ),
-            ]
-        },
-        indexes: Vec::new,
-    }
-}
 
 pub fn routes(api: &mut Api) {
     api.tag(
