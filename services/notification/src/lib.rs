@@ -175,6 +175,9 @@ async fn reseal(db: Db, keyring: Keyring) {
 /// deleted on erasure.
 fn customer_data(db: Db) -> Arc<dyn tessera_runtime::ops::CustomerData> {
     use tessera_store::privacy::{CustomerData, Erase::Delete, Personal};
+    let events: tessera_store::privacy::Hook = Arc::new(|txn, tenant, customer, pseudonym| {
+        Box::pin(pseudonymize_events(txn, tenant, customer, pseudonym))
+    });
     Arc::new(CustomerData::new(
         db,
         vec![
@@ -192,7 +195,49 @@ fn customer_data(db: Db) -> Arc<dyn tessera_runtime::ops::CustomerData> {
                 Delete,
             ),
         ],
-    ))
+    )
+    .with_hook(events))
+}
+
+/// Erasure: the received events that name the customer (`data.customer_id`) keep their
+/// facts under the pseudonym, so the stored copy no longer names them and a delivery still
+/// pending sends the pseudonym.
+async fn pseudonymize_events(
+    txn: &sea_orm::DatabaseTransaction,
+    tenant: &str,
+    customer: &str,
+    pseudonym: &str,
+) -> Result<u64, tessera_runtime::Error> {
+    use sea_orm::ConnectionTrait;
+    use tessera_store::{db_error, stmt};
+    let naming = match txn.get_database_backend() {
+        sea_orm::DbBackend::Postgres => "convert_from(data, 'UTF8')::jsonb ->> 'customer_id' = $2",
+        _ => "json_extract(CAST(data AS TEXT), '$.customer_id') = $2",
+    };
+    let rows = txn
+        .query_all_raw(stmt(
+            txn,
+            &format!("SELECT seq, data FROM events WHERE tenant_id = $1 AND {naming}"),
+            [tenant.into(), customer.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    for row in &rows {
+        let seq: i64 = row.try_get_by_index(0).map_err(db_error)?;
+        let data: Vec<u8> = row.try_get_by_index(1).map_err(db_error)?;
+        let mut event: serde_json::Value =
+            serde_json::from_slice(&data).map_err(tessera_runtime::Error::internal)?;
+        event["customer_id"] = pseudonym.into();
+        let data = serde_json::to_vec(&event).map_err(tessera_runtime::Error::internal)?;
+        txn.execute_raw(stmt(
+            txn,
+            "UPDATE events SET data = $3 WHERE tenant_id = $1 AND seq = $2",
+            [tenant.into(), seq.into(), data.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(rows.len() as u64)
 }
 
 /// Runs notification alone on `listener` until `shutdown`.

@@ -162,6 +162,27 @@ async fn a_customer_is_exported_and_erased_everywhere(suite: TestSuite) {
     )
     .await;
     assert_eq!(named, 0, "the audit log no longer names the customer");
+    // The events notification received about the customer keep their facts, not the id.
+    let notification = suite.db("notification").await;
+    let events: Vec<String> = {
+        use sea_orm::ConnectionTrait;
+        let conn = notification.conn();
+        let rows = conn
+            .query_all_raw(tessera_store::stmt(conn, "SELECT data FROM events", []))
+            .await
+            .expect("events");
+        rows.iter()
+            .map(|r| String::from_utf8(r.try_get_by_index(0).expect("data")).expect("JSON"))
+            .collect()
+    };
+    assert!(
+        !events.iter().any(|e| e.contains("\"gus\"")),
+        "an event still names the customer"
+    );
+    assert!(
+        events.iter().any(|e| e.contains("\"erased-")),
+        "the customer's events were kept"
+    );
     // The ledger's sums are whole: the points stay, under the pseudonym.
     assert_eq!(liability_before, liability(&suite).await);
     let wallet = suite.db("wallet").await;
