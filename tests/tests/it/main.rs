@@ -24,6 +24,7 @@ mod retention;
 mod scheduler;
 mod segment_cache;
 mod slice;
+mod tenant_scope;
 mod tender;
 mod trace;
 mod wallet;
