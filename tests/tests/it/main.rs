@@ -24,7 +24,7 @@ mod retention;
 mod scheduler;
 mod segment_cache;
 mod slice;
-mod tenant_scope;
+mod source_scans;
 mod tender;
 mod trace;
 mod wallet;

@@ -1,4 +1,4 @@
-//! Every query binds the tenant: a scan of the suite's SQL. The tables that carry a
+//! Scans of the sources. Every query binds the tenant: a scan of the suite's SQL. The tables that carry a
 //! `tenant_id` column are read from the migrations; every SQL string literal in the
 //! services and the store that reads or writes one of them must name `tenant_id`. The few
 //! statements that work across tenants on purpose are listed below with their reason; a new
@@ -254,4 +254,30 @@ fn the_scan_sees_a_statement_without_the_tenant() {
     );
     assert!(!words(&lits[0].1).contains(&"tenant_id"));
     assert!(words(&lits[1].1).contains(&"tenant_id"));
+}
+
+/// Every reason a service answers with (`with_reason("…")` in the sources) is explained in
+/// `docs/errors.md`.
+#[test]
+fn every_reason_is_documented() {
+    let doc = std::fs::read_to_string(root().join("docs/errors.md")).expect("docs/errors.md");
+    let mut missing = BTreeSet::new();
+    let mut found = 0;
+    for (file, text) in &sources() {
+        for (at, _) in text.match_indices("with_reason(") {
+            let rest = text[at + "with_reason(".len()..].trim_start();
+            let Some(reason) = rest.strip_prefix('"').and_then(|r| r.split('"').next()) else {
+                continue;
+            };
+            found += 1;
+            if !doc.contains(&format!("`{reason}`")) {
+                missing.insert(format!("{reason} ({file})"));
+            }
+        }
+    }
+    assert!(found > 30, "only {found} reasons found");
+    assert!(
+        missing.is_empty(),
+        "reasons not in docs/errors.md: {missing:?}"
+    );
 }
