@@ -661,4 +661,87 @@ mod tests {
         let err = config.validate().unwrap_err();
         assert!(err.to_string().contains("retired_master_keys"), "{err}");
     }
+    /// `docs/configuration.md` stays current: every key of the configuration has a row with
+    /// its environment variable, and the default the row shows is the code's.
+    #[test]
+    fn the_configuration_page_lists_every_key_with_its_default() {
+        fn leaves(
+            prefix: &str,
+            value: &serde_json::Value,
+            out: &mut Vec<(String, serde_json::Value)>,
+        ) {
+            match value {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        leaves(&key, v, out);
+                    }
+                }
+                v => out.push((prefix.to_string(), v.clone())),
+            }
+        }
+        let doc = include_str!("../../../docs/configuration.md");
+        let rows: Vec<Vec<&str>> = doc
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                l.split(" | ")
+                    .map(|c| c.trim_matches(|c| c == '|' || c == ' '))
+                    .collect()
+            })
+            .collect();
+        let mut all = Vec::new();
+        leaves(
+            "",
+            &serde_json::to_value(Config::default()).expect("serializes"),
+            &mut all,
+        );
+        assert!(all.len() > 50, "{} keys", all.len());
+        let mut problems = Vec::new();
+        for (key, default) in &all {
+            let row = rows.iter().find(|r| r[0] == format!("`{key}`"));
+            let Some(row) = row else {
+                // Keys documented as a group: `peers.<name>_url`, `channels.sms` / `channels.push`.
+                let grouped = (key.starts_with("peers.")
+                    && key.ends_with("_url")
+                    && doc.contains("`peers.<name>_url`"))
+                    || ["channels.sms", "channels.push"].iter().any(|p| {
+                        key.starts_with(p) && doc.contains("`channels.sms` / `channels.push`")
+                    });
+                if !grouped {
+                    problems.push(format!("`{key}` has no row"));
+                }
+                continue;
+            };
+            let env = format!("`TESSERA_{}`", key.to_uppercase().replace('.', "__"));
+            if row.get(1) != Some(&env.as_str()) {
+                problems.push(format!(
+                    "`{key}`: env should be {env}, not {:?}",
+                    row.get(1)
+                ));
+            }
+            let shown = match default {
+                serde_json::Value::Null => continue,
+                serde_json::Value::String(s) if s.is_empty() => "`\"\"`".to_string(),
+                serde_json::Value::String(s) => format!("`{s}`"),
+                other => format!("`{other}`"),
+            };
+            let written = row.get(2).copied().unwrap_or_default();
+            // A default built from other settings is described in words instead.
+            if written.starts_with('`') && written != shown && !written.contains('…') {
+                problems.push(format!(
+                    "`{key}`: default is {shown}, the page says {written}"
+                ));
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "docs/configuration.md is out of date:\n{}",
+            problems.join("\n")
+        );
+    }
 }
