@@ -11,8 +11,8 @@ use tessera_runtime::{Code, Error, RequestContext};
 use tessera_store::{Backend, db_error, insert_rows, now_micros, outbox, stmt, tuples};
 
 use crate::ledger::{
-    self, Asset, Entry, Leg, Owner, account, account_balance, emit, insufficient, lock_account,
-    post,
+    self, Asset, Balanced, Entry, Leg, Owner, account, account_balance, emit, insufficient,
+    lock_account, post,
 };
 
 /// Default life of a hold nobody captures.
@@ -485,10 +485,10 @@ async fn give_back(
         txn,
         tenant,
         &entry.id,
-        &[
+        Balanced::new([
             Leg::System(&holds, -amount),
             Leg::Held(&hold.account_id, amount),
-        ],
+        ])?,
         now,
     )
     .await

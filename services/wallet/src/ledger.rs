@@ -11,7 +11,16 @@ use tessera_runtime::error::Violations;
 use tessera_runtime::{Code, Error, RequestContext};
 use tessera_store::{Backend, db_error, insert_rows, now_micros, outbox, stmt, tuples};
 
+use crate::legs::Unbalanced;
+pub(crate) use crate::legs::{Balanced, Leg};
 use crate::{programs, rules, tiers};
+
+/// Legs that do not balance are a bug in the ledger's caller: nothing is written.
+impl From<Unbalanced> for Error {
+    fn from(why: Unbalanced) -> Self {
+        Error::internal(format!("the ledger refused a transaction: {why}"))
+    }
+}
 
 /// Largest single amount accepted (points or minor units); far above any real credit, far
 /// below where sums could overflow 64 bits. The suite's one limit (`tessera_money`).
@@ -194,20 +203,6 @@ async fn account_id(
     .transpose()
 }
 
-/// One leg of a ledger transaction: an account and the amount it moves by.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Leg<'a> {
-    /// A customer account: its balance row moves with the posting.
-    Customer(&'a str, i64),
-    /// A customer account whose value moves between available and held (a hold placed,
-    /// released): the balance row moves by the amount and its `held` by the opposite.
-    Held(&'a str, i64),
-    /// A tenant system account. System accounts keep no balance row (every credit would
-    /// queue on the issuance account's row lock): their balances are the sums of their
-    /// postings, which is what `GetLiability` reports.
-    System(&'a str, i64),
-}
-
 /// Writes transaction rows `(id, tenant_id, kind, customer_id, asset_kind, asset_code,
 /// amount, reason, principal, created_at)` in multi-row statements.
 pub(crate) async fn write_transactions(
@@ -246,26 +241,24 @@ pub(crate) async fn post(
     txn: &DatabaseTransaction,
     tenant: &str,
     transaction_id: &str,
-    legs: &[Leg<'_>],
+    legs: Balanced<'_>,
     now: i64,
 ) -> Result<(), Error> {
     let rows = legs
+        .legs()
         .iter()
         .map(|leg| {
-            let (Leg::Customer(account, amount)
-            | Leg::Held(account, amount)
-            | Leg::System(account, amount)) = *leg;
             vec![
                 tenant.into(),
                 transaction_id.into(),
-                account.into(),
-                amount.into(),
+                leg.account().into(),
+                leg.amount().into(),
                 now.into(),
             ]
         })
         .collect();
     write_postings(txn, rows).await?;
-    for leg in legs {
+    for leg in legs.legs() {
         let (sql, account, amount) = match *leg {
             Leg::Customer(account, amount) => (
                 "UPDATE accounts SET balance = balance + $1, version = version + 1, \
@@ -909,10 +902,10 @@ pub async fn credit(
         txn,
         tenant,
         &entry.id,
-        &[
+        Balanced::new([
             Leg::Customer(&customer, amount),
             Leg::System(&counter, -amount),
-        ],
+        ])?,
         now,
     )
     .await?;
@@ -998,10 +991,10 @@ pub async fn debit(
         txn,
         tenant,
         &entry.id,
-        &[
+        Balanced::new([
             Leg::Customer(&customer, -debit.amount),
             Leg::System(&counter, debit.amount),
-        ],
+        ])?,
         now,
     )
     .await?;
@@ -1087,10 +1080,10 @@ pub async fn expire_due(
             txn,
             tenant,
             &entry.id,
-            &[
+            Balanced::new([
                 Leg::Customer(&account_id, -amount),
                 Leg::System(&expiry, amount),
-            ],
+            ])?,
             now,
         )
         .await?;

@@ -7,6 +7,7 @@ mod batch;
 mod expiry;
 mod holds;
 mod ledger;
+mod legs;
 mod liability;
 mod migrations;
 mod pending;

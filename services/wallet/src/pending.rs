@@ -11,7 +11,8 @@ use tessera_runtime::{Code, Error, RequestContext};
 use tessera_store::{Backend, db_error, now_micros, outbox, stmt, tuples};
 
 use crate::ledger::{
-    self, Asset, Credit, Entry, Leg, Owner, account, account_balance, emit, lock_account, post,
+    self, Asset, Balanced, Credit, Entry, Leg, Owner, account, account_balance, emit, lock_account,
+    post,
 };
 
 /// Most due credits one `ActivateDue` call confirms.
@@ -209,10 +210,10 @@ pub async fn create(
         txn,
         tenant,
         &entry.id,
-        &[
+        Balanced::new([
             Leg::System(&issuance, -credit.amount),
             Leg::System(&pending, credit.amount),
-        ],
+        ])?,
         now,
     )
     .await?;
@@ -339,10 +340,10 @@ pub async fn cancel(
         txn,
         tenant,
         &entry.id,
-        &[
+        Balanced::new([
             Leg::System(&pending, -row.amount),
             Leg::System(&issuance, row.amount),
-        ],
+        ])?,
         now,
     )
     .await?;
@@ -410,10 +411,10 @@ pub async fn pay_out(
         txn,
         tenant,
         &entry.id,
-        &[
+        Balanced::new([
             Leg::Customer(&row.account_id, -amount),
             Leg::System(&payout, amount),
-        ],
+        ])?,
         now,
     )
     .await?;

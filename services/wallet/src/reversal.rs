@@ -6,8 +6,8 @@ use tessera_runtime::{Code, Error, RequestContext};
 use tessera_store::{Backend, db_error, now_micros, stmt};
 
 use crate::ledger::{
-    self, Asset, Entry, Leg, Owner, account, account_balance, emit, insufficient, lock_account,
-    post,
+    self, Asset, Balanced, Entry, Leg, Owner, account, account_balance, emit, insufficient,
+    lock_account, post,
 };
 
 /// A validated reversal request.
@@ -170,10 +170,10 @@ pub async fn reverse(
             txn,
             tenant,
             &entry.id,
-            &[
+            Balanced::new([
                 Leg::Customer(&customer, amount),
                 Leg::System(&counter, -amount),
-            ],
+            ])?,
             now,
         )
         .await?;
@@ -195,10 +195,10 @@ pub async fn reverse(
             txn,
             tenant,
             &entry.id,
-            &[
+            Balanced::new([
                 Leg::Customer(&customer, -amount),
                 Leg::System(&counter, amount),
-            ],
+            ])?,
             now,
         )
         .await?;
@@ -291,10 +291,10 @@ pub async fn transfer(
         txn,
         tenant,
         &outgoing.id,
-        &[
+        Balanced::new([
             Leg::Customer(&sender, -t.amount),
             Leg::System(&transfer, t.amount),
-        ],
+        ])?,
         now,
     )
     .await?;
@@ -302,10 +302,10 @@ pub async fn transfer(
         txn,
         tenant,
         &incoming.id,
-        &[
+        Balanced::new([
             Leg::System(&transfer, -t.amount),
             Leg::Customer(&receiver, t.amount),
-        ],
+        ])?,
         now,
     )
     .await?;
