@@ -240,19 +240,19 @@ async fn hold_many(
             continue;
         };
         let spendable = lots.entry(account.clone()).or_default();
-        let available: i64 = spendable.iter().map(|l| l.remaining).sum();
-        if available < new.amount {
-            outcomes.push(Err(insufficient(available, new.amount)));
-            continue;
-        }
-        let id = uuid::Uuid::now_v7().to_string();
-        let mut left = new.amount;
-        for lot in spendable.iter_mut().filter(|l| l.remaining > 0) {
-            if left == 0 {
-                break;
+        let plan = match crate::allocation::allocate(
+            spendable.iter().enumerate().map(|(i, l)| (i, l.remaining)),
+            new.amount,
+        ) {
+            Ok(plan) => plan,
+            Err(short) => {
+                outcomes.push(Err(insufficient(short.available, new.amount)));
+                continue;
             }
-            let part = lot.remaining.min(left);
-            left -= part;
+        };
+        let id = uuid::Uuid::now_v7().to_string();
+        for (i, part) in plan {
+            let lot = &mut spendable[i];
             lot.remaining -= part;
             *taken.entry(lot.id).or_default() += part;
             consumptions.push(vec![

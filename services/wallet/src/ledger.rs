@@ -574,14 +574,10 @@ pub(crate) async fn take(
     lots: &[Lot],
     amount: i64,
 ) -> Result<Vec<(Lot, i64)>, Error> {
-    let mut left = amount;
-    let mut taken = Vec::new();
-    for lot in lots {
-        if left == 0 {
-            break;
-        }
-        let part = lot.remaining.min(left);
-        left -= part;
+    let plan = crate::allocation::allocate(lots.iter().map(|l| (l, l.remaining)), amount)
+        .map_err(|_| Error::internal("lots short of a checked amount"))?;
+    let mut taken = Vec::with_capacity(plan.len());
+    for (lot, part) in plan {
         txn.execute_raw(stmt(
             txn,
             "UPDATE lots SET remaining = remaining - $1 WHERE tenant_id = $2 AND id = $3",
@@ -603,9 +599,6 @@ pub(crate) async fn take(
         .await
         .map_err(db_error)?;
         taken.push((*lot, part));
-    }
-    if left != 0 {
-        return Err(Error::internal("lots short of a checked amount"));
     }
     Ok(taken)
 }
@@ -633,18 +626,24 @@ pub(crate) async fn restore(
         ))
         .await
         .map_err(db_error)?;
-    let mut left = amount;
-    for row in rows {
-        if left == 0 {
-            break;
-        }
-        let lot: i64 = row.try_get_by_index(0).map_err(db_error)?;
-        let net: i64 = row.try_get_by_index(1).map_err(db_error)?;
-        let part = net.min(left);
-        if part <= 0 {
-            continue;
-        }
-        left -= part;
+    let nets = rows
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get_by_index::<i64>(0)?,
+                row.try_get_by_index::<i64>(1)?,
+            ))
+        })
+        .collect::<Result<Vec<(i64, i64)>, sea_orm::DbErr>>()
+        .map_err(db_error)?;
+    // Up to `amount`: no more than the spend took and has not been given back.
+    let open = tessera_money::sum(nets.iter().map(|(_, net)| (*net).max(0)))
+        .map_err(|_| Error::internal("lot consumptions out of range"))?;
+    let plan = crate::allocation::allocate(nets, amount.min(open))
+        .map_err(|_| Error::internal("lot consumptions short of their own sum"))?;
+    let mut restored = 0;
+    for (lot, part) in plan {
+        restored += part;
         txn.execute_raw(stmt(
             txn,
             "UPDATE lots SET remaining = remaining + $1 WHERE tenant_id = $2 AND id = $3",
@@ -667,7 +666,7 @@ pub(crate) async fn restore(
         .await
         .map_err(db_error)?;
     }
-    Ok(amount - left)
+    Ok(restored)
 }
 
 /// A new lot: `amount` of value earned `earned_at`, expiring `expires_at`.

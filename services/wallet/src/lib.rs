@@ -3,6 +3,7 @@
 //! system account, written together with its balance update, its idempotency record and its
 //! outbox event in one database transaction.
 
+mod allocation;
 mod batch;
 mod expiry;
 mod holds;
