@@ -9,7 +9,7 @@ use tessera_proto::wallet::v1 as pb;
 use tessera_runtime::{Error, RequestContext};
 use tessera_store::{Backend, db_error, insert_rows, now_micros, outbox, stmt, tuples};
 
-use crate::ledger::{self, Asset, CREDIT, Credit, earning_terms, programme_of};
+use crate::ledger::{self, Asset, Balanced, CREDIT, Credit, Leg, earning_terms, programme_of};
 use crate::programs::Program;
 use crate::{rules, tiers};
 
@@ -112,7 +112,7 @@ pub async fn batch_credit(
     let mut tiered: BTreeSet<(String, String)> = BTreeSet::new();
     let mut transactions = Vec::with_capacity(entries.len());
     let mut lots = Vec::with_capacity(entries.len());
-    let mut postings = Vec::with_capacity(entries.len() * 2);
+    let mut postings = ledger::Postings::with_capacity(entries.len());
     let mut response = pb::BatchCreditResponse::default();
     for (i, e) in entries.iter().enumerate() {
         rules::check_expiry(
@@ -179,15 +179,11 @@ pub async fn batch_credit(
             now.into(),
             expires_at.into(),
         ]);
-        for (account, amount) in [(customer, e.amount), (issuance, -e.amount)] {
-            postings.push(vec![
-                tenant.into(),
-                id.clone().into(),
-                account.into(),
-                amount.into(),
-                now.into(),
-            ]);
-        }
+        let legs = Balanced::new([
+            Leg::Customer(&customer, e.amount),
+            Leg::System(&issuance, -e.amount),
+        ])?;
+        postings.add(tenant, &id, &legs, now);
         response.transaction_ids.push(id);
     }
     let locked: BTreeSet<&str> = deltas.keys().map(String::as_str).collect();

@@ -294,7 +294,7 @@ async fn hold_many(
     }
 
     let mut system: HashMap<&Asset, String> = HashMap::new();
-    let mut postings = Vec::with_capacity(placed.len() * 2);
+    let mut postings = ledger::Postings::with_capacity(placed.len());
     let mut rows = Vec::with_capacity(placed.len());
     let mut events = Vec::with_capacity(placed.len());
     for h in placed {
@@ -302,15 +302,11 @@ async fn hold_many(
             let holds = account(txn, tenant, Owner::System("holds"), &h.asset).await?;
             system.insert(&h.asset, holds);
         }
-        for (account, amount) in [(&h.account_id, -h.amount), (&system[&h.asset], h.amount)] {
-            postings.push(vec![
-                tenant.into(),
-                h.id.clone().into(),
-                account.clone().into(),
-                amount.into(),
-                now.into(),
-            ]);
-        }
+        let legs = Balanced::new([
+            Leg::Held(&h.account_id, -h.amount),
+            Leg::System(&system[&h.asset], h.amount),
+        ])?;
+        postings.add(tenant, &h.id, &legs, now);
         rows.push(vec![
             tenant.into(),
             h.id.clone().into(),
@@ -605,7 +601,7 @@ async fn capture_many(
 
     let mut system: HashMap<&Asset, (String, String)> = HashMap::new();
     let mut transactions = Vec::with_capacity(now_captured.len());
-    let mut postings = Vec::with_capacity(now_captured.len() * 2);
+    let mut postings = ledger::Postings::with_capacity(now_captured.len());
     let mut held: BTreeMap<&str, i64> = BTreeMap::new();
     let mut settled = Vec::with_capacity(now_captured.len());
     let mut events = Vec::with_capacity(now_captured.len());
@@ -629,18 +625,11 @@ async fn capture_many(
             ctx.principal.clone().into(),
             now.into(),
         ]);
-        for (account, amount) in [
-            (holds_account, -h.captured),
-            (redemption_account, h.captured),
-        ] {
-            postings.push(vec![
-                tenant.into(),
-                tx.clone().into(),
-                account.clone().into(),
-                amount.into(),
-                now.into(),
-            ]);
-        }
+        let legs = Balanced::new([
+            Leg::System(holds_account, -h.captured),
+            Leg::System(redemption_account, h.captured),
+        ])?;
+        postings.add(tenant, &tx, &legs, now);
         *held.entry(h.account_id.as_str()).or_default() += h.captured;
         settled.extend([h.id.clone().into(), h.captured.into(), tx.clone().into()]);
         events.push((

@@ -220,17 +220,46 @@ pub(crate) async fn write_transactions(
     .map(|_| ())
 }
 
-/// Writes posting rows `(tenant_id, transaction_id, account_id, amount, created_at)` in
-/// multi-row statements.
+/// Posting rows of one or more transactions, each added whole from legs that balance: the
+/// only way postings reach the table.
+#[derive(Debug, Default)]
+pub(crate) struct Postings(Vec<Vec<sea_orm::Value>>);
+
+impl Postings {
+    pub(crate) fn with_capacity(transactions: usize) -> Self {
+        Self(Vec::with_capacity(transactions * 2))
+    }
+
+    /// Adds the rows of transaction `transaction_id`.
+    pub(crate) fn add(
+        &mut self,
+        tenant: &str,
+        transaction_id: &str,
+        legs: &Balanced<'_>,
+        now: i64,
+    ) {
+        self.0.extend(legs.legs().iter().map(|leg| {
+            vec![
+                tenant.into(),
+                transaction_id.into(),
+                leg.account().into(),
+                leg.amount().into(),
+                now.into(),
+            ]
+        }));
+    }
+}
+
+/// Writes posting rows in multi-row statements.
 pub(crate) async fn write_postings(
     txn: &DatabaseTransaction,
-    rows: Vec<Vec<sea_orm::Value>>,
+    postings: Postings,
 ) -> Result<(), Error> {
     insert_rows(
         txn,
         "INSERT INTO postings (tenant_id, transaction_id, account_id, amount, created_at)",
         "",
-        rows,
+        postings.0,
     )
     .await
     .map(|_| ())
@@ -244,20 +273,9 @@ pub(crate) async fn post(
     legs: Balanced<'_>,
     now: i64,
 ) -> Result<(), Error> {
-    let rows = legs
-        .legs()
-        .iter()
-        .map(|leg| {
-            vec![
-                tenant.into(),
-                transaction_id.into(),
-                leg.account().into(),
-                leg.amount().into(),
-                now.into(),
-            ]
-        })
-        .collect();
-    write_postings(txn, rows).await?;
+    let mut postings = Postings::with_capacity(1);
+    postings.add(tenant, transaction_id, &legs, now);
+    write_postings(txn, postings).await?;
     for leg in legs.legs() {
         let (sql, account, amount) = match *leg {
             Leg::Customer(account, amount) => (
