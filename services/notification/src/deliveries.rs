@@ -236,7 +236,9 @@ pub async fn get<C: ConnectionTrait>(
 }
 
 /// Queues deliveries again (not pending ones): the listed ids, or every dead delivery of an
-/// endpoint. Returns how many.
+/// endpoint, whose pending deliveries are also due at once instead of at their next retry
+/// (the endpoint is back; the grouped claim keeps them within its concurrency limit).
+/// Returns how many.
 pub async fn replay(
     txn: &DatabaseTransaction,
     tenant: &str,
@@ -274,7 +276,31 @@ pub async fn replay(
         let text = |i| -> Result<String, Error> { row.try_get_by_index(i).map_err(db_error) };
         queue::put(txn, work(tenant, &text(0)?, &text(1)?, &text(2)?, now)).await?;
     }
-    Ok(u32::try_from(rows.len()).unwrap_or(u32::MAX))
+    let mut brought_forward = 0;
+    if !endpoint.is_empty() {
+        // Waiting for a retry, not in flight (a claimed item holds a token).
+        brought_forward = txn
+            .execute_raw(stmt(
+                txn,
+                "UPDATE work_queue SET next_attempt_at = $4 WHERE queue = $1 \
+                 AND tenant_id = $2 AND grp = $3 AND dead_at IS NULL \
+                 AND lease_token IS NULL AND next_attempt_at > $4",
+                [QUEUE.into(), tenant.into(), endpoint.into(), now.into()],
+            ))
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        txn.execute_raw(stmt(
+            txn,
+            "UPDATE deliveries SET next_attempt_at = $3 WHERE tenant_id = $1 \
+             AND endpoint_id = $2 AND status = 'pending' AND next_attempt_at > $3",
+            [tenant.into(), endpoint.into(), now.into()],
+        ))
+        .await
+        .map_err(db_error)?;
+    }
+    let replayed = u64::try_from(rows.len()).unwrap_or(u64::MAX) + brought_forward;
+    Ok(u32::try_from(replayed).unwrap_or(u32::MAX))
 }
 
 /// Puts pending deliveries written before deliveries ran on the shared queue onto it (at

@@ -21,6 +21,7 @@ use crate::eligibility::{key, violations};
 
 backend_tests!(
     signed_deliveries_are_retried_dead_lettered_and_replayed,
+    an_endpoint_back_gets_its_waiting_deliveries_at_once,
     rotation_filters_guard_and_slow_endpoints,
     webhooks_are_managed_over_http,
 );
@@ -152,6 +153,61 @@ async fn deliveries(
         .expect("deliveries")
         .into_inner()
         .deliveries
+}
+
+async fn an_endpoint_back_gets_its_waiting_deliveries_at_once(suite: TestSuite) {
+    use sea_orm::ConnectionTrait;
+    let mut c = Client::new(suite.channel());
+    let (sink, url) = Sink::start().await;
+    let id = endpoint(&mut c, &suite, &url, &["points.*"], 0)
+        .await
+        .expect("endpoint")
+        .endpoint
+        .expect("endpoint")
+        .id;
+    // The endpoint is down: the first attempt fails, the next retry would be an hour away.
+    sink.status.store(503, Ordering::SeqCst);
+    publish(&mut c, &["points.credited"]).await;
+    eventually(Duration::from_secs(5), "the failed attempt", || async {
+        (!sink.received().is_empty()).then_some(())
+    })
+    .await;
+    let db = suite.db("notification").await;
+    let later: [sea_orm::Value; 1] = [(tessera_store::now_micros() + 3_600_000_000).into()];
+    db.conn()
+        .execute_raw(tessera_store::stmt(
+            db.conn(),
+            "UPDATE work_queue SET next_attempt_at = $1 WHERE queue = 'webhooks'",
+            later,
+        ))
+        .await
+        .expect("an hour away");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let tried = sink.received().len();
+
+    // It is back: the operator says so, and the waiting delivery goes now, same webhook-id.
+    sink.status.store(200, Ordering::SeqCst);
+    let replayed = c
+        .replay_deliveries(suite.ctx(TENANT).request(pb::ReplayDeliveriesRequest {
+            idempotency_key: key(),
+            delivery_ids: Vec::new(),
+            endpoint_id: id.clone(),
+        }))
+        .await
+        .expect("replay")
+        .into_inner()
+        .replayed;
+    assert_eq!(replayed, 1, "the pending delivery brought forward");
+    let delivered = eventually(Duration::from_secs(5), "the delivery", || async {
+        deliveries(&suite, &id, pb::DeliveryStatus::Succeeded)
+            .await
+            .pop()
+    })
+    .await;
+    let received = sink.received();
+    assert_eq!(received.len(), tried + 1);
+    assert!(received.iter().all(|r| r.id == delivered.id));
+    suite.cleanup().await;
 }
 
 async fn signed_deliveries_are_retried_dead_lettered_and_replayed(suite: TestSuite) {
