@@ -500,6 +500,32 @@ impl Config {
         if self.cache.key_prefix.is_empty() {
             return invalid("cache.key_prefix", "must not be empty");
         }
+        let p = &self.peers;
+        for (key, url) in [
+            ("peers.catalog_url", &p.catalog_url),
+            ("peers.eligibility_url", &p.eligibility_url),
+            ("peers.wallet_url", &p.wallet_url),
+            ("peers.scheduler_url", &p.scheduler_url),
+            ("peers.notification_url", &p.notification_url),
+            ("peers.gateway_url", &p.gateway_url),
+        ]
+        .into_iter()
+        .chain(
+            self.telemetry
+                .otlp_endpoint
+                .as_ref()
+                .map(|u| ("telemetry.otlp_endpoint", u)),
+        ) {
+            let host = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            if host.is_none_or(|h| h.is_empty() || h.starts_with('/')) {
+                return invalid(
+                    key,
+                    &format!("must be an http:// or https:// URL with a host, not {url:?}"),
+                );
+            }
+        }
         if self.outbox.batch_size == 0 || self.outbox.batch_size > 1000 {
             return invalid("outbox.batch_size", "must be within 1..=1000");
         }
@@ -648,6 +674,21 @@ mod tests {
         with("tsk_a_good_bootstrap_key_0000000")
             .validate()
             .expect("valid");
+    }
+
+    #[test]
+    fn urls_need_a_scheme_and_a_host() {
+        let mut config = Config::default();
+        config.peers.wallet_url = "wallet:50051".into();
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("peers.wallet_url"), "{err}");
+        assert!(err.to_string().contains("wallet:50051"), "{err}");
+        config.peers.wallet_url = "http://wallet:50051".into();
+        config.telemetry.otlp_endpoint = Some("https://".into());
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("telemetry.otlp_endpoint"), "{err}");
+        config.telemetry.otlp_endpoint = Some("https://collector:4317".into());
+        config.validate().expect("valid");
     }
 
     #[test]
