@@ -601,17 +601,20 @@ impl Queue {
     }
 
     /// Records the queue's gauges: `tessera_queue_depth` (items waiting),
-    /// `tessera_queue_oldest_seconds` (age of the oldest) and `tessera_queue_dead`.
+    /// `tessera_queue_oldest_seconds` (how long the longest-waiting due item has been due:
+    /// the queue's lag; an item scheduled for later, or backing off, is not late) and
+    /// `tessera_queue_dead`.
     pub async fn report(&self) -> Result<(i64, f64, i64), Error> {
         let conn = self.db.conn();
+        let now = self.clock.now();
         let row = conn
             .query_one_raw(stmt(
                 conn,
                 "SELECT COUNT(*) FILTER (WHERE dead_at IS NULL), \
-                 MIN(created_at) FILTER (WHERE dead_at IS NULL), \
+                 MIN(next_attempt_at) FILTER (WHERE dead_at IS NULL AND next_attempt_at <= $2), \
                  COUNT(*) FILTER (WHERE dead_at IS NOT NULL) \
                  FROM work_queue WHERE queue = $1",
-                [self.name.into()],
+                [self.name.into(), now.into()],
             ))
             .await
             .map_err(db_error)?
@@ -619,7 +622,7 @@ impl Queue {
         let depth: i64 = row.try_get_by_index(0).map_err(db_error)?;
         let oldest: Option<i64> = row.try_get_by_index(1).map_err(db_error)?;
         let dead: i64 = row.try_get_by_index(2).map_err(db_error)?;
-        let age = oldest.map_or(0.0, |t| (now_micros() - t).max(0) as f64 / 1e6);
+        let age = oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1e6);
         let labels = [("service", self.service), ("queue", self.name)];
         metrics::gauge!("tessera_queue_depth", &labels).set(depth as f64);
         metrics::gauge!("tessera_queue_oldest_seconds", &labels).set(age);

@@ -15,6 +15,7 @@ use tessera_tests::{TENANT, TestSuite, backend_tests, eventually};
 backend_tests!(
     claims_are_fenced_retried_and_dead_lettered,
     a_grouped_claim_keeps_each_group_within_its_cap,
+    the_lag_counts_only_what_is_due,
     a_refused_command_is_replayed_over_http,
 );
 
@@ -197,6 +198,27 @@ async fn a_grouped_claim_keeps_each_group_within_its_cap(suite: TestSuite) {
     let busy = vec![("a".to_string(), 1), ("b".to_string(), 2)];
     let (_, c) = q.claim_grouped(100, lease, &groups, &busy).await.unwrap();
     assert_eq!(groups_of(&c), ["c", "c", "c"]);
+    suite.cleanup().await;
+}
+
+async fn the_lag_counts_only_what_is_due(suite: TestSuite) {
+    let db = suite.db("wallet").await;
+    let now = tessera_store::now_micros();
+    let at = |key: &str, offset: i64| NewItem {
+        not_before: Some(now + offset),
+        ..item("lagging", key)
+    };
+    // Due in an hour (a scheduled job): waiting, not late.
+    push(db.conn(), [at("later", 3_600_000_000)]).await.unwrap();
+    let q = Queue::new(db.clone(), "wallet", "lagging", RetryPolicy::default());
+    let (depth, lag, dead) = q.report().await.unwrap();
+    assert_eq!((depth, dead), (1, 0));
+    assert!(lag < 1.0, "{lag}");
+    // Due 30 s ago and not yet handled: 30 s late.
+    push(db.conn(), [at("late", -30_000_000)]).await.unwrap();
+    let (depth, lag, _) = q.report().await.unwrap();
+    assert_eq!(depth, 2);
+    assert!((30.0..40.0).contains(&lag), "{lag}");
     suite.cleanup().await;
 }
 
