@@ -121,6 +121,7 @@ where
                     .map_or(tonic::Code::Ok, tonic::Code::from),
                 Err(_) => tonic::Code::Internal,
             };
+            tracing::Span::current().record("rpc.grpc.status_code", code as i64);
             let labels = [
                 ("service", service.to_string()),
                 ("method", method.to_string()),

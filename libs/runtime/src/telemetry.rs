@@ -38,6 +38,18 @@ impl Drop for TelemetryGuard {
 fn resource(service: &str) -> opentelemetry_sdk::Resource {
     opentelemetry_sdk::Resource::builder()
         .with_service_name(service.to_string())
+        .with_attributes([
+            opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            // The pod (Kubernetes sets HOSTNAME to its name) and the process.
+            opentelemetry::KeyValue::new(
+                "service.instance.id",
+                format!(
+                    "{}-{}",
+                    std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
+                    std::process::id()
+                ),
+            ),
+        ])
         .build()
 }
 
@@ -231,6 +243,10 @@ pub fn set_remote_parent(span: &tracing::Span, cx: opentelemetry::Context) {
 pub fn server_span(request: &http::Request<()>) -> tracing::Span {
     let path = request.uri().path().trim_start_matches('/');
     let (service, method) = path.split_once('/').unwrap_or((path, ""));
+    // Probes and reflection are not traced: a kubelet's checks would be most of the traces.
+    if service == "grpc.health.v1.Health" || service.starts_with("grpc.reflection.") {
+        return tracing::Span::none();
+    }
     let span = tracing::info_span!(
         "grpc.server",
         otel.name = %path,
@@ -238,6 +254,7 @@ pub fn server_span(request: &http::Request<()>) -> tracing::Span {
         rpc.system = "grpc",
         rpc.service = %service,
         rpc.method = %method,
+        rpc.grpc.status_code = tracing::field::Empty,
     );
     set_remote_parent(&span, extract_headers(request.headers()));
     span

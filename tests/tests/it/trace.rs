@@ -78,5 +78,17 @@ async fn points_request_is_one_trace_across_services(suite: TestSuite) {
         publish.span_context.span_id(),
         "notification is the relay's child"
     );
+    // The server span carries the call's status code, as a number (OpenTelemetry's rpc.*).
+    let status = wallet
+        .attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == "rpc.grpc.status_code")
+        .map(|kv| kv.value.clone());
+    assert_eq!(
+        status,
+        Some(opentelemetry::Value::I64(0)),
+        "{:?}",
+        wallet.attributes
+    );
     suite.cleanup().await;
 }
