@@ -367,7 +367,8 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
             log_format: LogFormat::Pretty,
-            log_filter: "info,sea_orm_migration=warn,opentelemetry=warn".into(),
+            log_filter:
+                "info,sea_orm_migration=warn,opentelemetry=warn,sqlx::postgres::notice=warn".into(),
             otlp_endpoint: None,
         }
     }

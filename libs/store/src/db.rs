@@ -55,6 +55,13 @@ pub fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
 
+/// The host (and port) of a database URL, without credentials, for messages.
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.split(['/', '?']).next().unwrap_or(rest)
+}
+
 /// Maps a database error to the API error: lock conflicts and serialization failures are
 /// retryable (`ABORTED`), a lost connection is `UNAVAILABLE`, the rest is internal.
 #[track_caller]
@@ -100,9 +107,19 @@ impl Db {
         let deadline = Instant::now() + Duration::from_secs(config.database.connect_timeout_secs);
         let mut delay = Duration::from_millis(100);
         loop {
-            match Self::try_connect(&url, backend, schema.as_deref(), config).await {
+            // One attempt never outlasts what is left of `connect_timeout_secs`.
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_secs(1), Duration::from_secs(30));
+            match Self::try_connect(&url, backend, schema.as_deref(), config, left).await {
                 Ok(conn) => {
-                    tracing::info!(service, ?backend, schema = ?schema, "database connected");
+                    let schema_name = schema.as_deref().unwrap_or("");
+                    tracing::info!(
+                        service,
+                        ?backend,
+                        schema = schema_name,
+                        "database connected"
+                    );
                     return Ok(Self {
                         conn,
                         service: service.to_string(),
@@ -116,7 +133,14 @@ impl Db {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => {
+                    return Err(anyhow::anyhow!(
+                        "database.url: {} not reachable within database.connect_timeout_secs \
+                         ({} s): {err}",
+                        host_of(&url),
+                        config.database.connect_timeout_secs
+                    ));
+                }
             }
         }
     }
@@ -126,10 +150,16 @@ impl Db {
         backend: Backend,
         schema: Option<&str>,
         config: &Config,
+        attempt: Duration,
     ) -> Result<DatabaseConnection, DbErr> {
         if let Some(schema) = schema {
-            // The schema must exist before connections select it.
-            let admin = Database::connect(Self::options(url, 1)).await?;
+            // The schema must exist before connections select it. This first connection
+            // also finds out whether the server answers, within the attempt's time.
+            let mut admin = Self::options(url, 1);
+            admin
+                .acquire_timeout(attempt)
+                .connect_timeout(attempt.min(Duration::from_secs(5)));
+            let admin = Database::connect(admin).await?;
             let created = admin
                 .execute_unprepared(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
                 .await;
@@ -395,6 +425,15 @@ impl Db {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_database_is_named_by_its_host_without_credentials() {
+        assert_eq!(
+            super::host_of("postgres://user:secret@db.internal:5432/app?sslmode=require"),
+            "db.internal:5432"
+        );
+        assert_eq!(super::host_of("postgres://127.0.0.1/postgres"), "127.0.0.1");
+    }
+
     #[test]
     fn sqlite_placeholders() {
         use super::sqlite_placeholders as p;
