@@ -65,6 +65,8 @@ pub struct AppState {
     >,
     /// Wakes the command worker that carries erasures to the services.
     pub(crate) erasures_wake: Arc<tokio::sync::Notify>,
+    /// Set on shutdown: `/readyz` answers 503 while the listener drains.
+    pub(crate) draining: Arc<std::sync::atomic::AtomicBool>,
     pub(crate) max_body_bytes: usize,
     pub(crate) limits: Arc<ratelimit::Limits>,
     /// `/openapi.json`, rendered once when the routes are built.
@@ -82,6 +84,9 @@ pub struct Gateway {
     retention: tessera_store::queue::Worker,
     /// Delivers erasures to the services (the gateway's command outbox).
     commands: tessera_store::queue::Worker,
+    /// Between shutdown and the listener closing (`shutdown_drain_secs`).
+    drain: std::time::Duration,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the gateway keeps besides the plumbing tables: the audit log
@@ -126,6 +131,7 @@ impl Gateway {
             },
         )?;
         let wallet_channel = grpc::channel(&config.peers.wallet_url, config.peer_timeout())?;
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let state = AppState {
             keys: keys.clone(),
             db,
@@ -183,6 +189,7 @@ impl Gateway {
                 })
                 .collect::<anyhow::Result<_>>()?,
             erasures_wake: commands.waker(),
+            draining: draining.clone(),
             max_body_bytes: config.gateway.max_body_bytes,
             limits: Arc::new(ratelimit::Limits::new(&config.gateway)),
             openapi: std::sync::OnceLock::new(),
@@ -197,6 +204,8 @@ impl Gateway {
             keys,
             retention,
             commands,
+            drain: std::time::Duration::from_secs(config.shutdown_drain_secs),
+            draining,
         })
     }
 
@@ -219,8 +228,16 @@ impl Gateway {
         });
         let purging = tokio::spawn(self.retention.run(shutdown.clone()));
         let erasing = tokio::spawn(self.commands.run(shutdown.clone()));
+        // On shutdown `/readyz` turns 503 at once, so load balancers stop sending; the
+        // listener keeps serving for the drain, then closes and in-flight requests finish.
+        let (drain, draining) = (self.drain, self.draining.clone());
         axum::serve(listener, self.router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .with_graceful_shutdown(async move {
+                shutdown.cancelled().await;
+                draining.store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::info!(?drain, "readiness 503; draining");
+                tokio::time::sleep(drain).await;
+            })
             .await?;
         let _ = purging.await;
         let _ = erasing.await;

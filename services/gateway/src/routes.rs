@@ -217,6 +217,14 @@ struct Readiness {
 /// Readiness: the gateway's database and the services it calls are serving.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let mut checks = BTreeMap::new();
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        checks.insert("shutdown".to_string(), "draining".to_string());
+        let body = Readiness {
+            status: "not_ready".into(),
+            checks,
+        };
+        return (http::StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     let db = state.db.ping().await.map_err(|e| e.to_string());
     checks.insert(
         "database".to_string(),

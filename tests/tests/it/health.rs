@@ -101,6 +101,16 @@ async fn every_service_is_serving_and_flips_on_shutdown(mut suite: TestSuite) {
             "{service}"
         );
     }
+    // The gateway too: its port still answers during the drain, and readiness says 503.
+    let ready = draining
+        .http
+        .get(format!("{}/readyz", draining.base_url))
+        .send()
+        .await
+        .expect("the gateway still answers while it drains");
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.expect("JSON");
+    assert_eq!(body["checks"]["shutdown"], "draining");
     draining.take_suite().unwrap().wait().await.unwrap();
     suite.cleanup().await;
 }
