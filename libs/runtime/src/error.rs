@@ -256,6 +256,11 @@ impl Error {
             .unwrap_or_default();
         let reason = details.error_info().map(|i| i.reason.clone());
         let mut code = Code::from_grpc(status.code());
+        // UNKNOWN with a source was made on this side of the call, not sent by the peer: the
+        // connection broke (the peer died mid-request). Retrying is right: UNAVAILABLE.
+        if status.code() == tonic::Code::Unknown && std::error::Error::source(status).is_some() {
+            code = Code::Unavailable;
+        }
         // RESOURCE_EXHAUSTED for an oversized message is the gRPC spelling of HTTP 413.
         if code == Code::ResourceExhausted && reason.as_deref() == Some("PAYLOAD_TOO_LARGE") {
             code = Code::PayloadTooLarge;
@@ -354,6 +359,21 @@ impl Violations {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_broken_connection_is_unavailable_and_a_peers_unknown_stays_internal() {
+        let broken = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )));
+        assert_eq!(broken.code(), tonic::Code::Unknown);
+        assert_eq!(
+            super::Error::from_status(&broken).code,
+            super::Code::Unavailable
+        );
+        let sent = tonic::Status::unknown("the peer said so");
+        assert_eq!(super::Error::from_status(&sent).code, super::Code::Internal);
+    }
+
     use super::*;
 
     #[test]
