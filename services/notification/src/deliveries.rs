@@ -16,7 +16,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
 use serde_json::json;
 use tessera_proto::notification::v1 as pb;
@@ -53,11 +52,6 @@ fn work(tenant: &str, id: &str, endpoint: &str, event_type: &str, at: i64) -> Ne
         not_before: Some(at),
         group: endpoint.to_string(),
     }
-}
-
-/// Attempts in all: the first, then one per retry delay.
-pub fn max_attempts(schedule: &[u64]) -> i32 {
-    i32::try_from(schedule.len()).unwrap_or(i32::MAX)
 }
 
 /// An event as the fan-out sees it.
@@ -341,6 +335,8 @@ pub struct Dispatcher {
     config: WebhooksConfig,
     /// Opens the endpoints' sealed signing secrets.
     keyring: Keyring,
+    /// The queue's retry schedule: a failed attempt is settled with its next time.
+    policy: RetryPolicy,
 }
 
 fn micros(d: Duration) -> i64 {
@@ -366,12 +362,8 @@ impl Dispatcher {
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(64)
             .build()?;
-        let queue = Queue::new(
-            db.clone(),
-            service,
-            QUEUE,
-            RetryPolicy::scheduled(&config.retry_schedule_secs),
-        );
+        let policy = RetryPolicy::scheduled(&config.retry_schedule_secs);
+        let queue = Queue::new(db.clone(), service, QUEUE, policy.clone());
         let batch = config.batch_size.max(1);
         let worker_config = queue::WorkerConfig {
             batch,
@@ -386,6 +378,7 @@ impl Dispatcher {
             http,
             config,
             keyring,
+            policy,
         };
         Ok(queue::Worker::grouped(
             queue,
@@ -505,16 +498,14 @@ impl Dispatcher {
     ) -> Result<(), Error> {
         let now = now_micros();
         let number = item.attempts;
-        let schedule = &self.config.retry_schedule_secs;
         let error = format!("HTTP {status_code}: {excerpt}");
         let (status, next, settlement) = if ok {
             ("succeeded", now, Settlement::Done)
-        } else if number >= max_attempts(schedule) {
+        } else if number >= self.policy.max_attempts {
             ("dead", now, Settlement::Dead(&error))
         } else {
-            let delay = schedule[usize::try_from(number).unwrap_or(0)] as f64;
-            let jitter = rand::rng().random_range(0.8..1.2);
-            let at = now + (delay * jitter * 1_000_000.0) as i64;
+            let delay = self.policy.jittered(number);
+            let at = now + micros(delay);
             ("pending", at, Settlement::RetryAt(at, &error))
         };
         let txn = self.db.begin_write().await?;

@@ -155,6 +155,19 @@ async fn deliveries(
         .deliveries
 }
 
+/// Replays an endpoint ("it is back"); how many deliveries went back in the queue.
+async fn replay_endpoint(c: &mut Client, suite: &TestSuite, id: &str) -> u32 {
+    c.replay_deliveries(suite.ctx(TENANT).request(pb::ReplayDeliveriesRequest {
+        idempotency_key: key(),
+        delivery_ids: Vec::new(),
+        endpoint_id: id.to_string(),
+    }))
+    .await
+    .expect("replay")
+    .into_inner()
+    .replayed
+}
+
 async fn an_endpoint_back_gets_its_waiting_deliveries_at_once(suite: TestSuite) {
     use sea_orm::ConnectionTrait;
     let mut c = Client::new(suite.channel());
@@ -187,16 +200,7 @@ async fn an_endpoint_back_gets_its_waiting_deliveries_at_once(suite: TestSuite) 
 
     // It is back: the operator says so, and the waiting delivery goes now, same webhook-id.
     sink.status.store(200, Ordering::SeqCst);
-    let replayed = c
-        .replay_deliveries(suite.ctx(TENANT).request(pb::ReplayDeliveriesRequest {
-            idempotency_key: key(),
-            delivery_ids: Vec::new(),
-            endpoint_id: id.clone(),
-        }))
-        .await
-        .expect("replay")
-        .into_inner()
-        .replayed;
+    let replayed = replay_endpoint(&mut c, &suite, &id).await;
     assert_eq!(replayed, 1, "the pending delivery brought forward");
     let delivered = eventually(Duration::from_secs(5), "the delivery", || async {
         deliveries(&suite, &id, pb::DeliveryStatus::Succeeded)
@@ -272,16 +276,7 @@ async fn signed_deliveries_are_retried_dead_lettered_and_replayed(suite: TestSui
 
     // Back up: a replay of the endpoint's dead letters delivers it, same webhook-id.
     sink.status.store(200, Ordering::SeqCst);
-    let replayed = c
-        .replay_deliveries(suite.ctx(TENANT).request(pb::ReplayDeliveriesRequest {
-            idempotency_key: key(),
-            delivery_ids: Vec::new(),
-            endpoint_id: id.clone(),
-        }))
-        .await
-        .expect("replay")
-        .into_inner()
-        .replayed;
+    let replayed = replay_endpoint(&mut c, &suite, &id).await;
     assert_eq!(replayed, 1);
     eventually(Duration::from_secs(5), "the replayed delivery", || async {
         let d = Client::new(suite.channel())
