@@ -15,6 +15,7 @@ use std::collections::{BTreeSet, HashMap};
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use serde_json::json;
 use tessera_effects::{Cart, Line};
+use tessera_money::Rounding;
 use tessera_proto::eligibility::v1 as pb;
 use tessera_proto::wallet::v1 as wpb;
 use tessera_runtime::{Error, RequestContext};
@@ -181,11 +182,12 @@ pub fn grants(
                 .copied()
                 .unwrap_or(r.points_per_unit_milli);
             // Whole currency units of 100 minor units, rounded down.
-            let per_unit = i128::from(spend.max(0)) * i128::from(rate) / 100_000;
-            let points = r.points + i64::try_from(per_unit).unwrap_or(i64::MAX - r.points);
+            let per_unit = tessera_money::ratio(spend.max(0), rate.into(), 100_000, Rounding::Down)
+                .unwrap_or(i64::MAX);
+            let points = r.points.saturating_add(per_unit);
             // Happy hours multiply what the customer earns (rounded down).
             let multiplier = c.earn_multiplier_milli(input.now, input.settings.time_zone);
-            let points = i64::try_from(i128::from(points) * i128::from(multiplier) / 1000)
+            let points = tessera_money::ratio(points, multiplier.into(), 1000, Rounding::Down)
                 .unwrap_or(i64::MAX);
             let cap = (r.max_points_per_customer_per_period > 0).then(|| {
                 let start = redeem::period_start(r.period(), input.now, input.settings);
@@ -338,7 +340,7 @@ pub async fn mark_returned(
         let target = if returned >= total {
             points
         } else {
-            i64::try_from(i128::from(points) * i128::from(returned) / i128::from(total))
+            tessera_money::ratio(points, returned.into(), total.into(), Rounding::Down)
                 .unwrap_or(points)
         };
         if target <= before {

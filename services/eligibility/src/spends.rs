@@ -26,6 +26,7 @@ use std::sync::Arc;
 use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use tessera_effects::Target;
+use tessera_money::Rounding;
 use tessera_proto::eligibility::v1 as pb;
 use tessera_proto::wallet::v1 as wpb;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
@@ -428,10 +429,8 @@ fn refund_target(amount: i64, order_value: i64, released: i64, whole: bool) -> i
     if whole || order_value <= 0 {
         return amount;
     }
-    i64::try_from(
-        i128::from(amount) * i128::from(released.clamp(0, order_value)) / i128::from(order_value),
-    )
-    .unwrap_or(amount)
+    let returned = i128::from(released.clamp(0, order_value));
+    tessera_money::ratio(amount, returned, order_value.into(), Rounding::Down).unwrap_or(amount)
 }
 
 /// Moves the follow-ups that the spends table of earlier versions still owed onto the
