@@ -24,9 +24,10 @@ use tessera_store::queue::commands::{self, Command};
 use tessera_store::{Db, db_error, outbox, stmt};
 
 use crate::campaigns::{Compiled, Index};
+use crate::counters::{add_counter, lock_counter};
 use crate::facts::{self, Facts, Settings};
 use crate::qualify::{self, Input};
-use crate::redeem::{self, add_counter, lock_counter};
+use crate::redeem;
 use crate::triggers::{self, Effects};
 
 /// What earns.

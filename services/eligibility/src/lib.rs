@@ -8,6 +8,7 @@
 mod campaigns;
 mod cashback;
 mod checkout;
+mod counters;
 mod earning;
 mod facts;
 mod migrations;
