@@ -410,10 +410,6 @@ impl Queue {
         self
     }
 
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
     /// Claims up to `limit` due items for `lease`, oldest due first, and returns them with
     /// the claim's fencing token.
     pub async fn claim(&self, limit: u32, lease: Duration) -> Result<(String, Vec<Item>), Error> {
