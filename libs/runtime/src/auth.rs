@@ -281,6 +281,7 @@ fn roles_for(path: &str) -> Option<&'static [&'static str]> {
     Some(match (service, method) {
         ("tessera.ops.v1.QueueService", _) => ADMINS,
         ("tessera.ops.v1.PrivacyService", _) => ADMINS,
+        ("tessera.ops.v1.ErasureService", _) => ADMINS,
         (_, m) if reads(m) => ALL,
         ("tessera.catalog.v1.CatalogService", m) => match m {
             "CreateReward" | "UpdateReward" | "SetRewardStatus" | "CreateCodePool"

@@ -277,6 +277,67 @@ pub struct RetentionConfig {
     pub jobs_days: u64,
     /// Days the audit log keeps an entry.
     pub audit_days: u64,
+    /// Per-tenant overrides of the periods above, by tenant id (TOML:
+    /// `[retention.tenants.acme] audit_days = 3650`).
+    pub tenants: std::collections::BTreeMap<String, TenantRetention>,
+}
+
+/// One tenant's own retention periods; an unset one is the global setting.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantRetention {
+    pub idempotency_hours: Option<u64>,
+    pub dead_letters_days: Option<u64>,
+    pub events_days: Option<u64>,
+    pub messages_days: Option<u64>,
+    pub jobs_days: Option<u64>,
+    pub audit_days: Option<u64>,
+}
+
+/// What a retention period applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// Settled idempotency keys (kept at least a day, so a retry within it gets its answer).
+    IdempotencyKeys,
+    DeadLetters,
+    Events,
+    Messages,
+    Jobs,
+    Audit,
+}
+
+impl RetentionConfig {
+    /// How long `what` of `tenant` stays; `None`: forever. Rows of no tenant (a table
+    /// without `tenant_id`) stay as long as the longest any tenant keeps.
+    pub fn keep(&self, what: Kept, tenant: Option<&str>) -> Option<Duration> {
+        let Some(tenant) = tenant else {
+            // Forever (`None`) is the longest of all.
+            let mut longest = self.keep_of(what, None)?;
+            for own in self.tenants.values() {
+                longest = longest.max(self.keep_of(what, Some(own))?);
+            }
+            return Some(longest);
+        };
+        self.keep_of(what, self.tenants.get(tenant))
+    }
+
+    fn keep_of(&self, what: Kept, own: Option<&TenantRetention>) -> Option<Duration> {
+        let period = |global: u64, of: fn(&TenantRetention) -> Option<u64>| {
+            own.and_then(of).unwrap_or(global)
+        };
+        let days = |n: u64| (n > 0).then(|| Duration::from_secs(n * 86_400));
+        match what {
+            Kept::IdempotencyKeys => {
+                let hours = period(self.idempotency_hours, |t| t.idempotency_hours);
+                (hours > 0).then(|| Duration::from_secs(hours.max(24) * 3_600))
+            }
+            Kept::DeadLetters => days(period(self.dead_letters_days, |t| t.dead_letters_days)),
+            Kept::Events => days(period(self.events_days, |t| t.events_days)),
+            Kept::Messages => days(period(self.messages_days, |t| t.messages_days)),
+            Kept::Jobs => days(period(self.jobs_days, |t| t.jobs_days)),
+            Kept::Audit => days(period(self.audit_days, |t| t.audit_days)),
+        }
+    }
 }
 
 impl Default for RetentionConfig {
@@ -289,6 +350,7 @@ impl Default for RetentionConfig {
             messages_days: 90,
             jobs_days: 30,
             audit_days: 400,
+            tenants: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -703,6 +765,44 @@ mod tests {
         let err = config.validate().unwrap_err();
         assert!(err.to_string().contains("retired_master_keys"), "{err}");
     }
+    #[test]
+    fn a_tenant_keeps_its_own_periods_and_the_rest_the_global_ones() {
+        let mut config = RetentionConfig {
+            audit_days: 400,
+            idempotency_hours: 1,
+            ..RetentionConfig::default()
+        };
+        config.tenants.insert(
+            "bank".into(),
+            TenantRetention {
+                audit_days: Some(3_650),
+                events_days: Some(0),
+                ..TenantRetention::default()
+            },
+        );
+        let day = Duration::from_secs(86_400);
+        assert_eq!(config.keep(Kept::Audit, Some("bank")), Some(day * 3_650));
+        assert_eq!(config.keep(Kept::Audit, Some("shop")), Some(day * 400));
+        assert_eq!(
+            config.keep(Kept::Events, Some("bank")),
+            None,
+            "0 keeps forever"
+        );
+        assert_eq!(config.keep(Kept::Events, Some("shop")), Some(day * 30));
+        assert_eq!(config.keep(Kept::Jobs, None), Some(day * 30));
+        assert_eq!(
+            config.keep(Kept::Audit, None),
+            Some(day * 3_650),
+            "rows of no tenant stay as long as any tenant keeps them"
+        );
+        assert_eq!(config.keep(Kept::Events, None), None);
+        assert_eq!(
+            config.keep(Kept::IdempotencyKeys, Some("bank")),
+            Some(day),
+            "idempotency keys stay at least a day"
+        );
+    }
+
     /// `docs/configuration.md` stays current: every key of the configuration has a row with
     /// its environment variable, and the default the row shows is the code's.
     #[test]

@@ -44,14 +44,20 @@ const ROLES: [&str; 2] = ["admin", "system"];
 pub fn server(
     services: BTreeMap<&'static str, Arc<dyn DeadLetters>>,
 ) -> QueueServiceServer<Queues> {
-    QueueServiceServer::new(Queues { services })
+    QueueServiceServer::new(Queues::new(services))
 }
 
+/// The dead letters of some services, with the requests checked as `QueueService` checks
+/// them; also called in process (the gateway's own queue).
 pub struct Queues {
     services: BTreeMap<&'static str, Arc<dyn DeadLetters>>,
 }
 
 impl Queues {
+    pub fn new(services: BTreeMap<&'static str, Arc<dyn DeadLetters>>) -> Self {
+        Self { services }
+    }
+
     fn find(&self, v: &mut Violations, service: &str) -> Option<&Arc<dyn DeadLetters>> {
         lookup(&self.services, v, service)
     }

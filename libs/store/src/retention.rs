@@ -10,14 +10,15 @@
 //! replay window (at least a day), dead letters after they were left unreplayed, delivered
 //! events and settled webhook deliveries with their attempts, finished messages, finished
 //! jobs, old code-guess failures, and the audit log last (400 days by default). A setting of
-//! 0 keeps that class forever.
+//! 0 keeps that class forever; a tenant may have periods of its own
+//! (`retention.tenants.<tenant>`), the others keep the global ones.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sea_orm::ConnectionTrait;
 use tessera_runtime::Error;
-use tessera_runtime::config::RetentionConfig;
+use tessera_runtime::config::{Kept, RetentionConfig};
 
 use crate::db::{Backend, Db, db_error, now_micros, stmt};
 use crate::queue::{
@@ -43,49 +44,38 @@ pub struct Rule {
     pub when: &'static str,
     /// Whether the table has a `tenant_id` (deletes are then bound to one tenant at a time).
     pub tenanted: bool,
-    /// How long rows stay; `None`: forever.
-    pub keep: Option<Duration>,
+    /// Which retention period applies (`retention.*`, per tenant).
+    pub kept: Kept,
 }
 
 impl Rule {
     /// A tenant-scoped table's rule.
-    pub fn new(
-        table: &'static str,
-        at: &'static str,
-        when: &'static str,
-        keep: Option<Duration>,
-    ) -> Self {
+    pub fn new(table: &'static str, at: &'static str, when: &'static str, kept: Kept) -> Self {
         Self {
             table,
             at,
             when,
             tenanted: true,
-            keep,
+            kept,
         }
     }
 }
 
-/// `n` days, or `None` (forever) for 0.
-pub fn days(n: u64) -> Option<Duration> {
-    (n > 0).then(|| Duration::from_secs(n * 86_400))
-}
-
-/// The rules of the plumbing tables every service has: settled idempotency keys (kept at
-/// least a day, so a retry within it still gets its answer) and dead letters.
-fn plumbing(config: &RetentionConfig) -> Vec<Rule> {
+/// The rules of the plumbing tables every service has: settled idempotency keys and dead
+/// letters.
+fn plumbing() -> Vec<Rule> {
     vec![
         Rule::new(
             "idempotency_keys",
             "created_at",
             "state = 'done'",
-            (config.idempotency_hours > 0)
-                .then(|| Duration::from_secs(config.idempotency_hours.max(24) * 3_600)),
+            Kept::IdempotencyKeys,
         ),
         Rule::new(
             "work_queue",
             "dead_at",
             "dead_at IS NOT NULL",
-            days(config.dead_letters_days),
+            Kept::DeadLetters,
         ),
     ]
 }
@@ -95,18 +85,20 @@ pub struct Purger {
     db: Db,
     service: &'static str,
     rules: Vec<Rule>,
+    config: RetentionConfig,
     interval: Duration,
 }
 
 impl Purger {
     /// A purger of the plumbing tables and the service's own `rules`.
     pub fn new(db: Db, service: &'static str, rules: Vec<Rule>, config: &RetentionConfig) -> Self {
-        let mut all = plumbing(config);
+        let mut all = plumbing();
         all.extend(rules);
         Self {
             db,
             service,
             rules: all,
+            config: config.clone(),
             interval: Duration::from_secs(config.interval_minutes.max(1) * 60),
         }
     }
@@ -152,8 +144,9 @@ impl Purger {
         let started = Instant::now();
         let now = now_micros();
         for rule in &self.rules {
-            let Some(keep) = rule.keep else { continue };
-            let cutoff = now - i64::try_from(keep.as_micros()).unwrap_or(i64::MAX / 2);
+            if self.config.tenants.is_empty() && self.config.keep(rule.kept, None).is_none() {
+                continue; // kept forever by everyone
+            }
             let tenants = if rule.tenanted {
                 self.tenants(rule.table)
                     .await?
@@ -164,6 +157,10 @@ impl Purger {
                 vec![None]
             };
             for tenant in tenants {
+                let Some(keep) = self.config.keep(rule.kept, tenant.as_deref()) else {
+                    continue;
+                };
+                let cutoff = now - i64::try_from(keep.as_micros()).unwrap_or(i64::MAX / 2);
                 loop {
                     if started.elapsed() >= SLICE {
                         return Ok(false);
@@ -261,26 +258,5 @@ impl Handler for Purger {
             }
             Err(e) => Err(Failure::Retry(e.message)),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zero_keeps_forever() {
-        assert_eq!(days(0), None);
-        assert_eq!(days(2), Some(Duration::from_secs(172_800)));
-        let config = RetentionConfig {
-            idempotency_hours: 1,
-            ..RetentionConfig::default()
-        };
-        let rules = plumbing(&config);
-        assert_eq!(
-            rules[0].keep,
-            Some(Duration::from_secs(24 * 3_600)),
-            "idempotency keys stay at least a day"
-        );
     }
 }

@@ -81,7 +81,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
             "generation_jobs",
             "finished_at",
             "status <> 'running'",
-            tessera_store::retention::days(config.retention.jobs_days),
+            tessera_runtime::config::Kept::Jobs,
         )],
         &config.retention,
     )

@@ -115,7 +115,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
             "code_failures",
             "at",
             "",
-            tessera_store::retention::days(config.retention.jobs_days),
+            tessera_runtime::config::Kept::Jobs,
         )],
         &config.retention,
     )

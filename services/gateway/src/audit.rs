@@ -37,16 +37,9 @@ const KEEP_BYTES: usize = 16 * 1024;
 /// Answers larger than this are not read into the log.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 
-/// The log's retention rule: entries stay `retention.audit_days`.
-pub fn retention_rule(
-    config: &tessera_runtime::config::RetentionConfig,
-) -> tessera_store::retention::Rule {
-    tessera_store::retention::Rule::new(
-        "audit_log",
-        "at",
-        "",
-        tessera_store::retention::days(config.audit_days),
-    )
+/// The log's retention rule: entries stay `retention.audit_days` (or the tenant's own).
+pub fn retention_rule() -> tessera_store::retention::Rule {
+    tessera_store::retention::Rule::new("audit_log", "at", "", tessera_runtime::config::Kept::Audit)
 }
 
 /// Where the state before a write is read: (method, route) → the route that shows the

@@ -8,6 +8,8 @@ mod audit;
 mod campaigns;
 mod catalog;
 mod eligibility;
+mod erasure_grpc;
+mod erasures;
 mod error;
 mod extract;
 mod key_routes;
@@ -42,6 +44,9 @@ pub use migrations::Migrator;
 /// Service name: SQLite file / PostgreSQL schema and log label.
 pub const SERVICE: &str = "gateway";
 
+/// The gRPC service the gateway serves (health name).
+pub const ERASURE_GRPC_NAME: &str = "tessera.ops.v1.ErasureService";
+
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
@@ -63,8 +68,11 @@ pub struct AppState {
         &'static str,
         tessera_proto::ops::v1::privacy_service_client::PrivacyServiceClient<grpc::Channel>,
     >,
-    /// Wakes the command worker that carries erasures to the services.
-    pub(crate) erasures_wake: Arc<tokio::sync::Notify>,
+    /// Erasure jobs (GDPR).
+    pub(crate) erasures: erasures::Erasures,
+    /// The gateway's own dead letters (erasure commands the services refused), answered
+    /// in process.
+    pub(crate) own_queues: Arc<tessera_runtime::ops::Queues>,
     /// Set on shutdown: `/readyz` answers 503 while the listener drains.
     pub(crate) draining: Arc<std::sync::atomic::AtomicBool>,
     pub(crate) max_body_bytes: usize,
@@ -76,6 +84,8 @@ pub struct AppState {
 /// A gateway ready to serve.
 pub struct Gateway {
     router: Router,
+    erasures: erasures::Erasures,
+    dead_letters: Arc<tessera_store::queue::DeadLetters>,
     /// The admin API key created by [`Gateway::build`] on first start, to show the operator
     /// once (it is stored hashed).
     pub new_admin_key: Option<String>,
@@ -91,10 +101,8 @@ pub struct Gateway {
 
 /// What the gateway keeps besides the plumbing tables: the audit log
 /// (`retention.audit_days`).
-pub fn retention_rules(
-    config: &tessera_runtime::config::RetentionConfig,
-) -> Vec<tessera_store::retention::Rule> {
-    vec![audit::retention_rule(config)]
+pub fn retention_rules() -> Vec<tessera_store::retention::Rule> {
+    vec![audit::retention_rule()]
 }
 
 /// Applies the gateway's migrations.
@@ -114,7 +122,7 @@ impl Gateway {
         let retention = tessera_store::retention::Purger::start(
             db.clone(),
             SERVICE,
-            retention_rules(&config.retention),
+            retention_rules(),
             &config.retention,
         )
         .await?;
@@ -124,12 +132,14 @@ impl Gateway {
             SERVICE,
             config,
             move |relay| {
-                Arc::new(privacy::Parts {
+                Arc::new(erasures::Parts {
                     relay: Arc::new(relay),
                     db: parts_db,
                 })
             },
         )?;
+        let erasures = erasures::Erasures::new(db.clone(), commands.waker());
+        let dead_letters = Arc::new(tessera_store::queue::DeadLetters::new(db.clone(), SERVICE));
         let wallet_channel = grpc::channel(&config.peers.wallet_url, config.peer_timeout())?;
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let state = AppState {
@@ -169,7 +179,7 @@ impl Gateway {
                 ))
             })
             .collect::<anyhow::Result<_>>()?,
-            privacy: privacy::SERVICES
+            privacy: erasures::SERVICES
                 .iter()
                 .map(|(name, _)| {
                     let url = match *name {
@@ -188,7 +198,14 @@ impl Gateway {
                     ))
                 })
                 .collect::<anyhow::Result<_>>()?,
-            erasures_wake: commands.waker(),
+            erasures: erasures.clone(),
+            own_queues: Arc::new(tessera_runtime::ops::Queues::new(
+                [(
+                    SERVICE,
+                    dead_letters.clone() as Arc<dyn tessera_runtime::ops::DeadLetters>,
+                )]
+                .into(),
+            )),
             draining: draining.clone(),
             max_body_bytes: config.gateway.max_body_bytes,
             limits: Arc::new(ratelimit::Limits::new(&config.gateway)),
@@ -200,6 +217,8 @@ impl Gateway {
         );
         Ok(Self {
             router,
+            erasures,
+            dead_letters,
             new_admin_key,
             keys,
             retention,
@@ -207,6 +226,21 @@ impl Gateway {
             drain: std::time::Duration::from_secs(config.shutdown_drain_secs),
             draining,
         })
+    }
+
+    /// The gateway's gRPC services (erasure jobs) and its dead letters, served on the gRPC
+    /// listener of the process (the shared one under `tessera up`).
+    pub fn component(&self) -> tessera_runtime::component::Component {
+        let erasing = erasure_grpc::Erasing(self.erasures.clone());
+        tessera_runtime::component::Component::new(SERVICE)
+            .dead_letters(self.dead_letters.clone())
+            .grpc(ERASURE_GRPC_NAME, move |routes| {
+                routes.add_service(
+                    tessera_proto::ops::v1::erasure_service_server::ErasureServiceServer::new(
+                        erasing,
+                    ),
+                );
+            })
     }
 
     /// How gRPC servers in this process resolve API keys (the same store the HTTP routes use).
@@ -270,15 +304,29 @@ pub async fn create_key(
     Ok(key)
 }
 
-/// Runs the gateway alone on `listener` until `shutdown`.
+/// Runs the gateway alone until `shutdown`: REST on `http`, its gRPC services (erasure
+/// jobs, its dead letters) on `grpc`, API keys resolved from its own store.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    http: TcpListener,
+    grpc: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let gateway = Gateway::build(&config).await?;
     if let Some(key) = &gateway.new_admin_key {
         tracing::warn!("created bootstrap admin API key for tenant `default`: {key} (shown once)");
     }
-    gateway.serve(listener, shutdown).await
+    let grpc = tokio::spawn(tessera_runtime::component::serve(
+        grpc,
+        vec![gateway.component()],
+        Some(gateway.key_verifier()),
+        Duration::from_secs(config.shutdown_drain_secs),
+        tessera_runtime::component::PROBE_INTERVAL,
+        shutdown.clone(),
+    ));
+    let http = gateway.serve(http, shutdown.clone()).await;
+    // Either listener failing stops the other.
+    shutdown.cancel();
+    let grpc = grpc.await.map_err(anyhow::Error::from).and_then(|r| r);
+    http.and(grpc)
 }

@@ -34,7 +34,7 @@ pub fn routes(api: &mut Api) {
     .add(
         Op::get("/v1/queues/{service}/dead", dead)
             .summary("List a service's dead-lettered work")
-            .describe("`service`: catalog, eligibility, wallet, campaign-scheduler or notification. `queue`: `commands` (the command outbox), `generation` (catalog code generation), `jobs` (campaign-scheduler jobs), `messages` (notification). Oldest first; page with `after_id`.")
+            .describe("`service`: catalog, eligibility, wallet, campaign-scheduler, notification or gateway. `queue`: `commands` (the command outbox; the gateway's carries erasures), `generation` (catalog code generation), `jobs` (campaign-scheduler jobs), `messages` (notification). Oldest first; page with `after_id`.")
             .roles(&ADMINS)
             .query::<DeadQuery>()
             .answer_proto(
@@ -75,15 +75,56 @@ struct DeadQuery {
     limit: u32,
 }
 
-fn client(
-    state: &AppState,
-    service: &str,
-) -> Result<pb::queue_service_client::QueueServiceClient<tessera_runtime::grpc::Channel>, ApiError>
-{
-    state.queues.get(service).cloned().ok_or_else(|| {
-        let known: Vec<&str> = state.queues.keys().copied().collect();
-        Error::invalid_field("service", format!("must be one of {}", known.join(", "))).into()
-    })
+/// Where a service's dead letters are: the gateway's own in process, the others' over gRPC.
+enum Queues {
+    Own(Arc<tessera_runtime::ops::Queues>),
+    Remote(pb::queue_service_client::QueueServiceClient<tessera_runtime::grpc::Channel>),
+}
+
+fn queues_of(state: &AppState, service: &str) -> Result<Queues, ApiError> {
+    if service == crate::SERVICE {
+        return Ok(Queues::Own(state.own_queues.clone()));
+    }
+    state
+        .queues
+        .get(service)
+        .cloned()
+        .map(Queues::Remote)
+        .ok_or_else(|| {
+            let known: Vec<&str> = state
+                .queues
+                .keys()
+                .copied()
+                .chain([crate::SERVICE])
+                .collect();
+            Error::invalid_field("service", format!("must be one of {}", known.join(", "))).into()
+        })
+}
+
+impl Queues {
+    async fn dead(
+        self,
+        request: tonic::Request<pb::ListDeadItemsRequest>,
+    ) -> Result<pb::ListDeadItemsResponse, tonic::Status> {
+        use pb::queue_service_server::QueueService;
+        Ok(match self {
+            Queues::Own(q) => q.list_dead_items(request).await?,
+            Queues::Remote(mut c) => c.list_dead_items(request).await?,
+        }
+        .into_inner())
+    }
+
+    async fn replay(
+        self,
+        request: tonic::Request<pb::ReplayDeadItemsRequest>,
+    ) -> Result<pb::ReplayDeadItemsResponse, tonic::Status> {
+        use pb::queue_service_server::QueueService;
+        Ok(match self {
+            Queues::Own(q) => q.replay_dead_items(request).await?,
+            Queues::Remote(mut c) => c.replay_dead_items(request).await?,
+        }
+        .into_inner())
+    }
 }
 
 async fn dead(
@@ -94,9 +135,9 @@ async fn dead(
     query: QueryResult<DeadQuery>,
 ) -> Result<Response, ApiError> {
     let q = strict(query)?;
-    let mut client = client(&state, &service)?;
-    let r = client
-        .list_dead_items(
+    let queues = queues_of(&state, &service)?;
+    let r = queues
+        .dead(
             principal
                 .context(&request_id)
                 .request(pb::ListDeadItemsRequest {
@@ -106,8 +147,7 @@ async fn dead(
                     limit: q.limit,
                 }),
         )
-        .await?
-        .into_inner();
+        .await?;
     reply(
         http::StatusCode::OK,
         "tessera.ops.v1.ListDeadItemsResponse",
@@ -123,15 +163,14 @@ async fn replay(
     IdempotencyKey(key): IdempotencyKey,
     StrictJson(body): StrictJson<Value>,
 ) -> Result<Response, ApiError> {
-    let mut client = client(&state, &service)?;
+    let queues = queues_of(&state, &service)?;
     let mut request: pb::ReplayDeadItemsRequest =
         from_json("tessera.ops.v1.ReplayDeadItemsRequest", body)?;
     request.idempotency_key = key;
     request.service = service;
-    let r = client
-        .replay_dead_items(principal.context(&request_id).request(request))
-        .await?
-        .into_inner();
+    let r = queues
+        .replay(principal.context(&request_id).request(request))
+        .await?;
     reply(
         http::StatusCode::OK,
         "tessera.ops.v1.ReplayDeadItemsResponse",

@@ -102,7 +102,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
     let retention = tessera_store::retention::Purger::start(
         db.clone(),
         SERVICE,
-        retention_rules(&config.retention),
+        retention_rules(),
         &config.retention,
     )
     .await?;
@@ -124,33 +124,31 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
 
 /// What notification keeps, besides the plumbing tables: received events (while none of their
 /// deliveries is pending), settled deliveries and their attempts, finished messages.
-pub fn retention_rules(
-    config: &tessera_runtime::config::RetentionConfig,
-) -> Vec<tessera_store::retention::Rule> {
-    let events = tessera_store::retention::days(config.events_days);
+pub fn retention_rules() -> Vec<tessera_store::retention::Rule> {
+    use tessera_runtime::config::Kept::{Events, Messages};
     vec![
         tessera_store::retention::Rule::new(
             "events",
             "received_at",
             "NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.tenant_id = events.tenant_id \
              AND d.event_id = events.event_id AND d.status = 'pending')",
-            events,
+            Events,
         ),
         tessera_store::retention::Rule::new(
             "deliveries",
             "created_at",
             "status <> 'pending'",
-            events,
+            Events,
         ),
         tessera_store::retention::Rule {
             tenanted: false,
-            ..tessera_store::retention::Rule::new("delivery_attempts", "at", "", events)
+            ..tessera_store::retention::Rule::new("delivery_attempts", "at", "", Events)
         },
         tessera_store::retention::Rule::new(
             "messages",
             "finished_at",
             "status <> 'queued'",
-            tessera_store::retention::days(config.messages_days),
+            Messages,
         ),
     ]
 }

@@ -326,7 +326,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
             "job_runs",
             "ran_at",
             "",
-            tessera_store::retention::days(config.retention.jobs_days),
+            tessera_runtime::config::Kept::Jobs,
         )],
         &config.retention,
     )

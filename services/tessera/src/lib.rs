@@ -105,7 +105,14 @@ pub async fn start_with_peers(
         tessera_notification::build(&config, shutdown.clone()),
         tessera_gateway::Gateway::build(&config),
     )?;
-    let components = vec![catalog, eligibility, wallet, scheduler, notification];
+    let components = vec![
+        catalog,
+        eligibility,
+        wallet,
+        scheduler,
+        notification,
+        gateway.component(),
+    ];
     let new_admin_key = gateway.new_admin_key.clone();
     let drain = Duration::from_secs(config.shutdown_drain_secs);
     let grpc = tokio::spawn(component::serve(
@@ -142,12 +149,7 @@ pub async fn serve(
         );
     };
     tessera_runtime::auth::install_secret(Some(secret))?;
-    let listener = tessera_runtime::bin::bind(if http {
-        config.http_addr
-    } else {
-        config.grpc_addr
-    })
-    .await?;
+    let listener = tessera_runtime::bin::bind(config.grpc_addr).await?;
     // A gRPC service running alone serves its metrics on their own port; the gateway
     // serves them on its HTTP port.
     if let (Some(addr), false) = (config.metrics_addr, http) {
@@ -159,7 +161,10 @@ pub async fn serve(
         Service::Wallet => tessera_wallet::run(config, listener, shutdown).await,
         Service::CampaignScheduler => tessera_scheduler::run(config, listener, shutdown).await,
         Service::Notification => tessera_notification::run(config, listener, shutdown).await,
-        Service::Gateway => tessera_gateway::run(config, listener, shutdown).await,
+        Service::Gateway => {
+            let http = tessera_runtime::bin::bind(config.http_addr).await?;
+            tessera_gateway::run(config, http, listener, shutdown).await
+        }
     }
 }
 

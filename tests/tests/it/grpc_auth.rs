@@ -19,13 +19,14 @@ use crate::wallet::points;
 backend_tests!(every_grpc_service_authenticates_its_callers);
 
 /// One read method of every service (the request is empty: refusals come before it is read).
-const READS: [&str; 6] = [
+const READS: [&str; 7] = [
     "/tessera.catalog.v1.CatalogService/ListRewards",
     "/tessera.eligibility.v1.EligibilityService/GetSettings",
     "/tessera.wallet.v1.WalletService/GetBalance",
     "/tessera.scheduler.v1.SchedulerService/ListCampaigns",
     "/tessera.notification.v1.NotificationService/ListEvents",
     "/tessera.ops.v1.QueueService/ListDeadItems",
+    "/tessera.ops.v1.ErasureService/GetErasure",
 ];
 
 /// Calls `path` with an empty request and `metadata`; the status code of the answer.
@@ -118,7 +119,7 @@ async fn every_grpc_service_authenticates_its_callers(suite: TestSuite) {
         }
         // The admin key of `default` gets through (the empty request may then be refused
         // as invalid, which is past authentication); an analyst of acme claiming `system`
-        // reads too, as an analyst (the queues are for admins only).
+        // reads too, as an analyst (the queues and erasures are for admins only).
         let passed = |code| {
             !matches!(
                 code,
@@ -130,7 +131,7 @@ async fn every_grpc_service_authenticates_its_callers(suite: TestSuite) {
         let mut claims = forged.to_vec();
         claims.push(("authorization", &analyst));
         let code = call(&suite, path, &claims).await;
-        if path.contains("QueueService") {
+        if path.contains("QueueService") || path.contains("ErasureService") {
             assert_eq!(code, tonic::Code::PermissionDenied, "{path}: analyst");
         } else {
             assert!(

@@ -7,6 +7,8 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tessera_proto::ops::v1 as opb;
+use tessera_proto::ops::v1::erasure_service_client::ErasureServiceClient;
 use tessera_proto::wallet::v1 as wpb;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_tests::{TENANT, TestSuite, backend_tests, eventually, scalar};
@@ -14,6 +16,7 @@ use tessera_tests::{TENANT, TestSuite, backend_tests, eventually, scalar};
 backend_tests!(
     a_customer_is_exported_and_erased_everywhere,
     an_erasure_waits_for_a_service_that_is_down,
+    an_erasure_is_started_and_followed_over_grpc,
 );
 
 async fn json_of(response: reqwest::Response, status: u16) -> Value {
@@ -256,4 +259,123 @@ async fn an_erasure_waits_for_a_service_that_is_down(suite: TestSuite) {
     let export = json_of(up.get("/v1/customers/hue/export").await, 200).await;
     assert_eq!(export["services"]["notification"], json!({}));
     up.cleanup().await;
+}
+
+/// `message` sent with API key `key` (as a brand's own service calls the suite).
+fn with_key<T>(key: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("metadata"),
+    );
+    request
+}
+
+async fn an_erasure_is_started_and_followed_over_grpc(suite: TestSuite) {
+    let (status, _) = suite
+        .call(
+            "PUT",
+            "/v1/customers/rex/profile",
+            &json!({"email": "rex@example.com"}),
+            Some(&suite.admin_key),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let mut erasures = ErasureServiceClient::new(suite.channel());
+    let start = |key: &str, customer: &str| {
+        with_key(
+            &suite.admin_key,
+            opb::StartErasureRequest {
+                idempotency_key: key.into(),
+                customer_id: customer.into(),
+            },
+        )
+    };
+
+    // Bad input names its field; nothing is started.
+    let refused = erasures
+        .start_erasure(start("", "not a customer id!"))
+        .await
+        .expect_err("invalid");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("customer_id"), "{refused:?}");
+
+    let job = erasures
+        .start_erasure(start("erase-rex", "rex"))
+        .await
+        .expect("started")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(job.parts.len(), 6, "{job:?}");
+    // A retry answers the same job; the same key for someone else is refused.
+    let again = erasures
+        .start_erasure(start("erase-rex", "rex"))
+        .await
+        .expect("retried")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(again.id, job.id);
+    let reused = erasures
+        .start_erasure(start("erase-rex", "ann"))
+        .await
+        .expect_err("key reused");
+    assert_eq!(reused.code(), tonic::Code::FailedPrecondition);
+
+    let done = eventually(Duration::from_secs(15), "every part done", || async {
+        let job = ErasureServiceClient::new(suite.channel())
+            .get_erasure(with_key(
+                &suite.admin_key,
+                opb::GetErasureRequest { id: job.id.clone() },
+            ))
+            .await
+            .expect("get")
+            .into_inner()
+            .job
+            .expect("job");
+        (job.status == "done").then_some(job)
+    })
+    .await;
+    assert!(
+        done.parts
+            .iter()
+            .all(|p| p.status == "done" && p.error.is_empty())
+    );
+    // The same job over REST; the profile is gone.
+    let rest = json_of(suite.get(&format!("/v1/erasures/{}", job.id)).await, 200).await;
+    assert_eq!(rest["status"], "done");
+    let export = json_of(suite.get("/v1/customers/rex/export").await, 200).await;
+    assert_eq!(export["services"]["eligibility"], json!({}), "{export}");
+    let profile = suite.get("/v1/customers/rex/profile").await;
+    assert_eq!(profile.status().as_u16(), 404);
+
+    // Erasing is for admins: a touchpoint key is refused, whatever it claims.
+    let touchpoint = "tsk_privacy_grpc_touchpoint_00000000001";
+    tessera_gateway::ApiKeys::new(suite.db("gateway").await)
+        .insert(
+            TENANT,
+            "shop",
+            tessera_gateway::Role::Touchpoint,
+            touchpoint,
+        )
+        .await
+        .expect("key");
+    let mut forged = with_key(
+        touchpoint,
+        opb::StartErasureRequest {
+            idempotency_key: "erase-ann".into(),
+            customer_id: "ann".into(),
+        },
+    );
+    forged
+        .metadata_mut()
+        .insert("x-tessera-role", "admin".parse().expect("metadata"));
+    let denied = erasures.start_erasure(forged).await.expect_err("denied");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+
+    // The gateway's own queue (erasure commands) is listed like the services'.
+    let dead = json_of(suite.get("/v1/queues/gateway/dead").await, 200).await;
+    assert!(dead.get("items").is_none_or(|i| i == &json!([])), "{dead}");
+    suite.cleanup().await;
 }

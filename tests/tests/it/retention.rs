@@ -1,7 +1,8 @@
 //! Retention on a real database: the rules each service configures purge what is past its
 //! time (settled idempotency keys after their replay window, dead letters, received events
 //! none of whose deliveries is pending, the audit log) and keep everything else, in bounded
-//! batches that leave other tenants' and recent rows alone.
+//! batches that leave other tenants' and recent rows alone; a tenant with periods of its own
+//! keeps its rows by them.
 
 use sea_orm::ConnectionTrait;
 use tessera_proto::notification::v1 as pb;
@@ -160,7 +161,7 @@ async fn each_service_purges_what_is_past_its_time(suite: TestSuite) {
     let purger = Purger::new(
         db.clone(),
         "notification",
-        tessera_notification::retention_rules(&config),
+        tessera_notification::retention_rules(),
         &config,
     );
     // 1,199 rows in batches of 1,000: bounded statements, one purge.
@@ -192,33 +193,56 @@ async fn each_service_purges_what_is_past_its_time(suite: TestSuite) {
         "a pending delivery is never purged"
     );
 
-    // Gateway: the audit log keeps 400 days.
+    // Gateway: the audit log keeps 400 days, except for a tenant that keeps it ten years.
     let reward = serde_json::json!({
         "name": "Ten percent off",
         "currency": "EUR",
         "effect": {"percent_off": {"percent_bp": 1000}},
     });
-    let created = suite
-        .post("/v1/rewards", Some("retention-audit"), &reward)
-        .await;
-    assert_eq!(created.status().as_u16(), 201);
+    for key in ["retention-audit-1", "retention-audit-2"] {
+        let created = suite.post("/v1/rewards", Some(key), &reward).await;
+        assert_eq!(created.status().as_u16(), 201);
+    }
     let db = suite.db("gateway").await;
     let logged = "SELECT COUNT(*) FROM audit_log";
     let entries = count(&db, logged).await;
-    assert!(entries >= 1);
+    assert!(entries >= 2);
     exec(
         &db,
         "UPDATE audit_log SET at = $1",
         vec![(now - 401 * DAY).into()],
     )
     .await;
+    exec(
+        &db,
+        "UPDATE audit_log SET tenant_id = 'bank' WHERE id = (SELECT MAX(id) FROM audit_log)",
+        vec![],
+    )
+    .await;
+    let mut config = config;
+    config.tenants.insert(
+        "bank".into(),
+        tessera_runtime::config::TenantRetention {
+            audit_days: Some(3_650),
+            ..Default::default()
+        },
+    );
     let purger = Purger::new(
         db.clone(),
         "gateway",
-        tessera_gateway::retention_rules(&config),
+        tessera_gateway::retention_rules(),
         &config,
     );
     assert!(purger.purge().await.unwrap());
-    assert_eq!(count(&db, logged).await, 0);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM audit_log WHERE tenant_id = 'bank'"
+        )
+        .await,
+        1,
+        "the tenant keeping its log longer keeps it"
+    );
+    assert_eq!(count(&db, logged).await, 1);
     suite.cleanup().await;
 }
