@@ -134,7 +134,8 @@ pub async fn start_with_peers(
     })
 }
 
-/// Runs one service on the listener its kind uses.
+/// Runs one service alone: a gRPC service on `grpc_addr`; the gateway on `http_addr` (REST)
+/// and `grpc_addr` (its erasure jobs over gRPC).
 pub async fn serve(
     service: Service,
     config: Config,
