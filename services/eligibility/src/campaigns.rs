@@ -1023,8 +1023,8 @@ pub async fn usage<C: ConnectionTrait>(
     conn: &C,
     tenant: &str,
     ids: &[&str],
-) -> Result<crate::qualify::UsageMap, Error> {
-    let mut out: crate::qualify::UsageMap = HashMap::new();
+) -> Result<crate::counters::core::UsageMap, Error> {
+    let mut out: crate::counters::core::UsageMap = HashMap::new();
     for chunk in ids.chunks(500) {
         let ids = Db::placeholders(2, chunk.len());
         let sql = format!(

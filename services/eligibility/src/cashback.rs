@@ -14,7 +14,7 @@ use tessera_runtime::Error;
 use tessera_store::outbox::micros_to_timestamp;
 use tessera_store::queue::commands::{self, Command};
 
-use crate::redeem::Pick;
+use crate::checkout::plan::Pick;
 
 const CREDIT: &str = "/tessera.wallet.v1.WalletService/Credit";
 const CANCEL: &str = "/tessera.wallet.v1.WalletService/CancelPending";

@@ -5,23 +5,22 @@
 //! and cart against an indexed read model of the active campaigns, with a reason for every
 //! incentive that does not apply.
 
+mod app;
 mod campaigns;
 mod cashback;
-mod checkout;
+pub(crate) mod checkout;
 mod counters;
 mod earning;
 mod facts;
+mod grpc;
 mod migrations;
 mod pool_codes;
 mod privacy;
 mod qualify;
 mod readmodel;
-mod redeem;
 pub mod rules;
 mod segments;
-mod service;
 mod spends;
-mod triggers;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -29,8 +28,8 @@ use std::time::Duration;
 
 use tessera_proto::eligibility::v1::eligibility_service_server::EligibilityServiceServer;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
+use tessera_runtime::Config;
 use tessera_runtime::component::{self, Component};
-use tessera_runtime::{Config, grpc};
 use tessera_store::Db;
 use tessera_store::idempotency::Idempotency;
 use tessera_store::outbox::{NotificationPublisher, Relay};
@@ -63,7 +62,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
     )
     .await?;
     tracing::info!(cache = cache.kind(), "segment cache ready");
-    let publisher = NotificationPublisher::new(grpc::channel(
+    let publisher = NotificationPublisher::new(tessera_runtime::grpc::channel(
         &config.peers.notification_url,
         config.peer_timeout(),
     )?);
@@ -74,7 +73,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         config.outbox.clone(),
     );
     let segments = Arc::new(segments::Segments::new(db.clone(), cache.clone()));
-    let wallet = WalletServiceClient::new(grpc::channel(
+    let wallet = WalletServiceClient::new(tessera_runtime::grpc::channel(
         &config.peers.wallet_url,
         config.peer_timeout(),
     )?);
@@ -94,7 +93,7 @@ pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
     }
     let degraded = segments.degraded.clone();
     let (holds, gather_holds) = spends::HoldBatcher::start(wallet.clone(), shutdown.clone());
-    let service = service::Eligibility {
+    let service = app::Eligibility {
         db: db.clone(),
         idempotency: Idempotency::new(
             db.clone(),
@@ -166,7 +165,7 @@ async fn sweep(db: Db, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match redeem::expire_due(&db, tessera_store::now_micros()).await {
+        match crate::checkout::lifecycle::expire_due(&db, tessera_store::now_micros()).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(released = n, "reservations expired"),
             Err(e) => tracing::warn!(error = %e, "reservation sweep failed"),

@@ -18,6 +18,7 @@ use tessera_proto::eligibility::v1 as pb;
 use tessera_runtime::Error;
 
 use crate::campaigns::{Compiled, Index, Presence, cart_keys};
+use crate::counters::core::{Usage, UsageMap, Verdict, check_limits, period_start};
 use crate::facts::{self, Facts, Settings};
 use crate::rules;
 
@@ -29,27 +30,12 @@ pub struct Input<'a> {
     pub currency: &'a str,
     pub codes: &'a [String],
     /// The catalog codes among `codes` that may be used now.
-    pub pool_codes: &'a [crate::pool_codes::Unlocked],
+    pub pool_codes: &'a [crate::pool_codes::core::Unlocked],
     pub event: Option<&'a pb::Event>,
     pub tier: Option<&'a str>,
     pub now: i64,
     pub settings: &'a Settings,
 }
-
-type Verdict = Result<(), (pb::Reason, String)>;
-
-/// A campaign's usage counters (`campaign_usage` plus its shards).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
-    pub redemptions: i64,
-    pub discount_total: i64,
-    pub order_value_total: i64,
-    /// The customer's redemptions in the current period (campaigns with a per-period limit).
-    pub customer_period: i64,
-}
-
-/// Usage counters by campaign id.
-pub type UsageMap = std::collections::HashMap<String, Usage>;
 
 fn reject(reason: pb::Reason, detail: impl Into<String>) -> Verdict {
     Err((reason, detail.into()))
@@ -143,85 +129,6 @@ fn customer_redemptions(facts: &Facts, c: &Compiled) -> i64 {
         .get(&c.def.id)
         .copied()
         .unwrap_or(0)
-}
-
-/// The campaign's budgets and the customer's limit, before this order: `discount` and
-/// `order_value` are what this order would add (0 at qualification, where a budget with
-/// anything left qualifies).
-pub fn check_limits(
-    c: &Compiled,
-    usage: Usage,
-    customer: i64,
-    discount_added: i64,
-    order_value: i64,
-) -> Verdict {
-    let Some(l) = &c.def.limits else {
-        return Ok(());
-    };
-    let Usage {
-        redemptions,
-        discount_total: discount,
-        order_value_total,
-        customer_period,
-    } = usage;
-    if l.max_redemptions > 0 && redemptions >= l.max_redemptions {
-        return reject(
-            pb::Reason::BudgetExhausted,
-            format!("{redemptions} of {} redemptions used", l.max_redemptions),
-        );
-    }
-    // A sum past the largest amount is past every budget.
-    let over =
-        |used: i64, added: i64, max: i64| !tessera_money::add(used, added).is_ok_and(|t| t <= max);
-    if l.max_discount_total > 0
-        && (discount >= l.max_discount_total
-            || over(discount, discount_added, l.max_discount_total))
-    {
-        return reject(
-            pb::Reason::BudgetExhausted,
-            format!(
-                "{discount} of {} discount budget used",
-                l.max_discount_total
-            ),
-        );
-    }
-    if l.max_order_value_total > 0 && over(order_value_total, order_value, l.max_order_value_total)
-    {
-        return reject(
-            pb::Reason::BudgetExhausted,
-            format!(
-                "{order_value_total} of {} order-value budget used",
-                l.max_order_value_total
-            ),
-        );
-    }
-    if l.max_redemptions_per_customer > 0 && customer >= l.max_redemptions_per_customer {
-        return reject(
-            pb::Reason::CustomerLimitReached,
-            format!(
-                "customer used it {customer} of {} times",
-                l.max_redemptions_per_customer
-            ),
-        );
-    }
-    if l.max_redemptions_per_customer_per_period > 0
-        && customer_period >= l.max_redemptions_per_customer_per_period
-    {
-        return reject(
-            pb::Reason::CustomerLimitReached,
-            format!(
-                "customer used it {customer_period} of {} times this {}",
-                l.max_redemptions_per_customer_per_period,
-                period_name(l.period())
-            ),
-        );
-    }
-    Ok(())
-}
-
-/// A period in words: "day", "week", "month".
-pub fn period_name(p: pb::Period) -> String {
-    p.as_str_name().trim_start_matches("PERIOD_").to_lowercase()
 }
 
 /// The variables every rule of one qualification shares.
@@ -362,7 +269,15 @@ pub fn evaluate(
         let c = &index.campaigns[i as usize];
         let u = usage.get(&c.def.id).copied().unwrap_or_default();
         let verdict = cheap(index, i as usize, input, present)
-            .and_then(|()| check_limits(c, u, customer_redemptions(input.facts, c), 0, 0))
+            .and_then(|()| {
+                check_limits(
+                    c.def.limits.as_ref(),
+                    u,
+                    customer_redemptions(input.facts, c),
+                    0,
+                    0,
+                )
+            })
             .and_then(|()| rule(c, &base, u, input.facts));
         if let Err(why) = verdict {
             notes.note(&c.def.id, why);
@@ -520,7 +435,7 @@ pub async fn usage_for(
         else {
             continue;
         };
-        let start = crate::redeem::period_start(l.period(), now, settings);
+        let start = period_start(l.period(), now, settings);
         let row = conn
             .query_one_raw(tessera_store::stmt(
                 conn,

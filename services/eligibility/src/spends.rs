@@ -25,7 +25,6 @@ use std::sync::Arc;
 
 use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
-use tessera_effects::Target;
 use tessera_money::Rounding;
 use tessera_proto::eligibility::v1 as pb;
 use tessera_proto::wallet::v1 as wpb;
@@ -40,43 +39,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::redeem::Plan;
-
 /// How long past the redemption's deadline its holds last (time for the capture to land).
 const HOLD_GRACE_MICROS: i64 = 24 * 3600 * 1_000_000;
-
-/// What the plan takes from the wallet, one entry per asset (no hold yet).
-pub fn of_plan(plan: &Plan, program: &str) -> Vec<pb::WalletSpend> {
-    let mut by_asset: BTreeMap<(i32, String), i64> = BTreeMap::new();
-    if plan.outcome.points_spent > 0 && !program.is_empty() {
-        by_asset.insert(
-            (wpb::AssetKind::Points as i32, program.to_string()),
-            plan.outcome.points_spent,
-        );
-    }
-    for p in plan.picks.iter().filter(|p| p.card.is_some()) {
-        let paid: i64 = plan
-            .outcome
-            .adjustments
-            .iter()
-            .filter(|a| a.reward_id == p.id() && a.target == Target::Tender)
-            .map(|a| a.amount)
-            .sum();
-        if paid > 0 {
-            *by_asset
-                .entry((wpb::AssetKind::GiftCard as i32, p.code.clone()))
-                .or_default() += paid;
-        }
-    }
-    by_asset
-        .into_iter()
-        .map(|((kind, code), amount)| pb::WalletSpend {
-            asset: Some(wpb::Asset { kind, code }),
-            amount,
-            ..Default::default()
-        })
-        .collect()
-}
 
 /// The customer's spendable wallet value: points of `program` and value per gift-card code.
 pub struct Balances {

@@ -10,10 +10,9 @@ use tessera_proto::wallet::v1 as pb;
 use tessera_runtime::{Code, Error, RequestContext};
 use tessera_store::{Backend, db_error, insert_rows, now_micros, outbox, stmt, tuples};
 
-use crate::ledger::{
-    self, Asset, Balanced, Entry, Leg, Owner, account, account_balance, emit, insufficient,
-    lock_account, post,
-};
+use crate::ledger::accounts::{Asset, Owner, account, insufficient, lock_account};
+use crate::ledger::postings::{Balanced, Entry, Leg, emit, post};
+use crate::ledger::queries::account_balance;
 
 /// Default life of a hold nobody captures.
 pub const DEFAULT_HOLD_SECS: i64 = 7 * 86_400;
@@ -200,7 +199,7 @@ async fn hold_many(
         .filter_map(|h| account_of.get(&(h.customer_id.clone(), h.asset.clone())))
         .map(String::as_str)
         .collect();
-    ledger::lock_accounts(txn, tenant, backend, &accounts).await?;
+    crate::ledger::accounts::lock_accounts(txn, tenant, backend, &accounts).await?;
     let mut lots: HashMap<String, Vec<Spendable>> = HashMap::new();
     if !accounts.is_empty() {
         for row in txn
@@ -294,7 +293,7 @@ async fn hold_many(
     }
 
     let mut system: HashMap<&Asset, String> = HashMap::new();
-    let mut postings = ledger::Postings::with_capacity(placed.len());
+    let mut postings = crate::ledger::postings::Postings::with_capacity(placed.len());
     let mut rows = Vec::with_capacity(placed.len());
     let mut events = Vec::with_capacity(placed.len());
     for h in placed {
@@ -322,7 +321,7 @@ async fn hold_many(
             now.into(),
         ]);
     }
-    ledger::write_transactions(txn, transactions).await?;
+    crate::ledger::postings::write_transactions(txn, transactions).await?;
     txn.execute_raw(stmt(
         txn,
         &format!(
@@ -345,7 +344,7 @@ async fn hold_many(
         consumptions,
     )
     .await?;
-    ledger::write_postings(txn, postings).await?;
+    crate::ledger::postings::write_postings(txn, postings).await?;
     // Held value leaves the balance for the held total (Leg::Held, per account).
     let updated = txn
         .execute_raw(stmt(
@@ -472,7 +471,7 @@ async fn give_back(
         now,
     );
     entry.write(txn, ctx).await?;
-    let restored = ledger::restore(txn, tenant, &entry.id, &hold.id, amount).await?;
+    let restored = crate::ledger::lots::restore(txn, tenant, &entry.id, &hold.id, amount).await?;
     if restored != amount {
         return Err(Error::internal("hold lots short of the held amount"));
     }
@@ -544,7 +543,7 @@ async fn capture_many(
     let ids: BTreeSet<&str> = wanted.iter().map(|c| c.hold_id.as_str()).collect();
     let seen = load_many(txn, tenant, &ids, None).await?;
     let accounts: BTreeSet<&str> = seen.values().map(|h| h.account_id.as_str()).collect();
-    ledger::lock_accounts(txn, tenant, backend, &accounts).await?;
+    crate::ledger::accounts::lock_accounts(txn, tenant, backend, &accounts).await?;
     let holds = load_many(txn, tenant, &ids, Some(backend)).await?;
 
     let mut outcomes = Vec::with_capacity(wanted.len());
@@ -601,7 +600,7 @@ async fn capture_many(
 
     let mut system: HashMap<&Asset, (String, String)> = HashMap::new();
     let mut transactions = Vec::with_capacity(now_captured.len());
-    let mut postings = ledger::Postings::with_capacity(now_captured.len());
+    let mut postings = crate::ledger::postings::Postings::with_capacity(now_captured.len());
     let mut held: BTreeMap<&str, i64> = BTreeMap::new();
     let mut settled = Vec::with_capacity(now_captured.len());
     let mut events = Vec::with_capacity(now_captured.len());
@@ -644,8 +643,8 @@ async fn capture_many(
             }),
         ));
     }
-    ledger::write_transactions(txn, transactions).await?;
-    ledger::write_postings(txn, postings).await?;
+    crate::ledger::postings::write_transactions(txn, transactions).await?;
+    crate::ledger::postings::write_postings(txn, postings).await?;
     // The captured value leaves the accounts' held totals (their balances moved when held).
     let moved = txn
         .execute_raw(stmt(

@@ -64,7 +64,7 @@ impl Program {
             v.add("program", "is required");
             return Err(v.finish().expect_err("a violation was added"));
         };
-        if !crate::ledger::is_slug(&program.id) {
+        if !crate::ledger::accounts::is_slug(&program.id) {
             v.add("program.id", "must be 1 to 64 of a-z, 0-9, _ and -");
         }
         let time_zone = program.time_zone.parse::<Tz>().ok();

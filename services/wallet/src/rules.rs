@@ -7,7 +7,7 @@ use tessera_proto::wallet::v1 as pb;
 use tessera_runtime::{Code, Error};
 use tessera_store::{db_error, stmt};
 
-use crate::ledger::Asset;
+use crate::ledger::accounts::Asset;
 
 /// The tenant's rules (defaults when never set).
 pub async fn get<C: ConnectionTrait>(conn: &C, tenant: &str) -> Result<pb::WalletRules, Error> {

@@ -93,7 +93,7 @@ impl TierPolicy {
         let before = v.count();
         for (i, l) in p.levels.iter().enumerate() {
             let f = |name: &str| format!("{field}.levels[{i}].{name}");
-            if !crate::ledger::is_slug(&l.id) {
+            if !crate::ledger::accounts::is_slug(&l.id) {
                 v.add(f("id"), "must be 1 to 64 of a-z, 0-9, _ and -");
             } else if p.levels[..i].iter().any(|o| o.id == l.id) {
                 v.add(f("id"), "must be unique");

@@ -12,6 +12,7 @@ mod health;
 mod idempotency;
 mod input;
 mod jobs;
+mod layers;
 mod messages;
 mod metrics;
 mod outbox;

@@ -37,7 +37,7 @@ const ACROSS_TENANTS: &[(&str, &str, &str, &str)] = &[
         "at start: whether any key exists yet (the bootstrap admin key is made only on an empty table)",
     ),
     (
-        "services/wallet/src/ledger.rs",
+        "services/wallet/src/ledger/lots.rs",
         "lots",
         "SELECT id, remaining, expires_at FROM lots {filter}",
         "`query_lots`: its callers' filters start `WHERE tenant_id = $1`",

@@ -70,6 +70,15 @@ pub fn check(c: &PoolCode, customer: &str, now: i64) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// A catalog code a checkout may use: its text and pool, and the uses it allows (0: no
+/// limit, a multi-use gift card).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unlocked {
+    pub code: String,
+    pub pool_id: String,
+    pub max_uses: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

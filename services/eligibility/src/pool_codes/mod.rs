@@ -20,21 +20,13 @@ use tessera_store::outbox::micros_to_timestamp;
 use tessera_store::queue::commands::{self, Command};
 use tessera_store::{Db, db_error};
 
+pub use self::core::Unlocked;
 use self::core::{PoolCode, normalize};
 use crate::campaigns::Index;
-use crate::redeem::Counted;
+use crate::checkout::plan::{Counted, refusal};
 
 /// The catalog's intake of uses.
 const RECORD_USES: &str = "/tessera.catalog.v1.CatalogService/RecordCodeUses";
-
-/// A catalog code a checkout may use: its text and pool, and the uses it allows (0: no
-/// limit, a multi-use gift card).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unlocked {
-    pub code: String,
-    pub pool_id: String,
-    pub max_uses: i64,
-}
 
 /// The catalog codes among `codes` (those no campaign lists itself), checked for `customer`
 /// at `now`. A code the tenant does not have is NOT_FOUND; one that cannot be used now is
@@ -56,11 +48,7 @@ pub async fn resolve(
         };
         let c = &as_spent(index, c);
         if let Err((reason, detail)) = core::check(c, customer, now) {
-            return Err(crate::redeem::refusal(
-                format!("code `{code}`"),
-                reason,
-                &detail,
-            ));
+            return Err(refusal(format!("code `{code}`"), reason, &detail));
         }
         if index.pool_owners(&c.pool_id).is_empty() {
             return Err(Error::new(

@@ -186,8 +186,7 @@ pub async fn purge(suite: &TestSuite, label: &str) {
     let started = Instant::now();
     let idle = credit_load(suite, "idle", 4_000, Arc::new(AtomicBool::new(true))).await;
     let capacity = idle.len() as f64 / started.elapsed().as_secs_f64();
-    let (purged_in, busy) =
-        purge_under(&db, |stop| credit_load(suite, "busy", 4_000, stop)).await;
+    let (purged_in, busy) = purge_under(&db, |stop| credit_load(suite, "busy", 4_000, stop)).await;
     println!(
         "  {label:<28} {:<22} {:>8.0}/s  ({ROWS} rows seeded in {:.1} s, purged in {:.1} s)",
         "Retention purge",
@@ -201,7 +200,14 @@ pub async fn purge(suite: &TestSuite, label: &str) {
     let rate = capacity / 2.0;
     seed(&db).await;
     let min = (rate * 15.0) as usize;
-    let idle = paced_load(suite, "paced-idle", rate, min, Arc::new(AtomicBool::new(true))).await;
+    let idle = paced_load(
+        suite,
+        "paced-idle",
+        rate,
+        min,
+        Arc::new(AtomicBool::new(true)),
+    )
+    .await;
     let (purged_in, busy) =
         purge_under(&db, |stop| paced_load(suite, "paced-busy", rate, min, stop)).await;
     println!(

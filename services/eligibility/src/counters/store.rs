@@ -10,8 +10,8 @@ use tessera_runtime::Error;
 use tessera_store::db::Backend;
 use tessera_store::{Db, db_error, stmt};
 
+use super::core::{Usage, check_limits};
 use crate::campaigns::Compiled;
-use crate::qualify;
 /// Locks one counter row (creating it at zero first if needed) and reads `cols`.
 pub(crate) async fn lock_counter(
     txn: &DatabaseTransaction,
@@ -296,7 +296,7 @@ pub(crate) async fn take_budget_exactly(
     let [redemptions, discount_total, order_value_total] =
         <[i64; 3]>::try_from(lock_counter(txn, "campaign_usage", &campaign, &COUNTS).await?)
             .map_err(|_| Error::internal("campaign_usage counts"))?;
-    let mut usage = qualify::Usage {
+    let mut usage = Usage {
         redemptions,
         discount_total,
         order_value_total,
@@ -307,7 +307,7 @@ pub(crate) async fn take_budget_exactly(
         usage.discount_total = usage.discount_total.saturating_add(d);
         usage.order_value_total = usage.order_value_total.saturating_add(o);
     }
-    if let Err(why) = qualify::check_limits(c, usage, 0, discount, order_value) {
+    if let Err(why) = check_limits(c.def.limits.as_ref(), usage, 0, discount, order_value) {
         return Ok(Err(why));
     }
     let [tenant, campaign] = campaign;

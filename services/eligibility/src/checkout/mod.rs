@@ -1,4 +1,12 @@
-//! The validation, redemption and checkout handlers (the work is in [`crate::redeem`]).
+//! Checkout: Validate, Redeem, Reserve, Confirm and Rollback as use cases. A checkout is
+//! planned without storage ([`plan`]), committed in one transaction ([`commit`]), later
+//! confirmed, rolled back or expired ([`lifecycle`]), behind a brute-force guard
+//! ([`guard`]).
+
+pub(crate) mod commit;
+pub(crate) mod guard;
+pub(crate) mod lifecycle;
+pub(crate) mod plan;
 
 use std::collections::HashMap;
 
@@ -10,10 +18,10 @@ use tessera_store::api::check_idempotency_key;
 use tessera_store::now_micros;
 use tonic::Status;
 
+use self::commit::Commit;
+use crate::app::Eligibility;
 use crate::facts::{self, Settings};
 use crate::qualify::{self, Input};
-use crate::redeem::{self, Commit};
-use crate::service::Eligibility;
 use crate::spends;
 use crate::{campaigns, pool_codes};
 
@@ -50,7 +58,7 @@ impl Eligibility {
         if let Some(key) = key {
             check_idempotency_key(&mut v, key);
         }
-        let cart = redeem::check_checkout(&mut v, checkout, &settings);
+        let cart = plan::check_checkout(&mut v, checkout, &settings);
         extra(&mut v);
         v.finish()?;
         Ok((settings, cart))
@@ -66,11 +74,11 @@ impl Eligibility {
         settings: &Settings,
         now: i64,
         current: bool,
-    ) -> Result<redeem::Plan, Error> {
+    ) -> Result<plan::Plan, Error> {
         let conn = self.db.conn();
         let tenant = ctx.tenant_id.as_str();
         if !checkout.codes.is_empty() {
-            redeem::check_attempts(conn, tenant, &subjects(ctx, checkout), now).await?;
+            guard::check_attempts(conn, tenant, &subjects(ctx, checkout), now).await?;
         }
         let facts = facts::load(conn, ctx, &checkout.customer_id, now).await?;
         let (segments, _) = self.segments.membership(ctx, &facts, now, settings).await?;
@@ -84,7 +92,7 @@ impl Eligibility {
         let customer = checkout.customer_id.as_str();
         let pooled =
             pool_codes::resolve(&self.db, tenant, &index, &checkout.codes, customer, now).await?;
-        let (candidates, unlocked) = redeem::candidates(&index, checkout, &pooled, || {
+        let (candidates, unlocked) = plan::candidates(&index, checkout, &pooled, || {
             index.candidates(&segment_set, &keys, &[], None)
         })?;
         // What the wallet holds for the incentives that spend from it: the programme's
@@ -146,7 +154,7 @@ impl Eligibility {
             now,
             settings,
         };
-        redeem::plan(
+        plan::plan(
             &index,
             &candidates,
             &unlocked,
@@ -190,10 +198,10 @@ impl Eligibility {
         // database connection waits on the wallet; holds the redemption does not end up with
         // (a replay, a refusal, an order redeemed already) are released below.
         let id = uuid::Uuid::now_v7().to_string();
-        let deadline = redeem::deadline(now, hold);
+        let deadline = commit::deadline(now, hold);
         let held = match &plan {
             Ok(p) => {
-                let wanted = spends::of_plan(p, &checkout.program_id);
+                let wanted = plan::of_plan(p, &checkout.program_id);
                 spends::hold(&holder, &id, &checkout.customer_id, wanted, deadline).await
             }
             Err(_) => Ok(Vec::new()),
@@ -217,7 +225,7 @@ impl Eligibility {
                         holder: &inner,
                         held: &held,
                     };
-                    redeem::commit(txn, commit, plan).await
+                    commit::commit(txn, commit, plan).await
                 })
             })
             .await;
@@ -240,7 +248,7 @@ impl Eligibility {
                     && err.reason.as_deref() != Some("IDEMPOTENCY_KEY_REUSED")
                 {
                     let subjects = subjects(ctx, &checkout);
-                    if let Err(e) = redeem::record_failure(
+                    if let Err(e) = guard::record_failure(
                         &self.db,
                         &ctx.tenant_id,
                         &subjects,
@@ -271,7 +279,7 @@ impl Eligibility {
             .await?;
         let order_value = cart.lines.iter().map(tessera_effects::Line::total).sum();
         Ok(pb::ValidateResponse {
-            redemption: Some(redeem::redemption(&plan, &checkout, order_value)),
+            redemption: Some(plan::redemption(&plan, &checkout, order_value)),
         })
     }
 
@@ -294,7 +302,7 @@ impl Eligibility {
                 &request,
                 move |txn| {
                     Box::pin(async move {
-                        let r = redeem::confirm(txn, &tenant, &id, now_micros()).await?;
+                        let r = lifecycle::confirm(txn, &tenant, &id, now_micros()).await?;
                         Ok(pb::ConfirmResponse {
                             redemption: Some(r),
                         })
@@ -335,7 +343,7 @@ impl Eligibility {
                 move |txn| {
                     Box::pin(async move {
                         let id = &req.redemption_id;
-                        let (r, counted) = redeem::load(txn, &tenant, id, true)
+                        let (r, counted) = commit::load(txn, &tenant, id, true)
                             .await?
                             .ok_or_else(|| Error::not_found(format!("redemption `{id}`")))?;
                         let status = r.status();
@@ -345,7 +353,7 @@ impl Eligibility {
                         ) {
                             return Err(Error::new(
                                 Code::FailedPrecondition,
-                                format!("redemption `{id}` is {}", redeem::status_name(status)),
+                                format!("redemption `{id}` is {}", commit::status_name(status)),
                             )
                             .with_reason("NOT_ROLLBACKABLE"));
                         }
@@ -359,11 +367,11 @@ impl Eligibility {
                                 ));
                             }
                             let mut v = Violations::new();
-                            let merged = redeem::check_returns(&mut v, &req.lines, &r, &counted);
+                            let merged = lifecycle::check_returns(&mut v, &req.lines, &r, &counted);
                             v.finish()?;
                             Some(merged)
                         };
-                        let r = redeem::rollback(
+                        let r = lifecycle::rollback(
                             txn,
                             &tenant,
                             r,
@@ -395,7 +403,7 @@ impl Eligibility {
         let mut v = Violations::new();
         check_redemption_id(&mut v, &request.redemption_id);
         v.finish()?;
-        let (r, _) = redeem::load(
+        let (r, _) = commit::load(
             self.db.conn(),
             &ctx.tenant_id,
             &request.redemption_id,

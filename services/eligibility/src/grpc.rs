@@ -1,71 +1,27 @@
-//! gRPC handlers: read the request context, validate the whole request (all field
+//! The gRPC adapter (`EligibilityService`): read the request context, validate the whole request (all field
 //! violations at once), then run the change under its idempotency key, in one transaction
 //! with its outbox event. Caches and read models are told after the commit.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use serde_json::json;
 use tessera_proto::eligibility::v1::{self as pb, eligibility_service_server::EligibilityService};
-use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_runtime::context::context_of;
 use tessera_runtime::error::Violations;
-use tessera_runtime::{Error, RequestContext, grpc};
+use tessera_runtime::{Error, RequestContext};
 use tessera_store::api::{check_customer_id, check_idempotency_key, page_response};
-use tessera_store::idempotency::Idempotency;
-use tessera_store::{Db, now_micros, outbox};
+use tessera_store::{now_micros, outbox};
 use tonic::{Request, Response, Status};
 
-use crate::campaigns::{self, Campaigns};
+use crate::app::Eligibility;
+use crate::campaigns::{self};
 use crate::checkout::CheckoutCall;
 use crate::earning;
 use crate::facts;
+use crate::pool_codes;
 use crate::qualify::{self, Input};
 use crate::rules::{self, Schema, Scope};
-use crate::segments::{self, Segments};
-use crate::triggers;
-use crate::{pool_codes, redeem};
-
-pub struct Eligibility {
-    pub db: Db,
-    pub idempotency: Idempotency,
-    pub campaigns: Arc<Campaigns>,
-    pub segments: Arc<Segments>,
-    pub wallet: WalletServiceClient<grpc::Channel>,
-    /// Gathers redemptions' wallet holds into batches.
-    pub holds: crate::spends::HoldBatcher,
-    /// Wakes the spend settler: a redemption committed spends to capture.
-    /// The command outbox's worker, run at once after a confirmation or a rollback.
-    pub commands: tessera_store::queue::Worker,
-}
-
-impl Eligibility {
-    /// Customers' cached memberships carry their facts version, so a facts change needs no
-    /// invalidation for correctness; this frees the entry at once.
-    pub(crate) async fn facts_changed(&self, tenant: &str, customer: &str) {
-        self.segments.invalidate(tenant, customer).await;
-    }
-
-    pub(crate) async fn tier(
-        &self,
-        ctx: &RequestContext,
-        customer: &str,
-        program: &str,
-    ) -> Option<String> {
-        let request = ctx.request(tessera_proto::wallet::v1::GetTierRequest {
-            customer_id: customer.to_string(),
-            program_id: program.to_string(),
-        });
-        match self.wallet.clone().get_tier(request).await {
-            Ok(r) => Some(r.into_inner().tier.map(|t| t.id).unwrap_or_default()),
-            Err(e) if e.code() == tonic::Code::NotFound => Some(String::new()),
-            Err(e) => {
-                tracing::warn!(error = %e, "tier unavailable to rules");
-                None
-            }
-        }
-    }
-}
+use crate::segments::{self};
 
 impl Eligibility {
     /// Creates or replaces a segment; cached memberships are keyed by the tenant's segment
@@ -443,7 +399,7 @@ impl EligibilityService for Eligibility {
             )
             .await?
         } else {
-            triggers::Effects::default()
+            earning::triggers::Effects::default()
         };
         let earned_from = source.clone();
         let response = self
@@ -457,7 +413,14 @@ impl EligibilityService for Eligibility {
                     Box::pin(async move {
                         let version = facts::record_order(txn, &tenant, &order, now).await?;
                         earning::record(txn, &tenant, &earned_from, effects.grants, now).await?;
-                        triggers::record(txn, &tenant, &earned_from, &effects.firings, now).await?;
+                        earning::triggers::record(
+                            txn,
+                            &tenant,
+                            &earned_from,
+                            &effects.firings,
+                            now,
+                        )
+                        .await?;
                         if order.status() == pb::OrderStatus::Returned {
                             earning::mark_returned(txn, &tenant, &order).await?;
                         }
@@ -565,7 +528,14 @@ impl EligibilityService for Eligibility {
                     Box::pin(async move {
                         let version = facts::record_event(txn, &tenant, &event, now).await?;
                         earning::record(txn, &tenant, &earned_from, effects.grants, now).await?;
-                        triggers::record(txn, &tenant, &earned_from, &effects.firings, now).await?;
+                        earning::triggers::record(
+                            txn,
+                            &tenant,
+                            &earned_from,
+                            &effects.firings,
+                            now,
+                        )
+                        .await?;
                         Ok(pb::RecordEventResponse {
                             event: Some(event),
                             facts_version: version,
@@ -1077,7 +1047,7 @@ impl EligibilityService for Eligibility {
         let request = request.into_inner();
         let checkout = request.checkout.as_ref();
         let hold = match request.hold_seconds {
-            0 => redeem::DEFAULT_HOLD_SECONDS,
+            0 => crate::checkout::commit::DEFAULT_HOLD_SECONDS,
             s => s,
         };
         let (settings, cart) = self

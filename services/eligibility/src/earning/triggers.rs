@@ -15,73 +15,7 @@ use tessera_store::idempotency::derived_key;
 use tessera_store::queue::commands::{self, Command};
 use tessera_store::{db_error, stmt};
 
-use crate::campaigns::Index;
-use crate::earning::{Source, campaign_live, holds, listens};
-use crate::facts::{Facts, order_spend};
-use crate::qualify::{self, Input};
-
-/// A trigger that matched.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Firing {
-    pub campaign: String,
-    pub trigger: String,
-    pub customer: String,
-}
-
-/// The customer's facts with the fact being recorded counted in (a paid order's spend and
-/// count, an event's count), for trigger conditions.
-pub fn including(facts: &Facts, source: &Source) -> Facts {
-    let mut facts = facts.clone();
-    let a = &mut facts.aggregates;
-    match source {
-        Source::Order(o) => {
-            let spend = order_spend(o).1;
-            for total in [
-                &mut a.lifetime_spend,
-                &mut a.spend_30d,
-                &mut a.spend_90d,
-                &mut a.spend_365d,
-            ] {
-                *total = total.saturating_add(spend);
-            }
-            for count in [
-                &mut a.orders_total,
-                &mut a.orders_30d,
-                &mut a.orders_90d,
-                &mut a.orders_365d,
-            ] {
-                *count += 1;
-            }
-        }
-        Source::Event(e) => {
-            for counts in [&mut a.events_30d, &mut a.events_90d, &mut a.events_365d] {
-                *counts.entry(e.r#type.clone()).or_default() += 1;
-            }
-        }
-    }
-    facts
-}
-
-/// The triggers `source` fires, on `input` (whose facts include the source).
-pub fn firings(index: &Index, source: &Source, input: &Input) -> Vec<Firing> {
-    let base = qualify::base_context(input);
-    let mut out = Vec::new();
-    for c in index.earning.iter().filter(|c| !c.triggers.is_empty()) {
-        if !campaign_live(c, input, &base) {
-            continue;
-        }
-        if let Some((t, _)) = c.triggers.iter().find(|(t, condition)| {
-            listens(source, t.on(), &t.event_type) && holds(condition, &base)
-        }) {
-            out.push(Firing {
-                campaign: c.def.id.clone(),
-                trigger: t.id.clone(),
-                customer: source.customer().to_string(),
-            });
-        }
-    }
-    out
-}
+use super::core::Firing;
 
 /// Writes the firings (a campaign fires once per customer: later matches write nothing).
 pub async fn record(
@@ -139,6 +73,6 @@ const ISSUE: &str = "/tessera.scheduler.v1.SchedulerService/IssueIncentive";
 /// What a recorded order or event did: points to earn and triggers that fired.
 #[derive(Debug, Default)]
 pub struct Effects {
-    pub grants: Vec<crate::earning::Grant>,
+    pub grants: Vec<super::core::Grant>,
     pub firings: Vec<Firing>,
 }
