@@ -28,6 +28,11 @@ verify: lint proto-lint test
 verify-full: lint proto-lint
     TESSERA_TEST_FULL=1 TESSERA_REQUIRE_BACKENDS=1 cargo test --workspace
 
+# Every request of docs/api-tour.md against a fresh `tessera up`, answers checked.
+api-tour:
+    cargo build -p tessera
+    python3 .ci/api-tour target/debug/tessera
+
 # Schemathesis against /openapi.json of a running `tessera up` (the debug binary the
 # tests build), as CI runs it.
 api-fuzz:

@@ -34,6 +34,10 @@ use crate::AppState;
 use crate::keys::Role;
 use crate::transcode::POOL;
 
+/// Where the state before a write is read: (method, route) → the route that shows the
+/// object, with the same parameters.
+pub type Reads = std::collections::HashMap<(String, String), &'static str>;
+
 /// The roles a route serves, carried in the request's extensions for the
 /// [`Principal`](crate::keys::Principal) extractor to check.
 #[derive(Debug, Clone, Copy)]
@@ -376,7 +380,7 @@ impl Op {
 /// The routes and their document, built together.
 pub struct Api {
     router: Router<Arc<AppState>>,
-    reads: crate::audit::Reads,
+    reads: Reads,
     paths: Paths,
     schemas: BTreeMap<String, RefOr<Schema>>,
     protos: BTreeSet<String>,
@@ -387,7 +391,7 @@ impl Default for Api {
     fn default() -> Self {
         Self {
             router: Router::new(),
-            reads: crate::audit::Reads::new(),
+            reads: Reads::new(),
             paths: Paths::new(),
             schemas: BTreeMap::new(),
             protos: BTreeSet::new(),
@@ -425,7 +429,7 @@ impl Api {
 
     /// The router, the OpenAPI document of every route added, and where the audit log reads
     /// the state before each write that declared it.
-    pub fn finish(self) -> (Router<Arc<AppState>>, OpenApi, crate::audit::Reads) {
+    pub fn finish(self) -> (Router<Arc<AppState>>, OpenApi, Reads) {
         let mut components = ComponentsBuilder::new()
             .schema("Error", error_schema())
             .security_scheme(

@@ -26,10 +26,10 @@ use tower::ServiceExt;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
-use crate::catalog::{QueryResult, strict};
 use crate::error::ApiError;
 use crate::keys::{Principal, Role};
 use crate::observe::{Caller, RequestId};
+use crate::query::{QueryResult, strict};
 
 /// Bodies are kept up to this size (larger ones are cut, and say so).
 const KEEP_BYTES: usize = 16 * 1024;
@@ -42,16 +42,12 @@ pub fn retention_rule() -> tessera_store::retention::Rule {
     tessera_store::retention::Rule::new("audit_log", "at", "", tessera_runtime::config::Kept::Audit)
 }
 
-/// Where the state before a write is read: (method, route) → the route that shows the
-/// object, with the same parameters.
-pub type Reads = HashMap<(String, String), &'static str>;
-
 /// What the audit middleware needs: the gateway's state, its routes (to read the state
 /// before a write, as the caller would) and which write reads where.
 pub struct Auditor {
     pub state: Arc<AppState>,
     pub reader: Router,
-    pub reads: Reads,
+    pub reads: crate::api::Reads,
 }
 
 /// `read` with the parameters `template` matched in `path`
@@ -348,7 +344,7 @@ pub async fn list(
             path: text(5)?,
             status,
             request_id: text(7)?,
-            at: crate::routes::rfc3339_micros(at),
+            at: crate::query::rfc3339_micros(at),
             request: parse(text(9)?),
             before: before.map_or(Value::Null, parse),
             after: parse(text(10)?),

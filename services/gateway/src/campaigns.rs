@@ -26,11 +26,11 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::api::{Api, Content, Op};
-use crate::catalog::{PageQuery, QueryResult, enum_value, page_reply, page_request, strict};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{Principal, Role};
 use crate::observe::RequestId;
+use crate::query::{PageQuery, QueryResult, enum_value, page_reply, page_request, strict};
 use crate::transcode::{from_json, reply, to_json, to_json_list, with};
 
 /// Roles that write campaigns and move them through their states (a junior marketer's

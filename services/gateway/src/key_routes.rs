@@ -13,10 +13,10 @@ use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::api::{Api, Op};
-use crate::catalog::{PageQuery, QueryResult, strict};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{KeyInfo, NewKey, Principal, Role};
+use crate::query::{PageQuery, QueryResult, strict};
 
 pub fn routes(api: &mut Api) {
     const ADMINS: [Role; 1] = [Role::Admin];

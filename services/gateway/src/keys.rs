@@ -12,7 +12,7 @@ use tessera_runtime::{Code, Error};
 use tessera_store::{Db, db_error, now_micros, stmt};
 use utoipa::ToSchema;
 
-use crate::routes::rfc3339_micros;
+use crate::query::rfc3339_micros;
 
 /// Tenant the bootstrap admin key belongs to.
 pub const DEFAULT_TENANT: &str = "default";

@@ -18,6 +18,7 @@ mod messages;
 mod migrations;
 mod observe;
 mod privacy;
+mod query;
 mod queues;
 mod ratelimit;
 mod routes;

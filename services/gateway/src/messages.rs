@@ -20,11 +20,11 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::api::{Api, Content, Op};
-use crate::catalog::{QueryResult, enum_value, page_reply, page_request, strict};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{Principal, Role};
 use crate::observe::RequestId;
+use crate::query::{QueryResult, enum_value, page_reply, page_request, strict};
 use crate::transcode::{from_json, reply, to_json_list};
 
 /// Brand and templates: what campaigns say.

@@ -22,7 +22,7 @@ use crate::error::ApiError;
 use crate::extract::IdempotencyKey;
 use crate::keys::{Principal, Role};
 use crate::observe::RequestId;
-use crate::routes::rfc3339_micros;
+use crate::query::rfc3339_micros;
 
 const ADMINS: [Role; 1] = [Role::Admin];
 

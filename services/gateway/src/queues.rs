@@ -16,11 +16,11 @@ use utoipa::IntoParams;
 
 use crate::AppState;
 use crate::api::{Api, Op};
-use crate::catalog::{QueryResult, strict};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{Principal, Role};
 use crate::observe::RequestId;
+use crate::query::{QueryResult, strict};
 use crate::transcode::{from_json, reply};
 
 /// Dead letters carry every kind of work of the tenant: admins only.

@@ -19,11 +19,11 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::api::{Api, Content, Op};
-use crate::catalog::{PageQuery, page_request, strict};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKey, StrictJson};
 use crate::keys::{Principal, Role};
 use crate::observe::{RequestId, observe};
+use crate::query::{PageQuery, page_request, rfc3339, strict};
 
 /// Health name of the wallet's gRPC service.
 const WALLET_GRPC_NAME: &str = "tessera.wallet.v1.WalletService";
@@ -299,18 +299,6 @@ impl Asset {
             code: asset.code,
         }
     }
-}
-
-/// A protobuf time as RFC 3339 with microseconds, or None.
-fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Option<String> {
-    ts.and_then(|t| rfc3339_micros(t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000))
-}
-
-/// Microseconds since the epoch as RFC 3339 with microseconds (`…Z`): every time the
-/// gateway writes itself.
-pub(crate) fn rfc3339_micros(micros: i64) -> Option<String> {
-    chrono::DateTime::from_timestamp_micros(micros)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
 }
 
 /// What expires within 30, 60 and 90 days.

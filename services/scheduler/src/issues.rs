@@ -23,7 +23,6 @@ use tessera_store::idempotency::derived_key;
 use tessera_store::outbox::{enqueue, micros_to_timestamp, timestamp_to_micros};
 use tessera_store::{db_error, stmt};
 
-use crate::campaigns;
 use crate::jobs::{self, Job, NewJob, Outcome};
 
 /// Job kind of a reminder step.
@@ -150,7 +149,7 @@ pub fn issuable(c: &pb::Campaign) -> Result<&pb::Incentive, Error> {
             format!(
                 "campaign `{}` is {}: it issues nothing",
                 c.id,
-                campaigns::state_name(c.state())
+                crate::campaigns::core::state_name(c.state())
             ),
         )
         .with_reason("CAMPAIGN_NOT_ACTIVE"));
@@ -322,7 +321,7 @@ pub async fn remind(
     let payload: serde_json::Value =
         serde_json::from_slice(&job.payload).map_err(Error::internal)?;
     let customer = payload["customer_id"].as_str().unwrap_or_default();
-    let campaign = campaigns::get(txn, &job.tenant_id, &job.campaign_id)
+    let campaign = crate::campaigns::store::get(txn, &job.tenant_id, &job.campaign_id)
         .await
         .ok();
     let active = campaign
@@ -406,7 +405,8 @@ pub async fn run_occasion(
     job: &Job,
     now: i64,
 ) -> Result<usize, Error> {
-    let Ok(c) = campaigns::get(db.conn(), &job.tenant_id, &job.campaign_id).await else {
+    let Ok(c) = crate::campaigns::store::get(db.conn(), &job.tenant_id, &job.campaign_id).await
+    else {
         return Ok(0);
     };
     let Some(rule) = c

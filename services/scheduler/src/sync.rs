@@ -18,7 +18,6 @@ use tessera_store::queue::commands::{self, Command, Relay};
 use tessera_store::queue::{Failure, Handler, Item};
 use tessera_store::{Db, db_error, stmt};
 
-use crate::campaigns;
 use tessera_proto::scheduler::v1::CampaignState;
 
 /// The method campaign snapshots are delivered to.
@@ -41,7 +40,7 @@ pub async fn validate(
             validate_only: true,
         }))
         .await
-        .map_err(|s| campaigns::rename_fields(Error::from_status(&s)))?;
+        .map_err(|s| crate::campaigns::core::rename_fields(Error::from_status(&s)))?;
     Ok(())
 }
 
@@ -64,7 +63,7 @@ pub async fn send<C: ConnectionTrait>(
             key: key.clone(),
             request: epb::PutCampaignRequest {
                 idempotency_key: key,
-                campaign: Some(campaigns::projection(c)),
+                campaign: Some(crate::campaigns::core::projection(c)),
                 source_version: c.version,
                 validate_only: false,
             },
@@ -90,7 +89,7 @@ pub async fn adopt_pending(db: &Db) -> Result<usize, Error> {
     for row in rows {
         let tenant: String = row.try_get_by_index(0).map_err(db_error)?;
         let id: String = row.try_get_by_index(1).map_err(db_error)?;
-        let c = campaigns::get(&txn, &tenant, &id).await?;
+        let c = crate::campaigns::store::get(&txn, &tenant, &id).await?;
         if send(&txn, &tenant, &c).await? {
             sent += 1;
         } else {

@@ -8,8 +8,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// The services held to it (the others still have circles: see docs/development.md).
-const SERVICES: [&str; 3] = ["eligibility", "wallet", "notification"];
+/// Every service (by folder).
+const SERVICES: [&str; 6] = [
+    "catalog",
+    "eligibility",
+    "wallet",
+    "scheduler",
+    "notification",
+    "gateway",
+];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

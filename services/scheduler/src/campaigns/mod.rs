@@ -3,15 +3,18 @@
 //! transition when the state moves, writes its outbox event and (re)schedules the jobs that
 //! start and end it, all in one transaction.
 
-use prost::Message;
-use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
-use tessera_proto::eligibility::v1 as epb;
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use tessera_proto::scheduler::v1 as pb;
 use tessera_runtime::error::{Code, Violations};
 use tessera_runtime::{Error, RequestContext};
 use tessera_store::outbox::{enqueue, micros_to_timestamp, timestamp_to_micros};
-use tessera_store::{Backend, db_error, stmt};
+use tessera_store::{db_error, stmt};
 
+pub(crate) mod core;
+pub(crate) mod store;
+
+pub use self::core::*;
+pub use self::store::*;
 use crate::jobs::{self, NewJob};
 use pb::CampaignState as State;
 
@@ -27,131 +30,6 @@ pub const ACTIVATE_JOB: &str = "wallet.activate_due";
 pub const TIERS_JOB: &str = "wallet.evaluate_tiers";
 /// The recompute of a segment a live campaign targets (recurring; the payload is its id).
 pub const SEGMENT_JOB: &str = "eligibility.recompute_segment";
-
-/// What moves a campaign from one state to another.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Start,
-    Pause,
-    Resume,
-    Stop,
-    Kill,
-    /// The start job: its start time came.
-    StartsAt,
-    /// The end job: its end time came.
-    EndsAt,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Start => "start",
-            Action::Pause => "pause",
-            Action::Resume => "resume",
-            Action::Stop => "stop",
-            Action::Kill => "kill",
-            Action::StartsAt => "starts_at",
-            Action::EndsAt => "ends_at",
-        }
-    }
-}
-
-pub fn state_name(s: State) -> &'static str {
-    match s {
-        State::Unspecified => "unspecified",
-        State::Draft => "draft",
-        State::Scheduled => "scheduled",
-        State::Active => "active",
-        State::Paused => "paused",
-        State::Killed => "killed",
-        State::Ended => "ended",
-    }
-}
-
-fn state_from(name: &str) -> State {
-    match name {
-        "draft" => State::Draft,
-        "scheduled" => State::Scheduled,
-        "active" => State::Active,
-        "paused" => State::Paused,
-        "killed" => State::Killed,
-        "ended" => State::Ended,
-        _ => State::Unspecified,
-    }
-}
-
-fn starts_at(c: &pb::Campaign) -> Option<i64> {
-    c.definition
-        .as_ref()
-        .and_then(|d| d.starts_at.as_ref())
-        .map(timestamp_to_micros)
-}
-
-fn ends_at(c: &pb::Campaign) -> Option<i64> {
-    c.definition
-        .as_ref()
-        .and_then(|d| d.ends_at.as_ref())
-        .map(timestamp_to_micros)
-}
-
-/// The state an action leads to from `from` at `now`, or FAILED_PRECONDITION. Starting
-/// (or resuming) a campaign whose start is ahead schedules it; a job acts only when its
-/// time has come and the campaign is still waiting for it.
-pub fn next_state(from: State, action: Action, c: &pb::Campaign, now: i64) -> Result<State, Error> {
-    let waiting = starts_at(c).is_some_and(|s| s > now);
-    let over = ends_at(c).is_some_and(|e| e <= now);
-    let to = match (action, from) {
-        (Action::Start, State::Draft) if over => None,
-        (Action::Start, State::Draft) if waiting => Some(State::Scheduled),
-        (Action::Start, State::Draft | State::Scheduled) => Some(State::Active),
-        (Action::Pause, State::Active | State::Scheduled) => Some(State::Paused),
-        (Action::Resume, State::Paused) if over => Some(State::Ended),
-        (Action::Resume, State::Paused) if waiting => Some(State::Scheduled),
-        (Action::Resume, State::Paused) => Some(State::Active),
-        (Action::Stop, State::Scheduled | State::Active | State::Paused) => Some(State::Ended),
-        (Action::Kill, State::Draft | State::Scheduled | State::Active | State::Paused) => {
-            Some(State::Killed)
-        }
-        (Action::StartsAt, State::Scheduled) if !waiting => Some(State::Active),
-        (Action::EndsAt, State::Scheduled | State::Active | State::Paused) if over => {
-            Some(State::Ended)
-        }
-        _ => None,
-    };
-    to.ok_or_else(|| {
-        let why = if action == Action::Start && from == State::Draft && over {
-            "its end is in the past".to_string()
-        } else {
-            format!("it is {}", state_name(from))
-        };
-        Error::new(
-            Code::FailedPrecondition,
-            format!("cannot {} the campaign: {why}", action.as_str()),
-        )
-        .with_reason("ILLEGAL_TRANSITION")
-    })
-}
-
-/// What eligibility gets: the definition with this campaign's id, name and status. An
-/// ended campaign ends at the latest when it was stopped.
-pub fn projection(c: &pb::Campaign) -> epb::Campaign {
-    let mut d = c.definition.clone().unwrap_or_default();
-    d.id = c.id.clone();
-    d.name = c.name.clone();
-    d.set_status(match c.state() {
-        State::Paused => epb::CampaignStatus::Paused,
-        State::Killed => epb::CampaignStatus::Disabled,
-        _ => epb::CampaignStatus::Active,
-    });
-    // The codes of the pool it issues unlock it at checkout.
-    if let Some(pool) = c.incentive.as_ref().map(|i| &i.pool_id)
-        && !pool.is_empty()
-        && !d.pool_ids.contains(pool)
-    {
-        d.pool_ids.push(pool.clone());
-    }
-    d
-}
 
 /// Checks the parts eligibility does not: id, name, type, channels.
 pub fn check(v: &mut Violations, c: &pb::Campaign) {
@@ -183,113 +61,6 @@ pub fn check(v: &mut Violations, c: &pb::Campaign) {
         v.add("campaign.definition", "is required");
     }
     crate::issues::check(v, c);
-}
-
-/// Eligibility names the fields of its campaign `campaign.…`; here it is the definition.
-pub fn rename_fields(mut err: Error) -> Error {
-    for fv in &mut err.field_violations {
-        if let Some(rest) = fv.field.strip_prefix("campaign.") {
-            fv.field = format!("campaign.definition.{rest}");
-        }
-    }
-    err
-}
-
-/// A stored campaign with its outputs filled in.
-async fn load<C: ConnectionTrait>(
-    conn: &C,
-    tenant: &str,
-    id: &str,
-    lock: bool,
-) -> Result<Option<pb::Campaign>, Error> {
-    let lock = if lock {
-        Backend::of(conn).row_lock()
-    } else {
-        ""
-    };
-    let row = conn
-        .query_one_raw(stmt(
-            conn,
-            &format!(
-                "SELECT campaign, state, version, synced_version, created_at, updated_at \
-                 FROM campaigns WHERE tenant_id = $1 AND id = $2{lock}"
-            ),
-            [tenant.into(), id.into()],
-        ))
-        .await
-        .map_err(db_error)?;
-    row.map(|row| decode(&row)).transpose()
-}
-
-fn decode(row: &sea_orm::QueryResult) -> Result<pb::Campaign, Error> {
-    let bytes: Vec<u8> = row.try_get_by_index(0).map_err(db_error)?;
-    let mut c = pb::Campaign::decode(bytes.as_slice()).map_err(Error::internal)?;
-    let state: String = row.try_get_by_index(1).map_err(db_error)?;
-    c.set_state(state_from(&state));
-    c.version = row.try_get_by_index(2).map_err(db_error)?;
-    c.synced_version = row.try_get_by_index(3).map_err(db_error)?;
-    c.created_at = Some(micros_to_timestamp(
-        row.try_get_by_index(4).map_err(db_error)?,
-    ));
-    c.updated_at = Some(micros_to_timestamp(
-        row.try_get_by_index(5).map_err(db_error)?,
-    ));
-    Ok(c)
-}
-
-pub async fn get<C: ConnectionTrait>(
-    conn: &C,
-    tenant: &str,
-    id: &str,
-) -> Result<pb::Campaign, Error> {
-    load(conn, tenant, id, false)
-        .await?
-        .ok_or_else(|| Error::not_found(format!("campaign `{id}`")))
-}
-
-/// A page of campaigns by id.
-pub async fn list<C: ConnectionTrait>(
-    conn: &C,
-    tenant: &str,
-    state: Option<State>,
-    starting_after: &str,
-    limit: u32,
-) -> Result<(Vec<pb::Campaign>, bool), Error> {
-    let mut values: Vec<Value> = vec![tenant.into(), starting_after.into()];
-    let filter = match state {
-        Some(s) => {
-            values.push(state_name(s).into());
-            " AND state = $4"
-        }
-        None => "",
-    };
-    values.insert(2, i64::from(limit + 1).into());
-    let rows = conn
-        .query_all_raw(stmt(
-            conn,
-            &format!(
-                "SELECT campaign, state, version, synced_version, created_at, updated_at \
-                 FROM campaigns WHERE tenant_id = $1 AND id > $2{filter} ORDER BY id LIMIT $3"
-            ),
-            values,
-        ))
-        .await
-        .map_err(db_error)?;
-    let mut out = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
-    let more = out.len() > limit as usize;
-    out.truncate(limit as usize);
-    Ok((out, more))
-}
-
-/// The stored form: outputs cleared (they live in columns).
-fn stored(c: &pb::Campaign) -> Vec<u8> {
-    let mut c = c.clone();
-    c.state = 0;
-    c.version = 0;
-    c.synced_version = 0;
-    c.created_at = None;
-    c.updated_at = None;
-    c.encode_to_vec()
 }
 
 async fn record_transition(
@@ -617,51 +388,6 @@ pub async fn act(
     reschedule(txn, &ctx.tenant_id, &c, now).await?;
     record_transition(txn, ctx, &c, from, action.as_str(), reason, now).await?;
     get(txn, &ctx.tenant_id, id).await
-}
-
-/// A campaign's history, oldest first.
-pub async fn history<C: ConnectionTrait>(
-    conn: &C,
-    tenant: &str,
-    id: &str,
-    after: i64,
-    limit: u32,
-) -> Result<(Vec<pb::Transition>, bool), Error> {
-    let rows = conn
-        .query_all_raw(stmt(
-            conn,
-            "SELECT seq, from_state, to_state, action, reason, principal, at \
-             FROM campaign_transitions WHERE tenant_id = $1 AND campaign_id = $2 AND seq > $3 \
-             ORDER BY seq LIMIT $4",
-            [
-                tenant.into(),
-                id.into(),
-                after.into(),
-                i64::from(limit + 1).into(),
-            ],
-        ))
-        .await
-        .map_err(db_error)?;
-    let mut out = Vec::new();
-    for row in &rows {
-        let text = |i| -> Result<String, Error> { row.try_get_by_index(i).map_err(db_error) };
-        let mut t = pb::Transition {
-            seq: row.try_get_by_index(0).map_err(db_error)?,
-            action: text(3)?,
-            reason: text(4)?,
-            principal: text(5)?,
-            at: Some(micros_to_timestamp(
-                row.try_get_by_index(6).map_err(db_error)?,
-            )),
-            ..Default::default()
-        };
-        t.set_from(state_from(&text(1)?));
-        t.set_to(state_from(&text(2)?));
-        out.push(t);
-    }
-    let more = out.len() > limit as usize;
-    out.truncate(limit as usize);
-    Ok((out, more))
 }
 
 /// Runs a campaign's start or end job, in the job's transaction: the transition happens if
