@@ -142,6 +142,17 @@ impl Gateway {
         let erasures = erasures::Erasures::new(db.clone(), commands.waker());
         let dead_letters = Arc::new(tessera_store::queue::DeadLetters::new(db.clone(), SERVICE));
         let wallet_channel = grpc::channel(&config.peers.wallet_url, config.peer_timeout())?;
+        // The services keeping work queues and customer data, by the name the ops APIs use.
+        let services = [
+            ("catalog", &config.peers.catalog_url),
+            ("eligibility", &config.peers.eligibility_url),
+            ("campaign-scheduler", &config.peers.scheduler_url),
+            ("wallet", &config.peers.wallet_url),
+            ("notification", &config.peers.notification_url),
+        ]
+        .into_iter()
+        .map(|(name, url)| Ok((name, grpc::channel(url, config.peer_timeout())?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let state = AppState {
             keys: keys.clone(),
@@ -164,41 +175,26 @@ impl Gateway {
                 &config.peers.notification_url,
                 config.peer_timeout(),
             )?),
-            queues: [
-                ("catalog", &config.peers.catalog_url),
-                ("eligibility", &config.peers.eligibility_url),
-                ("campaign-scheduler", &config.peers.scheduler_url),
-                ("wallet", &config.peers.wallet_url),
-                ("notification", &config.peers.notification_url),
-            ]
-            .into_iter()
-            .map(|(name, url)| {
-                let channel = grpc::channel(url, config.peer_timeout())?;
-                Ok((
-                    name,
-                    tessera_proto::ops::v1::queue_service_client::QueueServiceClient::new(channel),
-                ))
-            })
-            .collect::<anyhow::Result<_>>()?,
-            privacy: erasures::SERVICES
+            queues: services
                 .iter()
-                .map(|(name, _)| {
-                    let url = match *name {
-                        "catalog" => &config.peers.catalog_url,
-                        "eligibility" => &config.peers.eligibility_url,
-                        "wallet" => &config.peers.wallet_url,
-                        "campaign-scheduler" => &config.peers.scheduler_url,
-                        _ => &config.peers.notification_url,
-                    };
-                    let channel = grpc::channel(url, config.peer_timeout())?;
-                    Ok((
-                        *name,
-                        tessera_proto::ops::v1::privacy_service_client::PrivacyServiceClient::new(
-                            channel,
-                        ),
-                    ))
+                .map(|(name, channel)| {
+                    let client =
+                        tessera_proto::ops::v1::queue_service_client::QueueServiceClient::new(
+                            channel.clone(),
+                        );
+                    (*name, client)
                 })
-                .collect::<anyhow::Result<_>>()?,
+                .collect(),
+            privacy: services
+                .iter()
+                .map(|(name, channel)| {
+                    let client =
+                        tessera_proto::ops::v1::privacy_service_client::PrivacyServiceClient::new(
+                            channel.clone(),
+                        );
+                    (*name, client)
+                })
+                .collect(),
             erasures: erasures.clone(),
             own_queues: Arc::new(tessera_runtime::ops::Queues::new(
                 [(
