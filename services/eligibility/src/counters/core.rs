@@ -118,12 +118,20 @@ pub fn period_start(period: pb::Period, now: i64, settings: &Settings) -> i64 {
         }
         _ => local,
     };
-    let midnight = first.and_hms_opt(0, 0, 0).unwrap_or_default();
-    settings
-        .time_zone
-        .from_local_datetime(&midnight)
-        .earliest()
-        .map_or(now, |t| t.timestamp_micros())
+    day_start(first, settings).unwrap_or(now)
+}
+
+/// The first moment (µs) of a local day: its midnight, or, where the clocks jump over
+/// midnight (Rome on 1 June 1975), the first minute of that day the clocks show.
+fn day_start(day: NaiveDate, settings: &Settings) -> Option<i64> {
+    let midnight = day.and_hms_opt(0, 0, 0)?;
+    (0..24 * 60).find_map(|minute| {
+        settings
+            .time_zone
+            .from_local_datetime(&(midnight + chrono::Duration::minutes(minute)))
+            .earliest()
+            .map(|t| t.timestamp_micros())
+    })
 }
 
 #[cfg(test)]
@@ -179,6 +187,15 @@ mod tests {
             period_start(pb::Period::Month, at("2026-10-31 23:59"), &s),
             at("2026-10-01 00:00")
         );
+        // On 1 June 1975 Rome's clocks went from 00:00 straight to 01:00: the day, and
+        // the month, start at 01:00, whatever the moment of that day asked about.
+        for moment in ["1975-06-01 01:00", "1975-06-01 13:45", "1975-06-30 23:59"] {
+            assert_eq!(
+                period_start(pb::Period::Month, at(moment), &s),
+                at("1975-06-01 01:00"),
+                "{moment}"
+            );
+        }
     }
 
     fn limits() -> pb::Limits {
@@ -265,8 +282,9 @@ mod tests {
     }
 
     proptest! {
-        /// A period holds the moment it starts for, starts at a local midnight, and every
-        /// moment of it has the same start.
+        /// A period holds the moment it starts for, starts a local day (at midnight, or at
+        /// the first minute the clocks show where they jump over it), and every moment of
+        /// it has the same start.
         #[test]
         fn a_period_holds_now_and_starts_at_local_midnight(
             now in 0i64..4_102_444_800_000_000,
@@ -276,7 +294,8 @@ mod tests {
             let start = period_start(period, now, &s);
             prop_assert!(start <= now);
             let local = s.local(start);
-            prop_assert_eq!((local.hour(), local.minute()), (0, 0));
+            prop_assert!(s.local(start - 1).date_naive() < local.date_naive(), "starts a day");
+            prop_assert!(local.hour() <= 1 && local.second() == 0);
             prop_assert_eq!(period_start(period, start, &s), start);
             prop_assert!(now - start <= 31 * 25 * 3_600_000_000);
         }
