@@ -265,6 +265,11 @@ pub struct SecretsConfig {
 pub struct RetentionConfig {
     /// Minutes between purges (each service purges its own tables).
     pub interval_minutes: u64,
+    /// Rows one delete statement removes at most.
+    pub batch_rows: u64,
+    /// The share of time (1–100 %) a purge works; it sleeps the rest, leaving the
+    /// database to requests.
+    pub busy_percent: u64,
     /// Hours a settled idempotency key answers a retry (at least 24).
     pub idempotency_hours: u64,
     /// Days a dead letter stays listed for replay.
@@ -344,6 +349,8 @@ impl Default for RetentionConfig {
     fn default() -> Self {
         Self {
             interval_minutes: 60,
+            batch_rows: 500,
+            busy_percent: 10,
             idempotency_hours: 72,
             dead_letters_days: 30,
             events_days: 30,

@@ -1,8 +1,8 @@
 //! Retention: every table that grows with use says how long its rows stay ([`Rule`]), and
 //! each service purges what is past its time from its own durable queue (queue
 //! `retention`): one item per period (`retention.interval_minutes`), claimed by one replica,
-//! worked in slices of bounded deletes (at most [`BATCH`] rows per statement, one tenant at a
-//! time, so no statement holds many locks or runs long; paced, so requests writing beside it
+//! worked in slices of bounded deletes (at most `retention.batch_rows` rows per statement,
+//! the oldest first, one tenant at a time, so no statement holds many locks or runs long; paced, so requests writing beside it
 //! wait for one batch at most), handed back between slices ([`Failure::Unfinished`]), and
 //! the next period's item pushed when the purge is done.
 //!
@@ -13,7 +13,8 @@
 //! 0 keeps that class forever; a tenant may have periods of its own
 //! (`retention.tenants.<tenant>`), the others keep the global ones.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sea_orm::ConnectionTrait;
@@ -25,10 +26,6 @@ use crate::queue::{
     Failure, Handler, Item, NewItem, Queue, RetryPolicy, Worker, WorkerConfig, push,
 };
 
-/// Rows one statement deletes at most.
-pub const BATCH: i64 = 1_000;
-/// A purge works one part of the time in `PACE` (the rest it leaves to requests).
-const PACE: u32 = 4;
 /// How long one slice of a purge runs before it goes back to the queue.
 const SLICE: Duration = Duration::from_secs(1);
 /// The queue purges wait in.
@@ -87,6 +84,10 @@ pub struct Purger {
     rules: Vec<Rule>,
     config: RetentionConfig,
     interval: Duration,
+    /// Per table and tenant, the age below which this period's purge has deleted every
+    /// row it could: the next batch starts there instead of stepping again over the index
+    /// entries of rows already gone. Cleared when a period's purge is done.
+    cursors: Mutex<HashMap<(&'static str, Option<String>), i64>>,
 }
 
 impl Purger {
@@ -100,6 +101,7 @@ impl Purger {
             rules: all,
             config: config.clone(),
             interval: Duration::from_secs(config.interval_minutes.max(1) * 60),
+            cursors: Mutex::new(HashMap::new()),
         }
     }
 
@@ -161,28 +163,60 @@ impl Purger {
                     continue;
                 };
                 let cutoff = now - i64::try_from(keep.as_micros()).unwrap_or(i64::MAX / 2);
+                let key = (rule.table, tenant.clone());
                 loop {
                     if started.elapsed() >= SLICE {
                         return Ok(false);
                     }
+                    let from = self.cursor(&key).unwrap_or(i64::MIN);
                     let batch = Instant::now();
-                    let deleted = self.purge_batch(rule, tenant.as_deref(), cutoff).await?;
+                    let (deleted, reached) = self
+                        .purge_batch(rule, tenant.as_deref(), from, cutoff)
+                        .await?;
                     if deleted == 0 {
                         break;
                     }
+                    self.set_cursor(key.clone(), reached);
                     metrics::counter!("tessera_retention_purged_total", "service" => self.service, "table" => rule.table)
                         .increment(deleted);
-                    // Paced: busy at most 1 / PACE of the time, so the requests writing
-                    // beside the purge (one writer at a time on SQLite) wait for one batch
-                    // at most.
-                    tokio::time::sleep(batch.elapsed() * (PACE - 1)).await;
-                    if deleted < BATCH as u64 {
+                    // Paced: busy `busy_percent` of the time at most, so the requests
+                    // writing beside the purge (one writer at a time on SQLite) wait for one
+                    // batch at most, and the database has room for them.
+                    tokio::time::sleep(batch.elapsed().mul_f64(self.idle_per_busy())).await;
+                    if deleted < self.batch_rows() {
                         break;
                     }
                 }
             }
         }
+        self.lock_cursors().clear();
         Ok(true)
+    }
+
+    fn batch_rows(&self) -> u64 {
+        self.config.batch_rows.max(1)
+    }
+
+    /// How long a purge sleeps for each unit of time it worked.
+    fn idle_per_busy(&self) -> f64 {
+        let busy = self.config.busy_percent.clamp(1, 100) as f64;
+        (100.0 - busy) / busy
+    }
+
+    fn lock_cursors(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(&'static str, Option<String>), i64>> {
+        self.cursors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn cursor(&self, key: &(&'static str, Option<String>)) -> Option<i64> {
+        self.lock_cursors().get(key).copied()
+    }
+
+    fn set_cursor(&self, key: (&'static str, Option<String>), reached: i64) {
+        self.lock_cursors().insert(key, reached);
     }
 
     /// The tenants with rows in `table`, read off its `(tenant_id, …)` index one tenant at a
@@ -207,14 +241,16 @@ impl Purger {
             .collect()
     }
 
-    /// One bounded delete of `rule`'s rows older than `cutoff`, of `tenant` when the table
-    /// has tenants (over its `(tenant_id, age)` index); how many went.
+    /// One bounded delete of `rule`'s rows aged from `from` up to `cutoff` (exclusive), the
+    /// oldest first, of `tenant` when the table has tenants (over its `(tenant_id, age)`
+    /// index); how many went, and the age of the youngest that went.
     async fn purge_batch(
         &self,
         rule: &Rule,
         tenant: Option<&str>,
+        from: i64,
         cutoff: i64,
-    ) -> Result<u64, Error> {
+    ) -> Result<(u64, i64), Error> {
         let conn = self.db.conn();
         // The rows to delete by physical id: `ctid = ANY(ARRAY(…))` is a TID scan on
         // PostgreSQL (`ctid IN (…)` would scan the table for every batch).
@@ -227,20 +263,29 @@ impl Purger {
         } else {
             format!(" AND {}", rule.when)
         };
-        let (table, at) = (rule.table, rule.at);
-        let (scope, values): (&str, Vec<sea_orm::Value>) = match tenant {
-            Some(tenant) => ("tenant_id = $2 AND ", vec![cutoff.into(), tenant.into()]),
-            None => ("", vec![cutoff.into()]),
+        let (table, at, limit) = (rule.table, rule.at, self.batch_rows());
+        let mut values: Vec<sea_orm::Value> = vec![from.into(), cutoff.into()];
+        let scope = match tenant {
+            Some(tenant) => {
+                values.push(tenant.into());
+                "tenant_id = $3 AND "
+            }
+            None => "",
         };
         let sql = format!(
             "DELETE FROM {table} WHERE {row_id} {open}SELECT {row_id} FROM {table} \
-             WHERE {scope}{at} < $1{when} LIMIT {BATCH}{close}"
+             WHERE {scope}{at} >= $1 AND {at} < $2{when} ORDER BY {at} LIMIT {limit}{close} \
+             RETURNING {at}"
         );
-        Ok(conn
-            .execute_raw(stmt(conn, &sql, values))
+        let rows = conn
+            .query_all_raw(stmt(conn, &sql, values))
             .await
-            .map_err(db_error)?
-            .rows_affected())
+            .map_err(db_error)?;
+        let mut reached = from;
+        for row in &rows {
+            reached = reached.max(row.try_get_by_index::<i64>(0).map_err(db_error)?);
+        }
+        Ok((rows.len() as u64, reached))
     }
 }
 

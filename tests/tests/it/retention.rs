@@ -17,7 +17,10 @@ use tessera_tests::{TENANT, TestSuite, backend_tests};
 
 use crate::wallet::credit;
 
-backend_tests!(each_service_purges_what_is_past_its_time);
+backend_tests!(
+    each_service_purges_what_is_past_its_time,
+    small_batches_go_oldest_first_and_miss_nothing
+);
 
 const DAY: i64 = 86_400 * 1_000_000;
 /// The ids of the test's events: `PREFIX` and a 12-digit number (a UUID).
@@ -245,4 +248,56 @@ async fn each_service_purges_what_is_past_its_time(suite: TestSuite) {
     );
     assert_eq!(count(&db, logged).await, 1);
     suite.cleanup().await;
+}
+
+/// With batches of 3 rows, a purge steps through ages in order and misses nothing: rows of
+/// equal age split across batches, an unsettled key among the old ones (kept, and stepped
+/// over), and a second purge after new rows aged in behind the first one's cursor.
+async fn small_batches_go_oldest_first_and_miss_nothing(suite: TestSuite) {
+    let config = RetentionConfig {
+        batch_rows: 3,
+        busy_percent: 100,
+        ..RetentionConfig::default()
+    };
+    let db = suite.db("wallet").await;
+    let old = now_micros() - 10 * DAY;
+    let insert = "INSERT INTO idempotency_keys (tenant_id, scope, key, fingerprint, state, owner, \
+                  locked_until, response_code, response, created_at) \
+                  VALUES ($1, 'test.Batches', $2, '', $3, '', 0, 0, NULL, $4)";
+    // Ages: 0, 0, 0, 0, 1, 2, 2, 3, …: ties across the batch edges.
+    for n in 0..20i64 {
+        let state = if n == 5 { "running" } else { "done" };
+        let age = old + (n - 3).max(0) / 2;
+        exec(
+            &db,
+            insert,
+            vec![
+                TENANT.into(),
+                format!("k{n}").into(),
+                state.into(),
+                age.into(),
+            ],
+        )
+        .await;
+    }
+    let left = "SELECT COUNT(*) FROM idempotency_keys WHERE scope = 'test.Batches'";
+    let purger = Purger::new(db.clone(), "wallet", Vec::new(), &config);
+    while !purger.purge().await.expect("purge") {}
+    assert_eq!(count(&db, left).await, 1, "only the unsettled key stays");
+    // Rows older than where the first purge stopped are found by the next one.
+    for n in 20..25i64 {
+        exec(
+            &db,
+            insert,
+            vec![
+                TENANT.into(),
+                format!("k{n}").into(),
+                "done".into(),
+                (old - n).into(),
+            ],
+        )
+        .await;
+    }
+    while !purger.purge().await.expect("purge") {}
+    assert_eq!(count(&db, left).await, 1);
 }

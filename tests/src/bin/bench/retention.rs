@@ -1,4 +1,4 @@
-//! Retention: `ROWS` settled idempotency keys past their window seeded in the wallet's
+//! Retention: 1,000,000 (`TESSERA_BENCH_ROWS`) settled idempotency keys past their window seeded in the wallet's
 //! database, then purged by the wallet's own rules while wallet Credits run: the purge's
 //! rate, and Credit latency beside the same load without it, twice: at `CLIENTS` clients
 //! (saturating the machine: every cycle the purge takes is one the Credits lack), and sent
@@ -17,7 +17,30 @@ use tessera_tests::{TENANT, TestSuite, scalar};
 
 use crate::{percentile, points, wallet};
 
-const ROWS: i64 = 1_000_000;
+/// Rows seeded (`TESSERA_BENCH_ROWS` to try fewer).
+fn rows() -> i64 {
+    std::env::var("TESSERA_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+/// The retention settings purged with: the defaults, or `TESSERA_RETENTION__BATCH_ROWS` and
+/// `TESSERA_RETENTION__BUSY_PERCENT` to compare others.
+fn settings() -> RetentionConfig {
+    let var = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let d = RetentionConfig::default();
+    RetentionConfig {
+        batch_rows: var("TESSERA_RETENTION__BATCH_ROWS", d.batch_rows),
+        busy_percent: var("TESSERA_RETENTION__BUSY_PERCENT", d.busy_percent),
+        ..d
+    }
+}
 const CLIENTS: usize = 8;
 
 /// Credits at `CLIENTS` clients until `stop`, at least `min` of them; their latencies, sorted.
@@ -105,11 +128,12 @@ async fn paced_load(
     all
 }
 
-/// Seeds `ROWS` settled idempotency keys past their window; how long it took.
+/// Seeds `rows()` settled idempotency keys past their window, a microsecond apart (as keys
+/// made over time are), vacuumed and analysed as old rows are by then; how long it took.
 async fn seed(db: &tessera_store::Db) -> Duration {
     let old = now_micros() - 10 * 86_400 * 1_000_000;
     let seeded = Instant::now();
-    let select = "SELECT $1, 'bench.Seed', 'old-' || n, '', 'done', '', 0, 0, NULL, $2 FROM g";
+    let select = "SELECT $1, 'bench.Seed', 'old-' || n, '', 'done', '', 0, 0, NULL, $2 - n FROM g";
     let sql = match db.backend() {
         Backend::Postgres => format!(
             "INSERT INTO idempotency_keys (tenant_id, scope, key, fingerprint, state, owner, \
@@ -117,19 +141,25 @@ async fn seed(db: &tessera_store::Db) -> Duration {
              {} ",
             select.replace(
                 "FROM g",
-                &format!("FROM generate_series(1, {ROWS}) AS g(n)")
+                &format!("FROM generate_series(1, {}) AS g(n)", rows())
             )
         ),
         Backend::Sqlite => format!(
-            "WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < {ROWS}) \
+            "WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < {}) \
              INSERT INTO idempotency_keys (tenant_id, scope, key, fingerprint, state, owner, \
-             locked_until, response_code, response, created_at) {select}"
+             locked_until, response_code, response, created_at) {select}",
+            rows()
         ),
     };
     let conn = db.conn();
     conn.execute_raw(stmt(conn, &sql, [TENANT.into(), old.into()]))
         .await
         .expect("seed");
+    let settle = match db.backend() {
+        Backend::Postgres => "VACUUM ANALYZE idempotency_keys",
+        Backend::Sqlite => "ANALYZE idempotency_keys",
+    };
+    conn.execute_unprepared(settle).await.expect("vacuum");
     seeded.elapsed()
 }
 
@@ -142,12 +172,7 @@ async fn purge_under<F>(
 where
     F: std::future::Future<Output = Vec<Duration>>,
 {
-    let purger = Purger::new(
-        db.clone(),
-        "wallet",
-        Vec::new(),
-        &RetentionConfig::default(),
-    );
+    let purger = Purger::new(db.clone(), "wallet", Vec::new(), &settings());
     let stop = Arc::new(AtomicBool::new(false));
     let (busy, purged_in) = tokio::join!(load(stop.clone()), async {
         let started = Instant::now();
@@ -188,23 +213,29 @@ pub async fn purge(suite: &TestSuite, label: &str) {
     let capacity = idle.len() as f64 / started.elapsed().as_secs_f64();
     let (purged_in, busy) = purge_under(&db, |stop| credit_load(suite, "busy", 4_000, stop)).await;
     println!(
-        "  {label:<28} {:<22} {:>8.0}/s  ({ROWS} rows seeded in {:.1} s, purged in {:.1} s)",
+        "  {label:<28} {:<22} {:>8.0}/s  ({} rows seeded in {:.1} s, purged in {:.1} s; \
+         batches of {}, busy {} %)",
         "Retention purge",
-        ROWS as f64 / purged_in.as_secs_f64(),
+        rows() as f64 / purged_in.as_secs_f64(),
+        rows(),
         seeded.as_secs_f64(),
         purged_in.as_secs_f64(),
+        settings().batch_rows,
+        settings().busy_percent,
     );
     line(format!("Credit ({CLIENTS} clients)"), &idle, &busy);
 
     // Half that rate, sent on a clock (a service with headroom, as one is run).
     let rate = capacity / 2.0;
     seed(&db).await;
+    // A minute without the purge: at this rate one stall of the machine (seen with and
+    // without a purge) moves a short run's p99 by tens of per cent.
     let min = (rate * 15.0) as usize;
     let idle = paced_load(
         suite,
         "paced-idle",
         rate,
-        min,
+        min * 4,
         Arc::new(AtomicBool::new(true)),
     )
     .await;
@@ -213,7 +244,7 @@ pub async fn purge(suite: &TestSuite, label: &str) {
     println!(
         "  {label:<28} {:<22} {:>8.0}/s  (under {rate:.0} Credits/s, purged in {:.1} s)",
         "Retention purge",
-        ROWS as f64 / purged_in.as_secs_f64(),
+        rows() as f64 / purged_in.as_secs_f64(),
         purged_in.as_secs_f64(),
     );
     line(format!("Credit ({rate:.0}/s paced)"), &idle, &busy);
