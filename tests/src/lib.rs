@@ -338,3 +338,58 @@ macro_rules! backend_tests {
         }
     };
 }
+
+/// Forwards a local port to a TCP service (Redis, PostgreSQL) until cut: what a network
+/// partition looks like to the suite.
+pub struct Proxy {
+    pub port: u16,
+    target: String,
+    tasks: std::sync::Arc<tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    pub async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let proxy = Self {
+            port,
+            target,
+            tasks: std::sync::Arc::default(),
+        };
+        proxy.serve(listener).await;
+        proxy
+    }
+
+    async fn serve(&self, listener: tokio::net::TcpListener) {
+        let (target, tasks) = (self.target.clone(), self.tasks.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let pipe = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tasks.lock().await.push(pipe);
+            }
+        });
+        self.tasks.lock().await.push(accept);
+    }
+
+    /// Closes the port and every connection through it.
+    pub async fn cut(&self) {
+        for task in self.tasks.lock().await.drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Opens the same port again.
+    pub async fn restore(&self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("rebind the proxy port");
+        self.serve(listener).await;
+    }
+}

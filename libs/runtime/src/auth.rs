@@ -439,7 +439,20 @@ where
             let outcome = authenticate(parts.uri.path(), &mut metadata, keys.as_deref()).await;
             parts.headers = metadata.into_headers();
             match outcome {
-                Ok(()) => inner.call(http::Request::from_parts(parts, body)).await,
+                Ok(()) => {
+                    // Who is calling, for the request's span and its access-log line.
+                    let span = tracing::Span::current();
+                    for (field, header) in [
+                        ("tenant", crate::context::TENANT_HEADER),
+                        ("request_id", crate::context::REQUEST_ID_HEADER),
+                    ] {
+                        if let Some(value) = parts.headers.get(header).and_then(|v| v.to_str().ok())
+                        {
+                            span.record(field, value);
+                        }
+                    }
+                    inner.call(http::Request::from_parts(parts, body)).await
+                }
                 Err(e) => {
                     tracing::debug!(path = %parts.uri.path(), error = %e.message, "call refused");
                     Ok(e.to_status().into_http())

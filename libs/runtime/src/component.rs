@@ -148,25 +148,34 @@ pub async fn serve(
         let reporter = reporter.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            // What each entry last reported, so a problem is logged when it starts and
+            // ends, not on every probe.
+            let mut last: std::collections::HashMap<String, bool> = Default::default();
+            let mut changed = |name: &str, ok: bool| last.insert(name.to_string(), ok) != Some(ok);
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(probe_interval) => {},
                 }
                 for (name, probe) in &optional {
-                    let status = match probe().await {
-                        Ok(()) => tonic_health::ServingStatus::Serving,
-                        Err(problem) => {
-                            tracing::warn!(%name, %problem, "degraded");
-                            tonic_health::ServingStatus::NotServing
+                    let result = answered(probe).await;
+                    if changed(name, result.is_ok()) {
+                        match &result {
+                            Ok(()) => tracing::info!(%name, "recovered"),
+                            Err(problem) => tracing::warn!(%name, %problem, "degraded"),
                         }
+                    }
+                    let status = if result.is_ok() {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
                     };
                     reporter.set_service_status(name.as_str(), status).await;
                 }
                 for (component, names, probes) in &checks {
                     let mut problem = None;
                     for probe in probes {
-                        if let Err(e) = probe().await {
+                        if let Err(e) = answered(probe).await {
                             problem = Some(e);
                             break;
                         }
@@ -174,8 +183,13 @@ pub async fn serve(
                     if shutdown.is_cancelled() {
                         break;
                     }
-                    let status = if let Some(problem) = &problem {
-                        tracing::warn!(component, %problem, "not ready");
+                    if changed(component, problem.is_none()) {
+                        match &problem {
+                            Some(problem) => tracing::warn!(component, %problem, "not ready"),
+                            None => tracing::info!(component, "ready"),
+                        }
+                    }
+                    let status = if problem.is_some() {
                         tonic_health::ServingStatus::NotServing
                     } else {
                         tonic_health::ServingStatus::Serving
@@ -227,4 +241,15 @@ pub async fn serve_one(
 }
 
 /// How often readiness probes run.
-pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a probe may take: a dependency that does not answer (a cut connection) is down
+/// after this, not after the driver's own timeouts.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(900);
+
+/// What `probe` answered within [`PROBE_TIMEOUT`].
+async fn answered(probe: &Probe) -> Result<(), String> {
+    tokio::time::timeout(PROBE_TIMEOUT, probe())
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} ms", PROBE_TIMEOUT.as_millis())))
+}

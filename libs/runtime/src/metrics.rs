@@ -121,7 +121,18 @@ where
                     .map_or(tonic::Code::Ok, tonic::Code::from),
                 Err(_) => tonic::Code::Internal,
             };
+            let elapsed = started.elapsed();
             tracing::Span::current().record("rpc.grpc.status_code", code as i64);
+            // The access log: one line per call at INFO (`tessera::access=off` in
+            // `telemetry.log_filter` silences it); tenant and request id are the span's.
+            tracing::info!(
+                target: "tessera::access",
+                service = %service,
+                method = %method,
+                status = code as i64,
+                duration_ms = elapsed.as_secs_f64() * 1e3,
+                "grpc call"
+            );
             let labels = [
                 ("service", service.to_string()),
                 ("method", method.to_string()),
@@ -136,7 +147,7 @@ where
             )
             .increment(1);
             metrics::histogram!("tessera_grpc_server_request_duration_seconds", &labels)
-                .record(started.elapsed().as_secs_f64());
+                .record(elapsed.as_secs_f64());
             result
         })
     }

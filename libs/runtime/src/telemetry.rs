@@ -75,18 +75,91 @@ pub fn init(config: &TelemetryConfig, service: &str) -> anyhow::Result<Telemetry
         LogFormat::Pretty => registry
             .with(tracing_subscriber::fmt::layer().compact())
             .try_init()?,
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true),
-            )
-            .try_init()?,
+        LogFormat::Json => {
+            let (layer, dispatch) = json_layer(std::io::stdout);
+            registry.with(layer).try_init()?;
+            tracing::dispatcher::get_default(|d| dispatch.set(d.downgrade()).ok());
+        }
     }
     opentelemetry::global::set_tracer_provider(provider.clone());
     crate::metrics::install();
     Ok(TelemetryGuard { provider })
+}
+
+/// The JSON log layer: one object per line, the event's fields flattened, the current
+/// span's fields, and, inside a traced span, its `trace_id` and `span_id`, read through the
+/// dispatch set in the returned slot once the subscriber is built.
+fn json_layer<S, W>(writer: W) -> (impl tracing_subscriber::Layer<S>, DispatchSlot)
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let json = tracing_subscriber::fmt::format()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true);
+    let slot = DispatchSlot::default();
+    let layer = tracing_subscriber::fmt::layer()
+        .json()
+        .event_format(TraceIds {
+            inner: json,
+            dispatch: slot.clone(),
+        })
+        .with_writer(writer);
+    (layer, slot)
+}
+
+/// The subscriber a [`TraceIds`] formatter belongs to: while an event is being written,
+/// `tracing` answers no dispatch to code asking for the current one, so the formatter keeps
+/// its own (weak, as the subscriber owns the formatter).
+type DispatchSlot = std::sync::Arc<OnceLock<tracing::dispatcher::WeakDispatch>>;
+
+/// Adds `trace_id` and `span_id` (W3C hex) to the JSON object another formatter writes,
+/// from the OpenTelemetry context of the span the event happened in, so a log line leads
+/// to its trace.
+struct TraceIds<F> {
+    inner: F,
+    dispatch: DispatchSlot,
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for TraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut line = String::new();
+        self.inner.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        let dispatch = self.dispatch.get().and_then(|d| d.upgrade());
+        let ids = ctx
+            .lookup_current()
+            .zip(dispatch)
+            .and_then(|(span, dispatch)| {
+                tracing_opentelemetry::get_otel_context(&span.id(), &dispatch)
+            });
+        let ids = ids.map(|cx| cx.span().span_context().clone());
+        match (ids, line.strip_prefix('{')) {
+            (Some(ids), Some(rest)) if ids.is_valid() => std::fmt::Write::write_fmt(
+                &mut writer,
+                format_args!(
+                    "{{\"trace_id\":\"{}\",\"span_id\":\"{}\",{rest}",
+                    ids.trace_id(),
+                    ids.span_id()
+                ),
+            ),
+            _ => std::fmt::Write::write_str(&mut writer, &line),
+        }
+    }
 }
 
 /// Test mode: installs (once per process) a subscriber whose spans are exported
@@ -255,6 +328,8 @@ pub fn server_span(request: &http::Request<()>) -> tracing::Span {
         rpc.service = %service,
         rpc.method = %method,
         rpc.grpc.status_code = tracing::field::Empty,
+        tenant = tracing::field::Empty,
+        request_id = tracing::field::Empty,
     );
     set_remote_parent(&span, extract_headers(request.headers()));
     span
@@ -271,5 +346,62 @@ impl tonic::service::Interceptor for PropagateContext {
     ) -> Result<tonic::Request<()>, tonic::Status> {
         inject_metadata(request.metadata_mut());
         Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Log lines written to memory.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_in_a_span_carry_its_trace_and_span_ids() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let provider = SdkTracerProvider::builder().build();
+        let (layer, slot) = json_layer(move || writer.clone());
+        let dispatch = tracing::Dispatch::new(
+            tracing_subscriber::registry()
+                .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+                .with(layer),
+        );
+        slot.set(dispatch.downgrade()).unwrap();
+        let expected = tracing::dispatcher::with_default(&dispatch, || {
+            tracing::info!(outside = true, "before any span");
+            let span = tracing::info_span!("request", tenant = "acme");
+            let _entered = span.enter();
+            tracing::info!(inside = true, "inside");
+            let cx = span.context();
+            let ids = cx.span().span_context().clone();
+            (ids.trace_id().to_string(), ids.span_id().to_string())
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let parsed: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        assert_eq!(parsed.len(), 2, "{text}");
+        assert!(parsed[0].get("trace_id").is_none(), "{text}");
+        assert_eq!(parsed[1]["trace_id"], expected.0.as_str(), "{text}");
+        assert_eq!(parsed[1]["span_id"], expected.1.as_str(), "{text}");
+        assert_eq!(expected.0.len(), 32);
+        assert_eq!(parsed[1]["inside"], true);
+        assert_eq!(parsed[1]["span"]["tenant"], "acme");
     }
 }

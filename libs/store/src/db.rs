@@ -393,7 +393,9 @@ impl Db {
             let db = db.clone();
             Box::pin(async move {
                 db.record_pool_gauges();
-                db.ping().await.map_err(|e| e.to_string())
+                db.ping()
+                    .await
+                    .map_err(|e| format!("database: {}", e.message))
             })
         })
     }

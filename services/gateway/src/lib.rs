@@ -21,6 +21,7 @@ mod privacy;
 mod query;
 mod queues;
 mod ratelimit;
+mod readiness;
 mod routes;
 mod transcode;
 mod webhooks;
@@ -54,7 +55,8 @@ pub struct AppState {
     pub(crate) keys: ApiKeys,
     pub(crate) db: Db,
     pub(crate) wallet: WalletServiceClient<grpc::Channel>,
-    pub(crate) wallet_channel: grpc::Channel,
+    /// The services the gateway calls, for readiness.
+    pub(crate) peers: Vec<Peer>,
     pub(crate) catalog: CatalogServiceClient<grpc::Channel>,
     pub(crate) eligibility: EligibilityServiceClient<grpc::Channel>,
     pub(crate) scheduler: SchedulerServiceClient<grpc::Channel>,
@@ -80,6 +82,14 @@ pub struct AppState {
     pub(crate) limits: Arc<ratelimit::Limits>,
     /// `/openapi.json`, rendered once when the routes are built.
     pub(crate) openapi: std::sync::OnceLock<axum::body::Bytes>,
+}
+
+/// A service the gateway calls: its name, its entry on the gRPC health service, its channel.
+#[derive(Clone)]
+pub(crate) struct Peer {
+    pub(crate) name: &'static str,
+    pub(crate) health: &'static str,
+    pub(crate) channel: grpc::Channel,
 }
 
 /// A gateway ready to serve.
@@ -141,40 +151,63 @@ impl Gateway {
         )?;
         let erasures = erasures::Erasures::new(db.clone(), commands.waker());
         let dead_letters = Arc::new(tessera_store::queue::DeadLetters::new(db.clone(), SERVICE));
-        let wallet_channel = grpc::channel(&config.peers.wallet_url, config.peer_timeout())?;
-        // The services keeping work queues and customer data, by the name the ops APIs use.
-        let services = [
-            ("catalog", &config.peers.catalog_url),
-            ("eligibility", &config.peers.eligibility_url),
-            ("campaign-scheduler", &config.peers.scheduler_url),
-            ("wallet", &config.peers.wallet_url),
-            ("notification", &config.peers.notification_url),
+        // The services the gateway calls, by the name the ops APIs and readiness use; one
+        // channel each, shared by every client of that service.
+        use tessera_proto::{catalog, eligibility, notification, scheduler, wallet};
+        let peers = [
+            (
+                "catalog",
+                &config.peers.catalog_url,
+                catalog::v1::catalog_service_server::SERVICE_NAME,
+            ),
+            (
+                "eligibility",
+                &config.peers.eligibility_url,
+                eligibility::v1::eligibility_service_server::SERVICE_NAME,
+            ),
+            (
+                "campaign-scheduler",
+                &config.peers.scheduler_url,
+                scheduler::v1::scheduler_service_server::SERVICE_NAME,
+            ),
+            (
+                "wallet",
+                &config.peers.wallet_url,
+                wallet::v1::wallet_service_server::SERVICE_NAME,
+            ),
+            (
+                "notification",
+                &config.peers.notification_url,
+                notification::v1::notification_service_server::SERVICE_NAME,
+            ),
         ]
         .into_iter()
-        .map(|(name, url)| Ok((name, grpc::channel(url, config.peer_timeout())?)))
+        .map(|(name, url, health)| {
+            Ok(Peer {
+                name,
+                health,
+                channel: grpc::channel(url, config.peer_timeout())?,
+            })
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
+        let channel = |name: &str| {
+            peers
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.channel.clone())
+                .expect("every peer is in the table")
+        };
+        let services: Vec<(&'static str, grpc::Channel)> =
+            peers.iter().map(|p| (p.name, p.channel.clone())).collect();
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let state = AppState {
             keys: keys.clone(),
             db,
-            wallet: WalletServiceClient::new(wallet_channel.clone()),
-            wallet_channel,
-            catalog: CatalogServiceClient::new(grpc::channel(
-                &config.peers.catalog_url,
-                config.peer_timeout(),
-            )?),
-            eligibility: EligibilityServiceClient::new(grpc::channel(
-                &config.peers.eligibility_url,
-                config.peer_timeout(),
-            )?),
-            scheduler: SchedulerServiceClient::new(grpc::channel(
-                &config.peers.scheduler_url,
-                config.peer_timeout(),
-            )?),
-            notification: NotificationServiceClient::new(grpc::channel(
-                &config.peers.notification_url,
-                config.peer_timeout(),
-            )?),
+            wallet: WalletServiceClient::new(channel("wallet")),
+            catalog: CatalogServiceClient::new(channel("catalog")),
+            eligibility: EligibilityServiceClient::new(channel("eligibility")),
+            scheduler: SchedulerServiceClient::new(channel("campaign-scheduler")),
+            notification: NotificationServiceClient::new(channel("notification")),
             queues: services
                 .iter()
                 .map(|(name, channel)| {
@@ -207,6 +240,7 @@ impl Gateway {
             max_body_bytes: config.gateway.max_body_bytes,
             limits: Arc::new(ratelimit::Limits::new(&config.gateway)),
             openapi: std::sync::OnceLock::new(),
+            peers,
         };
         let router = routes::router(
             Arc::new(state),

@@ -1,6 +1,7 @@
 //! Per-request observability: a server span parented to the caller's `traceparent`, a
 //! request id (taken from `X-Request-Id` or generated), both returned in the response
-//! headers, RED metrics per route, the rate-limit headers of the request's key, and the
+//! headers, RED metrics per route, an access-log line (target `tessera::access`), the
+//! rate-limit headers of the request's key, and the
 //! final rendering of errors with that request id.
 
 use std::sync::{Arc, Mutex};
@@ -68,6 +69,7 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         http.route = %route,
         http.response.status_code = tracing::field::Empty,
         request_id = %request_id,
+        tenant = tracing::field::Empty,
     );
     telemetry::set_remote_parent(&span, telemetry::extract_headers(req.headers()));
     req.extensions_mut().insert(RequestId(request_id.clone()));
@@ -92,10 +94,24 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
     .increment(1);
     metrics::histogram!("tessera_http_request_duration_seconds", &labels)
         .record(started.elapsed().as_secs_f64());
+    let tenant = caller.principal().map(|p| p.tenant_id).unwrap_or_default();
+    span.record("tenant", tenant.as_str());
     span.in_scope(|| {
         if status.is_server_error() {
             tracing::error!(%status, "request failed");
         }
+        // The access log: one line per request at INFO (`tessera::access=off` in
+        // `telemetry.log_filter` silences it).
+        tracing::info!(
+            target: "tessera::access",
+            method = %method,
+            route = %route,
+            status = status.as_u16(),
+            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            tenant = %tenant,
+            request_id = %request_id,
+            "http request"
+        );
         telemetry::inject_headers(response.headers_mut());
     });
     if let Some(info) = caller.limits() {

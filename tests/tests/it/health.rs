@@ -1,12 +1,14 @@
 //! Health and reflection: every gRPC service reports SERVING on the standard health
 //! service and is listed by reflection; on shutdown health flips to NOT_SERVING before the
-//! listener closes; the HTTP probes answer. Services refuse calls without a tenant.
+//! listener closes; the HTTP probes answer. Services refuse calls without a tenant. With
+//! the database cut (PostgreSQL through a proxy), readiness says so within a second or two,
+//! naming the database, and recovers when it is back.
 
 use std::time::Duration;
 
 use tessera_proto::wallet::v1 as pb;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
-use tessera_tests::{TestSuite, backend_tests};
+use tessera_tests::{Backend, Proxy, TestSuite, backend_tests, eventually, test_config};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -112,5 +114,87 @@ async fn every_service_is_serving_and_flips_on_shutdown(mut suite: TestSuite) {
     let body: serde_json::Value = ready.json().await.expect("JSON");
     assert_eq!(body["checks"]["shutdown"], "draining");
     draining.take_suite().unwrap().wait().await.unwrap();
+    suite.cleanup().await;
+}
+
+/// `/readyz` once: its status, its body and how long it took.
+async fn readyz(suite: &TestSuite) -> (u16, serde_json::Value, Duration) {
+    let started = std::time::Instant::now();
+    let response = suite
+        .http
+        .get(format!("{}/readyz", suite.base_url))
+        .send()
+        .await
+        .expect("readiness answers");
+    let status = response.status().as_u16();
+    let body = response.json().await.expect("JSON");
+    (status, body, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_cut_makes_every_service_unready_and_says_so() {
+    let Some(mut config) = test_config(Backend::Production) else {
+        return;
+    };
+    let url = config.database.url.clone().expect("database url");
+    let rest = url.split_once("://").expect("scheme").1;
+    let after_at = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let target = after_at
+        .split(['/', '?'])
+        .next()
+        .expect("host:port")
+        .to_string();
+    let proxy = Proxy::start(target.clone()).await;
+    config.database.url = Some(url.replace(&target, &format!("127.0.0.1:{}", proxy.port)));
+    let suite = TestSuite::start_with(Backend::Production, config, false).await;
+    let (code, body, _) = readyz(&suite).await;
+    assert_eq!(code, 200, "{body}");
+    for check in [
+        "database",
+        "wallet",
+        "catalog",
+        "eligibility",
+        "notification",
+        "campaign-scheduler",
+    ] {
+        assert_eq!(body["checks"][check], "ok", "{check}: {body}");
+    }
+
+    proxy.cut().await;
+    let (code, body, took) = eventually(Duration::from_secs(10), "readiness turns 503", || async {
+        let answer = readyz(&suite).await;
+        (answer.0 == 503 && answer.1["checks"]["database"] != "ok").then_some(answer)
+    })
+    .await;
+    assert_eq!(code, 503);
+    assert_eq!(body["status"], "not_ready");
+    let database = body["checks"]["database"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!database.is_empty() && database != "ok", "{body}");
+    // Asked while down, it still answers at once (each dependency gets under a second).
+    assert!(took < Duration::from_secs(5), "readiness took {took:?}");
+    eprintln!("readiness with the database cut, in {took:?}: {body}");
+    // The gRPC services' own readiness names the database too.
+    eventually(Duration::from_secs(10), "wallet NOT_SERVING", || async {
+        (status(&suite, SERVICES[2]).await == ServingStatus::NotServing).then_some(())
+    })
+    .await;
+    let (_, body, _) = readyz(&suite).await;
+    assert!(
+        body["checks"]["wallet"]
+            .as_str()
+            .is_some_and(|w| w.contains("NOT_SERVING")),
+        "{body}"
+    );
+
+    proxy.restore().await;
+    eventually(Duration::from_secs(20), "ready again", || async {
+        let (code, _, _) = readyz(&suite).await;
+        (code == 200).then_some(())
+    })
+    .await;
+    assert_eq!(status(&suite, SERVICES[2]).await, ServingStatus::Serving);
     suite.cleanup().await;
 }

@@ -4,70 +4,14 @@
 //! degradation; when Redis comes back, the entries written before the outage are of an
 //! older facts version and never answer.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_proto::eligibility::v1 as pb;
 use tessera_proto::eligibility::v1::eligibility_service_client::EligibilityServiceClient;
-use tessera_tests::{Backend, TENANT, TestSuite, eventually, test_config};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
-use tokio::task::JoinHandle;
+use tessera_tests::{Backend, Proxy, TENANT, TestSuite, eventually, test_config};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-
-/// Forwards a local port to Redis until cut.
-struct Proxy {
-    port: u16,
-    target: String,
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    async fn start(target: String) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let proxy = Self {
-            port,
-            target,
-            tasks: Arc::default(),
-        };
-        proxy.serve(listener).await;
-        proxy
-    }
-
-    async fn serve(&self, listener: TcpListener) {
-        let (target, tasks) = (self.target.clone(), self.tasks.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let target = target.clone();
-                let pipe = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                tasks.lock().await.push(pipe);
-            }
-        });
-        self.tasks.lock().await.push(accept);
-    }
-
-    /// Closes the port and every connection through it.
-    async fn cut(&self) {
-        for task in self.tasks.lock().await.drain(..) {
-            task.abort();
-        }
-    }
-
-    /// Opens the same port again.
-    async fn restore(&self) {
-        let listener = TcpListener::bind(("127.0.0.1", self.port))
-            .await
-            .expect("rebind the proxy port");
-        self.serve(listener).await;
-    }
-}
 
 async fn cache_health(suite: &TestSuite) -> ServingStatus {
     HealthClient::new(suite.channel())
