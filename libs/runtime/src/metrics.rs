@@ -19,20 +19,59 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Buckets of `tessera_queue_attempts` (the claim number an item was handled on).
+const ATTEMPT_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 5.0, 10.0, 20.0];
+
 /// Installs the process-wide Prometheus recorder (once) and returns its handle.
 pub fn install() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), LATENCY_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("tessera_queue_attempts".into()),
+                    ATTEMPT_BUCKETS,
+                )
+            })
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         // Another recorder already installed (only possible in tests embedding us): keep ours
         // rendering whatever reaches it.
         let _ = metrics::set_global_recorder(recorder);
+        describe();
         handle
     })
+}
+
+/// The metrics table of `docs/metrics.md`: one source for the documentation and for the
+/// `# HELP` line of every metric.
+const DOCUMENTED: &str = include_str!("../../../docs/metrics.md");
+
+/// `(name, type, description)` of every metric `docs/metrics.md` lists.
+fn documented() -> impl Iterator<Item = (&'static str, &'static str, String)> {
+    DOCUMENTED.lines().filter_map(|line| {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // `| name | type | labels | what |` splits into 6 cells, the outer two empty.
+        let [_, name, kind, _, what, _] = cells.as_slice() else {
+            return None;
+        };
+        let name = name.strip_prefix('`')?.strip_suffix('`')?;
+        name.starts_with("tessera_")
+            .then(|| (name, *kind, what.replace('`', "")))
+    })
+}
+
+/// Gives every documented metric its description (the exposition's `# HELP` line).
+fn describe() {
+    for (name, kind, what) in documented() {
+        match kind {
+            "counter" => metrics::describe_counter!(name, what),
+            "gauge" => metrics::describe_gauge!(name, what),
+            _ => metrics::describe_histogram!(name, what),
+        }
+    }
 }
 
 /// The Prometheus text exposition of every metric recorded so far.
@@ -150,5 +189,36 @@ where
                 .record(elapsed.as_secs_f64());
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_metric_is_exposed_with_help_and_type() {
+        install();
+        let listed: Vec<_> = documented().collect();
+        assert!(listed.len() >= 15, "{listed:?}");
+        for (name, kind, _) in &listed {
+            assert!(
+                ["counter", "gauge", "histogram"].contains(kind),
+                "{name}: {kind}"
+            );
+            match *kind {
+                "counter" => metrics::counter!(*name).increment(1),
+                "gauge" => metrics::gauge!(*name).set(1.0),
+                _ => metrics::histogram!(*name).record(0.001),
+            }
+        }
+        let text = render();
+        for (name, kind, what) in &listed {
+            assert!(
+                text.contains(&format!("# HELP {name} {what}")),
+                "{name} has no HELP line in:\n{text}"
+            );
+            assert!(text.contains(&format!("# TYPE {name} {kind}")), "{name}");
+        }
     }
 }
