@@ -110,9 +110,12 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// `tracing` env-filter directive, e.g. `info,tessera_wallet=debug`. `RUST_LOG` wins when set.
     pub log_filter: String,
-    /// OTLP/gRPC collector endpoint, e.g. `http://otel-collector:4317`. Unset: no export
-    /// (trace ids are still generated and propagated).
+    /// OTLP/gRPC collector endpoint, e.g. `http://otel-collector:4317`, or `https://…` (TLS,
+    /// trusting the Mozilla roots and `otlp_ca_file`). Unset: no export (trace ids are still
+    /// generated and propagated).
     pub otlp_endpoint: Option<String>,
+    /// A PEM file of the CA that signed an `https://` collector's certificate (a private CA).
+    pub otlp_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Where the other services are. In the all-in-one process they all point at `grpc_addr`.
@@ -439,6 +442,7 @@ impl Default for TelemetryConfig {
             log_filter:
                 "info,sea_orm_migration=warn,opentelemetry=warn,sqlx::postgres::notice=warn".into(),
             otlp_endpoint: None,
+            otlp_ca_file: None,
         }
     }
 }

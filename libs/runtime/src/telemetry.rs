@@ -58,12 +58,7 @@ fn resource(service: &str) -> opentelemetry_sdk::Resource {
 pub fn init(config: &TelemetryConfig, service: &str) -> anyhow::Result<TelemetryGuard> {
     let mut builder = SdkTracerProvider::builder().with_resource(resource(service));
     if let Some(endpoint) = &config.otlp_endpoint {
-        use opentelemetry_otlp::WithExportConfig;
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.clone())
-            .build()?;
-        builder = builder.with_batch_exporter(exporter);
+        builder = builder.with_batch_exporter(otlp_exporter(endpoint, config)?);
     }
     let provider = builder.build();
     let tracer = provider.tracer("tessera");
@@ -84,6 +79,32 @@ pub fn init(config: &TelemetryConfig, service: &str) -> anyhow::Result<Telemetry
     opentelemetry::global::set_tracer_provider(provider.clone());
     crate::metrics::install();
     Ok(TelemetryGuard { provider })
+}
+
+/// The OTLP/gRPC span exporter for `endpoint`: over TLS for `https://` (Mozilla's roots, and
+/// `telemetry.otlp_ca_file` when set), in the clear for `http://`.
+fn otlp_exporter(
+    endpoint: &str,
+    config: &TelemetryConfig,
+) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+    use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint.to_string());
+    if endpoint.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_webpki_roots();
+        if let Some(path) = &config.otlp_ca_file {
+            let pem = std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!(
+                    "telemetry.otlp_ca_file: cannot read {}: {e}",
+                    path.display()
+                )
+            })?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        exporter = exporter.with_tls_config(tls);
+    }
+    Ok(exporter.build()?)
 }
 
 /// The JSON log layer: one object per line, the event's fields flattened, the current
@@ -354,6 +375,19 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
+
+    #[tokio::test]
+    async fn an_https_collector_gets_a_tls_exporter() {
+        let config = TelemetryConfig::default();
+        otlp_exporter("https://collector.example:4317", &config).expect("TLS is built in");
+        otlp_exporter("http://127.0.0.1:4317", &config).expect("plain");
+        let missing = TelemetryConfig {
+            otlp_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..TelemetryConfig::default()
+        };
+        let err = otlp_exporter("https://collector.example:4317", &missing).unwrap_err();
+        assert!(err.to_string().contains("telemetry.otlp_ca_file"), "{err}");
+    }
 
     /// Log lines written to memory.
     #[derive(Clone, Default)]
