@@ -2,8 +2,8 @@
 //! [`crate::component::serve`]) runs a set of routes with the standard health service
 //! (one entry per registered service, flipped to NOT_SERVING on shutdown) and reflection (v1
 //! and v1alpha), a server span per request parented to the caller's trace, and graceful
-//! shutdown. [`channel`] opens a lazily connecting client channel that propagates the trace
-//! context and applies the configured deadline.
+//! shutdown. [`channel`] opens a lazily connecting client channel that makes a CLIENT span
+//! per call, propagates its trace context and applies the configured deadline.
 
 use std::time::Duration;
 
@@ -12,19 +12,18 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Endpoint, Server};
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthReporter;
 
-use crate::telemetry::{PropagateContext, server_span};
+use crate::telemetry::{TracedClient, server_span};
 
 /// HTTP/2 flow-control window per stream (the connection gets twice as much).
 const WINDOW: u32 = 1 << 20;
 
-/// A client channel that propagates the W3C trace context on every call.
-pub type Channel = InterceptedService<tonic::transport::Channel, PropagateContext>;
+/// A client channel: every call gets a CLIENT span, whose W3C trace context it carries.
+pub type Channel = TracedClient<tonic::transport::Channel>;
 
 /// A lazily connecting channel to `url` (connects on first use, reconnects as needed), with
 /// `timeout` as the deadline of every call.
@@ -38,10 +37,7 @@ pub fn channel(url: &str, timeout: Duration) -> anyhow::Result<Channel> {
         .initial_stream_window_size(Some(WINDOW))
         .initial_connection_window_size(Some(2 * WINDOW))
         .http2_keep_alive_interval(Duration::from_secs(30));
-    Ok(InterceptedService::new(
-        endpoint.connect_lazy(),
-        PropagateContext,
-    ))
+    Ok(TracedClient::new(endpoint.connect_lazy()))
 }
 
 /// Serves `routes` on `listener` until `shutdown` is cancelled. `health_names` are the fully

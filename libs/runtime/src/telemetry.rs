@@ -2,7 +2,7 @@
 //! [`init_for_tests`], which records spans in memory). A tracer provider is always installed,
 //! so every request gets a trace id that is logged and propagated; spans are exported over
 //! OTLP only when an endpoint is configured. W3C trace context crosses process boundaries in
-//! gRPC metadata ([`inject_metadata`], [`server_span`]) and HTTP headers ([`extract_headers`]).
+//! gRPC metadata ([`TracedClient`], [`server_span`]) and HTTP headers ([`extract_headers`]).
 
 use std::sync::OnceLock;
 
@@ -10,7 +10,6 @@ use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -224,22 +223,6 @@ fn propagator() -> &'static TraceContextPropagator {
     PROPAGATOR.get_or_init(TraceContextPropagator::new)
 }
 
-struct MetadataInjector<'a>(&'a mut MetadataMap);
-
-impl Injector for MetadataInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if value.is_empty() {
-            return;
-        }
-        if let (Ok(key), Ok(value)) = (
-            MetadataKey::from_bytes(key.as_bytes()),
-            MetadataValue::try_from(value.as_str()),
-        ) {
-            self.0.insert(key, value);
-        }
-    }
-}
-
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
@@ -266,12 +249,6 @@ impl Injector for HeaderInjector<'_> {
             self.0.insert(key, value);
         }
     }
-}
-
-/// Writes the current span's trace context into outgoing gRPC metadata.
-pub fn inject_metadata(metadata: &mut MetadataMap) {
-    let cx = tracing::Span::current().context();
-    propagator().inject_context(&cx, &mut MetadataInjector(metadata));
 }
 
 /// Writes the current span's trace context into HTTP headers (responses, webhooks).
@@ -356,86 +333,66 @@ pub fn server_span(request: &http::Request<()>) -> tracing::Span {
     span
 }
 
-/// A tonic interceptor that adds the current trace context to every outgoing call.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PropagateContext;
+/// A gRPC client service that makes a CLIENT span per call (`grpc.client`, with the
+/// `rpc.*` attributes and the status code), child of the caller's span, and sends that
+/// span's W3C trace context, so the server's span is its child.
+#[derive(Debug, Clone)]
+pub struct TracedClient<S> {
+    inner: S,
+}
 
-impl tonic::service::Interceptor for PropagateContext {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        inject_metadata(request.metadata_mut());
-        Ok(request)
+impl<S> TracedClient<S> {
+    pub fn new(inner: S) -> Self {
+        Self { inner }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::sync::{Arc, Mutex};
+impl<S, B> tower::Service<http::Request<tonic::body::Body>> for TracedClient<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
 
-    use super::*;
-
-    #[tokio::test]
-    async fn an_https_collector_gets_a_tls_exporter() {
-        let config = TelemetryConfig::default();
-        otlp_exporter("https://collector.example:4317", &config).expect("TLS is built in");
-        otlp_exporter("http://127.0.0.1:4317", &config).expect("plain");
-        let missing = TelemetryConfig {
-            otlp_ca_file: Some("/nonexistent/ca.pem".into()),
-            ..TelemetryConfig::default()
-        };
-        let err = otlp_exporter("https://collector.example:4317", &missing).unwrap_err();
-        assert!(err.to_string().contains("telemetry.otlp_ca_file"), "{err}");
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
     }
 
-    /// Log lines written to memory.
-    #[derive(Clone, Default)]
-    struct Lines(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn json_lines_in_a_span_carry_its_trace_and_span_ids() {
-        let lines = Lines::default();
-        let writer = lines.clone();
-        let provider = SdkTracerProvider::builder().build();
-        let (layer, slot) = json_layer(move || writer.clone());
-        let dispatch = tracing::Dispatch::new(
-            tracing_subscriber::registry()
-                .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
-                .with(layer),
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        use tracing::Instrument;
+        let path = request.uri().path().trim_start_matches('/').to_string();
+        let (service, method) = path.split_once('/').unwrap_or((path.as_str(), ""));
+        let span = tracing::info_span!(
+            "grpc.client",
+            otel.name = %path,
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            server.address = request.uri().host().unwrap_or_default(),
+            rpc.grpc.status_code = tracing::field::Empty,
         );
-        slot.set(dispatch.downgrade()).unwrap();
-        let expected = tracing::dispatcher::with_default(&dispatch, || {
-            tracing::info!(outside = true, "before any span");
-            let span = tracing::info_span!("request", tenant = "acme");
-            let _entered = span.enter();
-            tracing::info!(inside = true, "inside");
-            let cx = span.context();
-            let ids = cx.span().span_context().clone();
-            (ids.trace_id().to_string(), ids.span_id().to_string())
-        });
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
-        let parsed: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-            .collect();
-        assert_eq!(parsed.len(), 2, "{text}");
-        assert!(parsed[0].get("trace_id").is_none(), "{text}");
-        assert_eq!(parsed[1]["trace_id"], expected.0.as_str(), "{text}");
-        assert_eq!(parsed[1]["span_id"], expected.1.as_str(), "{text}");
-        assert_eq!(expected.0.len(), 32);
-        assert_eq!(parsed[1]["inside"], true);
-        assert_eq!(parsed[1]["span"]["tenant"], "acme");
+        propagator().inject_context(&span.context(), &mut HeaderInjector(request.headers_mut()));
+        let future = self.inner.call(request).instrument(span.clone());
+        Box::pin(async move {
+            let result = future.await;
+            if let Ok(response) = &result {
+                // An error comes trailers-only, its status a header; a success's status is
+                // in the trailers, which is 0.
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .unwrap_or(0);
+                span.record("rpc.grpc.status_code", code);
+            }
+            result
+        })
     }
 }

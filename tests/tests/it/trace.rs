@@ -1,9 +1,10 @@
 //! One request is one trace: the points request produces spans for the gateway, the wallet
-//! and notification, linked parent to child across the gRPC hops and the outbox.
+//! and notification, linked parent to child across the gRPC hops (a CLIENT span on the
+//! caller's side, the SERVER span its child) and the outbox.
 
 use std::time::Duration;
 
-use opentelemetry::trace::{SpanId, TraceId};
+use opentelemetry::trace::{SpanId, SpanKind, TraceId};
 use opentelemetry_sdk::trace::SpanData;
 use serde_json::json;
 use tessera_tests::{TestSuite, backend_tests, eventually};
@@ -12,6 +13,11 @@ backend_tests!(points_request_is_one_trace_across_services);
 
 fn find<'a>(spans: &'a [SpanData], name: &str) -> Option<&'a SpanData> {
     spans.iter().find(|s| s.name == name)
+}
+
+/// The span named `name` of `kind` (a gRPC call has a CLIENT and a SERVER span by its name).
+fn find_kind<'a>(spans: &'a [SpanData], name: &str, kind: SpanKind) -> Option<&'a SpanData> {
+    spans.iter().find(|s| s.name == name && s.span_kind == kind)
 }
 
 fn parent_of(span: &SpanData) -> SpanId {
@@ -43,30 +49,37 @@ async fn points_request_is_one_trace_across_services(suite: TestSuite) {
                 .into_iter()
                 .filter(|s| s.span_context.trace_id() == trace_id)
                 .collect();
-            let complete = [
-                "POST /v1/customers/{id}/points",
+            let calls = [
                 "tessera.wallet.v1.WalletService/Credit",
-                "outbox.publish",
                 "tessera.notification.v1.NotificationService/PublishEvents",
-            ]
-            .iter()
-            .all(|n| find(&spans, n).is_some());
+            ];
+            let complete = find(&spans, "POST /v1/customers/{id}/points").is_some()
+                && find(&spans, "outbox.publish").is_some()
+                && calls.iter().all(|n| {
+                    find_kind(&spans, n, SpanKind::Client).is_some()
+                        && find_kind(&spans, n, SpanKind::Server).is_some()
+                });
             complete.then_some(spans)
         }
     })
     .await;
     let gateway = find(&spans, "POST /v1/customers/{id}/points").unwrap();
-    let wallet = find(&spans, "tessera.wallet.v1.WalletService/Credit").unwrap();
+    let credit = "tessera.wallet.v1.WalletService/Credit";
+    let wallet_call = find_kind(&spans, credit, SpanKind::Client).expect("client span");
+    let wallet = find_kind(&spans, credit, SpanKind::Server).expect("server span");
     let publish = find(&spans, "outbox.publish").expect("relay span");
-    let notification = find(
-        &spans,
-        "tessera.notification.v1.NotificationService/PublishEvents",
-    )
-    .unwrap();
+    let events = "tessera.notification.v1.NotificationService/PublishEvents";
+    let notification_call = find_kind(&spans, events, SpanKind::Client).expect("client span");
+    let notification = find_kind(&spans, events, SpanKind::Server).expect("server span");
+    assert_eq!(
+        parent_of(wallet_call),
+        gateway.span_context.span_id(),
+        "the gateway calls the wallet"
+    );
     assert_eq!(
         parent_of(wallet),
-        gateway.span_context.span_id(),
-        "wallet is the gateway's child"
+        wallet_call.span_context.span_id(),
+        "wallet is the call's child"
     );
     assert_eq!(
         parent_of(publish),
@@ -74,10 +87,23 @@ async fn points_request_is_one_trace_across_services(suite: TestSuite) {
         "the relay continues the wallet's trace"
     );
     assert_eq!(
-        parent_of(notification),
+        parent_of(notification_call),
         publish.span_context.span_id(),
-        "notification is the relay's child"
+        "the relay calls notification"
     );
+    assert_eq!(
+        parent_of(notification),
+        notification_call.span_context.span_id(),
+        "notification is the call's child"
+    );
+    for span in [wallet_call, notification_call] {
+        let has = |key: &str| span.attributes.iter().any(|kv| kv.key.as_str() == key);
+        assert!(
+            has("rpc.system") && has("rpc.method") && has("server.address"),
+            "{:?}",
+            span.attributes
+        );
+    }
     // The server span carries the call's status code, as a number (OpenTelemetry's rpc.*).
     let status = wallet
         .attributes
