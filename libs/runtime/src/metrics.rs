@@ -1,6 +1,7 @@
 //! Prometheus metrics. One recorder per process ([`install`]); every service records
-//! through the `metrics` facade and the text exposition is served at `/metrics` (the gateway's
-//! HTTP port, or `metrics_addr` for a gRPC service running alone). The metric names are
+//! through the `metrics` facade and the text exposition is served at `/metrics` on
+//! `metrics_addr` when it is set (every process the chart runs), else on the gateway's HTTP
+//! port. The metric names are
 //! documented in `docs/metrics.md`.
 //!
 //! [`GrpcMetricsLayer`] records RED metrics for every gRPC call the server handles.

@@ -290,14 +290,29 @@ pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: &str) {
     set_remote_parent(span, context_of_traceparent(traceparent));
 }
 
-/// Links `span` to the context in a stored `traceparent`: for work done on behalf of several
-/// requests at once (one outbox delivery carrying many requests' events), whose first
-/// request is the parent and the others are links.
-pub fn add_link_from_traceparent(span: &tracing::Span, traceparent: &str) {
-    let cx = context_of_traceparent(traceparent);
-    let linked = cx.span().span_context().clone();
-    if linked.is_valid() {
-        span.add_link(linked);
+/// Most links a batch's span carries (the rest of a large batch's requests are not linked).
+const MAX_LINKS: usize = 64;
+
+/// Puts `span`, work done for several requests at once (one wallet call for many
+/// redemptions, one outbox delivery for many requests' events), in the trace of the first
+/// request, linked to the others' (each trace once, at most [`MAX_LINKS`]).
+pub fn batch_parent<'a>(span: &tracing::Span, traceparents: impl IntoIterator<Item = &'a str>) {
+    let mut traceparents = traceparents.into_iter();
+    let Some(first) = traceparents.next() else {
+        return;
+    };
+    set_parent_from_traceparent(span, first);
+    let mut linked = std::collections::HashSet::from([first]);
+    for other in traceparents {
+        if linked.len() > MAX_LINKS {
+            break;
+        }
+        if linked.insert(other) {
+            let linked = context_of_traceparent(other).span().span_context().clone();
+            if linked.is_valid() {
+                span.add_link(linked);
+            }
+        }
     }
 }
 

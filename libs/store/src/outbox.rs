@@ -167,8 +167,6 @@ pub struct Relay {
 const LAG_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a woken relay waits for more commits before it claims a batch.
 const LINGER: Duration = Duration::from_millis(5);
-/// Most other requests one delivery span links to.
-const MAX_LINKS: usize = 64;
 
 /// Backoff after `attempts` failed deliveries: 1 s, 2 s, 4 s … capped at 5 minutes.
 fn backoff(attempts: i32) -> Duration {
@@ -258,16 +256,7 @@ impl Relay {
                     tenant = %group[0].tenant_id,
                     events = group.len(),
                 );
-                telemetry::set_parent_from_traceparent(&span, &group[0].traceparent);
-                let mut linked = std::collections::HashSet::new();
-                for event in &group[1..] {
-                    if event.traceparent != group[0].traceparent
-                        && linked.len() < MAX_LINKS
-                        && linked.insert(event.traceparent.as_str())
-                    {
-                        telemetry::add_link_from_traceparent(&span, &event.traceparent);
-                    }
-                }
+                telemetry::batch_parent(&span, group.iter().map(|e| e.traceparent.as_str()));
                 let result = self
                     .publisher
                     .publish(self.source, &group)

@@ -29,6 +29,7 @@ use tessera_money::Rounding;
 use tessera_proto::eligibility::v1 as pb;
 use tessera_proto::wallet::v1 as wpb;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
+use tessera_runtime::telemetry;
 use tessera_runtime::{Code, Error, RequestContext, grpc};
 use tessera_store::idempotency::derived_key;
 use tessera_store::outbox::micros_to_timestamp;
@@ -94,6 +95,9 @@ const HOLD_BATCH: usize = 200;
 /// One hold a redemption waits for.
 struct Ask {
     ctx: RequestContext,
+    /// The asking request's trace context: the batch continues the first one's trace and
+    /// links the others.
+    traceparent: String,
     key: String,
     entry: wpb::BatchHoldEntry,
     reply: oneshot::Sender<Result<wpb::BatchHoldOutcome, Error>>,
@@ -127,6 +131,7 @@ impl HoldBatcher {
         let (reply, outcome) = oneshot::channel();
         let ask = Ask {
             ctx: ctx.clone(),
+            traceparent: telemetry::current_traceparent(),
             key,
             entry,
             reply,
@@ -174,7 +179,9 @@ async fn hold_batch(wallet: &WalletServiceClient<grpc::Channel>, group: Vec<Ask>
         idempotency_key: derived_key("redemption-holds", &keys),
         holds: group.iter().map(|a| a.entry.clone()).collect(),
     });
-    match wallet.clone().batch_hold(request).await {
+    let span = tracing::info_span!("spends.hold", holds = group.len());
+    telemetry::batch_parent(&span, group.iter().map(|a| a.traceparent.as_str()));
+    match wallet.clone().batch_hold(request).instrument(span).await {
         Ok(response) => {
             let mut outcomes = response.into_inner().outcomes.into_iter();
             for ask in group {
@@ -521,6 +528,7 @@ impl Captures {
             return bad;
         }
         let span = tracing::info_span!("spends.capture", tenant, captures = asked.len());
+        telemetry::batch_parent(&span, asked.iter().map(|i| i.traceparent.as_str()));
         let keys: Vec<&str> = asked.iter().map(|i| i.key.as_str()).collect();
         let request = RequestContext::system(tenant.to_string(), crate::SERVICE).request(
             wpb::BatchCaptureRequest {

@@ -245,6 +245,7 @@ impl Gateway {
         let router = routes::router(
             Arc::new(state),
             Duration::from_millis(config.gateway.request_timeout_ms),
+            config.metrics_addr.is_none(),
         );
         Ok(Self {
             router,

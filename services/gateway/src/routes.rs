@@ -22,7 +22,7 @@ use crate::observe::{RequestId, observe};
 use crate::query::{PageQuery, page_request, rfc3339, strict};
 use crate::readiness;
 
-pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
+pub fn router(state: Arc<AppState>, timeout: Duration, public_metrics: bool) -> Router {
     let mut api = Api::default();
     api.tag(
         "operations",
@@ -42,13 +42,16 @@ pub fn router(state: Arc<AppState>, timeout: Duration) -> Router {
             )
             .answer::<readiness::Readiness>(200, "Ready.")
             .answer::<readiness::Readiness>(503, "Not ready; `checks` says what is not."),
-    )
-    .add(
-        Op::get("/metrics", metrics)
-            .summary("Prometheus metrics")
-            .answer_with(200, "Prometheus text exposition.", Content::Text),
-    )
-    .add(
+    );
+    // With `metrics_addr` set, metrics are served there, off the public port.
+    if public_metrics {
+        api.add(
+            Op::get("/metrics", metrics)
+                .summary("Prometheus metrics")
+                .answer_with(200, "Prometheus text exposition.", Content::Text),
+        );
+    }
+    api.add(
         Op::get("/openapi.json", openapi)
             .summary("This document")
             .answer_with(

@@ -95,6 +95,9 @@ pub async fn start_with_peers(
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
     tessera_runtime::auth::install_secret(config.internal_secret.as_deref())?;
+    if let Some(addr) = config.metrics_addr {
+        tessera_runtime::metrics::spawn(addr, shutdown.clone()).await?;
+    }
     // The services share nothing while they start (each connects to and migrates its own
     // database), so they start together: a suite is up in the time of its slowest service.
     let (catalog, eligibility, wallet, scheduler, notification, gateway) = tokio::try_join!(
@@ -141,7 +144,6 @@ pub async fn serve(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let http = service == Service::Gateway;
     // Services running apart trust each other's calls by the shared secret: every process
     // must be given the same one.
     let Some(secret) = config.internal_secret.as_deref() else {
@@ -151,9 +153,10 @@ pub async fn serve(
     };
     tessera_runtime::auth::install_secret(Some(secret))?;
     let listener = tessera_runtime::bin::bind(config.grpc_addr).await?;
-    // A gRPC service running alone serves its metrics on their own port; the gateway
-    // serves them on its HTTP port.
-    if let (Some(addr), false) = (config.metrics_addr, http) {
+    // With `metrics_addr` set, metrics are served on their own port (the gateway's then
+    // leave its public port); without it, a gRPC service has none and the gateway serves
+    // them on its HTTP port.
+    if let Some(addr) = config.metrics_addr {
         tessera_runtime::metrics::spawn(addr, shutdown.clone()).await?;
     }
     match service {

@@ -14,9 +14,25 @@ use tessera_runtime::{shutdown, telemetry};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Where settings come from, shown under every command's `--help`.
+const SETTINGS: &str = "\
+Settings: built-in defaults, then the --config TOML file, then TESSERA_* environment
+variables (nested keys with `__`). Every key, its variable and default: docs/configuration.md.
+The ones a deployment sets most:
+  TESSERA_GRPC_ADDR, TESSERA_HTTP_ADDR     listen addresses (gRPC; the gateway's REST)
+  TESSERA_METRICS_ADDR                     /metrics on a port of its own
+  TESSERA_DATABASE__URL                    postgres://… (unset: SQLite under TESSERA_DATA_DIR)
+  TESSERA_CACHE__REDIS_URL                 redis://… (unset: in-process segment cache)
+  TESSERA_PEERS__<SERVICE>_URL             http(s)://host:port of catalog, eligibility, wallet,
+                                           scheduler, notification and gateway
+  TESSERA_INTERNAL_SECRET                  shared secret of the services' own calls
+  TESSERA_SECRETS__MASTER_KEY              master key of sealed secrets
+  TESSERA_TELEMETRY__OTLP_ENDPOINT         OTLP/gRPC collector (http:// or https://)
+  TESSERA_TELEMETRY__LOG_FORMAT            pretty | json";
+
 /// Tessera: self-hostable, API-first loyalty and cashback platform.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = SETTINGS)]
 struct Cli {
     /// TOML configuration file (defaults → this file → TESSERA_* environment).
     #[arg(long, global = true, env = "TESSERA_CONFIG_FILE")]
@@ -28,6 +44,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the whole suite in this process on embedded defaults (SQLite, in-process cache).
+    #[command(after_help = SETTINGS)]
     Up {
         /// Directory for the SQLite files [env: TESSERA_DATA_DIR, default ./tessera-data].
         #[arg(long)]
@@ -40,11 +57,13 @@ enum Command {
         http_addr: Option<SocketAddr>,
     },
     /// Run one service (production shape: one Deployment per service).
+    #[command(after_help = SETTINGS)]
     Serve {
         #[arg(value_enum)]
         service: Service,
     },
     /// Apply database migrations (all services when none is named).
+    #[command(after_help = SETTINGS)]
     Migrate {
         #[arg(value_enum)]
         services: Vec<Service>,

@@ -103,6 +103,7 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
         .map(|(name, _, _)| *name)
         .chain([
             "gateway",
+            "gateway-metrics",
             "metrics",
             "eligibility-2",
             "campaign-scheduler-2",
@@ -199,7 +200,12 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
             .expect("spawn replica");
         processes.0.push((format!("{name}-2"), child));
     }
-    let gateway = tessera(&env, &["serve", "gateway"])
+    let mut gateway_env = env.clone();
+    gateway_env.insert(
+        "TESSERA_METRICS_ADDR".into(),
+        format!("127.0.0.1:{}", ports["gateway-metrics"]),
+    );
+    let gateway = tessera(&gateway_env, &["serve", "gateway"])
         .spawn()
         .expect("spawn gateway");
     processes.0.push(("gateway".into(), gateway));
@@ -327,6 +333,21 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
     assert!(
         metrics.contains(r#"method="Credit""#),
         "wallet metrics: {metrics}"
+    );
+    // The gateway's metrics are on their own port, not on its public one.
+    let public = http.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(public.status(), 404, "no /metrics on the public port");
+    let gateway_metrics = http
+        .get(format!("http://127.0.0.1:{}/metrics", ports["gateway-metrics"]))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        gateway_metrics.contains("# HELP tessera_http_requests_total"),
+        "gateway metrics: {gateway_metrics}"
     );
 
     // A campaign through the gateway: both eligibility replicas apply it; killed, both

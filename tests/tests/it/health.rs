@@ -17,7 +17,10 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-backend_tests!(every_service_is_serving_and_flips_on_shutdown);
+backend_tests!(
+    every_service_is_serving_and_flips_on_shutdown,
+    a_shutdown_under_load_refuses_no_connection_while_it_drains
+);
 
 const SERVICES: [&str; 5] = [
     "tessera.catalog.v1.CatalogService",
@@ -196,5 +199,60 @@ async fn a_database_cut_makes_every_service_unready_and_says_so() {
     })
     .await;
     assert_eq!(status(&suite, SERVICES[2]).await, ServingStatus::Serving);
+    suite.cleanup().await;
+}
+
+/// SIGTERM under load (the shutdown token is what the signal cancels): clients hammering
+/// the gateway see no refused connection and no failed request until the drain period
+/// ends; readiness turns 503 at once.
+async fn a_shutdown_under_load_refuses_no_connection_while_it_drains(mut suite: TestSuite) {
+    suite.stop().await;
+    let mut config = suite.config.clone();
+    config.shutdown_drain_secs = 3;
+    let mut draining = TestSuite::start_with(suite.backend, config, false).await;
+    let (base, http) = (draining.base_url.clone(), draining.http.clone());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cancelled_at = std::sync::Arc::new(std::sync::OnceLock::<std::time::Instant>::new());
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (base, http, stop, cancelled_at) = (
+            base.clone(),
+            http.clone(),
+            stop.clone(),
+            cancelled_at.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            // (time since the shutdown began, when it had; what the request got)
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let answer = http.get(format!("{base}/healthz")).send().await;
+                let ok = answer.as_ref().is_ok_and(|r| r.status() == 200);
+                let at = cancelled_at.get().map(std::time::Instant::elapsed);
+                seen.push((at, ok, answer.err().map(|e| e.to_string())));
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancelled_at.set(std::time::Instant::now()).unwrap();
+    draining.shutdown_token().cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (code, _, _) = readyz(&draining).await;
+    assert_eq!(code, 503, "readiness turns at once");
+    // Keep hammering through most of the drain, then stop the clients.
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut during = 0;
+    for client in clients {
+        for (at, ok, error) in client.await.unwrap() {
+            if at.is_some_and(|at| at < Duration::from_millis(2_500)) {
+                during += 1;
+                assert!(ok, "a request {at:?} into the drain failed: {error:?}");
+            }
+        }
+    }
+    assert!(during > 50, "only {during} requests during the drain");
+    eprintln!("{during} requests served during the drain, none refused");
+    draining.take_suite().unwrap().wait().await.unwrap();
     suite.cleanup().await;
 }

@@ -24,9 +24,9 @@ backend_tests!(
     concurrent_spends_never_overdraw,
 );
 
-type Wallet = WalletServiceClient<Channel>;
+pub(crate) type Wallet = WalletServiceClient<Channel>;
 
-fn points() -> wpb::Asset {
+pub(crate) fn points() -> wpb::Asset {
     wpb::Asset {
         kind: wpb::AssetKind::Points as i32,
         code: "default".into(),
@@ -41,7 +41,7 @@ fn card(code: &str) -> wpb::Asset {
 }
 
 /// Pay with points: 100 points are worth $1, up to `max_share_bp` of the order.
-fn pay_with_points(max_share_bp: u32) -> pb::Campaign {
+pub(crate) fn pay_with_points(max_share_bp: u32) -> pb::Campaign {
     campaign(
         "pwp",
         Some(cpb::Effect {
@@ -71,7 +71,13 @@ fn gift_card(code: &str) -> pb::Campaign {
     }
 }
 
-async fn load(wallet: &mut Wallet, suite: &TestSuite, customer: &str, asset: wpb::Asset, n: i64) {
+pub(crate) async fn load(
+    wallet: &mut Wallet,
+    suite: &TestSuite,
+    customer: &str,
+    asset: wpb::Asset,
+    n: i64,
+) {
     wallet
         .credit(suite.ctx(TENANT).request(wpb::CreditRequest {
             idempotency_key: key(),
@@ -129,7 +135,7 @@ fn spent(r: &pb::Redemption, asset: &wpb::Asset) -> pb::WalletSpend {
         .unwrap_or_else(|| panic!("{asset:?} is spent in {r:?}"))
 }
 
-fn with_tender(customer: &str, order: &str, codes: &[&str]) -> pb::Checkout {
+pub(crate) fn with_tender(customer: &str, order: &str, codes: &[&str]) -> pb::Checkout {
     pb::Checkout {
         program_id: "default".into(),
         ..checkout(customer, order, codes, &["pwp"])

@@ -4,12 +4,22 @@
 
 use std::time::Duration;
 
-use opentelemetry::trace::{SpanId, SpanKind, TraceId};
+use opentelemetry::trace::{SpanId, SpanKind, TraceContextExt, TraceId};
 use opentelemetry_sdk::trace::SpanData;
 use serde_json::json;
+use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_tests::{TestSuite, backend_tests, eventually};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-backend_tests!(points_request_is_one_trace_across_services);
+use crate::eligibility::{client, key, put_campaign};
+use crate::redemption::redeem;
+use crate::tender::{load, pay_with_points, points, with_tender};
+
+backend_tests!(
+    points_request_is_one_trace_across_services,
+    a_redemption_paid_with_points_is_one_trace
+);
 
 fn find<'a>(spans: &'a [SpanData], name: &str) -> Option<&'a SpanData> {
     spans.iter().find(|s| s.name == name)
@@ -116,5 +126,79 @@ async fn points_request_is_one_trace_across_services(suite: TestSuite) {
         "{:?}",
         wallet.attributes
     );
+    suite.cleanup().await;
+}
+
+/// Every span of `trace` other than `root` has its parent in the trace: no orphans.
+fn assert_no_orphans(spans: &[SpanData], root: SpanId) {
+    for span in spans {
+        let parent = parent_of(span);
+        if span.span_context.span_id() == root {
+            continue;
+        }
+        assert!(
+            spans.iter().any(|p| p.span_context.span_id() == parent) || parent == root,
+            "{} has a parent outside the trace: {:?}",
+            span.name,
+            spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// A redemption paid with points: the eligibility's hold batcher and its queued capture
+/// both continue the redeeming request's trace, down to the wallet's `BatchHold` and
+/// `BatchCapture`.
+async fn a_redemption_paid_with_points_is_one_trace(suite: TestSuite) {
+    let exporter = tessera_runtime::telemetry::init_for_tests();
+    let (mut c, mut wallet) = (client(&suite), WalletServiceClient::new(suite.channel()));
+    put_campaign(&mut c, &suite, pay_with_points(5000)).await;
+    load(&mut wallet, &suite, "tia", points(), 3_000).await;
+
+    let root = tracing::info_span!("test.checkout");
+    let trace_id = root.context().span().span_context().trace_id();
+    let root_id = root.context().span().span_context().span_id();
+    redeem(&mut c, &suite, &key(), with_tender("tia", "ord-t", &[]))
+        .instrument(root.clone())
+        .await
+        .expect("redeem");
+    drop(root);
+
+    let wanted = [
+        "tessera.eligibility.v1.EligibilityService/Redeem",
+        "tessera.wallet.v1.WalletService/BatchHold",
+        "tessera.wallet.v1.WalletService/BatchCapture",
+    ];
+    let spans = eventually(
+        Duration::from_secs(10),
+        "hold and capture in the trace",
+        || {
+            let exporter = exporter.clone();
+            async move {
+                let spans: Vec<SpanData> = exporter
+                    .get_finished_spans()
+                    .unwrap()
+                    .into_iter()
+                    .filter(|s| s.span_context.trace_id() == trace_id)
+                    .collect();
+                wanted
+                    .iter()
+                    .all(|n| find_kind(&spans, n, SpanKind::Server).is_some())
+                    .then_some(spans)
+            }
+        },
+    )
+    .await;
+    assert_no_orphans(&spans, root_id);
+    let hold = find(&spans, "spends.hold").expect("the batcher's span");
+    let redeem = find_kind(&spans, wanted[0], SpanKind::Server).unwrap();
+    let mut ancestor = parent_of(hold);
+    // The batch span's parent is within the redeem call (its handler's spans).
+    while ancestor != redeem.span_context.span_id() {
+        let parent = spans
+            .iter()
+            .find(|s| s.span_context.span_id() == ancestor)
+            .unwrap_or_else(|| panic!("the hold batch descends from Redeem"));
+        ancestor = parent_of(parent);
+    }
     suite.cleanup().await;
 }
