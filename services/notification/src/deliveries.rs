@@ -27,6 +27,7 @@ use tessera_store::queue::{
     self, Failure, Groups, Handler, Item, NewItem, Queue, RetryPolicy, Settlement,
 };
 use tessera_store::{Db, db_error, insert_rows, now_micros, stmt};
+use tracing::Instrument;
 
 use crate::catalogue;
 use crate::endpoints::{self, Stored};
@@ -460,25 +461,47 @@ impl Dispatcher {
                         .map_or(e.message.clone(), |v| v.description.clone())
                 ),
             ),
-            Ok(()) => match self
-                .http
-                .post(&endpoint.endpoint.url)
-                .header("content-type", "application/json")
-                .header("user-agent", "Tessera-Webhooks/1")
-                .header("webhook-id", &c.id)
-                .header("webhook-timestamp", sent_at.to_string())
-                .header("webhook-signature", &signature)
-                .body(body)
-                .send()
-                .await
-            {
-                Ok(response) => {
-                    let status = i32::from(response.status().as_u16());
-                    let text = response.text().await.unwrap_or_default();
-                    (status, text.chars().take(500).collect())
+            Ok(()) => {
+                // The attempt's CLIENT span, in the trace of the request that made the event;
+                // its context goes to the receiver as `traceparent`.
+                let host = reqwest::Url::parse(&endpoint.endpoint.url)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_string))
+                    .unwrap_or_default();
+                let span = tracing::info_span!(
+                    "webhook.deliver",
+                    otel.name = "POST",
+                    otel.kind = "client",
+                    http.request.method = "POST",
+                    server.address = %host,
+                    http.response.status_code = tracing::field::Empty,
+                    webhook.id = %c.id,
+                );
+                let mut trace = reqwest::header::HeaderMap::new();
+                span.in_scope(|| tessera_runtime::telemetry::inject_headers(&mut trace));
+                let sent = self
+                    .http
+                    .post(&endpoint.endpoint.url)
+                    .headers(trace)
+                    .header("content-type", "application/json")
+                    .header("user-agent", "Tessera-Webhooks/1")
+                    .header("webhook-id", &c.id)
+                    .header("webhook-timestamp", sent_at.to_string())
+                    .header("webhook-signature", &signature)
+                    .body(body)
+                    .send()
+                    .instrument(span.clone())
+                    .await;
+                match sent {
+                    Ok(response) => {
+                        let status = i32::from(response.status().as_u16());
+                        span.record("http.response.status_code", status);
+                        let text = response.text().await.unwrap_or_default();
+                        (status, text.chars().take(500).collect())
+                    }
+                    Err(e) => (0, e.to_string().chars().take(500).collect()),
                 }
-                Err(e) => (0, e.to_string().chars().take(500).collect()),
-            },
+            }
         };
         let latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
         let ok = (200..300).contains(&status_code);

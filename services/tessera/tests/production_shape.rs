@@ -338,7 +338,10 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
     let public = http.get(format!("{base}/metrics")).send().await.unwrap();
     assert_eq!(public.status(), 404, "no /metrics on the public port");
     let gateway_metrics = http
-        .get(format!("http://127.0.0.1:{}/metrics", ports["gateway-metrics"]))
+        .get(format!(
+            "http://127.0.0.1:{}/metrics",
+            ports["gateway-metrics"]
+        ))
         .send()
         .await
         .unwrap()

@@ -20,6 +20,7 @@ use tessera_tests::{TENANT, TestSuite, backend_tests, eventually};
 use crate::eligibility::{key, violations};
 
 backend_tests!(
+    a_delivery_continues_the_trace_of_its_event,
     signed_deliveries_are_retried_dead_lettered_and_replayed,
     an_endpoint_back_gets_its_waiting_deliveries_at_once,
     rotation_filters_guard_and_slow_endpoints,
@@ -36,6 +37,8 @@ struct Received {
     answered: u16,
     timestamp: i64,
     signature: String,
+    /// The W3C trace context the delivery carried.
+    traceparent: String,
     body: Vec<u8>,
 }
 
@@ -85,6 +88,7 @@ async fn receive(
         answered,
         timestamp: header("webhook-timestamp").parse().unwrap_or_default(),
         signature: header("webhook-signature"),
+        traceparent: header("traceparent"),
         body: body.to_vec(),
     });
     let delay = sink.delay_ms.load(Ordering::SeqCst);
@@ -166,6 +170,47 @@ async fn replay_endpoint(c: &mut Client, suite: &TestSuite, id: &str) -> u32 {
     .expect("replay")
     .into_inner()
     .replayed
+}
+
+/// The delivery is a CLIENT span in the trace of the request that published its event, and
+/// the receiver gets that trace as `traceparent`.
+async fn a_delivery_continues_the_trace_of_its_event(suite: TestSuite) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing::Instrument;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let exporter = tessera_runtime::telemetry::init_for_tests();
+    let mut c = Client::new(suite.channel());
+    let (sink, url) = Sink::start().await;
+    endpoint(&mut c, &suite, &url, &["points.*"], 0)
+        .await
+        .expect("endpoint");
+    let root = tracing::info_span!("test.publish");
+    let trace_id = root.context().span().span_context().trace_id();
+    publish(&mut c, &["points.credited"])
+        .instrument(root.clone())
+        .await;
+    drop(root);
+    let received = eventually(Duration::from_secs(5), "the delivery", || async {
+        sink.received().pop()
+    })
+    .await;
+    let carried = received.traceparent.split('-').nth(1).unwrap_or_default();
+    assert_eq!(carried, trace_id.to_string(), "{received:?}");
+    let span = eventually(Duration::from_secs(5), "the delivery's span", || async {
+        exporter
+            .get_finished_spans()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == "POST" && s.span_context.trace_id() == trace_id)
+    })
+    .await;
+    assert_eq!(span.span_kind, opentelemetry::trace::SpanKind::Client);
+    assert_eq!(
+        span.span_context.span_id().to_string(),
+        received.traceparent.split('-').nth(2).unwrap_or_default(),
+        "the receiver's parent is the delivery's span"
+    );
+    suite.cleanup().await;
 }
 
 async fn an_endpoint_back_gets_its_waiting_deliveries_at_once(suite: TestSuite) {
