@@ -211,6 +211,7 @@ pub fn init_for_tests() -> opentelemetry_sdk::trace::InMemorySpanExporter {
                 .with(fmt)
                 .try_init();
             crate::metrics::install();
+            opentelemetry::global::set_tracer_provider(provider.clone());
             // Keep the provider alive for the whole process.
             std::mem::forget(provider);
             exporter
@@ -346,6 +347,49 @@ pub fn server_span(request: &http::Request<()>) -> tracing::Span {
     );
     set_remote_parent(&span, extract_headers(request.headers()));
     span
+}
+
+/// Records one database statement that just ran (`elapsed`, `failed`) as a CLIENT span of
+/// the current span, per OpenTelemetry's database conventions (`db.system.name`,
+/// `db.namespace`, `db.operation.name`, `db.query.text`: the SQL with its placeholders, never
+/// the values). Statements outside a traced span (background polling) make none.
+pub fn db_span(
+    system: &'static str,
+    namespace: &str,
+    sql: &str,
+    elapsed: std::time::Duration,
+    failed: bool,
+) {
+    use opentelemetry::KeyValue;
+    use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _};
+    let parent = tracing::Span::current().context();
+    if !parent.span().span_context().is_valid() {
+        return;
+    }
+    let end = std::time::SystemTime::now();
+    let operation = sql
+        .split_whitespace()
+        .next()
+        .unwrap_or("SQL")
+        .to_ascii_uppercase();
+    let text: String = sql.chars().take(2_000).collect();
+    let tracer = opentelemetry::global::tracer("tessera");
+    let mut span = tracer
+        .span_builder(format!("{operation} {namespace}"))
+        .with_kind(SpanKind::Client)
+        .with_start_time(end.checked_sub(elapsed).unwrap_or(end))
+        .with_attributes([
+            KeyValue::new("db.system.name", system),
+            KeyValue::new("db.system", system),
+            KeyValue::new("db.namespace", namespace.to_string()),
+            KeyValue::new("db.operation.name", operation),
+            KeyValue::new("db.query.text", text),
+        ])
+        .start_with_context(&tracer, &parent);
+    if failed {
+        span.set_status(Status::error("the statement failed"));
+    }
+    span.end_with_timestamp(end);
 }
 
 /// A gRPC client service that makes a CLIENT span per call (`grpc.client`, with the

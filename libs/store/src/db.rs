@@ -112,8 +112,22 @@ impl Db {
                 .saturating_duration_since(Instant::now())
                 .clamp(Duration::from_secs(1), Duration::from_secs(30));
             match Self::try_connect(&url, backend, schema.as_deref(), config, left).await {
-                Ok(conn) => {
+                Ok(mut conn) => {
                     let schema_name = schema.as_deref().unwrap_or("");
+                    // Every statement run inside a traced request becomes a span of it.
+                    let (system, namespace) = match backend {
+                        Backend::Postgres => ("postgresql", schema_name.to_string()),
+                        Backend::Sqlite => ("sqlite", service.to_string()),
+                    };
+                    conn.set_metric_callback(move |info| {
+                        tessera_runtime::telemetry::db_span(
+                            system,
+                            &namespace,
+                            &info.statement.sql,
+                            info.elapsed,
+                            info.failed,
+                        );
+                    });
                     tracing::info!(
                         service,
                         ?backend,
