@@ -322,14 +322,14 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
     let refused = notification.list_events(forged).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 
-    let metrics = http
-        .get(format!("http://127.0.0.1:{}/metrics", ports["metrics"]))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = |port: u16| {
+        let http = http.clone();
+        async move {
+            let answer = http.get(format!("http://127.0.0.1:{port}/metrics")).send();
+            answer.await.unwrap().text().await.unwrap()
+        }
+    };
+    let metrics = scrape(ports["metrics"]).await;
     assert!(
         metrics.contains(r#"method="Credit""#),
         "wallet metrics: {metrics}"
@@ -337,17 +337,7 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
     // The gateway's metrics are on their own port, not on its public one.
     let public = http.get(format!("{base}/metrics")).send().await.unwrap();
     assert_eq!(public.status(), 404, "no /metrics on the public port");
-    let gateway_metrics = http
-        .get(format!(
-            "http://127.0.0.1:{}/metrics",
-            ports["gateway-metrics"]
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let gateway_metrics = scrape(ports["gateway-metrics"]).await;
     assert!(
         gateway_metrics.contains("# HELP tessera_http_requests_total"),
         "gateway metrics: {gateway_metrics}"

@@ -996,10 +996,21 @@ async fn gift_card_codes_load_their_wallet_account(suite: TestSuite) {
         .await
         .unwrap_err();
     assert_eq!(no_code.code(), tonic::Code::FailedPrecondition);
-    for _ in 0..2 {
+    // The first publication is traced: the card's load reaches the wallet in its trace.
+    let root = tracing::info_span!("test.publish");
+    let (trace_id, root_id) = {
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let cx = root.context();
+        let ids = cx.span().span_context().clone();
+        (ids.trace_id(), ids.span_id())
+    };
+    for span in [root, tracing::Span::none()] {
+        use tracing::Instrument;
         // The second time is a replay: the card is loaded once.
         catalog
             .publish_reward(suite.ctx(TENANT).request(publish("p1", "GIFT-0001")))
+            .instrument(span)
             .await
             .unwrap();
     }
@@ -1026,6 +1037,19 @@ async fn gift_card_codes_load_their_wallet_account(suite: TestSuite) {
     })
     .await;
     assert_eq!(balance.available, 5_000);
+    let exporter = tessera_runtime::telemetry::init_for_tests();
+    eventually(
+        Duration::from_secs(10),
+        "the load in the trace, no orphans",
+        || async {
+            let spans = crate::trace::spans_of(&exporter, trace_id);
+            let credit = "tessera.wallet.v1.WalletService/Credit";
+            let loaded =
+                crate::trace::find_kind(&spans, credit, opentelemetry::trace::SpanKind::Server);
+            (loaded.is_some() && crate::trace::orphans(&spans, root_id).is_empty()).then_some(())
+        },
+    )
+    .await;
     let catalog_db = suite.db("catalog").await;
     let waiting = eventually(Duration::from_secs(10), "command delivered", || async {
         let n = scalar(&catalog_db, "SELECT COUNT(*) FROM wallet_commands", vec![]).await;

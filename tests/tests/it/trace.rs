@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use opentelemetry::trace::{SpanId, SpanKind, TraceContextExt, TraceId};
-use opentelemetry_sdk::trace::SpanData;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData};
 use serde_json::json;
 use tessera_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use tessera_tests::{TestSuite, backend_tests, eventually};
@@ -26,8 +26,22 @@ fn find<'a>(spans: &'a [SpanData], name: &str) -> Option<&'a SpanData> {
 }
 
 /// The span named `name` of `kind` (a gRPC call has a CLIENT and a SERVER span by its name).
-fn find_kind<'a>(spans: &'a [SpanData], name: &str, kind: SpanKind) -> Option<&'a SpanData> {
+pub(crate) fn find_kind<'a>(
+    spans: &'a [SpanData],
+    name: &str,
+    kind: SpanKind,
+) -> Option<&'a SpanData> {
     spans.iter().find(|s| s.name == name && s.span_kind == kind)
+}
+
+/// The finished spans of one trace.
+pub(crate) fn spans_of(exporter: &InMemorySpanExporter, trace_id: TraceId) -> Vec<SpanData> {
+    exporter
+        .get_finished_spans()
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.span_context.trace_id() == trace_id)
+        .collect()
 }
 
 fn parent_of(span: &SpanData) -> SpanId {
@@ -53,12 +67,7 @@ async fn points_request_is_one_trace_across_services(suite: TestSuite) {
     let spans = eventually(Duration::from_secs(10), "the whole trace", || {
         let exporter = exporter.clone();
         async move {
-            let spans: Vec<SpanData> = exporter
-                .get_finished_spans()
-                .unwrap()
-                .into_iter()
-                .filter(|s| s.span_context.trace_id() == trace_id)
-                .collect();
+            let spans = spans_of(&exporter, trace_id);
             let calls = [
                 "tessera.wallet.v1.WalletService/Credit",
                 "tessera.notification.v1.NotificationService/PublishEvents",
@@ -150,7 +159,7 @@ async fn points_request_is_one_trace_across_services(suite: TestSuite) {
 
 /// The spans of `spans` other than `root` whose parent is not in `spans`: orphans (or, while
 /// the trace is still being written, spans whose parent has not ended yet).
-fn orphans(spans: &[SpanData], root: SpanId) -> Vec<String> {
+pub(crate) fn orphans(spans: &[SpanData], root: SpanId) -> Vec<String> {
     spans
         .iter()
         .filter(|s| s.span_context.span_id() != root && parent_of(s) != root)
@@ -192,12 +201,7 @@ async fn a_redemption_paid_with_points_is_one_trace(suite: TestSuite) {
         || {
             let exporter = exporter.clone();
             async move {
-                let spans: Vec<SpanData> = exporter
-                    .get_finished_spans()
-                    .unwrap()
-                    .into_iter()
-                    .filter(|s| s.span_context.trace_id() == trace_id)
-                    .collect();
+                let spans = spans_of(&exporter, trace_id);
                 let complete = wanted
                     .iter()
                     .all(|n| find_kind(&spans, n, SpanKind::Server).is_some());
