@@ -5,7 +5,9 @@
 //! campaign killed through the gateway is refused by both eligibility replicas within a
 //! second (a second replica of eligibility and of the scheduler run beside the first),
 //! notification killed with SIGKILL in the middle of webhook deliveries loses none of the
-//! events it acknowledged once restarted, and every process exits cleanly on SIGTERM.
+//! events it acknowledged once restarted; the wallet killed with SIGKILL under load gives
+//! 503, never 500, and each failed request, retried with its key, is credited once; and
+//! every process exits cleanly on SIGTERM.
 //!
 //! Needs `TESSERA_TEST_DATABASE_URL` and `TESSERA_TEST_REDIS_URL`; skipped without them
 //! unless `TESSERA_REQUIRE_BACKENDS=1`.
@@ -120,6 +122,21 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
             format!("tessera-shape-{id}"),
         ),
         ("TESSERA_BOOTSTRAP_ADMIN_KEY".into(), admin_key.clone()),
+        // A request the killed wallet was running holds its key this long (30 s by
+        // default), then a retry runs it.
+        (
+            "TESSERA_IDEMPOTENCY__IN_FLIGHT_LEASE_SECS".into(),
+            "3".into(),
+        ),
+        // The load below is one key's: no rate limit in its way.
+        (
+            "TESSERA_GATEWAY__RATE_LIMIT_PER_KEY_PER_MINUTE".into(),
+            "0".into(),
+        ),
+        (
+            "TESSERA_GATEWAY__RATE_LIMIT_PER_CUSTOMER_PER_MINUTE".into(),
+            "0".into(),
+        ),
         // The services sign their calls to each other with it (a Secret in the chart).
         (
             "TESSERA_INTERNAL_SECRET".into(),
@@ -526,6 +543,109 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // The wallet killed with SIGKILL under load: requests in flight and those that follow
+    // get 503 (retry), never 500; once it is back, retrying each failed request with its
+    // idempotency key credits it exactly once (a request the wallet was running when it
+    // died answers 409 until its in-flight lease ends).
+    let (points_url, key_for_load) = (format!("{base}/v1/customers/kim/points"), admin_key.clone());
+    let http_for_load = http.clone();
+    let credit = move |key: String| {
+        let (http, url, admin_key) = (
+            http_for_load.clone(),
+            points_url.clone(),
+            key_for_load.clone(),
+        );
+        async move {
+            http.post(url)
+                .bearer_auth(admin_key)
+                .header("Idempotency-Key", key)
+                .json(&json!({"amount": 1, "reason": "load"}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut loaders = Vec::new();
+    for client in 0..8 {
+        let (credit, stop) = (credit.clone(), stop.clone());
+        loaders.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("kill-{client}-{i}");
+                answers.push((key.clone(), credit(key).await));
+                i += 1;
+            }
+            answers
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, wallet) = processes
+        .0
+        .iter_mut()
+        .find(|(name, _)| name == "wallet")
+        .unwrap();
+    wallet.kill().unwrap();
+    wallet.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answers = Vec::new();
+    for loader in loaders {
+        answers.extend(loader.await.unwrap());
+    }
+    let mut by_status: std::collections::BTreeMap<u16, usize> = Default::default();
+    for (_, status) in &answers {
+        *by_status.entry(*status).or_default() += 1;
+    }
+    assert!(
+        answers.iter().all(|(_, s)| matches!(s, 201 | 503)),
+        "while the wallet was killed: {by_status:?}"
+    );
+    assert!(
+        by_status.contains_key(&503),
+        "the kill was seen: {by_status:?}"
+    );
+    eprintln!("wallet SIGKILL under load, answers by status: {by_status:?}");
+    *wallet = tessera(&service_env("wallet"), &["serve", "wallet"])
+        .spawn()
+        .expect("restart wallet");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (key, status) in &answers {
+        if *status == 201 {
+            continue;
+        }
+        loop {
+            let status = credit(key.clone()).await;
+            if status == 201 {
+                break;
+            }
+            // 503 while the wallet starts; 409 while the killed request's lease holds.
+            assert!(matches!(status, 409 | 503), "{key} retried: {status}");
+            assert!(
+                Instant::now() < deadline,
+                "{key} never credited after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let wallet_view: Value = http
+        .get(format!("{base}/v1/customers/kim/wallet"))
+        .bearer_auth(&admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let balance = wallet_view["balances"][0]["available"].as_i64();
+    assert_eq!(
+        balance,
+        Some(answers.len() as i64),
+        "each request credited once: {wallet_view}"
+    );
 
     // SIGTERM: every process drains and exits 0.
     for (_, child) in &processes.0 {
