@@ -25,6 +25,16 @@ const WINDOW: u32 = 1 << 20;
 /// A client channel: every call gets a CLIENT span, whose W3C trace context it carries.
 pub type Channel = TracedClient<tonic::transport::Channel>;
 
+/// The status of a gRPC response from its headers: an error travels in a trailers-only
+/// response, so its `grpc-status` is a header; a success puts it in the trailers (code 0).
+pub(crate) fn status_in_headers(headers: &http::HeaderMap) -> tonic::Code {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(tonic::Code::Ok, tonic::Code::from)
+}
+
 /// A lazily connecting channel to `url` (connects on first use, reconnects as needed), with
 /// `timeout` as the deadline of every call.
 pub fn channel(url: &str, timeout: Duration) -> anyhow::Result<Channel> {

@@ -150,15 +150,8 @@ where
         Box::pin(async move {
             let result = future.await;
             let (service, method) = path.split_once('/').unwrap_or((path.as_str(), ""));
-            // Unary errors travel in a trailers-only response, so `grpc-status` is a header;
-            // a success puts it in the trailers, which is code 0.
             let code = match &result {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map_or(tonic::Code::Ok, tonic::Code::from),
+                Ok(response) => crate::grpc::status_in_headers(response.headers()),
                 Err(_) => tonic::Code::Internal,
             };
             let elapsed = started.elapsed();

@@ -441,14 +441,7 @@ where
         Box::pin(async move {
             let result = future.await;
             if let Ok(response) = &result {
-                // An error comes trailers-only, its status a header; a success's status is
-                // in the trailers, which is 0.
-                let code = response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i64>().ok())
-                    .unwrap_or(0);
+                let code = crate::grpc::status_in_headers(response.headers()) as i64;
                 span.record("rpc.grpc.status_code", code);
             }
             result

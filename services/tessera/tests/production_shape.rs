@@ -277,15 +277,14 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(credited.status(), 201);
-    let wallet: Value = http
-        .get(format!("{base}/v1/customers/zoe/wallet"))
-        .bearer_auth(&admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // A customer's wallet as the gateway shows it.
+    let wallet_of = |customer: &str| {
+        let request = http
+            .get(format!("{base}/v1/customers/{customer}/wallet"))
+            .bearer_auth(&admin_key);
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let wallet = wallet_of("zoe").await;
     assert_eq!(wallet["balances"][0]["available"], 150);
 
     // The wallet process's outbox reaches the notification process.
@@ -631,15 +630,7 @@ async fn six_processes_serve_the_points_flow_and_stop_on_sigterm() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let wallet_view: Value = http
-        .get(format!("{base}/v1/customers/kim/wallet"))
-        .bearer_auth(&admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let wallet_view = wallet_of("kim").await;
     let balance = wallet_view["balances"][0]["available"].as_i64();
     assert_eq!(
         balance,
